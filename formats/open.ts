@@ -1,0 +1,144 @@
+/**
+ * Opening images: the format registry, probing, and (later) backing chains.
+ *
+ * @module
+ */
+import { BlockError } from "../src/errors.ts";
+import type { BlockNode } from "../src/block/node.ts";
+import { checkSize } from "../src/block/request.ts";
+import type { HostFile } from "../src/host/host_file.ts";
+import { openHostFile } from "../src/host/file.ts";
+import { PROBE_BYTES, probeFormat } from "./probe.ts";
+import { RawNode } from "./raw.ts";
+
+/** Options of {@linkcode openImage}. */
+export interface OpenOptions {
+  /** Format name; probed from the first sector when absent. */
+  format?: string;
+  readOnly?: boolean;
+  /** Share the image with writers (qemu-img -U); only with `readOnly`. */
+  forceShare?: boolean;
+  /** raw only: a window into the file. */
+  offset?: number;
+  size?: number;
+}
+
+/** What a format driver offers the opener and the CLI. */
+export interface FormatDriver {
+  readonly name: string;
+  /** Open a node over an already opened host file. */
+  open(
+    file: HostFile,
+    opts: { readOnly: boolean; probed: boolean; offset?: number; size?: number },
+  ): Promise<BlockNode>;
+  /** Create an empty image of `size` bytes in `file`. */
+  create(file: HostFile, size: number, opts: CreateOptions): Promise<void>;
+}
+
+/** Options of {@linkcode createImage}. */
+export interface CreateOptions {
+  /** `off` (sparse), `falloc` or `full` (zeroes written), as qemu-img. */
+  preallocation?: "off" | "falloc" | "full";
+}
+
+const rawDriver: FormatDriver = {
+  name: "raw",
+  open: (file, opts) => RawNode.open(file, opts),
+  create: (file, size, opts) => {
+    file.truncate(0);
+    if (opts.preallocation === "full" || opts.preallocation === "falloc") {
+      const zeroes = new Uint8Array(Math.min(size, 1 << 20));
+      for (let at = 0; at < size; at += zeroes.length) {
+        file.writeAt(at, zeroes.subarray(0, Math.min(zeroes.length, size - at)));
+      }
+    }
+    file.truncate(size);
+    file.flush();
+    return Promise.resolve();
+  },
+};
+
+const drivers = new Map<string, FormatDriver>([["raw", rawDriver]]);
+
+/** Formats vstor knows of but cannot open yet. */
+const PLANNED_FORMATS = new Set(["qcow2"]);
+
+/** Names of the formats vstor opens and creates. */
+export function formatNames(): string[] {
+  return [...drivers.keys()];
+}
+
+function driverFor(name: string, path: string): FormatDriver {
+  const driver = drivers.get(name);
+  if (driver) return driver;
+  const known = PLANNED_FORMATS.has(name);
+  throw new BlockError(
+    known ? "unsupported" : "invalid-argument",
+    known
+      ? `Image format '${name}' is not supported yet`
+      : `Unknown image format '${name}' (known: ${formatNames().join(", ")})`,
+    { path },
+  );
+}
+
+/**
+ * Open an image file as a block node. The format is probed (qcow2 by magic, raw otherwise) unless
+ * given; a probed raw image refuses writes that would put a format signature into sector 0.
+ *
+ * @throws {BlockError} `not-found`, `busy` (another process holds it), `invalid-format`,
+ *   `unsupported`, `invalid-argument`
+ */
+export async function openImage(path: string, opts: OpenOptions = {}): Promise<BlockNode> {
+  const readOnly = opts.readOnly ?? false;
+  if (opts.forceShare && !readOnly) {
+    throw new BlockError(
+      "invalid-argument",
+      "force-share=on can only be used with read-only images",
+      {
+        path,
+      },
+    );
+  }
+  if (opts.format !== undefined) driverFor(opts.format, path);
+  const file = openHostFile(path, { readOnly, forceShare: opts.forceShare ?? false });
+  try {
+    let format = opts.format;
+    const probed = format === undefined;
+    if (format === undefined) {
+      const head = new Uint8Array(PROBE_BYTES);
+      file.readAt(0, head);
+      format = probeFormat(head);
+    }
+    const driver = driverFor(format, path);
+    return await driver.open(file, {
+      readOnly,
+      probed,
+      ...(opts.offset === undefined ? {} : { offset: opts.offset }),
+      ...(opts.size === undefined ? {} : { size: opts.size }),
+    });
+  } catch (e) {
+    file.close();
+    throw e;
+  }
+}
+
+/**
+ * Create an image file of `size` bytes (truncating an existing file, as qemu-img does).
+ *
+ * @throws {BlockError} `invalid-argument` for an unknown format or a bad size
+ */
+export async function createImage(
+  path: string,
+  format: string,
+  size: number,
+  opts: CreateOptions = {},
+): Promise<void> {
+  checkSize(size);
+  const driver = driverFor(format, path);
+  const file = openHostFile(path, { create: true });
+  try {
+    await driver.create(file, size, opts);
+  } finally {
+    file.close();
+  }
+}

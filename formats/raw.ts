@@ -1,0 +1,194 @@
+/**
+ * The raw format: guest bytes are host bytes, optionally a window (`offset`, `size`) into the file.
+ *
+ * @module
+ */
+import { BlockError } from "../src/errors.ts";
+import type { BlockNode, Extent, WriteOptions, WriteZeroesOptions } from "../src/block/node.ts";
+import { checkRequest, checkSize } from "../src/block/request.ts";
+import type { HostFile } from "../src/host/host_file.ts";
+import { PROBE_BYTES, probeFormat } from "./probe.ts";
+
+/** Options of {@linkcode RawNode.open}. */
+export interface RawOptions {
+  readOnly?: boolean;
+  /** The format was guessed, not given: refuse writes that would make sector 0 look like another format. */
+  probed?: boolean;
+  /** Start of the window in the file (QEMU's raw `offset`). */
+  offset?: number;
+  /** Length of the window (QEMU's raw `size`); default: to the end of the file. */
+  size?: number;
+}
+
+const ZERO_CHUNK = 1 << 20;
+
+/** A raw image over a host file. */
+export class RawNode implements BlockNode {
+  readonly format = "raw";
+  readonly requestAlignment = 1;
+  readonly readOnly: boolean;
+  readonly #file: HostFile;
+  readonly #probed: boolean;
+  readonly #base: number;
+  readonly #fixedSize: boolean;
+  #size: number;
+  #closed = false;
+
+  private constructor(file: HostFile, opts: RawOptions, size: number) {
+    this.#file = file;
+    this.readOnly = (opts.readOnly ?? false) || file.readOnly;
+    this.#probed = opts.probed ?? false;
+    this.#base = opts.offset ?? 0;
+    this.#fixedSize = opts.size !== undefined;
+    this.#size = size;
+  }
+
+  /**
+   * A raw node over `file`.
+   *
+   * @throws {BlockError} `invalid-argument` when the window is not inside the file
+   */
+  static async open(file: HostFile, opts: RawOptions = {}): Promise<RawNode> {
+    const offset = opts.offset ?? 0;
+    checkSize(offset, "raw offset");
+    const fileSize = file.size();
+    if (offset > fileSize) {
+      throw new BlockError(
+        "invalid-argument",
+        `The raw offset ${offset} is past the end of the file (${fileSize} bytes)`,
+        { path: file.path },
+      );
+    }
+    let size = fileSize - offset;
+    if (opts.size !== undefined) {
+      checkSize(opts.size, "raw size");
+      if (opts.size > size) {
+        throw new BlockError(
+          "invalid-argument",
+          `The raw window [${offset}, ${
+            offset + opts.size
+          }) is past the end of the file (${fileSize} bytes)`,
+          { path: file.path },
+        );
+      }
+      size = opts.size;
+    }
+    return new RawNode(file, opts, size);
+  }
+
+  get filename(): string {
+    return this.#file.path;
+  }
+
+  get size(): number {
+    return this.#size;
+  }
+
+  #live(): void {
+    if (this.#closed) throw new BlockError("io", "Image is closed", { path: this.filename });
+  }
+
+  async read(offset: number, dst: Uint8Array): Promise<void> {
+    this.#live();
+    checkRequest(this, "read", offset, dst.length);
+    this.#file.readAt(this.#base + offset, dst);
+  }
+
+  async write(offset: number, src: Uint8Array, opts?: WriteOptions): Promise<void> {
+    this.#live();
+    checkRequest(this, "write", offset, src.length);
+    if (this.#probed && offset < PROBE_BYTES && src.length > 0) this.#guardFirstSector(offset, src);
+    this.#file.writeAt(this.#base + offset, src);
+    if (opts?.fua) this.#file.flush();
+  }
+
+  /** QEMU's probed-raw guard: the guest may not give its disk another format's signature. */
+  #guardFirstSector(offset: number, src: Uint8Array): void {
+    const head = new Uint8Array(PROBE_BYTES);
+    this.#file.readAt(this.#base, head);
+    head.set(src.subarray(0, PROBE_BYTES - offset), offset);
+    const looksLike = probeFormat(head);
+    if (looksLike !== "raw") {
+      throw new BlockError(
+        "read-only",
+        `Refusing to write a ${looksLike} signature into the first sector of an image probed as raw ` +
+          `(give the format explicitly, e.g. -f raw, to allow it)`,
+        { path: this.filename, offset },
+      );
+    }
+  }
+
+  async writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void> {
+    this.#live();
+    checkRequest(this, "write-zeroes", offset, length);
+    if (opts?.unmap && this.#base + offset + length <= this.#file.size()) {
+      this.#file.punchHole(this.#base + offset, length);
+    } else {
+      const zeroes = new Uint8Array(Math.min(ZERO_CHUNK, length));
+      for (let at = 0; at < length; at += zeroes.length) {
+        const n = Math.min(zeroes.length, length - at);
+        this.#file.writeAt(this.#base + offset + at, zeroes.subarray(0, n));
+      }
+    }
+    if (opts?.fua) this.#file.flush();
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.#live();
+    checkRequest(this, "discard", offset, length);
+    const fileSize = this.#file.size();
+    const end = Math.min(this.#base + offset + length, fileSize);
+    if (end > this.#base + offset) {
+      this.#file.punchHole(this.#base + offset, end - this.#base - offset);
+    }
+  }
+
+  async flush(): Promise<void> {
+    this.#live();
+    if (!this.readOnly) this.#file.flush();
+  }
+
+  async blockStatus(offset: number, max: number): Promise<Extent> {
+    this.#live();
+    checkRequest(this, "block-status", offset, max);
+    if (offset >= this.#size || max === 0) {
+      return { kind: "eof", offset, length: 0 };
+    }
+    const want = Math.min(max, this.#size - offset);
+    const hostOffset = this.#base + offset;
+    const st = this.#file.dataStatus(hostOffset, want);
+    const length = Math.max(1, Math.min(want, st.length));
+    return { kind: st.data ? "data" : "zero", offset, length, hostOffset };
+  }
+
+  async truncate(size: number): Promise<void> {
+    this.#live();
+    checkSize(size);
+    if (this.readOnly) {
+      throw new BlockError("read-only", "Image is read-only", { path: this.filename });
+    }
+    if (this.#fixedSize || this.#base !== 0) {
+      throw new BlockError(
+        "unsupported",
+        "Cannot resize a raw image opened with offset or size options",
+        { path: this.filename },
+      );
+    }
+    this.#file.truncate(size);
+    this.#size = size;
+  }
+
+  allocatedSize(): number {
+    return this.#file.allocatedSize();
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      if (!this.readOnly) this.#file.flush();
+    } finally {
+      this.#file.close();
+    }
+  }
+}

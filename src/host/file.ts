@@ -1,0 +1,208 @@
+/**
+ * Host files and block devices through positional synchronous libc calls.
+ *
+ * @module
+ */
+import { BlockError } from "../errors.ts";
+import type { HostExtent, HostFile } from "./host_file.ts";
+import {
+  cPath,
+  EINTR,
+  ENXIO,
+  EOPNOTSUPP,
+  errno,
+  FALLOC_FL_KEEP_SIZE,
+  FALLOC_FL_PUNCH_HOLE,
+  libc,
+  MAX_IO_CHUNK,
+  O_CLOEXEC,
+  O_CREAT,
+  O_EXCL,
+  O_RDONLY,
+  O_RDWR,
+  SEEK_DATA,
+  SEEK_END,
+  SEEK_HOLE,
+  strerror,
+} from "./libc.ts";
+import { applyImageLocks, permsFor } from "./lock.ts";
+
+/** Options of {@linkcode openHostFile}. */
+export interface HostFileOptions {
+  readOnly?: boolean;
+  /** Create the file (it must not exist when `exclusive`). */
+  create?: boolean;
+  exclusive?: boolean;
+  /** Take QEMU-compatible image locks (default true). */
+  lock?: boolean;
+  /** Read-only opens share the write permission with others (qemu-img -U). */
+  forceShare?: boolean;
+}
+
+const ZERO_CHUNK = 1 << 20;
+
+/** A file or block device on the host. */
+class FileHost implements HostFile {
+  readonly path: string;
+  readonly readOnly: boolean;
+  #fd: number;
+  #punchHoleWorks = true;
+
+  constructor(path: string, fd: number, readOnly: boolean) {
+    this.path = path;
+    this.#fd = fd;
+    this.readOnly = readOnly;
+  }
+
+  #fail(what: string, offset?: number, code = errno()): BlockError {
+    return new BlockError("io", `${what} failed: ${strerror(code)}`, {
+      path: this.path,
+      errno: code,
+      ...(offset === undefined ? {} : { offset }),
+    });
+  }
+
+  #checkOpen(): number {
+    if (this.#fd < 0) throw new BlockError("io", "File is closed", { path: this.path });
+    return this.#fd;
+  }
+
+  size(): number {
+    const fd = this.#checkOpen();
+    const end = Number(libc().lseek(fd, 0, SEEK_END));
+    if (end < 0) throw this.#fail("Seek to end");
+    return end;
+  }
+
+  readAt(offset: number, dst: Uint8Array): void {
+    const fd = this.#checkOpen();
+    const c = libc();
+    let done = 0;
+    while (done < dst.length) {
+      const want = Math.min(dst.length - done, MAX_IO_CHUNK);
+      const part = done === 0 && want === dst.length ? dst : dst.subarray(done, done + want);
+      const n = c.pread(fd, part, want, offset + done);
+      if (n < 0) {
+        const code = errno();
+        if (code === EINTR) continue;
+        throw this.#fail("Read", offset + done, code);
+      }
+      if (n === 0) {
+        dst.fill(0, done); // past end of file: zeroes
+        return;
+      }
+      done += n;
+    }
+  }
+
+  writeAt(offset: number, src: Uint8Array): void {
+    const fd = this.#checkOpen();
+    if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
+    const c = libc();
+    let done = 0;
+    while (done < src.length) {
+      const want = Math.min(src.length - done, MAX_IO_CHUNK);
+      const part = done === 0 && want === src.length ? src : src.subarray(done, done + want);
+      const n = c.pwrite(fd, part, want, offset + done);
+      if (n < 0) {
+        const code = errno();
+        if (code === EINTR) continue;
+        throw this.#fail("Write", offset + done, code);
+      }
+      if (n === 0) throw this.#fail("Write (no progress)", offset + done, 5);
+      done += n;
+    }
+  }
+
+  truncate(size: number): void {
+    const fd = this.#checkOpen();
+    if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
+    if (libc().ftruncate(fd, size) !== 0) throw this.#fail("Truncate", size);
+  }
+
+  flush(): void {
+    const fd = this.#checkOpen();
+    if (libc().fdatasync(fd) !== 0) throw this.#fail("Flush");
+  }
+
+  punchHole(offset: number, length: number): void {
+    const fd = this.#checkOpen();
+    if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
+    if (length === 0) return;
+    if (this.#punchHoleWorks) {
+      const mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+      if (libc().fallocate(fd, mode, offset, length) === 0) return;
+      const code = errno();
+      // Block devices and some file systems refuse; write zeroes instead.
+      if (code !== EOPNOTSUPP && code !== 25 /* ENOTTY */ && code !== 19 /* ENODEV */) {
+        throw this.#fail("Punch hole", offset, code);
+      }
+      this.#punchHoleWorks = false;
+    }
+    const end = Math.min(offset + length, this.size());
+    const zeroes = new Uint8Array(Math.min(ZERO_CHUNK, Math.max(0, end - offset)));
+    for (let at = offset; at < end; at += zeroes.length) {
+      this.writeAt(at, zeroes.subarray(0, Math.min(zeroes.length, end - at)));
+    }
+  }
+
+  dataStatus(offset: number, max: number): HostExtent {
+    const fd = this.#checkOpen();
+    const c = libc();
+    const data = Number(c.lseek(fd, offset, SEEK_DATA));
+    if (data < 0) {
+      const code = errno();
+      // ENXIO: no data at or after offset, the rest is a hole.
+      if (code === ENXIO) return { data: false, length: max };
+      // No SEEK_DATA support: report everything as data.
+      return { data: true, length: max };
+    }
+    if (data > offset) return { data: false, length: Math.min(max, data - offset) };
+    const hole = Number(c.lseek(fd, offset, SEEK_HOLE));
+    if (hole < 0) return { data: true, length: max };
+    return { data: true, length: Math.max(1, Math.min(max, hole - offset)) };
+  }
+
+  allocatedSize(): number {
+    this.#checkOpen();
+    try {
+      const st = Deno.statSync(this.path);
+      return st.blocks === null ? st.size : st.blocks * 512;
+    } catch {
+      return this.size();
+    }
+  }
+
+  close(): void {
+    if (this.#fd < 0) return;
+    libc().close(this.#fd);
+    this.#fd = -1;
+  }
+}
+
+/**
+ * Open a host file or block device, taking QEMU-compatible locks unless `lock` is false.
+ *
+ * @throws {BlockError} `not-found`, `busy` (locked by another process), `io`
+ */
+export function openHostFile(path: string, opts: HostFileOptions = {}): HostFile {
+  const readOnly = opts.readOnly ?? false;
+  let flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  if (opts.create) flags |= O_CREAT | (opts.exclusive ? O_EXCL : 0);
+  const fd = libc().open(cPath(path), flags, 0o644);
+  if (fd < 0) {
+    const code = errno();
+    const kind = code === 2 ? "not-found" : "io";
+    throw new BlockError(kind, `Could not open '${path}': ${strerror(code)}`, {
+      path,
+      errno: code,
+    });
+  }
+  try {
+    if (opts.lock ?? true) applyImageLocks(fd, path, permsFor(readOnly, opts.forceShare ?? false));
+  } catch (e) {
+    libc().close(fd);
+    throw e;
+  }
+  return new FileHost(path, fd, readOnly);
+}

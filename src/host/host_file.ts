@@ -1,0 +1,41 @@
+/**
+ * The bottom-layer contract: bytes on the host.
+ *
+ * @module
+ */
+
+/** What {@linkcode HostFile.dataStatus} answers: one run of data or hole. */
+export interface HostExtent {
+  /** False for a hole (reads as zeroes, no storage behind it). */
+  readonly data: boolean;
+  /** Bytes from the asked offset with this status; ≥ 1. */
+  readonly length: number;
+}
+
+/**
+ * Bytes on the host: a file, a block device, or memory. Positional and never short; failures
+ * throw `BlockError("io")` with the path and offset. Adapters finish synchronously underneath
+ * (page-cache I/O is fastest that way), so callers may skip awaiting when nothing is returned.
+ */
+export interface HostFile {
+  readonly path: string;
+  readonly readOnly: boolean;
+  /** Current size in bytes. */
+  size(): number;
+  /** Fill `dst` from `offset`; bytes past the end of the file read as zeroes. */
+  readAt(offset: number, dst: Uint8Array): void;
+  /** Write all of `src` at `offset`, extending the file when needed. */
+  writeAt(offset: number, src: Uint8Array): void;
+  /** Set the size; growing adds a hole (zeroes). */
+  truncate(size: number): void;
+  /** Make completed writes durable (fdatasync). */
+  flush(): void;
+  /** Free `[offset, offset+length)` so it reads as zeroes; falls back to writing zeroes. */
+  punchHole(offset: number, length: number): void;
+  /** Data or hole at `offset` (SEEK_DATA/SEEK_HOLE); `length` is capped at `max`. */
+  dataStatus(offset: number, max: number): HostExtent;
+  /** Bytes of storage the host has allocated for the file. */
+  allocatedSize(): number;
+  /** Release the file (and its locks). Idempotent. */
+  close(): void;
+}

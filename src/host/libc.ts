@@ -1,0 +1,106 @@
+/**
+ * The few libc calls the host adapters need, through Deno's FFI (Linux, x86_64/aarch64 glibc).
+ *
+ * @module
+ */
+import { BlockError } from "../errors.ts";
+
+const symbols = {
+  open: { parameters: ["buffer", "i32", "i32"], result: "i32" },
+  close: { parameters: ["i32"], result: "i32" },
+  // Results declared i32: every call is capped at MAX_IO_CHUNK bytes, so counts fit.
+  pread: { parameters: ["i32", "buffer", "usize", "i64"], result: "i32" },
+  pwrite: { parameters: ["i32", "buffer", "usize", "i64"], result: "i32" },
+  fdatasync: { parameters: ["i32"], result: "i32" },
+  ftruncate: { parameters: ["i32", "i64"], result: "i32" },
+  fallocate: { parameters: ["i32", "i32", "i64", "i64"], result: "i32" },
+  lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
+  fcntl: { parameters: ["i32", "i32", "buffer"], result: "i32" },
+  __errno_location: { parameters: [], result: "pointer" },
+  strerror: { parameters: ["i32"], result: "pointer" },
+} as const;
+
+/**
+ * The symbols with the argument types we pass: Deno accepts numbers for 64-bit integer parameters
+ * (its declared types ask for bigint, which would allocate on every call).
+ */
+interface Libc {
+  open(path: Uint8Array<ArrayBuffer>, flags: number, mode: number): number;
+  close(fd: number): number;
+  pread(fd: number, buf: Uint8Array, count: number, offset: number): number;
+  pwrite(fd: number, buf: Uint8Array, count: number, offset: number): number;
+  fdatasync(fd: number): number;
+  ftruncate(fd: number, length: number): number;
+  fallocate(fd: number, mode: number, offset: number, length: number): number;
+  lseek(fd: number, offset: number, whence: number): bigint;
+  fcntl(fd: number, cmd: number, arg: Uint8Array<ArrayBuffer>): number;
+  __errno_location(): Deno.PointerValue;
+  strerror(code: number): Deno.PointerValue;
+}
+
+/** Largest single pread/pwrite; longer transfers loop. */
+export const MAX_IO_CHUNK = 1 << 30;
+
+export const O_RDONLY = 0;
+export const O_RDWR = 2;
+export const O_CREAT = 0o100;
+export const O_EXCL = 0o200;
+export const O_DIRECT = 0o40000;
+export const O_CLOEXEC = 0o2000000;
+export const SEEK_SET = 0;
+export const SEEK_END = 2;
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+export const FALLOC_FL_KEEP_SIZE = 1;
+export const FALLOC_FL_PUNCH_HOLE = 2;
+export const F_OFD_GETLK = 36;
+export const F_OFD_SETLK = 37;
+export const F_RDLCK = 0;
+export const F_WRLCK = 1;
+export const F_UNLCK = 2;
+export const EINTR = 4;
+export const ENXIO = 6;
+export const EAGAIN = 11;
+export const EACCES = 13;
+export const EOPNOTSUPP = 95;
+
+let lib: Libc | undefined;
+
+/**
+ * The libc symbols, loaded on first use.
+ *
+ * @throws {BlockError} `unsupported` when FFI is not permitted or libc cannot be loaded
+ */
+export function libc(): Libc {
+  if (lib) return lib;
+  if (Deno.build.os !== "linux") {
+    throw new BlockError("unsupported", `Host files need Linux; this is ${Deno.build.os}`);
+  }
+  try {
+    lib = Deno.dlopen("libc.so.6", symbols).symbols as unknown as Libc;
+  } catch (e) {
+    throw new BlockError(
+      "unsupported",
+      `Cannot load libc through FFI (run with --allow-ffi or -A): ${(e as Error).message}`,
+      { cause: e },
+    );
+  }
+  return lib;
+}
+
+/** The calling thread's errno after a failed call. */
+export function errno(): number {
+  const p = libc().__errno_location();
+  return p === null ? 0 : new Deno.UnsafePointerView(p).getInt32();
+}
+
+/** The C library's text for an errno value. */
+export function strerror(code: number): string {
+  const p = libc().strerror(code);
+  return p === null ? `errno ${code}` : Deno.UnsafePointerView.getCString(p);
+}
+
+/** A NUL-terminated copy of a path for C. */
+export function cPath(path: string): Uint8Array<ArrayBuffer> {
+  return new TextEncoder().encode(path + "\0");
+}
