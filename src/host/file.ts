@@ -69,7 +69,7 @@ class FileHost implements HostFile {
 
   size(): number {
     const fd = this.#checkOpen();
-    const end = Number(libc().lseek(fd, 0, SEEK_END));
+    const end = Number(libc().lseek(fd, 0n, SEEK_END));
     if (end < 0) throw this.#fail("Seek to end");
     return end;
   }
@@ -81,7 +81,7 @@ class FileHost implements HostFile {
     while (done < dst.length) {
       const want = Math.min(dst.length - done, MAX_IO_CHUNK);
       const part = done === 0 && want === dst.length ? dst : dst.subarray(done, done + want);
-      const n = c.pread(fd, part, want, offset + done);
+      const n = c.pread(fd, part, BigInt(want), BigInt(offset + done));
       if (n < 0) {
         const code = errno();
         if (code === EINTR) continue;
@@ -103,7 +103,7 @@ class FileHost implements HostFile {
     while (done < src.length) {
       const want = Math.min(src.length - done, MAX_IO_CHUNK);
       const part = done === 0 && want === src.length ? src : src.subarray(done, done + want);
-      const n = c.pwrite(fd, part, want, offset + done);
+      const n = c.pwrite(fd, part, BigInt(want), BigInt(offset + done));
       if (n < 0) {
         const code = errno();
         if (code === EINTR) continue;
@@ -117,7 +117,7 @@ class FileHost implements HostFile {
   truncate(size: number): void {
     const fd = this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
-    if (libc().ftruncate(fd, size) !== 0) throw this.#fail("Truncate", size);
+    if (libc().ftruncate(fd, BigInt(size)) !== 0) throw this.#fail("Truncate", size);
   }
 
   flush(): void {
@@ -131,7 +131,7 @@ class FileHost implements HostFile {
     if (length === 0) return;
     if (this.#punchHoleWorks) {
       const mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-      if (libc().fallocate(fd, mode, offset, length) === 0) return;
+      if (libc().fallocate(fd, mode, BigInt(offset), BigInt(length)) === 0) return;
       const code = errno();
       // Block devices and some file systems refuse; write zeroes instead.
       if (code !== EOPNOTSUPP && code !== 25 /* ENOTTY */ && code !== 19 /* ENODEV */) {
@@ -149,7 +149,7 @@ class FileHost implements HostFile {
   dataStatus(offset: number, max: number): HostExtent {
     const fd = this.#checkOpen();
     const c = libc();
-    const data = Number(c.lseek(fd, offset, SEEK_DATA));
+    const data = Number(c.lseek(fd, BigInt(offset), SEEK_DATA));
     if (data < 0) {
       const code = errno();
       // ENXIO: no data at or after offset, the rest is a hole.
@@ -158,7 +158,7 @@ class FileHost implements HostFile {
       return { data: true, length: max };
     }
     if (data > offset) return { data: false, length: Math.min(max, data - offset) };
-    const hole = Number(c.lseek(fd, offset, SEEK_HOLE));
+    const hole = Number(c.lseek(fd, BigInt(offset), SEEK_HOLE));
     if (hole < 0) return { data: true, length: max };
     return { data: true, length: Math.max(1, Math.min(max, hole - offset)) };
   }

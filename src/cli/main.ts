@@ -1,0 +1,115 @@
+/**
+ * The command-line entry: `vstor VERB [OPTIONS]`, with qemu-img's and qemu-io's verbs.
+ *
+ * @module
+ */
+import { BlockError } from "../errors.ts";
+
+/** Where a command writes: swappable so tests can capture output. */
+export interface CliIo {
+  stdout: (text: string) => void;
+  stderr: (text: string) => void;
+}
+
+/** Exit codes scripts can trust. */
+export const EXIT_OK = 0;
+export const EXIT_ERROR = 1;
+export const EXIT_USAGE = 2;
+
+/** A usage mistake: printed with the verb's help, exit 2. */
+export class UsageError extends Error {
+  override readonly name = "UsageError";
+}
+
+const encoder = new TextEncoder();
+export const stdio: CliIo = {
+  stdout: (text) => Deno.stdout.writeSync(encoder.encode(text)),
+  stderr: (text) => Deno.stderr.writeSync(encoder.encode(text)),
+};
+
+interface Verb {
+  summary: string;
+  usage: string;
+  run(args: string[], io: CliIo): Promise<number>;
+}
+
+const verbs: Record<string, Verb> = {
+  create: {
+    summary: "create a new image",
+    usage: "vstor create [-f FMT] [-o preallocation=off|falloc|full] [-q] FILE SIZE",
+    run: async (args, io) => (await import("./create.ts")).createMain(args, io),
+  },
+  io: {
+    summary: "run qemu-io commands on an image",
+    usage: "vstor io [-f FMT] [-r] [-U] [-c CMD]... FILE   (commands from stdin without -c)",
+    run: async (args, io) =>
+      (await import("./io.ts")).ioMain(args, { stdout: io.stdout, stderr: io.stderr }),
+  },
+  demo: {
+    summary: "create an image, write and read it back (the main job until guests exist)",
+    usage: "vstor demo [DIR]",
+    run: async (args, io) => (await import("./demo.ts")).demoMain(args, io),
+  },
+};
+
+function help(io: CliIo): void {
+  const lines = ["usage: vstor VERB [OPTIONS]", "", "Verbs:"];
+  for (const [name, verb] of Object.entries(verbs)) {
+    lines.push(`  ${name.padEnd(8)} ${verb.summary}`);
+  }
+  lines.push("", "`vstor help VERB` or `vstor VERB --help` describes a verb.");
+  io.stdout(lines.join("\n") + "\n");
+}
+
+/** Print one error line the way every verb does: `vstor: FILE: what is wrong`. */
+export function reportError(e: unknown, io: CliIo): void {
+  if (e instanceof BlockError) {
+    const path = e.context.path;
+    const prefix = path !== undefined && !e.message.includes(path) ? `${path}: ` : "";
+    io.stderr(`vstor: ${prefix}${e.message}\n`);
+  } else if (e instanceof Error) {
+    io.stderr(`vstor: ${e.message}\n`);
+  } else {
+    io.stderr(`vstor: ${String(e)}\n`);
+  }
+}
+
+/**
+ * Run the CLI with `args` (the verb first) and return the exit code.
+ *
+ * @example
+ * ```ts
+ * import { main } from "./main.ts";
+ * const code = await main(["help"], { stdout: () => {}, stderr: () => {} });
+ * if (code !== 0) throw new Error("help failed");
+ * ```
+ */
+export async function main(args: string[], io: CliIo = stdio): Promise<number> {
+  const [name, ...rest] = args;
+  if (name === undefined || name === "help" || name === "--help" || name === "-h") {
+    const topic = name === "help" ? rest[0] : undefined;
+    const verb = topic === undefined ? undefined : verbs[topic];
+    if (topic !== undefined && verb === undefined) {
+      io.stderr(`vstor: unknown verb '${topic}'\n`);
+      return EXIT_USAGE;
+    }
+    if (verb) io.stdout(`usage: ${verb.usage}\n`);
+    else help(io);
+    return name === undefined ? EXIT_USAGE : EXIT_OK;
+  }
+  const verb = verbs[name];
+  if (!verb) {
+    io.stderr(`vstor: unknown verb '${name}' (try 'vstor help')\n`);
+    return EXIT_USAGE;
+  }
+  try {
+    return await verb.run(rest, io);
+  } catch (e) {
+    if (e instanceof UsageError) {
+      io.stderr(`vstor ${name}: ${e.message}\nusage: ${verb.usage}\n`);
+      return EXIT_USAGE;
+    }
+    reportError(e, io);
+    return EXIT_ERROR;
+  }
+}
