@@ -10,6 +10,8 @@ import type { HostFile } from "../src/host/host_file.ts";
 import { openHostFile } from "../src/host/file.ts";
 import { PROBE_BYTES, probeFormat } from "./probe.ts";
 import { RawNode } from "./raw.ts";
+import { Qcow2Node } from "./qcow2/qcow2.ts";
+import { createQcow2, type Qcow2CreateOptions } from "./qcow2/create.ts";
 
 /** Options of {@linkcode openImage}. */
 export interface OpenOptions {
@@ -35,10 +37,10 @@ export interface FormatDriver {
   create(file: HostFile, size: number, opts: CreateOptions): Promise<void>;
 }
 
-/** Options of {@linkcode createImage}. */
-export interface CreateOptions {
-  /** `off` (sparse), `falloc` or `full` (zeroes written), as qemu-img. */
-  preallocation?: "off" | "falloc" | "full";
+/** Options of {@linkcode createImage}: qemu-img's `-o` options (raw takes only preallocation). */
+export interface CreateOptions extends Qcow2CreateOptions {
+  /** `off` (sparse), `metadata` (qcow2), `falloc` or `full` (zeroes written), as qemu-img. */
+  preallocation?: "off" | "metadata" | "falloc" | "full";
 }
 
 const rawDriver: FormatDriver = {
@@ -46,11 +48,22 @@ const rawDriver: FormatDriver = {
   open: (file, opts) => RawNode.open(file, opts),
   create: (file, size, opts) => {
     file.truncate(0);
-    if (opts.preallocation === "full" || opts.preallocation === "falloc") {
+    if (opts.preallocation === "metadata") {
+      throw new BlockError(
+        "invalid-argument",
+        "Unsupported preallocation mode 'metadata' for raw",
+        {
+          path: file.path,
+        },
+      );
+    }
+    if (opts.preallocation === "full") {
       const zeroes = new Uint8Array(Math.min(size, 1 << 20));
       for (let at = 0; at < size; at += zeroes.length) {
         file.writeAt(at, zeroes.subarray(0, Math.min(zeroes.length, size - at)));
       }
+    } else if (opts.preallocation === "falloc") {
+      file.preallocate(0, size);
     }
     file.truncate(size);
     file.flush();
@@ -58,10 +71,16 @@ const rawDriver: FormatDriver = {
   },
 };
 
-const drivers = new Map<string, FormatDriver>([["raw", rawDriver]]);
+const qcow2Driver: FormatDriver = {
+  name: "qcow2",
+  open: (file, opts) => Qcow2Node.open(file, { readOnly: opts.readOnly }),
+  create: (file, size, opts) => createQcow2(file, size, opts),
+};
+
+const drivers = new Map<string, FormatDriver>([["raw", rawDriver], ["qcow2", qcow2Driver]]);
 
 /** Formats vstor knows of but cannot open yet. */
-const PLANNED_FORMATS = new Set(["qcow2"]);
+const PLANNED_FORMATS = new Set<string>();
 
 /** Names of the formats vstor opens and creates. */
 export function formatNames(): string[] {

@@ -58,7 +58,9 @@ export async function demoMain(args: string[], io: CliIo): Promise<number> {
     await node.flush();
     const writeMs = performance.now() - t;
     io.stdout(
-      `Wrote ${OPS} random 4 KiB blocks (seed 0x${seed.toString(16)}) in ${writeMs.toFixed(0)} ms: ` +
+      `Wrote ${OPS} random 4 KiB blocks (seed 0x${seed.toString(16)}) in ${
+        writeMs.toFixed(0)
+      } ms: ` +
         `${Math.round(OPS / writeMs * 1000).toLocaleString("en-US")} IOPS\n`,
     );
     const want = new Uint8Array(BLOCK);

@@ -36,7 +36,7 @@ interface Verb {
 const verbs: Record<string, Verb> = {
   create: {
     summary: "create a new image",
-    usage: "vstor create [-f FMT] [-o preallocation=off|falloc|full] [-q] FILE SIZE",
+    usage: "vstor create [-f FMT] [-o OPTIONS] [-q] FILE [SIZE]   (-o help lists the options)",
     run: async (args, io) => (await import("./create.ts")).createMain(args, io),
   },
   io: {
@@ -44,6 +44,13 @@ const verbs: Record<string, Verb> = {
     usage: "vstor io [-f FMT] [-r] [-U] [-c CMD]... FILE   (commands from stdin without -c)",
     run: async (args, io) =>
       (await import("./io.ts")).ioMain(args, { stdout: io.stdout, stderr: io.stderr }),
+  },
+  bench: {
+    summary: "run a simple image benchmark (qemu-img bench)",
+    usage:
+      "vstor bench [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=N [--no-drain]] [-i AIO] [-n] " +
+      "[-o OFFSET] [--pattern=N] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE",
+    run: async (args, io) => (await import("./bench.ts")).benchMain(args, io),
   },
   demo: {
     summary: "create an image, write and read it back (the main job until guests exist)",

@@ -146,6 +146,19 @@ class FileHost implements HostFile {
     }
   }
 
+  preallocate(offset: number, length: number): void {
+    const fd = this.#checkOpen();
+    if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
+    if (length === 0) return;
+    if (libc().fallocate(fd, 0, BigInt(offset), BigInt(length)) === 0) return;
+    const code = errno();
+    if (code !== EOPNOTSUPP) throw this.#fail("Preallocate", offset, code);
+    const zeroes = new Uint8Array(Math.min(ZERO_CHUNK, length));
+    for (let at = offset; at < offset + length; at += zeroes.length) {
+      this.writeAt(at, zeroes.subarray(0, Math.min(zeroes.length, offset + length - at)));
+    }
+  }
+
   dataStatus(offset: number, max: number): HostExtent {
     const fd = this.#checkOpen();
     const c = libc();

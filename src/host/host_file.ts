@@ -32,6 +32,8 @@ export interface HostFile {
   flush(): void;
   /** Free `[offset, offset+length)` so it reads as zeroes; falls back to writing zeroes. */
   punchHole(offset: number, length: number): void;
+  /** Reserve host storage for `[offset, offset+length)` (fallocate), extending the file; falls back to writing zeroes. */
+  preallocate(offset: number, length: number): void;
   /** Data or hole at `offset` (SEEK_DATA/SEEK_HOLE); `length` is capped at `max`. */
   dataStatus(offset: number, max: number): HostExtent;
   /** Bytes of storage the host has allocated for the file. */

@@ -95,6 +95,11 @@ export class MemoryFile implements HostFile {
     if (end > offset) this.#bytes.fill(0, offset, end);
   }
 
+  preallocate(offset: number, length: number): void {
+    this.#check(true);
+    if (offset + length > this.#size) this.truncate(offset + length);
+  }
+
   dataStatus(offset: number, max: number): HostExtent {
     this.#check(false);
     if (offset >= this.#size) return { data: false, length: max };

@@ -94,8 +94,9 @@ Deno.test("a probed raw image refuses a qcow2 signature in its first sector", as
   const explicit = await openImage(path, { format: "raw" });
   await explicit.write(0, magic);
   await explicit.close();
+  // Now the file probes as qcow2 (a broken one): exactly what the guard protects against.
   const reprobed = await openImage(path, { readOnly: true }).catch((e) => e);
-  assert.ok(isBlockError(reprobed, "unsupported"), String(reprobed));
+  assert.ok(isBlockError(reprobed, "invalid-format"), String(reprobed));
 });
 
 Deno.test("raw blockStatus reports punched holes as zero and data as data", async () => {

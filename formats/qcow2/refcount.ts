@@ -1,0 +1,398 @@
+/**
+ * Reference counts: the in-memory refcount table, refcount blocks through a cache, the cluster
+ * allocator, and refcount table growth (new blocks describe themselves).
+ *
+ * @module
+ */
+import { BlockError } from "../../src/errors.ts";
+import type { HostFile } from "../../src/host/host_file.ts";
+import { type CacheEntry, TableCache } from "./cache.ts";
+import { MAX_REFTABLE_BYTES } from "./header.ts";
+
+/** What the refcount store needs from the image. */
+export interface RefcountContext {
+  readonly file: HostFile;
+  readonly path: string;
+  readonly clusterBits: number;
+  readonly refcountOrder: number;
+  /** Make everything written so far durable before what follows (fdatasync unless cache=unsafe). */
+  barrier(): void;
+  /** Point the header at a new refcount table (one header write). */
+  switchRefcountTable(offset: number, clusters: number): void;
+  /** Called with a structure and host offset when an inconsistency is found: marks the image corrupt. */
+  corrupt(message: string, offset: number): BlockError;
+}
+
+type Getter = (view: DataView, data: Uint8Array, index: number) => number;
+type Setter = (view: DataView, data: Uint8Array, index: number, value: number) => void;
+
+function accessors(order: number): [Getter, Setter] {
+  const bits = 1 << order;
+  if (order < 3) {
+    const mask = (1 << bits) - 1;
+    const perByte = 8 / bits;
+    return [
+      (_v, d, i) => (d[Math.floor(i / perByte)]! >> ((i % perByte) * bits)) & mask,
+      (_v, d, i, value) => {
+        const at = Math.floor(i / perByte), shift = (i % perByte) * bits;
+        d[at] = (d[at]! & ~(mask << shift)) | (value << shift);
+      },
+    ];
+  }
+  switch (order) {
+    case 3:
+      return [(_v, d, i) => d[i]!, (_v, d, i, value) => d[i] = value];
+    case 4:
+      return [(v, _d, i) => v.getUint16(i * 2), (v, _d, i, value) => v.setUint16(i * 2, value)];
+    case 5:
+      return [(v, _d, i) => v.getUint32(i * 4), (v, _d, i, value) => v.setUint32(i * 4, value)];
+    default:
+      return [
+        (v, _d, i) => {
+          const value = v.getBigUint64(i * 8);
+          return value > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(value);
+        },
+        (v, _d, i, value) => v.setBigUint64(i * 8, BigInt(value)),
+      ];
+  }
+}
+
+/** The refcount structure of one image. */
+export class Refcounts {
+  readonly maxRefcount: number;
+  /** Entries per refcount block, as a power of two. */
+  readonly blockBits: number;
+  readonly #ctx: RefcountContext;
+  readonly #clusterSize: number;
+  readonly #get: Getter;
+  readonly #set: Setter;
+  readonly cache: TableCache;
+  #table: Uint8Array;
+  #tableView: DataView;
+  #tableOffset: number;
+  #tableClusters: number;
+  /** Lowest cluster index that may be free. */
+  #freeHint = 0;
+  /** Partially filled cluster for compressed data (QEMU's free_byte_offset); 0 for none. */
+  #freeByteOffset = 0;
+
+  constructor(
+    ctx: RefcountContext,
+    tableOffset: number,
+    tableClusters: number,
+    cacheBytes: number,
+  ) {
+    this.#ctx = ctx;
+    this.#clusterSize = 2 ** ctx.clusterBits;
+    this.blockBits = ctx.clusterBits + 3 - ctx.refcountOrder;
+    this.maxRefcount = ctx.refcountOrder === 6
+      ? Number.MAX_SAFE_INTEGER
+      : 2 ** (1 << ctx.refcountOrder) - 1;
+    [this.#get, this.#set] = accessors(ctx.refcountOrder);
+    this.#tableOffset = tableOffset;
+    this.#tableClusters = tableClusters;
+    this.#table = new Uint8Array(tableClusters * this.#clusterSize);
+    ctx.file.readAt(tableOffset, this.#table);
+    this.#tableView = new DataView(this.#table.buffer);
+    this.cache = new TableCache(this.#clusterSize, cacheBytes, {
+      load: (offset, dst) => ctx.file.readAt(offset, dst),
+      writeBack: (entries) => this.#writeBlocks(entries),
+    });
+  }
+
+  /** Refcount table entries. */
+  get tableEntries(): number {
+    return this.#table.length / 8;
+  }
+
+  get tableOffset(): number {
+    return this.#tableOffset;
+  }
+
+  get tableClusters(): number {
+    return this.#tableClusters;
+  }
+
+  /** Host offset of refcount block `index` (0 when none); validated. */
+  blockOffset(index: number): number {
+    if (index >= this.tableEntries) return 0;
+    const hi = this.#tableView.getUint32(index * 8);
+    const lo = this.#tableView.getUint32(index * 8 + 4);
+    if (hi === 0 && lo === 0) return 0;
+    const offset = hi * 0x100000000 + (lo >>> 0);
+    if (offset % this.#clusterSize !== 0 || hi >= 0x200000) {
+      throw this.#ctx.corrupt(
+        `Refblock offset 0x${offset.toString(16)} unaligned (reftable index 0x${
+          index.toString(16)
+        })`,
+        offset,
+      );
+    }
+    return offset;
+  }
+
+  /** All refcount block offsets (for overlap checks and check). */
+  *blockOffsets(): IterableIterator<number> {
+    for (let i = 0; i < this.tableEntries; i++) {
+      const off = this.blockOffset(i);
+      if (off !== 0) yield off;
+    }
+  }
+
+  #block(index: number): CacheEntry | undefined {
+    const offset = this.blockOffset(index);
+    if (offset === 0) return undefined;
+    if (offset >= this.#ctx.file.size()) {
+      throw this.#ctx.corrupt(
+        `Refblock at 0x${offset.toString(16)} is past the end of the file`,
+        offset,
+      );
+    }
+    return this.cache.get(offset);
+  }
+
+  /** The refcount of host cluster `cluster`. */
+  get(cluster: number): number {
+    const index = Math.floor(cluster / 2 ** this.blockBits);
+    const block = this.#block(index);
+    if (block === undefined) return 0;
+    return this.#get(block.view, block.data, cluster % 2 ** this.blockBits);
+  }
+
+  /**
+   * Add `delta` to the refcount of `count` clusters from `cluster`, allocating refcount blocks as
+   * needed. Dropping to zero makes clusters reusable.
+   *
+   * @throws {BlockError} `corrupt` on underflow, `unsupported` on overflow
+   */
+  change(cluster: number, count: number, delta: number): void {
+    for (let c = cluster; c < cluster + count; c++) {
+      const index = Math.floor(c / 2 ** this.blockBits);
+      let block = this.#block(index);
+      if (block === undefined) {
+        if (delta < 0) {
+          throw this.#ctx.corrupt(
+            `Refcount of cluster ${c} would drop below zero`,
+            c * this.#clusterSize,
+          );
+        }
+        this.#allocateBlock(index);
+        block = this.#block(index)!;
+      }
+      const i = c % 2 ** this.blockBits;
+      const old = this.#get(block.view, block.data, i);
+      const value = old + delta;
+      if (value < 0) {
+        throw this.#ctx.corrupt(
+          `Refcount of cluster ${c} would drop below zero`,
+          c * this.#clusterSize,
+        );
+      }
+      if (value > this.maxRefcount) {
+        throw new BlockError(
+          "unsupported",
+          `Refcount of cluster ${c} would exceed ${this.maxRefcount} (refcount_bits too small)`,
+          {
+            path: this.#ctx.path,
+          },
+        );
+      }
+      this.#set(block.view, block.data, i, value);
+      block.dirty = true;
+      if (value === 0 && c < this.#freeHint) this.#freeHint = c;
+    }
+  }
+
+  /** Set the refcount of one cluster outright (repair). */
+  set(cluster: number, value: number): void {
+    const old = this.get(cluster);
+    if (old !== value) this.change(cluster, 1, value - old);
+  }
+
+  /**
+   * Allocate `count` contiguous clusters (refcount 1 each) and return the host offset of the first.
+   * Clusters at or past the end of the file are free and read as zeroes.
+   */
+  allocate(count: number): number {
+    for (;;) {
+      const start = this.#findFree(count);
+      // Make sure every block covering the run exists; a new block may land in the run: retry.
+      let moved = false;
+      const first = Math.floor(start / 2 ** this.blockBits),
+        last = Math.floor((start + count - 1) / 2 ** this.blockBits);
+      for (let b = first; b <= last; b++) {
+        if (this.blockOffset(b) === 0) {
+          this.#allocateBlock(b);
+          moved = true;
+        }
+      }
+      if (moved && this.#anyUsed(start, count)) continue;
+      this.change(start, count, 1);
+      this.#freeHint = start + count;
+      return start * this.#clusterSize;
+    }
+  }
+
+  /**
+   * Allocate `size` bytes for compressed data (may share a host cluster with other compressed
+   * data): every host cluster touched gains one reference.
+   */
+  allocateBytes(size: number): number {
+    const cs = this.#clusterSize;
+    const used = this.#freeByteOffset % cs;
+    if (this.#freeByteOffset !== 0 && used !== 0 && used + size <= cs) {
+      const offset = this.#freeByteOffset;
+      this.change(Math.floor(offset / cs), 1, 1);
+      this.#freeByteOffset = used + size === cs ? 0 : offset + size;
+      return offset;
+    }
+    const clusters = Math.ceil(size / cs);
+    const offset = this.allocate(clusters);
+    this.#freeByteOffset = size % cs === 0 ? 0 : offset + size;
+    return offset;
+  }
+
+  /** Forget the partially filled compressed cluster (its space is not reused). */
+  resetByteAllocator(): void {
+    this.#freeByteOffset = 0;
+  }
+
+  #anyUsed(start: number, count: number): boolean {
+    for (let c = start; c < start + count; c++) if (this.get(c) !== 0) return true;
+    return false;
+  }
+
+  #findFree(count: number): number {
+    const per = 2 ** this.blockBits;
+    let run = 0;
+    let c = this.#freeHint;
+    for (;;) {
+      const index = Math.floor(c / per);
+      if (index >= this.tableEntries || this.blockOffset(index) === 0) {
+        // A whole uncovered range is free.
+        const rangeEnd = (index + 1) * per;
+        if (run + (rangeEnd - c) >= count) return c - run;
+        run += rangeEnd - c;
+        c = rangeEnd;
+        continue;
+      }
+      if (this.get(c) === 0) {
+        run++;
+        if (run === count) return c - count + 1;
+      } else {
+        run = 0;
+      }
+      c++;
+    }
+  }
+
+  /** Create refcount block `index`, inside the range it covers when possible (it describes itself). */
+  #allocateBlock(index: number): void {
+    if (index >= this.tableEntries) this.#growTable(index);
+    if (this.blockOffset(index) !== 0) return;
+    const per = 2 ** this.blockBits;
+    // The covered range is wholly free (no block counted anything there): use its first cluster.
+    const cluster = index * per;
+    const offset = cluster * this.#clusterSize;
+    const entry = this.cache.create(offset);
+    this.#set(entry.view, entry.data, 0, 1);
+    // The block must be on disk before the table points at it.
+    this.#writeBlocks([entry]);
+    this.#ctx.barrier();
+    this.#setTableEntry(index, offset);
+    this.#writeTableEntry(index);
+  }
+
+  #setTableEntry(index: number, offset: number): void {
+    this.#tableView.setUint32(index * 8, Math.floor(offset / 0x100000000));
+    this.#tableView.setUint32(index * 8 + 4, offset % 0x100000000);
+  }
+
+  #writeTableEntry(index: number): void {
+    this.#ctx.file.writeAt(
+      this.#tableOffset + index * 8,
+      this.#table.subarray(index * 8, index * 8 + 8),
+    );
+  }
+
+  /**
+   * Grow the refcount table so entry `needed` exists: new blocks and the new table go at the end
+   * of the image, described by the new blocks themselves; then one header write switches over.
+   */
+  #growTable(needed: number): void {
+    const cs = this.#clusterSize;
+    const per = 2 ** this.blockBits;
+    const oldEntries = this.tableEntries;
+    // Start past everything the old table covers and past the end of the file.
+    const fileClusters = Math.ceil(this.#ctx.file.size() / cs);
+    const areaStart = Math.max(oldEntries * per, fileClusters);
+    let entries = Math.max(needed + 1, Math.ceil(oldEntries * 1.5));
+    let tableClusters = 0, blocks = 0;
+    for (;;) {
+      tableClusters = Math.ceil(entries * 8 / cs);
+      const areaEnd = areaStart + blocks + tableClusters;
+      const firstBlock = Math.floor(areaStart / per), lastBlock = Math.floor((areaEnd - 1) / per);
+      const wantBlocks = lastBlock - firstBlock + 1;
+      const wantEntries = Math.max(entries, lastBlock + 1);
+      if (wantBlocks === blocks && wantEntries === entries) break;
+      blocks = wantBlocks;
+      entries = wantEntries;
+    }
+    if (tableClusters * cs > MAX_REFTABLE_BYTES) {
+      throw new BlockError(
+        "unsupported",
+        "Image is too large: the refcount table would exceed 8 MiB",
+        {
+          path: this.#ctx.path,
+        },
+      );
+    }
+    const firstBlock = Math.floor(areaStart / per);
+    const areaEnd = areaStart + blocks + tableClusters;
+    // Blocks first (at areaStart..), then the table.
+    const written: CacheEntry[] = [];
+    for (let b = 0; b < blocks; b++) {
+      const blockIndex = firstBlock + b;
+      const blockOffset = (areaStart + b) * cs;
+      const entry = this.cache.create(blockOffset);
+      const lo = Math.max(areaStart, blockIndex * per),
+        hi = Math.min(areaEnd, (blockIndex + 1) * per);
+      for (let c = lo; c < hi; c++) this.#set(entry.view, entry.data, c - blockIndex * per, 1);
+      written.push(entry);
+    }
+    this.#writeBlocks(written);
+    const table = new Uint8Array(tableClusters * cs);
+    table.set(this.#table);
+    const oldOffset = this.#tableOffset, oldClusters = this.#tableClusters;
+    this.#table = table;
+    this.#tableView = new DataView(table.buffer);
+    for (let b = 0; b < blocks; b++) this.#setTableEntry(firstBlock + b, (areaStart + b) * cs);
+    const tableOffset = (areaStart + blocks) * cs;
+    this.#ctx.file.writeAt(tableOffset, table);
+    this.#ctx.barrier();
+    this.#tableOffset = tableOffset;
+    this.#tableClusters = tableClusters;
+    this.#ctx.switchRefcountTable(tableOffset, tableClusters);
+    this.#ctx.barrier();
+    this.change(oldOffset / cs, oldClusters, -1);
+  }
+
+  /** Write refcount blocks back and mark them clean. */
+  #writeBlocks(entries: CacheEntry[]): void {
+    for (const e of entries) {
+      if (!e.dirty && entries.length > 1) continue;
+      this.#ctx.file.writeAt(e.offset, e.data);
+      e.dirty = false;
+    }
+  }
+
+  /** Write every dirty refcount block. */
+  flush(): void {
+    this.cache.flush();
+  }
+
+  /** Replace the whole table in memory and on disk (repair, amend). */
+  get table(): Uint8Array {
+    return this.#table;
+  }
+}
