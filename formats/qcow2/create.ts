@@ -5,7 +5,7 @@
  * @module
  */
 import { BlockError } from "../../src/errors.ts";
-import type { HostFile } from "../../src/host/host_file.ts";
+import { borrowFile, type HostFile } from "../../src/host/host_file.ts";
 import {
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_DEFLATE,
@@ -18,6 +18,7 @@ import {
   V3_HEADER_LENGTH,
 } from "./header.ts";
 import { Qcow2Node } from "./qcow2.ts";
+import { refcountAccessors } from "./refcount.ts";
 
 /** qcow2 creation options (qemu-img `-o` names in comments). */
 export interface Qcow2CreateOptions {
@@ -150,34 +151,17 @@ export async function createQcow2(
   file.writeAt(cs, table);
   const block = new Uint8Array(cs);
   const blockView = new DataView(block.buffer);
-  for (let c = 0; c < 3; c++) setRefcount(block, blockView, refcountOrder, c, 1);
+  const [, setRefcount] = refcountAccessors(refcountOrder);
+  for (let c = 0; c < 3; c++) setRefcount(blockView, block, c, 1);
   file.writeAt(2 * cs, block);
   file.flush();
 
   // The driver does the rest: L1 table (as a resize from 0), preallocation.
-  const node = await Qcow2Node.open(file, { cacheCleanInterval: 0 });
+  const node = await Qcow2Node.open(borrowFile(file), { cacheCleanInterval: 0 });
   try {
     await node.truncate(size);
     if (o.preallocation && o.preallocation !== "off") await node.preallocate(o.preallocation);
   } finally {
     await node.close();
   }
-}
-
-function setRefcount(
-  data: Uint8Array,
-  view: DataView,
-  order: number,
-  index: number,
-  value: number,
-): void {
-  const bits = 1 << order;
-  if (order < 3) {
-    const perByte = 8 / bits;
-    const at = Math.floor(index / perByte), shift = (index % perByte) * bits;
-    data[at] = (data[at]! & ~(((1 << bits) - 1) << shift)) | (value << shift);
-  } else if (order === 3) data[index] = value;
-  else if (order === 4) view.setUint16(index * 2, value);
-  else if (order === 5) view.setUint32(index * 4, value);
-  else view.setBigUint64(index * 8, BigInt(value));
 }

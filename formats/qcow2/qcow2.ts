@@ -31,6 +31,7 @@ import {
   V2_HEADER_LENGTH,
 } from "./header.ts";
 import { Refcounts } from "./refcount.ts";
+import { rebuildRefcounts } from "./check.ts";
 import { readSnapshotTable, type SnapshotTable } from "./snapshot.ts";
 import {
   classifyStandard,
@@ -126,7 +127,8 @@ export class Qcow2Node implements BlockNode {
   #l1: Uint8Array;
   #l1View: DataView;
   readonly l2Cache: TableCache;
-  readonly refcounts: Refcounts;
+  refcounts: Refcounts;
+  readonly #refcountCacheBytes: number;
   #snapshots: SnapshotTable;
   /** Clusters to free once the L2 tables that dropped them are on disk: [first cluster, count]. */
   #pendingFrees: Array<[number, number]> = [];
@@ -166,24 +168,8 @@ export class Qcow2Node implements BlockNode {
       load: (offset, dst) => file.readAt(offset, dst),
       writeBack: (entries) => this.#writeL2Tables(entries),
     });
-    this.refcounts = new Refcounts(
-      {
-        file,
-        path: file.path,
-        clusterBits: header.clusterBits,
-        refcountOrder: header.refcountOrder,
-        barrier: () => this.#barrier(),
-        switchRefcountTable: (offset, clusters) => {
-          this.header.refcountTableOffset = offset;
-          this.header.refcountTableClusters = clusters;
-          this.#writeHeader();
-        },
-        corrupt: (message, offset) => this.#signalCorruption(message, offset),
-      },
-      header.refcountTableOffset,
-      header.refcountTableClusters,
-      rcBudget,
-    );
+    this.#refcountCacheBytes = rcBudget;
+    this.refcounts = this.#makeRefcounts();
     this.#snapshots = readSnapshotTable(
       file,
       header.snapshotsOffset,
@@ -196,6 +182,37 @@ export class Qcow2Node implements BlockNode {
       this.#cleanTimer = setInterval(() => this.#cleanCaches(), interval * 1000);
       Deno.unrefTimer(this.#cleanTimer);
     }
+  }
+
+  #makeRefcounts(): Refcounts {
+    return new Refcounts(
+      {
+        file: this.file,
+        path: this.file.path,
+        clusterBits: this.header.clusterBits,
+        refcountOrder: this.header.refcountOrder,
+        barrier: () => this.#barrier(),
+        switchRefcountTable: (offset, clusters) => {
+          this.header.refcountTableOffset = offset;
+          this.header.refcountTableClusters = clusters;
+          this.#writeHeader();
+        },
+        corrupt: (message, offset) => this.#signalCorruption(message, offset),
+      },
+      this.header.refcountTableOffset,
+      this.header.refcountTableClusters,
+      this.#refcountCacheBytes,
+    );
+  }
+
+  /** Reload the refcount structure after repair replaced it (header already points at it). */
+  reloadRefcounts(): void {
+    this.refcounts = this.#makeRefcounts();
+  }
+
+  /** Write every cached table and apply deferred frees (before check or repair reads the file). */
+  flushMetadata(): void {
+    this.#flushAll();
   }
 
   /**
@@ -251,7 +268,6 @@ export class Qcow2Node implements BlockNode {
       rewrite = true;
     }
     if (hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) {
-      const { rebuildRefcounts } = await import("./check.ts");
       rebuildRefcounts(this);
       h.incompatibleFeatures &= ~BigInt(INCOMPAT_DIRTY);
       rewrite = true;
@@ -966,32 +982,29 @@ export class Qcow2Node implements BlockNode {
     checkRequest(this, "write-zeroes", offset, length);
     this.#writable();
     if (length === 0) return;
+    const unmap = opts?.unmap ?? false;
     await this.#mutex.run(async () => {
+      const cs = this.clusterSize;
       const end = offset + length;
-      const unit = this.#v3 ? this.#subclusterSize : this.clusterSize;
+      // v2 has no zero flag: explicit zeroes. v3 flags whole (sub)clusters.
+      const unit = this.#v3 ? this.#subclusterSize : cs;
       let pos = offset;
       while (pos < end) {
+        const c = Math.floor(pos / cs);
+        const clusterEnd = Math.min((c + 1) * cs, this.size);
         const unitStart = Math.floor(pos / unit) * unit;
         const unitEnd = Math.min(unitStart + unit, this.size);
-        const partEnd = Math.min(end, unitEnd);
-        if (this.#v3 && pos === unitStart && partEnd === unitEnd) {
-          // Whole units: zero flags, a cluster (or L2 table's worth) at a time.
-          const span = Math.min(
-            end,
-            Math.floor(end / unit) * unit === end ? end : Math.floor(end / unit) * unit,
-          );
-          const last = Math.max(
-            unitEnd,
-            span === this.size ? span : Math.floor(span / unit) * unit,
-          );
-          pos = this.#zeroUnits(
-            pos,
-            Math.min(last, end === this.size ? end : last),
-            opts?.unmap ?? false,
-          );
+        const whole = this.#v3 && pos === unitStart && end >= unitEnd;
+        const stop = Math.min(
+          clusterEnd,
+          end === this.size ? end : Math.max(unitEnd, Math.floor(end / unit) * unit),
+        );
+        if (whole && this.#zeroUnits(pos, stop, unmap)) {
+          pos = stop;
           continue;
         }
-        // Partial unit (or v2): explicit zeroes unless it reads as zeroes already.
+        // Partial units, v2, or what flags cannot express: write zeroes unless already zero.
+        const partEnd = whole ? stop : Math.min(end, unitEnd);
         if (!this.#knownZero(pos, partEnd - pos)) {
           await this.#writeSlow(pos, new Uint8Array(partEnd - pos));
         }
@@ -1001,58 +1014,43 @@ export class Qcow2Node implements BlockNode {
     if (opts?.fua) await this.flush();
   }
 
-  /** Set zero state for whole units from `from` up to `to` within one cluster; returns where it stopped. */
-  #zeroUnits(from: number, to: number, unmap: boolean): number {
+  /**
+   * Give whole units [from, to) of one cluster the zero flag (QEMU's zero_in_l2_slice): the host
+   * cluster is kept unless `unmap` (or it is compressed). False when flags cannot do it (part of
+   * a compressed cluster).
+   */
+  #zeroUnits(from: number, to: number, unmap: boolean): boolean {
     const cs = this.clusterSize;
     const c = Math.floor(from / cs);
-    const stop = Math.min(to, (c + 1) * cs);
-    const wholeCluster = from === c * cs && (stop === (c + 1) * cs || stop === this.size);
+    const wholeCluster = from === c * cs && (to === (c + 1) * cs || to === this.size);
     const existing = this.#slot(from, false);
-    if (existing === undefined && this.backing === undefined && !this.extendedL2) {
-      // No L2 table and nothing below: already zero. Skip to the end of what this table covers.
-      return stop;
-    }
-    if (this.extendedL2) {
-      const touched = this.#unitMask(from - c * cs, stop - c * cs);
-      const slot = this.#slot(from, true);
-      const view = slot.table.view;
-      const hi = view.getUint32(slot.at), lo = view.getUint32(slot.at + 4);
-      const alloc = view.getUint32(slot.at + 12), zero = view.getUint32(slot.at + 8);
-      if (hi & HI_COMPRESSED) {
-        if (!wholeCluster) {
-          // Cannot zero part of a compressed cluster by flags: rewrite it.
-          return from; // unreachable in practice: callers split partial units; keep the loop safe
-        }
-      }
-      if (wholeCluster && (unmap || (hi & HI_COMPRESSED) || !(hi & HI_COPIED))) {
-        view.setUint32(slot.at, 0);
-        view.setUint32(slot.at + 4, 0);
-        view.setUint32(slot.at + 8, 0xffffffff);
-        view.setUint32(slot.at + 12, 0);
-        slot.table.dirty = true;
-        this.#releaseEntry(hi, lo);
-        return stop;
-      }
-      view.setUint32(slot.at + 8, (zero | touched) >>> 0);
-      view.setUint32(slot.at + 12, hi & HI_COMPRESSED ? 0 : (alloc & ~touched) >>> 0);
-      slot.table.dirty = true;
-      return stop;
+    if (existing !== undefined) {
+      const hi = existing.table.view.getUint32(existing.at);
+      if ((hi & HI_COMPRESSED) && !wholeCluster) return false;
     }
     const slot = this.#slot(from, true);
     const view = slot.table.view;
     const hi = view.getUint32(slot.at), lo = view.getUint32(slot.at + 4);
-    const host = hi & HI_COMPRESSED ? 0 : entryOffset(hi, lo);
-    if (unmap || host === 0 || !(hi & HI_COPIED)) {
-      const [nhi, nlo] = encodeEntry(0, false, true);
+    const compressed = (hi & HI_COMPRESSED) !== 0;
+    const host = compressed ? 0 : entryOffset(hi, lo);
+    const drop = compressed || (unmap && host > 0 && wholeCluster);
+    if (this.extendedL2) {
+      const touched = wholeCluster ? 0xffffffff : this.#unitMask(from - c * cs, to - c * cs);
+      const alloc = view.getUint32(slot.at + 12), zero = view.getUint32(slot.at + 8);
+      if (drop) {
+        view.setUint32(slot.at, 0);
+        view.setUint32(slot.at + 4, 0);
+      }
+      view.setUint32(slot.at + 8, (zero | touched) >>> 0);
+      view.setUint32(slot.at + 12, drop ? 0 : (alloc & ~touched) >>> 0);
+    } else {
+      const [nhi, nlo] = drop ? encodeEntry(0, false, true) : [hi, (lo | 1) >>> 0];
       view.setUint32(slot.at, nhi);
       view.setUint32(slot.at + 4, nlo);
-      slot.table.dirty = true;
-      this.#releaseEntry(hi, lo);
-    } else {
-      view.setUint32(slot.at + 4, (lo | 1) >>> 0);
-      slot.table.dirty = true;
     }
-    return stop;
+    slot.table.dirty = true;
+    if (drop) this.#releaseEntry(hi, lo);
+    return true;
   }
 
   async discard(offset: number, length: number): Promise<void> {
@@ -1064,33 +1062,34 @@ export class Qcow2Node implements BlockNode {
     const start = Math.ceil(offset / cs) * cs;
     const end = offset + length === this.size ? this.size : Math.floor((offset + length) / cs) * cs;
     if (end <= start) return;
-    await this.#mutex.run(async () => {
+    await this.#mutex.run(() => {
       for (let pos = start; pos < end; pos += cs) {
-        const slot = this.#slot(pos, false);
-        if (slot === undefined && this.backing === undefined) continue;
-        const view = (slot ?? this.#slot(pos, true)).table.view;
-        const s = slot ?? this.#slot(pos, true);
-        const hi = view.getUint32(s.at), lo = view.getUint32(s.at + 4);
-        const ext = this.extendedL2 ? view.getUint32(s.at + 8) | view.getUint32(s.at + 12) : 0;
-        if (hi === 0 && lo === 0 && ext === 0 && this.backing === undefined) continue;
-        // Reads afterwards must not expose the backing file: zero it where the format can.
+        const existing = this.#slot(pos, false);
+        if (existing === undefined && this.backing === undefined) continue;
+        let hi = 0, lo = 0;
+        if (existing !== undefined) {
+          hi = existing.table.view.getUint32(existing.at);
+          lo = existing.table.view.getUint32(existing.at + 4);
+        }
+        const allocated = (hi & HI_COMPRESSED) !== 0 || entryOffset(hi, lo) > 0;
+        // As QEMU: with a backing file or an allocated cluster, the cluster must read as zeroes.
+        if (!allocated && this.backing === undefined) continue;
+        const s = this.#slot(pos, true);
+        const view = s.table.view;
         if (this.extendedL2) {
           view.setUint32(s.at, 0);
           view.setUint32(s.at + 4, 0);
-          view.setUint32(s.at + 8, this.backing || hi || lo ? 0xffffffff : 0);
+          view.setUint32(s.at + 8, 0xffffffff);
           view.setUint32(s.at + 12, 0);
         } else {
-          const [nhi, nlo] = encodeEntry(
-            0,
-            false,
-            this.#v3 && (this.backing !== undefined || hi !== 0 || lo !== 0),
-          );
+          const [nhi, nlo] = encodeEntry(0, false, this.#v3);
           view.setUint32(s.at, nhi);
           view.setUint32(s.at + 4, nlo);
         }
         s.table.dirty = true;
         this.#releaseEntry(hi, lo);
       }
+      return Promise.resolve();
     });
   }
 

@@ -23,10 +23,11 @@ export interface RefcountContext {
   corrupt(message: string, offset: number): BlockError;
 }
 
-type Getter = (view: DataView, data: Uint8Array, index: number) => number;
-type Setter = (view: DataView, data: Uint8Array, index: number, value: number) => void;
+export type Getter = (view: DataView, data: Uint8Array, index: number) => number;
+export type Setter = (view: DataView, data: Uint8Array, index: number, value: number) => void;
 
-function accessors(order: number): [Getter, Setter] {
+/** Get and set refcount entry `index` of a block, for a refcount order (width 2^order bits). */
+export function refcountAccessors(order: number): [Getter, Setter] {
   const bits = 1 << order;
   if (order < 3) {
     const mask = (1 << bits) - 1;
@@ -88,7 +89,7 @@ export class Refcounts {
     this.maxRefcount = ctx.refcountOrder === 6
       ? Number.MAX_SAFE_INTEGER
       : 2 ** (1 << ctx.refcountOrder) - 1;
-    [this.#get, this.#set] = accessors(ctx.refcountOrder);
+    [this.#get, this.#set] = refcountAccessors(ctx.refcountOrder);
     this.#tableOffset = tableOffset;
     this.#tableClusters = tableClusters;
     this.#table = new Uint8Array(tableClusters * this.#clusterSize);
@@ -240,7 +241,12 @@ export class Refcounts {
   allocateBytes(size: number): number {
     const cs = this.#clusterSize;
     const used = this.#freeByteOffset % cs;
-    if (this.#freeByteOffset !== 0 && used !== 0 && used + size <= cs) {
+    const shared = Math.floor(this.#freeByteOffset / cs);
+    // Share the partly filled cluster unless its refcount is already at the maximum (refcount_bits=1).
+    if (
+      this.#freeByteOffset !== 0 && used !== 0 && used + size <= cs &&
+      this.get(shared) < this.maxRefcount
+    ) {
       const offset = this.#freeByteOffset;
       this.change(Math.floor(offset / cs), 1, 1);
       this.#freeByteOffset = used + size === cs ? 0 : offset + size;
@@ -286,21 +292,35 @@ export class Refcounts {
     }
   }
 
-  /** Create refcount block `index`, inside the range it covers when possible (it describes itself). */
+  /**
+   * Create refcount block `index` at the lowest free cluster. When that cluster is in the range the
+   * block covers, the block counts itself; when it is in a covered range, that range's block counts
+   * it; when it is in another uncovered range, that range's block is made first (there, it counts
+   * itself). Ordering: the count, then the block, then the table entry that points at it.
+   */
   #allocateBlock(index: number): void {
     if (index >= this.tableEntries) this.#growTable(index);
     if (this.blockOffset(index) !== 0) return;
     const per = 2 ** this.blockBits;
-    // The covered range is wholly free (no block counted anything there): use its first cluster.
-    const cluster = index * per;
+    const cluster = this.#findFree(1);
+    const home = Math.floor(cluster / per);
+    if (home !== index && this.blockOffset(home) === 0) {
+      this.#allocateBlock(home);
+      this.#allocateBlock(index);
+      return;
+    }
     const offset = cluster * this.#clusterSize;
+    if (home !== index) {
+      this.change(cluster, 1, 1);
+      this.flush();
+    }
     const entry = this.cache.create(offset);
-    this.#set(entry.view, entry.data, 0, 1);
-    // The block must be on disk before the table points at it.
+    if (home === index) this.#set(entry.view, entry.data, cluster - index * per, 1);
     this.#writeBlocks([entry]);
     this.#ctx.barrier();
     this.#setTableEntry(index, offset);
     this.#writeTableEntry(index);
+    if (cluster >= this.#freeHint) this.#freeHint = cluster + 1;
   }
 
   #setTableEntry(index: number, offset: number): void {

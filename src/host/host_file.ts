@@ -41,3 +41,21 @@ export interface HostFile {
   /** Release the file (and its locks). Idempotent. */
   close(): void;
 }
+
+/** A view of `file` whose `close` does nothing: lend a file to a node without giving it away. */
+export function borrowFile(file: HostFile): HostFile {
+  return {
+    path: file.path,
+    readOnly: file.readOnly,
+    size: () => file.size(),
+    readAt: (offset, dst) => file.readAt(offset, dst),
+    writeAt: (offset, src) => file.writeAt(offset, src),
+    truncate: (size) => file.truncate(size),
+    flush: () => file.flush(),
+    punchHole: (offset, length) => file.punchHole(offset, length),
+    preallocate: (offset, length) => file.preallocate(offset, length),
+    dataStatus: (offset, max) => file.dataStatus(offset, max),
+    allocatedSize: () => file.allocatedSize(),
+    close: () => {},
+  };
+}
