@@ -23,8 +23,22 @@ interface Case {
   bench: string[];
 }
 
-/** The cases; a qcow2 case is one more line, e.g. `{ ...CASES[0], format: "qcow2" }`. */
+/** The cases: raw, then qcow2 (64 KiB clusters) for allocating writes and reads of allocated data. */
 const CASES: Case[] = [
+  {
+    name: "qcow2: 4 KiB sequential allocating writes, fresh image",
+    format: "qcow2",
+    create: [],
+    fill: false,
+    bench: ["-w"],
+  },
+  {
+    name: "qcow2: 4 KiB sequential reads, fully allocated image",
+    format: "qcow2",
+    create: [],
+    fill: true,
+    bench: [],
+  },
   {
     name: "4 KiB sequential writes, fresh image",
     format: "raw",

@@ -165,7 +165,15 @@ export class Qcow2Node implements BlockNode {
     const rcBudget = opts.refcountCacheSize ??
       Math.max(DEFAULT_REFCOUNT_CACHE, 4 * this.clusterSize);
     this.l2Cache = new TableCache(this.clusterSize, l2Budget, {
-      load: (offset, dst) => file.readAt(offset, dst),
+      load: (offset, dst) => {
+        if (offset + this.clusterSize > file.size()) {
+          throw this.#signalCorruption(
+            `L2 table at 0x${offset.toString(16)} is past the end of the file`,
+            offset,
+          );
+        }
+        file.readAt(offset, dst);
+      },
       writeBack: (entries) => this.#writeL2Tables(entries),
     });
     this.#refcountCacheBytes = rcBudget;
@@ -388,12 +396,6 @@ export class Qcow2Node implements BlockNode {
         `L2 table offset 0x${offset.toString(16)} unaligned or in the header (L1 index 0x${
           index.toString(16)
         })`,
-        offset,
-      );
-    }
-    if (offset + this.clusterSize > this.file.size()) {
-      throw this.#signalCorruption(
-        `L2 table at 0x${offset.toString(16)} is past the end of the file`,
         offset,
       );
     }
@@ -776,23 +778,32 @@ export class Qcow2Node implements BlockNode {
     // Read what the unwritten parts show now (backing, zeroes, shared or compressed data).
     const headZero = headLen === 0 || this.#knownZero(headStart, headLen);
     const tailZero = tailLen === 0 || this.#knownZero(writeEnd, tailLen);
-    const buf = new Uint8Array(headLen + consumed + tailLen);
-    if (!headZero) await this.read(headStart, buf.subarray(0, headLen));
-    buf.set(src.subarray(0, consumed), headLen);
-    if (!tailZero) await this.read(writeEnd, buf.subarray(headLen + consumed));
+    const headBytes = headZero ? undefined : new Uint8Array(headLen);
+    if (headBytes) await this.read(headStart, headBytes);
+    const tailBytes = tailZero ? undefined : new Uint8Array(tailLen);
+    if (tailBytes) await this.read(writeEnd, tailBytes);
 
     // From here on nothing awaits: allocation, data and L2 update happen together.
     this.#markDirty();
     const fileEnd = this.file.size();
     const host = this.refcounts.allocate(count);
     this.#checkOverlap(host, count * cs);
-    const fresh = host >= fileEnd; // past the end of the file: reads as zeroes already
-    let dataStart = 0, dataEnd = buf.length;
-    if (fresh && headZero) dataStart = headLen;
-    if (fresh && tailZero) dataEnd = headLen + consumed;
-    const hostStart = host + (headStart - first * cs);
-    if (dataEnd > dataStart) {
-      this.file.writeAt(hostStart + dataStart, buf.subarray(dataStart, dataEnd));
+    // Past the end of the file the new clusters read as zeroes already: zero COW is not written.
+    const fresh = host >= fileEnd;
+    const writeHead = headLen > 0 && !(fresh && headZero);
+    const writeTail = tailLen > 0 && !(fresh && tailZero);
+    const hostData = host + (guestOffset - first * cs);
+    const data = src.subarray(0, consumed);
+    if (!writeHead && !writeTail) {
+      this.file.writeAt(hostData, data);
+    } else {
+      // One host write: COW head, data, COW tail.
+      const from = writeHead ? headLen : 0, to = writeTail ? tailLen : 0;
+      const merged = new Uint8Array(from + consumed + to);
+      if (headBytes && writeHead) merged.set(headBytes);
+      merged.set(data, from);
+      if (tailBytes && writeTail) merged.set(tailBytes, from + consumed);
+      this.file.writeAt(hostData - from, merged);
     }
 
     // L2 entries, then frees of what they pointed at.

@@ -96,7 +96,15 @@ export class Refcounts {
     ctx.file.readAt(tableOffset, this.#table);
     this.#tableView = new DataView(this.#table.buffer);
     this.cache = new TableCache(this.#clusterSize, cacheBytes, {
-      load: (offset, dst) => ctx.file.readAt(offset, dst),
+      load: (offset, dst) => {
+        if (offset >= ctx.file.size()) {
+          throw ctx.corrupt(
+            `Refblock at 0x${offset.toString(16)} is past the end of the file`,
+            offset,
+          );
+        }
+        ctx.file.readAt(offset, dst);
+      },
       writeBack: (entries) => this.#writeBlocks(entries),
     });
   }
@@ -143,12 +151,6 @@ export class Refcounts {
   #block(index: number): CacheEntry | undefined {
     const offset = this.blockOffset(index);
     if (offset === 0) return undefined;
-    if (offset >= this.#ctx.file.size()) {
-      throw this.#ctx.corrupt(
-        `Refblock at 0x${offset.toString(16)} is past the end of the file`,
-        offset,
-      );
-    }
     return this.cache.get(offset);
   }
 

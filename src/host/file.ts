@@ -47,6 +47,8 @@ class FileHost implements HostFile {
   readonly readOnly: boolean;
   #fd: number;
   #punchHoleWorks = true;
+  /** Size as we last set or saw it: a writable file is ours alone (we hold the write lock). */
+  #cachedSize = -1;
 
   constructor(path: string, fd: number, readOnly: boolean) {
     this.path = path;
@@ -69,9 +71,16 @@ class FileHost implements HostFile {
 
   size(): number {
     const fd = this.#checkOpen();
+    if (this.#cachedSize >= 0) return this.#cachedSize;
     const end = Number(libc().lseek(fd, 0n, SEEK_END));
     if (end < 0) throw this.#fail("Seek to end");
+    // Read-only opens may share the file with a writer (-U): ask every time.
+    if (!this.readOnly) this.#cachedSize = end;
     return end;
+  }
+
+  #grew(end: number): void {
+    if (this.#cachedSize >= 0 && end > this.#cachedSize) this.#cachedSize = end;
   }
 
   readAt(offset: number, dst: Uint8Array): void {
@@ -112,11 +121,13 @@ class FileHost implements HostFile {
       if (n === 0) throw this.#fail("Write (no progress)", offset + done, 5);
       done += n;
     }
+    this.#grew(offset + src.length);
   }
 
   truncate(size: number): void {
     const fd = this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
+    this.#cachedSize = -1;
     if (libc().ftruncate(fd, BigInt(size)) !== 0) throw this.#fail("Truncate", size);
   }
 
@@ -150,7 +161,10 @@ class FileHost implements HostFile {
     const fd = this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
     if (length === 0) return;
-    if (libc().fallocate(fd, 0, BigInt(offset), BigInt(length)) === 0) return;
+    if (libc().fallocate(fd, 0, BigInt(offset), BigInt(length)) === 0) {
+      this.#grew(offset + length);
+      return;
+    }
     const code = errno();
     if (code !== EOPNOTSUPP) throw this.#fail("Preallocate", offset, code);
     const zeroes = new Uint8Array(Math.min(ZERO_CHUNK, length));
