@@ -23,16 +23,25 @@ export interface OpenOptions {
   /** raw only: a window into the file. */
   offset?: number;
   size?: number;
+  /** qcow2 only: QEMU's `l2-cache-size`, `refcount-cache-size` (bytes), `cache-clean-interval` (s). */
+  l2CacheSize?: number;
+  refcountCacheSize?: number;
+  cacheCleanInterval?: number;
+  /** `unsafe` skips the flushes that order metadata updates (QEMU's cache=unsafe). */
+  cache?: "writeback" | "unsafe";
 }
+
+/** What the opener hands a driver. */
+export type DriverOpenOptions = Omit<OpenOptions, "format" | "forceShare" | "readOnly"> & {
+  readOnly: boolean;
+  probed: boolean;
+};
 
 /** What a format driver offers the opener and the CLI. */
 export interface FormatDriver {
   readonly name: string;
   /** Open a node over an already opened host file. */
-  open(
-    file: HostFile,
-    opts: { readOnly: boolean; probed: boolean; offset?: number; size?: number },
-  ): Promise<BlockNode>;
+  open(file: HostFile, opts: DriverOpenOptions): Promise<BlockNode>;
   /** Create an empty image of `size` bytes in `file`. */
   create(file: HostFile, size: number, opts: CreateOptions): Promise<void>;
 }
@@ -45,7 +54,14 @@ export interface CreateOptions extends Qcow2CreateOptions {
 
 const rawDriver: FormatDriver = {
   name: "raw",
-  open: (file, opts) => RawNode.open(file, opts),
+  open: (file, opts) => {
+    if (opts.l2CacheSize !== undefined || opts.refcountCacheSize !== undefined) {
+      throw new BlockError("invalid-argument", "Cache size options are for qcow2 images", {
+        path: file.path,
+      });
+    }
+    return RawNode.open(file, opts);
+  },
   create: (file, size, opts) => {
     file.truncate(0);
     if (opts.preallocation === "metadata") {
@@ -73,7 +89,15 @@ const rawDriver: FormatDriver = {
 
 const qcow2Driver: FormatDriver = {
   name: "qcow2",
-  open: (file, opts) => Qcow2Node.open(file, { readOnly: opts.readOnly }),
+  open: (file, opts) => {
+    if (opts.offset !== undefined || opts.size !== undefined) {
+      throw new BlockError("invalid-argument", "The offset and size options are for raw images", {
+        path: file.path,
+      });
+    }
+    const { probed: _probed, ...rest } = opts;
+    return Qcow2Node.open(file, rest);
+  },
   create: (file, size, opts) => createQcow2(file, size, opts),
 };
 
@@ -129,12 +153,8 @@ export async function openImage(path: string, opts: OpenOptions = {}): Promise<B
       format = probeFormat(head);
     }
     const driver = driverFor(format, path);
-    return await driver.open(file, {
-      readOnly,
-      probed,
-      ...(opts.offset === undefined ? {} : { offset: opts.offset }),
-      ...(opts.size === undefined ? {} : { size: opts.size }),
-    });
+    const { format: _format, forceShare: _share, readOnly: _ro, ...rest } = opts;
+    return await driver.open(file, { ...rest, readOnly, probed });
   } catch (e) {
     file.close();
     throw e;

@@ -48,7 +48,7 @@ interface References {
   compressed: number;
 }
 
-function countReferences(node: Qcow2Node): References {
+function countReferences(node: Qcow2Node, countRefcountStructure = true): References {
   const cs = node.clusterSize;
   const file = node.file;
   const fileSize = file.size();
@@ -126,8 +126,10 @@ function countReferences(node: Qcow2Node): References {
   };
   add(h.l1TableOffset, h.l1Size * 8, "active L1 table");
   walkL1(node.l1Table, true);
-  add(node.refcounts.tableOffset, node.refcounts.tableClusters * cs, "refcount table");
-  for (const b of node.refcounts.blockOffsets()) add(b, cs, "refcount block");
+  if (countRefcountStructure) {
+    add(node.refcounts.tableOffset, node.refcounts.tableClusters * cs, "refcount table");
+    for (const b of node.refcounts.blockOffsets()) add(b, cs, "refcount block");
+  }
   if (h.nbSnapshots > 0) add(h.snapshotsOffset, node.snapshots.bytes, "snapshot table");
   for (const snap of node.snapshots.entries) {
     add(snap.l1TableOffset, snap.l1Size * 8, "snapshot L1 table");
@@ -223,7 +225,8 @@ export function checkImage(node: Qcow2Node): CheckReport {
 export function rebuildRefcounts(node: Qcow2Node): void {
   node.flushMetadata();
   const cs = node.clusterSize;
-  const refs = countReferences(node);
+  // The old refcount structure is replaced: its clusters become free.
+  const refs = countReferences(node, false);
   const order = node.header.refcountOrder;
   const perBlock = 2 ** (node.clusterBits + 3 - order);
   const [, setRefcount] = refcountAccessors(order);
