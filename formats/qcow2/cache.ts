@@ -32,6 +32,11 @@ export class TableCache {
   #clock = 0;
   /** The most recent hit, checked first: sequential I/O stays in one table. */
   #last: CacheEntry | undefined;
+  /**
+   * Buffers of evicted tables, reused for the next load: allocating a fresh table per miss lets
+   * freed buffers pile up faster than the collector returns them (RSS far over the budget).
+   */
+  #spare: Uint8Array[] = [];
 
   constructor(tableSize: number, budgetBytes: number, backend: CacheBackend) {
     this.tableSize = tableSize;
@@ -60,8 +65,13 @@ export class TableCache {
     let entry = this.#entries.get(offset);
     if (entry === undefined) {
       this.#makeRoom();
-      const data = new Uint8Array(this.tableSize);
-      this.#backend.load(offset, data);
+      const data = this.#buffer();
+      try {
+        this.#backend.load(offset, data);
+      } catch (e) {
+        this.#spare.push(data);
+        throw e;
+      }
       entry = { offset, data, view: new DataView(data.buffer), dirty: false, lastUse: 0 };
       this.#entries.set(offset, entry);
     }
@@ -74,8 +84,9 @@ export class TableCache {
   create(offset: number, contents?: Uint8Array): CacheEntry {
     this.discard(offset);
     this.#makeRoom();
-    const data = new Uint8Array(this.tableSize);
+    const data = this.#buffer();
     if (contents) data.set(contents);
+    else data.fill(0);
     const entry: CacheEntry = {
       offset,
       data,
@@ -95,8 +106,15 @@ export class TableCache {
 
   /** Drop the table at `offset` (its cluster was freed); dirty contents are lost on purpose. */
   discard(offset: number): void {
+    const entry = this.#entries.get(offset);
+    if (entry === undefined) return;
     this.#entries.delete(offset);
-    if (this.#last?.offset === offset) this.#last = undefined;
+    if (this.#last === entry) this.#last = undefined;
+    if (this.#spare.length < 4) this.#spare.push(entry.data);
+  }
+
+  #buffer(): Uint8Array {
+    return this.#spare.pop() ?? new Uint8Array(this.tableSize);
   }
 
   /** Dirty entries, oldest first. */
@@ -132,6 +150,7 @@ export class TableCache {
     this.flush();
     this.#entries.clear();
     this.#last = undefined;
+    this.#spare = [];
   }
 
   #makeRoom(): void {
