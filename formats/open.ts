@@ -3,6 +3,7 @@
  *
  * @module
  */
+import { dirname, isAbsolute, join, resolve } from "node:path";
 import { BlockError } from "../src/errors.ts";
 import type { BlockNode } from "../src/block/node.ts";
 import { checkSize } from "../src/block/request.ts";
@@ -132,6 +133,13 @@ function driverFor(name: string, path: string): FormatDriver {
  *   `unsupported`, `invalid-argument`
  */
 export async function openImage(path: string, opts: OpenOptions = {}): Promise<BlockNode> {
+  return await openChain(path, opts, []);
+}
+
+/** Deepest backing chain the opener follows. */
+export const MAX_CHAIN_DEPTH = 64;
+
+async function openChain(path: string, opts: OpenOptions, chain: string[]): Promise<BlockNode> {
   const readOnly = opts.readOnly ?? false;
   if (opts.forceShare && !readOnly) {
     throw new BlockError(
@@ -144,6 +152,7 @@ export async function openImage(path: string, opts: OpenOptions = {}): Promise<B
   }
   if (opts.format !== undefined) driverFor(opts.format, path);
   const file = openHostFile(path, { readOnly, forceShare: opts.forceShare ?? false });
+  let node: BlockNode | undefined;
   try {
     let format = opts.format;
     const probed = format === undefined;
@@ -154,10 +163,61 @@ export async function openImage(path: string, opts: OpenOptions = {}): Promise<B
     }
     const driver = driverFor(format, path);
     const { format: _format, forceShare: _share, readOnly: _ro, ...rest } = opts;
-    return await driver.open(file, { ...rest, readOnly, probed });
+    node = await driver.open(file, { ...rest, readOnly, probed });
   } catch (e) {
     file.close();
     throw e;
+  }
+  const name = node.backingName;
+  if (name === undefined || node.attachBacking === undefined) return node;
+  try {
+    const here = realPath(path);
+    const seen = [...chain, here];
+    if (seen.length > MAX_CHAIN_DEPTH) {
+      throw new BlockError(
+        "unsupported",
+        `Backing chain is deeper than ${MAX_CHAIN_DEPTH} images`,
+        { path },
+      );
+    }
+    const backingPath = isAbsolute(name.file) ? name.file : join(dirname(path), name.file);
+    const target = realPath(backingPath);
+    if (seen.includes(target)) {
+      throw new BlockError(
+        "invalid-format",
+        `Backing chain loop: '${name.file}' is already in the chain`,
+        { path },
+      );
+    }
+    let backing: BlockNode;
+    try {
+      // The chain below an image is read-only and shared with other readers, as in QEMU.
+      backing = await openChain(backingPath, {
+        readOnly: true,
+        forceShare: opts.forceShare ?? false,
+        ...(name.format === undefined ? {} : { format: name.format }),
+      }, seen);
+    } catch (e) {
+      if (e instanceof BlockError && e.message.startsWith("Backing chain")) throw e;
+      throw new BlockError(
+        e instanceof BlockError ? e.kind : "io",
+        `Could not open backing file: ${(e as Error).message}`,
+        { path, cause: e },
+      );
+    }
+    node.attachBacking(backing);
+    return node;
+  } catch (e) {
+    await node.close();
+    throw e;
+  }
+}
+
+function realPath(path: string): string {
+  try {
+    return Deno.realPathSync(path);
+  } catch {
+    return resolve(path);
   }
 }
 

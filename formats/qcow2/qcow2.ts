@@ -114,7 +114,7 @@ export class Qcow2Node implements BlockNode {
   readonly clusterSize: number;
   readonly clusterBits: number;
   readonly extendedL2: boolean;
-  readonly backing?: BlockNode;
+  #backing: BlockNode | undefined;
   readonly #entryBytes: number;
   readonly #l2Entries: number;
   readonly #subclusterSize: number;
@@ -152,7 +152,7 @@ export class Qcow2Node implements BlockNode {
     this.#unsafe = opts.cache === "unsafe";
     this.#lazy = hasFeature(header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
     this.#readOnly = (opts.readOnly ?? false) || file.readOnly;
-    if (opts.backing) this.backing = opts.backing;
+    this.#backing = opts.backing;
 
     this.#l1 = new Uint8Array(header.l1Size * 8);
     file.readAt(header.l1TableOffset, this.#l1);
@@ -288,6 +288,22 @@ export class Qcow2Node implements BlockNode {
 
   get filename(): string {
     return this.file.path;
+  }
+
+  get backing(): BlockNode | undefined {
+    return this.#backing;
+  }
+
+  get backingName(): { file: string; format?: string } | undefined {
+    const file = this.header.backingFile;
+    if (file === undefined || file === "") return undefined;
+    const format = this.header.backingFormat;
+    return format === undefined ? { file } : { file, format };
+  }
+
+  attachBacking(backing: BlockNode): void {
+    this.#backing = backing;
+    this.#compressedCache = undefined;
   }
 
   get size(): number {
@@ -1397,6 +1413,7 @@ export class Qcow2Node implements BlockNode {
       this.#closed = true;
       if (this.#cleanTimer !== undefined) clearInterval(this.#cleanTimer);
       this.file.close();
+      await this.#backing?.close();
     }
   }
 }

@@ -53,7 +53,11 @@ export interface BlockNode {
   readonly size: number;
   readonly readOnly: boolean;
   /** The node reads fall through to where this layer is unallocated. */
-  readonly backing?: BlockNode;
+  readonly backing?: BlockNode | undefined;
+  /** The backing file this image names (as stored) and its format when recorded; the opener opens it. */
+  readonly backingName?: { readonly file: string; readonly format?: string } | undefined;
+  /** Hand the opened backing node to this node (it closes it when it closes). */
+  attachBacking?(backing: BlockNode): void;
   /** Smallest alignment requests are served without read-modify-write (1 for byte-granular). */
   readonly requestAlignment: number;
 

@@ -4,7 +4,9 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { createImage, type CreateOptions, formatNames } from "../../formats/open.ts";
+import { dirname, isAbsolute, join } from "node:path";
+import { BlockError } from "../errors.ts";
+import { createImage, type CreateOptions, formatNames, openImage } from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
 
@@ -170,6 +172,9 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
         options: { type: "string", short: "o", multiple: true, default: [] },
         quiet: { type: "boolean", short: "q", default: false },
         help: { type: "boolean", short: "h", default: false },
+        backing: { type: "string", short: "b" },
+        "backing-format": { type: "string", short: "F" },
+        unsafe: { type: "boolean", short: "u", default: false },
       },
     });
   } catch (e) {
@@ -178,9 +183,12 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
   const { values, positionals } = parsed;
   if (values.help) {
     io.stdout(
-      "usage: vstor create [-f FMT] [-o OPTIONS] [-q] FILE [SIZE]\n" +
+      "usage: vstor create [-f FMT] [-o OPTIONS] [-b BACKING -F BACKING_FMT [-u]] [-q] FILE [SIZE]\n" +
         `  -f FMT   image format (${formatNames().join(", ")}; default raw)\n` +
         "  -o OPTS  comma-separated format options (-o help lists them)\n" +
+        "  -b FILE  backing file (qcow2), resolved relative to FILE's directory\n" +
+        "  -F FMT   format of the backing file (required with -b)\n" +
+        "  -u       unsafe: do not open the backing file (SIZE is then required)\n" +
         "  -q       quiet: do not print the 'Formatting' line\n" +
         "  SIZE     bytes, or with a k, M, G, T, P or E suffix\n",
     );
@@ -198,7 +206,39 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
   if (file === undefined) throw new UsageError("Expecting image file name");
   if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
   const { size: optionSize, ...opts } = parseCreateOptions(values.options, format);
-  const size = sizeText !== undefined ? parseImageSize(sizeText) : optionSize;
+  if (values.backing !== undefined) opts.backingFile = values.backing;
+  if (values["backing-format"] !== undefined) opts.backingFormat = values["backing-format"];
+  let size = sizeText !== undefined ? parseImageSize(sizeText) : optionSize;
+  if (opts.backingFile !== undefined) {
+    if (format !== "qcow2") {
+      throw new UsageError(`Backing file not supported for file format '${format}'`);
+    }
+    if (opts.backingFormat === undefined) {
+      throw new UsageError(`${file}: Backing file specified without backing format`);
+    }
+    if (!values.unsafe) {
+      // As qemu-img: the base must open (relative to the new image), and gives the size by default.
+      const basePath = isAbsolute(opts.backingFile)
+        ? opts.backingFile
+        : join(dirname(file), opts.backingFile);
+      let base;
+      try {
+        base = await openImage(basePath, {
+          format: opts.backingFormat,
+          readOnly: true,
+          forceShare: true,
+        });
+      } catch (e) {
+        throw new BlockError(
+          "io",
+          `${file}: ${(e as Error).message}\nCould not open backing image`,
+          { cause: e },
+        );
+      }
+      size ??= base.size;
+      await base.close();
+    }
+  }
   if (size === undefined) throw new UsageError(`${file}: Image creation needs a size parameter`);
   // qcow2 sizes are whole sectors (qemu-img rounds up).
   const imageSize = format === "qcow2" ? Math.ceil(size / 512) * 512 : size;

@@ -36,7 +36,8 @@ interface Verb {
 const verbs: Record<string, Verb> = {
   create: {
     summary: "create a new image",
-    usage: "vstor create [-f FMT] [-o OPTIONS] [-q] FILE [SIZE]   (-o help lists the options)",
+    usage:
+      "vstor create [-f FMT] [-o OPTIONS] [-b BACKING -F FMT [-u]] [-q] FILE [SIZE]   (-o help lists the options)",
     run: async (args, io) => (await import("./create.ts")).createMain(args, io),
   },
   io: {
