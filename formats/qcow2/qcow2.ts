@@ -646,7 +646,9 @@ export class Qcow2Node implements BlockNode {
   #ownedAt(guestOffset: number): boolean {
     const slot = this.#slot(guestOffset, false);
     if (slot === undefined) return false;
-    return (slot.table.view.getUint32(slot.at) & HI_COPIED) !== 0;
+    // Both the L2 table and the cluster must be this image's alone.
+    const l1Index = Math.floor(guestOffset / this.clusterSize / this.#l2Entries);
+    return (slot.table.view.getUint32(slot.at) & HI_COPIED) !== 0 && this.#l1Copied(l1Index);
   }
 
   /** The L2 slot of the cluster at `guestOffset`; with `forWrite`, an owned (COPIED) table is ensured. */
@@ -750,24 +752,14 @@ export class Qcow2Node implements BlockNode {
     const cs = this.clusterSize;
     const first = Math.floor(guestOffset / cs);
     // Owned cluster: write in place.
-    const ownSlot = this.#slot(guestOffset, false);
-    if (ownSlot !== undefined) {
-      const hi = ownSlot.table.view.getUint32(ownSlot.at),
-        lo = ownSlot.table.view.getUint32(ownSlot.at + 4);
-      if ((hi & HI_COPIED) && !(hi & HI_COMPRESSED) && entryOffset(hi, lo) > 0) {
-        return await this.#writeInPlace(guestOffset, src);
-      }
-    }
+    if (this.#ownsHostCluster(first)) return await this.#writeInPlace(guestOffset, src);
     // How many clusters (within this L2 table) this write covers that need new host clusters.
     const tableFirst = Math.floor(first / this.#l2Entries) * this.#l2Entries;
     const end = guestOffset + src.length;
     let last = Math.floor((end - 1) / cs);
     last = Math.min(last, tableFirst + this.#l2Entries - 1);
     for (let c = first + 1; c <= last; c++) {
-      const slot = this.#slot(c * cs, false);
-      if (slot === undefined) continue;
-      const hi = slot.table.view.getUint32(slot.at), lo = slot.table.view.getUint32(slot.at + 4);
-      if ((hi & HI_COPIED) && !(hi & HI_COMPRESSED) && entryOffset(hi, lo) > 0) {
+      if (this.#ownsHostCluster(c)) {
         last = c - 1;
         break;
       }
@@ -844,6 +836,14 @@ export class Qcow2Node implements BlockNode {
       this.#releaseEntry(oldHi, oldLo);
     }
     return consumed;
+  }
+
+  /** True when guest cluster `c` has a host cluster this image alone owns (writable in place). */
+  #ownsHostCluster(c: number): boolean {
+    const slot = this.#slot(c * this.clusterSize, false);
+    if (slot === undefined || !this.#l1Copied(Math.floor(c / this.#l2Entries))) return false;
+    const hi = slot.table.view.getUint32(slot.at), lo = slot.table.view.getUint32(slot.at + 4);
+    return (hi & HI_COPIED) !== 0 && (hi & HI_COMPRESSED) === 0 && entryOffset(hi, lo) > 0;
   }
 
   /** What cluster `c` holds before an allocating write replaces it. */
@@ -1386,7 +1386,29 @@ export class Qcow2Node implements BlockNode {
     this.#lastCleanClock = [this.l2Cache.clock, this.refcounts.cache.clock];
   }
 
-  /** Re-read the header state after a structural change made by check/repair. */
+  /** Make completed writes durable unless opened with cache=unsafe (snapshot and repair code). */
+  barrier(): void {
+    this.#barrier();
+  }
+
+  /** Replace the in-memory snapshot table after the header was switched to a new one. */
+  setSnapshots(table: SnapshotTable): void {
+    this.#snapshots = table;
+  }
+
+  /** Run `fn` with the node's metadata lock held (snapshot operations). */
+  exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    this.#live();
+    this.#writable();
+    if (this.#readOnly) {
+      return Promise.reject(
+        new BlockError("read-only", "Image is read-only", { path: this.filename }),
+      );
+    }
+    return this.#mutex.run(fn);
+  }
+
+  /** Replace the in-memory active L1 table (its contents are already on disk). */
   replaceL1(l1: Uint8Array): void {
     this.#l1 = l1;
     this.#l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);

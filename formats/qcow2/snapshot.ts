@@ -114,3 +114,57 @@ export function readSnapshotTable(
   }
   return { entries, bytes };
 }
+
+/** Serialize snapshot entries as QEMU lays them out (each entry padded to 8 bytes). */
+export function serializeSnapshotTable(entries: SnapshotEntry[]): Uint8Array {
+  const enc = new TextEncoder();
+  const parts = entries.map((e) => {
+    const id = enc.encode(e.id), name = enc.encode(e.name);
+    const len = Math.ceil((40 + e.extra.length + id.length + name.length) / 8) * 8;
+    const out = new Uint8Array(len);
+    const v = new DataView(out.buffer);
+    v.setBigUint64(0, BigInt(e.l1TableOffset));
+    v.setUint32(8, e.l1Size);
+    v.setUint16(12, id.length);
+    v.setUint16(14, name.length);
+    v.setUint32(16, e.dateSec);
+    v.setUint32(20, e.dateNsec);
+    v.setBigUint64(24, e.vmClockNsec);
+    v.setUint32(32, e.vmStateSize);
+    v.setUint32(36, e.extra.length);
+    out.set(e.extra, 40);
+    out.set(id, 40 + e.extra.length);
+    out.set(name, 40 + e.extra.length + id.length);
+    return out;
+  });
+  const table = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    table.set(p, at);
+    at += p.length;
+  }
+  return table;
+}
+
+/** The next snapshot ID QEMU would pick: one past the largest numeric ID. */
+export function nextSnapshotId(entries: SnapshotEntry[]): string {
+  let max = 0;
+  for (const e of entries) {
+    const n = /^[0-9]+$/.test(e.id) ? Number(e.id) : 0;
+    if (n > max) max = n;
+  }
+  return String(max + 1);
+}
+
+/** Find a snapshot by ID or name (QEMU's lookup for apply), or by name only (for delete). */
+export function findSnapshot(
+  entries: SnapshotEntry[],
+  key: string,
+  by: "id-or-name" | "name",
+): number {
+  if (by === "id-or-name") {
+    const byId = entries.findIndex((e) => e.id === key);
+    if (byId >= 0) return byId;
+  }
+  return entries.findIndex((e) => e.name === key);
+}

@@ -53,6 +53,11 @@ const verbs: Record<string, Verb> = {
       "[-o OFFSET] [--pattern=N] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE",
     run: async (args, io) => (await import("./bench.ts")).benchMain(args, io),
   },
+  snapshot: {
+    summary: "list, create, apply or delete internal snapshots (qcow2)",
+    usage: "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE",
+    run: async (args, io) => (await import("./snapshot.ts")).snapshotMain(args, io),
+  },
   demo: {
     summary: "create an image, write and read it back (the main job until guests exist)",
     usage: "vstor demo [DIR]",

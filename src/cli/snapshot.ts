@@ -1,0 +1,129 @@
+/**
+ * `vstor snapshot [-l | -a NAME | -c NAME | -d NAME] [-f FMT] [-q] [-U] FILE`, as qemu-img snapshot.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { BlockError } from "../errors.ts";
+import { openImage } from "../../formats/open.ts";
+import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
+import { applySnapshot, createSnapshot, deleteSnapshot } from "../../formats/qcow2/snapshot_ops.ts";
+import type { SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { localDate, sizeToStr, vmClock } from "./human.ts";
+
+export const SNAPSHOT_USAGE =
+  "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE";
+
+/** qemu-img's snapshot table: header line and one line per snapshot. */
+export function snapshotTable(entries: SnapshotEntry[]): string {
+  const lines = [
+    "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT",
+  ];
+  for (const e of entries) {
+    const vmSize = e.extra.length >= 8
+      ? Number(new DataView(e.extra.buffer, e.extra.byteOffset).getBigUint64(0))
+      : 0;
+    let icount = "";
+    if (e.extra.length >= 24) {
+      const v = new DataView(e.extra.buffer, e.extra.byteOffset).getBigUint64(16);
+      if (v !== 0xffffffffffffffffn) icount = v.toString();
+    }
+    lines.push(
+      `${e.id.padEnd(9)} ${e.name.padEnd(16)} ${
+        sizeToStr(Math.max(vmSize, e.vmStateSize)).padStart(8)
+      }` +
+        `${localDate(e.dateSec).padStart(20)}${vmClock(e.vmClockNsec).padStart(13)}${
+          icount.padStart(11)
+        }`,
+    );
+  }
+  return lines.join("\n") + "\n";
+}
+
+/** The snapshot verb; returns the exit code. */
+export async function snapshotMain(args: string[], io: CliIo): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      options: {
+        list: { type: "boolean", short: "l", default: false },
+        apply: { type: "string", short: "a" },
+        create: { type: "string", short: "c" },
+        delete: { type: "string", short: "d" },
+        format: { type: "string", short: "f" },
+        quiet: { type: "boolean", short: "q", default: false },
+        "force-share": { type: "boolean", short: "U", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const { values, positionals } = parsed;
+  if (values.help) {
+    io.stdout(
+      `usage: ${SNAPSHOT_USAGE}\n` +
+        "  -l           list the snapshots (the default)\n" +
+        "  -c SNAPSHOT  create a snapshot of the current state\n" +
+        "  -a SNAPSHOT  revert the image to a snapshot (by ID or name)\n" +
+        "  -d SNAPSHOT  delete a snapshot (by name)\n" +
+        "  -U           share the image with a writer (list only)\n",
+    );
+    return EXIT_OK;
+  }
+  const actions = [values.list, values.apply, values.create, values.delete].filter((v) =>
+    v !== undefined && v !== false
+  );
+  if (actions.length > 1) throw new UsageError("Cannot mix '-l', '-a', '-c', '-d'");
+  const [file, ...extra] = positionals;
+  if (file === undefined) throw new UsageError("Expecting one image file name");
+  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
+  const listing = actions.length === 0 || values.list;
+  if (values["force-share"] && !listing) {
+    throw new UsageError("--force-share/-U can only be used with -l");
+  }
+  const node = await openImage(file, {
+    ...(values.format === undefined ? {} : { format: values.format }),
+    readOnly: listing,
+    forceShare: values["force-share"],
+  });
+  try {
+    if (!(node instanceof Qcow2Node)) {
+      throw new BlockError(
+        "unsupported",
+        `Format '${node.format}' does not support internal snapshots`,
+        {
+          path: file,
+        },
+      );
+    }
+    if (listing) {
+      if (node.snapshots.entries.length > 0) {
+        io.stdout("Snapshot list:\n" + snapshotTable(node.snapshots.entries));
+      }
+    } else if (values.create !== undefined) {
+      await createSnapshot(node, values.create).catch((e) => {
+        throw rephrase(e, `Could not create snapshot '${values.create}'`);
+      });
+    } else if (values.apply !== undefined) {
+      await applySnapshot(node, values.apply).catch((e) => {
+        throw rephrase(e, `Could not apply snapshot '${values.apply}'`);
+      });
+    } else if (values.delete !== undefined) {
+      await deleteSnapshot(node, values.delete).catch((e) => {
+        throw rephrase(e, `Could not delete snapshot '${values.delete}'`);
+      });
+    }
+  } finally {
+    await node.close();
+  }
+  return EXIT_OK;
+}
+
+function rephrase(e: unknown, what: string): unknown {
+  if (!(e instanceof BlockError)) return e;
+  return new BlockError(e.kind, `${what}: ${e.message}`, { ...e.context, cause: e });
+}
