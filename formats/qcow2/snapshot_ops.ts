@@ -280,23 +280,24 @@ export function applySnapshot(node: Qcow2Node, key: string): Promise<void> {
     adjustReach(node, snL1, 1);
     const old = node.l1Table.slice();
     const h = node.header;
-    // The active L1 keeps its place when the snapshot's fits, else moves to new clusters.
     const size = sn.diskSize ?? h.size;
     const needed = Math.max(sn.l1Size, Math.ceil(size / (cs * (cs / (node.extendedL2 ? 16 : 8)))));
-    const active = new Uint8Array(needed * 8);
-    active.set(snL1);
-    if (Math.ceil(active.length / cs) <= Math.ceil(h.l1Size * 8 / cs) && h.l1Size > 0) {
+    if (needed <= h.l1Size) {
+      // Same place and size: entries past the snapshot's table become unallocated.
+      const active = new Uint8Array(h.l1Size * 8);
+      active.set(snL1);
       node.file.writeAt(h.l1TableOffset, active);
       node.barrier();
-      h.l1Size = needed;
       h.size = size;
       node.writeHeader();
+      node.replaceL1(active);
     } else {
-      const offset = active.length === 0
-        ? 0
-        : node.refcounts.allocate(Math.ceil(active.length / cs));
+      // A larger table than the current one: new clusters, then the header, then free the old.
+      const active = new Uint8Array(needed * 8);
+      active.set(snL1);
+      const offset = node.refcounts.allocate(Math.ceil(active.length / cs));
       node.refcounts.flush();
-      if (active.length > 0) node.file.writeAt(offset, active);
+      node.file.writeAt(offset, active);
       node.barrier();
       const oldOffset = h.l1TableOffset, oldClusters = Math.ceil(h.l1Size * 8 / cs);
       h.l1TableOffset = offset;
@@ -304,8 +305,8 @@ export function applySnapshot(node: Qcow2Node, key: string): Promise<void> {
       h.size = size;
       node.writeHeader();
       if (oldClusters > 0) node.refcounts.change(oldOffset / cs, oldClusters, -1);
+      node.replaceL1(active);
     }
-    node.replaceL1(active);
     node.l2Cache.clear();
     adjustReach(node, old, -1);
     rebuildCopied(node);
