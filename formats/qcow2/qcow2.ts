@@ -967,15 +967,19 @@ export class Qcow2Node implements BlockNode {
         padded.set(data);
         data = padded;
       }
+      // As QEMU: compress first; data that does not shrink is an ordinary write wherever it goes.
+      const packed = compressCluster(this.header.compressionType, data);
+      if (packed === undefined) {
+        await this.#writeSlow(guest, data.subarray(0, Math.min(cs, this.size - guest)));
+        continue;
+      }
+      // Only a cluster without a host cluster (unallocated or zero-flagged) takes compressed data.
       const slot = this.#slot(guest, false);
       if (slot !== undefined) {
         const hi = slot.table.view.getUint32(slot.at), lo = slot.table.view.getUint32(slot.at + 4);
-        const ext = this.extendedL2
-          ? slot.table.view.getUint32(slot.at + 8) | slot.table.view.getUint32(slot.at + 12)
-          : 0;
-        if (hi !== 0 || lo !== 0 || ext !== 0) {
+        if ((hi & HI_COMPRESSED) !== 0 || entryOffset(hi, lo) !== 0) {
           throw new BlockError(
-            "unsupported",
+            "io",
             "Compressed writes are only possible to unallocated clusters",
             {
               path: this.filename,
@@ -983,12 +987,6 @@ export class Qcow2Node implements BlockNode {
             },
           );
         }
-      }
-      const packed = compressCluster(this.header.compressionType, data);
-      if (packed === undefined) {
-        // Incompressible: store it plainly, as QEMU does.
-        await this.#writeSlow(guest, data.subarray(0, Math.min(cs, this.size - guest)));
-        continue;
       }
       this.#markDirty();
       const s = this.#slot(guest, true);
@@ -998,6 +996,11 @@ export class Qcow2Node implements BlockNode {
       const [hi, lo] = encodeCompressed(host, packed.length, this.clusterBits);
       s.table.view.setUint32(s.at, hi);
       s.table.view.setUint32(s.at + 4, lo);
+      if (this.extendedL2) {
+        // A compressed entry has no subcluster bitmap.
+        s.table.view.setUint32(s.at + 8, 0);
+        s.table.view.setUint32(s.at + 12, 0);
+      }
       s.table.dirty = true;
     }
   }
@@ -1028,6 +1031,12 @@ export class Qcow2Node implements BlockNode {
         );
         if (whole && this.#zeroUnits(pos, stop, unmap)) {
           pos = stop;
+          continue;
+        }
+        // v2 without a backing file: a discarded cluster reads as zeroes (QEMU does the same).
+        if (!this.#v3 && this.backing === undefined && pos === c * cs && end >= clusterEnd) {
+          this.#discardCluster(pos);
+          pos = clusterEnd;
           continue;
         }
         // Partial units, v2, or what flags cannot express: write zeroes unless already zero.
@@ -1090,34 +1099,39 @@ export class Qcow2Node implements BlockNode {
     const end = offset + length === this.size ? this.size : Math.floor((offset + length) / cs) * cs;
     if (end <= start) return;
     await this.#mutex.run(() => {
-      for (let pos = start; pos < end; pos += cs) {
-        const existing = this.#slot(pos, false);
-        if (existing === undefined && this.backing === undefined) continue;
-        let hi = 0, lo = 0;
-        if (existing !== undefined) {
-          hi = existing.table.view.getUint32(existing.at);
-          lo = existing.table.view.getUint32(existing.at + 4);
-        }
-        const allocated = (hi & HI_COMPRESSED) !== 0 || entryOffset(hi, lo) > 0;
-        // As QEMU: with a backing file or an allocated cluster, the cluster must read as zeroes.
-        if (!allocated && this.backing === undefined) continue;
-        const s = this.#slot(pos, true);
-        const view = s.table.view;
-        if (this.extendedL2) {
-          view.setUint32(s.at, 0);
-          view.setUint32(s.at + 4, 0);
-          view.setUint32(s.at + 8, 0xffffffff);
-          view.setUint32(s.at + 12, 0);
-        } else {
-          const [nhi, nlo] = encodeEntry(0, false, this.#v3);
-          view.setUint32(s.at, nhi);
-          view.setUint32(s.at + 4, nlo);
-        }
-        s.table.dirty = true;
-        this.#releaseEntry(hi, lo);
-      }
+      for (let pos = start; pos < end; pos += cs) this.#discardCluster(pos);
       return Promise.resolve();
     });
+  }
+
+  /**
+   * Discard one cluster as QEMU does: with a backing file or a host cluster it must read as
+   * zeroes afterwards (zero flag on v3, unallocated on v2), and its host cluster is released.
+   */
+  #discardCluster(pos: number): void {
+    const existing = this.#slot(pos, false);
+    if (existing === undefined && this.backing === undefined) return;
+    let hi = 0, lo = 0;
+    if (existing !== undefined) {
+      hi = existing.table.view.getUint32(existing.at);
+      lo = existing.table.view.getUint32(existing.at + 4);
+    }
+    const allocated = (hi & HI_COMPRESSED) !== 0 || entryOffset(hi, lo) > 0;
+    if (!allocated && this.backing === undefined) return;
+    const s = this.#slot(pos, true);
+    const view = s.table.view;
+    if (this.extendedL2) {
+      view.setUint32(s.at, 0);
+      view.setUint32(s.at + 4, 0);
+      view.setUint32(s.at + 8, 0xffffffff);
+      view.setUint32(s.at + 12, 0);
+    } else {
+      const [nhi, nlo] = encodeEntry(0, false, this.#v3);
+      view.setUint32(s.at, nhi);
+      view.setUint32(s.at + 4, nlo);
+    }
+    s.table.dirty = true;
+    this.#releaseEntry(hi, lo);
   }
 
   // ---- flush, ordering, frees ----

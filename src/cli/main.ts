@@ -53,6 +53,11 @@ const verbs: Record<string, Verb> = {
       "[-o OFFSET] [--pattern=N] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE",
     run: async (args, io) => (await import("./bench.ts")).benchMain(args, io),
   },
+  check: {
+    summary: "check an image for consistency, and repair it (qemu-img check)",
+    usage: "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE",
+    run: async (args, io) => (await import("./check.ts")).checkMain(args, io),
+  },
   snapshot: {
     summary: "list, create, apply or delete internal snapshots (qcow2)",
     usage: "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE",

@@ -69,8 +69,14 @@ function generate(c: Config): { commands: string[]; sources: Map<string, Uint8Ar
   const clusters = c.size / cs;
   /** Clusters any command touched: compressed writes only go to clusters nothing touched. */
   const touched = new Set<number>();
+  /** Clusters holding compressed data; touching one may free its host cluster. */
+  const compressed = new Set<number>();
+  let fenced = false;
   const touch = (offset: number, length: number) => {
-    for (let k = Math.floor(offset / cs); k * cs < offset + length; k++) touched.add(k);
+    for (let k = Math.floor(offset / cs); k * cs < offset + length; k++) {
+      touched.add(k);
+      if (compressed.delete(k)) fenced = true;
+    }
   };
   const sources = new Map<string, Uint8Array>();
   const source = (length: number) => {
@@ -100,8 +106,15 @@ function generate(c: Config): { commands: string[]; sources: Map<string, Uint8Ar
       if (!free) continue;
       const length = count * cs;
       const fill = next() < 0.3 ? `-s ${source(length)}` : `-P ${int(256)}`;
+      // QEMU 7.2 keeps appending compressed data to the host cluster it last used even after that
+      // cluster was freed and handed out again (as an L2 table: it marks the image corrupt; as
+      // data: it corrupts it silently). A new process starts a fresh host cluster, so reopen
+      // before compressing again once compressed data may have been freed.
+      if (fenced) commands.push("reopen");
+      fenced = false;
       commands.push(`write -q -c ${fill} ${first * cs} ${length}`);
       touch(first * cs, length);
+      for (let k = first; k < first + count; k++) compressed.add(k);
     } else {
       const [offset, length] = range();
       touch(offset, length);
@@ -152,22 +165,33 @@ async function differential(
   const resolved = commands.map((cmd) =>
     cmd.replace(/-s (\S+)/, (_, name) => `-s ${join(dir, name)}`)
   );
-  const args = resolved.flatMap((cmd) => ["-c", cmd]);
+  // "reopen" splits the script: each part is one qemu-io / vstor io process.
+  const sessions: string[][] = [[]];
+  for (const cmd of resolved) {
+    if (cmd === "reopen") sessions.push([]);
+    else sessions.at(-1)!.push("-c", cmd);
+  }
   const problems: string[] = [];
   try {
-    const qemu = await runTool("qemu-io", ["-f", "qcow2", ...args, qemuImage]);
-    if ((opts.expectQemuOk ?? true) && qemu.code !== 0) {
-      // A test bug (a script QEMU itself rejects), not a vstor one.
-      throw new Error(`qemu-io failed:\n${qemu.stdout}${qemu.stderr}`);
+    let qemuCode = 0, vstorCode = 0, qemuSaid = "", vstorSaid = "";
+    for (const args of sessions) {
+      if (args.length === 0) continue;
+      const qemu = await runTool("qemu-io", ["-f", "qcow2", ...args, qemuImage]);
+      qemuCode = Math.max(qemuCode, qemu.code);
+      qemuSaid += qemu.stdout + qemu.stderr;
+      const ours = await vstor("io", "-f", "qcow2", ...args, vstorImage);
+      vstorCode = Math.max(vstorCode, ours.code);
+      vstorSaid += ours.output;
     }
-    const ours = await vstor("io", "-f", "qcow2", ...args, vstorImage);
+    if ((opts.expectQemuOk ?? true) && qemuCode !== 0) {
+      // A test bug (a script QEMU itself rejects), not a vstor one.
+      throw new Error(`qemu-io failed:\n${qemuSaid}`);
+    }
     // With -q only failures print: the same commands must fail, with the same errno.
-    const qemuSaid = (qemu.stdout + qemu.stderr).trim();
-    const vstorSaid = ours.output.trim();
-    if (ours.code !== qemu.code || vstorSaid !== qemuSaid) {
+    if (vstorCode !== qemuCode || vstorSaid.trim() !== qemuSaid.trim()) {
       problems.push(
-        `vstor io exited ${ours.code}, qemu-io ${qemu.code}:\n` +
-          `vstor io said:\n${vstorSaid}\nqemu-io said:\n${qemuSaid}`,
+        `vstor io exited ${vstorCode}, qemu-io ${qemuCode}:\n` +
+          `vstor io said:\n${vstorSaid.trim()}\nqemu-io said:\n${qemuSaid.trim()}`,
       );
     }
     const compare = await runTool("qemu-img", [
@@ -243,7 +267,8 @@ for (const c of CONFIGS) {
         assert.fail(
           `${problems.join("\n")}\n\nThe first ${n} commands already fail; the last is ` +
             `'${commands[n - 1]}'. There:\n${last.problems.join("\n")}\n` +
-            `Commands (qemu-io -c each; -s sources are seeded random data):\n` +
+            `Commands (qemu-io -c each; -s sources are seeded random data; reopen starts a new ` +
+            `process):\n` +
             commands.slice(0, n).map((cmd, i) => `  ${i + 1}: ${cmd}`).join("\n"),
         );
       });
@@ -286,7 +311,8 @@ Deno.test({
   async fn() {
     // QEMU refuses a compressed write only where the L2 entry holds a host offset; a cluster made
     // zero by unmapping, zeroed while unallocated, or discarded has none.
-    await assertSameAsQemu([V3, V3_EXTL2, V2], [
+    // (v2 images: see the write -z test below.)
+    await assertSameAsQemu([V3, V3_EXTL2], [
       "write -q -P 1 0 64k",
       "write -q -z -u 0 64k",
       "write -q -c -P 2 0 64k",
@@ -342,6 +368,31 @@ Deno.test({
       "write -q -z -u 64k 64k",
       "write -q -c -P 2 0 64k",
       "write -q -c -P 3 64k 64k",
+    ]);
+  },
+});
+
+Deno.test({
+  name: "vstor io handles the partial last cluster (compressed, rewritten, zeroed, discarded) " +
+    "as qemu-io does",
+  ignore,
+  async fn() {
+    // 1 MiB + 1536 bytes: the last cluster is partial; write -c and discard may cover it.
+    const size = MiB + 1536;
+    await assertSameAsQemu([
+      config("v3", "compat=1.1", 64 * KiB, size, 1),
+      config("v3, extended L2", "compat=1.1,extended_l2=on", 64 * KiB, size, 1),
+      config("v2", "compat=0.10", 64 * KiB, size, 1),
+      config("v3, 512-byte clusters", "compat=1.1", 512, size, 1),
+    ], [
+      `write -q -c -P 1 ${MiB} 1536`,
+      `write -q -P 2 ${MiB + 424} 500`,
+      `write -q -c -P 5 ${MiB - 64 * KiB} 64k`,
+      `write -q -P 4 ${MiB - 576} 2112`,
+      `write -q -z ${MiB + 512} 1024`,
+      `write -q -z -u ${MiB} 1536`,
+      `discard -q ${MiB - 64 * KiB} ${64 * KiB + 1536}`,
+      `write -q -P 7 ${size - 112} 112`,
     ]);
   },
 });

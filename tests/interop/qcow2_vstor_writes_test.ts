@@ -139,7 +139,12 @@ async function learnPartialCompressedWrite(
 }
 
 /** Create with `vstor create`, run `ops` through the node, then check and compare with QEMU. */
-async function writeAndVerify(c: Qcow2Config, size: number, ops: Op[]): Promise<Outcome> {
+async function writeAndVerify(
+  c: Qcow2Config,
+  size: number,
+  ops: Op[],
+  inspect?: (image: string) => Promise<void>,
+): Promise<Outcome> {
   return await withTempDir("vstor_qcow2_writes_", async (dir) => {
     const image = join(dir, "image.qcow2");
     const reference = join(dir, "reference.raw");
@@ -167,13 +172,17 @@ async function writeAndVerify(c: Qcow2Config, size: number, ops: Op[]): Promise<
     await Deno.writeFile(reference, model);
     await assertCompareEqual(image, "qcow2", reference, "raw");
     assertSameBytes(await readWithVstor(image), model, "vstor's read of the closed image");
+    await inspect?.(image);
     assert.deepEqual(outcome.divergences, [], "compressed writes that part from QEMU");
     return outcome;
   });
 }
 
+/** VSTOR_QCOW2_SEED replaces the fixed seeds (exploring); the seed is in each test name. */
+const seedOverride = Deno.env.get("VSTOR_QCOW2_SEED");
+
 for (const [index, config] of pairwiseConfigs().entries()) {
-  const seed = 0x51c0 + index;
+  const seed = seedOverride === undefined ? 0x51c0 + index : Number(seedOverride) + index;
   Deno.test({
     name: `a qcow2 image vstor writes passes qemu-img check and compare ` +
       `(${createOptions(config)}, seed ${seed})`,
@@ -221,11 +230,46 @@ Deno.test({
 });
 
 Deno.test({
+  name: "compressed writes after the last compressed host cluster was freed never land in the " +
+    "cluster it was reused as",
+  ignore,
+  async fn() {
+    // QEMU 7.2 gets this wrong: it keeps appending compressed data at its old position after the
+    // host cluster there was freed and reused (here as an L2 table, then as a data cluster).
+    for (const clusterSize of [512, 64 * KiB]) {
+      const config: Qcow2Config = {
+        clusterSize,
+        refcountBits: 16,
+        compat: "1.1",
+        extendedL2: false,
+        compressionType: "zlib",
+        preallocation: "off",
+      };
+      // With 512-byte clusters `far` has its own L2 table, so cluster 0 needs a new one.
+      const far = clusterSize === 512 ? 192 * KiB : 32 * clusterSize;
+      const ops: Op[] = [
+        { op: "compress", offset: far, length: 2 * clusterSize, fill: { pattern: 0xd4 } },
+        { op: "zero", offset: far, length: 2 * clusterSize, unmap: false },
+        { op: "write", offset: 0, length: clusterSize, fill: { pattern: 0xa1 } },
+        { op: "compress", offset: 9 * clusterSize, length: clusterSize, fill: { pattern: 0x3d } },
+        { op: "discard", offset: 9 * clusterSize, length: clusterSize },
+        { op: "write", offset: 3 * clusterSize, length: clusterSize, fill: { seed: 7 } },
+        { op: "compress", offset: 10 * clusterSize, length: clusterSize, fill: { pattern: 0x3e } },
+        { op: "compress", offset: 11 * clusterSize, length: clusterSize, fill: { pattern: 0x3f } },
+      ];
+      const outcome = await writeAndVerify(config, 4 * MiB, ops);
+      assert.equal(outcome.compressed, 4);
+    }
+  },
+});
+
+Deno.test({
   name: "vstor grows the refcount table past its first cluster and qemu-img check agrees",
   ignore,
   async fn() {
-    // 512-byte clusters, 64-bit refcounts: a block counts 64 clusters (32 KiB), one table cluster
-    // holds 64 blocks, so past 2 MiB of host file the table must move and grow.
+    // 512-byte clusters: one table cluster holds 64 block offsets. With 64-bit refcounts a block
+    // counts 64 clusters, so the first table cluster covers 2 MiB of host file; with 16-bit ones
+    // 256 clusters, so 8 MiB. Writing past that makes the table move and grow.
     for (const refcountBits of [64, 16]) {
       const config: Qcow2Config = {
         clusterSize: 512,
@@ -243,28 +287,7 @@ Deno.test({
       }
       ops.push({ op: "discard", offset: 512 * KiB, length: 256 * KiB });
       ops.push({ op: "write", offset: size - 64 * KiB, length: 64 * KiB, fill: { pattern: 3 } });
-      await withTempDir("vstor_qcow2_refcount_", async (dir) => {
-        const image = join(dir, "image.qcow2");
-        const reference = join(dir, "reference.raw");
-        const created = await vstor(
-          "create",
-          "-q",
-          "-f",
-          "qcow2",
-          "-o",
-          createOptions(config),
-          image,
-          `${size}`,
-        );
-        assert.equal(created.code, 0, created.output);
-        const node = await openImage(image, { format: "qcow2" });
-        assert.ok(node instanceof Qcow2Node);
-        const model = new Uint8Array(size);
-        try {
-          await runOps(node, model, ops, config);
-        } finally {
-          await node.close();
-        }
+      await writeAndVerify(config, size, ops, async (image) => {
         const header = new Uint8Array(64);
         const file = await Deno.open(image);
         try {
@@ -274,9 +297,6 @@ Deno.test({
         }
         const tableClusters = new DataView(header.buffer).getUint32(56);
         assert.ok(tableClusters > 1, `refcount_table_clusters is ${tableClusters}`);
-        await assertCheckClean(image);
-        await Deno.writeFile(reference, model);
-        await assertCompareEqual(image, "qcow2", reference, "raw");
       });
     }
   },

@@ -1,0 +1,165 @@
+/**
+ * `vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE`, as qemu-img check,
+ * with its exit codes: 0 clean, 1 check errors, 2 corruptions, 3 leaks only, 63 no checks for the
+ * format; after -r, the code describes the image after repair.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { openImage } from "../../formats/open.ts";
+import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
+import { checkImage, type CheckReport } from "../../formats/qcow2/check.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+
+export const CHECK_USAGE =
+  "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE";
+
+export const CHECK_ERRORS = 1;
+export const CHECK_CORRUPTIONS = 2;
+export const CHECK_LEAKS = 3;
+export const CHECK_UNSUPPORTED = 63;
+
+/** The exit code qemu-img gives a check result. */
+export function checkExitCode(r: CheckReport): number {
+  if (r.checkErrors > 0) return CHECK_ERRORS;
+  if (r.corruptions > 0) return CHECK_CORRUPTIONS;
+  if (r.leaks > 0) return CHECK_LEAKS;
+  return EXIT_OK;
+}
+
+/** qemu-img's JSON for a check: fields in its order, numbers only when non-zero. */
+export function checkJson(
+  r: CheckReport,
+  filename: string,
+  format: string,
+): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  const put = (key: string, value: number) => {
+    if (value !== 0) out[key] = value;
+  };
+  put("image-end-offset", r.imageEndOffset);
+  put("total-clusters", r.totalClusters);
+  put("corruptions", r.corruptions);
+  put("leaks", r.leaks);
+  put("corruptions-fixed", r.corruptionsFixed);
+  put("leaks-fixed", r.leaksFixed);
+  out["check-errors"] = r.checkErrors;
+  put("allocated-clusters", r.allocatedClusters);
+  put("fragmented-clusters", r.fragmentedClusters);
+  put("compressed-clusters", r.compressedClusters);
+  out["filename"] = filename;
+  out["format"] = format;
+  return out;
+}
+
+/** qemu-img's human summary of a check. */
+export function checkHuman(r: CheckReport): string {
+  let text = "";
+  if (r.corruptions === 0 && r.leaks === 0 && r.checkErrors === 0) {
+    text += "No errors were found on the image.\n";
+  } else {
+    if (r.corruptions > 0) {
+      text += `\n${r.corruptions} errors were found on the image.\n` +
+        "Data may be corrupted, or further writes to the image may corrupt it.\n";
+    }
+    if (r.leaks > 0) {
+      text += `\n${r.leaks} leaked clusters were found on the image.\n` +
+        "This means waste of disk space, but no harm to data.\n";
+    }
+    if (r.checkErrors > 0) {
+      text += `\n${r.checkErrors} internal errors have occurred during the check.\n`;
+    }
+  }
+  if (r.totalClusters !== 0 && r.allocatedClusters !== 0) {
+    const pct = (n: number, d: number) => (n * 100 / d).toFixed(2);
+    text +=
+      `${r.allocatedClusters}/${r.totalClusters} = ${
+        pct(r.allocatedClusters, r.totalClusters)
+      }% allocated, ` +
+      `${pct(r.fragmentedClusters, r.allocatedClusters)}% fragmented, ` +
+      `${pct(r.compressedClusters, r.allocatedClusters)}% compressed clusters\n`;
+  }
+  if (r.imageEndOffset !== 0) text += `Image end offset: ${r.imageEndOffset}\n`;
+  return text;
+}
+
+/** The check verb; returns qemu-img check's exit code. */
+export async function checkMain(args: string[], io: CliIo): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      options: {
+        format: { type: "string", short: "f" },
+        output: { type: "string", default: "human" },
+        repair: { type: "string", short: "r" },
+        quiet: { type: "boolean", short: "q", default: false },
+        "force-share": { type: "boolean", short: "U", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const { values, positionals } = parsed;
+  if (values.help) {
+    io.stdout(
+      `usage: ${CHECK_USAGE}\n` +
+        "  -r leaks   free leaked clusters\n" +
+        "  -r all     also fix refcount errors and COPIED flags, rebuilding the refcount structure if needed\n" +
+        "  --output   human (default) or json, with qemu-img's field names\n" +
+        "exit codes: 0 clean, 1 check errors, 2 corruptions, 3 leaks only, 63 format has no checks\n",
+    );
+    return EXIT_OK;
+  }
+  if (values.output !== "human" && values.output !== "json") {
+    throw new UsageError(`--output must be human or json, not '${values.output}'`);
+  }
+  if (values.repair !== undefined && values.repair !== "leaks" && values.repair !== "all") {
+    throw new UsageError(
+      `Unknown option value for -r (expecting 'leaks' or 'all'): ${values.repair}`,
+    );
+  }
+  const [file, ...extra] = positionals;
+  if (file === undefined) throw new UsageError("Expecting one image file name");
+  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
+  const repair = values.repair;
+  const node = await openImage(file, {
+    ...(values.format === undefined ? {} : { format: values.format }),
+    readOnly: repair === undefined,
+    forceShare: values["force-share"],
+  });
+  try {
+    if (!(node instanceof Qcow2Node)) {
+      io.stderr("vstor: This image format does not support checks\n");
+      return CHECK_UNSUPPORTED;
+    }
+    const fix = { leaks: repair !== undefined, errors: repair === "all" };
+    let report = checkImage(node, fix);
+    for (const line of report.messages) io.stderr(line + "\n");
+    const human = values.output === "human" && !values.quiet;
+    if (report.leaksFixed > 0 || report.corruptionsFixed > 0) {
+      if (human) {
+        io.stdout(
+          "The following inconsistencies were found and repaired:\n\n" +
+            `    ${report.leaksFixed} leaked clusters\n    ${report.corruptionsFixed} corruptions\n\n` +
+            "Double checking the fixed image now...\n",
+        );
+      }
+      const { leaksFixed, corruptionsFixed } = report;
+      report = checkImage(node);
+      for (const line of report.messages) io.stderr(line + "\n");
+      report.leaksFixed = leaksFixed;
+      report.corruptionsFixed = corruptionsFixed;
+    }
+    if (values.output === "json") {
+      io.stdout(JSON.stringify(checkJson(report, file, node.format), null, 4) + "\n");
+    } else if (human) {
+      io.stdout(checkHuman(report));
+    }
+    return checkExitCode(report);
+  } finally {
+    await node.close();
+  }
+}
