@@ -3,7 +3,7 @@
  *
  * @module
  */
-import { dirname, isAbsolute, join, resolve } from "node:path";
+import { isAbsolute, resolve } from "node:path";
 import { BlockError } from "../src/errors.ts";
 import type { BlockNode } from "../src/block/node.ts";
 import { checkSize } from "../src/block/request.ts";
@@ -30,13 +30,17 @@ export interface OpenOptions {
   cacheCleanInterval?: number;
   /** `unsafe` skips the flushes that order metadata updates (QEMU's cache=unsafe). */
   cache?: "writeback" | "unsafe";
+  /** Open this image alone, without its backing chain (qemu-img info, rebase -u). */
+  noBacking?: boolean;
 }
 
 /** What the opener hands a driver. */
-export type DriverOpenOptions = Omit<OpenOptions, "format" | "forceShare" | "readOnly"> & {
-  readOnly: boolean;
-  probed: boolean;
-};
+export type DriverOpenOptions =
+  & Omit<OpenOptions, "format" | "forceShare" | "readOnly" | "noBacking">
+  & {
+    readOnly: boolean;
+    probed: boolean;
+  };
 
 /** What a format driver offers the opener and the CLI. */
 export interface FormatDriver {
@@ -162,14 +166,14 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
       format = probeFormat(head);
     }
     const driver = driverFor(format, path);
-    const { format: _format, forceShare: _share, readOnly: _ro, ...rest } = opts;
+    const { format: _format, forceShare: _share, readOnly: _ro, noBacking: _nb, ...rest } = opts;
     node = await driver.open(file, { ...rest, readOnly, probed });
   } catch (e) {
     file.close();
     throw e;
   }
   const name = node.backingName;
-  if (name === undefined || node.attachBacking === undefined) return node;
+  if (name === undefined || node.attachBacking === undefined || opts.noBacking) return node;
   try {
     const here = realPath(path);
     const seen = [...chain, here];
@@ -180,7 +184,7 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
         { path },
       );
     }
-    const backingPath = isAbsolute(name.file) ? name.file : join(dirname(path), name.file);
+    const backingPath = resolveBacking(path, name.file);
     const target = realPath(backingPath);
     if (seen.includes(target)) {
       throw new BlockError(
@@ -211,6 +215,16 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
     await node.close();
     throw e;
   }
+}
+
+/**
+ * Where a backing name stored in `overlay` points: relative names are relative to the overlay's
+ * directory, joined as QEMU's path_combine does (no normalisation: `sub/../b.raw`).
+ */
+export function resolveBacking(overlay: string, name: string): string {
+  if (isAbsolute(name)) return name;
+  const slash = overlay.lastIndexOf("/");
+  return slash < 0 ? name : overlay.slice(0, slash + 1) + name;
 }
 
 function realPath(path: string): string {

@@ -4,9 +4,14 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { dirname, isAbsolute, join } from "node:path";
 import { BlockError } from "../errors.ts";
-import { createImage, type CreateOptions, formatNames, openImage } from "../../formats/open.ts";
+import {
+  createImage,
+  type CreateOptions,
+  formatNames,
+  openImage,
+  resolveBacking,
+} from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
 
@@ -218,9 +223,7 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
     }
     if (!values.unsafe) {
       // As qemu-img: the base must open (relative to the new image), and gives the size by default.
-      const basePath = isAbsolute(opts.backingFile)
-        ? opts.backingFile
-        : join(dirname(file), opts.backingFile);
+      const basePath = resolveBacking(file, opts.backingFile);
       let base;
       try {
         base = await openImage(basePath, {

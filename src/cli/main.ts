@@ -53,6 +53,11 @@ const verbs: Record<string, Verb> = {
       "[-o OFFSET] [--pattern=N] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE",
     run: async (args, io) => (await import("./bench.ts")).benchMain(args, io),
   },
+  info: {
+    summary: "show an image's format, sizes, backing file and snapshots (qemu-img info)",
+    usage: "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE",
+    run: async (args, io) => (await import("./info.ts")).infoMain(args, io),
+  },
   check: {
     summary: "check an image for consistency, and repair it (qemu-img check)",
     usage: "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE",

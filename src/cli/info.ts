@@ -1,0 +1,173 @@
+/**
+ * `vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE`, as qemu-img info.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import type { BlockNode } from "../block/node.ts";
+import { BlockError } from "../errors.ts";
+import { MAX_CHAIN_DEPTH, openImage, resolveBacking } from "../../formats/open.ts";
+import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
+import {
+  COMPAT_LAZY_REFCOUNTS,
+  COMPRESSION_ZSTD,
+  hasFeature,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  INCOMPAT_EXTL2,
+} from "../../formats/qcow2/header.ts";
+import type { SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { sizeToStr } from "./human.ts";
+import { snapshotTable } from "./snapshot.ts";
+
+export const INFO_USAGE = "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE";
+
+/** qemu-img's JSON snapshot object. */
+export function snapshotJson(e: SnapshotEntry): Record<string, unknown> {
+  const ev = new DataView(e.extra.buffer, e.extra.byteOffset, e.extra.byteLength);
+  const icount = e.extra.length >= 24 ? ev.getBigUint64(16) : 0xffffffffffffffffn;
+  const vmSize = e.extra.length >= 8 ? Number(ev.getBigUint64(0)) : e.vmStateSize;
+  const out: Record<string, unknown> = {};
+  if (icount !== 0xffffffffffffffffn) out["icount"] = Number(icount);
+  out["vm-clock-nsec"] = Number(e.vmClockNsec % 1_000_000_000n);
+  out["name"] = e.name;
+  out["date-sec"] = e.dateSec;
+  out["date-nsec"] = e.dateNsec;
+  out["vm-clock-sec"] = Number(e.vmClockNsec / 1_000_000_000n);
+  out["id"] = e.id;
+  out["vm-state-size"] = Math.max(vmSize, e.vmStateSize);
+  return out;
+}
+
+/** The information qemu-img info shows for one image (this image only, not its chain). */
+export function imageInfo(node: BlockNode, filename: string): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  const q = node instanceof Qcow2Node ? node : undefined;
+  if (q && q.snapshots.entries.length > 0) out["snapshots"] = q.snapshots.entries.map(snapshotJson);
+  const backing = node.backingName;
+  if (backing?.format !== undefined) out["backing-filename-format"] = backing.format;
+  out["virtual-size"] = node.size;
+  out["filename"] = filename;
+  if (q) out["cluster-size"] = q.clusterSize;
+  out["format"] = node.format;
+  out["actual-size"] = node.allocatedSize?.() ?? 0;
+  if (q) {
+    const h = q.header;
+    const data: Record<string, unknown> = {
+      compat: h.version === 3 ? "1.1" : "0.10",
+      "compression-type": h.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib",
+    };
+    if (h.version === 3) {
+      data["lazy-refcounts"] = hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
+    }
+    data["refcount-bits"] = 1 << h.refcountOrder;
+    if (h.version === 3) {
+      data["corrupt"] = hasFeature(h.incompatibleFeatures, INCOMPAT_CORRUPT);
+      data["extended-l2"] = hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2);
+    }
+    out["format-specific"] = { type: "qcow2", data };
+  }
+  if (backing !== undefined) {
+    out["full-backing-filename"] = resolveBacking(filename, backing.file);
+    out["backing-filename"] = backing.file;
+  }
+  out["dirty-flag"] = q ? hasFeature(q.header.incompatibleFeatures, INCOMPAT_DIRTY) : false;
+  return out;
+}
+
+/** qemu-img's human info for one image. */
+export function infoHuman(info: Record<string, unknown>, node: BlockNode): string {
+  const lines = [
+    `image: ${info["filename"]}`,
+    `file format: ${info["format"]}`,
+    `virtual size: ${sizeToStr(node.size)} (${node.size} bytes)`,
+    `disk size: ${sizeToStr(info["actual-size"] as number)}`,
+  ];
+  if (info["cluster-size"] !== undefined) lines.push(`cluster_size: ${info["cluster-size"]}`);
+  if (info["backing-filename"] !== undefined) {
+    const name = info["backing-filename"], full = info["full-backing-filename"];
+    lines.push(`backing file: ${name}${full !== name ? ` (actual path: ${full})` : ""}`);
+    if (info["backing-filename-format"] !== undefined) {
+      lines.push(`backing file format: ${info["backing-filename-format"]}`);
+    }
+  }
+  if (node instanceof Qcow2Node && node.snapshots.entries.length > 0) {
+    lines.push("Snapshot list:", snapshotTable(node.snapshots.entries).trimEnd());
+  }
+  if (info["dirty-flag"] === true) lines.push("cleanly shut down: no");
+  const specific = info["format-specific"] as { data: Record<string, unknown> } | undefined;
+  if (specific) {
+    lines.push("Format specific information:");
+    for (const [key, value] of Object.entries(specific.data)) {
+      lines.push(`    ${key.replaceAll("-", " ")}: ${value}`);
+    }
+  }
+  return lines.join("\n") + "\n";
+}
+
+/** The info verb; returns the exit code. */
+export async function infoMain(args: string[], io: CliIo): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      options: {
+        format: { type: "string", short: "f" },
+        output: { type: "string", default: "human" },
+        "backing-chain": { type: "boolean", default: false },
+        "force-share": { type: "boolean", short: "U", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const { values, positionals } = parsed;
+  if (values.help) {
+    io.stdout(`usage: ${INFO_USAGE}\n`);
+    return EXIT_OK;
+  }
+  if (values.output !== "human" && values.output !== "json") {
+    throw new UsageError(`--output must be human or json, not '${values.output}'`);
+  }
+  const [file, ...extra] = positionals;
+  if (file === undefined) throw new UsageError("Expecting one image file name");
+  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
+
+  const infos: Array<{ info: Record<string, unknown>; text: string }> = [];
+  let path: string | undefined = file;
+  let format = values.format;
+  const seen = new Set<string>();
+  while (path !== undefined) {
+    if (seen.has(path) || seen.size >= MAX_CHAIN_DEPTH) {
+      throw new BlockError("invalid-format", `Backing chain loop or too deep at '${path}'`, {
+        path: file,
+      });
+    }
+    seen.add(path);
+    const node: BlockNode = await openImage(path, {
+      ...(format === undefined ? {} : { format }),
+      readOnly: true,
+      forceShare: values["force-share"],
+      noBacking: true,
+    });
+    try {
+      const info = imageInfo(node, path);
+      infos.push({ info, text: infoHuman(info, node) });
+      const next = node.backingName;
+      path = values["backing-chain"] && next ? resolveBacking(path, next.file) : undefined;
+      format = next?.format;
+    } finally {
+      await node.close();
+    }
+  }
+  if (values.output === "json") {
+    const body = values["backing-chain"] ? infos.map((i) => i.info) : infos[0]!.info;
+    io.stdout(JSON.stringify(body, null, 4) + "\n");
+  } else {
+    io.stdout(infos.map((i) => i.text).join("\n"));
+  }
+  return EXIT_OK;
+}
