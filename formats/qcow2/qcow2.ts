@@ -301,9 +301,80 @@ export class Qcow2Node implements BlockNode {
     return format === undefined ? { file } : { file, format };
   }
 
-  attachBacking(backing: BlockNode): void {
+  attachBacking(backing: BlockNode | undefined): void {
     this.#backing = backing;
     this.#compressedCache = undefined;
+  }
+
+  /**
+   * Record a new backing file name and format in the header (one header write); an empty name
+   * removes the backing file. The attached backing node is not changed.
+   *
+   * @throws {BlockError} `invalid-argument` when the name does not fit in the header cluster
+   */
+  async setBackingName(file: string, format: string | undefined): Promise<void> {
+    this.#live();
+    this.#writable();
+    if (this.#readOnly) {
+      throw new BlockError("read-only", "Image is read-only", { path: this.filename });
+    }
+    await this.#mutex.run(() => {
+      const h = this.header;
+      const before = { file: h.backingFile, format: h.backingFormat };
+      if (file === "") {
+        delete h.backingFile;
+        delete h.backingFormat;
+      } else {
+        h.backingFile = file;
+        if (format === undefined) delete h.backingFormat;
+        else h.backingFormat = format;
+      }
+      try {
+        this.#writeHeader();
+      } catch (e) {
+        if (before.file === undefined) delete h.backingFile;
+        else h.backingFile = before.file;
+        if (before.format === undefined) delete h.backingFormat;
+        else h.backingFormat = before.format;
+        throw e;
+      }
+      this.#barrier();
+      return Promise.resolve();
+    });
+  }
+
+  /**
+   * Drop every cluster of the active state (QEMU's make_empty after a commit): all entries become
+   * unallocated, so reads go to the backing file; host clusters are released.
+   */
+  async makeEmpty(): Promise<void> {
+    this.#live();
+    this.#writable();
+    if (this.#readOnly) {
+      throw new BlockError("read-only", "Image is read-only", { path: this.filename });
+    }
+    const cs = this.clusterSize;
+    await this.#mutex.run(() => {
+      for (let l1Index = 0; l1Index < this.header.l1Size; l1Index++) {
+        if (this.#l1Entry(l1Index) === 0) continue;
+        const first = l1Index * this.#l2Entries;
+        for (let i = 0; i < this.#l2Entries && (first + i) * cs < this.size; i++) {
+          const existing = this.#slot((first + i) * cs, false)!;
+          const view = existing.table.view;
+          const hi = view.getUint32(existing.at), lo = view.getUint32(existing.at + 4);
+          const ext = this.extendedL2
+            ? view.getUint32(existing.at + 8) | view.getUint32(existing.at + 12)
+            : 0;
+          if (hi === 0 && lo === 0 && ext === 0) continue;
+          const s = this.#slot((first + i) * cs, true);
+          for (let b = 0; b < this.#entryBytes; b += 4) s.table.view.setUint32(s.at + b, 0);
+          s.table.dirty = true;
+          this.#releaseEntry(hi, lo);
+        }
+      }
+      this.#flushAll();
+      return Promise.resolve();
+    });
   }
 
   get size(): number {

@@ -56,8 +56,8 @@ export interface BlockNode {
   readonly backing?: BlockNode | undefined;
   /** The backing file this image names (as stored) and its format when recorded; the opener opens it. */
   readonly backingName?: { readonly file: string; readonly format?: string } | undefined;
-  /** Hand the opened backing node to this node (it closes it when it closes). */
-  attachBacking?(backing: BlockNode): void;
+  /** Hand the opened backing node to this node (it closes it when it closes); undefined detaches. */
+  attachBacking?(backing: BlockNode | undefined): void;
   /** Smallest alignment requests are served without read-modify-write (1 for byte-granular). */
   readonly requestAlignment: number;
 

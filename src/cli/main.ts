@@ -63,6 +63,16 @@ const verbs: Record<string, Verb> = {
     usage: "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE",
     run: async (args, io) => (await import("./check.ts")).checkMain(args, io),
   },
+  commit: {
+    summary: "commit an overlay's data into its backing file (qemu-img commit)",
+    usage: "vstor commit [-b BASE] [-d] [-p] [-q] FILE",
+    run: async (args, io) => (await import("./chain_verbs.ts")).commitMain(args, io),
+  },
+  rebase: {
+    summary: "change an overlay's backing file, keeping what the guest sees (qemu-img rebase)",
+    usage: "vstor rebase [-u] -b BACKING [-F BACKING_FMT] [-p] [-q] FILE",
+    run: async (args, io) => (await import("./chain_verbs.ts")).rebaseMain(args, io),
+  },
   snapshot: {
     summary: "list, create, apply or delete internal snapshots (qcow2)",
     usage: "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE",

@@ -1,0 +1,250 @@
+/**
+ * Backing-chain operations with qemu-img's semantics: commit an overlay's data into a base below
+ * it, and rebase an overlay onto another backing file (safe: copy what would change; unsafe:
+ * rename only).
+ *
+ * @module
+ */
+import { BlockError } from "../src/errors.ts";
+import type { BlockNode } from "../src/block/node.ts";
+import { openImage, resolveBacking } from "./open.ts";
+import { Qcow2Node } from "./qcow2/qcow2.ts";
+
+const CHUNK = 1 << 20;
+
+/** Progress reports: bytes done out of total. */
+export type Progress = (done: number, total: number) => void;
+
+/** Whether [offset, offset+max) is allocated in `layer` itself, and how far that answer holds. */
+async function allocatedIn(
+  layer: BlockNode,
+  offset: number,
+  max: number,
+): Promise<[boolean, number]> {
+  if (offset >= layer.size) return [false, max];
+  const st = await layer.blockStatus(offset, Math.min(max, layer.size - offset));
+  return [st.kind !== "unallocated" && st.kind !== "eof", Math.max(1, st.length)];
+}
+
+function isZero(buf: Uint8Array): boolean {
+  for (let i = 0; i < buf.length; i++) if (buf[i] !== 0) return false;
+  return true;
+}
+
+/** Options of {@linkcode commitImage}. */
+export interface CommitOptions {
+  /** The backing file (as a path) to commit into; default the overlay's immediate backing file. */
+  base?: string;
+  /** Keep the overlay's data (qemu-img -d); implied by an explicit base. */
+  keepOverlay?: boolean;
+  onProgress?: Progress;
+}
+
+/**
+ * Commit the data of `path` (and of any images between it and the base) into the base image.
+ * Without an explicit base, the overlay is emptied afterwards unless `keepOverlay`.
+ *
+ * @throws {BlockError} `invalid-argument` when the image has no backing file or the base is not in its chain
+ */
+export async function commitImage(path: string, opts: CommitOptions = {}): Promise<void> {
+  // The chain, top first, each image alone; resolved names as the opener would resolve them.
+  const names: Array<{ path: string; format?: string }> = [{ path }];
+  const layers: BlockNode[] = [];
+  try {
+    layers.push(await openImage(path, { noBacking: true }));
+    for (;;) {
+      const last = layers[layers.length - 1]!;
+      const next = last.backingName;
+      if (next === undefined) break;
+      const nextPath = resolveBacking(names[names.length - 1]!.path, next.file);
+      if (names.length > 64) {
+        throw new BlockError("unsupported", "Backing chain is too deep", { path });
+      }
+      names.push(
+        next.format === undefined ? { path: nextPath } : { path: nextPath, format: next.format },
+      );
+      if (opts.base === undefined || sameFile(nextPath, opts.base)) break;
+      layers.push(
+        await openImage(nextPath, { readOnly: true, noBacking: true, ...formatOf(next.format) }),
+      );
+    }
+    if (names.length < 2) {
+      throw new BlockError("invalid-argument", "Image does not have a backing file", { path });
+    }
+    const baseName = names[names.length - 1]!;
+    if (opts.base !== undefined && !sameFile(baseName.path, opts.base)) {
+      throw new BlockError(
+        "invalid-argument",
+        `'${opts.base}' is not in the backing chain of '${path}'`,
+        { path },
+      );
+    }
+    // The base opens read-write with its own chain below it (for its copy-on-write).
+    const base = await openImage(baseName.path, formatOf(baseName.format));
+    try {
+      // Reads through the top see top → intermediates → base.
+      for (let i = 0; i < layers.length; i++) layers[i]!.attachBacking?.(layers[i + 1] ?? base);
+      const top = layers[0]!;
+      if (base.size < top.size) {
+        if (!base.truncate) {
+          throw new BlockError("unsupported", `Cannot grow base image '${baseName.path}'`, {
+            path,
+          });
+        }
+        await base.truncate(top.size);
+      }
+      const buf = new Uint8Array(CHUNK);
+      for (let pos = 0; pos < top.size;) {
+        let len = Math.min(CHUNK, top.size - pos);
+        let allocated = false;
+        for (const layer of layers) {
+          const [here, n] = await allocatedIn(layer, pos, len);
+          len = Math.min(len, n);
+          if (here) {
+            allocated = true;
+            break;
+          }
+        }
+        if (allocated) {
+          const part = buf.subarray(0, len);
+          await top.read(pos, part);
+          if (isZero(part)) await base.writeZeroes(pos, len);
+          else await base.write(pos, part);
+        }
+        pos += len;
+        opts.onProgress?.(pos, top.size);
+      }
+      await base.flush();
+      if (opts.base === undefined && !opts.keepOverlay && top instanceof Qcow2Node) {
+        await top.makeEmpty();
+      }
+      // Detach so closing the layers does not close the base twice.
+      for (const layer of layers) layer.attachBacking?.(undefined);
+    } finally {
+      await base.close();
+    }
+  } finally {
+    for (const layer of layers) await layer.close();
+  }
+}
+
+function formatOf(format: string | undefined): { format?: string } {
+  return format === undefined ? {} : { format };
+}
+
+function sameFile(a: string, b: string): boolean {
+  try {
+    return Deno.realPathSync(a) === Deno.realPathSync(b);
+  } catch {
+    return a === b;
+  }
+}
+
+/** Options of {@linkcode rebaseImage}. */
+export interface RebaseOptions {
+  /** New backing file name as it will be stored ("" for none), relative to the overlay's directory. */
+  backing: string;
+  backingFormat?: string;
+  /** Only change the name in the header (qemu-img -u). */
+  unsafe?: boolean;
+  onProgress?: Progress;
+}
+
+/**
+ * Put `path` on a new backing file. Safe mode copies into the overlay every range it does not
+ * hold itself where the old and the new backing chains differ, so the guest sees the same data.
+ */
+export async function rebaseImage(path: string, opts: RebaseOptions): Promise<void> {
+  if (opts.backing !== "" && opts.backingFormat === undefined) {
+    throw new BlockError(
+      "invalid-argument",
+      `Could not change the backing file to '${opts.backing}': backing format must be specified`,
+      {
+        path,
+      },
+    );
+  }
+  const overlay = await openImage(path, opts.unsafe ? { noBacking: true } : {});
+  try {
+    if (!(overlay instanceof Qcow2Node)) {
+      throw new BlockError(
+        "unsupported",
+        `Format '${overlay.format}' has no backing file to change`,
+        { path },
+      );
+    }
+    if (!opts.unsafe) {
+      const newBase = opts.backing === ""
+        ? undefined
+        : await openImage(resolveBacking(path, opts.backing), {
+          readOnly: true,
+          ...formatOf(opts.backingFormat),
+        });
+      try {
+        await copyDifferences(overlay, newBase, opts.onProgress);
+      } finally {
+        await newBase?.close();
+      }
+    }
+    await overlay.setBackingName(
+      opts.backing,
+      opts.backing === "" ? undefined : opts.backingFormat,
+    );
+  } finally {
+    await overlay.close();
+  }
+}
+
+async function readView(
+  node: BlockNode | undefined,
+  offset: number,
+  dst: Uint8Array,
+): Promise<void> {
+  if (node === undefined || offset >= node.size) {
+    dst.fill(0);
+    return;
+  }
+  const inside = Math.min(dst.length, node.size - offset);
+  await node.read(offset, dst.subarray(0, inside));
+  dst.fill(0, inside);
+}
+
+/** Copy the old backing view into the overlay wherever it differs from the new one (by sectors). */
+async function copyDifferences(
+  overlay: Qcow2Node,
+  newBase: BlockNode | undefined,
+  onProgress?: Progress,
+): Promise<void> {
+  const oldBase = overlay.backing;
+  const a = new Uint8Array(CHUNK), b = new Uint8Array(CHUNK);
+  for (let pos = 0; pos < overlay.size;) {
+    const [here, n] = await allocatedIn(overlay, pos, Math.min(CHUNK, overlay.size - pos));
+    if (!here) {
+      const oldPart = a.subarray(0, n), newPart = b.subarray(0, n);
+      await readView(oldBase, pos, oldPart);
+      await readView(newBase, pos, newPart);
+      // Runs of differing 512-byte sectors go into the overlay.
+      let runStart = -1;
+      for (let s = 0; s <= n; s += 512) {
+        const end = Math.min(s + 512, n);
+        let differs = false;
+        if (s < n) {
+          for (let i = s; i < end; i++) {
+            if (oldPart[i] !== newPart[i]) {
+              differs = true;
+              break;
+            }
+          }
+        }
+        if (differs && runStart < 0) runStart = s;
+        if (!differs && runStart >= 0) {
+          await overlay.write(pos + runStart, oldPart.subarray(runStart, s));
+          runStart = -1;
+        }
+      }
+    }
+    pos += n;
+    onProgress?.(pos, overlay.size);
+  }
+  await overlay.flush();
+}
