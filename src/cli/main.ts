@@ -58,6 +58,12 @@ const verbs: Record<string, Verb> = {
     usage: "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE",
     run: async (args, io) => (await import("./info.ts")).infoMain(args, io),
   },
+  map: {
+    summary: "show where each guest range lives in the backing chain (qemu-img map)",
+    usage:
+      "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE",
+    run: async (args, io) => (await import("./map.ts")).mapMain(args, io),
+  },
   check: {
     summary: "check an image for consistency, and repair it (qemu-img check)",
     usage: "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE",

@@ -1,0 +1,105 @@
+/**
+ * `vstor map [-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] [-U] FILE`,
+ * as qemu-img map.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { BlockError } from "../errors.ts";
+import { openImage } from "../../formats/open.ts";
+import { type MapEntry, mapImage } from "../../formats/map.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { parseSize } from "./size.ts";
+
+export const MAP_USAGE =
+  "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE";
+
+/** qemu-img's JSON map: one object per line. */
+export function mapJson(entries: MapEntry[]): string {
+  const lines = entries.map((e) =>
+    `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, ` +
+    `"zero": ${e.zero}, "data": ${e.data}${
+      e.offset === undefined ? "" : `, "offset": ${e.offset}`
+    }}`
+  );
+  return `[${lines.join(",\n")}]\n`;
+}
+
+/**
+ * qemu-img's human map: the data runs with their host offset and file, line by line; a run with
+ * no host offset (compressed) stops it with an error, as in qemu-img.
+ */
+export function mapHuman(entries: MapEntry[], out: (line: string) => void): void {
+  const hex = (n: number) => n === 0 ? "0" : `0x${n.toString(16)}`;
+  out(`${"Offset".padEnd(16)}${"Length".padEnd(16)}${"Mapped to".padEnd(16)}File\n`);
+  for (const e of entries) {
+    if (!e.data) continue;
+    if (e.offset === undefined) {
+      throw new BlockError(
+        "unsupported",
+        "File contains external, encrypted or compressed clusters.",
+      );
+    }
+    out(
+      `${hex(e.start).padEnd(16)}${hex(e.length).padEnd(16)}${
+        hex(e.offset).padEnd(16)
+      }${e.filename}\n`,
+    );
+  }
+}
+
+function size(text: string | undefined, what: string): number | undefined {
+  if (text === undefined) return undefined;
+  const parsed = parseSize(text);
+  if (!parsed.ok || parsed.value > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new UsageError(`Invalid ${what} specified`);
+  }
+  return Number(parsed.value);
+}
+
+/** The map verb; returns the exit code. */
+export async function mapMain(args: string[], io: CliIo): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      options: {
+        format: { type: "string", short: "f" },
+        output: { type: "string", default: "human" },
+        "start-offset": { type: "string", short: "s" },
+        "max-length": { type: "string", short: "l" },
+        "force-share": { type: "boolean", short: "U", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const { values, positionals } = parsed;
+  if (values.help) {
+    io.stdout(`usage: ${MAP_USAGE}\n`);
+    return EXIT_OK;
+  }
+  if (values.output !== "human" && values.output !== "json") {
+    throw new UsageError(`--output must be human or json, not '${values.output}'`);
+  }
+  const start = size(values["start-offset"], "start offset") ?? 0;
+  const maxLength = size(values["max-length"], "max length");
+  const [file, ...extra] = positionals;
+  if (file === undefined) throw new UsageError("Expecting one image file name");
+  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
+  const node = await openImage(file, {
+    ...(values.format === undefined ? {} : { format: values.format }),
+    readOnly: true,
+    forceShare: values["force-share"],
+  });
+  try {
+    const entries = await mapImage(node, start, maxLength ?? node.size - start);
+    if (values.output === "json") io.stdout(mapJson(entries));
+    else mapHuman(entries, io.stdout);
+  } finally {
+    await node.close();
+  }
+  return EXIT_OK;
+}
