@@ -23,7 +23,7 @@ export interface MapEntry {
 }
 
 /** The map entry for the run at `pos` (at most `max` bytes), walking down the chain. */
-async function entryAt(top: BlockNode, pos: number, max: number): Promise<MapEntry> {
+export async function entryAt(top: BlockNode, pos: number, max: number): Promise<MapEntry> {
   let layer: BlockNode = top;
   let depth = 0;
   let length = max;

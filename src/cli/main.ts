@@ -64,6 +64,11 @@ const verbs: Record<string, Verb> = {
       "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE",
     run: async (args, io) => (await import("./map.ts")).mapMain(args, io),
   },
+  compare: {
+    summary: "compare the contents of two images (qemu-img compare)",
+    usage: "vstor compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2",
+    run: async (args, io) => (await import("./compare.ts")).compareMain(args, io),
+  },
   check: {
     summary: "check an image for consistency, and repair it (qemu-img check)",
     usage: "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE",
