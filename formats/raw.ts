@@ -4,7 +4,13 @@
  * @module
  */
 import { BlockError } from "../src/errors.ts";
-import type { BlockNode, Extent, WriteOptions, WriteZeroesOptions } from "../src/block/node.ts";
+import type {
+  BlockNode,
+  Extent,
+  TruncateOptions,
+  WriteOptions,
+  WriteZeroesOptions,
+} from "../src/block/node.ts";
 import { checkRequest, checkSize } from "../src/block/request.ts";
 import type { HostFile } from "../src/host/host_file.ts";
 import { PROBE_BYTES, probeFormat } from "./probe.ts";
@@ -161,7 +167,7 @@ export class RawNode implements BlockNode {
     return { kind: st.data ? "data" : "zero", offset, length, hostOffset };
   }
 
-  async truncate(size: number): Promise<void> {
+  async truncate(size: number, opts?: TruncateOptions): Promise<void> {
     this.#live();
     checkSize(size);
     if (this.readOnly) {
@@ -173,6 +179,20 @@ export class RawNode implements BlockNode {
         "Cannot resize a raw image opened with offset or size options",
         { path: this.filename },
       );
+    }
+    const old = this.#size;
+    const mode = opts?.preallocation ?? "off";
+    if (mode === "metadata") {
+      throw new BlockError("unsupported", "Preallocation mode 'metadata' is not supported by raw", {
+        path: this.filename,
+      });
+    }
+    if (size > old && mode === "falloc") this.#file.preallocate(old, size - old);
+    if (size > old && mode === "full") {
+      const zeroes = new Uint8Array(Math.min(ZERO_CHUNK, size - old));
+      for (let at = old; at < size; at += zeroes.length) {
+        this.#file.writeAt(at, zeroes.subarray(0, Math.min(zeroes.length, size - at)));
+      }
     }
     this.#file.truncate(size);
     this.#size = size;

@@ -10,6 +10,7 @@ import type {
   BlockNode,
   Extent,
   ExtentKind,
+  TruncateOptions,
   WriteOptions,
   WriteZeroesOptions,
 } from "../../src/block/node.ts";
@@ -1290,7 +1291,7 @@ export class Qcow2Node implements BlockNode {
 
   // ---- resize ----
 
-  async truncate(size: number): Promise<void> {
+  async truncate(size: number, opts?: TruncateOptions): Promise<void> {
     this.#live();
     checkSize(size);
     if (this.#readOnly) {
@@ -1302,10 +1303,16 @@ export class Qcow2Node implements BlockNode {
         path: this.filename,
       });
     }
+    const old = this.size;
     await this.#mutex.run(async () => {
       if (size > this.size) this.#grow(size);
       else if (size < this.size) await this.#shrink(size);
     });
+    // Bytes of the old last cluster past the old end may hold data from before a shrink.
+    const tailEnd = Math.min(size, Math.ceil(old / this.clusterSize) * this.clusterSize);
+    if (size > old && tailEnd > old) await this.writeZeroes(old, tailEnd - old);
+    const mode = opts?.preallocation ?? "off";
+    if (size > old && mode !== "off") await this.preallocate(mode, old);
   }
 
   #grow(size: number): void {
@@ -1353,7 +1360,9 @@ export class Qcow2Node implements BlockNode {
         path: this.filename,
       });
     }
-    for (let pos = size; pos < this.size;) {
+    // Only whole clusters past the new end are dropped; the partial one is zeroed on a later grow.
+    const cutFrom = Math.ceil(size / this.clusterSize) * this.clusterSize;
+    for (let pos = cutFrom; pos < this.size;) {
       const st = await this.blockStatus(pos, this.size - pos);
       if (st.kind !== "unallocated" && st.kind !== "zero") {
         throw new BlockError(
@@ -1405,18 +1414,22 @@ export class Qcow2Node implements BlockNode {
    * Allocate every cluster of the image (QEMU's preallocation): L2 tables and data clusters, data
    * reading as zeroes; `falloc` also reserves the host space, `full` writes the zeroes.
    */
-  async preallocate(mode: "metadata" | "falloc" | "full"): Promise<void> {
+  async preallocate(mode: "metadata" | "falloc" | "full", from = 0): Promise<void> {
     this.#live();
     this.#writable();
     const cs = this.clusterSize;
     const span = cs * this.#l2Entries;
     await this.#mutex.run(() => {
-      for (let tableStart = 0; tableStart < this.size; tableStart += span) {
+      for (
+        let tableStart = Math.floor(from / span) * span;
+        tableStart < this.size;
+        tableStart += span
+      ) {
         const first = tableStart / cs;
         const clusters = Math.ceil(Math.min(span, this.size - tableStart) / cs);
         const table = this.#slot(tableStart, true).table;
-        // Clusters of this table that have no data cluster yet, in runs.
-        let c = 0;
+        // Clusters of this table (from `from` on) that have no data cluster yet, in runs.
+        let c = Math.max(0, Math.floor(from / cs) - first);
         while (c < clusters) {
           if (this.#hasHost(table, c * this.#entryBytes)) {
             c++;

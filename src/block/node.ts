@@ -40,6 +40,12 @@ export interface WriteZeroesOptions {
   fua?: boolean;
 }
 
+/** Options of a resize. */
+export interface TruncateOptions {
+  /** How to allocate what a grow adds, as qemu-img resize --preallocation. */
+  preallocation?: "off" | "metadata" | "falloc" | "full";
+}
+
 /**
  * A node of the block graph: raw, qcow2, a filter. Offsets and lengths are guest bytes, integers,
  * within `[0, size]`. Implementations validate every request with `checkRequest` before acting.
@@ -73,8 +79,8 @@ export interface BlockNode {
   flush(): Promise<void>;
   /** Where `[offset, offset+max)` lives, for THIS layer only; the returned extent is ≤ max long. */
   blockStatus(offset: number, max: number): Promise<Extent>;
-  /** Change the virtual size (grow with zeroes, or shrink). */
-  truncate?(size: number): Promise<void>;
+  /** Change the virtual size (grow with zeroes, or shrink); `preallocation` applies to the new part. */
+  truncate?(size: number, opts?: TruncateOptions): Promise<void>;
   /** Allocated bytes on the host ("disk size"). */
   allocatedSize?(): number;
   /** Flush and release everything; the node is unusable afterwards. Idempotent. */

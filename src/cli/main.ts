@@ -69,6 +69,11 @@ const verbs: Record<string, Verb> = {
     usage: "vstor compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2",
     run: async (args, io) => (await import("./compare.ts")).compareMain(args, io),
   },
+  resize: {
+    summary: "grow or shrink an image (qemu-img resize)",
+    usage: "vstor resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE",
+    run: async (args, io) => (await import("./resize.ts")).resizeMain(args, io),
+  },
   check: {
     summary: "check an image for consistency, and repair it (qemu-img check)",
     usage: "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE",

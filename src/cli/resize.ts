@@ -1,0 +1,96 @@
+/**
+ * `vstor resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE`, as qemu-img resize.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { BlockError } from "../errors.ts";
+import { openImage } from "../../formats/open.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { parseSize } from "./size.ts";
+
+export const RESIZE_USAGE =
+  "vstor resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE";
+const MODES = ["off", "metadata", "falloc", "full"] as const;
+
+/** The resize verb; returns the exit code. */
+export async function resizeMain(args: string[], io: CliIo): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      // "-1M" is a size here, not an option.
+      args: args.map((a) => /^-[0-9]/.test(a) ? `\u0000${a}` : a),
+      allowPositionals: true,
+      options: {
+        shrink: { type: "boolean", default: false },
+        preallocation: { type: "string" },
+        format: { type: "string", short: "f" },
+        quiet: { type: "boolean", short: "q", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const { values } = parsed;
+  const positionals = parsed.positionals.map((p) => p.replace(/^\u0000/, ""));
+  if (values.help) {
+    io.stdout(
+      `usage: ${RESIZE_USAGE}\n` +
+        "  SIZE           new size; +SIZE or -SIZE change it relative to the current one\n" +
+        "  --shrink       allow making the image smaller (data past the new end is lost)\n" +
+        "  --preallocation=off|metadata|falloc|full   how to allocate the added space\n",
+    );
+    return EXIT_OK;
+  }
+  const mode = values.preallocation === undefined
+    ? undefined
+    : MODES.find((m) => m === values.preallocation);
+  if (values.preallocation !== undefined && mode === undefined) {
+    throw new UsageError(`Invalid preallocation mode '${values.preallocation}'`);
+  }
+  if (positionals.length !== 2) throw new UsageError("Expecting image file name and size");
+  const [file, sizeText] = positionals as [string, string];
+  const sign = sizeText.startsWith("+") ? 1 : sizeText.startsWith("-") ? -1 : 0;
+  const parsedSize = parseSize(sign === 0 ? sizeText : sizeText.slice(1));
+  if (!parsedSize.ok || parsedSize.value > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new UsageError(
+      "Parameter 'size' expects a non-negative number below 2^64\n" +
+        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
+    );
+  }
+  const node = await openImage(file, values.format === undefined ? {} : { format: values.format });
+  try {
+    const amount = Number(parsedSize.value);
+    const size = sign === 0 ? amount : node.size + sign * amount;
+    if (size <= 0) {
+      throw new BlockError("invalid-argument", "New image size must be positive", { path: file });
+    }
+    if (!Number.isSafeInteger(size)) {
+      throw new BlockError("invalid-argument", "Image size too large", { path: file });
+    }
+    if (!node.truncate) {
+      throw new BlockError("unsupported", `Format '${node.format}' cannot be resized`, {
+        path: file,
+      });
+    }
+    if (size < node.size) {
+      if (!values.shrink) {
+        throw new BlockError(
+          "invalid-argument",
+          "Use the --shrink option to perform a shrink operation.\n" +
+            "vstor: warning: Shrinking an image will delete all data beyond the shrunken image's end. " +
+            "Before performing such an operation, make sure there is no important data there.",
+          { path: file },
+        );
+      }
+      // As qemu-img: what lies past the new end goes.
+      if (node.format === "qcow2") await node.discard(size, node.size - size).catch(() => {});
+    }
+    await node.truncate(size, mode === undefined ? {} : { preallocation: mode });
+  } finally {
+    await node.close();
+  }
+  if (!values.quiet) io.stdout("Image resized.\n");
+  return EXIT_OK;
+}
