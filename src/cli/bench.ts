@@ -10,6 +10,7 @@ import { MAX_REQUEST_BYTE } from "../block/request.ts";
 import { BlockError } from "../errors.ts";
 import { openImage } from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { probedRawWarning } from "./messages.ts";
 import { parseSize } from "./size.ts";
 
 /** Cache modes qemu-img's `-t` accepts (`bdrv_parse_cache_mode`). */
@@ -614,12 +615,7 @@ export async function benchMain(args: string[], io: CliIo): Promise<number> {
   });
   try {
     if (opts.write && opts.format === undefined && node.format === "raw" && !opts.quiet) {
-      io.stderr(
-        `WARNING: Image format was not specified for '${opts.filename}' and probing guessed raw.\n` +
-          "         Automatically detecting the format is dangerous for raw images, write " +
-          "operations on block 0 will be restricted.\n" +
-          "         Specify the 'raw' format explicitly to remove the restrictions.\n",
-      );
+      io.stderr(probedRawWarning(opts.filename));
     }
     const params: BenchParams = {
       count: opts.count,

@@ -10,6 +10,7 @@ import { openImage } from "../../formats/open.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { checkImage, type CheckReport } from "../../formats/qcow2/check.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { probedRawWarning } from "./messages.ts";
 
 export const CHECK_USAGE =
   "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE";
@@ -130,6 +131,9 @@ export async function checkMain(args: string[], io: CliIo): Promise<number> {
     readOnly: repair === undefined,
     forceShare: values["force-share"],
   });
+  if (repair !== undefined && values.format === undefined && node.format === "raw") {
+    io.stderr(probedRawWarning(file));
+  }
   try {
     if (!(node instanceof Qcow2Node)) {
       io.stderr("vstor: This image format does not support checks\n");
@@ -138,6 +142,10 @@ export async function checkMain(args: string[], io: CliIo): Promise<number> {
     const fix = { leaks: repair !== undefined, errors: repair === "all" };
     let report = checkImage(node, fix);
     for (const line of report.messages) io.stderr(line + "\n");
+    if (report.failed !== undefined) {
+      io.stderr(`vstor: Check failed: ${report.failed}\n`);
+      return CHECK_ERRORS;
+    }
     const human = values.output === "human" && !values.quiet;
     if (report.leaksFixed > 0 || report.corruptionsFixed > 0) {
       if (human) {

@@ -21,6 +21,7 @@ import type { BlockNode, Extent } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
 import { openImage, type OpenOptions } from "../../formats/open.ts";
 import { parseSize } from "./size.ts";
+import { probedRawWarning } from "./messages.ts";
 
 /**
  * Capabilities `vstor io` uses when a node has them (they are not part of {@linkcode BlockNode}).
@@ -1260,12 +1261,7 @@ export async function ioMain(
     return 1;
   }
   if (format === undefined && node.format === "raw" && !node.readOnly) {
-    stderr(
-      `WARNING: Image format was not specified for '${path}' and probing guessed raw.\n` +
-        `         Automatically detecting the format is dangerous for raw images, ` +
-        `write operations on block 0 will be restricted.\n` +
-        `         Specify the 'raw' format explicitly to remove the restrictions.\n`,
-    );
+    stderr(probedRawWarning(path));
   }
 
   // Output is batched per command (and per 64 KiB); stderr lines flush it first to keep order.
