@@ -245,9 +245,10 @@ export function createSnapshot(
       extra,
       diskSize: node.size,
     };
-    writeSnapshotTable(node, [...entries, entry]);
-    // Everything the active L1 reaches is now shared: COPIED goes.
+    // Everything the active L1 reaches is now shared: COPIED goes before the snapshot exists,
+    // so no cut leaves an in-place-writable cluster that a snapshot also owns.
     rebuildCopied(node);
+    writeSnapshotTable(node, [...entries, entry]);
     return Promise.resolve(entry);
   });
 }
