@@ -1210,10 +1210,9 @@ export class Qcow2Node implements BlockNode {
 
   /** L2 tables reach the disk only after the refcounts (and data) they depend on. */
   #writeL2Tables(entries: CacheEntry[]): void {
-    if (!this.#lazy) {
-      this.refcounts.flush();
-      this.#barrier();
-    }
+    // Lazy refcounts skip only the refcount ordering (repaired on open): data still goes first.
+    if (!this.#lazy) this.refcounts.flush();
+    this.#barrier();
     for (const e of entries) {
       this.#checkOverlap(e.offset, this.clusterSize, true);
       this.file.writeAt(e.offset, e.data);
