@@ -69,6 +69,11 @@ export interface Qcow2OpenOptions {
 export interface Qcow2WriteOptions extends WriteOptions {
   /** Store whole unallocated clusters compressed (qemu-io `write -c`). */
   compressed?: boolean;
+  /**
+   * With `compressed`: each cluster's compressed form, already made (by a worker pool), in the
+   * image's compression type; null where compression did not shrink it.
+   */
+  precompressed?: ReadonlyArray<Uint8Array | null>;
 }
 
 const DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024;
@@ -402,6 +407,40 @@ export class Qcow2Node implements BlockNode {
     return Math.ceil(this.size / span) * span;
   }
 
+  /**
+   * Make this read-only node show an internal snapshot (found by ID or name) instead of the active
+   * state, as QEMU's snapshot load for qemu-img convert -l: the snapshot's L1 and size, in memory.
+   *
+   * @throws {BlockError} `read-only` on a writable node, `not-found` without such a snapshot
+   */
+  loadSnapshotForReading(key: string): void {
+    this.#live();
+    if (!this.#readOnly) {
+      throw new BlockError("read-only", "Snapshots can only be loaded into a read-only image", {
+        path: this.filename,
+      });
+    }
+    const entries = this.#snapshots.entries;
+    const sn = entries.find((e) => e.id === key) ?? entries.find((e) => e.name === key);
+    if (sn === undefined) {
+      throw new BlockError("not-found", `Failed to load snapshot '${key}': no such snapshot`, {
+        path: this.filename,
+      });
+    }
+    if (sn.l1Size * 8 > MAX_L1_BYTES) {
+      throw new BlockError("invalid-format", "Snapshot L1 table too large", {
+        path: this.filename,
+      });
+    }
+    const l1 = new Uint8Array(sn.l1Size * 8);
+    this.file.readAt(sn.l1TableOffset, l1);
+    this.#l1 = l1;
+    this.#l1View = new DataView(l1.buffer);
+    this.header.l1Size = sn.l1Size;
+    this.header.size = sn.diskSize ?? this.header.size;
+    this.#compressedCache = undefined;
+  }
+
   /** Compressed write of whole clusters (qemu-io `write -c`). */
   writeCompressed(offset: number, src: Uint8Array): Promise<void> {
     return this.write(offset, src, { compressed: true });
@@ -699,7 +738,7 @@ export class Qcow2Node implements BlockNode {
     this.#writable();
     if (src.length === 0) return;
     if (opts?.compressed) {
-      await this.#mutex.run(() => this.#writeCompressed(offset, src));
+      await this.#mutex.run(() => this.#writeCompressed(offset, src, opts.precompressed));
     } else {
       // Fast path: the whole request lands in clusters this image owns (COPIED) and whose units
       // already hold data: write in place, no metadata change.
@@ -865,6 +904,8 @@ export class Qcow2Node implements BlockNode {
 
     // From here on nothing awaits: allocation, data and L2 update happen together.
     this.#markDirty();
+    // The L2 table first (as QEMU), so a new table sits before the data it maps.
+    this.#slot(first * cs, true);
     const fileEnd = this.file.size();
     const host = this.refcounts.allocate(count);
     this.#checkOverlap(host, count * cs);
@@ -1023,7 +1064,11 @@ export class Qcow2Node implements BlockNode {
   }
 
   /** Compressed write: whole clusters into unallocated clusters only. */
-  async #writeCompressed(offset: number, src: Uint8Array): Promise<void> {
+  async #writeCompressed(
+    offset: number,
+    src: Uint8Array,
+    precompressed?: ReadonlyArray<Uint8Array | null>,
+  ): Promise<void> {
     const cs = this.clusterSize;
     if (offset % cs !== 0 || (src.length % cs !== 0 && offset + src.length !== this.size)) {
       throw new BlockError("invalid-argument", "Compressed writes must cover whole clusters", {
@@ -1040,7 +1085,12 @@ export class Qcow2Node implements BlockNode {
         data = padded;
       }
       // As QEMU: compress first; data that does not shrink is an ordinary write wherever it goes.
-      const packed = compressCluster(this.header.compressionType, data);
+      const given = precompressed?.[pos / cs];
+      const packed = given === undefined
+        ? compressCluster(this.header.compressionType, data)
+        : given === null || given.length >= cs
+        ? undefined
+        : given;
       if (packed === undefined) {
         await this.#writeSlow(guest, data.subarray(0, Math.min(cs, this.size - guest)));
         continue;

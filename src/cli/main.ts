@@ -53,6 +53,13 @@ const verbs: Record<string, Verb> = {
       "[-o OFFSET] [--pattern=N] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE",
     run: async (args, io) => (await import("./bench.ts")).benchMain(args, io),
   },
+  convert: {
+    summary: "convert images between formats, flatten chains, compress (qemu-img convert)",
+    usage:
+      "vstor convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-B BACKING [-F FMT]] [-S SIZE] [-n] " +
+      "[--target-is-zero] [-l SNAPSHOT] [-m N] [-W] [-p] [-q] [-U] SRC... DST",
+    run: async (args, io) => (await import("./convert.ts")).convertMain(args, io),
+  },
   info: {
     summary: "show an image's format, sizes, backing file and snapshots (qemu-img info)",
     usage: "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE",

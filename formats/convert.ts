@@ -1,0 +1,304 @@
+/**
+ * Image conversion with qemu-img convert's semantics: one or more sources (concatenated, whole
+ * backing chains flattened, or one internal snapshot) into a new or existing target, skipping
+ * what reads as zeroes, optionally compressed on a Worker pool, or over a backing file.
+ *
+ * @module
+ */
+import { BlockError } from "../src/errors.ts";
+import type { BlockNode } from "../src/block/node.ts";
+import { createImage, type CreateOptions, openImage } from "./open.ts";
+import { entryAt } from "./map.ts";
+import { Qcow2Node } from "./qcow2/qcow2.ts";
+import { CompressPool } from "./qcow2/compress_pool.ts";
+
+/** Options of {@linkcode convertImages}, with qemu-img convert's flags in comments. */
+export interface ConvertOptions {
+  /** -O: target format (default raw). */
+  targetFormat?: string;
+  /** -o: target creation options. */
+  createOptions?: CreateOptions;
+  /** -f: source format (probed when absent). */
+  sourceFormat?: string;
+  /** -U: share the sources with writers. */
+  forceShare?: boolean;
+  /** -c: compress the target's clusters (qcow2). */
+  compress?: boolean;
+  /** -B/-F: the target gets this backing file; only what the source's top layer holds is copied. */
+  backingFile?: string;
+  backingFormat?: string;
+  /** -S: runs of zeroes at least this long are not written (default 4096; 0 writes everything). */
+  sparseSize?: number;
+  /** -n: write into an existing target instead of creating it. */
+  noCreate?: boolean;
+  /** --target-is-zero: with -n, the target already reads as zeroes. */
+  targetIsZero?: boolean;
+  /** -l: convert this internal snapshot (ID or name) of the source. */
+  snapshot?: string;
+  /** Workers for compression (default: one per core). */
+  workers?: number;
+  onProgress?: (done: number, total: number) => void;
+}
+
+const CHUNK = 2 << 20;
+const SECTOR = 512;
+
+type Status = "data" | "zero" | "backing";
+
+/** The sources as one concatenated guest space. */
+class Concat {
+  readonly nodes: BlockNode[];
+  readonly starts: number[] = [];
+  readonly size: number;
+  readonly topOnly: boolean;
+  constructor(nodes: BlockNode[], topOnly: boolean) {
+    this.nodes = nodes;
+    this.topOnly = topOnly;
+    let at = 0;
+    for (const n of nodes) {
+      this.starts.push(at);
+      at += n.size;
+    }
+    this.size = at;
+  }
+  #find(pos: number): number {
+    let i = this.nodes.length - 1;
+    while (i > 0 && this.starts[i]! > pos) i--;
+    return i;
+  }
+  /** Status of the run at `pos`, at most `max` bytes, within one source. */
+  async status(pos: number, max: number): Promise<[Status, number]> {
+    const i = this.#find(pos);
+    const node = this.nodes[i]!;
+    const local = pos - this.starts[i]!;
+    const limit = Math.min(max, node.size - local);
+    if (this.topOnly) {
+      // Target has a backing file: only what the source's own layer holds is copied.
+      const st = await node.blockStatus(local, limit);
+      const length = Math.max(1, Math.min(limit, st.length));
+      if (st.kind === "data" || st.kind === "compressed") return ["data", length];
+      if (st.kind === "zero") return ["zero", length];
+      return ["backing", length];
+    }
+    const e = await entryAt(node, local, limit);
+    return [e.zero && !e.data ? "zero" : "data", Math.max(1, e.length)];
+  }
+  async read(pos: number, dst: Uint8Array): Promise<void> {
+    let done = 0;
+    while (done < dst.length) {
+      const i = this.#find(pos + done);
+      const node = this.nodes[i]!;
+      const local = pos + done - this.starts[i]!;
+      const n = Math.min(dst.length - done, node.size - local);
+      await node.read(local, dst.subarray(done, done + n));
+      done += n;
+    }
+  }
+}
+
+/** True when every byte of `buf` is zero (word at a time where aligned). */
+export function isZeroBuffer(buf: Uint8Array): boolean {
+  let i = 0;
+  if (buf.byteOffset % 4 === 0) {
+    const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
+    for (let w = 0; w < words.length; w++) if (words[w] !== 0) return false;
+    i = words.length * 4;
+  }
+  for (; i < buf.length; i++) if (buf[i] !== 0) return false;
+  return true;
+}
+
+/**
+ * Runs of `buf` to write: non-zero runs, with zero runs shorter than `sparse` bytes merged into
+ * them (qemu-img's -S: sector granularity). Returns [start, end) pairs.
+ */
+export function dataRuns(buf: Uint8Array, sparse: number): Array<[number, number]> {
+  if (sparse === 0) return buf.length === 0 ? [] : [[0, buf.length]];
+  const minSectors = Math.max(1, Math.floor(sparse / SECTOR));
+  const runs: Array<[number, number]> = [];
+  let runStart = -1, zeroStart = -1;
+  const sectors = Math.ceil(buf.length / SECTOR);
+  for (let s = 0; s < sectors; s++) {
+    const from = s * SECTOR, to = Math.min(buf.length, from + SECTOR);
+    const zero = isZeroBuffer(buf.subarray(from, to));
+    if (zero) {
+      if (zeroStart < 0) zeroStart = from;
+      continue;
+    }
+    if (runStart < 0) runStart = from;
+    else if (zeroStart >= 0 && (from - zeroStart) / SECTOR >= minSectors) {
+      runs.push([runStart, zeroStart]);
+      runStart = from;
+    }
+    zeroStart = -1;
+  }
+  if (runStart >= 0) runs.push([runStart, zeroStart >= 0 ? zeroStart : buf.length]);
+  return runs;
+}
+
+/**
+ * Convert `sources` (concatenated) into `target`.
+ *
+ * @throws {BlockError} `invalid-argument` for option combinations qemu-img refuses
+ */
+export async function convertImages(
+  sources: string[],
+  target: string,
+  opts: ConvertOptions = {},
+): Promise<void> {
+  if (sources.length === 0) {
+    throw new BlockError("invalid-argument", "Expecting at least one source image");
+  }
+  const format = opts.targetFormat ?? "raw";
+  const sparse = opts.sparseSize ?? 4096;
+  if (!Number.isSafeInteger(sparse) || sparse < 0) {
+    throw new BlockError("invalid-argument", `Invalid sparse size ${sparse}`);
+  }
+  if (opts.targetIsZero && !opts.noCreate) {
+    throw new BlockError("invalid-argument", "--target-is-zero requires use of -n flag");
+  }
+  if (opts.snapshot !== undefined && sources.length > 1) {
+    throw new BlockError("invalid-argument", "No support for concatenating multiple snapshot");
+  }
+  if (opts.backingFile !== undefined && opts.noCreate) {
+    throw new BlockError("invalid-argument", "Cannot use -B together with -n");
+  }
+  const nodes: BlockNode[] = [];
+  let out: BlockNode | undefined;
+  let pool: CompressPool | undefined;
+  try {
+    for (const src of sources) {
+      const node = await openImage(src, {
+        ...(opts.sourceFormat === undefined ? {} : { format: opts.sourceFormat }),
+        readOnly: true,
+        forceShare: opts.forceShare ?? false,
+      });
+      nodes.push(node);
+      if (opts.snapshot !== undefined) {
+        if (!(node instanceof Qcow2Node)) {
+          throw new BlockError("unsupported", `Format '${node.format}' has no internal snapshots`, {
+            path: src,
+          });
+        }
+        node.loadSnapshotForReading(opts.snapshot);
+      }
+    }
+    const concat = new Concat(nodes, opts.backingFile !== undefined);
+    const total = concat.size;
+    if (!opts.noCreate) {
+      await createImage(target, format, total, {
+        ...opts.createOptions,
+        ...(opts.backingFile === undefined ? {} : { backingFile: opts.backingFile }),
+        ...(opts.backingFormat === undefined ? {} : { backingFormat: opts.backingFormat }),
+      });
+    }
+    out = await openImage(target, opts.noCreate ? {} : { format });
+    if (out.size < total) {
+      throw new BlockError("invalid-argument", "Output image is too small", { path: target });
+    }
+    const cs = out instanceof Qcow2Node ? out.clusterSize : SECTOR;
+    if (opts.compress) {
+      if (!(out instanceof Qcow2Node)) {
+        throw new BlockError("unsupported", "Compression not supported for this file format", {
+          path: target,
+        });
+      }
+      pool = new CompressPool(opts.workers);
+    }
+    // A fresh target without a backing file reads as zeroes: zero runs need no writes.
+    const zeroInit = opts.noCreate ? opts.targetIsZero === true : out.backing === undefined;
+    const chunk = Math.max(CHUNK, cs);
+    const compressing = out instanceof Qcow2Node && pool !== undefined;
+    // Compressed chunks in flight, oldest first; bounded so reading does not run far ahead.
+    const inflight: Array<Promise<void>> = [];
+    let lastWrite: Promise<void> = Promise.resolve();
+    for (let pos = 0; pos < total;) {
+      // Compressed output works in whole target clusters: one chunk, whatever the status inside.
+      const span = Math.min(chunk, total - pos);
+      if (compressing) {
+        const buf = new Uint8Array(span);
+        let anyData = false;
+        for (let at = 0; at < span;) {
+          const [status, n] = await concat.status(pos + at, span - at);
+          if (status === "data") {
+            await concat.read(pos + at, buf.subarray(at, at + n));
+            anyData = true;
+          } else if (status === "zero" && !zeroInit) {
+            await out.writeZeroes(pos + at, n);
+          }
+          at += n;
+        }
+        if (anyData) {
+          const node = out as Qcow2Node;
+          const start = pos;
+          // Whole clusters that hold data go compressed; the work overlaps the next chunk's reads.
+          const jobs: Array<Promise<void>> = [];
+          for (let c = 0; c < span; c += cs) {
+            const end = Math.min(span, c + cs);
+            if (isZeroBuffer(buf.subarray(c, end))) continue;
+            let runEnd = end;
+            while (
+              runEnd < span && !isZeroBuffer(buf.subarray(runEnd, Math.min(span, runEnd + cs)))
+            ) {
+              runEnd = Math.min(span, runEnd + cs);
+            }
+            const data = buf.slice(c, runEnd);
+            const packedP = pool!.compress(
+              node.header.compressionType,
+              cs,
+              padToClusters(data, cs),
+            );
+            const at = start + c;
+            // Writes keep source order, so the target's layout does not depend on timing.
+            const previous = lastWrite;
+            lastWrite = packedP.then(async (packed) => {
+              await previous;
+              await node.write(at, data, { compressed: true, precompressed: packed });
+            });
+            jobs.push(lastWrite);
+            c = runEnd - cs;
+          }
+          inflight.push(Promise.all(jobs).then(() => {}));
+          while (inflight.length > 2 * pool!.size) await inflight.shift();
+        }
+        pos += span;
+        opts.onProgress?.(pos, total);
+        continue;
+      }
+      const [status, n] = await concat.status(pos, span);
+      if (status === "data" || (status === "zero" && sparse === 0)) {
+        const buf = new Uint8Array(n);
+        if (status === "data") await concat.read(pos, buf);
+        if (zeroInit) {
+          for (const [a, b] of dataRuns(buf, sparse)) await out.write(pos + a, buf.subarray(a, b));
+        } else if (sparse === 0) {
+          await out.write(pos, buf);
+        } else {
+          let at = 0;
+          for (const [a, b] of dataRuns(buf, sparse)) {
+            if (a > at) await out.writeZeroes(pos + at, a - at);
+            await out.write(pos + a, buf.subarray(a, b));
+            at = b;
+          }
+          if (at < n) await out.writeZeroes(pos + at, n - at);
+        }
+      } else if (status === "zero" && !zeroInit) {
+        await out.writeZeroes(pos, n);
+      }
+      pos += n;
+      opts.onProgress?.(pos, total);
+    }
+    await Promise.all(inflight);
+    await out.flush();
+  } finally {
+    pool?.close();
+    await out?.close();
+    for (const n of nodes) await n.close();
+  }
+}
+
+function padToClusters(data: Uint8Array, cs: number): Uint8Array<ArrayBuffer> {
+  const padded = new Uint8Array(Math.ceil(data.length / cs) * cs);
+  padded.set(data);
+  return padded;
+}

@@ -1,0 +1,114 @@
+/**
+ * `vstor convert`, as qemu-img convert.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { convertImages } from "../../formats/convert.ts";
+import { formatNames } from "../../formats/open.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { parseCreateOptions } from "./create.ts";
+import { progressBar } from "./progress.ts";
+import { parseSize } from "./size.ts";
+
+export const CONVERT_USAGE =
+  "vstor convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-B BACKING [-F BACKING_FMT]] " +
+  "[-S SPARSE_SIZE] [-n] [--target-is-zero] [-l SNAPSHOT] [-m N] [-W] [-p] [-q] [-U] SRC... DST";
+
+/** The convert verb; returns the exit code. */
+export async function convertMain(args: string[], io: CliIo): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      allowPositionals: true,
+      options: {
+        format: { type: "string", short: "f" },
+        "output-format": { type: "string", short: "O", default: "raw" },
+        options: { type: "string", short: "o", multiple: true, default: [] },
+        compress: { type: "boolean", short: "c", default: false },
+        backing: { type: "string", short: "B" },
+        "backing-format": { type: "string", short: "F" },
+        sparse: { type: "string", short: "S" },
+        "no-create": { type: "boolean", short: "n", default: false },
+        "target-is-zero": { type: "boolean", default: false },
+        snapshot: { type: "string", short: "l" },
+        coroutines: { type: "string", short: "m" },
+        "out-of-order": { type: "boolean", short: "W", default: false },
+        progress: { type: "boolean", short: "p", default: false },
+        quiet: { type: "boolean", short: "q", default: false },
+        "force-share": { type: "boolean", short: "U", default: false },
+        "target-cache": { type: "string", short: "t" },
+        "source-cache": { type: "string", short: "T" },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const { values, positionals } = parsed;
+  if (values.help) {
+    io.stdout(
+      `usage: ${CONVERT_USAGE}\n` +
+        "  -O FMT        target format (default raw)\n" +
+        "  -o OPTIONS    target creation options, as for create\n" +
+        "  -c            compress the target (qcow2), on one Worker per core\n" +
+        "  -B FILE       give the target this backing file; copy only what the source's own layer holds\n" +
+        "  -S SIZE       zero runs at least this long are not written (default 4k; 0 writes everything)\n" +
+        "  -n            write into an existing target; --target-is-zero: it already reads as zeroes\n" +
+        "  -l SNAPSHOT   convert an internal snapshot (ID or name; also snapshot.id=…/snapshot.name=…)\n" +
+        "  -m N, -W      accepted for qemu-img compatibility (vstor orders writes itself)\n" +
+        "  -p            show progress on a terminal\n",
+    );
+    return EXIT_OK;
+  }
+  if (positionals.length < 2) {
+    throw new UsageError("Expecting at least one source and a target file name");
+  }
+  const target = positionals[positionals.length - 1]!;
+  const sources = positionals.slice(0, -1);
+  const format = values["output-format"];
+  if (!formatNames().includes(format)) throw new UsageError(`Unknown file format '${format}'`);
+  let sparse: number | undefined;
+  if (values.sparse !== undefined) {
+    const p = parseSize(values.sparse);
+    if (!p.ok || p.value > BigInt(Number.MAX_SAFE_INTEGER)) {
+      throw new UsageError("Invalid buffer size for sparse output specified");
+    }
+    sparse = Math.floor(Number(p.value) / 512) * 512;
+  }
+  if (values.coroutines !== undefined) {
+    const m = Number(values.coroutines);
+    if (!Number.isInteger(m) || m < 1 || m > 16) {
+      throw new UsageError(
+        "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16",
+      );
+    }
+  }
+  if (values["backing-format"] !== undefined && values.backing === undefined) {
+    throw new UsageError("The -F option requires -B");
+  }
+  let snapshot = values.snapshot;
+  if (snapshot !== undefined) {
+    const m = /^snapshot\.(id|name)=(.*)$/.exec(snapshot);
+    if (m) snapshot = m[2]!;
+  }
+  const { size: _size, ...createOptions } = parseCreateOptions(values.options, format);
+  const bar = progressBar(values.progress && !values.quiet);
+  await convertImages(sources, target, {
+    targetFormat: format,
+    createOptions,
+    ...(values.format === undefined ? {} : { sourceFormat: values.format }),
+    forceShare: values["force-share"],
+    compress: values.compress,
+    ...(values.backing === undefined ? {} : { backingFile: values.backing }),
+    ...(values["backing-format"] === undefined ? {} : { backingFormat: values["backing-format"] }),
+    ...(sparse === undefined ? {} : { sparseSize: sparse }),
+    noCreate: values["no-create"],
+    targetIsZero: values["target-is-zero"],
+    ...(snapshot === undefined ? {} : { snapshot }),
+    onProgress: (d, t) => bar.update(d, t),
+  });
+  bar.end();
+  return EXIT_OK;
+}
