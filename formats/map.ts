@@ -46,7 +46,7 @@ export async function entryAt(top: BlockNode, pos: number, max: number): Promise
     const below = layer.backing;
     if (below === undefined || pos >= below.size) {
       // Unallocated at the bottom of the chain, or past the end of the backing file: zeroes.
-      return {
+      const entry: MapEntry = {
         start: pos,
         length,
         depth,
@@ -55,6 +55,9 @@ export async function entryAt(top: BlockNode, pos: number, max: number): Promise
         data: false,
         filename: layer.filename,
       };
+      // Unallocated subclusters of an allocated cluster keep their host offset (as QEMU reports).
+      if (below === undefined && st.hostOffset !== undefined) entry.offset = st.hostOffset;
+      return entry;
     }
     length = Math.min(length, below.size - pos);
     layer = below;

@@ -720,7 +720,8 @@ export class Qcow2Node implements BlockNode {
       "invalid": "unallocated",
     };
     const kind = kinds[run.kind];
-    if (run.kind === "normal" || run.kind === "zero-alloc") {
+    // Host offsets are known for unallocated subclusters of an allocated cluster too (QEMU reports them).
+    if (run.kind === "normal" || run.kind === "zero-alloc" || run.kind === "unallocated-alloc") {
       return { kind, offset, length: run.length, hostOffset: run.hostOffset };
     }
     return { kind, offset, length: run.length };

@@ -11,6 +11,7 @@ import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { checkImage, type CheckReport } from "../../formats/qcow2/check.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { probedRawWarning } from "./messages.ts";
+import { formatFixed } from "./human.ts";
 
 export const CHECK_USAGE =
   "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE";
@@ -72,7 +73,8 @@ export function checkHuman(r: CheckReport): string {
     }
   }
   if (r.totalClusters !== 0 && r.allocatedClusters !== 0) {
-    const pct = (n: number, d: number) => (n * 100 / d).toFixed(2);
+    // printf's %0.2f: exact value, ties to even (3.125 prints as 3.12).
+    const pct = (n: number, d: number) => formatFixed(n * 100.0 / d, 2);
     text +=
       `${r.allocatedClusters}/${r.totalClusters} = ${
         pct(r.allocatedClusters, r.totalClusters)

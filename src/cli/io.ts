@@ -22,6 +22,7 @@ import { BlockError } from "../errors.ts";
 import { openImage, type OpenOptions } from "../../formats/open.ts";
 import { parseSize } from "./size.ts";
 import { probedRawWarning } from "./messages.ts";
+import { formatFixed } from "./human.ts";
 
 /**
  * Capabilities `vstor io` uses when a node has them (they are not part of {@linkcode BlockNode}).
@@ -144,36 +145,6 @@ function messageOf(e: unknown): string {
 
 // ---------------------------------------------------------------------------------------------
 // printf-compatible number formatting
-
-/** `x = mantissa * 2^exponent`, exactly, for a finite non-negative double. */
-function decompose(x: number): [bigint, number] {
-  const view = new DataView(new ArrayBuffer(8));
-  view.setFloat64(0, x);
-  const bits = view.getBigUint64(0);
-  const biased = Number((bits >> 52n) & 0x7ffn);
-  const fraction = bits & ((1n << 52n) - 1n);
-  return biased === 0 ? [fraction, -1074] : [fraction | (1n << 52n), biased - 1075];
-}
-
-/** C's `%.<digits>f` for a non-negative double: exact value, ties to even, as glibc rounds. */
-function formatFixed(x: number, digits: number): string {
-  if (Number.isNaN(x)) return "nan";
-  if (x === Infinity) return "inf";
-  const [mantissa, exponent] = decompose(x);
-  const scale = 10n ** BigInt(digits);
-  let q: bigint;
-  if (exponent >= 0) {
-    q = (mantissa << BigInt(exponent)) * scale;
-  } else {
-    const num = mantissa * scale;
-    const den = 1n << BigInt(-exponent);
-    q = num / den;
-    const twice = 2n * (num % den);
-    if (twice > den || (twice === den && (q & 1n) === 1n)) q += 1n;
-  }
-  const s = q.toString().padStart(digits + 1, "0");
-  return digits === 0 ? s : `${s.slice(0, -digits)}.${s.slice(-digits)}`;
-}
 
 const SIZE_UNITS: ReadonlyArray<readonly [number, string]> = [
   [2 ** 60, " EiB"],

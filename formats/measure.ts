@@ -1,0 +1,162 @@
+/**
+ * qemu-img measure: the bytes a new image of a given format needs to hold a source image (its
+ * whole backing chain, as the guest sees it) or an empty image of a given size.
+ *
+ * @module
+ */
+import type { BlockNode } from "../src/block/node.ts";
+import { BlockError } from "../src/errors.ts";
+import { Qcow2Node } from "./qcow2/qcow2.ts";
+import {
+  bitmapsSize,
+  type MeasureInfo,
+  measureQcow2,
+  persistentBitmaps,
+  type Qcow2MeasureOptions,
+  type Qcow2MeasureSource,
+  resolveQcow2MeasureOptions,
+} from "./qcow2/measure.ts";
+
+export type { MeasureInfo };
+
+/** Target options of a measure; raw uses only `size`. */
+export type MeasureOptions = Qcow2MeasureOptions;
+
+/** The image to measure. */
+export interface MeasureSource {
+  /** The top of the source chain (backing nodes attached). */
+  node: BlockNode;
+  /**
+   * Guest bytes to measure (default `node.size`); rounded up to whole sectors, as QEMU's
+   * `bdrv_getlength`. Pass the size from before loading an internal snapshot: QEMU keeps it.
+   */
+  size?: number;
+}
+
+/** Target formats vstor can measure. */
+export const MEASURE_FORMATS: readonly string[] = ["raw", "qcow2"];
+
+const SECTOR = 512;
+
+function sectorSize(source: MeasureSource): number {
+  return Math.ceil((source.size ?? source.node.size) / SECTOR) * SECTOR;
+}
+
+/**
+ * Check the target options without measuring: bad values and sizes too large for the format.
+ *
+ * @throws {BlockError} `invalid-argument` with QEMU's message, `unsupported` for an unknown target
+ *   format or a feature vstor cannot size
+ */
+export function checkMeasureOptions(format: string, opts: MeasureOptions): void {
+  if (format === "qcow2") resolveQcow2MeasureOptions(opts);
+  else if (format !== "raw") {
+    throw new BlockError("unsupported", `Block driver '${format}' does not support size measurement`);
+  }
+}
+
+/**
+ * Whether the guest bytes at `pos` (at most `max` of them) read as data somewhere in the chain
+ * under `top`, and for how many bytes — QEMU's `bdrv_block_status_above` with zero detection:
+ * zero clusters, holes, ranges unallocated down the whole chain or past the end of a shorter
+ * backing file read as zeroes, and so do qcow2 data clusters over holes in the host file
+ * (metadata preallocation). Compressed clusters are data.
+ */
+export async function dataAt(
+  top: BlockNode,
+  pos: number,
+  max: number,
+): Promise<{ data: boolean; length: number }> {
+  let layer = top;
+  let length = max;
+  for (;;) {
+    // Past the layer's end (the top after loading a smaller snapshot) the layer holds nothing.
+    const st = pos < layer.size
+      ? await layer.blockStatus(pos, Math.min(length, layer.size - pos))
+      : { kind: "unallocated" as const, length };
+    if (st.kind !== "eof") length = Math.min(length, st.length);
+    switch (st.kind) {
+      case "zero":
+        return { data: false, length };
+      case "compressed":
+        return { data: true, length };
+      case "data": {
+        if (layer instanceof Qcow2Node && "hostOffset" in st && st.hostOffset !== undefined) {
+          const host = layer.file.dataStatus(st.hostOffset, length);
+          return { data: host.data, length: Math.min(length, host.length) };
+        }
+        return { data: true, length };
+      }
+      case "eof":
+      case "unallocated": {
+        const below = layer.backing;
+        if (below === undefined || pos >= below.size) return { data: false, length };
+        length = Math.min(length, below.size - pos);
+        layer = below;
+      }
+    }
+  }
+}
+
+/**
+ * Bytes of the `clusterSize`-sized target clusters holding any data of the first `size` guest
+ * bytes of the chain under `top`, as `qcow2_measure` counts them.
+ */
+export async function dataClusterBytes(
+  top: BlockNode,
+  size: number,
+  clusterSize: number,
+): Promise<bigint> {
+  let required = 0;
+  for (let offset = 0; offset < size;) {
+    const st = await dataAt(top, offset, size - offset);
+    let length = st.length;
+    if (st.data) {
+      // The rest of the cluster goes with the data: the next run starts on a cluster boundary.
+      length = Math.ceil((offset + length) / clusterSize) * clusterSize - offset;
+      required += offset % clusterSize + length;
+    }
+    offset += length;
+  }
+  return BigInt(required);
+}
+
+/**
+ * Measure a new image of `format` for `source`, or for an empty image of `opts.size` bytes.
+ *
+ * @throws {BlockError} as {@linkcode checkMeasureOptions}; I/O errors of the source
+ * @example
+ * ```ts
+ * import { measureImage } from "./measure.ts";
+ * const info = await measureImage("raw", { size: 1000n });
+ * if (info.required !== 1024n || info.fullyAllocated !== 1024n) throw new Error("mismatch");
+ * ```
+ */
+export async function measureImage(
+  format: string,
+  opts: MeasureOptions,
+  source?: MeasureSource,
+): Promise<MeasureInfo> {
+  checkMeasureOptions(format, opts);
+  if (format === "raw") {
+    // Unallocated sectors take room in a raw file too: required is everything.
+    const required = source === undefined
+      ? ((opts.size ?? 0n) + BigInt(SECTOR - 1)) / BigInt(SECTOR) * BigInt(SECTOR)
+      : BigInt(sectorSize(source));
+    return { required, fullyAllocated: required };
+  }
+  const params = resolveQcow2MeasureOptions(opts);
+  if (source === undefined) return await measureQcow2(params);
+  const size = sectorSize(source);
+  const node = source.node;
+  const qsource: Qcow2MeasureSource = {
+    size: BigInt(size),
+    dataBytes: (clusterSize) => dataClusterBytes(node, size, clusterSize),
+  };
+  // QEMU's qcow2 stores persistent bitmaps from v3 on; other source formats cannot.
+  if (node instanceof Qcow2Node && node.header.version >= 3) {
+    const bitmaps = persistentBitmaps(node);
+    qsource.bitmapsSize = (clusterSize) => bitmapsSize(bitmaps, BigInt(size), clusterSize);
+  }
+  return await measureQcow2(params, qsource);
+}
