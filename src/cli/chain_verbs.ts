@@ -3,32 +3,17 @@
  *
  * @module
  */
-import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import { commitImage, rebaseImage } from "../../formats/chain.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { progressBar } from "./progress.ts";
+import { oneFile, parseVerbArgs } from "./args.ts";
 
 export const COMMIT_USAGE = "vstor commit [-b BASE] [-d] [-p] [-q] FILE";
 export const REBASE_USAGE = "vstor rebase [-u] -b BACKING [-F BACKING_FMT] [-p] [-q] FILE";
 
-function parse<T extends ParseArgsOptionsConfig>(args: string[], options: T) {
-  try {
-    return parseArgs({ args, allowPositionals: true, options });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-}
-
-function oneFile(positionals: string[]): string {
-  const [file, ...extra] = positionals;
-  if (file === undefined) throw new UsageError("Expecting one image file name");
-  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
-  return file;
-}
-
 /** qemu-img commit: copy the overlay's data into its backing file (or BASE), then empty it. */
 export async function commitMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parse(args, {
+  const { values, positionals } = parseVerbArgs(args, {
     base: { type: "string", short: "b" },
     drop: { type: "boolean", short: "d", default: false },
     progress: { type: "boolean", short: "p", default: false },
@@ -59,7 +44,7 @@ export async function commitMain(args: string[], io: CliIo): Promise<number> {
 
 /** qemu-img rebase: change the backing file, copying what would otherwise change (unless -u). */
 export async function rebaseMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parse(args, {
+  const { values, positionals } = parseVerbArgs(args, {
     backing: { type: "string", short: "b" },
     "backing-format": { type: "string", short: "F" },
     unsafe: { type: "boolean", short: "u", default: false },

@@ -5,13 +5,13 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import { openImage } from "../../formats/open.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { checkImage, type CheckReport } from "../../formats/qcow2/check.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { probedRawWarning } from "./messages.ts";
 import { formatFixed } from "./human.ts";
+import { oneFile, parseVerbArgs } from "./args.ts";
 
 export const CHECK_USAGE =
   "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE";
@@ -88,24 +88,14 @@ export function checkHuman(r: CheckReport): string {
 
 /** The check verb; returns qemu-img check's exit code. */
 export async function checkMain(args: string[], io: CliIo): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        format: { type: "string", short: "f" },
-        output: { type: "string", default: "human" },
-        repair: { type: "string", short: "r" },
-        quiet: { type: "boolean", short: "q", default: false },
-        "force-share": { type: "boolean", short: "U", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const { values, positionals } = parsed;
+  const { values, positionals } = parseVerbArgs(args, {
+    format: { type: "string", short: "f" },
+    output: { type: "string", default: "human" },
+    repair: { type: "string", short: "r" },
+    quiet: { type: "boolean", short: "q", default: false },
+    "force-share": { type: "boolean", short: "U", default: false },
+    help: { type: "boolean", short: "h", default: false },
+  });
   if (values.help) {
     io.stdout(
       `usage: ${CHECK_USAGE}\n` +
@@ -124,9 +114,7 @@ export async function checkMain(args: string[], io: CliIo): Promise<number> {
       `Unknown option value for -r (expecting 'leaks' or 'all'): ${values.repair}`,
     );
   }
-  const [file, ...extra] = positionals;
-  if (file === undefined) throw new UsageError("Expecting one image file name");
-  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
+  const file = oneFile(positionals);
   const repair = values.repair;
   const node = await openImage(file, {
     ...(values.format === undefined ? {} : { format: values.format }),

@@ -4,12 +4,12 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import type { BlockNode } from "../block/node.ts";
 import { openImage } from "../../formats/open.ts";
 import { entryAt, type MapEntry } from "../../formats/map.ts";
 import { type CliIo, reportError, UsageError } from "./main.ts";
 import { progressBar } from "./progress.ts";
+import { parseVerbArgs } from "./args.ts";
 
 export const COMPARE_USAGE = "vstor compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2";
 
@@ -115,25 +115,15 @@ async function compareNodes(
 
 /** The compare verb; returns qemu-img compare's exit code. */
 export async function compareMain(args: string[], io: CliIo): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        "format-a": { type: "string", short: "f" },
-        "format-b": { type: "string", short: "F" },
-        progress: { type: "boolean", short: "p", default: false },
-        quiet: { type: "boolean", short: "q", default: false },
-        strict: { type: "boolean", short: "s", default: false },
-        "force-share": { type: "boolean", short: "U", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const { values, positionals } = parsed;
+  const { values, positionals } = parseVerbArgs(args, {
+    "format-a": { type: "string", short: "f" },
+    "format-b": { type: "string", short: "F" },
+    progress: { type: "boolean", short: "p", default: false },
+    quiet: { type: "boolean", short: "q", default: false },
+    strict: { type: "boolean", short: "s", default: false },
+    "force-share": { type: "boolean", short: "U", default: false },
+    help: { type: "boolean", short: "h", default: false },
+  });
   if (values.help) {
     io.stdout(
       `usage: ${COMPARE_USAGE}\n` +

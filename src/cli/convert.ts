@@ -3,13 +3,13 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import { convertImages } from "../../formats/convert.ts";
 import { formatNames } from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { parseCreateOptions } from "./create.ts";
 import { progressBar } from "./progress.ts";
 import { parseSize } from "./size.ts";
+import { parseVerbArgs } from "./args.ts";
 
 export const CONVERT_USAGE =
   "vstor convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-B BACKING [-F BACKING_FMT]] " +
@@ -17,36 +17,26 @@ export const CONVERT_USAGE =
 
 /** The convert verb; returns the exit code. */
 export async function convertMain(args: string[], io: CliIo): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        format: { type: "string", short: "f" },
-        "output-format": { type: "string", short: "O", default: "raw" },
-        options: { type: "string", short: "o", multiple: true, default: [] },
-        compress: { type: "boolean", short: "c", default: false },
-        backing: { type: "string", short: "B" },
-        "backing-format": { type: "string", short: "F" },
-        sparse: { type: "string", short: "S" },
-        "no-create": { type: "boolean", short: "n", default: false },
-        "target-is-zero": { type: "boolean", default: false },
-        snapshot: { type: "string", short: "l" },
-        coroutines: { type: "string", short: "m" },
-        "out-of-order": { type: "boolean", short: "W", default: false },
-        progress: { type: "boolean", short: "p", default: false },
-        quiet: { type: "boolean", short: "q", default: false },
-        "force-share": { type: "boolean", short: "U", default: false },
-        "target-cache": { type: "string", short: "t" },
-        "source-cache": { type: "string", short: "T" },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const { values, positionals } = parsed;
+  const { values, positionals } = parseVerbArgs(args, {
+    format: { type: "string", short: "f" },
+    "output-format": { type: "string", short: "O", default: "raw" },
+    options: { type: "string", short: "o", multiple: true, default: [] },
+    compress: { type: "boolean", short: "c", default: false },
+    backing: { type: "string", short: "B" },
+    "backing-format": { type: "string", short: "F" },
+    sparse: { type: "string", short: "S" },
+    "no-create": { type: "boolean", short: "n", default: false },
+    "target-is-zero": { type: "boolean", default: false },
+    snapshot: { type: "string", short: "l" },
+    coroutines: { type: "string", short: "m" },
+    "out-of-order": { type: "boolean", short: "W", default: false },
+    progress: { type: "boolean", short: "p", default: false },
+    quiet: { type: "boolean", short: "q", default: false },
+    "force-share": { type: "boolean", short: "U", default: false },
+    "target-cache": { type: "string", short: "t" },
+    "source-cache": { type: "string", short: "T" },
+    help: { type: "boolean", short: "h", default: false },
+  });
   if (values.help) {
     io.stdout(
       `usage: ${CONVERT_USAGE}\n` +

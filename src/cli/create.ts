@@ -3,7 +3,6 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import { BlockError } from "../errors.ts";
 import {
   createImage,
@@ -14,6 +13,7 @@ import {
 } from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
+import { parseVerbArgs } from "./args.ts";
 
 const PREALLOCATION = ["off", "metadata", "falloc", "full"] as const;
 
@@ -167,25 +167,15 @@ function describeOptions(format: string, size: number, o: CreateOptions): string
 
 /** The create verb; returns the exit code. */
 export async function createMain(args: string[], io: CliIo): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        format: { type: "string", short: "f", default: "raw" },
-        options: { type: "string", short: "o", multiple: true, default: [] },
-        quiet: { type: "boolean", short: "q", default: false },
-        help: { type: "boolean", short: "h", default: false },
-        backing: { type: "string", short: "b" },
-        "backing-format": { type: "string", short: "F" },
-        unsafe: { type: "boolean", short: "u", default: false },
-      },
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const { values, positionals } = parsed;
+  const { values, positionals } = parseVerbArgs(args, {
+    format: { type: "string", short: "f", default: "raw" },
+    options: { type: "string", short: "o", multiple: true, default: [] },
+    quiet: { type: "boolean", short: "q", default: false },
+    help: { type: "boolean", short: "h", default: false },
+    backing: { type: "string", short: "b" },
+    "backing-format": { type: "string", short: "F" },
+    unsafe: { type: "boolean", short: "u", default: false },
+  });
   if (values.help) {
     io.stdout(
       "usage: vstor create [-f FMT] [-o OPTIONS] [-b BACKING -F BACKING_FMT [-u]] [-q] FILE [SIZE]\n" +

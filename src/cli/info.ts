@@ -3,7 +3,6 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import type { BlockNode } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
 import { MAX_CHAIN_DEPTH, openImage, resolveBacking } from "../../formats/open.ts";
@@ -20,6 +19,7 @@ import type { SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { sizeToStr } from "./human.ts";
 import { snapshotTable } from "./snapshot.ts";
+import { oneFile, parseVerbArgs } from "./args.ts";
 
 export const INFO_USAGE = "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE";
 
@@ -108,23 +108,13 @@ export function infoHuman(info: Record<string, unknown>, node: BlockNode): strin
 
 /** The info verb; returns the exit code. */
 export async function infoMain(args: string[], io: CliIo): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        format: { type: "string", short: "f" },
-        output: { type: "string", default: "human" },
-        "backing-chain": { type: "boolean", default: false },
-        "force-share": { type: "boolean", short: "U", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const { values, positionals } = parsed;
+  const { values, positionals } = parseVerbArgs(args, {
+    format: { type: "string", short: "f" },
+    output: { type: "string", default: "human" },
+    "backing-chain": { type: "boolean", default: false },
+    "force-share": { type: "boolean", short: "U", default: false },
+    help: { type: "boolean", short: "h", default: false },
+  });
   if (values.help) {
     io.stdout(`usage: ${INFO_USAGE}\n`);
     return EXIT_OK;
@@ -132,9 +122,7 @@ export async function infoMain(args: string[], io: CliIo): Promise<number> {
   if (values.output !== "human" && values.output !== "json") {
     throw new UsageError(`--output must be human or json, not '${values.output}'`);
   }
-  const [file, ...extra] = positionals;
-  if (file === undefined) throw new UsageError("Expecting one image file name");
-  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
+  const file = oneFile(positionals);
 
   const infos: Array<{ info: Record<string, unknown>; text: string }> = [];
   let path: string | undefined = file;

@@ -4,12 +4,12 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import { BlockError } from "../errors.ts";
 import { openImage } from "../../formats/open.ts";
 import { type MapEntry, mapImage } from "../../formats/map.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
+import { oneFile, parseVerbArgs } from "./args.ts";
 
 export const MAP_USAGE =
   "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE";
@@ -59,24 +59,14 @@ function size(text: string | undefined, what: string): number | undefined {
 
 /** The map verb; returns the exit code. */
 export async function mapMain(args: string[], io: CliIo): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        format: { type: "string", short: "f" },
-        output: { type: "string", default: "human" },
-        "start-offset": { type: "string", short: "s" },
-        "max-length": { type: "string", short: "l" },
-        "force-share": { type: "boolean", short: "U", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const { values, positionals } = parsed;
+  const { values, positionals } = parseVerbArgs(args, {
+    format: { type: "string", short: "f" },
+    output: { type: "string", default: "human" },
+    "start-offset": { type: "string", short: "s" },
+    "max-length": { type: "string", short: "l" },
+    "force-share": { type: "boolean", short: "U", default: false },
+    help: { type: "boolean", short: "h", default: false },
+  });
   if (values.help) {
     io.stdout(`usage: ${MAP_USAGE}\n`);
     return EXIT_OK;
@@ -86,9 +76,7 @@ export async function mapMain(args: string[], io: CliIo): Promise<number> {
   }
   const start = size(values["start-offset"], "start offset") ?? 0;
   const maxLength = size(values["max-length"], "max length");
-  const [file, ...extra] = positionals;
-  if (file === undefined) throw new UsageError("Expecting one image file name");
-  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
+  const file = oneFile(positionals);
   const node = await openImage(file, {
     ...(values.format === undefined ? {} : { format: values.format }),
     readOnly: true,

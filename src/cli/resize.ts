@@ -3,11 +3,11 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import { BlockError } from "../errors.ts";
 import { openImage } from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
+import { parseVerbArgs } from "./args.ts";
 
 export const RESIZE_USAGE =
   "vstor resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE";
@@ -15,25 +15,17 @@ const MODES = ["off", "metadata", "falloc", "full"] as const;
 
 /** The resize verb; returns the exit code. */
 export async function resizeMain(args: string[], io: CliIo): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      // "-1M" is a size here, not an option.
-      args: args.map((a) => /^-[0-9]/.test(a) ? `\u0000${a}` : a),
-      allowPositionals: true,
-      options: {
-        shrink: { type: "boolean", default: false },
-        preallocation: { type: "string" },
-        format: { type: "string", short: "f" },
-        quiet: { type: "boolean", short: "q", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const { values } = parsed;
-  const positionals = parsed.positionals.map((p) => p.replace(/^\u0000/, ""));
+  // The size comes last and may start with "-" ("-1M"): take it out before option parsing.
+  const last = args[args.length - 1];
+  const sizeLast = last !== undefined && /^[+-]?[0-9]/.test(last);
+  const { values, positionals: rest } = parseVerbArgs(sizeLast ? args.slice(0, -1) : args, {
+    shrink: { type: "boolean", default: false },
+    preallocation: { type: "string" },
+    format: { type: "string", short: "f" },
+    quiet: { type: "boolean", short: "q", default: false },
+    help: { type: "boolean", short: "h", default: false },
+  });
+  const positionals = sizeLast ? [...rest, last!] : rest;
   if (values.help) {
     io.stdout(
       `usage: ${RESIZE_USAGE}\n` +

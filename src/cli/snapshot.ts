@@ -3,7 +3,6 @@
  *
  * @module
  */
-import { parseArgs } from "node:util";
 import { BlockError } from "../errors.ts";
 import { openImage } from "../../formats/open.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
@@ -11,6 +10,7 @@ import { applySnapshot, createSnapshot, deleteSnapshot } from "../../formats/qco
 import type { SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { localDate, sizeToStr, vmClock } from "./human.ts";
+import { oneFile, parseVerbArgs } from "./args.ts";
 
 export const SNAPSHOT_USAGE =
   "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE";
@@ -43,26 +43,16 @@ export function snapshotTable(entries: SnapshotEntry[]): string {
 
 /** The snapshot verb; returns the exit code. */
 export async function snapshotMain(args: string[], io: CliIo): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: true,
-      options: {
-        list: { type: "boolean", short: "l", default: false },
-        apply: { type: "string", short: "a" },
-        create: { type: "string", short: "c" },
-        delete: { type: "string", short: "d" },
-        format: { type: "string", short: "f" },
-        quiet: { type: "boolean", short: "q", default: false },
-        "force-share": { type: "boolean", short: "U", default: false },
-        help: { type: "boolean", short: "h", default: false },
-      },
-    });
-  } catch (e) {
-    throw new UsageError((e as Error).message);
-  }
-  const { values, positionals } = parsed;
+  const { values, positionals } = parseVerbArgs(args, {
+    list: { type: "boolean", short: "l", default: false },
+    apply: { type: "string", short: "a" },
+    create: { type: "string", short: "c" },
+    delete: { type: "string", short: "d" },
+    format: { type: "string", short: "f" },
+    quiet: { type: "boolean", short: "q", default: false },
+    "force-share": { type: "boolean", short: "U", default: false },
+    help: { type: "boolean", short: "h", default: false },
+  });
   if (values.help) {
     io.stdout(
       `usage: ${SNAPSHOT_USAGE}\n` +
@@ -78,9 +68,7 @@ export async function snapshotMain(args: string[], io: CliIo): Promise<number> {
     v !== undefined && v !== false
   );
   if (actions.length > 1) throw new UsageError("Cannot mix '-l', '-a', '-c', '-d'");
-  const [file, ...extra] = positionals;
-  if (file === undefined) throw new UsageError("Expecting one image file name");
-  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
+  const file = oneFile(positionals);
   const listing = actions.length === 0 || values.list;
   if (values["force-share"] && !listing) {
     throw new UsageError("--force-share/-U can only be used with -l");
