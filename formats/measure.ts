@@ -9,6 +9,7 @@ import { BlockError } from "../src/errors.ts";
 import { Qcow2Node } from "./qcow2/qcow2.ts";
 import {
   bitmapsSize,
+  detectMetadataPreallocation,
   type MeasureInfo,
   measureQcow2,
   persistentBitmaps,
@@ -51,16 +52,31 @@ function sectorSize(source: MeasureSource): number {
 export function checkMeasureOptions(format: string, opts: MeasureOptions): void {
   if (format === "qcow2") resolveQcow2MeasureOptions(opts);
   else if (format !== "raw") {
-    throw new BlockError("unsupported", `Block driver '${format}' does not support size measurement`);
+    throw new BlockError(
+      "unsupported",
+      `Block driver '${format}' does not support size measurement`,
+    );
   }
+}
+
+const preallocated = new WeakMap<Qcow2Node, boolean>();
+
+function metadataPreallocated(node: Qcow2Node): boolean {
+  let known = preallocated.get(node);
+  if (known === undefined) {
+    known = detectMetadataPreallocation(node);
+    preallocated.set(node, known);
+  }
+  return known;
 }
 
 /**
  * Whether the guest bytes at `pos` (at most `max` of them) read as data somewhere in the chain
  * under `top`, and for how many bytes — QEMU's `bdrv_block_status_above` with zero detection:
  * zero clusters, holes, ranges unallocated down the whole chain or past the end of a shorter
- * backing file read as zeroes, and so do qcow2 data clusters over holes in the host file
- * (metadata preallocation). Compressed clusters are data.
+ * backing file read as zeroes, and so do qcow2 data clusters over holes in the host file when
+ * the image looks metadata-preallocated (QEMU asks the host file only then). Compressed clusters
+ * are data.
  */
 export async function dataAt(
   top: BlockNode,
@@ -81,7 +97,9 @@ export async function dataAt(
       case "compressed":
         return { data: true, length };
       case "data": {
-        if (layer instanceof Qcow2Node && "hostOffset" in st && st.hostOffset !== undefined) {
+        if (
+          layer instanceof Qcow2Node && st.hostOffset !== undefined && metadataPreallocated(layer)
+        ) {
           const host = layer.file.dataStatus(st.hostOffset, length);
           return { data: host.data, length: Math.min(length, host.length) };
         }

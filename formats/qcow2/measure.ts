@@ -291,9 +291,13 @@ export function persistentBitmaps(node: Qcow2Node): PersistentBitmap[] {
   const dirOffset = view.getBigUint64(16);
   const fileSize = BigInt(node.file.size());
   if (dirSize > BigInt(MAX_BITMAP_DIRECTORY_SIZE) || dirOffset + dirSize > fileSize) {
-    throw new BlockError("invalid-format", "Bitmap directory is too large or past the end of the file", {
-      path: node.filename,
-    });
+    throw new BlockError(
+      "invalid-format",
+      "Bitmap directory is too large or past the end of the file",
+      {
+        path: node.filename,
+      },
+    );
   }
   const dir = new Uint8Array(Number(dirSize));
   node.file.readAt(Number(dirOffset), dir);
@@ -345,4 +349,22 @@ export function bitmapsSize(
     dirSize += roundUp(BigInt(BITMAP_DIR_ENTRY_HEADER + bm.nameLength), 8n);
   }
   return total + roundUp(dirSize, cs);
+}
+
+/**
+ * Whether a qcow2 image looks preallocated with metadata, as QEMU's
+ * `qcow2_detect_metadata_preallocation` decides: clearly more clusters are in use (nonzero
+ * refcount) than the host file has storage for. Only then does QEMU's block status ask the host
+ * file whether data clusters are holes, which makes them read as zeroes.
+ */
+export function detectMetadataPreallocation(node: Qcow2Node): boolean {
+  const cs = node.clusterSize;
+  const realClusters = Math.floor(node.file.allocatedSize() / cs);
+  const threshold = Math.max(Math.floor(realClusters * 10 / 9), realClusters + 2);
+  const endCluster = Math.ceil(node.file.size() / cs);
+  let inUse = 0;
+  for (let cluster = 0; cluster < endCluster && inUse < threshold; cluster++) {
+    if (node.refcounts.get(cluster) !== 0) inUse++;
+  }
+  return inUse >= threshold;
 }

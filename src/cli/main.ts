@@ -53,6 +53,12 @@ const verbs: Record<string, Verb> = {
       "[-o OFFSET] [--pattern=N] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE",
     run: async (args, io) => (await import("./bench.ts")).benchMain(args, io),
   },
+  measure: {
+    summary: "measure the size a new image needs (qemu-img measure)",
+    usage:
+      "vstor measure [--output=human|json] [-O FMT] [-o OPTIONS] [--size N | [-f FMT] [-l SNAPSHOT] [-U] FILE]",
+    run: async (args, io) => (await import("./measure.ts")).measureMain(args, io),
+  },
   convert: {
     summary: "convert images between formats, flatten chains, compress (qemu-img convert)",
     usage:
