@@ -237,13 +237,16 @@ export class Qcow2Node implements BlockNode {
    */
   static async open(file: HostFile, opts: Qcow2OpenOptions = {}): Promise<Qcow2Node> {
     const fileSize = file.size();
-    const probe = new Uint8Array(Math.min(fileSize, 2 ** 21));
-    file.readAt(0, probe);
-    // Only the header cluster is the header's: parse within it.
-    const bits = probe.length >= 24 ? new DataView(probe.buffer).getUint32(20) : 0;
-    const head = bits >= 9 && bits <= 21
-      ? probe.subarray(0, Math.min(probe.length, 2 ** bits))
-      : probe;
+    // The fixed header first, then exactly the header cluster: reading more would pull data
+    // clusters into the page cache (and change what SEEK_DATA reports for preallocated space).
+    const fixed = new Uint8Array(Math.min(fileSize, 512));
+    file.readAt(0, fixed);
+    const bits = fixed.length >= 24 ? new DataView(fixed.buffer).getUint32(20) : 0;
+    let head = fixed;
+    if (bits >= 9 && bits <= 21 && fileSize > 512) {
+      head = new Uint8Array(Math.min(fileSize, 2 ** bits));
+      file.readAt(0, head);
+    }
     const header = parseHeader(head, fileSize, file.path);
     for (
       const [what, value] of [["l2-cache-size", opts.l2CacheSize], [
