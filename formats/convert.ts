@@ -35,6 +35,8 @@ export interface ConvertOptions {
   targetIsZero?: boolean;
   /** -l: convert this internal snapshot (ID or name) of the source. */
   snapshot?: string;
+  /** Target cache mode (qemu-img -t): `unsafe` (convert's default) does not flush. */
+  cache?: "writeback" | "unsafe";
   /** Workers for compression (default: one per core). */
   workers?: number;
   onProgress?: (done: number, total: number) => void;
@@ -78,6 +80,8 @@ class Concat {
       const length = Math.max(1, Math.min(limit, st.length));
       if (st.kind === "data" || st.kind === "compressed") return ["data", length];
       if (st.kind === "zero") return ["zero", length];
+      // Unallocated with nothing below reads as zeroes: the target's backing must not show there.
+      if (node.backing === undefined || local >= node.backing.size) return ["zero", length];
       return ["backing", length];
     }
     const e = await entryAt(node, local, limit);
@@ -116,12 +120,23 @@ export function dataRuns(buf: Uint8Array, sparse: number): Array<[number, number
   if (sparse === 0) return buf.length === 0 ? [] : [[0, buf.length]];
   const minSectors = Math.max(1, Math.floor(sparse / SECTOR));
   const runs: Array<[number, number]> = [];
+  // One word view for the whole buffer (no per-sector views): this loop is convert's hot path.
+  const aligned = buf.byteOffset % 4 === 0;
+  const words = aligned ? new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2) : undefined;
+  const sectorZero = (s: number): boolean => {
+    const from = s * SECTOR, to = Math.min(buf.length, from + SECTOR);
+    if (words !== undefined && to - from === SECTOR) {
+      for (let w = from >>> 2, end = to >>> 2; w < end; w++) if (words[w] !== 0) return false;
+      return true;
+    }
+    for (let i = from; i < to; i++) if (buf[i] !== 0) return false;
+    return true;
+  };
   let runStart = -1, zeroStart = -1;
   const sectors = Math.ceil(buf.length / SECTOR);
   for (let s = 0; s < sectors; s++) {
-    const from = s * SECTOR, to = Math.min(buf.length, from + SECTOR);
-    const zero = isZeroBuffer(buf.subarray(from, to));
-    if (zero) {
+    const from = s * SECTOR;
+    if (sectorZero(s)) {
       if (zeroStart < 0) zeroStart = from;
       continue;
     }
@@ -192,7 +207,10 @@ export async function convertImages(
         ...(opts.backingFormat === undefined ? {} : { backingFormat: opts.backingFormat }),
       });
     }
-    out = await openImage(target, opts.noCreate ? {} : { format });
+    out = await openImage(target, {
+      ...(opts.noCreate ? {} : { format }),
+      cache: opts.cache ?? "unsafe",
+    });
     if (out.size < total) {
       throw new BlockError("invalid-argument", "Output image is too small", { path: target });
     }
@@ -209,6 +227,8 @@ export async function convertImages(
     const zeroInit = opts.noCreate ? opts.targetIsZero === true : out.backing === undefined;
     const chunk = Math.max(CHUNK, cs);
     const compressing = out instanceof Qcow2Node && pool !== undefined;
+    // One scratch buffer for the uncompressed path: writes finish before the next read.
+    const scratch = new Uint8Array(chunk);
     // Compressed chunks in flight, oldest first; bounded so reading does not run far ahead.
     const inflight: Array<Promise<void>> = [];
     let lastWrite: Promise<void> = Promise.resolve();
@@ -267,8 +287,9 @@ export async function convertImages(
       }
       const [status, n] = await concat.status(pos, span);
       if (status === "data" || (status === "zero" && sparse === 0)) {
-        const buf = new Uint8Array(n);
+        const buf = scratch.subarray(0, n);
         if (status === "data") await concat.read(pos, buf);
+        else buf.fill(0);
         if (zeroInit) {
           for (const [a, b] of dataRuns(buf, sparse)) await out.write(pos + a, buf.subarray(a, b));
         } else if (sparse === 0) {

@@ -24,6 +24,8 @@ export interface RawOptions {
   offset?: number;
   /** Length of the window (QEMU's raw `size`); default: to the end of the file. */
   size?: number;
+  /** `unsafe` never flushes (QEMU's cache=unsafe, qemu-img convert's default for its target). */
+  cache?: "writeback" | "unsafe";
 }
 
 const ZERO_CHUNK = 1 << 20;
@@ -37,6 +39,7 @@ export class RawNode implements BlockNode {
   readonly #probed: boolean;
   readonly #base: number;
   readonly #fixedSize: boolean;
+  readonly #unsafe: boolean;
   #size: number;
   #closed = false;
 
@@ -46,6 +49,7 @@ export class RawNode implements BlockNode {
     this.#probed = opts.probed ?? false;
     this.#base = opts.offset ?? 0;
     this.#fixedSize = opts.size !== undefined;
+    this.#unsafe = opts.cache === "unsafe";
     this.#size = size;
   }
 
@@ -151,7 +155,7 @@ export class RawNode implements BlockNode {
 
   async flush(): Promise<void> {
     this.#live();
-    if (!this.readOnly) this.#file.flush();
+    if (!this.readOnly && !this.#unsafe) this.#file.flush();
   }
 
   async blockStatus(offset: number, max: number): Promise<Extent> {
@@ -206,7 +210,7 @@ export class RawNode implements BlockNode {
     if (this.#closed) return;
     this.#closed = true;
     try {
-      if (!this.readOnly) this.#file.flush();
+      if (!this.readOnly && !this.#unsafe) this.#file.flush();
     } finally {
       this.#file.close();
     }

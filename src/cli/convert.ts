@@ -78,6 +78,10 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
   if (values["backing-format"] !== undefined && values.backing === undefined) {
     throw new UsageError("The -F option requires -B");
   }
+  const cache = values["target-cache"] ?? "unsafe";
+  if (!["none", "writeback", "writethrough", "directsync", "unsafe"].includes(cache)) {
+    throw new UsageError(`Invalid cache option: ${cache}`);
+  }
   let snapshot = values.snapshot;
   if (snapshot !== undefined) {
     const m = /^snapshot\.(id|name)=(.*)$/.exec(snapshot);
@@ -95,6 +99,7 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
     ...(values["backing-format"] === undefined ? {} : { backingFormat: values["backing-format"] }),
     ...(sparse === undefined ? {} : { sparseSize: sparse }),
     noCreate: values["no-create"],
+    cache: cache === "unsafe" ? "unsafe" : "writeback",
     targetIsZero: values["target-is-zero"],
     ...(snapshot === undefined ? {} : { snapshot }),
     onProgress: (d, t) => bar.update(d, t),

@@ -1,0 +1,1094 @@
+/**
+ * `vstor convert` against `qemu-img convert`: round trips checked by qemu-img, then the same
+ * arguments given to both tools over qemu-img-made sources (raw with holes, qcow2 v2/v3, every
+ * cluster size, compressed and zero clusters, extended L2, a 3-deep chain, internal snapshots,
+ * concatenated sources, existing targets), the two targets compared for contents (`qemu-img
+ * compare`) and allocation (`qemu-img map --output=json`, host offsets included), and the errors.
+ *
+ * Differences from qemu-img that are known and not yet fixed: those that show in `qemu-img map` are
+ * listed in {@linkcode KNOWN}, and a comparison sets aside only the ones that apply to its
+ * arguments (one rewrite applied to both maps); contents are never set aside. Every known
+ * difference, in the maps or elsewhere, is pinned by a step of the last test with a minimal repro:
+ * when vstor is fixed, that step fails and asks for the entry to be removed.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { EXIT_ERROR, EXIT_OK, EXIT_USAGE, main } from "../../src/cli/main.ts";
+import { ignoreWithout, runTool, type ToolResult } from "./qemu.ts";
+import { assertCheckClean, KiB, MiB, withTempDir } from "./qcow2_matrix.ts";
+import {
+  applyOps,
+  chain,
+  concatSources,
+  holesRaw,
+  mapDiff,
+  type MapEntry,
+  matrixSources,
+  mergeMap,
+  qemuMap,
+  qemuOk,
+  randomBytes,
+  sameMap,
+  snapshotImage,
+  type Source,
+  splitMapAt,
+} from "./convert_corpus.ts";
+
+const ignore = ignoreWithout("qemu-img") || ignoreWithout("qemu-io");
+
+/** Seed of every source's random data; printed so a failure can be replayed. */
+const SEED = Number(Deno.env.get("VSTOR_CONVERT_SEED") ?? 20261125);
+
+// ---- known differences from qemu-img 7.2 ----
+
+/**
+ * Differences in allocation vstor convert has from qemu-img convert today. Map comparisons set
+ * aside the ones {@linkcode knownFor} gives for their arguments; each has a pin in
+ * {@linkcode PINS} that fails once the difference is gone.
+ */
+const KNOWN = {
+  /**
+   * qemu-img zero-fills the part of a newly allocated cluster that a write does not cover (QEMU's
+   * COW: handle_alloc_space / perform_cow), so the whole host cluster is allocated and the file
+   * ends on a cluster boundary. vstor leaves that part unwritten: host holes inside the cluster,
+   * which `qemu-img map` reports as `"zero": true, "data": true`, and a file ending mid-cluster.
+   */
+  hostHoles: "host-holes",
+  /**
+   * QEMU's file-posix allocates the first 4 KiB of a raw file it creates (allocate_first_block);
+   * vstor's raw target has a hole there when the source starts with zeroes.
+   */
+  rawFirstBlock: "raw-first-block",
+  /**
+   * qemu-img convert -n without --target-is-zero writes zero ranges with BDRV_REQ_MAY_UNMAP: raw
+   * targets get holes punched, qcow2 targets get the clusters unmapped (ZERO_PLAIN, host cluster
+   * freed and reused by later allocations). vstor writes zeroes without unmap: raw ranges stay
+   * allocated, qcow2 clusters become ZERO_ALLOC and keep their host clusters, so later data
+   * lands elsewhere.
+   */
+  zeroWithoutUnmap: "zero-without-unmap",
+  /**
+   * vstor walks the source in steps of at most 2 MiB from wherever the previous status run ended,
+   * so a zero run starting mid-cluster is split mid-cluster. With -n (no backing) the straddled
+   * cluster stays unallocated where qemu-img makes it a zero cluster; with -B it becomes a data
+   * cluster of zeroes (pinned only: no map rewrite can set that aside).
+   */
+  chunkSplit: "chunk-split",
+  /**
+   * QEMU packs compressed clusters back to back, continuing into the next host cluster when it is
+   * contiguous (qcow2_alloc_bytes); vstor starts a new host cluster when a compressed cluster does
+   * not fit in what is left of the current one. Files grow, and the uncompressed clusters of a -c
+   * target (data that does not compress) land at other host offsets.
+   */
+  compressedPacking: "compressed-packing",
+} as const;
+type KnownId = (typeof KNOWN)[keyof typeof KNOWN];
+
+function withoutOffset(e: MapEntry): MapEntry {
+  const { offset: _offset, ...rest } = e;
+  return rest;
+}
+
+/** How each known difference is set aside: the same rewrite of both maps. */
+const SET_ASIDE: Record<KnownId, (map: MapEntry[], format: string) => MapEntry[]> = {
+  // Host-level zero detection inside allocated clusters (never a qcow2-level state).
+  "host-holes": (map) => map.map((e) => e.present && e.data && e.zero ? { ...e, zero: false } : e),
+  "raw-first-block": (map, format) =>
+    format !== "raw"
+      ? map
+      : splitMapAt(map, 4096).map((e) =>
+        e.start < 4096 ? { ...e, present: true, zero: false, data: true, offset: e.start } : e
+      ),
+  // Raw: allocation is not compared at all; qcow2: host offsets are not compared.
+  "zero-without-unmap": (map, format) =>
+    format === "raw"
+      ? map.map((e) => ({ ...e, present: true, zero: false, data: true, offset: e.start }))
+      : map.map(withoutOffset),
+  // An unallocated range and a zero cluster, both reading as zeroes, count as the same.
+  "chunk-split": (map) => map.map((e) => e.zero && !e.data ? { ...e, present: true } : e),
+  "compressed-packing": (map) => map.map(withoutOffset),
+};
+
+/** The known differences a case with these convert arguments may show. */
+function knownFor(args: string[], targetFormat: string): KnownId[] {
+  const known: KnownId[] = [KNOWN.hostHoles];
+  if (targetFormat === "raw" && !args.includes("-n")) known.push(KNOWN.rawFirstBlock);
+  if (args.includes("-n") && !args.includes("--target-is-zero")) {
+    known.push(KNOWN.zeroWithoutUnmap, KNOWN.chunkSplit);
+  }
+  if (args.includes("-c")) known.push(KNOWN.compressedPacking);
+  return known;
+}
+
+function setAside(map: MapEntry[], format: string, known: readonly KnownId[]): MapEntry[] {
+  let out = map;
+  for (const id of known) out = mergeMap(SET_ASIDE[id](out, format));
+  return out;
+}
+
+/** Fail a pin test: the difference it holds is gone. */
+function fixedMessage(what: string): string {
+  return `${what} no longer differs from qemu-img: remove it from KNOWN (and this pin)`;
+}
+
+// ---- running both tools ----
+
+/** Run `vstor ARGS...` in-process, keeping stdout and stderr apart. */
+async function vstor(...args: string[]): Promise<ToolResult> {
+  let stdout = "", stderr = "";
+  const code = await main(args, { stdout: (s) => stdout += s, stderr: (s) => stderr += s });
+  return { code, stdout, stderr };
+}
+
+/** One comparison: identical `convert` arguments (target appended) given to both tools. */
+interface Case {
+  /** Arguments before the target file name. */
+  args: string[];
+  targetFormat: "raw" | "qcow2";
+  /** For -n: make each target before converting (identically for both tools). */
+  prepare?: (path: string) => Promise<void>;
+}
+
+interface Targets {
+  theirs: string;
+  ours: string;
+}
+
+function shellLine(tool: string, args: string[]): string {
+  return `${tool} convert ${args.map((a) => /^[\w./=,:-]+$/.test(a) ? a : `'${a}'`).join(" ")}`;
+}
+
+/** Convert with both tools (concurrently); both must succeed. */
+async function convertBoth(dir: string, tag: string, c: Case): Promise<Targets> {
+  const ext = c.targetFormat;
+  const theirs = join(dir, `${tag}.qemu.${ext}`), ours = join(dir, `${tag}.vstor.${ext}`);
+  if (c.prepare) await Promise.all([c.prepare(theirs), c.prepare(ours)]);
+  const [q, v] = await Promise.all([
+    runTool("qemu-img", ["convert", ...c.args, theirs]),
+    vstor("convert", ...c.args, ours),
+  ]);
+  assert.equal(q.code, 0, `${shellLine("qemu-img", [...c.args, theirs])}:\n${q.stderr}`);
+  assert.equal(v.code, 0, `${shellLine("vstor", [...c.args, ours])}:\n${v.stdout}${v.stderr}`);
+  return { theirs, ours };
+}
+
+/**
+ * Both tools' targets hold the same guest data and the same allocation (maps equal, host offsets
+ * included, after setting aside the case's known differences); vstor's qcow2 target checks clean.
+ */
+async function assertSameResult(t: Targets, c: Case): Promise<void> {
+  const fmt = c.targetFormat;
+  const repro = `\n  ${shellLine("qemu-img", [...c.args, t.theirs])}\n  ${
+    shellLine("vstor", [...c.args, t.ours])
+  }\n  (sources from convert_corpus.ts, seed ${SEED})`;
+  const [cmp, theirs, ours] = await Promise.all([
+    runTool("qemu-img", ["compare", "-f", fmt, "-F", fmt, t.theirs, t.ours]),
+    qemuMap(t.theirs, fmt),
+    qemuMap(t.ours, fmt),
+    fmt === "qcow2" ? assertCheckClean(t.ours) : Promise.resolve(),
+  ]);
+  assert.equal(cmp.code, 0, `contents differ: ${cmp.stdout}${cmp.stderr}${repro}`);
+  if (sameMap(theirs, ours)) return;
+  const known = knownFor(c.args, fmt);
+  const a = setAside(theirs, fmt, known), b = setAside(ours, fmt, known);
+  assert.ok(
+    sameMap(a, b),
+    `qemu-img map differs (known differences set aside: ${known.join(", ")})\n` +
+      `as printed: ${mapDiff(theirs, ours)}\nset aside: ${mapDiff(a, b)}${repro}`,
+  );
+  // Which of them this case needed: leaving one out makes the maps differ again.
+  for (const id of known) {
+    const rest = known.filter((k) => k !== id);
+    if (!sameMap(setAside(theirs, fmt, rest), setAside(ours, fmt, rest))) {
+      const cases = setAsideUses.get(id) ?? [];
+      cases.push(`${c.args.join(" ")}`);
+      setAsideUses.set(id, cases);
+    }
+  }
+}
+
+/** The cases of the current test that needed each known difference set aside. */
+const setAsideUses = new Map<KnownId, string[]>();
+
+/** Print (and forget) which known differences the test's cases needed set aside. */
+function reportSetAside(): void {
+  for (const [id, cases] of setAsideUses) {
+    console.log(`set aside ${id} in ${cases.length} case(s), e.g. ${cases[0]}`);
+  }
+  setAsideUses.clear();
+}
+
+async function runCase(dir: string, tag: string, c: Case): Promise<void> {
+  const t = await convertBoth(dir, tag, c);
+  try {
+    await assertSameResult(t, c);
+  } finally {
+    await Promise.all([Deno.remove(t.theirs), Deno.remove(t.ours)]);
+  }
+}
+
+function tagOf(...parts: string[]): string {
+  return parts.join("_").replace(/[^\w.=-]+/g, "_");
+}
+
+function src(s: Source): string[] {
+  return ["-f", s.format, s.path];
+}
+
+/**
+ * Makes a target for -n: a new image of `size` bytes, written with `pattern` everywhere but a
+ * discarded megabyte in the middle (left as created when `pattern` is 0).
+ */
+function existingTarget(format: "raw" | "qcow2", size: number, pattern: number) {
+  return async (path: string) => {
+    await qemuOk("qemu-img", ["create", "-q", "-f", format, path, String(size)]);
+    if (pattern === 0) return;
+    await qemuOk("qemu-io", [
+      "-f",
+      format,
+      "-c",
+      `write -q -P ${pattern} 0 ${size}`,
+      "-c",
+      `discard -q ${size / 2} ${MiB}`,
+      path,
+    ]);
+  };
+}
+
+// ---- round trips ----
+
+Deno.test({
+  name:
+    "vstor convert round-trips raw → qcow2 → compressed qcow2 (zlib, then zstd) → raw, each step checked by qemu-img",
+  ignore,
+  async fn() {
+    console.log(`seed ${SEED}`);
+    await withTempDir("vstor_convert_rt_", async (dir) => {
+      const original = await holesRaw(dir, SEED);
+      const steps: Array<{ file: string; format: "raw" | "qcow2"; args: string[] }> = [
+        { file: "plain.qcow2", format: "qcow2", args: ["-O", "qcow2"] },
+        { file: "zlib.qcow2", format: "qcow2", args: ["-O", "qcow2", "-c"] },
+        {
+          file: "zstd.qcow2",
+          format: "qcow2",
+          args: ["-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+        },
+        { file: "back.raw", format: "raw", args: ["-O", "raw"] },
+      ];
+      let from: Source = original;
+      for (const step of steps) {
+        const to = join(dir, step.file);
+        const r = await vstor("convert", ...step.args, ...src(from), to);
+        assert.equal(r.code, EXIT_OK, `${step.file}: ${r.stdout}${r.stderr}`);
+        if (step.format === "qcow2") {
+          await assertCheckClean(to, step.file);
+          const info = JSON.parse(await qemuOk("qemu-img", ["info", "--output=json", to])) as {
+            "format-specific": { data: { "compression-type": string } };
+          };
+          const compressed = step.args.includes("-c");
+          const type = step.args.includes("compression_type=zstd") ? "zstd" : "zlib";
+          assert.equal(info["format-specific"].data["compression-type"], type, step.file);
+          const check = await qemuOk("qemu-img", ["check", to]);
+          const pct = /(\d+\.\d+)% compressed clusters/.exec(check);
+          assert.ok(pct, check);
+          assert.equal(Number(pct[1]) > 0, compressed, `${step.file}: ${check}`);
+        }
+        await assertCompareOk(original.path, "raw", to, step.format, step.file);
+        from = { name: step.file, path: to, format: step.format };
+      }
+    });
+  },
+});
+
+async function assertCompareOk(a: string, af: string, b: string, bf: string, what: string) {
+  const r = await runTool("qemu-img", ["compare", "-f", af, "-F", bf, a, b]);
+  assert.equal(r.code, 0, `${what}: qemu-img compare ${a} ${b}: ${r.stdout}${r.stderr}`);
+}
+
+// ---- the option matrix over every source ----
+
+/** A step of a comparison test. */
+interface Step {
+  name: string;
+  fn: () => Promise<void>;
+}
+
+/**
+ * Run `steps` `lanes` at a time: each step is a pair of conversions plus qemu-img checks, mostly
+ * waiting on subprocesses. Steps that overlap must run without sanitizers.
+ */
+async function runSteps(t: Deno.TestContext, steps: Step[], lanes = 2): Promise<void> {
+  let next = 0;
+  const lane = async () => {
+    for (let i = next++; i < steps.length; i = next++) {
+      const step = steps[i]!;
+      await t.step({
+        name: step.name,
+        fn: step.fn,
+        sanitizeOps: false,
+        sanitizeResources: false,
+        sanitizeExit: false,
+      });
+    }
+  };
+  await Promise.all(Array.from({ length: lanes }, lane));
+  reportSetAside();
+}
+
+/** The option sets every matrix source is converted with. */
+const OPTION_SETS: Array<{ args: string[]; targetFormat: "raw" | "qcow2" }> = [
+  { args: ["-O", "raw"], targetFormat: "raw" },
+  { args: ["-O", "qcow2"], targetFormat: "qcow2" },
+  { args: ["-O", "qcow2", "-o", "cluster_size=4k"], targetFormat: "qcow2" },
+  { args: ["-O", "qcow2", "-c"], targetFormat: "qcow2" },
+  { args: ["-O", "qcow2", "-S", "0"], targetFormat: "qcow2" },
+  { args: ["-O", "qcow2", "-S", "64k"], targetFormat: "qcow2" },
+  { args: ["-O", "qcow2", "-o", "compat=0.10"], targetFormat: "qcow2" },
+];
+
+Deno.test({
+  name:
+    "vstor convert gives qemu-img convert's contents and allocation for every qemu-img-made source and option set",
+  ignore,
+  async fn(t) {
+    console.log(`seed ${SEED}`);
+    await withTempDir("vstor_convert_matrix_", async (dir) => {
+      const sources = await matrixSources(dir, SEED);
+      await runSteps(
+        t,
+        sources.flatMap((s) =>
+          OPTION_SETS.map((o) => ({
+            name: `${s.name}: ${o.args.join(" ")}`,
+            fn: () =>
+              runCase(dir, tagOf(s.name, ...o.args), {
+                args: [...o.args, ...src(s)],
+                targetFormat: o.targetFormat,
+              }),
+          }))
+        ),
+      );
+    });
+  },
+});
+
+// ---- -B, -n, concatenation, snapshots ----
+
+Deno.test({
+  name:
+    "vstor convert -B -F makes an overlay of the given base holding what qemu-img's does, for chained and standalone sources",
+  ignore,
+  async fn(t) {
+    console.log(`seed ${SEED}`);
+    await withTempDir("vstor_convert_backing_", async (dir) => {
+      const { base, mid, top } = await chain(dir, SEED);
+      // A standalone qcow2 (no backing file), its zero runs whole clusters.
+      const holes = await holesRaw(dir, SEED);
+      const standalone = join(dir, "standalone.qcow2");
+      await qemuOk("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", holes.path, standalone]);
+      const alone: Source = { name: "standalone", path: standalone, format: "qcow2" };
+      const cases: Array<{ source: Source; backing: Source; extra: string[] }> = [
+        { source: top, backing: mid, extra: [] },
+        { source: top, backing: mid, extra: ["-c"] },
+        { source: top, backing: mid, extra: ["-S", "0"] },
+        { source: top, backing: mid, extra: ["-o", "cluster_size=4k"] },
+        // Only the top layer is copied: mid's data does not reach the new overlay of base.
+        { source: top, backing: base, extra: [] },
+        { source: mid, backing: base, extra: [] },
+        // A source without a backing file over an unrelated base: its zeroes must be written.
+        { source: alone, backing: base, extra: [] },
+      ];
+      await runSteps(
+        t,
+        cases.map((c) => ({
+          name: `${c.source.name} -B ${c.backing.name} ${c.extra.join(" ")}`.trim(),
+          fn: () =>
+            runCase(dir, tagOf(c.source.name, c.backing.name, ...c.extra), {
+              args: [
+                ...["-O", "qcow2", "-B", c.backing.path, "-F", c.backing.format, ...c.extra],
+                ...src(c.source),
+              ],
+              targetFormat: "qcow2",
+            }),
+        })),
+      );
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "vstor convert -n writes into an existing target as qemu-img does, with and without --target-is-zero",
+  ignore,
+  async fn(t) {
+    console.log(`seed ${SEED}`);
+    await withTempDir("vstor_convert_n_", async (dir) => {
+      const { top } = await chain(dir, SEED);
+      const holes = await holesRaw(dir, SEED);
+      const size = 9 * MiB; // larger than both sources: the tail must stay as it was
+      const steps: Step[] = [];
+      for (const source of [top, holes]) {
+        for (const format of ["raw", "qcow2"] as const) {
+          // Into an empty target with and without --target-is-zero; into a written one without
+          // (with it, the target would not read as zeroes: the result is then unspecified).
+          const variants = [
+            { state: "empty", pattern: 0, flags: ["-n"] },
+            { state: "empty", pattern: 0, flags: ["-n", "--target-is-zero"] },
+            { state: "written", pattern: 0x77, flags: ["-n"] },
+          ];
+          for (const v of variants) {
+            steps.push({
+              name: `${source.name} into ${v.state} ${format} ${v.flags.join(" ")}`,
+              fn: () =>
+                runCase(dir, tagOf(source.name, format, v.state, ...v.flags), {
+                  args: [...v.flags, "-O", format, ...src(source)],
+                  targetFormat: format,
+                  prepare: existingTarget(format, size, v.pattern),
+                }),
+            });
+          }
+        }
+      }
+      steps.push({
+        name: "chain_top compressed into an empty qcow2 -n",
+        fn: () =>
+          runCase(dir, "n_compressed", {
+            args: ["-n", "-O", "qcow2", "-c", ...src(top)],
+            targetFormat: "qcow2",
+            prepare: existingTarget("qcow2", size, 0),
+          }),
+      });
+      await runSteps(t, steps);
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "vstor convert concatenates sources whose sizes are no cluster multiples exactly as qemu-img does",
+  ignore,
+  async fn(t) {
+    console.log(`seed ${SEED}`);
+    await withTempDir("vstor_convert_cat_", async (dir) => {
+      const sources = await concatSources(dir, SEED);
+      // qemu-img takes one -f for all sources: mixed formats are probed instead.
+      const probed = sources.map((s) => s.path);
+      const sets: Array<{ args: string[]; targetFormat: "raw" | "qcow2" }> = [
+        { args: ["-O", "raw"], targetFormat: "raw" },
+        { args: ["-O", "qcow2"], targetFormat: "qcow2" },
+        { args: ["-O", "qcow2", "-c"], targetFormat: "qcow2" },
+        { args: ["-O", "qcow2", "-S", "0"], targetFormat: "qcow2" },
+        { args: ["-O", "qcow2", "-o", "cluster_size=4k"], targetFormat: "qcow2" },
+        { args: ["-O", "qcow2", "-o", "cluster_size=2M"], targetFormat: "qcow2" },
+      ];
+      const steps: Step[] = sets.map((o) => ({
+        name: `cat_a.raw cat_b.qcow2 cat_c.raw ${o.args.join(" ")}`,
+        fn: () =>
+          runCase(dir, tagOf("cat", ...o.args), {
+            args: [...o.args, ...probed],
+            targetFormat: o.targetFormat,
+          }),
+      }));
+      steps.push({
+        name: "the same raw source twice",
+        fn: () =>
+          runCase(dir, "cat_twice", {
+            args: ["-O", "qcow2", "-f", "raw", sources[0]!.path, sources[0]!.path],
+            targetFormat: "qcow2",
+          }),
+      });
+      await runSteps(t, steps);
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "vstor convert -l converts the internal snapshot named by name, by ID, and by snapshot.name=/snapshot.id=",
+  ignore,
+  async fn(t) {
+    console.log(`seed ${SEED}`);
+    await withTempDir("vstor_convert_snap_", async (dir) => {
+      const snap = await snapshotImage(dir, SEED);
+      const selectors = ["first", "1", "second", "2", "snapshot.name=first", "snapshot.id=2"];
+      await runSteps(
+        t,
+        selectors.flatMap((l) =>
+          (["raw", "qcow2"] as const).map((format) => ({
+            name: `-l ${l} -O ${format}`,
+            fn: () =>
+              runCase(dir, tagOf("snap", l, format), {
+                args: ["-O", format, "-l", l, ...src(snap)],
+                targetFormat: format,
+              }),
+          }))
+        ),
+      );
+      // The snapshots really differ from each other and from the current state.
+      const flat = async (l: string) => {
+        const out = join(dir, `flat_${l}.raw`);
+        assert.equal((await vstor("convert", "-O", "raw", "-l", l, ...src(snap), out)).code, 0);
+        return out;
+      };
+      const [first, second] = [await flat("first"), await flat("second")];
+      const differ = await runTool("qemu-img", [
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        first,
+        second,
+      ]);
+      assert.equal(differ.code, 1, "snapshots 'first' and 'second' should differ");
+      const now = await runTool("qemu-img", [
+        ..."compare -f raw -F qcow2".split(" "),
+        second,
+        snap.path,
+      ]);
+      assert.equal(now.code, 1, "snapshot 'second' should differ from the current state");
+    });
+  },
+});
+
+// ---- errors ----
+
+/** Exactly one line on stderr, `vstor: …`, nothing on stdout. */
+function assertOneErrorLine(r: ToolResult, pattern: RegExp, what: string): void {
+  assert.equal(r.stdout, "", `${what}: stdout`);
+  const lines = r.stderr.split("\n").filter((l) => l !== "");
+  assert.equal(lines.length, 1, `${what}: one line expected:\n${r.stderr}`);
+  assert.match(lines[0]!, /^vstor: /, what);
+  assert.match(lines[0]!, pattern, what);
+}
+
+/** A usage error: exit 2, `vstor convert: message` and the usage line. */
+function assertUsage(r: ToolResult, pattern: RegExp, what: string): void {
+  assert.equal(r.code, EXIT_USAGE, `${what}: exit code\n${r.stderr}`);
+  assert.match(r.stderr, /^vstor convert: /, what);
+  assert.match(r.stderr, pattern, what);
+  assert.match(r.stderr, /\nusage: vstor convert /, what);
+}
+
+/** qemu-img refuses the same arguments too (exit 1). */
+async function assertQemuRefuses(args: string[], what: string): Promise<void> {
+  const q = await runTool("qemu-img", ["convert", ...args]);
+  assert.equal(q.code, 1, `${what}: qemu-img should refuse too:\n${q.stderr}`);
+}
+
+async function exists(path: string): Promise<boolean> {
+  return await Deno.stat(path).then(() => true, () => false);
+}
+
+Deno.test({
+  name:
+    "vstor convert refuses a missing source, -c to raw, bad -S/-m, --target-is-zero without -n and a too-small -n target",
+  ignore,
+  async fn() {
+    await withTempDir("vstor_convert_err_", async (dir) => {
+      const source = join(dir, "src.raw");
+      await qemuOk("qemu-img", ["create", "-q", "-f", "raw", source, String(2 * MiB)]);
+      await qemuOk("qemu-io", ["-f", "raw", "-c", "write -q -P 0x5 0 1M", source]);
+      const out = join(dir, "out.img");
+
+      const missing = join(dir, "no-such.qcow2");
+      let r = await vstor("convert", "-O", "qcow2", missing, out);
+      assert.equal(r.code, EXIT_ERROR, r.stderr);
+      assertOneErrorLine(r, /no-such\.qcow2.*(No such file|not found)/i, "missing source");
+      assert.equal(await exists(out), false, "no target is created for a missing source");
+      await assertQemuRefuses(["-O", "qcow2", missing, out], "missing source");
+
+      r = await vstor("convert", "-O", "raw", "-c", "-f", "raw", source, out);
+      assert.equal(r.code, EXIT_ERROR, r.stderr);
+      assertOneErrorLine(r, /Compression not supported/, "-c -O raw");
+      await Deno.remove(out).catch(() => {}); // known difference: vstor leaves it (pinned below)
+      await assertQemuRefuses(["-O", "raw", "-c", "-f", "raw", source, out], "-c -O raw");
+
+      for (const bad of ["foo", "1k5", "-1"]) {
+        r = await vstor("convert", `-S${bad}`, "-f", "raw", source, out);
+        assertUsage(r, /Invalid buffer size for sparse output specified/, `-S ${bad}`);
+        await assertQemuRefuses([`-S${bad}`, "-f", "raw", source, out], `-S ${bad}`);
+      }
+      for (const m of ["17", "0", "x"]) {
+        r = await vstor("convert", "-m", m, "-f", "raw", source, out);
+        assertUsage(r, /Invalid number of coroutines.*between 1 and 16/, `-m ${m}`);
+        await assertQemuRefuses(["-m", m, "-f", "raw", source, out], `-m ${m}`);
+      }
+      assert.equal(await exists(out), false, "usage errors create no target");
+
+      r = await vstor("convert", "--target-is-zero", "-f", "raw", source, out);
+      // A usage error (2) is wanted; vstor exits 1 today (pinned below, then tighten this).
+      assert.notEqual(r.code, EXIT_OK, r.stderr);
+      assert.match(r.stderr, /--target-is-zero requires use of -n flag/);
+      assert.equal(await exists(out), false, "--target-is-zero without -n creates no target");
+      await assertQemuRefuses(["--target-is-zero", "-f", "raw", source, out], "--target-is-zero");
+
+      for (const format of ["raw", "qcow2"] as const) {
+        const small = join(dir, `small.${format}`);
+        await qemuOk("qemu-img", ["create", "-q", "-f", format, small, String(MiB)]);
+        await qemuOk("qemu-io", ["-f", format, "-c", "write -q -P 0x9 0 1M", small]);
+        const before = await Deno.readFile(small);
+        r = await vstor("convert", "-n", "-O", format, "-f", "raw", source, small);
+        assert.equal(r.code, EXIT_ERROR, r.stderr);
+        assertOneErrorLine(r, /too small/, `-n into a smaller ${format} target`);
+        assert.deepEqual(await Deno.readFile(small), before, "the small target is untouched");
+        await assertQemuRefuses(["-n", "-O", format, "-f", "raw", source, small], "too small");
+      }
+    });
+  },
+});
+
+// ---- pins: one step per known difference, failing once vstor behaves as qemu-img ----
+
+/** Convert with both tools and return the maps as printed and the file sizes. */
+async function both(dir: string, tag: string, c: Case) {
+  const t = await convertBoth(dir, tag, c);
+  const [theirs, ours] = await Promise.all([
+    qemuMap(t.theirs, c.targetFormat),
+    qemuMap(t.ours, c.targetFormat),
+  ]);
+  const cmp = await runTool("qemu-img", [
+    ..."compare -f".split(" "),
+    c.targetFormat,
+    "-F",
+    c.targetFormat,
+    t.theirs,
+    t.ours,
+  ]);
+  return {
+    ...t,
+    theirsMap: theirs,
+    oursMap: ours,
+    same: cmp.code === 0,
+    theirsSize: (await Deno.stat(t.theirs)).size,
+    oursSize: (await Deno.stat(t.ours)).size,
+  };
+}
+
+/** A raw image made by qemu-img with `commands` run by qemu-io. */
+async function rawWith(dir: string, name: string, size: number, commands: string[]) {
+  const path = join(dir, name);
+  await qemuOk("qemu-img", ["create", "-q", "-f", "raw", path, String(size)]);
+  if (commands.length > 0) {
+    await qemuOk("qemu-io", ["-f", "raw", ...commands.flatMap((c) => ["-c", c]), path]);
+  }
+  return path;
+}
+
+/**
+ * The compressed clusters of a qcow2 file with one L2 table: guest cluster index, host offset and
+ * the byte just past the sectors the descriptor claims.
+ */
+async function compressedClusters(path: string) {
+  const file = await Deno.readFile(path);
+  const view = new DataView(file.buffer);
+  const clusterBits = view.getUint32(20);
+  const clusterSize = 1 << clusterBits;
+  const l2 = Number(view.getBigUint64(Number(view.getBigUint64(40))) & 0x00fffffffffffe00n);
+  const offsetBits = 62n - BigInt(clusterBits - 8);
+  const out: Array<{ guestCluster: number; host: number; end: number; file: Uint8Array }> = [];
+  for (let i = 0; i < clusterSize / 8; i++) {
+    const entry = view.getBigUint64(l2 + 8 * i);
+    if (((entry >> 62n) & 1n) === 0n) continue;
+    const host = Number(entry & ((1n << offsetBits) - 1n));
+    const sectors = Number((entry >> offsetBits) & ((1n << (62n - offsetBits)) - 1n)) + 1;
+    out.push({ guestCluster: i, host, end: (host & ~511) + sectors * 512, file });
+  }
+  return { clusterSize, clusters: out };
+}
+
+/** The known differences, each with a minimal repro that must still show it. */
+const PINS: Step[] = [
+  {
+    name: "--target-is-zero without -n exits 1, as a failure, not 2 as the usage error it is",
+    fn: async () => {
+      // repro: vstor convert --target-is-zero -f raw s.raw t.raw; echo $? → 1 (qemu-img: 1 too,
+      //        but vstor's convention is 2 for option mistakes, as for bad -S and -m)
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, []);
+        const r = await vstor("convert", "--target-is-zero", "-f", "raw", s, join(dir, "t.raw"));
+        assert.equal(
+          r.code,
+          EXIT_ERROR,
+          fixedMessage("--target-is-zero exit code") +
+            "; then expect EXIT_USAGE in the errors test",
+        );
+      });
+    },
+  },
+  {
+    name:
+      "vstor leaves the unwritten rest of a new cluster as host holes where qemu-img zero-fills it",
+    fn: async () => {
+      // repro: qemu-img create -f raw s.raw 1M; qemu-io -f raw -c 'write -P 0x11 0 4k' s.raw
+      //        qemu-img convert -f raw -O qcow2 s.raw q.qcow2; vstor convert (same) v.qcow2
+      //        qemu-img map --output=json: q [0,64k) data; v [0,4k) data, [4k,64k) zero+data
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
+        const r = await both(dir, "holes", {
+          args: ["-f", "raw", "-O", "qcow2", s],
+          targetFormat: "qcow2",
+        });
+        assert.ok(r.same);
+        assert.ok(!sameMap(r.theirsMap, r.oursMap), fixedMessage(KNOWN.hostHoles));
+        const a = setAside(r.theirsMap, "qcow2", [KNOWN.hostHoles]);
+        assert.ok(sameMap(a, setAside(r.oursMap, "qcow2", [KNOWN.hostHoles])));
+        assert.notEqual(r.oursSize % (64 * KiB), 0, "vstor's file ends mid-cluster");
+        assert.equal(r.theirsSize % (64 * KiB), 0, "qemu-img's file ends on a cluster boundary");
+      });
+    },
+  },
+  {
+    name:
+      "a raw target vstor creates has no allocated first block where the source starts with zeroes",
+    fn: async () => {
+      // repro: qemu-img create -f raw s.raw 1M; qemu-io -f raw -c 'write -P 0x11 512k 4k' s.raw
+      //        qemu-img convert -f raw -O raw s.raw q.raw  → map: [0,4k) data (allocate_first_block)
+      //        vstor convert -f raw -O raw s.raw v.raw     → map: [0,512k) zero
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 512k 4k"]);
+        const r = await both(dir, "first", {
+          args: ["-f", "raw", "-O", "raw", s],
+          targetFormat: "raw",
+        });
+        assert.ok(r.same);
+        assert.ok(!sameMap(r.theirsMap, r.oursMap), fixedMessage(KNOWN.rawFirstBlock));
+        const known = [KNOWN.rawFirstBlock];
+        assert.ok(sameMap(setAside(r.theirsMap, "raw", known), setAside(r.oursMap, "raw", known)));
+      });
+    },
+  },
+  {
+    name: "vstor convert -n without --target-is-zero writes zeroes without unmapping them",
+    fn: async () => {
+      // repro: qemu-img create -f qcow2 t.qcow2 2M; qemu-io -f qcow2 -c 'write -P 0x77 0 2M' t.qcow2
+      //        (twice, q/v) qemu-img convert -n -f raw -O qcow2 s.raw t.qcow2 (s.raw: 2M, data 0..64k)
+      //        map: qemu-img [64k,2M) zero, no offset; vstor [64k,2M) zero with host offsets kept
+      //        same with -O raw: qemu-img punches holes, vstor leaves the range allocated
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", 2 * MiB, ["write -q -P 0x11 0 64k"]);
+        for (const format of ["qcow2", "raw"] as const) {
+          const r = await both(dir, `n_${format}`, {
+            args: ["-n", "-f", "raw", "-O", format, s],
+            targetFormat: format,
+            prepare: existingTarget(format, 2 * MiB, 0x77),
+          });
+          assert.ok(r.same);
+          assert.ok(
+            !sameMap(r.theirsMap, r.oursMap),
+            fixedMessage(`${KNOWN.zeroWithoutUnmap} (${format})`),
+          );
+        }
+      });
+    },
+  },
+  {
+    name: "vstor's -S zero detection ignores qemu-img's alignment of data and zero runs",
+    fn: async () => {
+      // qemu-img aligns the end of a data run up, and of a zero run down, to
+      // alignment = max(pow2floor(-S), request_alignment) (is_allocated_sectors); vstor works in
+      // 512-byte sectors. Seen with clusters smaller than that alignment, and on raw targets.
+      // repro: qemu-img create -f raw s.raw 1M; qemu-io -f raw -c 'write -P 0x11 0 512'
+      //          -c 'write -P 0x12 8k 512' s.raw
+      //        qemu-img convert -f raw -O qcow2 -o cluster_size=512 s.raw q.qcow2 → [0,4k) [8k,12k) data
+      //        vstor convert (same) v.qcow2 → [0,512) [8k,8.5k) data
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, [
+          "write -q -P 0x11 0 512",
+          "write -q -P 0x12 8k 512",
+        ]);
+        const r = await both(dir, "align", {
+          args: ["-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", s],
+          targetFormat: "qcow2",
+        });
+        assert.ok(r.same);
+        assert.ok(
+          !sameMap(r.theirsMap, r.oursMap),
+          fixedMessage("-S alignment (cluster_size=512)"),
+        );
+        const islands = await rawWith(dir, "i.raw", MiB, [
+          "write -q -P 0x11 0 512",
+          "write -q -P 0 512 100k",
+          "write -q -P 0x12 102912 1000",
+        ]);
+        const raw = await both(dir, "align_raw", {
+          args: ["-f", "raw", "-O", "raw", "-S", "64k", islands],
+          targetFormat: "raw",
+        });
+        assert.ok(raw.same);
+        assert.ok(
+          !sameMap(raw.theirsMap, raw.oursMap),
+          fixedMessage("-S alignment (-O raw -S 64k)"),
+        );
+      });
+    },
+  },
+  {
+    name: "vstor's compressed target does not end on a 512-byte boundary",
+    fn: async () => {
+      // repro: qemu-img create -f raw s.raw 1M; qemu-io -f raw -c 'write -P 0x11 0 1000k' s.raw
+      //        qemu-img convert -f raw -O qcow2 -c s.raw q.qcow2 → length a multiple of 512 (qemu-img
+      //        ends -c with a zero-length compressed write, which truncates the file to whole sectors)
+      //        vstor convert (same) v.qcow2 → ends right after the last compressed cluster
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 1000k"]);
+        const r = await both(dir, "pad", {
+          args: ["-f", "raw", "-O", "qcow2", "-c", s],
+          targetFormat: "qcow2",
+        });
+        assert.ok(r.same);
+        assert.equal(r.theirsSize % 512, 0);
+        assert.notEqual(r.oursSize % 512, 0, fixedMessage("padding of -c targets to 512 bytes"));
+      });
+    },
+  },
+  {
+    name: "node:zlib deflates small clusters into other bytes than QEMU's system zlib",
+    fn: async () => {
+      // Deno's node:zlib is zlib 1.3.1 (Chromium's fork); qemu-img 7.2 here links zlib 1.2.13.
+      // Same parameters (raw deflate, window 4 KiB, level 6, memLevel 9), other streams:
+      // 512 bytes of 0x11 → QEMU 13 14 1c 05 23 19 00 (8 bytes), vstor 13 14 1c 05 82 23 18 00 00
+      // repro: qemu-img create -f raw s.raw 64k; qemu-io -f raw -c 'write -P 0x11 0 512' s.raw
+      //        qemu-img convert -f raw -O qcow2 -c -o cluster_size=512 s.raw q.qcow2; vstor (same)
+      //        and read the compressed cluster of guest offset 0 in each
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", 64 * KiB, ["write -q -P 0x11 0 512"]);
+        const r = await both(dir, "deflate", {
+          args: ["-f", "raw", "-O", "qcow2", "-c", "-o", "cluster_size=512", s],
+          targetFormat: "qcow2",
+        });
+        assert.ok(r.same);
+        const first = async (path: string) => {
+          const c = (await compressedClusters(path)).clusters[0];
+          assert.ok(c !== undefined && c.guestCluster === 0, `${path}: cluster 0 not compressed`);
+          return c.file.slice(c.host, c.host + 9);
+        };
+        const [q, v] = [await first(r.theirs), await first(r.ours)];
+        assert.notDeepEqual(v, q, fixedMessage("deflate output for a 512-byte cluster"));
+      });
+    },
+  },
+  {
+    name:
+      "vstor starts a new host cluster for a compressed cluster that does not fit, QEMU continues into the next",
+    fn: async () => {
+      // repro: a 1 MiB raw image whose 64 KiB clusters each start with 65000 random bytes
+      //        qemu-img convert -f raw -O qcow2 -c s.raw q.qcow2 → every compressed cluster (just
+      //        under 64 KiB) continues from where the previous ended, across a host cluster boundary;
+      //        vstor convert (same) v.qcow2 → each starts a new host cluster
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = join(dir, "s.raw");
+        const image = new Uint8Array(MiB);
+        for (let c = 0; c < 16; c++) image.set(randomBytes(SEED + c, 65000), c * 64 * KiB);
+        await Deno.writeFile(s, image);
+        const r = await both(dir, "packing", {
+          args: ["-f", "raw", "-O", "qcow2", "-c", s],
+          targetFormat: "qcow2",
+        });
+        assert.ok(r.same);
+        const straddling = async (path: string) => {
+          const { clusterSize, clusters } = await compressedClusters(path);
+          assert.ok(clusters.length > 0, `${path}: no compressed clusters`);
+          return clusters.filter((c) =>
+            Math.floor(c.host / clusterSize) !== Math.floor((c.end - 1) / clusterSize)
+          ).length;
+        };
+        assert.ok((await straddling(r.theirs)) > 0, "qemu-img packs across host clusters");
+        assert.equal(await straddling(r.ours), 0, fixedMessage(KNOWN.compressedPacking));
+      });
+    },
+  },
+  {
+    name: "vstor places a new refcount block before the data that needs it, QEMU after it",
+    fn: async () => {
+      // With 4 KiB clusters one refcount block covers 8 MiB of file. A data run that crosses 8 MiB:
+      // QEMU allocates the run, then the refcount block at the first free cluster after it (inside
+      // the range it covers); vstor puts the refcount block first, shifting the data by a cluster.
+      // repro: qemu-img create -f raw big.raw 32M; qemu-io -f raw -c 'write -P 0x11 0 12M' big.raw
+      //        qemu-img convert -f raw -O qcow2 -o cluster_size=4k big.raw q.qcow2; vstor (same)
+      //        map: guest 6 MiB at host 6324224 (qemu-img), 6328320 (vstor); refcount block 1 at
+      //        8421376 (qemu-img), 6324224 (vstor)
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "big.raw", 32 * MiB, ["write -q -P 0x11 0 12M"]);
+        const r = await both(dir, "refblock", {
+          args: ["-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k", s],
+          targetFormat: "qcow2",
+        });
+        assert.ok(r.same);
+        const offsets = (m: MapEntry[]) => m.map((e) => e.offset);
+        assert.notDeepEqual(
+          offsets(r.oursMap),
+          offsets(r.theirsMap),
+          fixedMessage("refblock placement"),
+        );
+        const strip = (m: MapEntry[]) => setAside(m, "qcow2", [KNOWN.compressedPacking]);
+        assert.ok(sameMap(strip(r.theirsMap), strip(r.oursMap)), "only host offsets differ");
+      });
+    },
+  },
+  {
+    name: "vstor splits a zero run mid-cluster and writes a cluster of zeroes under -B",
+    fn: async () => {
+      // repro: qemu-img create -f raw s.raw 4M; qemu-io -f raw -c 'write -P 0x11 0 1000' s.raw
+      //        qemu-img create -f raw b.raw 4M; qemu-io -f raw -c 'write -P 0x22 0 4M' b.raw
+      //        qemu-img convert -f raw -O qcow2 -B b.raw -F raw s.raw q.qcow2 → [64k,4M) zero
+      //        vstor convert (same) v.qcow2 → [2M,2M+64k) a data cluster of zeroes: the zero run
+      //        from 4k is cut at 4k+2M, inside that cluster
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", 4 * MiB, ["write -q -P 0x11 0 1000"]);
+        const b = await rawWith(dir, "b.raw", 4 * MiB, ["write -q -P 0x22 0 4M"]);
+        const r = await both(dir, "split", {
+          args: ["-f", "raw", "-O", "qcow2", "-B", b, "-F", "raw", s],
+          targetFormat: "qcow2",
+        });
+        assert.ok(r.same);
+        const dataAt2M = (m: MapEntry[]) =>
+          m.some((e) =>
+            e.data && e.depth === 0 && e.start <= 2 * MiB && e.start + e.length > 2 * MiB
+          );
+        assert.equal(dataAt2M(r.theirsMap), false);
+        assert.equal(dataAt2M(r.oursMap), true, fixedMessage(KNOWN.chunkSplit));
+      });
+    },
+  },
+  {
+    name: "a qcow2 target with 512-byte clusters gets a feature name table qemu-img leaves out",
+    fn: async () => {
+      // repro: qemu-img create -f qcow2 -o cluster_size=512 q.qcow2 1M; vstor create (same) v.qcow2
+      //        cmp: byte 0x70 on: vstor has header extension 0x6803f857 (feature names), QEMU has none
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, []);
+        const r = await both(dir, "hdr", {
+          args: ["-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", s],
+          targetFormat: "qcow2",
+        });
+        const [q, v] = [await Deno.readFile(r.theirs), await Deno.readFile(r.ours)];
+        const magic = (b: Uint8Array) => new DataView(b.buffer).getUint32(112);
+        assert.equal(magic(q), 0, "qemu-img: no header extension after the v3 header");
+        assert.notEqual(magic(v), 0, fixedMessage("feature name table in 512-byte-cluster images"));
+      });
+    },
+  },
+  {
+    name: "a failed vstor convert can leave the target file behind",
+    fn: async () => {
+      // repro: vstor convert -c -O raw s.raw t.raw        → exit 1, t.raw exists (qemu-img: none)
+      //        vstor convert -c -O qcow2 -o compat=0.10,compression_type=zstd s.raw t.qcow2 → same
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
+        const argSets = [
+          ["-c", "-O", "raw"],
+          ["-c", "-O", "qcow2", "-o", "compat=0.10,compression_type=zstd"],
+        ];
+        for (const [i, args] of argSets.entries()) {
+          const q = join(dir, `q${i}.out`), v = join(dir, `v${i}.out`);
+          assert.equal(
+            (await runTool("qemu-img", ["convert", ...args, "-f", "raw", s, q])).code,
+            1,
+          );
+          assert.equal((await vstor("convert", ...args, "-f", "raw", s, v)).code, EXIT_ERROR);
+          assert.equal(await exists(q), false, `qemu-img ${args.join(" ")} leaves no target`);
+          assert.equal(await exists(v), true, fixedMessage(`leftover target (${args.join(" ")})`));
+        }
+      });
+    },
+  },
+  {
+    name: "vstor convert accepts -B for a raw target and -B without -F, which qemu-img refuses",
+    fn: async () => {
+      // repro: vstor convert -O raw -B b.raw -F raw s.raw t.raw   → exit 0 (qemu-img: "Backing file
+      //        not supported for file format 'raw'"); vstor convert -O qcow2 -B b.raw s.raw t.qcow2
+      //        → exit 0 (qemu-img 7.2: "Use of backing file requires explicit backing format")
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
+        const b = await rawWith(dir, "b.raw", MiB, []);
+        const argSets = [["-O", "raw", "-B", b, "-F", "raw"], ["-O", "qcow2", "-B", b]];
+        for (const [i, args] of argSets.entries()) {
+          const q = join(dir, `q${i}.out`), v = join(dir, `v${i}.out`);
+          assert.equal(
+            (await runTool("qemu-img", ["convert", ...args, "-f", "raw", s, q])).code,
+            1,
+          );
+          const r = await vstor("convert", ...args, "-f", "raw", s, v);
+          assert.equal(r.code, EXIT_OK, fixedMessage(`accepting ${args.join(" ")}`));
+        }
+      });
+    },
+  },
+  {
+    name: "vstor takes a raw source's byte size where qemu-img rounds it up to a sector",
+    fn: async () => {
+      // repro: head -c 1000003 /dev/urandom > odd.raw; qemu-img create -f raw c.raw 64k
+      //        qemu-img convert -f raw -O raw odd.raw c.raw q.raw  (1000448 + 65536 bytes)
+      //        vstor convert (same) v.raw  (1000003 + 65536: c.raw's data lands 445 bytes early)
+      //        vstor convert -f raw -O qcow2 odd.raw v.qcow2 → "The new size must be a multiple
+      //        of 512", exit 1, a qcow2 of virtual size 0 left behind
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const odd = join(dir, "odd.raw");
+        await Deno.writeFile(odd, new Uint8Array(1_000_003).fill(0x5a));
+        const c = await rawWith(dir, "c.raw", 64 * KiB, ["write -q -P 0x11 0 64k"]);
+        const r = await both(dir, "odd", {
+          args: ["-f", "raw", "-O", "raw", odd, c],
+          targetFormat: "raw",
+        });
+        assert.equal(r.theirsSize, 1_000_448 + 64 * KiB);
+        assert.ok(!r.same, fixedMessage("concatenation after an unaligned raw source"));
+        const v = join(dir, "odd.qcow2");
+        const q = await vstor("convert", "-f", "raw", "-O", "qcow2", odd, v);
+        assert.equal(q.code, EXIT_ERROR, fixedMessage("-O qcow2 from an unaligned raw source"));
+      });
+    },
+  },
+  {
+    name: "vstor convert accepts -S sizes qemu-img refuses (not a multiple of 512, over 16 MiB)",
+    fn: async () => {
+      // repro: qemu-img convert -S 1000 s.raw t.raw → "Invalid buffer size for sparse output
+      //        specified. Valid sizes are multiples of 512 up to 16777216."; vstor: exit 0
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
+        for (const size of ["1000", "17M"]) {
+          const out = join(dir, `t${size}.raw`);
+          assert.equal(
+            (await runTool("qemu-img", ["convert", "-S", size, "-f", "raw", s, out])).code,
+            1,
+          );
+          const r = await vstor("convert", "-S", size, "-f", "raw", s, out);
+          assert.equal(r.code, EXIT_OK, fixedMessage(`-S ${size} accepted`));
+        }
+      });
+    },
+  },
+  {
+    name:
+      "vstor convert -l snapshot.name=/snapshot.id= matches by ID or name, not by the one asked for",
+    fn: async () => {
+      // repro: snapshots 1 "first", 2 "second", 3 "1" (qemu-img snapshot -c 1 after a write)
+      //        qemu-img convert -l snapshot.name=1 → snapshot 3; vstor → snapshot 1
+      //        qemu-img convert -l snapshot.id=first → "Can't find snapshot"; vstor → snapshot 1
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const snap = await snapshotImage(dir, SEED);
+        await applyOps(dir, snap.path, "qcow2", [
+          { op: "write", offset: 0, length: 64 * KiB, fill: { pattern: 0x99 } },
+        ]);
+        await qemuOk("qemu-img", ["snapshot", "-c", "1", snap.path]);
+        const r = await both(dir, "byname", {
+          args: ["-O", "raw", "-l", "snapshot.name=1", ...src(snap)],
+          targetFormat: "raw",
+        });
+        assert.ok(!r.same, fixedMessage("-l snapshot.name=1 when an ID 1 also exists"));
+        const out = join(dir, "byid.raw");
+        const v = await vstor("convert", "-O", "raw", "-l", "snapshot.id=first", ...src(snap), out);
+        assert.equal(v.code, EXIT_OK, fixedMessage("-l snapshot.id=first accepted"));
+      });
+    },
+  },
+];
+
+Deno.test({
+  name:
+    "vstor convert still differs from qemu-img convert in each known way (a step fails once its difference is gone)",
+  ignore,
+  async fn(t) {
+    console.log(`seed ${SEED}`);
+    await runSteps(t, PINS);
+  },
+});
