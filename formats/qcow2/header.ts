@@ -373,7 +373,8 @@ export function serializeHeader(h: Qcow2Header, path: string): Uint8Array {
   };
   const enc = new TextEncoder();
   if (h.backingFormat !== undefined) ext(EXT_BACKING_FORMAT, enc.encode(h.backingFormat));
-  if (h.version === 3) {
+  // QEMU 7.2 writes the feature name table only where it leaves room: clusters above 4 KiB.
+  if (h.version === 3 && clusterSize > 4096) {
     const table = new Uint8Array(48 * KNOWN_FEATURE_NAMES.length);
     KNOWN_FEATURE_NAMES.forEach(([type, bit, name], i) => {
       table[i * 48] = type;

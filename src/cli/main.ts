@@ -87,6 +87,12 @@ const verbs: Record<string, Verb> = {
     usage: "vstor resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE",
     run: async (args, io) => (await import("./resize.ts")).resizeMain(args, io),
   },
+  amend: {
+    summary:
+      "change a qcow2 image's compat level, lazy refcounts, refcount width or size (qemu-img amend)",
+    usage: "vstor amend [-f FMT] -o OPTIONS [-p] [-q] [--force] FILE   (-o help lists the options)",
+    run: async (args, io) => (await import("./amend.ts")).amendMain(args, io),
+  },
   check: {
     summary: "check an image for consistency, and repair it (qemu-img check)",
     usage: "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE",

@@ -951,7 +951,7 @@ const PINS: Step[] = [
     },
   },
   {
-    name: "a qcow2 target with 512-byte clusters gets a feature name table qemu-img leaves out",
+    name: "a qcow2 target with 512-byte clusters has no feature name table, as qemu-img's",
     fn: async () => {
       // repro: qemu-img create -f qcow2 -o cluster_size=512 q.qcow2 1M; vstor create (same) v.qcow2
       //        cmp: byte 0x70 on: vstor has header extension 0x6803f857 (feature names), QEMU has none
@@ -964,7 +964,7 @@ const PINS: Step[] = [
         const [q, v] = [await Deno.readFile(r.theirs), await Deno.readFile(r.ours)];
         const magic = (b: Uint8Array) => new DataView(b.buffer).getUint32(112);
         assert.equal(magic(q), 0, "qemu-img: no header extension after the v3 header");
-        assert.notEqual(magic(v), 0, fixedMessage("feature name table in 512-byte-cluster images"));
+        assert.equal(magic(v), 0, "vstor: no header extension after the v3 header either");
       });
     },
   },
