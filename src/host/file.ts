@@ -25,7 +25,7 @@ import {
   SEEK_HOLE,
   strerror,
 } from "./libc.ts";
-import { applyImageLocks, permsFor } from "./lock.ts";
+import { applyImageLocks, permsFor, releaseImageLocks } from "./lock.ts";
 
 /** Options of {@linkcode openHostFile}. */
 export interface HostFileOptions {
@@ -202,6 +202,7 @@ class FileHost implements HostFile {
 
   close(): void {
     if (this.#fd < 0) return;
+    releaseImageLocks(this.#fd);
     libc().close(this.#fd);
     this.#fd = -1;
   }
@@ -228,6 +229,7 @@ export function openHostFile(path: string, opts: HostFileOptions = {}): HostFile
   try {
     if (opts.lock ?? true) applyImageLocks(fd, path, permsFor(readOnly, opts.forceShare ?? false));
   } catch (e) {
+    releaseImageLocks(fd);
     libc().close(fd);
     throw e;
   }

@@ -119,6 +119,17 @@ export function applyImageLocks(fd: number, path: string, perms: LockPerms): voi
   }
 }
 
+/**
+ * Drop every lock of this open file description. Closing the fd is not enough: a child process
+ * forked at that moment (before its exec closes the inherited fd) keeps the description, and
+ * with it the locks, alive for an instant; an explicit unlock releases them at once.
+ */
+export function releaseImageLocks(fd: number): void {
+  const buf = flock(F_UNLCK, 0);
+  new DataView(buf.buffer).setBigInt64(16, 0n, true); // length 0: to the end of the file
+  libc().fcntl(fd, F_OFD_SETLK, buf);
+}
+
 function busy(path: string, what: string): BlockError {
   return new BlockError("busy", `${what}\nIs another process using the image [${path}]?`, { path });
 }
