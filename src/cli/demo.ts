@@ -6,7 +6,7 @@
  */
 import { join } from "node:path";
 import { createImage, openImage } from "../../formats/open.ts";
-import { type CliIo, EXIT_ERROR, EXIT_OK } from "./main.ts";
+import { type CliIo, EXIT_ERROR, EXIT_OK, main } from "./main.ts";
 
 const IMAGE_SIZE = 64 << 20;
 const BLOCK = 4096;
@@ -33,6 +33,49 @@ function stamp(buf: Uint8Array, block: number): void {
     buf[i + 3] = v >>> 24;
   }
 }
+
+/** qcow2: a base with a snapshot, a clone over it, writes in the clone, a check of both. */
+async function qcow2Part(dir: string, io: CliIo): Promise<number> {
+  const base = join(dir, "base.qcow2"), clone = join(dir, "clone.qcow2");
+  await createImage(base, "qcow2", IMAGE_SIZE);
+  let node = await openImage(base);
+  const buf = new Uint8Array(1 << 20);
+  for (let mib = 0; mib < 8; mib++) {
+    stamp(buf, mib);
+    await node.write(mib << 20, buf);
+  }
+  await node.close();
+  const snap = await main(["snapshot", "-c", "installed", base], quiet);
+  await createImage(clone, "qcow2", IMAGE_SIZE, {
+    backingFile: "base.qcow2",
+    backingFormat: "qcow2",
+  });
+  node = await openImage(clone);
+  stamp(buf, 100);
+  await node.write(3 << 20, buf.subarray(0, 4096));
+  const back = new Uint8Array(4096), want = new Uint8Array(4096);
+  let bad = 0;
+  await node.read(3 << 20, back);
+  stamp(want, 100);
+  if (!back.every((b, i) => b === want[i])) bad++;
+  await node.read(5 << 20, back);
+  stamp(buf, 5);
+  if (!back.every((b, i) => b === buf[i])) bad++;
+  await node.close();
+  let report = "";
+  const checks = await Promise.all(
+    [base, clone].map((f) => main(["check", f], { stdout: (t) => report += t, stderr: () => {} })),
+  );
+  io.stdout(
+    `qcow2: base with 8 MiB written and snapshot 'installed' (exit ${snap}), clone over it with ` +
+      `4 KiB rewritten: reads ${bad === 0 ? "verified" : "MISMATCHED"}; check: ${
+        checks.every((c) => c === 0) ? "both clean" : "PROBLEMS"
+      }\n`,
+  );
+  return bad + checks.filter((c) => c !== 0).length + (snap === 0 ? 0 : 1);
+}
+
+const quiet: CliIo = { stdout: () => {}, stderr: () => {} };
 
 /** The demo verb: `vstor demo [DIR]`; returns the exit code. */
 export async function demoMain(args: string[], io: CliIo): Promise<number> {
@@ -97,7 +140,8 @@ export async function demoMain(args: string[], io: CliIo): Promise<number> {
         } MiB allocated on the host\n`,
     );
     await node.close();
-    return bad === 0 ? EXIT_OK : EXIT_ERROR;
+    const qcow2Bad = await qcow2Part(dir, io);
+    return bad === 0 && qcow2Bad === 0 ? EXIT_OK : EXIT_ERROR;
   } finally {
     if (!keep) await Deno.remove(dir, { recursive: true });
   }

@@ -87,4 +87,5 @@ Deno.test("vstor demo creates, writes, verifies and discards", async () => {
   assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, /all verified/);
   assert.match(r.stdout, /Discarded the first half/);
+  assert.match(r.stdout, /clone over it .* reads verified; check: both clean/);
 });
