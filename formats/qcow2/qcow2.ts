@@ -29,7 +29,6 @@ import {
   parseHeader,
   type Qcow2Header,
   serializeHeader,
-  V2_HEADER_LENGTH,
 } from "./header.ts";
 import { Refcounts } from "./refcount.ts";
 import { rebuildRefcounts } from "./check.ts";
@@ -1590,6 +1589,3 @@ export class Qcow2Node implements BlockNode {
     }
   }
 }
-
-/** The v2 header length, for create. */
-export const QCOW2_V2_HEADER_LENGTH = V2_HEADER_LENGTH;

@@ -134,16 +134,8 @@ export function encodeCompressed(
 }
 
 /** The host clusters a compressed extent touches (each gets one refcount). */
-export function compressedClusters(
-  loc: CompressedLocation,
-  clusterBits: number,
-  fileSize?: number,
-): [number, number] {
-  const end = loc.hostOffset + loc.length;
-  const limited = fileSize === undefined
-    ? end
-    : Math.min(end, Math.max(fileSize, loc.hostOffset + 1));
+export function compressedClusters(loc: CompressedLocation, clusterBits: number): [number, number] {
   const first = Math.floor(loc.hostOffset / 2 ** clusterBits);
-  const last = Math.floor((limited - 1) / 2 ** clusterBits);
+  const last = Math.floor((loc.hostOffset + loc.length - 1) / 2 ** clusterBits);
   return [first, last];
 }
