@@ -1,0 +1,186 @@
+/**
+ * What split and packed virtqueues have in common: the device-side and driver-side interfaces,
+ * the descriptor chain a device pops, the error a hostile driver earns, and the counters.
+ *
+ * Guest memory is always passed in, never owned by a queue.
+ *
+ * @module
+ */
+
+/**
+ * Why a queue stopped: the driver broke the ring rules. Each reason has a named test.
+ * The device answers with DEVICE_NEEDS_RESET and a config interrupt, never by throwing into the VMM.
+ */
+export type VirtqueueFault =
+  | "avail-idx-jump" // avail.idx moved more than N past the last seen index
+  | "head-out-of-range" // an avail ring entry (or packed id) ≥ N
+  | "next-out-of-range" // a descriptor's next ≥ table size
+  | "chain-too-long" // more descriptors than the table holds: also catches loops
+  | "indirect-bad-length" // indirect table length 0 or not a multiple of 16
+  | "indirect-nested" // an indirect descriptor inside an indirect table
+  | "indirect-with-next" // NEXT and INDIRECT on the same descriptor
+  | "indirect-not-negotiated" // INDIRECT flag without VIRTIO_RING_F_INDIRECT_DESC
+  | "readable-after-writable" // a device-readable descriptor after a device-writable one
+  | "zero-length" // a buffer of length 0
+  | "outside-ram" // a buffer or ring outside guest RAM or across a region boundary
+  | "too-many-in-flight" // more chains popped and not yet returned than N
+  | "bad-ring-layout"; // ring areas misaligned, outside RAM or overlapping
+
+/** A driver broke the virtqueue rules; the device must stop the queue and ask for a reset. */
+export class VirtqueueError extends Error {
+  override readonly name = "VirtqueueError";
+  readonly fault: VirtqueueFault;
+  readonly queue: number;
+
+  constructor(fault: VirtqueueFault, queue: number, detail: string) {
+    super(`Virtqueue ${queue}: ${detail} (${fault})`);
+    this.fault = fault;
+    this.queue = queue;
+  }
+}
+
+/**
+ * One request as the device sees it: the driver's buffers as zero-copy views of guest memory,
+ * readable ones first, then writable ones.
+ */
+export interface DescriptorChain {
+  /** The id the device returns in the used ring (split: head index; packed: buffer id). */
+  readonly id: number;
+  /** Ring slots the chain took (packed rings skip ahead by this many; split: descriptors walked). */
+  readonly slots: number;
+  readonly readable: Uint8Array[];
+  readonly writable: Uint8Array[];
+  readonly readableLength: number;
+  readonly writableLength: number;
+}
+
+/** Where the driver put a queue's three areas, and how big the queue is. */
+export interface QueueLayout {
+  /** Queue size N: a power of 2 from 1 to 32768 (split), any 1..32768 (packed). */
+  readonly size: number;
+  /** Descriptor table (split) or descriptor ring (packed). */
+  readonly desc: number;
+  /** Avail ring (split) or driver event suppression structure (packed). */
+  readonly driver: number;
+  /** Used ring (split) or device event suppression structure (packed). */
+  readonly device: number;
+}
+
+/** Negotiated features that change ring behaviour. */
+export interface QueueFeatures {
+  readonly indirect: boolean;
+  readonly eventIdx: boolean;
+}
+
+/** Per-queue counters: what the simulated guests report. */
+export interface QueueStats {
+  /** Notifications the driver sent (doorbell writes). */
+  kicks: number;
+  /** Kicks the driver skipped because the device asked not to be notified. */
+  suppressedKicks: number;
+  /** Interrupts the device raised for this queue. */
+  interrupts: number;
+  /** Interrupts the device skipped because the driver asked not to be interrupted. */
+  suppressedInterrupts: number;
+  /** Doorbell writes that exited to the VMM (trap mode). */
+  exits: number;
+  /** Chains popped and completed. */
+  chains: number;
+  /** Most chains popped in one drain. */
+  largestBatch: number;
+}
+
+/** Fresh zeroed counters. */
+export function newQueueStats(): QueueStats {
+  return {
+    kicks: 0,
+    suppressedKicks: 0,
+    interrupts: 0,
+    suppressedInterrupts: 0,
+    exits: 0,
+    chains: 0,
+    largestBatch: 0,
+  };
+}
+
+/**
+ * The device side of a virtqueue.
+ *
+ * Drain loop (QEMU's): `do { disableNotifications(); while ((c = pop())) …; } while (enableNotifications())`;
+ * completions are staged with {@linkcode push} and made visible with {@linkcode publish}, which says
+ * whether to interrupt. Any method that reads the ring may throw {@linkcode VirtqueueError}; after
+ * that the queue is broken until {@linkcode reset}.
+ */
+export interface DeviceQueue {
+  readonly index: number;
+  readonly layout: QueueLayout;
+  readonly stats: QueueStats;
+  /** Chains popped and not yet pushed. */
+  readonly inFlight: number;
+  /** True after a fault, until reset. */
+  readonly broken: boolean;
+  /** The next available chain, or `null` when the ring is empty. */
+  pop(): DescriptorChain | null;
+  /** Stages the completion of `chain` with `written` bytes put in its writable part. */
+  push(chain: DescriptorChain, written: number): void;
+  /**
+   * Makes staged completions visible to the driver (element stores, then the index) and answers
+   * whether the driver wants an interrupt now (NO_INTERRUPT / used_event / packed event rules).
+   * Counts interrupts and suppressed interrupts accordingly.
+   */
+  publish(): boolean;
+  /** Asks the driver not to kick (NO_NOTIFY or the event structure). */
+  disableNotifications(): void;
+  /**
+   * Asks the driver to kick again (with EVENT_IDX: avail_event = the next index), then re-checks:
+   * true when more chains arrived meanwhile and the caller must drain again.
+   */
+  enableNotifications(): boolean;
+  /** Forgets all state (after a device or queue reset). */
+  reset(): void;
+}
+
+/** A buffer the driver offers: `length` bytes at guest-physical `addr`. */
+export interface DriverBuffer {
+  addr: number;
+  length: number;
+}
+
+/** A completion the driver reaps: the token given to `add`, and the bytes the device wrote. */
+export interface UsedElement<T> {
+  token: T;
+  written: number;
+}
+
+/**
+ * The driver side of a virtqueue, for simulated guests and for tests.
+ *
+ * `add` writes descriptors and makes them available but does not notify; `kick` publishes and answers
+ * whether the device asked to be notified (the caller then writes the doorbell).
+ */
+export interface DriverQueue<T> {
+  readonly layout: QueueLayout;
+  /** Driver-side counters: kicks sent and suppressed, completions reaped. */
+  readonly stats: QueueStats;
+  /** Free descriptor slots. */
+  readonly free: number;
+  /**
+   * Offers a chain: `readable` buffers then `writable` ones. Uses an indirect table at
+   * `indirectTable` (guest address with room for 16 bytes per buffer) when given and negotiated.
+   * Returns false when the ring has no room.
+   */
+  add(
+    readable: readonly DriverBuffer[],
+    writable: readonly DriverBuffer[],
+    token: T,
+    indirectTable?: number,
+  ): boolean;
+  /** Publishes added chains; true when the device wants a notification. Counts suppressed kicks. */
+  kick(): boolean;
+  /** The next completion, or `null`. */
+  getUsed(): UsedElement<T> | null;
+  /** Asks the device not to interrupt. */
+  disableInterrupts(): void;
+  /** Asks for interrupts again; true when completions arrived meanwhile (poll again). */
+  enableInterrupts(): boolean;
+}
