@@ -8,7 +8,9 @@
  * The data is compressible about 2:1 by qcow2's zlib (raw deflate, 4 KiB window) and by zstd:
  * 4 KiB blocks that are 2 KiB of random bytes said twice, one block in eight text-like words.
  *
- *   deno run -A bench/compare_convert.ts [--size-mib=1024] [--runs=1] [--seed=1]
+ *   deno run -A bench/compare_convert.ts [--size-mib=1024] [--runs=1] [--seed=1] [--keep=DIR]
+ *
+ * `--keep=DIR` makes the inputs in DIR (reusing them when present) and leaves them there.
  *
  * @module
  */
@@ -21,6 +23,7 @@ const { values } = parseArgs({
     "size-mib": { type: "string", default: "1024" },
     runs: { type: "string", default: "1" },
     seed: { type: "string", default: "1" },
+    keep: { type: "string" },
   },
 });
 const sizeMib = Number(values["size-mib"]);
@@ -196,17 +199,22 @@ try {
   Deno.exit(1);
 }
 
-const dir = await Deno.makeTempDir({ prefix: "vstor_convert_bench_" });
+const keep = values.keep;
+if (keep !== undefined) await Deno.mkdir(keep, { recursive: true });
+const dir = keep ?? await Deno.makeTempDir({ prefix: "vstor_convert_bench_" });
 try {
   const raw = join(dir, "input.raw");
   const qcow2 = join(dir, "input.qcow2");
-  const dataBytes = await makeInput(raw);
-  await run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, qcow2]);
+  const reuse = keep !== undefined && (await Deno.stat(qcow2).catch(() => null)) !== null;
+  const dataBytes = reuse ? 0 : await makeInput(raw);
+  if (!reuse) await run("qemu-img", ["convert", "-f", "raw", "-O", "qcow2", raw, qcow2]);
   await warm(raw);
   await warm(qcow2);
   console.log(
     `qemu-img convert vs vstor convert (deno run -A mod.ts convert): ${sizeMib} MiB input, ` +
-      `${mib(dataBytes)} MiB data (~2:1 compressible) and the rest holes, seed ${seed}, ` +
+      `${
+        reuse ? "reused" : `${mib(dataBytes)} MiB`
+      } data (~2:1 compressible) and the rest holes, seed ${seed}, ` +
       `median of ${runs} run(s), wall clock, inputs in the page cache\n` +
       `${qemuVersion}; deno ${Deno.version.deno}; ${navigator.hardwareConcurrency} CPUs\n`,
   );
@@ -273,5 +281,5 @@ try {
   }
   if (rows.some((r) => r[6]!.startsWith("DIFFER"))) Deno.exitCode = 1;
 } finally {
-  await Deno.remove(dir, { recursive: true });
+  if (keep === undefined) await Deno.remove(dir, { recursive: true });
 }

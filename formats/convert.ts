@@ -10,7 +10,12 @@ import type { BlockNode } from "../src/block/node.ts";
 import { createImage, type CreateOptions, openImage } from "./open.ts";
 import { entryAt } from "./map.ts";
 import { Qcow2Node } from "./qcow2/qcow2.ts";
-import { CompressPool } from "./qcow2/compress_pool.ts";
+import {
+  CLUSTER_INCOMPRESSIBLE,
+  CLUSTER_ZERO,
+  type CompressedChunk,
+  CompressPool,
+} from "./qcow2/compress_pool.ts";
 
 /** Options of {@linkcode convertImages}, with qemu-img convert's flags in comments. */
 export interface ConvertOptions {
@@ -98,18 +103,6 @@ class Concat {
       done += n;
     }
   }
-}
-
-/** True when every byte of `buf` is zero (word at a time where aligned). */
-export function isZeroBuffer(buf: Uint8Array): boolean {
-  let i = 0;
-  if (buf.byteOffset % 4 === 0) {
-    const words = new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2);
-    for (let w = 0; w < words.length; w++) if (words[w] !== 0) return false;
-    i = words.length * 4;
-  }
-  for (; i < buf.length; i++) if (buf[i] !== 0) return false;
-  return true;
 }
 
 /**
@@ -231,56 +224,69 @@ export async function convertImages(
     const scratch = new Uint8Array(chunk);
     // Compressed chunks in flight, oldest first; bounded so reading does not run far ahead.
     const inflight: Array<Promise<void>> = [];
+    const spare: Array<Uint8Array<ArrayBuffer>> = [];
     let lastWrite: Promise<void> = Promise.resolve();
     for (let pos = 0; pos < total;) {
       // Compressed output works in whole target clusters: one chunk, whatever the status inside.
       const span = Math.min(chunk, total - pos);
       if (compressing) {
-        const buf = new Uint8Array(span);
-        let anyData = false;
+        const node = out as Qcow2Node;
+        // Reused chunk buffers: a chunk comes back from its Worker before its buffer is needed again.
+        const buf = spare.pop() ?? new Uint8Array(chunk);
+        // As QEMU: a target cluster is written whole, so a cluster with any data is read whole
+        // (through the source's backing chain where its top layer has nothing); clusters without
+        // data are left alone, or zeroed where the target would not read as zeroes.
+        const clusters = Math.ceil(span / cs);
+        const hasData = new Uint8Array(clusters);
+        const parts: Array<[number, number, Status]> = [];
         for (let at = 0; at < span;) {
           const [status, n] = await concat.status(pos + at, span - at);
-          if (status === "data") {
-            await concat.read(pos + at, buf.subarray(at, at + n));
-            anyData = true;
-          } else if (status === "zero" && !zeroInit) {
-            await out.writeZeroes(pos + at, n);
-          }
+          parts.push([at, n, status]);
+          if (status === "data") hasData.fill(1, Math.floor(at / cs), Math.ceil((at + n) / cs));
           at += n;
         }
-        if (anyData) {
-          const node = out as Qcow2Node;
-          const start = pos;
-          // Whole clusters that hold data go compressed; the work overlaps the next chunk's reads.
-          const jobs: Array<Promise<void>> = [];
-          for (let c = 0; c < span; c += cs) {
-            const end = Math.min(span, c + cs);
-            if (isZeroBuffer(buf.subarray(c, end))) continue;
-            let runEnd = end;
-            while (
-              runEnd < span && !isZeroBuffer(buf.subarray(runEnd, Math.min(span, runEnd + cs)))
-            ) {
-              runEnd = Math.min(span, runEnd + cs);
-            }
-            const data = buf.slice(c, runEnd);
-            const packedP = pool!.compress(
-              node.header.compressionType,
-              cs,
-              padToClusters(data, cs),
-            );
-            const at = start + c;
-            // Writes keep source order, so the target's layout does not depend on timing.
-            const previous = lastWrite;
-            lastWrite = packedP.then(async (packed) => {
-              await previous;
-              await node.write(at, data, { compressed: true, precompressed: packed });
-            });
-            jobs.push(lastWrite);
-            c = runEnd - cs;
+        const zeroRuns: Array<[number, number]> = [];
+        for (const [at, n, status] of parts) {
+          if (status === "data") {
+            await concat.read(pos + at, buf.subarray(at, at + n));
+            continue;
           }
-          inflight.push(Promise.all(jobs).then(() => {}));
-          while (inflight.length > 2 * pool!.size) await inflight.shift();
+          for (let piece = at; piece < at + n;) {
+            const c = Math.floor(piece / cs);
+            const end = Math.min(at + n, (c + 1) * cs);
+            if (hasData[c] === 1 && status === "backing") {
+              await concat.read(pos + piece, buf.subarray(piece, end));
+            } else {
+              buf.fill(0, piece, end);
+              if (hasData[c] === 0 && status === "zero" && !zeroInit) {
+                const last = zeroRuns[zeroRuns.length - 1];
+                if (last !== undefined && last[0] + last[1] === pos + piece) last[1] += end - piece;
+                else zeroRuns.push([pos + piece, end - piece]);
+              }
+            }
+            piece = end;
+          }
         }
+        const anyData = hasData.includes(1);
+        buf.fill(0, span);
+        const start = pos;
+        const compressed = anyData
+          ? pool!.compressChunk(node.header.compressionType, cs, buf, span)
+          : undefined;
+        if (!anyData) spare.push(buf);
+        // Writes keep source order, so the target's layout does not depend on Worker timing.
+        const previous = lastWrite;
+        lastWrite = (async () => {
+          const result = await compressed;
+          await previous;
+          for (const [at, n] of zeroRuns) await node.writeZeroes(at, n);
+          if (result === undefined) return;
+          // A zero cluster is left out only where the target already reads as zeroes (as QEMU).
+          await writeCompressedChunk(node, start, span, result, hasData, zeroInit && sparse > 0);
+          spare.push(result.data);
+        })();
+        inflight.push(lastWrite);
+        while (inflight.length > 2 * pool!.size) await inflight.shift();
         pos += span;
         opts.onProgress?.(pos, total);
         continue;
@@ -318,8 +324,44 @@ export async function convertImages(
   }
 }
 
-function padToClusters(data: Uint8Array, cs: number): Uint8Array<ArrayBuffer> {
-  const padded = new Uint8Array(Math.ceil(data.length / cs) * cs);
-  padded.set(data);
-  return padded;
+/**
+ * Writes one compressed chunk at guest offset `start`: runs of the clusters that have data, each
+ * cluster either precompressed (its bytes start its slot in `data`), incompressible (written as it
+ * is) or zero (skipped when `skipZero`, else compressed here like any other cluster).
+ */
+async function writeCompressedChunk(
+  node: Qcow2Node,
+  start: number,
+  span: number,
+  result: CompressedChunk,
+  hasData: Uint8Array,
+  skipZero: boolean,
+): Promise<void> {
+  const cs = node.clusterSize;
+  const { data, lengths } = result;
+  const packed: Array<Uint8Array | null | undefined> = [];
+  const skip = (c: number) => hasData[c] === 0 || (lengths[c] === CLUSTER_ZERO && skipZero);
+  for (let c = 0; c < lengths.length;) {
+    if (skip(c)) {
+      c++;
+      continue;
+    }
+    const first = c;
+    packed.length = 0;
+    for (; c < lengths.length && !skip(c); c++) {
+      const length = lengths[c]!;
+      packed.push(
+        length > 0
+          ? data.subarray(c * cs, c * cs + length)
+          : length === CLUSTER_INCOMPRESSIBLE
+          ? null
+          : undefined,
+      );
+    }
+    const from = first * cs, to = Math.min(span, c * cs);
+    await node.write(start + from, data.subarray(from, to), {
+      compressed: true,
+      precompressed: packed,
+    });
+  }
 }

@@ -5,9 +5,18 @@
  *
  * @module
  */
-import * as zlib from "node:zlib";
+import type * as Zlib from "node:zlib";
 import { BlockError } from "../../src/errors.ts";
 import { COMPRESSION_ZSTD } from "./header.ts";
+
+let zlibModule: typeof Zlib | undefined;
+
+/** node:zlib, loaded on first use: importing it costs about 40 ms of start-up every verb would pay. */
+function zlib(): typeof Zlib {
+  const proc = (globalThis as unknown as { process: { getBuiltinModule(id: string): unknown } })
+    .process;
+  return zlibModule ??= proc.getBuiltinModule("node:zlib") as typeof Zlib;
+}
 
 /**
  * Compress one cluster. Returns undefined when the result would not be smaller than a cluster
@@ -16,9 +25,9 @@ import { COMPRESSION_ZSTD } from "./header.ts";
 export function compressCluster(type: number, data: Uint8Array): Uint8Array | undefined {
   let out: Uint8Array;
   if (type === COMPRESSION_ZSTD) {
-    out = zlib.zstdCompressSync(data);
+    out = zlib().zstdCompressSync(data);
   } else {
-    out = zlib.deflateRawSync(data, { windowBits: 12, level: 6, memLevel: 9 });
+    out = zlib().deflateRawSync(data, { windowBits: 12, level: 6, memLevel: 9 });
   }
   return out.length < data.length
     ? new Uint8Array(out.buffer, out.byteOffset, out.length)
@@ -66,11 +75,11 @@ export function decompressCluster(
     if (type === COMPRESSION_ZSTD) {
       const frame = zstdFrameLength(src);
       if (frame < 0) throw new Error("malformed zstd frame");
-      out = zlib.zstdDecompressSync(src.subarray(0, frame), { maxOutputLength: dst.length });
+      out = zlib().zstdDecompressSync(src.subarray(0, frame), { maxOutputLength: dst.length });
     } else {
-      out = zlib.inflateRawSync(src, {
+      out = zlib().inflateRawSync(src, {
         maxOutputLength: dst.length,
-        finishFlush: zlib.constants.Z_SYNC_FLUSH,
+        finishFlush: zlib().constants.Z_SYNC_FLUSH,
       });
     }
   } catch (e) {

@@ -1,16 +1,27 @@
 /**
  * A pool of Workers that compress clusters in parallel (qemu-img convert -c spreads compression
- * over threads the same way). Results come back in submission order.
+ * over threads the same way). A job is one chunk of whole clusters; the chunk's buffer is
+ * transferred to a Worker, compressed in place and transferred back.
  *
  * @module
  */
 import type { CompressJob, CompressResult } from "./compress_worker.ts";
 
+export { CLUSTER_INCOMPRESSIBLE, CLUSTER_ZERO } from "./compress_worker.ts";
+
+/** A compressed chunk: see {@linkcode CompressResult}. */
+export interface CompressedChunk {
+  data: Uint8Array<ArrayBuffer>;
+  lengths: Int32Array<ArrayBuffer>;
+}
+
 /** Compress clusters on background Workers. */
 export class CompressPool {
   readonly #workers: Worker[] = [];
-  readonly #waiting = new Map<number, (packed: Array<Uint8Array | null>) => void>();
-  readonly #failures = new Map<number, (e: Error) => void>();
+  readonly #pending = new Map<
+    number,
+    { worker: number; resolve: (r: CompressedChunk) => void; reject: (e: Error) => void }
+  >();
   #next = 0;
   #turn = 0;
 
@@ -20,18 +31,19 @@ export class CompressPool {
         type: "module",
       });
       worker.onmessage = (e: MessageEvent<CompressResult>) => {
-        this.#failures.delete(e.data.id);
-        const done = this.#waiting.get(e.data.id);
-        this.#waiting.delete(e.data.id);
-        done?.(e.data.packed);
+        const job = this.#pending.get(e.data.id);
+        this.#pending.delete(e.data.id);
+        if (e.data.error !== undefined) {
+          job?.reject(new Error(`Compression failed: ${e.data.error}`));
+        } else job?.resolve({ data: e.data.data, lengths: e.data.lengths });
       };
       worker.onerror = (e) => {
         e.preventDefault();
-        for (const [id, fail] of this.#failures) {
-          this.#waiting.delete(id);
-          fail(new Error(`Compression worker failed: ${e.message}`));
+        for (const [id, job] of this.#pending) {
+          if (job.worker !== i) continue;
+          this.#pending.delete(id);
+          job.reject(new Error(`Compression worker failed: ${e.message}`));
         }
-        this.#failures.clear();
       };
       this.#workers.push(worker);
     }
@@ -43,20 +55,22 @@ export class CompressPool {
   }
 
   /**
-   * Compress `data` (whole clusters of `clusterSize`) with compression `type`. The buffer is
-   * transferred to the worker: do not use it afterwards.
+   * Compress the clusters of `data[0, length)` with compression `type`. `data` must hold whole
+   * clusters with zeroes after `length`; its buffer is transferred to a Worker: use the buffer
+   * that comes back in the result instead.
    */
-  compress(
+  compressChunk(
     type: number,
     clusterSize: number,
     data: Uint8Array<ArrayBuffer>,
-  ): Promise<Array<Uint8Array | null>> {
+    length: number,
+  ): Promise<CompressedChunk> {
     const id = this.#next++;
-    const worker = this.#workers[this.#turn++ % this.#workers.length]!;
+    const index = this.#turn++ % this.#workers.length;
+    const worker = this.#workers[index]!;
     return new Promise((resolve, reject) => {
-      this.#waiting.set(id, resolve);
-      this.#failures.set(id, reject);
-      const job: CompressJob = { id, type, clusterSize, data };
+      this.#pending.set(id, { worker: index, resolve, reject });
+      const job: CompressJob = { id, type, clusterSize, data, length };
       worker.postMessage(job, [data.buffer]);
     });
   }

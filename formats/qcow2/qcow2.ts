@@ -70,9 +70,10 @@ export interface Qcow2WriteOptions extends WriteOptions {
   compressed?: boolean;
   /**
    * With `compressed`: each cluster's compressed form, already made (by a worker pool), in the
-   * image's compression type; null where compression did not shrink it.
+   * image's compression type; null where compression did not shrink it, undefined where it is
+   * still to be compressed.
    */
-  precompressed?: ReadonlyArray<Uint8Array | null>;
+  precompressed?: ReadonlyArray<Uint8Array | null | undefined>;
 }
 
 const DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024;
@@ -1070,7 +1071,7 @@ export class Qcow2Node implements BlockNode {
   async #writeCompressed(
     offset: number,
     src: Uint8Array,
-    precompressed?: ReadonlyArray<Uint8Array | null>,
+    precompressed?: ReadonlyArray<Uint8Array | null | undefined>,
   ): Promise<void> {
     const cs = this.clusterSize;
     if (offset % cs !== 0 || (src.length % cs !== 0 && offset + src.length !== this.size)) {
@@ -1116,7 +1117,9 @@ export class Qcow2Node implements BlockNode {
       this.#markDirty();
       const s = this.#slot(guest, true);
       const host = this.refcounts.allocateBytes(packed.length);
-      this.#checkOverlap(Math.floor(host / cs) * cs, cs);
+      // Compressed data may run on into the next host cluster: check every cluster it touches.
+      const firstHost = Math.floor(host / cs) * cs;
+      this.#checkOverlap(firstHost, Math.ceil((host + packed.length) / cs) * cs - firstHost);
       this.file.writeAt(host, packed);
       const [hi, lo] = encodeCompressed(host, packed.length, this.clusterBits);
       s.table.view.setUint32(s.at, hi);

@@ -237,26 +237,29 @@ export class Refcounts {
   }
 
   /**
-   * Allocate `size` bytes for compressed data (may share a host cluster with other compressed
-   * data): every host cluster touched gains one reference.
+   * Allocate `size` bytes (at most a cluster) for compressed data, packed after the previous
+   * compressed data: in the same host cluster when it fits, across into the next cluster when that
+   * one is the next free cluster (as QEMU's qcow2_alloc_bytes), else at the start of a new cluster.
+   * Every host cluster touched gains one reference.
    */
   allocateBytes(size: number): number {
     const cs = this.#clusterSize;
-    const used = this.#freeByteOffset % cs;
-    const shared = Math.floor(this.#freeByteOffset / cs);
-    // Share the partly filled cluster unless its refcount is already at the maximum (refcount_bits=1).
-    if (
-      this.#freeByteOffset !== 0 && used !== 0 && used + size <= cs &&
-      this.get(shared) < this.maxRefcount
-    ) {
-      const offset = this.#freeByteOffset;
+    if (size <= 0 || size > cs) throw new RangeError(`Compressed allocation of ${size} bytes`);
+    let offset = this.#freeByteOffset;
+    // A cluster whose refcount is at the maximum (refcount_bits=1) takes no more sharers.
+    if (offset !== 0 && this.get(Math.floor(offset / cs)) >= this.maxRefcount) offset = 0;
+    if (offset !== 0 && cs - (offset % cs) >= size) {
       this.change(Math.floor(offset / cs), 1, 1);
-      this.#freeByteOffset = used + size === cs ? 0 : offset + size;
-      return offset;
+    } else {
+      const fresh = this.allocate(1);
+      if (offset !== 0 && Math.ceil(offset / cs) * cs === fresh) {
+        // Spans the partly filled cluster and the fresh one, which has its reference already.
+        this.change(Math.floor(offset / cs), 1, 1);
+      } else {
+        offset = fresh;
+      }
     }
-    const clusters = Math.ceil(size / cs);
-    const offset = this.allocate(clusters);
-    this.#freeByteOffset = size % cs === 0 ? 0 : offset + size;
+    this.#freeByteOffset = (offset + size) % cs === 0 ? 0 : offset + size;
     return offset;
   }
 
