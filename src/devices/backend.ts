@@ -1,0 +1,40 @@
+/**
+ * The iothread half of a virtio device: what turns popped chains into block I/O. The VMM half (PCI
+ * config, features, device config space) is a {@linkcode VirtioDeviceModel}; the machine builds
+ * the queues from the layouts the driver programmed and hands them here at DRIVER_OK.
+ *
+ * @module
+ */
+import type { GuestMemory } from "../virtio/memory.ts";
+import type { DeviceQueue } from "../virtio/queue.ts";
+
+export type { VirtioDeviceModel } from "../virtio/device.ts";
+
+/**
+ * A device back-end, running in its iothread Worker (or on the caller's thread in tests and
+ * benches). It never throws at the guest: malformed requests become per-request status codes;
+ * a broken ring surfaces as a `VirtqueueError` thrown from {@linkcode processQueue}, which the
+ * caller turns into DEVICE_NEEDS_RESET.
+ */
+export interface DeviceBackend {
+  /**
+   * DRIVER_OK: the negotiated features and the device queues, indexed by queue number (a queue
+   * the driver did not enable is `undefined`).
+   */
+  activate(
+    mem: GuestMemory,
+    features: bigint,
+    queues: ReadonlyArray<DeviceQueue | undefined>,
+  ): void;
+  /**
+   * Drains queue `queue` after a kick, the QEMU way: `do { disable notifications; pop, process,
+   * push; publish (calling `interrupt` when it says so) } while (enable notifications finds more)`.
+   *
+   * @throws {VirtqueueError} when the driver broke the ring rules
+   */
+  processQueue(queue: number, interrupt: () => void): Promise<void>;
+  /** Device reset: forget queues and in-flight state; images stay open. */
+  reset(): void;
+  /** Flush and close what the back-end owns. */
+  close(): Promise<void>;
+}
