@@ -38,8 +38,11 @@ export interface ConvertOptions {
   noCreate?: boolean;
   /** --target-is-zero: with -n, the target already reads as zeroes. */
   targetIsZero?: boolean;
-  /** -l: convert this internal snapshot (ID or name) of the source. */
-  snapshot?: string;
+  /**
+   * -l: convert this internal snapshot of the source: a string is an ID, else a name; an object
+   * matches only the fields it gives (snapshot.id=, snapshot.name=).
+   */
+  snapshot?: string | { id?: string; name?: string };
   /** Target cache mode (qemu-img -t): `unsafe` (convert's default) does not flush. */
   cache?: "writeback" | "unsafe";
   /** Workers for compression (default: one per core). */
@@ -48,11 +51,16 @@ export interface ConvertOptions {
 }
 
 const CHUNK = 2 << 20;
+/** Zeroes in the target may drop its allocation, as qemu-img's BDRV_REQ_MAY_UNMAP. */
+const UNMAP = { unmap: true } as const;
 const SECTOR = 512;
 
 type Status = "data" | "zero" | "backing";
 
-/** The sources as one concatenated guest space. */
+/**
+ * The sources as one concatenated guest space. Each source takes whole sectors, as in QEMU, where
+ * a raw file of 1000003 bytes is an image of 1000448: the tail of its last sector reads as zeroes.
+ */
 class Concat {
   readonly nodes: BlockNode[];
   readonly starts: number[] = [];
@@ -64,7 +72,7 @@ class Concat {
     let at = 0;
     for (const n of nodes) {
       this.starts.push(at);
-      at += n.size;
+      at += Math.ceil(n.size / SECTOR) * SECTOR;
     }
     this.size = at;
   }
@@ -78,6 +86,8 @@ class Concat {
     const i = this.#find(pos);
     const node = this.nodes[i]!;
     const local = pos - this.starts[i]!;
+    // The padding after a source's last byte, up to its sector end.
+    if (local >= node.size) return ["zero", Math.min(max, this.#end(i) - pos)];
     const limit = Math.min(max, node.size - local);
     if (this.topOnly) {
       // Target has a backing file: only what the source's own layer holds is copied.
@@ -92,12 +102,21 @@ class Concat {
     const e = await entryAt(node, local, limit);
     return [e.zero && !e.data ? "zero" : "data", Math.max(1, e.length)];
   }
+  #end(i: number): number {
+    return this.starts[i + 1] ?? this.size;
+  }
   async read(pos: number, dst: Uint8Array): Promise<void> {
     let done = 0;
     while (done < dst.length) {
       const i = this.#find(pos + done);
       const node = this.nodes[i]!;
       const local = pos + done - this.starts[i]!;
+      if (local >= node.size) {
+        const n = Math.min(dst.length - done, this.#end(i) - (pos + done));
+        dst.fill(0, done, done + n);
+        done += n;
+        continue;
+      }
       const n = Math.min(dst.length - done, node.size - local);
       await node.read(local, dst.subarray(done, done + n));
       done += n;
@@ -171,6 +190,23 @@ export async function convertImages(
   if (opts.backingFile !== undefined && opts.noCreate) {
     throw new BlockError("invalid-argument", "Cannot use -B together with -n");
   }
+  if (opts.backingFile !== undefined && format === "raw") {
+    throw new BlockError("unsupported", "Backing file not supported for file format 'raw'");
+  }
+  if (opts.backingFile !== undefined && opts.backingFormat === undefined) {
+    throw new BlockError(
+      "invalid-argument",
+      "Use of backing file requires explicit backing format",
+    );
+  }
+  if (opts.compress && !opts.noCreate && format !== "qcow2") {
+    throw new BlockError("unsupported", "Compression not supported for this file format", {
+      path: target,
+    });
+  }
+  // A target this call creates is removed again when the conversion fails.
+  const created = !opts.noCreate && (await Deno.lstat(target).catch(() => null)) === null;
+  let ok = false;
   const nodes: BlockNode[] = [];
   let out: BlockNode | undefined;
   let pool: CompressPool | undefined;
@@ -279,7 +315,7 @@ export async function convertImages(
         lastWrite = (async () => {
           const result = await compressed;
           await previous;
-          for (const [at, n] of zeroRuns) await node.writeZeroes(at, n);
+          for (const [at, n] of zeroRuns) await node.writeZeroes(at, n, UNMAP);
           if (result === undefined) return;
           // A zero cluster is left out only where the target already reads as zeroes (as QEMU).
           await writeCompressedChunk(node, start, span, result, hasData, zeroInit && sparse > 0);
@@ -303,24 +339,30 @@ export async function convertImages(
         } else {
           let at = 0;
           for (const [a, b] of dataRuns(buf, sparse)) {
-            if (a > at) await out.writeZeroes(pos + at, a - at);
+            if (a > at) await out.writeZeroes(pos + at, a - at, UNMAP);
             await out.write(pos + a, buf.subarray(a, b));
             at = b;
           }
-          if (at < n) await out.writeZeroes(pos + at, n - at);
+          if (at < n) await out.writeZeroes(pos + at, n - at, UNMAP);
         }
       } else if (status === "zero" && !zeroInit) {
-        await out.writeZeroes(pos, n);
+        await out.writeZeroes(pos, n, UNMAP);
       }
       pos += n;
       opts.onProgress?.(pos, total);
     }
     await Promise.all(inflight);
+    // As QEMU's final zero-length compressed write: the file ends on a sector boundary.
+    if (compressing) await (out as Qcow2Node).alignFileEnd(SECTOR);
     await out.flush();
+    ok = true;
   } finally {
     pool?.close();
-    await out?.close();
+    await out?.close().catch((e) => {
+      if (ok) throw e;
+    });
     for (const n of nodes) await n.close();
+    if (!ok && created) await Deno.remove(target).catch(() => {});
   }
 }
 

@@ -87,6 +87,11 @@ const rawDriver: FormatDriver = {
       file.preallocate(0, size);
     }
     file.truncate(size);
+    if ((opts.preallocation ?? "off") === "off" && size >= 512) {
+      // As QEMU's allocate_first_block: the first block is allocated, so later probes of the
+      // file's block size and allocation see a real block there.
+      file.writeAt(0, new Uint8Array(size < 4096 ? 512 : 4096));
+    }
     file.flush();
     return Promise.resolve();
   },

@@ -416,7 +416,7 @@ export class Qcow2Node implements BlockNode {
    *
    * @throws {BlockError} `read-only` on a writable node, `not-found` without such a snapshot
    */
-  loadSnapshotForReading(key: string): void {
+  loadSnapshotForReading(key: string | { id?: string; name?: string }): void {
     this.#live();
     if (!this.#readOnly) {
       throw new BlockError("read-only", "Snapshots can only be loaded into a read-only image", {
@@ -424,9 +424,18 @@ export class Qcow2Node implements BlockNode {
       });
     }
     const entries = this.#snapshots.entries;
-    const sn = entries.find((e) => e.id === key) ?? entries.find((e) => e.name === key);
+    // A bare key is an ID, else a name (bdrv_snapshot_load_tmp_by_id_or_name); snapshot.id= and
+    // snapshot.name= match only what they name, both when both are given.
+    const sn = typeof key === "string"
+      ? entries.find((e) => e.id === key) ?? entries.find((e) => e.name === key)
+      : entries.find((e) =>
+        (key.id === undefined || e.id === key.id) && (key.name === undefined || e.name === key.name)
+      );
+    const shown = typeof key === "string"
+      ? key
+      : [key.id && `id ${key.id}`, key.name && `name ${key.name}`].filter(Boolean).join(", ");
     if (sn === undefined) {
-      throw new BlockError("not-found", `Failed to load snapshot '${key}': no such snapshot`, {
+      throw new BlockError("not-found", `Failed to load snapshot '${shown}': no such snapshot`, {
         path: this.filename,
       });
     }
@@ -1293,6 +1302,20 @@ export class Qcow2Node implements BlockNode {
         }
       }
     }
+  }
+
+  /**
+   * Grows the file to a multiple of `alignment` bytes, as QEMU does after compressed writes (its
+   * zero-length compressed write) so that sector-based readers see whole sectors.
+   */
+  async alignFileEnd(alignment: number): Promise<void> {
+    this.#live();
+    this.#writable();
+    await this.#mutex.run(async () => {
+      const size = this.file.size();
+      const aligned = Math.ceil(size / alignment) * alignment;
+      if (aligned !== size) await this.file.truncate(aligned);
+    });
   }
 
   async flush(): Promise<void> {

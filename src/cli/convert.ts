@@ -65,7 +65,13 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
     if (!p.ok || p.value > BigInt(Number.MAX_SAFE_INTEGER)) {
       throw new UsageError("Invalid buffer size for sparse output specified");
     }
-    sparse = Math.floor(Number(p.value) / 512) * 512;
+    if (p.value % 512n !== 0n || p.value > 16n * 1024n * 1024n) {
+      throw new UsageError(
+        "Invalid buffer size for sparse output specified. " +
+          "Valid sizes are multiples of 512 up to 16777216.",
+      );
+    }
+    sparse = Number(p.value);
   }
   if (values.coroutines !== undefined) {
     const m = Number(values.coroutines);
@@ -82,11 +88,7 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
   if (!["none", "writeback", "writethrough", "directsync", "unsafe"].includes(cache)) {
     throw new UsageError(`Invalid cache option: ${cache}`);
   }
-  let snapshot = values.snapshot;
-  if (snapshot !== undefined) {
-    const m = /^snapshot\.(id|name)=(.*)$/.exec(snapshot);
-    if (m) snapshot = m[2]!;
-  }
+  const snapshot = values.snapshot === undefined ? undefined : snapshotKey(values.snapshot);
   const { size: _size, ...createOptions } = parseCreateOptions(values.options, format);
   const bar = progressBar(values.progress && !values.quiet);
   await convertImages(sources, target, {
@@ -106,4 +108,19 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
   });
   bar.end();
   return EXIT_OK;
+}
+
+/**
+ * -l's argument: `snapshot.id=ID`, `snapshot.name=NAME` or both comma-separated (each matches only
+ * what it names), or a bare ID-or-name.
+ */
+function snapshotKey(arg: string): string | { id?: string; name?: string } {
+  if (!arg.startsWith("snapshot.")) return arg;
+  const key: { id?: string; name?: string } = {};
+  for (const part of arg.split(",")) {
+    const m = /^snapshot\.(id|name)=(.*)$/.exec(part);
+    if (m === null) throw new UsageError(`Invalid -l option '${part}'`);
+    key[m[1] as "id" | "name"] = m[2]!;
+  }
+  return key;
 }

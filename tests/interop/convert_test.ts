@@ -31,7 +31,6 @@ import {
   sameMap,
   snapshotImage,
   type Source,
-  splitMapAt,
 } from "./convert_corpus.ts";
 
 const ignore = ignoreWithout("qemu-img") || ignoreWithout("qemu-io");
@@ -55,25 +54,18 @@ const KNOWN = {
    */
   hostHoles: "host-holes",
   /**
-   * QEMU's file-posix allocates the first 4 KiB of a raw file it creates (allocate_first_block);
-   * vstor's raw target has a hole there when the source starts with zeroes.
-   */
-  rawFirstBlock: "raw-first-block",
-  /**
-   * qemu-img convert -n without --target-is-zero writes zero ranges with BDRV_REQ_MAY_UNMAP: raw
-   * targets get holes punched, qcow2 targets get the clusters unmapped (ZERO_PLAIN, host cluster
-   * freed and reused by later allocations). vstor writes zeroes without unmap: raw ranges stay
-   * allocated, qcow2 clusters become ZERO_ALLOC and keep their host clusters, so later data
-   * lands elsewhere.
-   */
-  zeroWithoutUnmap: "zero-without-unmap",
-  /**
    * vstor walks the source in steps of at most 2 MiB from wherever the previous status run ended,
    * so a zero run starting mid-cluster is split mid-cluster. With -n (no backing) the straddled
    * cluster stays unallocated where qemu-img makes it a zero cluster; with -B it becomes a data
    * cluster of zeroes (pinned only: no map rewrite can set that aside).
    */
   chunkSplit: "chunk-split",
+  /**
+   * Host clusters that zero writes with unmap free during a convert -n are reused by vstor only
+   * once its L2 tables are written (a crash leaks clusters, never shares them); QEMU reuses them at
+   * once, so later data lands at other host offsets. Contents and allocation agree.
+   */
+  deferredFrees: "deferred-frees",
 } as const;
 type KnownId = (typeof KNOWN)[keyof typeof KNOWN];
 
@@ -86,27 +78,16 @@ function withoutOffset(e: MapEntry): MapEntry {
 const SET_ASIDE: Record<KnownId, (map: MapEntry[], format: string) => MapEntry[]> = {
   // Host-level zero detection inside allocated clusters (never a qcow2-level state).
   "host-holes": (map) => map.map((e) => e.present && e.data && e.zero ? { ...e, zero: false } : e),
-  "raw-first-block": (map, format) =>
-    format !== "raw"
-      ? map
-      : splitMapAt(map, 4096).map((e) =>
-        e.start < 4096 ? { ...e, present: true, zero: false, data: true, offset: e.start } : e
-      ),
-  // Raw: allocation is not compared at all; qcow2: host offsets are not compared.
-  "zero-without-unmap": (map, format) =>
-    format === "raw"
-      ? map.map((e) => ({ ...e, present: true, zero: false, data: true, offset: e.start }))
-      : map.map(withoutOffset),
   // An unallocated range and a zero cluster, both reading as zeroes, count as the same.
   "chunk-split": (map) => map.map((e) => e.zero && !e.data ? { ...e, present: true } : e),
+  "deferred-frees": (map, format) => format === "qcow2" ? map.map(withoutOffset) : map,
 };
 
 /** The known differences a case with these convert arguments may show. */
-function knownFor(args: string[], targetFormat: string): KnownId[] {
+function knownFor(args: string[], _targetFormat: string): KnownId[] {
   const known: KnownId[] = [KNOWN.hostHoles];
-  if (targetFormat === "raw" && !args.includes("-n")) known.push(KNOWN.rawFirstBlock);
   if (args.includes("-n") && !args.includes("--target-is-zero")) {
-    known.push(KNOWN.zeroWithoutUnmap, KNOWN.chunkSplit);
+    known.push(KNOWN.chunkSplit, KNOWN.deferredFrees);
   }
   return known;
 }
@@ -721,8 +702,203 @@ async function compressedClusters(path: string) {
   return { clusterSize, clusters: out };
 }
 
+/** Behaviours that once differed from qemu-img's and now match, each shown both ways. */
+const MATCHED: Step[] = [
+  {
+    name: "a raw target has its first block allocated, as QEMU's allocate_first_block does",
+    fn: async () => {
+      await withTempDir("vstor_convert_match_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 512k 4k"]);
+        const r = await both(dir, "first", {
+          args: ["-f", "raw", "-O", "raw", s],
+          targetFormat: "raw",
+        });
+        assert.ok(r.same);
+        assert.deepEqual(r.oursMap, r.theirsMap);
+      });
+    },
+  },
+  {
+    name: "-n without --target-is-zero unmaps zero ranges of qcow2 and raw targets",
+    fn: async () => {
+      await withTempDir("vstor_convert_match_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", 2 * MiB, ["write -q -P 0x11 0 64k"]);
+        for (const format of ["qcow2", "raw"] as const) {
+          const r = await both(dir, `n_${format}`, {
+            args: ["-n", "-f", "raw", "-O", format, s],
+            targetFormat: format,
+            prepare: existingTarget(format, 2 * MiB, 0x77),
+          });
+          assert.ok(r.same);
+          const known = [KNOWN.hostHoles, KNOWN.deferredFrees];
+          assert.deepEqual(
+            setAside(r.oursMap, format, known),
+            setAside(r.theirsMap, format, known),
+            format,
+          );
+        }
+      });
+    },
+  },
+  {
+    name: "a compressed target ends on a 512-byte boundary",
+    fn: async () => {
+      await withTempDir("vstor_convert_match_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 1000k"]);
+        const r = await both(dir, "pad", {
+          args: ["-f", "raw", "-O", "qcow2", "-c", s],
+          targetFormat: "qcow2",
+        });
+        assert.ok(r.same);
+        assert.equal(r.theirsSize % 512, 0);
+        assert.equal(r.oursSize % 512, 0);
+      });
+    },
+  },
+  {
+    name: "a failed convert leaves no target behind, and an existing file it did not create stays",
+    fn: async () => {
+      await withTempDir("vstor_convert_match_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
+        const argSets = [
+          ["-c", "-O", "raw"],
+          ["-c", "-O", "qcow2", "-o", "compat=0.10,compression_type=zstd"],
+        ];
+        for (const [i, args] of argSets.entries()) {
+          const q = join(dir, `q${i}.out`), v = join(dir, `v${i}.out`);
+          assert.equal(
+            (await runTool("qemu-img", ["convert", ...args, "-f", "raw", s, q])).code,
+            1,
+          );
+          assert.equal((await vstor("convert", ...args, "-f", "raw", s, v)).code, EXIT_ERROR);
+          assert.equal(await exists(q), false, `qemu-img ${args.join(" ")} leaves no target`);
+          assert.equal(await exists(v), false, `vstor ${args.join(" ")} leaves no target`);
+        }
+        // A missing source fails after nothing was created; a target that was there stays.
+        const kept = join(dir, "kept.raw");
+        await Deno.writeFile(kept, new Uint8Array([1, 2, 3]));
+        const r = await vstor("convert", "-c", "-O", "raw", "-f", "raw", s, kept);
+        assert.equal(r.code, EXIT_ERROR);
+        assert.deepEqual(await Deno.readFile(kept), new Uint8Array([1, 2, 3]));
+      });
+    },
+  },
+  {
+    name: "-B is refused for a raw target and without -F, with qemu-img's messages",
+    fn: async () => {
+      await withTempDir("vstor_convert_match_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
+        const b = await rawWith(dir, "b.raw", MiB, []);
+        const cases: Array<[string[], string]> = [
+          [["-O", "raw", "-B", b, "-F", "raw"], "Backing file not supported for file format 'raw'"],
+          [["-O", "qcow2", "-B", b], "Use of backing file requires explicit backing format"],
+        ];
+        for (const [i, [args, message]] of cases.entries()) {
+          const q = join(dir, `q${i}.out`), v = join(dir, `v${i}.out`);
+          const theirs = await runTool("qemu-img", ["convert", ...args, "-f", "raw", s, q]);
+          assert.equal(theirs.code, 1);
+          assert.match(theirs.stderr, new RegExp(message.replace(/[()']/g, ".")));
+          const r = await vstor("convert", ...args, "-f", "raw", s, v);
+          assert.equal(r.code, EXIT_ERROR, args.join(" "));
+          assert.match(r.stderr, new RegExp(message.replace(/[()']/g, ".")));
+          assert.equal(await exists(v), false);
+        }
+      });
+    },
+  },
+  {
+    name: "a raw source's size is rounded up to a whole sector, as qemu-img does",
+    fn: async () => {
+      await withTempDir("vstor_convert_match_", async (dir) => {
+        const odd = join(dir, "odd.raw");
+        await Deno.writeFile(odd, new Uint8Array(1_000_003).fill(0x5a));
+        const c = await rawWith(dir, "c.raw", 64 * KiB, ["write -q -P 0x11 0 64k"]);
+        const r = await both(dir, "odd", {
+          args: ["-f", "raw", "-O", "raw", odd, c],
+          targetFormat: "raw",
+        });
+        assert.equal(r.theirsSize, 1_000_448 + 64 * KiB);
+        assert.equal(r.oursSize, r.theirsSize);
+        assert.ok(r.same);
+        const q = await both(dir, "odd_q", {
+          args: ["-f", "raw", "-O", "qcow2", odd],
+          targetFormat: "qcow2",
+        });
+        assert.ok(q.same);
+      });
+    },
+  },
+  {
+    name: "-S sizes that are not multiples of 512 or exceed 16 MiB are refused",
+    fn: async () => {
+      await withTempDir("vstor_convert_match_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
+        for (const size of ["1000", "17M"]) {
+          const out = join(dir, `t${size}.raw`);
+          const theirs = await runTool("qemu-img", ["convert", "-S", size, "-f", "raw", s, out]);
+          assert.equal(theirs.code, 1);
+          const r = await vstor("convert", "-S", size, "-f", "raw", s, out);
+          assert.equal(r.code, EXIT_USAGE, `-S ${size}`);
+          assert.match(r.stderr, /Valid sizes are multiples of 512 up to 16777216/);
+        }
+      });
+    },
+  },
+  {
+    name: "-l snapshot.name= and snapshot.id= match only what they name",
+    fn: async () => {
+      await withTempDir("vstor_convert_match_", async (dir) => {
+        const snap = await snapshotImage(dir, SEED);
+        await applyOps(dir, snap.path, "qcow2", [
+          { op: "write", offset: 0, length: 64 * KiB, fill: { pattern: 0x99 } },
+        ]);
+        await qemuOk("qemu-img", ["snapshot", "-c", "1", snap.path]);
+        const r = await both(dir, "byname", {
+          args: ["-O", "raw", "-l", "snapshot.name=1", ...src(snap)],
+          targetFormat: "raw",
+        });
+        assert.ok(r.same, "-l snapshot.name=1 picks the snapshot named 1, not ID 1");
+        const out = join(dir, "byid.raw");
+        const v = await vstor("convert", "-O", "raw", "-l", "snapshot.id=first", ...src(snap), out);
+        assert.equal(v.code, EXIT_ERROR, "-l snapshot.id=first: no snapshot has that ID");
+      });
+    },
+  },
+];
+
+Deno.test({
+  name: "vstor convert matches qemu-img convert where it once differed",
+  ignore,
+  async fn(t) {
+    console.log(`seed ${SEED}`);
+    await runSteps(t, MATCHED);
+  },
+});
+
 /** The known differences, each with a minimal repro that must still show it. */
 const PINS: Step[] = [
+  {
+    name: "vstor reuses host clusters freed during convert -n only after its tables are written",
+    fn: async () => {
+      // repro: t.qcow2 2M written with 0x77 (qemu-io), s.raw 2M with data at [1M,1M+64k) only
+      //        qemu-img convert -n -f raw -O qcow2 s.raw t.qcow2 → the data at 1M reuses a host
+      //        cluster freed by the zero write of [0,1M); vstor's lands after the file's end
+      await withTempDir("vstor_convert_pin_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", 2 * MiB, ["write -q -P 0x11 1M 64k"]);
+        const r = await both(dir, "frees", {
+          args: ["-n", "-f", "raw", "-O", "qcow2", s],
+          targetFormat: "qcow2",
+          prepare: existingTarget("qcow2", 2 * MiB, 0x77),
+        });
+        assert.ok(r.same);
+        assert.ok(!sameMap(r.theirsMap, r.oursMap), fixedMessage(KNOWN.deferredFrees));
+        const known = [KNOWN.hostHoles, KNOWN.deferredFrees];
+        assert.ok(
+          sameMap(setAside(r.theirsMap, "qcow2", known), setAside(r.oursMap, "qcow2", known)),
+        );
+      });
+    },
+  },
   {
     name: "--target-is-zero without -n exits 1, as a failure, not 2 as the usage error it is",
     fn: async () => {
@@ -759,50 +935,6 @@ const PINS: Step[] = [
         assert.ok(sameMap(a, setAside(r.oursMap, "qcow2", [KNOWN.hostHoles])));
         assert.notEqual(r.oursSize % (64 * KiB), 0, "vstor's file ends mid-cluster");
         assert.equal(r.theirsSize % (64 * KiB), 0, "qemu-img's file ends on a cluster boundary");
-      });
-    },
-  },
-  {
-    name:
-      "a raw target vstor creates has no allocated first block where the source starts with zeroes",
-    fn: async () => {
-      // repro: qemu-img create -f raw s.raw 1M; qemu-io -f raw -c 'write -P 0x11 512k 4k' s.raw
-      //        qemu-img convert -f raw -O raw s.raw q.raw  → map: [0,4k) data (allocate_first_block)
-      //        vstor convert -f raw -O raw s.raw v.raw     → map: [0,512k) zero
-      await withTempDir("vstor_convert_pin_", async (dir) => {
-        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 512k 4k"]);
-        const r = await both(dir, "first", {
-          args: ["-f", "raw", "-O", "raw", s],
-          targetFormat: "raw",
-        });
-        assert.ok(r.same);
-        assert.ok(!sameMap(r.theirsMap, r.oursMap), fixedMessage(KNOWN.rawFirstBlock));
-        const known = [KNOWN.rawFirstBlock];
-        assert.ok(sameMap(setAside(r.theirsMap, "raw", known), setAside(r.oursMap, "raw", known)));
-      });
-    },
-  },
-  {
-    name: "vstor convert -n without --target-is-zero writes zeroes without unmapping them",
-    fn: async () => {
-      // repro: qemu-img create -f qcow2 t.qcow2 2M; qemu-io -f qcow2 -c 'write -P 0x77 0 2M' t.qcow2
-      //        (twice, q/v) qemu-img convert -n -f raw -O qcow2 s.raw t.qcow2 (s.raw: 2M, data 0..64k)
-      //        map: qemu-img [64k,2M) zero, no offset; vstor [64k,2M) zero with host offsets kept
-      //        same with -O raw: qemu-img punches holes, vstor leaves the range allocated
-      await withTempDir("vstor_convert_pin_", async (dir) => {
-        const s = await rawWith(dir, "s.raw", 2 * MiB, ["write -q -P 0x11 0 64k"]);
-        for (const format of ["qcow2", "raw"] as const) {
-          const r = await both(dir, `n_${format}`, {
-            args: ["-n", "-f", "raw", "-O", format, s],
-            targetFormat: format,
-            prepare: existingTarget(format, 2 * MiB, 0x77),
-          });
-          assert.ok(r.same);
-          assert.ok(
-            !sameMap(r.theirsMap, r.oursMap),
-            fixedMessage(`${KNOWN.zeroWithoutUnmap} (${format})`),
-          );
-        }
       });
     },
   },
@@ -844,25 +976,6 @@ const PINS: Step[] = [
           !sameMap(raw.theirsMap, raw.oursMap),
           fixedMessage("-S alignment (-O raw -S 64k)"),
         );
-      });
-    },
-  },
-  {
-    name: "vstor's compressed target does not end on a 512-byte boundary",
-    fn: async () => {
-      // repro: qemu-img create -f raw s.raw 1M; qemu-io -f raw -c 'write -P 0x11 0 1000k' s.raw
-      //        qemu-img convert -f raw -O qcow2 -c s.raw q.qcow2 → length a multiple of 512 (qemu-img
-      //        ends -c with a zero-length compressed write, which truncates the file to whole sectors)
-      //        vstor convert (same) v.qcow2 → ends right after the last compressed cluster
-      await withTempDir("vstor_convert_pin_", async (dir) => {
-        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 1000k"]);
-        const r = await both(dir, "pad", {
-          args: ["-f", "raw", "-O", "qcow2", "-c", s],
-          targetFormat: "qcow2",
-        });
-        assert.ok(r.same);
-        assert.equal(r.theirsSize % 512, 0);
-        assert.notEqual(r.oursSize % 512, 0, fixedMessage("padding of -c targets to 512 bytes"));
       });
     },
   },
@@ -960,119 +1073,6 @@ const PINS: Step[] = [
         const magic = (b: Uint8Array) => new DataView(b.buffer).getUint32(112);
         assert.equal(magic(q), 0, "qemu-img: no header extension after the v3 header");
         assert.equal(magic(v), 0, "vstor: no header extension after the v3 header either");
-      });
-    },
-  },
-  {
-    name: "a failed vstor convert can leave the target file behind",
-    fn: async () => {
-      // repro: vstor convert -c -O raw s.raw t.raw        → exit 1, t.raw exists (qemu-img: none)
-      //        vstor convert -c -O qcow2 -o compat=0.10,compression_type=zstd s.raw t.qcow2 → same
-      await withTempDir("vstor_convert_pin_", async (dir) => {
-        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
-        const argSets = [
-          ["-c", "-O", "raw"],
-          ["-c", "-O", "qcow2", "-o", "compat=0.10,compression_type=zstd"],
-        ];
-        for (const [i, args] of argSets.entries()) {
-          const q = join(dir, `q${i}.out`), v = join(dir, `v${i}.out`);
-          assert.equal(
-            (await runTool("qemu-img", ["convert", ...args, "-f", "raw", s, q])).code,
-            1,
-          );
-          assert.equal((await vstor("convert", ...args, "-f", "raw", s, v)).code, EXIT_ERROR);
-          assert.equal(await exists(q), false, `qemu-img ${args.join(" ")} leaves no target`);
-          assert.equal(await exists(v), true, fixedMessage(`leftover target (${args.join(" ")})`));
-        }
-      });
-    },
-  },
-  {
-    name: "vstor convert accepts -B for a raw target and -B without -F, which qemu-img refuses",
-    fn: async () => {
-      // repro: vstor convert -O raw -B b.raw -F raw s.raw t.raw   → exit 0 (qemu-img: "Backing file
-      //        not supported for file format 'raw'"); vstor convert -O qcow2 -B b.raw s.raw t.qcow2
-      //        → exit 0 (qemu-img 7.2: "Use of backing file requires explicit backing format")
-      await withTempDir("vstor_convert_pin_", async (dir) => {
-        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
-        const b = await rawWith(dir, "b.raw", MiB, []);
-        const argSets = [["-O", "raw", "-B", b, "-F", "raw"], ["-O", "qcow2", "-B", b]];
-        for (const [i, args] of argSets.entries()) {
-          const q = join(dir, `q${i}.out`), v = join(dir, `v${i}.out`);
-          assert.equal(
-            (await runTool("qemu-img", ["convert", ...args, "-f", "raw", s, q])).code,
-            1,
-          );
-          const r = await vstor("convert", ...args, "-f", "raw", s, v);
-          assert.equal(r.code, EXIT_OK, fixedMessage(`accepting ${args.join(" ")}`));
-        }
-      });
-    },
-  },
-  {
-    name: "vstor takes a raw source's byte size where qemu-img rounds it up to a sector",
-    fn: async () => {
-      // repro: head -c 1000003 /dev/urandom > odd.raw; qemu-img create -f raw c.raw 64k
-      //        qemu-img convert -f raw -O raw odd.raw c.raw q.raw  (1000448 + 65536 bytes)
-      //        vstor convert (same) v.raw  (1000003 + 65536: c.raw's data lands 445 bytes early)
-      //        vstor convert -f raw -O qcow2 odd.raw v.qcow2 → "The new size must be a multiple
-      //        of 512", exit 1, a qcow2 of virtual size 0 left behind
-      await withTempDir("vstor_convert_pin_", async (dir) => {
-        const odd = join(dir, "odd.raw");
-        await Deno.writeFile(odd, new Uint8Array(1_000_003).fill(0x5a));
-        const c = await rawWith(dir, "c.raw", 64 * KiB, ["write -q -P 0x11 0 64k"]);
-        const r = await both(dir, "odd", {
-          args: ["-f", "raw", "-O", "raw", odd, c],
-          targetFormat: "raw",
-        });
-        assert.equal(r.theirsSize, 1_000_448 + 64 * KiB);
-        assert.ok(!r.same, fixedMessage("concatenation after an unaligned raw source"));
-        const v = join(dir, "odd.qcow2");
-        const q = await vstor("convert", "-f", "raw", "-O", "qcow2", odd, v);
-        assert.equal(q.code, EXIT_ERROR, fixedMessage("-O qcow2 from an unaligned raw source"));
-      });
-    },
-  },
-  {
-    name: "vstor convert accepts -S sizes qemu-img refuses (not a multiple of 512, over 16 MiB)",
-    fn: async () => {
-      // repro: qemu-img convert -S 1000 s.raw t.raw → "Invalid buffer size for sparse output
-      //        specified. Valid sizes are multiples of 512 up to 16777216."; vstor: exit 0
-      await withTempDir("vstor_convert_pin_", async (dir) => {
-        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
-        for (const size of ["1000", "17M"]) {
-          const out = join(dir, `t${size}.raw`);
-          assert.equal(
-            (await runTool("qemu-img", ["convert", "-S", size, "-f", "raw", s, out])).code,
-            1,
-          );
-          const r = await vstor("convert", "-S", size, "-f", "raw", s, out);
-          assert.equal(r.code, EXIT_OK, fixedMessage(`-S ${size} accepted`));
-        }
-      });
-    },
-  },
-  {
-    name:
-      "vstor convert -l snapshot.name=/snapshot.id= matches by ID or name, not by the one asked for",
-    fn: async () => {
-      // repro: snapshots 1 "first", 2 "second", 3 "1" (qemu-img snapshot -c 1 after a write)
-      //        qemu-img convert -l snapshot.name=1 → snapshot 3; vstor → snapshot 1
-      //        qemu-img convert -l snapshot.id=first → "Can't find snapshot"; vstor → snapshot 1
-      await withTempDir("vstor_convert_pin_", async (dir) => {
-        const snap = await snapshotImage(dir, SEED);
-        await applyOps(dir, snap.path, "qcow2", [
-          { op: "write", offset: 0, length: 64 * KiB, fill: { pattern: 0x99 } },
-        ]);
-        await qemuOk("qemu-img", ["snapshot", "-c", "1", snap.path]);
-        const r = await both(dir, "byname", {
-          args: ["-O", "raw", "-l", "snapshot.name=1", ...src(snap)],
-          targetFormat: "raw",
-        });
-        assert.ok(!r.same, fixedMessage("-l snapshot.name=1 when an ID 1 also exists"));
-        const out = join(dir, "byid.raw");
-        const v = await vstor("convert", "-O", "raw", "-l", "snapshot.id=first", ...src(snap), out);
-        assert.equal(v.code, EXIT_OK, fixedMessage("-l snapshot.id=first accepted"));
       });
     },
   },
