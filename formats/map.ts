@@ -5,6 +5,30 @@
  * @module
  */
 import type { BlockNode } from "../src/block/node.ts";
+import type { HostExtent } from "../src/host/host_file.ts";
+import { Qcow2Node } from "./qcow2/qcow2.ts";
+import { detectMetadataPreallocation } from "./qcow2/measure.ts";
+
+const preallocated = new WeakMap<Qcow2Node, boolean>();
+
+/**
+ * What the host file holds under a run of data at `hostOffset` in `layer`, when QEMU would ask:
+ * only for qcow2 images that look metadata-preallocated (its BDRV_BLOCK_RECURSE), whose data
+ * clusters over holes in the file read as zeroes. Undefined when QEMU would not ask.
+ */
+export function hostStatusUnder(
+  layer: BlockNode,
+  hostOffset: number | undefined,
+  length: number,
+): HostExtent | undefined {
+  if (!(layer instanceof Qcow2Node) || hostOffset === undefined) return undefined;
+  let known = preallocated.get(layer);
+  if (known === undefined) {
+    known = detectMetadataPreallocation(layer);
+    preallocated.set(layer, known);
+  }
+  return known ? layer.file.dataStatus(hostOffset, length) : undefined;
+}
 
 /** One run of the map, with qemu-img map's fields. */
 export interface MapEntry {
@@ -31,12 +55,15 @@ export async function entryAt(top: BlockNode, pos: number, max: number): Promise
     const st = await layer.blockStatus(pos, length);
     length = Math.min(length, st.length);
     if (st.kind !== "unallocated" && st.kind !== "eof") {
+      // Data over a hole in a metadata-preallocated image reads as zeroes (and is still data).
+      const host = st.kind === "data" ? hostStatusUnder(layer, st.hostOffset, length) : undefined;
+      if (host !== undefined) length = Math.min(length, host.length);
       const entry: MapEntry = {
         start: pos,
         length,
         depth,
         present: true,
-        zero: st.kind === "zero",
+        zero: st.kind === "zero" || (host !== undefined && !host.data),
         data: st.kind === "data" || st.kind === "compressed",
         filename: layer.filename,
       };

@@ -7,9 +7,9 @@
 import type { BlockNode } from "../src/block/node.ts";
 import { BlockError } from "../src/errors.ts";
 import { Qcow2Node } from "./qcow2/qcow2.ts";
+import { hostStatusUnder } from "./map.ts";
 import {
   bitmapsSize,
-  detectMetadataPreallocation,
   type MeasureInfo,
   measureQcow2,
   persistentBitmaps,
@@ -59,17 +59,6 @@ export function checkMeasureOptions(format: string, opts: MeasureOptions): void 
   }
 }
 
-const preallocated = new WeakMap<Qcow2Node, boolean>();
-
-function metadataPreallocated(node: Qcow2Node): boolean {
-  let known = preallocated.get(node);
-  if (known === undefined) {
-    known = detectMetadataPreallocation(node);
-    preallocated.set(node, known);
-  }
-  return known;
-}
-
 /**
  * Whether the guest bytes at `pos` (at most `max` of them) read as data somewhere in the chain
  * under `top`, and for how many bytes — QEMU's `bdrv_block_status_above` with zero detection:
@@ -97,13 +86,10 @@ export async function dataAt(
       case "compressed":
         return { data: true, length };
       case "data": {
-        if (
-          layer instanceof Qcow2Node && st.hostOffset !== undefined && metadataPreallocated(layer)
-        ) {
-          const host = layer.file.dataStatus(st.hostOffset, length);
-          return { data: host.data, length: Math.min(length, host.length) };
-        }
-        return { data: true, length };
+        const host = hostStatusUnder(layer, st.hostOffset, length);
+        return host === undefined
+          ? { data: true, length }
+          : { data: host.data, length: Math.min(length, host.length) };
       }
       case "eof":
       case "unallocated": {

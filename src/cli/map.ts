@@ -26,8 +26,8 @@ export function mapJson(entries: MapEntry[]): string {
 }
 
 /**
- * qemu-img's human map: the data runs with their host offset and file, line by line; a run with
- * no host offset (compressed) stops it with an error, as in qemu-img.
+ * qemu-img's human map: the data runs that do not read as zeroes, with their host offset and file,
+ * line by line; a run with no host offset (compressed) stops it with an error, as in qemu-img.
  */
 export function mapHuman(entries: MapEntry[], out: (line: string) => void): void {
   const hex = (n: number) => n === 0 ? "0" : `0x${n.toString(16)}`;
@@ -40,6 +40,7 @@ export function mapHuman(entries: MapEntry[], out: (line: string) => void): void
         "File contains external, encrypted or compressed clusters.",
       );
     }
+    if (e.zero) continue;
     out(
       `${hex(e.start).padEnd(16)}${hex(e.length).padEnd(16)}${
         hex(e.offset).padEnd(16)

@@ -75,6 +75,12 @@ const corpus: Array<[string, (dir: string) => Promise<string>]> = [
     await q("qemu-io", "-c", "write -c -P 5 0 128k", "-c", "write -P 6 1M 64k", p);
     return p;
   }],
+  ["qcow2 with metadata preallocation (data clusters over host holes)", async (dir) => {
+    const p = join(dir, "m.qcow2");
+    await q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", p, "4M");
+    await q("qemu-io", "-c", "write -P 3 64k 4k", p);
+    return p;
+  }],
   ["qcow2 extended L2", async (dir) => {
     const p = join(dir, "x.qcow2");
     await q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", p, "4M");
