@@ -928,6 +928,11 @@ export class Qcow2Node implements BlockNode {
     const writeTail = tailLen > 0 && !(fresh && tailZero);
     const hostData = host + (guestOffset - first * cs);
     const data = src.subarray(0, consumed);
+    if ((headLen > 0 && !writeHead) || (tailLen > 0 && !writeTail)) {
+      // As QEMU's handle_alloc_space: new clusters whose copied parts would be zeroes are
+      // allocated whole on the host (no holes inside them), then only the data is written.
+      this.file.preallocate(host, count * cs);
+    }
     if (!writeHead && !writeTail) {
       this.file.writeAt(hostData, data);
     } else {

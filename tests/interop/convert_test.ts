@@ -47,13 +47,6 @@ const SEED = Number(Deno.env.get("VSTOR_CONVERT_SEED") ?? 20261125);
  */
 const KNOWN = {
   /**
-   * qemu-img zero-fills the part of a newly allocated cluster that a write does not cover (QEMU's
-   * COW: handle_alloc_space / perform_cow), so the whole host cluster is allocated and the file
-   * ends on a cluster boundary. vstor leaves that part unwritten: host holes inside the cluster,
-   * which `qemu-img map` reports as `"zero": true, "data": true`, and a file ending mid-cluster.
-   */
-  hostHoles: "host-holes",
-  /**
    * vstor walks the source in steps of at most 2 MiB from wherever the previous status run ended,
    * so a zero run starting mid-cluster is split mid-cluster. With -n (no backing) the straddled
    * cluster stays unallocated where qemu-img makes it a zero cluster; with -B it becomes a data
@@ -76,8 +69,6 @@ function withoutOffset(e: MapEntry): MapEntry {
 
 /** How each known difference is set aside: the same rewrite of both maps. */
 const SET_ASIDE: Record<KnownId, (map: MapEntry[], format: string) => MapEntry[]> = {
-  // Host-level zero detection inside allocated clusters (never a qcow2-level state).
-  "host-holes": (map) => map.map((e) => e.present && e.data && e.zero ? { ...e, zero: false } : e),
   // An unallocated range and a zero cluster, both reading as zeroes, count as the same.
   "chunk-split": (map) => map.map((e) => e.zero && !e.data ? { ...e, present: true } : e),
   "deferred-frees": (map, format) => format === "qcow2" ? map.map(withoutOffset) : map,
@@ -85,7 +76,7 @@ const SET_ASIDE: Record<KnownId, (map: MapEntry[], format: string) => MapEntry[]
 
 /** The known differences a case with these convert arguments may show. */
 function knownFor(args: string[], _targetFormat: string): KnownId[] {
-  const known: KnownId[] = [KNOWN.hostHoles];
+  const known: KnownId[] = [];
   if (args.includes("-n") && !args.includes("--target-is-zero")) {
     known.push(KNOWN.chunkSplit, KNOWN.deferredFrees);
   }
@@ -705,6 +696,22 @@ async function compressedClusters(path: string) {
 /** Behaviours that once differed from qemu-img's and now match, each shown both ways. */
 const MATCHED: Step[] = [
   {
+    name: "the unwritten rest of a new cluster is allocated, not left as host holes",
+    fn: async () => {
+      await withTempDir("vstor_convert_match_", async (dir) => {
+        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
+        const r = await both(dir, "holes", {
+          args: ["-f", "raw", "-O", "qcow2", s],
+          targetFormat: "qcow2",
+        });
+        assert.ok(r.same);
+        assert.deepEqual(r.oursMap, r.theirsMap);
+        assert.equal(r.oursSize % (64 * KiB), 0, "vstor's file ends on a cluster boundary");
+        assert.equal(r.theirsSize, r.oursSize);
+      });
+    },
+  },
+  {
     name: "a raw target has its first block allocated, as QEMU's allocate_first_block does",
     fn: async () => {
       await withTempDir("vstor_convert_match_", async (dir) => {
@@ -730,7 +737,7 @@ const MATCHED: Step[] = [
             prepare: existingTarget(format, 2 * MiB, 0x77),
           });
           assert.ok(r.same);
-          const known = [KNOWN.hostHoles, KNOWN.deferredFrees];
+          const known = [KNOWN.deferredFrees];
           assert.deepEqual(
             setAside(r.oursMap, format, known),
             setAside(r.theirsMap, format, known),
@@ -892,7 +899,7 @@ const PINS: Step[] = [
         });
         assert.ok(r.same);
         assert.ok(!sameMap(r.theirsMap, r.oursMap), fixedMessage(KNOWN.deferredFrees));
-        const known = [KNOWN.hostHoles, KNOWN.deferredFrees];
+        const known = [KNOWN.deferredFrees];
         assert.ok(
           sameMap(setAside(r.theirsMap, "qcow2", known), setAside(r.oursMap, "qcow2", known)),
         );
@@ -913,28 +920,6 @@ const PINS: Step[] = [
           fixedMessage("--target-is-zero exit code") +
             "; then expect EXIT_USAGE in the errors test",
         );
-      });
-    },
-  },
-  {
-    name:
-      "vstor leaves the unwritten rest of a new cluster as host holes where qemu-img zero-fills it",
-    fn: async () => {
-      // repro: qemu-img create -f raw s.raw 1M; qemu-io -f raw -c 'write -P 0x11 0 4k' s.raw
-      //        qemu-img convert -f raw -O qcow2 s.raw q.qcow2; vstor convert (same) v.qcow2
-      //        qemu-img map --output=json: q [0,64k) data; v [0,4k) data, [4k,64k) zero+data
-      await withTempDir("vstor_convert_pin_", async (dir) => {
-        const s = await rawWith(dir, "s.raw", MiB, ["write -q -P 0x11 0 4k"]);
-        const r = await both(dir, "holes", {
-          args: ["-f", "raw", "-O", "qcow2", s],
-          targetFormat: "qcow2",
-        });
-        assert.ok(r.same);
-        assert.ok(!sameMap(r.theirsMap, r.oursMap), fixedMessage(KNOWN.hostHoles));
-        const a = setAside(r.theirsMap, "qcow2", [KNOWN.hostHoles]);
-        assert.ok(sameMap(a, setAside(r.oursMap, "qcow2", [KNOWN.hostHoles])));
-        assert.notEqual(r.oursSize % (64 * KiB), 0, "vstor's file ends mid-cluster");
-        assert.equal(r.theirsSize % (64 * KiB), 0, "qemu-img's file ends on a cluster boundary");
       });
     },
   },
