@@ -24,7 +24,8 @@ export type VirtqueueFault =
   | "zero-length" // a buffer of length 0
   | "outside-ram" // a buffer or ring outside guest RAM or across a region boundary
   | "too-many-in-flight" // more chains popped and not yet returned than N
-  | "bad-ring-layout"; // ring areas misaligned, outside RAM or overlapping
+  | "bad-ring-layout" // ring areas misaligned, outside RAM or overlapping
+  | "bad-request"; // a device's request framing broken (virtio-blk: no 16-byte header, no status byte)
 
 /** A driver broke the virtqueue rules; the device must stop the queue and ask for a reset. */
 export class VirtqueueError extends Error {
