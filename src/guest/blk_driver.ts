@@ -328,26 +328,31 @@ export class BlkDriver {
     if (options.packed ?? false) wanted |= featureBit(VIRTIO_F_RING_PACKED);
     wanted &= ~(options.exclude ?? 0n);
     const features = virtio.negotiate(wanted);
-
-    if (options.writeback !== undefined && hasFeature(features, VIRTIO_BLK_F_CONFIG_WCE)) {
-      virtio.writeConfig(CFG_WRITEBACK, 1, options.writeback ? 1 : 0);
+    try {
+      if (options.writeback !== undefined && hasFeature(features, VIRTIO_BLK_F_CONFIG_WCE)) {
+        virtio.writeConfig(CFG_WRITEBACK, 1, options.writeback ? 1 : 0);
+      }
+      const config = readBlkConfig(virtio, features);
+      const count = Math.min(wantQueues, config.numQueues);
+      const driver = new BlkDriver(platform, virtio, features, config, options.timeoutMs ?? 30_000);
+      const queues = virtio.setupQueues(
+        Array.from({ length: count }, () => ({ size: options.queueSize ?? 256 })),
+        {
+          onQueue: (index) => driver.#harvest(index),
+          onConfigChange: () => driver.#refreshConfig(),
+        },
+        options.interrupts === undefined ? {} : { interrupts: options.interrupts },
+      );
+      for (const vq of queues) {
+        driver.#queues.push({ vq, slots: [], pending: [], pendingHead: 0, submitted: 0 });
+      }
+      virtio.driverOk();
+      return driver;
+    } catch (error) {
+      // Linux's virtio core: a driver whose probe failed sets FAILED.
+      virtio.fail();
+      throw error;
     }
-    const config = readBlkConfig(virtio, features);
-    const count = Math.min(wantQueues, config.numQueues);
-    const driver = new BlkDriver(platform, virtio, features, config, options.timeoutMs ?? 30_000);
-    const queues = virtio.setupQueues(
-      Array.from({ length: count }, () => ({ size: options.queueSize ?? 256 })),
-      {
-        onQueue: (index) => driver.#harvest(index),
-        onConfigChange: () => driver.#refreshConfig(),
-      },
-      options.interrupts === undefined ? {} : { interrupts: options.interrupts },
-    );
-    for (const vq of queues) {
-      driver.#queues.push({ vq, slots: [], pending: [], pendingHead: 0, submitted: 0 });
-    }
-    virtio.driverOk();
-    return driver;
   }
 
   /** Request queues set up. */

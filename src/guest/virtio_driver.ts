@@ -399,7 +399,7 @@ export class VirtioPciDriver {
    */
   negotiate(wanted: bigint): bigint {
     if (!hasFeature(this.offered, VIRTIO_F_VERSION_1)) {
-      this.#fail();
+      this.fail();
       throw new VirtioDriverError(
         "legacy-only",
         this.slot,
@@ -414,7 +414,7 @@ export class VirtioPciDriver {
     this.#addStatus(VIRTIO_CONFIG_S_FEATURES_OK);
     const status = this.readStatus();
     if ((status & VIRTIO_CONFIG_S_FEATURES_OK) === 0) {
-      this.#fail();
+      this.fail();
       throw new VirtioDriverError(
         "features-refused",
         this.slot,
@@ -425,7 +425,8 @@ export class VirtioPciDriver {
     return features;
   }
 
-  #fail(): void {
+  /** Sets FAILED: the driver gave up on the device (the spec's way to say so before a reset). */
+  fail(): void {
     this.#addStatus(VIRTIO_CONFIG_S_FAILED);
   }
 
