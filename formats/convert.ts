@@ -51,6 +51,8 @@ export interface ConvertOptions {
 }
 
 const CHUNK = 2 << 20;
+/** Longest status run asked for at once (QEMU's BDRV_REQUEST_MAX_BYTES is just under 2 GiB). */
+const MAX_STATUS = 1 << 30;
 /** Zeroes in the target may drop its allocation, as qemu-img's BDRV_REQ_MAY_UNMAP. */
 const UNMAP = { unmap: true } as const;
 const SECTOR = 512;
@@ -105,6 +107,15 @@ class Concat {
   #end(i: number): number {
     return this.starts[i + 1] ?? this.size;
   }
+  /** Where the source holding `pos` starts in the concatenation. */
+  startOf(pos: number): number {
+    return this.starts[this.#find(pos)]!;
+  }
+  /** The request alignment of the source at `pos`: its cluster size, at least a sector. */
+  alignmentOf(pos: number): number {
+    const node = this.nodes[this.#find(pos)]!;
+    return node instanceof Qcow2Node ? Math.max(SECTOR, node.clusterSize) : SECTOR;
+  }
   async read(pos: number, dst: Uint8Array): Promise<void> {
     let done = 0;
     while (done < dst.length) {
@@ -124,42 +135,110 @@ class Concat {
   }
 }
 
-/**
- * Runs of `buf` to write: non-zero runs, with zero runs shorter than `sparse` bytes merged into
- * them (qemu-img's -S: sector granularity). Returns [start, end) pairs.
- */
-export function dataRuns(buf: Uint8Array, sparse: number): Array<[number, number]> {
-  if (sparse === 0) return buf.length === 0 ? [] : [[0, buf.length]];
-  const minSectors = Math.max(1, Math.floor(sparse / SECTOR));
-  const runs: Array<[number, number]> = [];
-  // One word view for the whole buffer (no per-sector views): this loop is convert's hot path.
-  const aligned = buf.byteOffset % 4 === 0;
-  const words = aligned ? new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2) : undefined;
-  const sectorZero = (s: number): boolean => {
-    const from = s * SECTOR, to = Math.min(buf.length, from + SECTOR);
+/** Reads 512-byte sectors of one buffer as zero or not, a word at a time. */
+class SectorScan {
+  readonly #buf: Uint8Array;
+  readonly #words: Uint32Array | undefined;
+  readonly sectors: number;
+  constructor(buf: Uint8Array) {
+    this.#buf = buf;
+    this.#words = buf.byteOffset % 4 === 0
+      ? new Uint32Array(buf.buffer, buf.byteOffset, buf.length >>> 2)
+      : undefined;
+    this.sectors = Math.ceil(buf.length / SECTOR);
+  }
+  zero(s: number): boolean {
+    const from = s * SECTOR, to = Math.min(this.#buf.length, from + SECTOR);
+    const words = this.#words;
     if (words !== undefined && to - from === SECTOR) {
       for (let w = from >>> 2, end = to >>> 2; w < end; w++) if (words[w] !== 0) return false;
       return true;
     }
-    for (let i = from; i < to; i++) if (buf[i] !== 0) return false;
+    for (let i = from; i < to; i++) if (this.#buf[i] !== 0) return false;
     return true;
-  };
-  let runStart = -1, zeroStart = -1;
-  const sectors = Math.ceil(buf.length / SECTOR);
-  for (let s = 0; s < sectors; s++) {
-    const from = s * SECTOR;
-    if (sectorZero(s)) {
-      if (zeroStart < 0) zeroStart = from;
-      continue;
-    }
-    if (runStart < 0) runStart = from;
-    else if (zeroStart >= 0 && (from - zeroStart) / SECTOR >= minSectors) {
-      runs.push([runStart, zeroStart]);
-      runStart = from;
-    }
-    zeroStart = -1;
   }
-  if (runStart >= 0) runs.push([runStart, zeroStart >= 0 ? zeroStart : buf.length]);
+}
+
+/**
+ * qemu-img's is_allocated_sectors: whether the run of sectors at `first` (of `n`) holds data, and
+ * its length — the end of a data run aligned up to `alignment` sectors (counted from absolute
+ * sector `sectorNum`), and a short zero run before data taken as data, so writes stay aligned.
+ */
+function allocatedRun(
+  scan: SectorScan,
+  first: number,
+  n: number,
+  sectorNum: number,
+  alignment: number,
+): [boolean, number] {
+  if (n <= 0) return [false, 0];
+  let isZero = scan.zero(first);
+  let i = 1;
+  while (i < n && scan.zero(first + i) === isZero) i++;
+  if (i === n) return [!isZero, i];
+  const tail = (sectorNum + i) % alignment;
+  if (tail !== 0) {
+    if (isZero && i <= tail) isZero = false;
+    if (!isZero) i = Math.min(i + alignment - tail, n);
+    else i -= tail;
+  }
+  return [!isZero, i];
+}
+
+/**
+ * qemu-img's is_allocated_sectors_min: a data run and the zero runs shorter than `min` sectors
+ * inside it, as one run to write; or the zero run that starts the buffer.
+ */
+function allocatedRunMin(
+  scan: SectorScan,
+  first: number,
+  n: number,
+  min: number,
+  sectorNum: number,
+  alignment: number,
+): [boolean, number] {
+  if (n < min) min = n;
+  const [data, length] = allocatedRun(scan, first, n, sectorNum, alignment);
+  if (!data) return [false, length];
+  let used = length, checked = length;
+  while (checked < n) {
+    const [more, run] = allocatedRun(
+      scan,
+      first + checked,
+      n - checked,
+      sectorNum + checked,
+      alignment,
+    );
+    checked += run;
+    if (more) used = checked;
+    else if (run >= min) break;
+  }
+  return [true, used];
+}
+
+/**
+ * The runs of `buf` (guest bytes at `pos`, a multiple of 512) to write as data and to leave as
+ * zeroes under qemu-img's `-S sparse` rules, in order: [start, end, isData] in buffer bytes.
+ * `sparse` 0 writes everything. `alignment` is in sectors (a power of 2).
+ */
+export function sparseRuns(
+  buf: Uint8Array,
+  pos: number,
+  sparse: number,
+  alignment: number,
+): Array<[number, number, boolean]> {
+  if (sparse === 0) return buf.length === 0 ? [] : [[0, buf.length, true]];
+  const scan = new SectorScan(buf);
+  const min = Math.max(1, Math.floor(sparse / SECTOR));
+  const runs: Array<[number, number, boolean]> = [];
+  for (let s = 0; s < scan.sectors;) {
+    const [data, n] = allocatedRunMin(scan, s, scan.sectors - s, min, pos / SECTOR + s, alignment);
+    const end = Math.min(buf.length, (s + n) * SECTOR);
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last[2] === data && last[1] === s * SECTOR) last[1] = end;
+    else runs.push([s * SECTOR, end, data]);
+    s += n;
+  }
   return runs;
 }
 
@@ -258,6 +337,12 @@ export async function convertImages(
     const compressing = out instanceof Qcow2Node && pool !== undefined;
     // One scratch buffer for the uncompressed path: writes finish before the next read.
     const scratch = new Uint8Array(chunk);
+    // Writes aligned to pow2floor(-S) sectors avoid read-modify-write cycles (qemu-img's
+    // s.alignment; vstor's targets take any byte alignment).
+    const alignment = sparse < SECTOR ? 1 : 2 ** Math.floor(Math.log2(sparse / SECTOR));
+    const backingEnd = opts.backingFile !== undefined ? out.backing?.size : undefined;
+    let statusEnd = 0;
+    let runStatus: Status = "data";
     // Compressed chunks in flight, oldest first; bounded so reading does not run far ahead.
     const inflight: Array<Promise<void>> = [];
     const spare: Array<Uint8Array<ArrayBuffer>> = [];
@@ -327,23 +412,33 @@ export async function convertImages(
         opts.onProgress?.(pos, total);
         continue;
       }
-      const [status, n] = await concat.status(pos, span);
+      // As qemu-img's convert_iteration_sectors: one status run as far as it goes, its end
+      // aligned down to the source's clusters when that leaves something; data in buffer-sized
+      // pieces; zero and backing runs whole.
+      if (pos >= statusEnd) {
+        const [status, length] = await concat.status(pos, Math.min(total - pos, MAX_STATUS));
+        let end = pos + Math.ceil(length / SECTOR) * SECTOR;
+        const tail = (end - concat.startOf(pos)) % concat.alignmentOf(pos);
+        if (end - pos > tail) end -= tail;
+        // Beyond the end of the target's backing file a zero run needs no write.
+        runStatus = status === "zero" && backingEnd !== undefined && pos >= backingEnd
+          ? "backing"
+          : status;
+        statusEnd = end;
+        if (backingEnd !== undefined && pos < backingEnd && statusEnd > backingEnd) {
+          statusEnd = backingEnd;
+        }
+      }
+      let n = Math.min(statusEnd, total) - pos;
+      const status = runStatus;
       if (status === "data" || (status === "zero" && sparse === 0)) {
+        n = Math.min(n, chunk);
         const buf = scratch.subarray(0, n);
         if (status === "data") await concat.read(pos, buf);
         else buf.fill(0);
-        if (zeroInit) {
-          for (const [a, b] of dataRuns(buf, sparse)) await out.write(pos + a, buf.subarray(a, b));
-        } else if (sparse === 0) {
-          await out.write(pos, buf);
-        } else {
-          let at = 0;
-          for (const [a, b] of dataRuns(buf, sparse)) {
-            if (a > at) await out.writeZeroes(pos + at, a - at, UNMAP);
-            await out.write(pos + a, buf.subarray(a, b));
-            at = b;
-          }
-          if (at < n) await out.writeZeroes(pos + at, n - at, UNMAP);
+        for (const [a, b, data] of sparseRuns(buf, pos, sparse, alignment)) {
+          if (data) await out.write(pos + a, buf.subarray(a, b));
+          else if (!zeroInit) await out.writeZeroes(pos + a, b - a, UNMAP);
         }
       } else if (status === "zero" && !zeroInit) {
         await out.writeZeroes(pos, n, UNMAP);
