@@ -1,0 +1,516 @@
+/**
+ * The VMM: guest RAM, PCI bus 0 with one virtio-pci function per configured device, an iothread
+ * Worker per device, the vCPU Worker, and the loop serving the vCPU's exits on this thread.
+ *
+ * ```
+ * vCPU Worker ──exit mailbox──▶ VMM thread (this) ── PciBus ── VirtioPciFunction ── model
+ *      │  ioeventfd: rings Doorbells directly                      │ activate/reset (control)
+ *      ▼                                                          ▼
+ *   Doorbells ─────────────────────────────────────────────▶ iothread Worker ── back-end ── drives
+ *   VcpuInterrupts ◀──────────────── MSI-X (InterruptState) ──────┘
+ * ```
+ *
+ * @module
+ */
+
+import type { DeviceSpec, DeviceType } from "../devices/device_type.ts";
+import type { DeviceQueueCounters, DeviceThreadCounters } from "../devices/iothread_protocol.ts";
+import { PciBus } from "../virtio/bus.ts";
+import type { AccessSize } from "../virtio/bus.ts";
+import {
+  type BootDevice,
+  type DoorbellWindow,
+  type DriverQueueReport,
+  ExitChannel,
+  type ExitCounters,
+  type ExitHandler,
+  ExitServer,
+  type VcpuBoot,
+} from "../virtio/exits.ts";
+import { type InterruptStats, VcpuInterrupts } from "../virtio/interrupts.ts";
+import { GuestMemory } from "../virtio/memory.ts";
+import {
+  VIRTIO_PCI_MODERN_BAR,
+  VIRTIO_PCI_NOTIFY_CFG_OFFSET,
+  VIRTIO_PCI_NOTIFY_OFF_MULTIPLIER,
+  VIRTIO_PCI_REGION_SIZE,
+  type VirtioPciFunction,
+} from "../virtio/pci.ts";
+import {
+  type ConfigIssue,
+  configIssues,
+  type DeviceConfig,
+  type MachineConfig,
+  MachineConfigError,
+  MMIO_WINDOW,
+  parseMachineConfig,
+  ramRegions,
+} from "./config.ts";
+import { type DeviceFault, DeviceHost } from "./device_host.ts";
+import { MachineError } from "./errors.ts";
+import { loadDeviceType } from "./registry.ts";
+import { VcpuHandle, type VcpuOptions } from "./vcpu_host.ts";
+
+export { MachineError } from "./errors.ts";
+export type { DeviceFault } from "./device_host.ts";
+export { VcpuHandle, type VcpuOptions } from "./vcpu_host.ts";
+
+/** Options of {@linkcode Machine.create} beyond the configuration. */
+export interface MachineOptions {
+  /** How long an iothread may take to open its drives and start (default 30 s). */
+  readonly startTimeoutMs?: number;
+  /** µs the exit loop spins for the next exit before sleeping (see `ExitServerOptions`). */
+  readonly exitSpinMicros?: number;
+}
+
+/** Counters of one queue, gathered from the doorbells, the iothread and the guest's report. */
+export interface QueueCounters extends DeviceQueueCounters {
+  readonly index: number;
+  /** Doorbell rings the device saw (ioeventfd and trapped). */
+  readonly kicks: number;
+  /** Kicks the driver skipped (from the guest's report; 0 if it reported nothing). */
+  readonly suppressedKicks: number;
+  /** Trapped doorbell writes (exits) of this queue. */
+  readonly exits: number;
+  /** The driver's own counters, if the guest reported them. */
+  readonly driver: DriverQueueReport | null;
+}
+
+/** Counters and state of one device. */
+export interface DeviceStats {
+  readonly id: string;
+  readonly type: string;
+  readonly slot: number;
+  /** `device_status` now. */
+  readonly status: number;
+  /** Device resets so far. */
+  readonly epoch: number;
+  readonly ioeventfd: boolean;
+  readonly queues: readonly QueueCounters[];
+  /** MSI-X/INTx counters of the function. */
+  readonly interrupts: InterruptStats;
+  /** The iothread's own counters. */
+  readonly thread: DeviceThreadCounters;
+  /** Recent ring faults the iothread reported. */
+  readonly faults: readonly DeviceFault[];
+}
+
+/** Everything {@linkcode Machine.stats} gathers. */
+export interface MachineStats {
+  readonly exits: ExitCounters & {
+    /** MMIO exits no BAR claimed. */
+    readonly unclaimed: number;
+  };
+  readonly devices: readonly DeviceStats[];
+}
+
+type MachineState = "created" | "running" | "paused" | "shut down";
+
+/**
+ * A virtual machine without a CPU model: the VMM side of vstor's storage demo.
+ *
+ * @example
+ * ```ts ignore
+ * const machine = await Machine.create({
+ *   memoryMiB: 64,
+ *   devices: [{ type: "virtio-blk", id: "disk0", drive: { file: "disk.qcow2" } }],
+ * });
+ * machine.start();
+ * const vcpu = await machine.startVcpu(new URL("./src/guest/vcpu.ts", import.meta.url), { job });
+ * console.log(await vcpu.result, machine.stats());
+ * await machine.shutdown();
+ * ```
+ */
+export class Machine implements ExitHandler {
+  readonly config: MachineConfig;
+  /** Guest RAM (shared with every Worker). */
+  readonly memory: GuestMemory;
+  /** PCI bus 0. */
+  readonly bus: PciBus = new PciBus();
+  /** The vCPU's interrupt inputs. */
+  readonly vcpu: VcpuInterrupts = new VcpuInterrupts();
+  /** The vCPU's exit channel. */
+  readonly exits: ExitChannel = new ExitChannel();
+  readonly #devices: DeviceHost[] = [];
+  readonly #options: MachineOptions;
+  #server: ExitServer | null = null;
+  #vcpuHandle: VcpuHandle | null = null;
+  #barriers: Promise<void>[] = [];
+  #state: MachineState = "created";
+  #error: MachineError | null = null;
+  #closing: Promise<void> | null = null;
+
+  private constructor(config: MachineConfig, options: MachineOptions) {
+    this.config = config;
+    this.#options = options;
+    this.memory = new GuestMemory(ramRegions(config.memoryMiB));
+  }
+
+  /**
+   * Builds the machine: validates `config` (and each device's type, drives and options), starts one
+   * iothread per device (which opens its drives), plugs the PCI functions and assigns their BARs
+   * in the PCI hole, as firmware would.
+   *
+   * @throws {MachineConfigError} naming each bad field
+   * @throws {MachineError} naming the device that failed to start (everything started is stopped)
+   */
+  static async create(config: unknown, options: MachineOptions = {}): Promise<Machine> {
+    const parsed = parseMachineConfig(config);
+    const { devices, types } = await resolveDevices(parsed);
+    const machine = new Machine({ ...parsed, devices }, options);
+    try {
+      await machine.#startDevices(types);
+    } catch (error) {
+      await machine.shutdown().catch(() => {});
+      throw error;
+    }
+    return machine;
+  }
+
+  async #startDevices(types: readonly DeviceType[]): Promise<void> {
+    const config = this.config;
+    const started = await Promise.allSettled(config.devices.map((spec, index) =>
+      DeviceHost.start({
+        spec,
+        type: types[index]!,
+        index,
+        ram: this.memory,
+        startTimeoutMs: this.#options.startTimeoutMs ?? 30_000,
+        controlTimeoutMs: config.controlTimeoutMs,
+        onFatal: (error) => this.#fatal(error),
+        onBarrier: (done) => this.#barriers.push(done),
+      })
+    ));
+    for (const s of started) if (s.status === "fulfilled") this.#devices.push(s.value);
+    const failed = started.find((s) => s.status === "rejected");
+    if (failed !== undefined) throw failed.reason;
+    // Explicit slots first, then the rest in order from slot 1 (slot 0 is a PC's host bridge).
+    const explicit = new Set(config.devices.flatMap((d) => d.slot === undefined ? [] : [d.slot]));
+    let next = 1;
+    for (const host of this.#devices) {
+      const fn = await host.plug(this.vcpu);
+      let slot = host.spec.slot;
+      if (slot === undefined) {
+        while (explicit.has(next) || this.bus.function(next) !== undefined) next++;
+        slot = next;
+      }
+      this.bus.plug(fn, slot);
+    }
+    this.bus.assignBars(MMIO_WINDOW);
+    this.#refreshDoorbells();
+  }
+
+  /** The first fatal error (a device's iothread died), if any. */
+  get error(): MachineError | null {
+    return this.#error;
+  }
+
+  /** `created`, `running`, `paused` or `shut down`. */
+  get state(): MachineState {
+    return this.#state;
+  }
+
+  /** The devices, in configuration order: id, type, slot and PCI function. */
+  get devices(): readonly { id: string; type: string; slot: number; spec: DeviceSpec }[] {
+    return this.#devices.map((d) => ({
+      id: d.spec.id,
+      type: d.spec.type,
+      slot: this.#slotOf(d),
+      spec: d.spec,
+    }));
+  }
+
+  /**
+   * The PCI function of device `id` (its interrupt and doorbell state, registers).
+   *
+   * @throws {RangeError} for an unknown id
+   */
+  pciFunction(id: string): VirtioPciFunction {
+    return this.#device(id).fn;
+  }
+
+  /** Starts serving the vCPU's exits on this thread. Idempotent. */
+  start(): void {
+    this.#checkAlive();
+    if (this.#server !== null) return;
+    this.#server = new ExitServer(this.exits, this, {
+      ...(this.#options.exitSpinMicros === undefined
+        ? {}
+        : { spinMicros: this.#options.exitSpinMicros }),
+    });
+    this.#state = "running";
+  }
+
+  /**
+   * Boots a vCPU Worker at `entry` (a module that calls `runVcpu`) with `payload` for its program.
+   * One vCPU at a time; a previous one must have ended.
+   *
+   * @throws {MachineError} when the machine failed or is shut down, or a vCPU is running
+   */
+  async startVcpu(
+    entry: string | URL,
+    payload?: unknown,
+    options: VcpuOptions = {},
+  ): Promise<VcpuHandle> {
+    this.start();
+    if (this.#vcpuHandle?.running) throw new MachineError(undefined, "A vCPU is already running");
+    // A vCPU terminated mid-exit may have left the mailbox busy: wait for the answer, then clear.
+    await this.#server!.idle();
+    this.#checkAlive();
+    this.exits.abandon();
+    const boot: VcpuBoot = {
+      kind: "boot",
+      ram: { regions: this.memory.regions, buffer: this.memory.buffer },
+      vcpu: this.vcpu.buffer,
+      exits: {
+        channel: this.exits.buffer,
+        doorbells: this.#devices.map((d) => d.fn.doorbells.buffer),
+        timeoutMs: this.config.exitTimeoutMs,
+      },
+      devices: this.#devices.map((d): BootDevice => ({
+        id: d.spec.id,
+        type: d.spec.type,
+        slot: this.#slotOf(d),
+      })),
+      payload,
+    };
+    const handle = new VcpuHandle(entry, boot, options, () => {});
+    this.#vcpuHandle = handle;
+    return handle;
+  }
+
+  /** Pauses every iothread: in-flight drains finish, nothing more is popped until {@linkcode resume}. */
+  async pause(): Promise<void> {
+    this.#checkAlive();
+    await Promise.all(this.#devices.map((d) => d.pause()));
+    this.#state = "paused";
+  }
+
+  /** Resumes every iothread (each drains its queues once, for kicks that came while paused). */
+  async resume(): Promise<void> {
+    this.#checkAlive();
+    await Promise.all(this.#devices.map((d) => d.resume()));
+    this.#state = this.#server === null ? "created" : "running";
+  }
+
+  /**
+   * System reset: every PCI function reset (each iothread quiesces and forgets its queues), BARs
+   * assigned again as firmware would, the ioeventfd table republished and the driver reports
+   * cleared. The guest must enumerate and initialise its devices again.
+   */
+  async reset(): Promise<void> {
+    this.#checkAlive();
+    for (const d of this.#devices) d.fn.reset();
+    this.bus.assignBars(MMIO_WINDOW);
+    this.#refreshDoorbells();
+    this.exits.clearReports();
+    await this.#settle();
+  }
+
+  /**
+   * Stops everything: the vCPU Worker is terminated, the exit channel closed, every iothread
+   * closes its back-end, flushes and closes its drives and is terminated. Idempotent; nothing is
+   * left running, even when a step fails.
+   *
+   * @throws {MachineError} (after stopping everything) when a device could not close cleanly
+   */
+  shutdown(): Promise<void> {
+    this.#closing ??= this.#shutdown();
+    return this.#closing;
+  }
+
+  async #shutdown(): Promise<void> {
+    this.#state = "shut down";
+    this.#vcpuHandle?.terminate(new MachineError(undefined, "The machine shut down"));
+    this.exits.close();
+    await this.#server?.close();
+    const closed = await Promise.allSettled(this.#devices.map((d) => d.close()));
+    this.#barriers = [];
+    const failed = closed.find((c) => c.status === "rejected");
+    if (failed !== undefined) throw failed.reason;
+  }
+
+  /**
+   * Waits until every iothread has finished the drain in progress and published its counters, so
+   * that {@linkcode stats} then counts every completion the guest has seen.
+   */
+  async sync(): Promise<void> {
+    this.#checkAlive();
+    await Promise.all(this.#devices.map((d) => d.sync()));
+  }
+
+  /**
+   * Counters of the exits and of every device and queue, read from the shared words now. A
+   * completion the guest reaped by polling may not be counted yet: {@linkcode sync} first for
+   * exact device-side numbers.
+   */
+  stats(): MachineStats {
+    return {
+      exits: { ...this.exits.counters, unclaimed: this.bus.unclaimed },
+      devices: this.#devices.map((d) => this.#deviceStats(d)),
+    };
+  }
+
+  // ---- Exits (ExitHandler) ------------------------------------------------------------------------
+
+  // The exit handlers: the ExitServer calls them for the vCPU; a test may call them directly to
+  // play the guest from this thread.
+
+  /** A configuration read exit. */
+  configRead(slot: number, offset: number, size: AccessSize): number {
+    return this.bus.configRead(slot, offset, size);
+  }
+
+  /** A configuration write exit; BARs or memory decoding may move the doorbells. */
+  configWrite(slot: number, offset: number, size: AccessSize, value: number): void | Promise<void> {
+    this.bus.configWrite(slot, offset, size, value);
+    this.#refreshDoorbells();
+    return this.#settle();
+  }
+
+  /** An MMIO read exit. */
+  mmioRead(gpa: number, size: AccessSize): number {
+    return this.bus.mmioRead(gpa, size);
+  }
+
+  /** An MMIO write exit: a trapped doorbell is counted; a reset waits for the iothread. */
+  mmioWrite(gpa: number, size: AccessSize, value: number): void | Promise<void> {
+    const hit = this.bus.route(gpa);
+    if (hit === null) {
+      this.bus.unclaimed++;
+      return;
+    }
+    if (
+      hit.bar === VIRTIO_PCI_MODERN_BAR && hit.offset >= VIRTIO_PCI_NOTIFY_CFG_OFFSET &&
+      hit.offset < VIRTIO_PCI_NOTIFY_CFG_OFFSET + VIRTIO_PCI_REGION_SIZE
+    ) {
+      this.exits.countDoorbellExit();
+    }
+    hit.fn.mmioWrite(hit.bar, hit.offset, size, value);
+    return this.#settle();
+  }
+
+  // ---- Internals ----------------------------------------------------------------------------------
+
+  /** Waits for the iothreads a reset asked to quiesce (none: returns nothing, synchronously). */
+  #settle(): void | Promise<void> {
+    if (this.#barriers.length === 0) return;
+    const barriers = this.#barriers;
+    this.#barriers = [];
+    return Promise.all(barriers).then(() => {});
+  }
+
+  /** Publishes where the ioeventfd devices' doorbells decode now. */
+  #refreshDoorbells(): void {
+    const windows: DoorbellWindow[] = [];
+    for (const d of this.#devices) {
+      if (!d.spec.ioeventfd) continue;
+      const gpa = d.fn.notifyAddress(0);
+      if (gpa === null) continue;
+      windows.push({
+        gpa,
+        device: d.index,
+        queues: d.fn.model.numQueues,
+        stride: VIRTIO_PCI_NOTIFY_OFF_MULTIPLIER,
+      });
+    }
+    this.exits.publishDoorbells(windows);
+  }
+
+  #deviceStats(d: DeviceHost): DeviceStats {
+    const fn = d.fn;
+    const slot = this.#slotOf(d);
+    const queues: QueueCounters[] = [];
+    for (let q = 0; q < fn.model.numQueues; q++) {
+      const driver = this.exits.driverReport(slot, q);
+      queues.push({
+        index: q,
+        ...d.counters.queue(q),
+        kicks: fn.doorbells.kicks(q),
+        suppressedKicks: driver?.suppressedKicks ?? 0,
+        exits: fn.doorbells.exits(q),
+        driver,
+      });
+    }
+    return {
+      id: d.spec.id,
+      type: d.spec.type,
+      slot,
+      status: fn.deviceStatus,
+      epoch: fn.interrupts.epoch,
+      ioeventfd: d.spec.ioeventfd,
+      queues,
+      interrupts: fn.interrupts.stats,
+      thread: d.counters.thread,
+      faults: [...d.faults],
+    };
+  }
+
+  #slotOf(d: DeviceHost): number {
+    return this.bus.slots().find((s) => this.bus.function(s) === d.fn) ?? -1;
+  }
+
+  #device(id: string): DeviceHost {
+    const d = this.#devices.find((x) => x.spec.id === id);
+    if (d === undefined) throw new RangeError(`No device "${id}"`);
+    return d;
+  }
+
+  #checkAlive(): void {
+    if (this.#error !== null) throw this.#error;
+    if (this.#state === "shut down") throw new MachineError(undefined, "The machine is shut down");
+  }
+
+  /** A device's iothread died: the vCPU cannot go on (it would wait for it for ever). */
+  #fatal(error: MachineError): void {
+    this.#error ??= error;
+    this.#vcpuHandle?.terminate(error);
+  }
+}
+
+/** Loads each device's type and checks its drives and options; all problems in one error. */
+async function resolveDevices(
+  config: MachineConfig,
+): Promise<{ devices: DeviceConfig[]; types: DeviceType[] }> {
+  const issues: ConfigIssue[] = [];
+  const devices: DeviceConfig[] = [];
+  const types: DeviceType[] = [];
+  for (const [i, d] of config.devices.entries()) {
+    let type: DeviceType;
+    try {
+      type = await loadDeviceType(d.type);
+    } catch (error) {
+      issues.push({
+        path: `devices[${i}].type`,
+        message: error instanceof Error ? error.message : String(error),
+      });
+      continue;
+    }
+    const { min, max } = type.drives ?? { min: 0, max: 256 };
+    if (d.drives.length < min || d.drives.length > max) {
+      const want = min === max ? `exactly ${min}` : `${min} to ${max}`;
+      issues.push({
+        path: `devices[${i}].drives`,
+        message: `${type.name} takes ${want} drive${max === 1 ? "" : "s"}, got ${d.drives.length}`,
+      });
+    }
+    let options = d.options;
+    if (type.optionsSchema !== undefined) {
+      const parsed = type.optionsSchema.safeParse(d.options);
+      if (parsed.success) {
+        options = parsed.data as Record<string, unknown>;
+      } else {
+        issues.push(
+          ...configIssues(
+            parsed.error.issues as Parameters<typeof configIssues>[0],
+            ["devices", i, "options"],
+          ),
+        );
+      }
+    }
+    devices.push({ ...d, options });
+    types.push(type);
+  }
+  if (issues.length > 0) throw new MachineConfigError(issues);
+  return { devices, types };
+}
