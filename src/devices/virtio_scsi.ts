@@ -1,26 +1,29 @@
 /**
  * virtio-scsi (device id 8): the VMM-side model ({@linkcode VirtioScsiModel}: features, config
  * space) and the iothread back-end ({@linkcode VirtioScsiBackend}: control, event and request
- * queues over a {@linkcode ScsiBus} of {@linkcode ScsiDisk}s), after QEMU's `hw/scsi/virtio-scsi.c`.
+ * queues over a {@linkcode ScsiBus} of {@linkcode ScsiDisk}s), after QEMU's `hw/scsi/virtio-scsi.c`;
+ * and {@linkcode deviceType}, how the machine plugs it in (this module is also the back-end module
+ * the iothread imports for {@linkcode createBackend}).
  *
  * Across threads: the model lives in the VMM, the back-end in the device's iothread Worker. They
  * share one small `SharedArrayBuffer` ({@linkcode VirtioScsiSharedConfig}) holding the
  * driver-writable `sense_size` and `cdb_size` (and the address limits), so the back-end reads the
- * sizes the driver last wrote for every request, as QEMU does, without a message round trip:
+ * sizes the driver last wrote for every request, as QEMU does, without a message round trip.
+ * `createBackend` makes it and returns its buffer as the back-end info; `createModel` wraps it:
  *
  * ```ts ignore
- * // VMM
- * const model = new VirtioScsiModel({ numQueues: 2 });
- * worker.postMessage({ scsiConfig: model.shared.buffer, ... });
- * // iothread
- * const backend = new VirtioScsiBackend({ shared: new VirtioScsiSharedConfig(msg.scsiConfig) });
- * backend.hooks = { interrupt: (q) => state.notifyQueue(q), needsReset: () => state.signalNeedsReset(epoch) };
- * backend.hotplug(0, 0, node);
+ * // iothread: createBackend({ spec, drives }) → { backend, info: { shared } }
+ * backend.hooks = {
+ *   interrupt: (q) => { if (irq.epoch === epoch) irq.notifyQueue(q); },
+ *   needsReset: (e) => fault(epoch, 1, e),
+ * };
+ * // VMM: createModel(spec, { drives, backend: info }) → a model over the same words
  * ```
  *
  * Events (hotplug, unplug, capacity change) happen outside any kick, so the back-end raises the
  * event queue's interrupt through {@linkcode VirtioScsiHooks.interrupt}, and reports a malformed
- * event buffer found there through {@linkcode VirtioScsiHooks.needsReset}.
+ * event buffer found there through {@linkcode VirtioScsiHooks.needsReset}. Without hooks the event
+ * is still delivered into the buffer, but no interrupt announces it.
  *
  * Requests are processed one at a time per back-end, in ring order, and complete before the next
  * is popped; {@linkcode VirtioScsiBackend.processQueue} calls are serialized with each other and
@@ -30,13 +33,14 @@
  *
  * @module
  */
+import { z } from "zod";
 import type { BlockNode } from "../block/node.ts";
 import { ScsiBuffer } from "../scsi/buffer.ts";
 import { ScsiBus } from "../scsi/bus.ts";
 import { DATA_IN, DATA_OUT } from "../scsi/cdb.ts";
 import { GOOD } from "../scsi/constants.ts";
 import { ScsiDisk, type ScsiDiskOptions } from "../scsi/disk.ts";
-import type { ScsiIo } from "../scsi/request.ts";
+import type { ScsiIo, ScsiOutcome } from "../scsi/request.ts";
 import { SCSI_SENSE_LEN, type SenseCode, writeFixedSense } from "../scsi/sense.ts";
 import {
   type ActivatedQueue,
@@ -53,8 +57,15 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../virtio/features.ts";
 import type { GuestMemory } from "../virtio/memory.ts";
-import type { DescriptorChain, DeviceQueue } from "../virtio/queue.ts";
+import { type DescriptorChain, type DeviceQueue, VirtqueueError } from "../virtio/queue.ts";
 import type { DeviceBackend } from "./backend.ts";
+import type {
+  BackendInit,
+  BackendReady,
+  DeviceInfo,
+  DeviceSpec,
+  DeviceType,
+} from "./device_type.ts";
 import {
   VIRTIO_SCSI_AN_REQ_SIZE,
   VIRTIO_SCSI_AN_RESP_SIZE,
@@ -231,6 +242,11 @@ export interface VirtioScsiOptions {
   eventIdx?: boolean;
   /** Offer VIRTIO_F_RING_PACKED (default false, as QEMU). */
   packed?: boolean;
+  /**
+   * The back-end's shared config buffer (see {@linkcode VirtioScsiSharedConfig}); its address
+   * limits then win over `maxTarget`/`maxLun`. Without it the model makes one.
+   */
+  shared?: SharedArrayBuffer;
 }
 
 /** QEMU's VIRTIO_QUEUE_MAX: the transport allows at most 1024 queues. */
@@ -276,7 +292,7 @@ export class VirtioScsiModel implements VirtioDeviceModel {
     const limits: { maxTarget?: number; maxLun?: number } = {};
     if (options.maxTarget !== undefined) limits.maxTarget = options.maxTarget;
     if (options.maxLun !== undefined) limits.maxLun = options.maxLun;
-    this.shared = new VirtioScsiSharedConfig(undefined, limits);
+    this.shared = new VirtioScsiSharedConfig(options.shared, limits);
     let f = 0n;
     if (options.hotplug ?? true) f |= featureBit(VIRTIO_SCSI_F_HOTPLUG);
     if (options.change ?? true) f |= featureBit(VIRTIO_SCSI_F_CHANGE);
@@ -365,7 +381,7 @@ function u32Option(v: number, name: string): number {
 
 // ---- The back-end (iothread) ---------------------------------------------------------------------
 
-/** Why the device needs a reset: the driver broke a virtio-scsi framing rule. */
+/** Which virtio-scsi framing rule the driver broke. */
 export type VirtioScsiFault =
   | "short-request" // readable part shorter than the request header
   | "short-response" // writable part shorter than the response header
@@ -373,19 +389,18 @@ export type VirtioScsiFault =
 
 /**
  * The driver broke the virtio-scsi framing rules (QEMU's `virtio_scsi_bad_req`: "wrong size for
- * virtio-scsi headers"). Like a `VirtqueueError`, it is thrown from
+ * virtio-scsi headers"): a {@linkcode VirtqueueError} with fault `bad-request`, as the back-end
+ * contract names, so the iothread turns it into DEVICE_NEEDS_RESET. It is thrown from
  * {@linkcode VirtioScsiBackend.processQueue} (or passed to {@linkcode VirtioScsiHooks.needsReset}
- * outside it) and must become DEVICE_NEEDS_RESET; the back-end then ignores its queues until reset.
+ * when met outside it); the back-end then ignores its queues until reset.
  */
-export class VirtioScsiError extends Error {
-  override readonly name = "VirtioScsiError";
-  readonly fault: VirtioScsiFault;
-  readonly queue: number;
+export class VirtioScsiError extends VirtqueueError {
+  /** The rule broken. */
+  readonly reason: VirtioScsiFault;
 
-  constructor(fault: VirtioScsiFault, queue: number, detail: string) {
-    super(`virtio-scsi queue ${queue}: ${detail} (${fault})`);
-    this.fault = fault;
-    this.queue = queue;
+  constructor(reason: VirtioScsiFault, queue: number, detail: string) {
+    super("bad-request", queue, `virtio-scsi ${detail} [${reason}]`);
+    this.reason = reason;
   }
 }
 
@@ -437,26 +452,29 @@ function parseLun(b: Uint8Array, at: number): LunAddress | null {
   return { target: b[at + 1]!, lun: ((hi << 8) | b[at + 3]!) & 0x3fff };
 }
 
-/** Copies the first `dst.length` bytes of `buffers` into `dst`; returns the bytes copied. */
-function gather(buffers: readonly Uint8Array[], dst: Uint8Array): number {
+/**
+ * Copies the first `length` bytes of `buffers` into `dst`; returns the bytes copied. Headers are a
+ * few dozen bytes: a byte loop beats allocating views to `set` them.
+ */
+function gather(buffers: readonly Uint8Array[], dst: Uint8Array, length: number): number {
   let done = 0;
   for (const b of buffers) {
-    if (done >= dst.length) break;
-    const n = Math.min(b.length, dst.length - done);
-    dst.set(n === b.length ? b : b.subarray(0, n), done);
+    const n = Math.min(b.length, length - done);
+    for (let i = 0; i < n; i++) dst[done + i] = b[i]!;
     done += n;
+    if (done >= length) break;
   }
   return done;
 }
 
-/** Copies `src` into `buffers` from their start; returns the bytes copied. */
-function scatter(buffers: readonly Uint8Array[], src: Uint8Array): number {
+/** Copies the first `length` bytes of `src` into `buffers` from their start; returns the bytes copied. */
+function scatter(buffers: readonly Uint8Array[], src: Uint8Array, length: number): number {
   let done = 0;
   for (const b of buffers) {
-    if (done >= src.length) break;
-    const n = Math.min(b.length, src.length - done);
-    b.set(src.subarray(done, done + n));
+    const n = Math.min(b.length, length - done);
+    for (let i = 0; i < n; i++) b[i] = src[done + i]!;
     done += n;
+    if (done >= length) break;
   }
   return done;
 }
@@ -633,7 +651,8 @@ export class VirtioScsiBackend implements DeviceBackend {
    * Drains queue `queue` after a kick.
    *
    * @throws {VirtqueueError} when the driver broke the ring rules
-   * @throws {VirtioScsiError} when a request's headers do not fit its buffers
+   * @throws {VirtioScsiError} (a `VirtqueueError`, fault `bad-request`) when a request's headers
+   *   do not fit its buffers
    */
   async processQueue(queue: number, interrupt: () => void): Promise<void> {
     const wait = this.#lock();
@@ -709,7 +728,7 @@ export class VirtioScsiBackend implements DeviceBackend {
     this.stats.commands++;
     // Copy the header once: the driver may rewrite guest memory while we work.
     const req = this.#req;
-    gather(chain.readable, req.subarray(0, reqSize));
+    gather(chain.readable, req, reqSize);
     if (this.#cdbView.length !== cdbSize) {
       this.#cdbView = req.subarray(VIRTIO_SCSI_CMD_REQ_HEADER, reqSize);
     }
@@ -724,7 +743,12 @@ export class VirtioScsiBackend implements DeviceBackend {
       if (addr === null || !this.bus.hasTarget(addr.target)) {
         return this.#respond(chain, respSize, VIRTIO_SCSI_S_BAD_TARGET);
       }
-      const cmd = this.bus.decode(addr.target, addr.lun, this.#cdbView);
+      // One lookup for decode and execute; without a unit there the bus answers for the target.
+      const disk = this.bus.find(addr.target, addr.lun);
+      const cdb = this.#cdbView;
+      const cmd = disk !== undefined
+        ? disk.decode(cdb)
+        : this.bus.decode(addr.target, addr.lun, cdb);
       // The CDB's data phase must fit the driver's buffers (QEMU's OVERRUN check), except that an
       // allocation length is only an upper bound: a shorter data-in buffer gets what fits.
       if (cmd.direction === DATA_IN) {
@@ -736,7 +760,15 @@ export class VirtioScsiBackend implements DeviceBackend {
           return this.#respond(chain, respSize, VIRTIO_SCSI_S_OVERRUN);
         }
       }
-      const outcome = await this.bus.execute(addr.target, addr.lun, cmd, this.#io);
+      let outcome: ScsiOutcome;
+      if (disk !== undefined) {
+        // The unit's two halves rather than execute(): one promise hop less per request.
+        const started = disk.begin(cmd, this.#io);
+        outcome = started instanceof Promise ? await started : started;
+        disk.complete(cmd, outcome);
+      } else {
+        outcome = await this.bus.execute(addr.target, addr.lun, cmd, this.#io);
+      }
       const resp = this.#resp;
       const view = this.#respView;
       let senseLen = 0;
@@ -757,7 +789,7 @@ export class VirtioScsiBackend implements DeviceBackend {
       view.setUint16(8, 0, true); // status_qualifier
       resp[VIRTIO_SCSI_RESP_STATUS] = outcome.status;
       resp[VIRTIO_SCSI_RESP_RESPONSE] = VIRTIO_SCSI_S_OK;
-      scatter(chain.writable, resp.subarray(0, VIRTIO_SCSI_RESP_SENSE + senseLen));
+      scatter(chain.writable, resp, VIRTIO_SCSI_RESP_SENSE + senseLen);
       return respSize + outcome.dataIn;
     } finally {
       // Keep no views of guest memory past the request.
@@ -771,7 +803,7 @@ export class VirtioScsiBackend implements DeviceBackend {
     const resp = this.#resp;
     resp.fill(0, 0, VIRTIO_SCSI_CMD_RESP_HEADER);
     resp[VIRTIO_SCSI_RESP_RESPONSE] = response;
-    scatter(chain.writable, resp.subarray(0, VIRTIO_SCSI_CMD_RESP_HEADER));
+    scatter(chain.writable, resp, VIRTIO_SCSI_CMD_RESP_HEADER);
     return respSize;
   }
 
@@ -780,7 +812,7 @@ export class VirtioScsiBackend implements DeviceBackend {
     const ctl = this.#ctl;
     const view = this.#ctlView;
     ctl.fill(0);
-    const got = gather(chain.readable, ctl);
+    const got = gather(chain.readable, ctl, ctl.length);
     if (got < 4) {
       throw new VirtioScsiError("short-request", queue, `control request of ${got} bytes`);
     }
@@ -794,7 +826,8 @@ export class VirtioScsiBackend implements DeviceBackend {
         throw new VirtioScsiError("short-response", queue, "TMF without a response byte");
       }
       const response = this.#tmf(view.getUint32(4, true), ctl);
-      scatter(chain.writable, Uint8Array.of(response));
+      const out = Uint8Array.of(response);
+      scatter(chain.writable, out, out.length);
       return VIRTIO_SCSI_TMF_RESP_SIZE;
     }
     if (type === VIRTIO_SCSI_T_AN_QUERY || type === VIRTIO_SCSI_T_AN_SUBSCRIBE) {
@@ -809,7 +842,8 @@ export class VirtioScsiBackend implements DeviceBackend {
         );
       }
       // No asynchronous notification class is supported: event_actual 0 (QEMU).
-      scatter(chain.writable, new Uint8Array([0, 0, 0, 0, VIRTIO_SCSI_S_OK]));
+      const out = Uint8Array.of(0, 0, 0, 0, VIRTIO_SCSI_S_OK);
+      scatter(chain.writable, out, out.length);
       return VIRTIO_SCSI_AN_RESP_SIZE;
     }
     // An unknown type is completed untouched (QEMU), not treated as a framing error.
@@ -889,7 +923,7 @@ export class VirtioScsiBackend implements DeviceBackend {
         ev[7] = lun & 0xff;
       }
       view.setUint32(12, reason >>> 0, true);
-      scatter(chain.writable, ev);
+      scatter(chain.writable, ev, ev.length);
       eq.push(chain, VIRTIO_SCSI_EVENT_SIZE);
       this.stats.events++;
       if (eq.publish()) (interrupt ?? (() => this.hooks?.interrupt(VIRTIO_SCSI_VQ_EVENT)))();
@@ -899,3 +933,127 @@ export class VirtioScsiBackend implements DeviceBackend {
     }
   }
 }
+
+// ---- The device type (machine integration) -------------------------------------------------------
+
+const u32 = z.number().int().min(0).max(0xffff_ffff);
+
+/** Where one drive is plugged and how its disk looks (`devices[].options.luns[i]`). */
+const lunSchema = z.strictObject({
+  target: z.number().int().min(0).max(VIRTIO_SCSI_MAX_TARGET),
+  lun: z.number().int().min(0).max(VIRTIO_SCSI_MAX_LUN),
+  serial: z.string().max(255).optional(),
+  blockSize: z.union([z.literal(512), z.literal(4096)]).optional(),
+  discard: z.boolean().optional(),
+  rotationRate: z.number().int().min(0).max(0xfffe).optional(),
+});
+
+/**
+ * The device options of a configured virtio-scsi (`devices[].options`): the queue, ring and
+ * read-only settings come from the device and its drives. `luns` places drive i (default:
+ * target 0, LUN i); it must have one entry per drive when given.
+ */
+export const virtioScsiOptionsSchema = z.strictObject({
+  hotplug: z.boolean().optional(),
+  change: z.boolean().optional(),
+  maxSectors: u32.optional(),
+  cmdPerLun: u32.optional(),
+  maxTarget: z.number().int().min(0).max(VIRTIO_SCSI_MAX_TARGET).optional(),
+  maxLun: z.number().int().min(0).max(VIRTIO_SCSI_MAX_LUN).optional(),
+  luns: z.array(lunSchema).optional(),
+});
+
+/** The validated `devices[].options` of a virtio-scsi. */
+export type VirtioScsiDeviceOptions = z.infer<typeof virtioScsiOptionsSchema>;
+
+function deviceOptions(spec: DeviceSpec): VirtioScsiDeviceOptions {
+  const parsed = virtioScsiOptionsSchema.safeParse(spec.options);
+  if (!parsed.success) {
+    throw new RangeError(`virtio-scsi ${spec.id}: bad options: ${parsed.error.message}`);
+  }
+  return parsed.data;
+}
+
+/** What `createBackend` reports to the VMM, where `createModel` builds the model from it. */
+export interface VirtioScsiBackendInfo {
+  /** {@linkcode VirtioScsiSharedConfig}'s buffer: the model wraps the same words. */
+  readonly shared: SharedArrayBuffer;
+}
+
+/**
+ * The machine's back-end factory (`DeviceType.backendModule` is this module), run in the iothread:
+ * a {@linkcode VirtioScsiBackend} with drive i plugged in as a disk at `options.luns[i]` (default
+ * target 0, LUN i), read-only as its drive, WCE off for `cache: writethrough` (as QEMU).
+ *
+ * The iothread should also set `backend.hooks` so that events delivered outside a kick
+ * (capacity changes, run-time hotplug) raise the event queue's interrupt.
+ *
+ * @throws {RangeError} for bad options, or `luns` not matching the drives
+ */
+export function createBackend(init: BackendInit): BackendReady {
+  const { spec, drives } = init;
+  const options = deviceOptions(spec);
+  if (options.luns !== undefined && options.luns.length !== drives.length) {
+    throw new RangeError(
+      `virtio-scsi ${spec.id}: ${options.luns.length} luns for ${drives.length} drives`,
+    );
+  }
+  const limits: { maxTarget?: number; maxLun?: number } = {};
+  if (options.maxTarget !== undefined) limits.maxTarget = options.maxTarget;
+  if (options.maxLun !== undefined) limits.maxLun = options.maxLun;
+  const shared = new VirtioScsiSharedConfig(undefined, limits);
+  const backend = new VirtioScsiBackend({ shared });
+  drives.forEach((node, i) => {
+    const place = options.luns?.[i] ?? { target: 0, lun: i };
+    const drive = spec.drives[i];
+    const disk: ScsiDiskOptions = {
+      readOnly: drive?.readOnly ?? node.readOnly,
+      writeCache: drive?.cache !== "writethrough",
+    };
+    if (place.serial !== undefined) disk.serial = place.serial;
+    if (place.blockSize !== undefined) disk.blockSize = place.blockSize;
+    if (place.discard !== undefined) disk.discard = place.discard;
+    if (place.rotationRate !== undefined) disk.rotationRate = place.rotationRate;
+    backend.hotplug(place.target, place.lun, node, disk);
+  });
+  const info: VirtioScsiBackendInfo = { shared: shared.buffer };
+  return { backend, info };
+}
+
+/**
+ * Builds the model on the VMM thread once the iothread is up, sharing the back-end's config words.
+ *
+ * @throws {RangeError} when the back-end sent no shared config
+ */
+export function createModel(spec: DeviceSpec, info: DeviceInfo): VirtioScsiModel {
+  const backend = info.backend as Partial<VirtioScsiBackendInfo> | null;
+  if (!(backend?.shared instanceof SharedArrayBuffer)) {
+    throw new RangeError(`virtio-scsi ${spec.id}: the back-end sent no shared config`);
+  }
+  const options = deviceOptions(spec);
+  const model: VirtioScsiOptions = {
+    numQueues: spec.numQueues,
+    queueSize: spec.queueSize,
+    indirectDesc: spec.indirect,
+    eventIdx: spec.eventIdx,
+    packed: spec.packed,
+    shared: backend.shared,
+  };
+  if (options.hotplug !== undefined) model.hotplug = options.hotplug;
+  if (options.change !== undefined) model.change = options.change;
+  if (options.maxSectors !== undefined) model.maxSectors = options.maxSectors;
+  if (options.cmdPerLun !== undefined) model.cmdPerLun = options.cmdPerLun;
+  return new VirtioScsiModel(model);
+}
+
+/**
+ * The "virtio-scsi" device type: 0 to 256 drives, each a disk LUN; the iothread imports this
+ * module (`createBackend`), the VMM calls {@linkcode createModel}.
+ */
+export const deviceType: DeviceType = {
+  name: "virtio-scsi",
+  backendModule: new URL(import.meta.url),
+  drives: { min: 0, max: 256 },
+  optionsSchema: virtioScsiOptionsSchema,
+  createModel,
+};

@@ -110,18 +110,24 @@ export class ScsiBuffer {
 
   /**
    * Reads `length` bytes of `node` at `nodeOffset` into the buffer at `at`, one node read per
-   * segment, straight into the segment's memory.
+   * segment, straight into the segment's memory. A range that is one whole segment (the usual
+   * data descriptor) costs just the node's own read.
    *
-   * @returns the bytes read; fewer than `length` only when the buffer is shorter
+   * @returns resolves when the bytes are in; fewer than `length` arrive only when the buffer is
+   *   shorter
    */
-  async readFrom(node: BlockNode, nodeOffset: number, at: number, length: number): Promise<number> {
-    const views = this.#views(at, length);
+  readFrom(node: BlockNode, nodeOffset: number, at: number, length: number): Promise<void> {
+    const whole = this.#whole(at, length);
+    if (whole !== null) return node.read(nodeOffset, whole);
+    return this.#readViews(node, nodeOffset, this.#views(at, length));
+  }
+
+  async #readViews(node: BlockNode, nodeOffset: number, views: Uint8Array[]): Promise<void> {
     let done = 0;
     for (const view of views) {
       await node.read(nodeOffset + done, view);
       done += view.length;
     }
-    return done;
   }
 
   /**
@@ -138,6 +144,11 @@ export class ScsiBuffer {
     length: number,
     fua: boolean,
   ): Promise<number> {
+    const whole = this.#whole(at, length);
+    if (whole !== null) {
+      await node.write(nodeOffset, whole, fua ? FUA : undefined);
+      return whole.length;
+    }
     const views = this.#views(at, length);
     let done = 0;
     const single = views.length === 1;
@@ -148,6 +159,21 @@ export class ScsiBuffer {
     }
     if (fua && !single && done > 0) await node.flush();
     return done;
+  }
+
+  /**
+   * The common case of one segment holding exactly the range (a driver's data descriptor): that
+   * segment itself, with no view or array to allocate; else null.
+   */
+  #whole(at: number, length: number): Uint8Array | null {
+    let pos = at + this.#skip;
+    for (const seg of this.#segments) {
+      if (pos < seg.length) {
+        return pos === 0 && seg.length === length && at + length <= this.#length ? seg : null;
+      }
+      pos -= seg.length;
+    }
+    return null;
   }
 
   #views(at: number, length: number): Uint8Array[] {

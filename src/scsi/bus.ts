@@ -165,10 +165,10 @@ export class ScsiBus {
    * Executes a decoded command for `target`:`lun`: on its unit, or as the target answers for a
    * LUN without one. The target must exist ({@linkcode hasTarget}).
    */
-  async execute(target: number, lun: number, cmd: Cdb, io: ScsiIo): Promise<ScsiOutcome> {
+  execute(target: number, lun: number, cmd: Cdb, io: ScsiIo): Promise<ScsiOutcome> {
     const disk = this.find(target, lun);
-    if (disk !== undefined) return await disk.execute(cmd, io);
-    return this.#noUnit(target, lun, cmd, io);
+    if (disk !== undefined) return disk.execute(cmd, io);
+    return Promise.resolve(this.#noUnit(target, lun, cmd, io));
   }
 
   #noUnit(target: number, lun: number, cmd: Cdb, io: ScsiIo): ScsiOutcome {

@@ -425,8 +425,9 @@ function transfer(
   // SBC-3 6.6.3: a TRANSFER LENGTH above MAXIMUM TRANSFER LENGTH is an invalid field.
   if (blocks > ctx.maxTransferBlocks) return invalid(op, SENSE_CODE.INVALID_FIELD);
   const length = blocks * ctx.blockSize;
-  const phase = kind === "read" ? dataIn(length, false) : dataOut(length);
-  return { kind, opcode: op, lba, blocks, fua, ...phase };
+  // The hot path: one object literal, no spreads.
+  const direction = length === 0 ? DATA_NONE : kind === "read" ? DATA_IN : DATA_OUT;
+  return { kind, opcode: op, lba, blocks, fua, direction, length, lengthIsLimit: false };
 }
 
 function verify(op: number, b: Uint8Array, lba: number, blocks: number, ctx: CdbContext): Cdb {

@@ -25,6 +25,7 @@ import {
   type SenseCode,
   type SenseData,
   uaPrecedence,
+  UNIT_ATTENTION,
   writeDescriptorSense,
   writeFixedSense,
 } from "./sense.ts";
@@ -207,22 +208,44 @@ export class ScsiDisk implements IoDisk, CdbContext {
    *   `cmd.direction` and `cmd.length`
    */
   async execute(cmd: Cdb, io: ScsiIo): Promise<ScsiOutcome> {
+    const outcome = await this.begin(cmd, io);
+    this.complete(cmd, outcome);
+    return outcome;
+  }
+
+  /**
+   * {@linkcode execute} in two halves, for a transport's hot path: `begin` runs the command and
+   * returns its outcome, or a promise of it when it does I/O (no promise at all for the emulated
+   * commands); the caller then passes the outcome to {@linkcode complete} before the unit's next
+   * command.
+   */
+  begin(cmd: Cdb, io: ScsiIo): ScsiOutcome | Promise<ScsiOutcome> {
     if (this.#refreshCapacity()) this.#reportChange(SENSE_CODE.CAPACITY_CHANGED);
     const ua = this.#ua;
-    const op = cmd.opcode;
-    if (ua !== null && op !== INQUIRY && op !== REPORT_LUNS && op !== REQUEST_SENSE) {
-      // Reported through autosense, so cleared now (UA_INTLCK_CTRL 00b, as QEMU assumes).
-      this.#ua = null;
-      this.#sense = null;
-      return checkCondition(ua);
+    if (ua !== null) {
+      const op = cmd.opcode;
+      if (op !== INQUIRY && op !== REPORT_LUNS && op !== REQUEST_SENSE) {
+        // Reported through autosense, so cleared now (UA_INTLCK_CTRL 00b, as QEMU assumes).
+        this.#ua = null;
+        return checkCondition(ua);
+      }
     }
-    const outcome = await this.#dispatch(cmd, io);
+    return this.#dispatch(cmd, io);
+  }
+
+  /** The second half of {@linkcode execute}: bookkeeping once `cmd` ended with `outcome`. */
+  complete(cmd: Cdb, outcome: ScsiOutcome): void {
     // SPC-4 6.33: REPORT LUNS clears a REPORTED LUNS DATA HAS CHANGED condition.
     if (cmd.kind === "report-luns" && this.#ua === SENSE_CODE.REPORTED_LUNS_CHANGED) {
       this.#ua = null;
     }
-    this.#sense = outcome.status === CHECK_CONDITION ? outcome.sense : null;
-    return outcome;
+    // Kept for REQUEST SENSE until the next command completes; a unit attention reported
+    // through autosense is gone already (QEMU's sense_is_ua).
+    const sense = outcome.sense;
+    this.#sense = outcome.status === CHECK_CONDITION && sense !== null &&
+        sense.code.key !== UNIT_ATTENTION
+      ? sense
+      : null;
   }
 
   /** Sends the first `length` bytes of the scratch buffer, truncated to `allocation`. */
@@ -230,7 +253,8 @@ export class ScsiDisk implements IoDisk, CdbContext {
     return good(io.dataIn.copyIn(data.subarray(0, Math.min(length, allocation))));
   }
 
-  async #dispatch(cmd: Cdb, io: ScsiIo): Promise<ScsiOutcome> {
+  /** Runs the command; synchronous outcomes are returned as such (no promise hop on that path). */
+  #dispatch(cmd: Cdb, io: ScsiIo): ScsiOutcome | Promise<ScsiOutcome> {
     const out = this.#scratch;
     switch (cmd.kind) {
       case "invalid":
@@ -266,25 +290,8 @@ export class ScsiDisk implements IoDisk, CdbContext {
         if (typeof n !== "number") return checkCondition(n);
         return this.#send(io, out, n, cmd.allocationLength);
       }
-      case "mode-select": {
-        const params = new Uint8Array(cmd.parameterListLength);
-        io.dataOut.copyOut(params, 0);
-        const changes = modeSelect(this, cmd, params);
-        if ("key" in changes) return checkCondition(changes);
-        if (changes.writeCache !== undefined) {
-          const wasOn = this.#writeCache;
-          this.#writeCache = changes.writeCache;
-          // Turning the cache off must not leave dirty data behind it (QEMU flushes too).
-          if (wasOn && !changes.writeCache) {
-            try {
-              await this.node.flush();
-            } catch {
-              return checkCondition(SENSE_CODE.WRITE_ERROR);
-            }
-          }
-        }
-        return good(0, params.length);
-      }
+      case "mode-select":
+        return this.#modeSelect(cmd, io);
       case "read":
         return read(this, cmd, io);
       case "write":
@@ -298,6 +305,29 @@ export class ScsiDisk implements IoDisk, CdbContext {
       case "synchronize-cache":
         return synchronizeCache(this, cmd);
     }
+  }
+
+  async #modeSelect(
+    cmd: Extract<Cdb, { kind: "mode-select" }>,
+    io: ScsiIo,
+  ): Promise<ScsiOutcome> {
+    const params = new Uint8Array(cmd.parameterListLength);
+    io.dataOut.copyOut(params, 0);
+    const changes = modeSelect(this, cmd, params);
+    if ("key" in changes) return checkCondition(changes);
+    if (changes.writeCache !== undefined) {
+      const wasOn = this.#writeCache;
+      this.#writeCache = changes.writeCache;
+      // Turning the cache off must not leave dirty data behind it (QEMU flushes too).
+      if (wasOn && !changes.writeCache) {
+        try {
+          await this.node.flush();
+        } catch {
+          return checkCondition(SENSE_CODE.WRITE_ERROR);
+        }
+      }
+    }
+    return good(0, params.length);
   }
 
   #readCapacity(

@@ -1,6 +1,10 @@
 import assert from "node:assert/strict";
 import type { BlockNode } from "../../src/block/node.ts";
+import type { DeviceSpec } from "../../src/devices/device_type.ts";
 import {
+  createBackend,
+  createModel,
+  deviceType,
   VirtioScsiBackend,
   VirtioScsiError,
   VirtioScsiModel,
@@ -342,7 +346,8 @@ Deno.test("virtio-scsi: a request shorter than its header is a device error unti
   driver.kick();
   await assert.rejects(
     h.backend.processQueue(VIRTIO_SCSI_VQ_REQUEST, () => {}),
-    (e: unknown) => e instanceof VirtioScsiError && e.fault === "short-request",
+    (e: unknown) =>
+      e instanceof VirtioScsiError && e.reason === "short-request" && e.fault === "bad-request",
   );
   assert.ok(h.backend.broken !== null);
   assert.equal(driver.getUsed(), null, "the element is not returned");
@@ -366,7 +371,7 @@ Deno.test("virtio-scsi: a response area shorter than its header is a device erro
   driver.kick();
   await assert.rejects(
     h.backend.processQueue(VIRTIO_SCSI_VQ_REQUEST, () => {}),
-    (e: unknown) => e instanceof VirtioScsiError && e.fault === "short-response",
+    (e: unknown) => e instanceof VirtioScsiError && e.reason === "short-response",
   );
 });
 
@@ -654,7 +659,7 @@ Deno.test("virtio-scsi: a too-small event buffer found by a hotplug goes to hook
   h.backend.hotplug(0, 1, await memoryNode(MiB));
   assert.equal(h.needsReset.length, 1);
   assert.ok(h.needsReset[0] instanceof VirtioScsiError);
-  assert.equal((h.needsReset[0] as VirtioScsiError).fault, "short-event-buffer");
+  assert.equal((h.needsReset[0] as VirtioScsiError).reason, "short-event-buffer");
   // The device ignores its queues until reset.
   await h.backend.processQueue(VIRTIO_SCSI_VQ_REQUEST, () => {});
   h.reset();
@@ -679,4 +684,73 @@ Deno.test("VirtioScsiBackend.close() closes the plugged nodes", async () => {
   await backend.close();
   await assert.rejects(node.read(0, new Uint8Array(1)));
   assert.equal(backend.find(0, 0), undefined);
+});
+
+// ---- The device type -------------------------------------------------------------------------------
+
+function spec(
+  drives: Array<{ readOnly?: boolean; cache?: "writeback" | "writethrough" | "unsafe" }>,
+  options: Record<string, unknown> = {},
+): DeviceSpec {
+  return {
+    type: "virtio-scsi",
+    id: "scsi0",
+    drives: drives.map((d, i) => ({
+      file: `d${i}.img`,
+      readOnly: d.readOnly ?? false,
+      cache: d.cache ?? "writeback",
+    })),
+    numQueues: 2,
+    queueSize: 128,
+    eventIdx: true,
+    indirect: false,
+    packed: false,
+    ioeventfd: false,
+    options,
+  };
+}
+
+Deno.test("virtio-scsi device type: createBackend plugs the drives, createModel shares the config", async () => {
+  assert.equal(deviceType.name, "virtio-scsi");
+  assert.ok(deviceType.optionsSchema?.safeParse({ luns: [{ target: 1, lun: 2 }] }).success);
+  assert.equal(
+    deviceType.optionsSchema?.safeParse({ luns: [{ target: 256, lun: 0 }] }).success,
+    false,
+  );
+  assert.equal(deviceType.optionsSchema?.safeParse({ bogus: 1 }).success, false);
+
+  const nodes = [await memoryNode(MiB), await memoryNode(2 * MiB)];
+  const s = spec([{}, { readOnly: true, cache: "writethrough" }], {
+    maxTarget: 7,
+    change: false,
+    luns: [{ target: 0, lun: 0, serial: "A" }, { target: 3, lun: 9, blockSize: 4096 }],
+  });
+  const ready = await createBackend({ spec: s, drives: nodes });
+  const backend = ready.backend as VirtioScsiBackend;
+  const first = backend.find(0, 0)!;
+  const second = backend.find(3, 9)!;
+  assert.equal(first.serial, "A");
+  assert.equal(first.writeCache, true);
+  assert.equal(second.readOnly, true);
+  assert.equal(second.writeCache, false, "writethrough: WCE off, as QEMU");
+  assert.equal(second.blockSize, 4096);
+
+  const model = createModel(s, { drives: [], backend: ready.info });
+  assert.equal(model.numQueues, 4);
+  assert.equal(model.queueMaxSize(3), 128);
+  assert.equal(model.deviceFeatures & featureBit(VIRTIO_SCSI_F_CHANGE), 0n);
+  assert.equal(model.deviceFeatures & featureBit(VIRTIO_RING_F_INDIRECT_DESC), 0n);
+  const cfg = new Uint8Array(36);
+  model.readConfig(0, cfg);
+  assert.equal(new DataView(cfg.buffer).getUint16(30, true), 7, "max_target from the back-end");
+  model.writeConfig(VIRTIO_SCSI_CONFIG_CDB_SIZE, Uint8Array.of(16));
+  assert.equal(backend.config.cdbSize, 16, "the back-end sees the driver's write");
+  assert.throws(() => backend.hotplug(8, 0, nodes[0]!), RangeError, "beyond max_target");
+  await backend.close();
+
+  await assert.rejects(
+    async () => await createBackend({ spec: spec([{}], { luns: [] }), drives: [nodes[0]!] }),
+    RangeError,
+  );
+  assert.throws(() => createModel(s, { drives: [], backend: null }), RangeError);
 });

@@ -43,8 +43,9 @@ export async function read(disk: IoDisk, cmd: CdbOf<"read">, io: ScsiIo): Promis
   try {
     // FUA on a read: the data must come from the medium, so write back the cache first (QEMU).
     if (cmd.fua && disk.writeCache) await disk.node.flush();
-    const n = await io.dataIn.readFrom(disk.node, cmd.lba * bs, 0, cmd.blocks * bs);
-    return good(n);
+    const length = cmd.blocks * bs;
+    await io.dataIn.readFrom(disk.node, cmd.lba * bs, 0, length);
+    return good(Math.min(length, io.dataIn.length));
   } catch (e) {
     return checkCondition(senseForReadError(e));
   }
