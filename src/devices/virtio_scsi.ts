@@ -686,9 +686,12 @@ export class VirtioScsiBackend implements DeviceBackend {
         try {
           written = control ? this.#control(chain, queue) : await this.#command(chain, queue);
         } catch (e) {
-          // A framing error: QEMU drops the element and marks the device broken.
-          if (epoch === this.#epoch) this.#broken = e instanceof Error ? e : new Error(String(e));
-          if (dq.publish()) interrupt();
+          // A framing error: QEMU drops the element and marks the device broken; what completed
+          // before it is still published (unless a reset took the ring away meanwhile).
+          if (epoch === this.#epoch) {
+            this.#broken = e instanceof Error ? e : new Error(String(e));
+            if (dq.publish()) interrupt();
+          }
           throw e;
         }
         // The device was reset while this request awaited its I/O: the ring is gone.
