@@ -219,6 +219,9 @@ export class Refcounts {
   allocate(count: number): number {
     for (;;) {
       const start = this.#findFree(count);
+      // As QEMU: the data run first, then any refcount block it needs after it (the search for
+      // the block starts past the run), so a fresh image keeps its data contiguous.
+      if (this.#freeHint < start + count) this.#freeHint = start + count;
       // Make sure every block covering the run exists; a new block may land in the run: retry.
       let moved = false;
       const first = Math.floor(start / 2 ** this.blockBits),
@@ -231,7 +234,7 @@ export class Refcounts {
       }
       if (moved && this.#anyUsed(start, count)) continue;
       this.change(start, count, 1);
-      this.#freeHint = start + count;
+      this.#freeHint = Math.max(this.#freeHint, start + count);
       return start * this.#clusterSize;
     }
   }
