@@ -11,6 +11,17 @@ import type { DeviceQueue } from "../virtio/queue.ts";
 export type { VirtioDeviceModel } from "../virtio/device.ts";
 
 /**
+ * What a back-end may call outside {@linkcode DeviceBackend.processQueue}: device-initiated events
+ * (a hotplug, a capacity change) need an interrupt, and a ring found broken there a reset.
+ */
+export interface BackendHooks {
+  /** Raise queue `queue`'s interrupt (after publishing its used ring). */
+  interrupt(queue: number): void;
+  /** The driver broke the ring rules outside a kick: DEVICE_NEEDS_RESET. */
+  needsReset(error: Error): void;
+}
+
+/**
  * A device back-end, running in its iothread Worker (or on the caller's thread in tests and
  * benches). It never throws at the guest: malformed requests become per-request status codes;
  * a broken ring surfaces as a `VirtqueueError` thrown from {@linkcode processQueue}, which the
@@ -33,6 +44,11 @@ export interface DeviceBackend {
    * @throws {VirtqueueError} when the driver broke the ring rules
    */
   processQueue(queue: number, interrupt: () => void): Promise<void>;
+  /**
+   * Set by the device's runtime (the iothread) at DRIVER_OK, and cleared at reset, when the
+   * back-end raises events of its own. Back-ends without events ignore it.
+   */
+  hooks?: BackendHooks | null;
   /** Device reset: forget queues and in-flight state; images stay open. */
   reset(): void;
   /** Flush and close what the back-end owns. */

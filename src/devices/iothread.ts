@@ -282,6 +282,12 @@ class Iothread {
         served.push(s);
       }
       this.#backend.activate(this.#mem, features, byIndex);
+      // Events the back-end raises on its own (hotplug, capacity change) interrupt through the
+      // same path as completions, and only within this epoch.
+      this.#backend.hooks = {
+        interrupt: (queue) => served.find((s) => s.index === queue)?.interrupt(),
+        needsReset: (error) => this.#fault(epoch, -1, error),
+      };
     } catch (error) {
       this.#fault(epoch, error instanceof VirtqueueError ? error.queue : -1, error);
       return describe(error);
@@ -302,6 +308,7 @@ class Iothread {
     }
     this.#served = [];
     this.#active = false;
+    this.#backend.hooks = null;
     if (this.#backendActive) {
       this.#backendActive = false;
       this.#backend.reset();
