@@ -33,6 +33,50 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../virtio/features.ts";
 import type { DriverBuffer } from "../virtio/queue.ts";
+import {
+  VIRTIO_BLK_CFG_ALIGNMENT_OFFSET,
+  VIRTIO_BLK_CFG_BLK_SIZE,
+  VIRTIO_BLK_CFG_CAPACITY,
+  VIRTIO_BLK_CFG_CYLINDERS,
+  VIRTIO_BLK_CFG_DISCARD_SECTOR_ALIGNMENT,
+  VIRTIO_BLK_CFG_HEADS,
+  VIRTIO_BLK_CFG_MAX_DISCARD_SECTORS,
+  VIRTIO_BLK_CFG_MAX_DISCARD_SEG,
+  VIRTIO_BLK_CFG_MAX_WRITE_ZEROES_SECTORS,
+  VIRTIO_BLK_CFG_MAX_WRITE_ZEROES_SEG,
+  VIRTIO_BLK_CFG_MIN_IO_SIZE,
+  VIRTIO_BLK_CFG_NUM_QUEUES,
+  VIRTIO_BLK_CFG_OPT_IO_SIZE,
+  VIRTIO_BLK_CFG_PHYSICAL_BLOCK_EXP,
+  VIRTIO_BLK_CFG_SECTORS,
+  VIRTIO_BLK_CFG_SEG_MAX,
+  VIRTIO_BLK_CFG_SIZE_MAX,
+  VIRTIO_BLK_CFG_WRITE_ZEROES_MAY_UNMAP,
+  VIRTIO_BLK_CFG_WRITEBACK,
+  VIRTIO_BLK_F_BLK_SIZE,
+  VIRTIO_BLK_F_CONFIG_WCE,
+  VIRTIO_BLK_F_DISCARD,
+  VIRTIO_BLK_F_FLUSH,
+  VIRTIO_BLK_F_GEOMETRY,
+  VIRTIO_BLK_F_MQ,
+  VIRTIO_BLK_F_RO,
+  VIRTIO_BLK_F_SEG_MAX,
+  VIRTIO_BLK_F_SIZE_MAX,
+  VIRTIO_BLK_F_TOPOLOGY,
+  VIRTIO_BLK_F_WRITE_ZEROES,
+  VIRTIO_BLK_ID_BYTES,
+  VIRTIO_BLK_S_IOERR,
+  VIRTIO_BLK_S_OK,
+  VIRTIO_BLK_S_UNSUPP,
+  VIRTIO_BLK_SECTOR_SIZE,
+  VIRTIO_BLK_T_DISCARD,
+  VIRTIO_BLK_T_FLUSH,
+  VIRTIO_BLK_T_GET_ID,
+  VIRTIO_BLK_T_IN,
+  VIRTIO_BLK_T_OUT,
+  VIRTIO_BLK_T_WRITE_ZEROES,
+  VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+} from "../devices/virtio_blk_constants.ts";
 import type { BlockTarget, IoOp, IoRequest, IoStatus } from "./block_target.ts";
 import { runOne } from "./block_target.ts";
 import type { PciFunctionInfo } from "./pci_probe.ts";
@@ -43,59 +87,6 @@ import {
   VirtioPciDriver,
   type VirtioQueue,
 } from "./virtio_driver.ts";
-
-// ---- virtio-blk constants (virtio 1.2 §5.2) --------------------------------------------------------
-
-export const VIRTIO_BLK_F_SIZE_MAX = 1;
-export const VIRTIO_BLK_F_SEG_MAX = 2;
-export const VIRTIO_BLK_F_GEOMETRY = 4;
-export const VIRTIO_BLK_F_RO = 5;
-export const VIRTIO_BLK_F_BLK_SIZE = 6;
-export const VIRTIO_BLK_F_FLUSH = 9;
-export const VIRTIO_BLK_F_TOPOLOGY = 10;
-export const VIRTIO_BLK_F_CONFIG_WCE = 11;
-export const VIRTIO_BLK_F_MQ = 12;
-export const VIRTIO_BLK_F_DISCARD = 13;
-export const VIRTIO_BLK_F_WRITE_ZEROES = 14;
-
-export const VIRTIO_BLK_T_IN = 0;
-export const VIRTIO_BLK_T_OUT = 1;
-export const VIRTIO_BLK_T_FLUSH = 4;
-export const VIRTIO_BLK_T_GET_ID = 8;
-export const VIRTIO_BLK_T_DISCARD = 11;
-export const VIRTIO_BLK_T_WRITE_ZEROES = 13;
-
-export const VIRTIO_BLK_S_OK = 0;
-export const VIRTIO_BLK_S_IOERR = 1;
-export const VIRTIO_BLK_S_UNSUPP = 2;
-
-/** Bytes of the GET_ID answer (a serial number, NUL-padded). */
-export const VIRTIO_BLK_ID_BYTES = 20;
-/** Bit 0 of a write-zeroes segment's flags: the device may unmap. */
-export const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1;
-/** virtio-blk addresses in 512-byte sectors whatever the block size. */
-export const SECTOR_SIZE = 512;
-
-// struct virtio_blk_config offsets.
-const CFG_CAPACITY = 0;
-const CFG_SIZE_MAX = 8;
-const CFG_SEG_MAX = 12;
-const CFG_CYLINDERS = 16;
-const CFG_HEADS = 18;
-const CFG_SECTORS = 19;
-const CFG_BLK_SIZE = 20;
-const CFG_PHYSICAL_BLOCK_EXP = 24;
-const CFG_ALIGNMENT_OFFSET = 25;
-const CFG_MIN_IO_SIZE = 26;
-const CFG_OPT_IO_SIZE = 28;
-const CFG_WRITEBACK = 32;
-const CFG_NUM_QUEUES = 34;
-const CFG_MAX_DISCARD_SECTORS = 36;
-const CFG_MAX_DISCARD_SEG = 40;
-const CFG_DISCARD_SECTOR_ALIGNMENT = 44;
-const CFG_MAX_WRITE_ZEROES_SECTORS = 48;
-const CFG_MAX_WRITE_ZEROES_SEG = 52;
-const CFG_WRITE_ZEROES_MAY_UNMAP = 56;
 
 const HEADER_BYTES = 16;
 const SEGMENT_BYTES = 16;
@@ -279,7 +270,7 @@ export class BlkDriver {
     this.virtio = virtio;
     this.features = features;
     this.config = config;
-    this.capacityBytes = config.capacity * SECTOR_SIZE;
+    this.capacityBytes = config.capacity * VIRTIO_BLK_SECTOR_SIZE;
     this.blockSize = config.blkSize;
     this.readOnly = hasFeature(features, VIRTIO_BLK_F_RO);
     this.canFlush = hasFeature(features, VIRTIO_BLK_F_FLUSH);
@@ -330,7 +321,7 @@ export class BlkDriver {
     const features = virtio.negotiate(wanted);
     try {
       if (options.writeback !== undefined && hasFeature(features, VIRTIO_BLK_F_CONFIG_WCE)) {
-        virtio.writeConfig(CFG_WRITEBACK, 1, options.writeback ? 1 : 0);
+        virtio.writeConfig(VIRTIO_BLK_CFG_WRITEBACK, 1, options.writeback ? 1 : 0);
       }
       const config = readBlkConfig(virtio, features);
       const count = Math.min(wantQueues, config.numQueues);
@@ -386,7 +377,10 @@ export class BlkDriver {
     if (!Number.isInteger(depth) || depth < 1 || depth > 65536) {
       throw new RangeError(`Target depth ${depth} is not 1..65536`);
     }
-    if (!Number.isInteger(maxTransfer) || maxTransfer < SECTOR_SIZE || maxTransfer % SECTOR_SIZE) {
+    if (
+      !Number.isInteger(maxTransfer) || maxTransfer < VIRTIO_BLK_SECTOR_SIZE ||
+      maxTransfer % VIRTIO_BLK_SECTOR_SIZE
+    ) {
       throw new RangeError(`Target transfer size ${maxTransfer} is not a multiple of 512`);
     }
     if (maxTransfer > this.maxTransferLimit) {
@@ -418,7 +412,7 @@ export class BlkDriver {
     const depth = target.depth;
     // Per slot: header @0, discard/write-zeroes segment @16, status @32, indirect table @48.
     const metaStride = Math.ceil((48 + DESC_BYTES * (segments + 2)) / 64) * 64;
-    const dataAlign = target.maxTransfer >= 4096 ? 4096 : SECTOR_SIZE;
+    const dataAlign = target.maxTransfer >= 4096 ? 4096 : VIRTIO_BLK_SECTOR_SIZE;
     const dataStride = Math.ceil(target.maxTransfer / dataAlign) * dataAlign;
     const meta = alloc.alloc(metaStride * depth, 64);
     let data: number;
@@ -598,7 +592,7 @@ export class BlkDriver {
    * @throws {VirtioDriverError} when the device breaks or stops answering
    */
   async getId(): Promise<string | null> {
-    const target = this.openTarget({ depth: 1, maxTransfer: SECTOR_SIZE });
+    const target = this.openTarget({ depth: 1, maxTransfer: VIRTIO_BLK_SECTOR_SIZE });
     try {
       let id: string | null = null;
       const status = await runOne(target, (r) => {
@@ -672,8 +666,10 @@ export class BlkTarget implements BlockTarget {
     this.blockSize = driver.blockSize;
     this.readOnly = driver.readOnly;
     const cfg = driver.config;
-    this.maxDiscard = cfg.discard === null ? 0 : cfg.discard.maxSectors * SECTOR_SIZE;
-    this.maxWriteZeroes = cfg.writeZeroes === null ? 0 : cfg.writeZeroes.maxSectors * SECTOR_SIZE;
+    this.maxDiscard = cfg.discard === null ? 0 : cfg.discard.maxSectors * VIRTIO_BLK_SECTOR_SIZE;
+    this.maxWriteZeroes = cfg.writeZeroes === null
+      ? 0
+      : cfg.writeZeroes.maxSectors * VIRTIO_BLK_SECTOR_SIZE;
     const { slots, meta, data } = driver._allocSlots(this, segSize, segments);
     this.#slots = slots;
     this.#meta = meta;
@@ -743,7 +739,7 @@ export class BlkTarget implements BlockTarget {
         if (r.op === "write" && this.readOnly) return this.#local(r, "ioerr", "read-only device");
         if (!this.#inRange(offset, length)) return this.#local(r, "ioerr", "beyond the capacity");
         type = r.op === "read" ? VIRTIO_BLK_T_IN : VIRTIO_BLK_T_OUT;
-        sector = offset / SECTOR_SIZE;
+        sector = offset / VIRTIO_BLK_SECTOR_SIZE;
         readable.push(slot.header);
         const dataList = r.op === "read" ? writable : readable;
         for (let k = 0, done = 0; done < length; k++) {
@@ -781,10 +777,10 @@ export class BlkTarget implements BlockTarget {
         type = discard ? VIRTIO_BLK_T_DISCARD : VIRTIO_BLK_T_WRITE_ZEROES;
         const ram = driver._ram();
         const at = slot.segmentAt;
-        const first = offset / SECTOR_SIZE;
+        const first = offset / VIRTIO_BLK_SECTOR_SIZE;
         ram.setUint32(at, first % 2 ** 32, true);
         ram.setUint32(at + 4, Math.floor(first / 2 ** 32), true);
-        ram.setUint32(at + 8, length / SECTOR_SIZE, true);
+        ram.setUint32(at + 8, length / VIRTIO_BLK_SECTOR_SIZE, true);
         const unmap = !discard && driver.config.writeZeroes?.mayUnmap === true;
         ram.setUint32(at + 12, unmap ? VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP : 0, true);
         readable.push(slot.header, slot.segment);
@@ -813,8 +809,9 @@ export class BlkTarget implements BlockTarget {
   #checkLength(r: IoRequest, limit: number): void {
     const { offset, length } = r;
     if (
-      !Number.isSafeInteger(offset) || offset < 0 || offset % SECTOR_SIZE !== 0 ||
-      !Number.isSafeInteger(length) || length <= 0 || length % SECTOR_SIZE !== 0 || length > limit
+      !Number.isSafeInteger(offset) || offset < 0 || offset % VIRTIO_BLK_SECTOR_SIZE !== 0 ||
+      !Number.isSafeInteger(length) || length <= 0 || length % VIRTIO_BLK_SECTOR_SIZE !== 0 ||
+      length > limit
     ) {
       throw new RangeError(
         `${r.op} at ${offset}+${length}: offset and length must be multiples of 512, length 1..${limit}`,
@@ -921,35 +918,39 @@ export class BlkTarget implements BlockTarget {
 export function readBlkConfig(virtio: VirtioPciDriver, features: bigint): BlkConfig {
   const has = (bit: number) => hasFeature(features, bit);
   const raw = virtio.readConfig((c) => ({
-    capacity: c.u64(CFG_CAPACITY),
-    sizeMax: has(VIRTIO_BLK_F_SIZE_MAX) ? c.u32(CFG_SIZE_MAX) : null,
-    segMax: has(VIRTIO_BLK_F_SEG_MAX) ? c.u32(CFG_SEG_MAX) : null,
+    capacity: c.u64(VIRTIO_BLK_CFG_CAPACITY),
+    sizeMax: has(VIRTIO_BLK_F_SIZE_MAX) ? c.u32(VIRTIO_BLK_CFG_SIZE_MAX) : null,
+    segMax: has(VIRTIO_BLK_F_SEG_MAX) ? c.u32(VIRTIO_BLK_CFG_SEG_MAX) : null,
     geometry: has(VIRTIO_BLK_F_GEOMETRY)
-      ? { cylinders: c.u16(CFG_CYLINDERS), heads: c.u8(CFG_HEADS), sectors: c.u8(CFG_SECTORS) }
-      : null,
-    blkSize: has(VIRTIO_BLK_F_BLK_SIZE) ? c.u32(CFG_BLK_SIZE) : SECTOR_SIZE,
-    topology: has(VIRTIO_BLK_F_TOPOLOGY)
       ? {
-        physicalBlockExp: c.u8(CFG_PHYSICAL_BLOCK_EXP),
-        alignmentOffset: c.u8(CFG_ALIGNMENT_OFFSET),
-        minIoSize: c.u16(CFG_MIN_IO_SIZE),
-        optIoSize: c.u32(CFG_OPT_IO_SIZE),
+        cylinders: c.u16(VIRTIO_BLK_CFG_CYLINDERS),
+        heads: c.u8(VIRTIO_BLK_CFG_HEADS),
+        sectors: c.u8(VIRTIO_BLK_CFG_SECTORS),
       }
       : null,
-    writeback: has(VIRTIO_BLK_F_CONFIG_WCE) ? c.u8(CFG_WRITEBACK) !== 0 : null,
-    numQueues: has(VIRTIO_BLK_F_MQ) ? c.u16(CFG_NUM_QUEUES) : 1,
+    blkSize: has(VIRTIO_BLK_F_BLK_SIZE) ? c.u32(VIRTIO_BLK_CFG_BLK_SIZE) : VIRTIO_BLK_SECTOR_SIZE,
+    topology: has(VIRTIO_BLK_F_TOPOLOGY)
+      ? {
+        physicalBlockExp: c.u8(VIRTIO_BLK_CFG_PHYSICAL_BLOCK_EXP),
+        alignmentOffset: c.u8(VIRTIO_BLK_CFG_ALIGNMENT_OFFSET),
+        minIoSize: c.u16(VIRTIO_BLK_CFG_MIN_IO_SIZE),
+        optIoSize: c.u32(VIRTIO_BLK_CFG_OPT_IO_SIZE),
+      }
+      : null,
+    writeback: has(VIRTIO_BLK_F_CONFIG_WCE) ? c.u8(VIRTIO_BLK_CFG_WRITEBACK) !== 0 : null,
+    numQueues: has(VIRTIO_BLK_F_MQ) ? c.u16(VIRTIO_BLK_CFG_NUM_QUEUES) : 1,
     discard: has(VIRTIO_BLK_F_DISCARD)
       ? {
-        maxSectors: c.u32(CFG_MAX_DISCARD_SECTORS),
-        maxSeg: c.u32(CFG_MAX_DISCARD_SEG),
-        sectorAlignment: c.u32(CFG_DISCARD_SECTOR_ALIGNMENT),
+        maxSectors: c.u32(VIRTIO_BLK_CFG_MAX_DISCARD_SECTORS),
+        maxSeg: c.u32(VIRTIO_BLK_CFG_MAX_DISCARD_SEG),
+        sectorAlignment: c.u32(VIRTIO_BLK_CFG_DISCARD_SECTOR_ALIGNMENT),
       }
       : null,
     writeZeroes: has(VIRTIO_BLK_F_WRITE_ZEROES)
       ? {
-        maxSectors: c.u32(CFG_MAX_WRITE_ZEROES_SECTORS),
-        maxSeg: c.u32(CFG_MAX_WRITE_ZEROES_SEG),
-        mayUnmap: c.u8(CFG_WRITE_ZEROES_MAY_UNMAP) !== 0,
+        maxSectors: c.u32(VIRTIO_BLK_CFG_MAX_WRITE_ZEROES_SECTORS),
+        maxSeg: c.u32(VIRTIO_BLK_CFG_MAX_WRITE_ZEROES_SEG),
+        mayUnmap: c.u8(VIRTIO_BLK_CFG_WRITE_ZEROES_MAY_UNMAP) !== 0,
       }
       : null,
   }));
@@ -957,11 +958,11 @@ export function readBlkConfig(virtio: VirtioPciDriver, features: bigint): BlkCon
     throw new VirtioDriverError("status", virtio.slot, `virtio-blk config: ${what}`);
   };
   // capacity × 512 must stay an exact byte offset.
-  if (!Number.isSafeInteger(raw.capacity * SECTOR_SIZE)) {
+  if (!Number.isSafeInteger(raw.capacity * VIRTIO_BLK_SECTOR_SIZE)) {
     bad(`capacity ${raw.capacity} sectors is beyond 2^53 bytes`);
   }
   const blk = raw.blkSize;
-  if (blk < SECTOR_SIZE || blk > 65536 || (blk & (blk - 1)) !== 0) {
+  if (blk < VIRTIO_BLK_SECTOR_SIZE || blk > 65536 || (blk & (blk - 1)) !== 0) {
     bad(`blk_size ${blk} is not a power of 2 from 512 to 65536`);
   }
   if (raw.numQueues === 0) bad("MQ negotiated but num_queues is 0");
@@ -972,7 +973,9 @@ export function readBlkConfig(virtio: VirtioPciDriver, features: bigint): BlkCon
     ? null
     : Math.min(raw.segMax, MAX_SEGMENTS);
   // Sizes must be whole sectors for the segment arithmetic of a request.
-  const sizeMaxSectors = sizeMax === null ? null : Math.floor(sizeMax / SECTOR_SIZE) * SECTOR_SIZE;
+  const sizeMaxSectors = sizeMax === null
+    ? null
+    : Math.floor(sizeMax / VIRTIO_BLK_SECTOR_SIZE) * VIRTIO_BLK_SECTOR_SIZE;
   const unlimited = (v: number) => (v === 0 ? U32_MAX : v);
   return {
     capacity: raw.capacity,

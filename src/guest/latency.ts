@@ -59,9 +59,13 @@ export interface LatencySummary {
  */
 export class LatencyHistogram {
   readonly buckets: Float64Array = new Float64Array(PLAT_NR);
+  /** Samples recorded. */
   count = 0;
+  /** Their sum (ns). */
   sum = 0;
-  min = Infinity;
+  /** Smallest sample (Infinity while empty). */
+  min: number = Infinity;
+  /** Largest sample. */
   max = 0;
 
   /** Records one sample (ns). */

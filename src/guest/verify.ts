@@ -26,8 +26,9 @@ export const VERIFY_MAGIC = 0xacca;
 export const VERIFY_HEADER_BYTES = 40;
 /** Smallest block that holds a header and a data CRC. */
 export const VERIFY_MIN_BLOCK = 64;
-/** verify_type values (fio's enum order: CRC32C = 5, PATTERN = 17). */
+/** verify_type of a crc32c block (fio's enum value). */
 export const VERIFY_TYPE_CRC32C = 5;
+/** verify_type of a pattern block (fio's enum value). */
 export const VERIFY_TYPE_PATTERN = 17;
 
 const H_MAGIC = 0;

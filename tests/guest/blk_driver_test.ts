@@ -1,14 +1,13 @@
 import assert from "node:assert/strict";
+import { BlkDriver, type BlkDriverOptions } from "../../src/guest/blk_driver.ts";
 import {
-  BlkDriver,
-  type BlkDriverOptions,
   VIRTIO_BLK_F_DISCARD,
   VIRTIO_BLK_F_FLUSH,
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_T_FLUSH,
   VIRTIO_BLK_T_IN,
   VIRTIO_BLK_T_OUT,
-} from "../../src/guest/blk_driver.ts";
+} from "../../src/devices/virtio_blk_constants.ts";
 import { type BlockTarget, type IoRequest, runOne } from "../../src/guest/block_target.ts";
 import { probeSlot } from "../../src/guest/pci_probe.ts";
 import { VirtioDriverError } from "../../src/guest/virtio_driver.ts";
