@@ -196,33 +196,43 @@ export function checkBlock(
   scratch: Uint8Array,
 ): VerifyFailure | null {
   const type = stamp.mode === "crc32c" ? VERIFY_TYPE_CRC32C : VERIFY_TYPE_PATTERN;
-  const fail = (reason: VerifyReason, expected: number, found: number) =>
-    locate(buf, length, offset, stamp, scratch, reason, expected, found);
   const magic = view.getUint16(H_MAGIC, true);
-  if (magic !== VERIFY_MAGIC) return fail("magic", VERIFY_MAGIC, magic);
+  if (magic !== VERIFY_MAGIC) {
+    return locate(buf, length, offset, stamp, scratch, "magic", VERIFY_MAGIC, magic);
+  }
   const foundType = view.getUint16(H_TYPE, true);
-  if (foundType !== type) return fail("type", type, foundType);
+  if (foundType !== type) {
+    return locate(buf, length, offset, stamp, scratch, "type", type, foundType);
+  }
   const len = view.getUint32(H_LEN, true);
-  if (len !== length) return fail("length", length, len);
+  if (len !== length) return locate(buf, length, offset, stamp, scratch, "length", length, len);
   const headerCrc = view.getUint32(H_CRC, true);
   const wantHeaderCrc = crc32c(buf, 0, H_CRC);
-  if (headerCrc !== wantHeaderCrc) return fail("header-crc", wantHeaderCrc, headerCrc);
+  if (headerCrc !== wantHeaderCrc) {
+    return locate(buf, length, offset, stamp, scratch, "header-crc", wantHeaderCrc, headerCrc);
+  }
   const at = getU64(view, H_OFFSET);
-  if (at !== offset) return fail("offset", offset, at);
+  if (at !== offset) return locate(buf, length, offset, stamp, scratch, "offset", offset, at);
   const seed = blockSeed(stamp, offset);
   const foundSeed = getU64(view, H_SEED);
-  if (foundSeed !== seed) return fail("seed", seed, foundSeed);
+  if (foundSeed !== seed) {
+    return locate(buf, length, offset, stamp, scratch, "seed", seed, foundSeed);
+  }
   if (stamp.mode === "pattern") {
     const p = stamp.pattern;
     const plen = p.length;
     for (let i = CRC_FIELD; i < length; i++) {
-      if (buf[i] !== p[i % plen]) return fail("data", p[i % plen]!, buf[i]!);
+      if (buf[i] !== p[i % plen]) {
+        return locate(buf, length, offset, stamp, scratch, "data", p[i % plen]!, buf[i]!);
+      }
     }
     return null;
   }
   const dataCrc = view.getUint32(CRC_FIELD, true);
   const wantDataCrc = crc32c(buf, CRC_DATA, length);
-  if (dataCrc !== wantDataCrc) return fail("data-crc", wantDataCrc, dataCrc);
+  if (dataCrc !== wantDataCrc) {
+    return locate(buf, length, offset, stamp, scratch, "data-crc", wantDataCrc, dataCrc);
+  }
   return null;
 }
 
