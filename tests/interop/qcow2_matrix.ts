@@ -136,17 +136,8 @@ export function l2Span(clusterSize: number, extendedL2: boolean): number {
 
 // ---- seeded randomness ----
 
-/** mulberry32: a small, fast, seedable PRNG returning numbers in [0, 1). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { mulberry32 as prng } from "../prng.ts";
+export { prng };
 
 /** `length` incompressible bytes from `seed`. */
 export function randomBytes(seed: number, length: number): Uint8Array {

@@ -29,17 +29,7 @@ export const HIGH_RAM = 0x1000_0000;
 /** Where rings start in the low region. */
 export const RING_BASE = 0x1000;
 
-/** mulberry32: a tiny seeded PRNG with a full 2^32 period, for reproducible property tests. */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 0x1_0000_0000;
-  };
-}
+export { mulberry32 } from "../prng.ts";
 
 /** An integer in `[lo, hi]` from `rng`. */
 export function randInt(rng: () => number, lo: number, hi: number): number {

@@ -1,0 +1,18 @@
+/**
+ * The seeded PRNG of the property and random tests: every test prints its seed, so a failure is
+ * repeated by running the same seed.
+ *
+ * @module
+ */
+
+/** mulberry32: a small, fast, seedable PRNG with a 2^32 period; returns floats in [0, 1). */
+export function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 0x1_0000_0000;
+  };
+}
