@@ -11,7 +11,7 @@
 
 import type { LatencySummary } from "./latency.ts";
 import { describeFailure } from "./verify.ts";
-import type { DirectionResult, JobResult, WorkloadResult } from "./workload.ts";
+import type { DirectionResult, JobResult, WorkloadResult, WorkloadTotal } from "./workload.ts";
 
 /** One virtqueue's notification counters. */
 export interface QueueNumbers {
@@ -58,8 +58,10 @@ export interface VirtioSummary {
   readonly suppressedKicks: number;
   readonly interrupts: number;
   readonly suppressedInterrupts: number;
-  /** Requests per kick. */
+  /** Average batch per notification: requests completed ÷ doorbell writes (requests per kick). */
   readonly averageBatch: number;
+  /** Average batch per interrupt: requests completed ÷ interrupts taken. */
+  readonly requestsPerInterrupt: number;
   readonly kicksPerRequest: number;
   readonly interruptsPerRequest: number;
   /** Exits (config + MMIO) per request; null without exit numbers. */
@@ -67,11 +69,64 @@ export interface VirtioSummary {
   readonly exits: ExitNumbers | null;
 }
 
+/** Summary and queues of a set of virtio numbers, as the JSON form carries them. */
+export type VirtioJson = VirtioSummary & { readonly queues: readonly QueueNumbers[] };
+
 /** The JSON form of a report. */
 export interface ReportJson {
+  /** Every clone of every run. */
   readonly jobs: readonly JobResult[];
-  readonly total: WorkloadResult["total"];
-  readonly virtio: (VirtioSummary & { readonly queues: readonly QueueNumbers[] }) | null;
+  /** All runs together. */
+  readonly total: WorkloadTotal;
+  /** Every queue of every device, with the run's exits. */
+  readonly virtio: VirtioJson | null;
+  /** Multi-device reports: each run's clones and total. */
+  readonly runs?: readonly RunReportJson[];
+  /** Multi-device reports: each device's queues, exits and figures. */
+  readonly devices?: readonly DeviceReportJson[];
+}
+
+/** One run of a multi-device report: jobs on one device (one LUN of a SCSI host). */
+export interface RunReport {
+  /** The device label (machine id or `slot N`). */
+  readonly device: string;
+  /** `virtio-blk` or `virtio-scsi`. */
+  readonly kind: string;
+  readonly slot: number;
+  /** The SCSI LUN the run used, or null. */
+  readonly lun: { readonly target: number; readonly lun: number } | null;
+  readonly jobs: readonly JobResult[];
+  readonly total: WorkloadTotal;
+}
+
+/** One device of a multi-device report. */
+export interface DeviceReport {
+  readonly device: string;
+  readonly kind: string;
+  readonly slot: number;
+  /** Its request queues; `exits` are the exits its accesses caused during the run. */
+  readonly virtio: VirtioNumbers;
+}
+
+/** Everything a multi-device report shows. */
+export interface MultiReport {
+  readonly runs: readonly RunReport[];
+  readonly devices: readonly DeviceReport[];
+  /** All runs together (`jobs` of every run, the grand total). */
+  readonly result: WorkloadResult;
+  /** Every device's queues, and the global exits. */
+  readonly virtio: VirtioNumbers;
+}
+
+/** {@linkcode RunReport} in JSON. */
+export type RunReportJson = RunReport;
+
+/** {@linkcode DeviceReport} in JSON: the figures derived too. */
+export interface DeviceReportJson {
+  readonly device: string;
+  readonly kind: string;
+  readonly slot: number;
+  readonly virtio: VirtioJson;
 }
 
 /** Sums and ratios of the virtio numbers (ratios 0 when their denominator is 0). */
@@ -93,6 +148,7 @@ export function summarizeVirtio(v: VirtioNumbers): VirtioSummary {
     interrupts,
     suppressedInterrupts,
     averageBatch: kicks > 0 ? requests / kicks : 0,
+    requestsPerInterrupt: interrupts > 0 ? requests / interrupts : 0,
     kicksPerRequest: per(kicks),
     interruptsPerRequest: per(interrupts),
     exitsPerRequest: exits === null ? null : per(exits.config + exits.mmio),
@@ -200,22 +256,49 @@ function ratio(n: number): string {
   return n.toFixed(2);
 }
 
-function virtioLines(v: VirtioNumbers): string[] {
+function queueLine(q: QueueNumbers): string {
+  const parts = [
+    `requests=${q.requests}`,
+    `kicks=${q.kicks}`,
+    `suppressed kicks=${q.suppressedKicks}`,
+    `interrupts=${q.interrupts}`,
+  ];
+  if (q.suppressedInterrupts !== undefined) {
+    parts.push(`suppressed interrupts=${q.suppressedInterrupts}`);
+  }
+  if (q.largestBatch !== undefined) parts.push(`largest batch=${q.largestBatch}`);
+  return `  ${q.device} queue ${q.queue}: ${parts.join(", ")}`;
+}
+
+function exitsText(e: ExitNumbers): string {
+  const ioeventfd = e.ioeventfd === undefined ? "" : `, ioeventfd rings=${e.ioeventfd}`;
+  return `config=${e.config}, mmio=${e.mmio} (doorbells ${e.doorbell})${ioeventfd}`;
+}
+
+/** A device's one-line summary: its ratios, and its exits when attributed. */
+function deviceLine(d: DeviceReport): string {
+  const s = summarizeVirtio(d.virtio);
+  const exits = s.exits === null || s.exitsPerRequest === null
+    ? ""
+    : `, exits/request=${ratio(s.exitsPerRequest)} (${exitsText(s.exits)})`;
+  return `  ${d.device} (${d.kind}, slot ${d.slot}): requests=${s.requests}, ` +
+    `kicks/request=${ratio(s.kicksPerRequest)}, interrupts/request=${
+      ratio(s.interruptsPerRequest)
+    }, ` +
+    `batch/kick=${ratio(s.averageBatch)}, batch/interrupt=${ratio(s.requestsPerInterrupt)}, ` +
+    `suppressed kicks=${s.suppressedKicks}${exits}`;
+}
+
+function virtioLines(v: VirtioNumbers, devices: readonly DeviceReport[] = []): string[] {
   const s = summarizeVirtio(v);
   const lines = ["virtio:"];
-  for (const q of v.queues) {
-    const parts = [
-      `requests=${q.requests}`,
-      `kicks=${q.kicks}`,
-      `suppressed kicks=${q.suppressedKicks}`,
-      `interrupts=${q.interrupts}`,
-    ];
-    if (q.suppressedInterrupts !== undefined) {
-      parts.push(`suppressed interrupts=${q.suppressedInterrupts}`);
+  if (devices.length > 0) {
+    for (const d of devices) {
+      for (const q of d.virtio.queues) lines.push(queueLine(q));
+      lines.push(deviceLine(d));
     }
-    if (q.largestBatch !== undefined) parts.push(`largest batch=${q.largestBatch}`);
-    lines.push(`  ${q.device} queue ${q.queue}: ${parts.join(", ")}`);
   }
+  for (const q of devices.length > 0 ? [] : v.queues) lines.push(queueLine(q));
   lines.push(
     `  total: requests=${s.requests}, kicks/request=${ratio(s.kicksPerRequest)}, ` +
       `interrupts/request=${ratio(s.interruptsPerRequest)}, average batch=${
@@ -224,12 +307,7 @@ function virtioLines(v: VirtioNumbers): string[] {
       `suppressed notifications=${s.suppressedKicks + s.suppressedInterrupts}`,
   );
   if (s.exits !== null && s.exitsPerRequest !== null) {
-    const e = s.exits;
-    const ioeventfd = e.ioeventfd === undefined ? "" : `, ioeventfd rings=${e.ioeventfd}`;
-    lines.push(
-      `  exits: config=${e.config}, mmio=${e.mmio} (doorbells ${e.doorbell})${ioeventfd}, ` +
-        `per request=${ratio(s.exitsPerRequest)}`,
-    );
+    lines.push(`  exits: ${exitsText(s.exits)}, per request=${ratio(s.exitsPerRequest)}`);
   }
   return lines;
 }
@@ -245,17 +323,75 @@ function virtioLines(v: VirtioNumbers): string[] {
 export function formatReport(result: WorkloadResult, virtio?: VirtioNumbers): string {
   const lines: string[] = [];
   for (const job of result.jobs) lines.push(...jobLines(job));
-  const t = result.total;
-  lines.push(`total: jobs=${result.jobs.length}, elapsed=${Math.round(t.elapsedMs)}msec`);
-  lines.push(...directionLines("read", t.read, t.elapsedMs));
-  lines.push(...directionLines("write", t.write, t.elapsedMs));
-  lines.push(...directionLines("trim", t.trim, t.elapsedMs));
+  lines.push(...totalLines("total", result.jobs.length, result.total));
   if (virtio !== undefined) lines.push(...virtioLines(virtio));
   return lines.join("\n") + "\n";
 }
 
+function totalLines(label: string, jobs: number, t: WorkloadTotal): string[] {
+  return [
+    `${label}: jobs=${jobs}, elapsed=${Math.round(t.elapsedMs)}msec`,
+    ...directionLines("read", t.read, t.elapsedMs),
+    ...directionLines("write", t.write, t.elapsedMs),
+    ...directionLines("trim", t.trim, t.elapsedMs),
+  ];
+}
+
+/** `clone (virtio-blk, slot 1)`, `base lun 0:0 (virtio-scsi, slot 2)`. */
+function runTitle(r: RunReport): string {
+  const lun = r.lun === null ? "" : ` lun ${r.lun.target}:${r.lun.lun}`;
+  return `${r.device}${lun} (${r.kind}, slot ${r.slot})`;
+}
+
+/**
+ * The report of several runs at once (one per device or LUN): each run's heading, its jobs and its
+ * total; the grand total; then the virtio section — per device its queues and a summary line
+ * (requests, kicks and interrupts per request, batch per kick and per interrupt, its exits per
+ * request), and the overall line and global exits as in {@linkcode formatReport}.
+ *
+ * @example
+ * ```ts ignore
+ * console.log(formatMultiReport({ runs, devices, result, virtio }));
+ * // run 0: clone (virtio-blk, slot 1)
+ * // clone: (clone 0): rw=randrw, bs=4096, iodepth=16: err=0
+ * // …
+ * // run 0 total: jobs=2, elapsed=812msec
+ * // …
+ * // total: jobs=3, elapsed=815msec
+ * // virtio:
+ * //   clone queue 0: requests=2048, kicks=31, …
+ * //   clone (virtio-blk, slot 1): requests=4096, kicks/request=0.02, …, batch/kick=51.20, …
+ * ```
+ */
+export function formatMultiReport(report: MultiReport): string {
+  const lines: string[] = [];
+  for (const [i, run] of report.runs.entries()) {
+    lines.push(`run ${i}: ${runTitle(run)}`);
+    for (const job of run.jobs) lines.push(...jobLines(job));
+    lines.push(...totalLines(`run ${i} total`, run.jobs.length, run.total));
+  }
+  lines.push(...totalLines("total", report.result.jobs.length, report.result.total));
+  lines.push(...virtioLines(report.virtio, report.devices));
+  return lines.join("\n") + "\n";
+}
+
+/** The multi-device report as a JSON-ready object: {@linkcode ReportJson} with `runs` and `devices`. */
+export function multiReportJson(report: MultiReport): ReportJson {
+  return {
+    ...reportJson(report.result, report.virtio),
+    runs: report.runs,
+    devices: report.devices.map((d) => ({
+      device: d.device,
+      kind: d.kind,
+      slot: d.slot,
+      virtio: { ...summarizeVirtio(d.virtio), queues: d.virtio.queues },
+    })),
+  };
+}
+
 /** The report as a JSON-ready object. */
 export function reportJson(result: WorkloadResult, virtio?: VirtioNumbers): ReportJson {
+  // `groups` stays out: a multi-device report carries the same as `runs`.
   return {
     jobs: result.jobs,
     total: result.total,

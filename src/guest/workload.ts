@@ -85,16 +85,31 @@ export interface JobResult {
   readonly error: IoFailure | null;
 }
 
+/** Directions summed over several clones, over their common run time. */
+export interface WorkloadTotal {
+  /** From the common start to the last of the clones' completions, ms. */
+  readonly elapsedMs: number;
+  readonly read: DirectionResult;
+  readonly write: DirectionResult;
+  readonly trim: DirectionResult;
+}
+
+/** The clones of the jobs one group (see {@linkcode WorkloadOptions.groupOf}) ran, and their sum. */
+export interface WorkloadGroup {
+  /** The group number `groupOf` gave. */
+  readonly group: number;
+  /** Its clones, in job order. */
+  readonly jobs: readonly JobResult[];
+  readonly total: WorkloadTotal;
+}
+
 /** Everything a run produced. */
 export interface WorkloadResult {
   readonly jobs: readonly JobResult[];
   /** All clones together over the whole run. */
-  readonly total: {
-    readonly elapsedMs: number;
-    readonly read: DirectionResult;
-    readonly write: DirectionResult;
-    readonly trim: DirectionResult;
-  };
+  readonly total: WorkloadTotal;
+  /** Per group, when {@linkcode WorkloadOptions.groupOf} was given (ascending group numbers). */
+  readonly groups?: readonly WorkloadGroup[];
 }
 
 /** How the engine gets its targets. */
@@ -103,6 +118,11 @@ export interface WorkloadOptions {
   readonly openTarget: (job: JobSpec, jobIndex: number, clone: number) => BlockTarget;
   /** Called for each target after its clone finished (e.g. to free its slots). */
   readonly closeTarget?: (target: BlockTarget) => void;
+  /**
+   * Puts job `jobIndex` in a group (e.g. the device it runs on); the result then has a total per
+   * group besides the grand total. All groups run at once, in the one loop.
+   */
+  readonly groupOf?: (jobIndex: number) => number;
 }
 
 // Directions, and the tag of verify reads.
@@ -201,6 +221,7 @@ type Phase = "main" | "verify" | "done";
 /** One clone of a job on its target. */
 class Runner {
   readonly spec: JobSpec;
+  readonly jobIndex: number;
   readonly clone: number;
   readonly target: BlockTarget;
   readonly read = new DirectionStats();
@@ -226,8 +247,9 @@ class Runner {
   #replayOps = 0;
   #stopping = false;
 
-  constructor(spec: JobSpec, clone: number, target: BlockTarget) {
+  constructor(spec: JobSpec, jobIndex: number, clone: number, target: BlockTarget) {
     this.spec = spec;
+    this.jobIndex = jobIndex;
     this.clone = clone;
     this.target = target;
     const name = spec.name;
@@ -477,7 +499,7 @@ export async function runWorkload(
       for (let clone = 0; clone < spec.numjobs; clone++) {
         const target = options.openTarget(spec, jobIndex, clone);
         try {
-          runners.push(new Runner(spec, clone, target));
+          runners.push(new Runner(spec, jobIndex, clone, target));
         } catch (error) {
           options.closeTarget?.(target);
           throw error;
@@ -506,7 +528,24 @@ export async function runWorkload(
       if (pending !== undefined) await pending;
     }
     const ended = performance.now();
-    return summarize(runners.map((r) => r.result()), runners, ended - started);
+    const result = summarize(runners.map((r) => r.result()), runners, ended - started);
+    const groupOf = options.groupOf;
+    if (groupOf === undefined) return result;
+    // Jobs in order, so each group's clones stay in job order; its time ends with its last clone.
+    const members = new Map<number, number[]>();
+    runners.forEach((r, i) => {
+      const g = groupOf(r.jobIndex);
+      const list = members.get(g) ?? [];
+      list.push(i);
+      members.set(g, list);
+    });
+    const groups: WorkloadGroup[] = [...members.keys()].sort((a, b) => a - b).map((group) => {
+      const mine = members.get(group)!.map((i) => runners[i]!);
+      const elapsed = Math.max(0, ...mine.map((r) => r.endedAt - started));
+      const sum = summarize(mine.map((r) => r.result()), mine, elapsed);
+      return { group, jobs: sum.jobs, total: sum.total };
+    });
+    return { ...result, groups };
   } catch (error) {
     for (const r of runners) {
       if (!r.done && r.target.inFlight === 0) options.closeTarget?.(r.target);
