@@ -1,36 +1,69 @@
 /**
  * The simulated guest's program, independent of where it runs: enumerate PCI, bring up the
- * virtio-blk device, run fio-like jobs on it (one queue per job clone), and report — the fio
- * report plus the virtio numbers (driver kicks and suppressed kicks, interrupts taken, exits).
+ * storage devices a request names — virtio-blk or virtio-scsi, told apart by their PCI device id —
+ * run fio-like jobs on all of them at once, and report: the fio report plus the virtio numbers
+ * (driver kicks and suppressed kicks, interrupts taken, exits), per run, per device and in total.
+ *
+ * **Requests.** A {@linkcode GuestRequest} is one run (`args` or `jobFile`, on `device`) or several
+ * (`runs: [...]`, each with its own device, jobs, driver options and — for virtio-scsi — LUN).
+ * Every device is initialised once, however many runs use it, with one request queue per job clone
+ * of all its runs (capped by the device; `driver.queues` overrides). All runs go into one workload
+ * engine loop on the one vCPU: each clone keeps its own iodepth on its own target, and when nothing
+ * can move the engine waits on one target — the guest halts, and every device's interrupts are
+ * taken when it wakes.
+ *
+ * **Numbers.** Queue counters are taken as differences over the run (the SCSI scan's commands are
+ * not in them; `largestBatch` is since setup). Exits are the VMM's counters over the run, and per
+ * device the exits its own config, MMIO and doorbell accesses caused (see `device_exits.ts`).
  *
  * Where it runs is the {@linkcode GuestEnv}: in the vCPU Worker (`vcpu.ts`) the bus is the exit
  * bus, `vcpu` the shared interrupt words and `idle` a halt; in a single-thread test the bus is
- * the VMM's `PciBus` and `idle` runs the device back-end.
+ * the VMM's `PciBus` and `idle` runs the device back-ends.
  *
  * @module
  */
 
 import type { GuestBus } from "../virtio/bus.ts";
+import { VIRTIO_ID_BLOCK, VIRTIO_ID_SCSI } from "../virtio/features.ts";
 import type { VcpuInterrupts } from "../virtio/interrupts.ts";
 import type { GuestMemory } from "../virtio/memory.ts";
 import type { QueueStats } from "../virtio/queue.ts";
 import { GuestAllocator } from "./alloc.ts";
-import { BlkDriver, type BlkDriverOptions, type BlkTarget } from "./blk_driver.ts";
+import {
+  BlkDriver,
+  type BlkDriverOptions,
+  type BlkQueueStats,
+  type BlkTarget,
+} from "./blk_driver.ts";
 import type { BlockTarget } from "./block_target.ts";
+import { DeviceExitBus, exitDelta } from "./device_exits.ts";
 import { GuestInterrupts } from "./irq.ts";
-import { type JobSpec, parseJobArgs, parseJobFile } from "./job.ts";
+import { JobError, type JobSpec, parseJobArgs, parseJobFile } from "./job.ts";
 import { type PciFunctionInfo, scanBus, virtioDeviceId } from "./pci_probe.ts";
 import {
+  type DeviceReport,
   type ExitNumbers,
+  formatMultiReport,
   formatReport,
+  multiReportJson,
   type QueueNumbers,
   type ReportJson,
   reportJson,
+  type RunReport,
+  summarizeVirtio,
   type VirtioNumbers,
+  type VirtioSummary,
 } from "./report.ts";
-import { haltIdle, type IdleFn } from "./virtio_driver.ts";
-import { runWorkload, type WorkloadResult } from "./workload.ts";
-import { VIRTIO_ID_BLOCK } from "../virtio/features.ts";
+import {
+  type ScsiAddress,
+  ScsiDriver,
+  type ScsiDriverOptions,
+  type ScsiEventStats,
+  type ScsiLun,
+  type ScsiTarget,
+} from "./scsi_driver.ts";
+import { type GuestPlatform, haltIdle, type IdleFn } from "./virtio_driver.ts";
+import { runWorkload, type WorkloadResult, type WorkloadTotal } from "./workload.ts";
 
 /** A device as the firmware describes it (the machine's `BootDevice`). */
 export interface GuestDevice {
@@ -58,141 +91,488 @@ export interface GuestEnv {
   readonly mmioWindow?: { readonly base: number; readonly size: number };
 }
 
-/** What to run. Structured-cloneable (a vCPU Worker's payload). */
-export interface GuestRequest {
+/**
+ * Front-end options of a run's device: virtio-blk's and virtio-scsi's (each driver reads its own;
+ * `queues` defaults to one per job clone on the device).
+ */
+export type GuestDriverOptions = BlkDriverOptions & ScsiDriverOptions;
+
+/** One run: jobs on one device (for virtio-scsi, on one LUN). Structured-cloneable. */
+export interface GuestRun {
   /** fio-style options: `["--name=a", "--rw=randread", "--bs=4k", …]`. */
   readonly args?: readonly string[];
   /** A job file's text (JSON or fio INI), when `args` is absent. */
   readonly jobFile?: string;
-  /** The virtio-blk device: a firmware device id or a PCI slot (default: the first one found). */
+  /**
+   * The device: a firmware device id or a PCI slot (default: the first virtio-blk or virtio-scsi
+   * function in slot order).
+   */
   readonly device?: string | number;
-  /** Front-end options; `queues` defaults to one per job clone (capped by the device). */
-  readonly driver?: BlkDriverOptions;
+  /**
+   * Front-end options of the device. When several runs share a device, the first of them that
+   * gives `driver` sets them.
+   */
+  readonly driver?: GuestDriverOptions;
+  /** virtio-scsi only: the LUN (default: the first disk found, by target then LUN). */
+  readonly lun?: ScsiAddress;
 }
 
-/** What a run produced (structured-cloneable). */
-export interface GuestRunResult {
-  readonly result: WorkloadResult;
+/**
+ * What to run (structured-cloneable: a vCPU Worker's payload): one run given inline
+ * (`{ args, device }`), or several at once (`{ runs: [{ device: "d0", args }, { device: "s0",
+ * lun: { target: 0, lun: 0 }, args }] }`) — not both.
+ */
+export interface GuestRequest extends GuestRun {
+  /** Runs executed concurrently; the report then has a section per run and per device. */
+  readonly runs?: readonly GuestRun[];
+}
+
+/** A disk behind a virtio-scsi device. */
+export interface GuestLunInfo {
+  readonly target: number;
+  readonly lun: number;
+  readonly capacity: number;
+  readonly blockSize: number;
+  readonly readOnly: boolean;
+  readonly vendor: string;
+  readonly product: string;
+}
+
+/** What the guest set up on one device. */
+export interface GuestDeviceInfo {
+  readonly slot: number;
+  /** The firmware device id, or `slot N`. */
+  readonly label: string;
+  readonly kind: "virtio-blk" | "virtio-scsi";
+  /** Negotiated features, hex. */
+  readonly features: string;
+  /** Request queues set up. */
+  readonly queues: number;
+  readonly interruptMode: string;
+  /** virtio-blk: the disk's bytes; virtio-scsi: the first run's LUN's (0 without one). */
+  readonly capacity: number;
+  readonly blockSize: number;
+  /** virtio-scsi: the disks the scan (and events) found, at the end of the run. */
+  readonly luns?: readonly GuestLunInfo[];
+  /** virtio-scsi: event queue counters. */
+  readonly events?: ScsiEventStats;
+}
+
+/** One run's results. */
+export interface GuestRunSection extends RunReport {
+  /** Index in the request's runs (0 for an inline run). */
+  readonly index: number;
+  /** Bytes of the device (or LUN) the run used. */
+  readonly capacity: number;
+  readonly blockSize: number;
+}
+
+/** One device's results: what was set up, and its virtio numbers over the run. */
+export interface GuestDeviceSection extends GuestDeviceInfo {
+  /** Its request queues (differences over the run) and the exits its accesses caused. */
   readonly virtio: VirtioNumbers;
-  /** The fio-like text report. */
+  readonly summary: VirtioSummary;
+}
+
+/** What a request produced (structured-cloneable). */
+export interface GuestRunResult {
+  /** Every clone of every run, and the grand total (`result.groups`: per run). */
+  readonly result: WorkloadResult;
+  /** Every device's request queues, and the VMM's exits over the run. */
+  readonly virtio: VirtioNumbers;
+  /** The fio-like text report (sectioned per run and device for a `runs` request). */
   readonly report: string;
   readonly json: ReportJson;
-  readonly device: {
-    readonly slot: number;
-    readonly label: string;
-    /** Negotiated features, hex. */
-    readonly features: string;
-    readonly queues: number;
-    readonly interruptMode: string;
-    readonly capacity: number;
-    readonly blockSize: number;
-  };
+  /** The first run's device (the only one for an inline run). */
+  readonly device: GuestDeviceInfo;
+  /** Per run, in request order. */
+  readonly runs: readonly GuestRunSection[];
+  /** Per device, in slot order. */
+  readonly devices: readonly GuestDeviceSection[];
 }
 
-/** Slots and problems found while looking for the device. */
+/** Slots and problems found while looking for the devices, or a request that makes no sense. */
 export class GuestSetupError extends Error {
   override readonly name = "GuestSetupError";
 }
 
+type Kind = "virtio-blk" | "virtio-scsi";
+
+/** A device brought up for the request. */
+interface Device {
+  readonly fn: PciFunctionInfo;
+  readonly kind: Kind;
+  readonly label: string;
+  readonly blk: BlkDriver | null;
+  readonly scsi: ScsiDriver | null;
+  /** Clones opened on it so far, to spread them over its queues. */
+  clones: number;
+}
+
+/** A run resolved: its jobs, its device, its LUN. */
+interface Plan {
+  readonly index: number;
+  readonly jobs: JobSpec[];
+  readonly fn: PciFunctionInfo;
+  readonly kind: Kind;
+  readonly run: GuestRun;
+  device: Device | null;
+  lun: ScsiLun | null;
+}
+
+const INLINE_FIELDS = ["args", "jobFile", "device", "driver", "lun"] as const;
+
 /**
- * Runs a request in the guest: enumerate, init virtio-blk, run the jobs, reset the device, report.
+ * Runs a request in the guest: enumerate, bring up each named device, run every run's jobs at
+ * once, reset the devices, report.
  *
- * @throws {JobError} for bad job options (naming the field)
- * @throws {GuestSetupError} when no usable virtio-blk device is found
- * @throws {VirtioDriverError} when the device fails during init or the run
+ * @throws {JobError} for bad job options (naming the field, prefixed `runs[i].` in a `runs` request)
+ * @throws {GuestSetupError} when a device or LUN is not found, or the request is malformed
+ * @throws {VirtioDriverError} when a device fails during init or the run
  */
 export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<GuestRunResult> {
-  const jobs = jobsOf(request);
-  const fn = findBlockDevice(env, request.device);
-  const label = env.devices?.find((d) => d.slot === fn.slot)?.id ?? `slot ${fn.slot}`;
-  const clones = jobs.reduce((n, j) => n + j.numjobs, 0);
-  const platform = {
-    bus: env.bus,
+  const multi = request.runs !== undefined;
+  const runs = checkRuns(request);
+  const plans: Plan[] = [];
+  const scan = scanBus(env.bus, env.mmioWindow === undefined ? {} : { mmioWindow: env.mmioWindow });
+  for (const [index, run] of runs.entries()) {
+    const jobs = prefixed(multi, index, () => jobsOf(run));
+    const fn = findDevice(env, scan.functions, scan.errors, run.device, multi ? index : null);
+    const kind: Kind = virtioDeviceId(fn) === VIRTIO_ID_SCSI ? "virtio-scsi" : "virtio-blk";
+    if (run.lun !== undefined && kind !== "virtio-scsi") {
+      throw new GuestSetupError(
+        `${where(multi, index)}lun is for virtio-scsi; slot ${fn.slot} is ${kind}`,
+      );
+    }
+    plans.push({ index, jobs, fn, kind, run, device: null, lun: null });
+  }
+
+  const exitBus = new DeviceExitBus(env.bus, env.exitCounters);
+  const platform: GuestPlatform = {
+    bus: exitBus,
     mem: env.mem,
     interrupts: new GuestInterrupts(env.vcpu),
     alloc: new GuestAllocator(env.mem, env.allocRegion ?? defaultAllocRegion(env.mem)),
     idle: env.idle ?? haltIdle(env.vcpu),
   };
-  const driver = BlkDriver.init(platform, fn, { queues: clones, ...request.driver });
+  const devices: Device[] = [];
   try {
-    let clone = 0;
-    const before = env.exitCounters?.();
-    const result = await runWorkload(jobs, {
-      openTarget: (job) => {
-        const trims = job.rw === "trim" || job.rw === "randtrim";
-        // A trim moves no data: its buffer only has to exist. A bs beyond what the device takes
-        // opens a smaller target, and the engine names the field.
-        const limit = Math.min(driver.maxTransferLimit, trims ? 4096 : Infinity);
-        return driver.openTarget({
-          queue: clone++ % driver.numQueues,
-          depth: job.iodepth,
-          maxTransfer: Math.min(job.bs, Math.floor(limit / 512) * 512),
-        });
-      },
-      closeTarget: (target: BlockTarget) => (target as BlkTarget).close(),
+    // One bring-up per device, in slot order, with a queue per clone of all its runs.
+    const slots = [...new Set(plans.map((p) => p.fn.slot))].sort((a, b) => a - b);
+    for (const slot of slots) {
+      const mine = plans.filter((p) => p.fn.slot === slot);
+      const first = mine[0]!;
+      const clones = mine.reduce((n, p) => n + p.jobs.reduce((c, j) => c + j.numjobs, 0), 0);
+      const options: GuestDriverOptions = {
+        queues: clones,
+        ...mine.find((p) => p.run.driver !== undefined)?.run.driver,
+      };
+      const label = env.devices?.find((d) => d.slot === slot)?.id ?? `slot ${slot}`;
+      const device: Device = {
+        fn: first.fn,
+        kind: first.kind,
+        label,
+        blk: null,
+        scsi: null,
+        clones: 0,
+      };
+      if (first.kind === "virtio-scsi") {
+        const scsi = await ScsiDriver.init(platform, first.fn, options);
+        devices.push({ ...device, scsi });
+        exitBus.watch(first.fn, scsi.virtio.structures);
+      } else {
+        const blk = BlkDriver.init(platform, first.fn, options);
+        devices.push({ ...device, blk });
+        exitBus.watch(first.fn, blk.virtio.structures);
+      }
+      for (const p of mine) p.device = devices.at(-1)!;
+    }
+    for (const p of plans) p.lun = p.kind === "virtio-scsi" ? pickLun(p, multi) : null;
+
+    // All runs' jobs in one engine; job j belongs to run jobRun[j].
+    const jobs: JobSpec[] = [];
+    const jobRun: number[] = [];
+    for (const p of plans) {
+      for (const j of p.jobs) {
+        jobs.push(j);
+        jobRun.push(p.index);
+      }
+    }
+    const closers = new Map<BlockTarget, () => void>();
+    let opening = 0;
+    const statsBefore = devices.map(queueStatsOf);
+    const exitsBefore = env.exitCounters?.();
+    const deviceExitsBefore = devices.map((d) => exitBus.exitsOf(d.fn.slot));
+    let result: WorkloadResult;
+    try {
+      result = await runWorkload(jobs, {
+        openTarget: (job, jobIndex) => {
+          opening = jobIndex;
+          const plan = plans[jobRun[jobIndex]!]!;
+          const target = openFor(plan, job);
+          closers.set(target, () => target.close());
+          return target;
+        },
+        closeTarget: (target) => {
+          closers.get(target)?.();
+          closers.delete(target);
+        },
+        groupOf: (jobIndex) => jobRun[jobIndex]!,
+      });
+    } catch (error) {
+      // A job that does not fit its target: say which run it belongs to.
+      throw prefixError(multi, jobRun[opening] ?? 0, error);
+    }
+    const exitsAfter = env.exitCounters?.();
+
+    const sections: GuestDeviceSection[] = devices.map((d, i) => {
+      const queues = queueNumbers(d, statsBefore[i]!, queueStatsOf(d));
+      const before = deviceExitsBefore[i];
+      const after = exitBus.exitsOf(d.fn.slot);
+      let exits: ExitNumbers | undefined;
+      if (before !== null && before !== undefined && after !== null) {
+        const delta = exitDelta(before, after);
+        // ioeventfd rings only where the global counters know them (the exit bus's).
+        exits = exitsAfter?.ioeventfd === undefined
+          ? { config: delta.config, mmio: delta.mmio, doorbell: delta.doorbell }
+          : delta;
+      }
+      const virtio: VirtioNumbers = exits === undefined ? { queues } : { queues, exits };
+      return { ...deviceInfo(d, plans), virtio, summary: summarizeVirtio(virtio) };
     });
-    const after = env.exitCounters?.();
-    const queues: QueueNumbers[] = driver.stats().map((s) => ({
-      device: label,
-      queue: s.queue,
-      requests: s.completions,
-      kicks: s.kicks,
-      suppressedKicks: s.suppressedKicks,
-      interrupts: s.interrupts,
-      largestBatch: s.largestBatch,
+    for (const d of devices) {
+      const virtio = d.blk?.virtio ?? d.scsi!.virtio;
+      for (const q of virtio.queues) env.reportQueueStats?.(d.fn.slot, q.index, q.ring.stats);
+    }
+    const allQueues = sections.flatMap((s) => s.virtio.queues);
+    const virtio: VirtioNumbers = exitsBefore !== undefined && exitsAfter !== undefined
+      ? { queues: allQueues, exits: exitDelta(exitsBefore, exitsAfter) }
+      : { queues: allQueues };
+    const runSections: GuestRunSection[] = plans.map((p) => {
+      const group = result.groups?.find((g) => g.group === p.index);
+      const lun = p.lun === null ? null : { target: p.lun.target, lun: p.lun.lun };
+      return {
+        index: p.index,
+        device: p.device!.label,
+        kind: p.kind,
+        slot: p.fn.slot,
+        lun,
+        capacity: p.lun?.capacity ?? p.device!.blk?.capacityBytes ?? 0,
+        blockSize: p.lun?.blockSize ?? p.device!.blk?.blockSize ?? 512,
+        jobs: group?.jobs ?? [],
+        total: group?.total ?? emptyTotal(),
+      };
+    });
+    const deviceReports: DeviceReport[] = sections.map((s) => ({
+      device: s.label,
+      kind: s.kind,
+      slot: s.slot,
+      virtio: s.virtio,
     }));
-    for (const q of driver.virtio.queues) env.reportQueueStats?.(fn.slot, q.index, q.ring.stats);
-    const virtio: VirtioNumbers = before !== undefined && after !== undefined
-      ? { queues, exits: exitDelta(before, after) }
-      : { queues };
+    const multiReport = { runs: runSections, devices: deviceReports, result, virtio };
     return {
       result,
       virtio,
-      report: formatReport(result, virtio),
-      json: reportJson(result, virtio),
-      device: {
-        slot: fn.slot,
-        label,
-        features: `0x${driver.features.toString(16)}`,
-        queues: driver.numQueues,
-        interruptMode: driver.virtio.interruptMode ?? "none",
-        capacity: driver.capacityBytes,
-        blockSize: driver.blockSize,
-      },
+      report: multi ? formatMultiReport(multiReport) : formatReport(result, virtio),
+      json: multi ? multiReportJson(multiReport) : reportJson(result, virtio),
+      device: stripSection(sections.find((s) => s.slot === plans[0]!.fn.slot)!, plans[0]!),
+      runs: runSections,
+      devices: sections,
     };
   } finally {
-    driver.shutdown();
+    for (const d of devices) {
+      d.blk?.shutdown();
+      d.scsi?.shutdown();
+    }
   }
 }
 
-function jobsOf(request: GuestRequest): JobSpec[] {
-  if (request.args !== undefined) return parseJobArgs(request.args);
-  if (request.jobFile !== undefined) return parseJobFile(request.jobFile);
+/** The runs of a request: `runs`, or the inline one. */
+function checkRuns(request: GuestRequest): readonly GuestRun[] {
+  if (request.runs === undefined) return [request];
+  const inline = INLINE_FIELDS.filter((f) => request[f] !== undefined);
+  if (inline.length > 0) {
+    throw new GuestSetupError(
+      `Give either runs or ${inline.join(", ")} for one run, not both`,
+    );
+  }
+  if (request.runs.length === 0) throw new GuestSetupError("runs is empty");
+  return request.runs;
+}
+
+function where(multi: boolean, index: number): string {
+  return multi ? `runs[${index}]: ` : "";
+}
+
+function prefixError(multi: boolean, index: number, error: unknown): unknown {
+  if (!multi || !(error instanceof JobError)) return error;
+  return new JobError(
+    error.issues.map((i) => ({ path: `runs[${index}].${i.path}`, message: i.message })),
+  );
+}
+
+function prefixed<T>(multi: boolean, index: number, fn: () => T): T {
+  try {
+    return fn();
+  } catch (error) {
+    throw prefixError(multi, index, error);
+  }
+}
+
+function jobsOf(run: GuestRun): JobSpec[] {
+  if (run.args !== undefined) return parseJobArgs(run.args);
+  if (run.jobFile !== undefined) return parseJobFile(run.jobFile);
   throw new GuestSetupError("The request has neither args nor a jobFile");
 }
 
-function findBlockDevice(env: GuestEnv, device: string | number | undefined): PciFunctionInfo {
-  const scan = scanBus(env.bus, env.mmioWindow === undefined ? {} : { mmioWindow: env.mmioWindow });
+function findDevice(
+  env: GuestEnv,
+  functions: readonly PciFunctionInfo[],
+  errors: readonly Error[],
+  device: string | number | undefined,
+  runIndex: number | null,
+): PciFunctionInfo {
+  const prefix = runIndex === null ? "" : `runs[${runIndex}]: `;
   let slot: number | undefined;
   if (typeof device === "number") slot = device;
   else if (typeof device === "string") {
     slot = env.devices?.find((d) => d.id === device)?.slot;
     if (slot === undefined) {
-      throw new GuestSetupError(`No device "${device}" in the firmware's list`);
+      throw new GuestSetupError(`${prefix}No device "${device}" in the firmware's list`);
     }
   }
-  const candidates = scan.functions.filter((f) =>
-    virtioDeviceId(f) === VIRTIO_ID_BLOCK && (slot === undefined || f.slot === slot)
-  );
-  const fn = candidates[0];
+  const fn = functions.find((f) => {
+    const id = virtioDeviceId(f);
+    return (id === VIRTIO_ID_BLOCK || id === VIRTIO_ID_SCSI) &&
+      (slot === undefined || f.slot === slot);
+  });
   if (fn === undefined) {
-    const broken = scan.errors.map((e) => e.message).join("; ");
-    const where = slot === undefined ? "on bus 0" : `in slot ${slot}`;
+    const broken = errors.map((e) => e.message).join("; ");
+    const at = slot === undefined ? "on bus 0" : `in slot ${slot}`;
     throw new GuestSetupError(
-      `No usable virtio-blk device ${where}${broken ? ` (${broken})` : ""}`,
+      `${prefix}No usable virtio-blk or virtio-scsi device ${at}${broken ? ` (${broken})` : ""}`,
     );
   }
   return fn;
+}
+
+function pickLun(plan: Plan, multi: boolean): ScsiLun {
+  const scsi = plan.device!.scsi!;
+  const want = plan.run.lun;
+  const lun = want === undefined ? scsi.luns[0] : scsi.findLun(want.target, want.lun);
+  if (lun === undefined) {
+    const found = scsi.luns.map((l) => `${l.target}:${l.lun}`).join(", ") || "none";
+    const what = want === undefined
+      ? "no disk"
+      : `no disk at target ${want.target} LUN ${want.lun}`;
+    throw new GuestSetupError(
+      `${where(multi, plan.index)}${plan.device!.label} has ${what} (found: ${found})`,
+    );
+  }
+  return lun;
+}
+
+/** The target clone of `job` runs on: the next queue of its device (round robin over clones). */
+function openFor(plan: Plan, job: JobSpec): BlkTarget | ScsiTarget {
+  const d = plan.device!;
+  const trims = job.rw === "trim" || job.rw === "randtrim";
+  const queue = d.clones++;
+  if (d.blk !== null) {
+    // A trim moves no data: its buffer only has to exist. A bs beyond what the device takes
+    // opens a smaller target, and the engine names the field.
+    const limit = Math.min(d.blk.maxTransferLimit, trims ? 4096 : Infinity);
+    return d.blk.openTarget({
+      queue: queue % d.blk.numQueues,
+      depth: job.iodepth,
+      maxTransfer: Math.min(job.bs, Math.floor(limit / 512) * 512),
+    });
+  }
+  const scsi = d.scsi!;
+  const lun = plan.lun!;
+  const bs = lun.blockSize;
+  const limit = Math.min(scsi.maxTransferFor(lun), trims ? Math.max(4096, bs) : Infinity);
+  return scsi.openTarget({
+    lun,
+    queue: queue % scsi.numQueues,
+    depth: job.iodepth,
+    maxTransfer: Math.max(bs, Math.min(Math.floor(job.bs / bs) * bs, Math.floor(limit / bs) * bs)),
+  });
+}
+
+function queueStatsOf(d: Device): BlkQueueStats[] {
+  return d.blk?.stats() ?? d.scsi!.stats();
+}
+
+/** Request queue counters over the run (largest batch: since setup, it is a maximum). */
+function queueNumbers(d: Device, before: BlkQueueStats[], after: BlkQueueStats[]): QueueNumbers[] {
+  return after.map((a, i) => {
+    const b = before[i]!;
+    return {
+      device: d.label,
+      queue: a.queue,
+      requests: a.completions - b.completions,
+      kicks: a.kicks - b.kicks,
+      suppressedKicks: a.suppressedKicks - b.suppressedKicks,
+      interrupts: a.interrupts - b.interrupts,
+      largestBatch: a.largestBatch,
+    };
+  });
+}
+
+function deviceInfo(d: Device, plans: readonly Plan[]): GuestDeviceInfo {
+  const virtio = d.blk?.virtio ?? d.scsi!.virtio;
+  const base = {
+    slot: d.fn.slot,
+    label: d.label,
+    kind: d.kind,
+    features: `0x${virtio.features.toString(16)}`,
+    interruptMode: virtio.interruptMode ?? "none",
+  };
+  if (d.blk !== null) {
+    return {
+      ...base,
+      queues: d.blk.numQueues,
+      capacity: d.blk.capacityBytes,
+      blockSize: d.blk.blockSize,
+    };
+  }
+  const scsi = d.scsi!;
+  const lun = plans.find((p) => p.device === d)?.lun ?? null;
+  return {
+    ...base,
+    queues: scsi.numQueues,
+    capacity: lun?.capacity ?? 0,
+    blockSize: lun?.blockSize ?? 512,
+    luns: scsi.luns.map((l) => ({
+      target: l.target,
+      lun: l.lun,
+      capacity: l.capacity,
+      blockSize: l.blockSize,
+      readOnly: l.readOnly,
+      vendor: l.vendor,
+      product: l.product,
+    })),
+    events: { ...scsi.eventStats },
+  };
+}
+
+/** The device info of the first run (its LUN's size for virtio-scsi), without the numbers. */
+function stripSection(s: GuestDeviceSection, plan: Plan): GuestDeviceInfo {
+  const { virtio: _virtio, summary: _summary, ...info } = s;
+  if (plan.lun === null) return info;
+  return { ...info, capacity: plan.lun.capacity, blockSize: plan.lun.blockSize };
+}
+
+function emptyTotal(): WorkloadTotal {
+  const none = {
+    ops: 0,
+    bytes: 0,
+    errors: 0,
+    iops: 0,
+    bandwidth: 0,
+    latency: { min: 0, avg: 0, p50: 0, p99: 0, p999: 0, max: 0, count: 0 },
+  };
+  return { elapsedMs: 0, read: none, write: none, trim: none };
 }
 
 /** The largest RAM region minus its first MiB (left to firmware-like use, as on a PC). */
@@ -201,17 +581,4 @@ function defaultAllocRegion(mem: GuestMemory): { gpa: number; size: number } {
   for (const r of mem.regions) if (r.size > best.size) best = r;
   const skip = best.gpa === 0 && best.size > 2 * 1024 * 1024 ? 1024 * 1024 : 0;
   return { gpa: best.gpa + skip, size: best.size - skip };
-}
-
-function exitDelta(a: ExitNumbers, b: ExitNumbers): ExitNumbers {
-  // Counters wrap at 2^32.
-  const d = (x: number, y: number) => (y - x) >>> 0;
-  return {
-    config: d(a.config, b.config),
-    mmio: d(a.mmio, b.mmio),
-    doorbell: d(a.doorbell, b.doorbell),
-    ...(a.ioeventfd !== undefined && b.ioeventfd !== undefined
-      ? { ioeventfd: d(a.ioeventfd, b.ioeventfd) }
-      : {}),
-  };
 }

@@ -11,9 +11,11 @@
  * - exit counters and driver reports: the exit channel's, so the report shows exits per request
  *   and `machine.stats()` shows the driver's kicks and suppressed kicks per queue.
  *
- * Payload ({@linkcode VcpuPayload}): a {@linkcode GuestRequest} (`{ args: ["--rw=randread", …] }`
- * or `{ jobFile }`) runs once and ends the vCPU with a {@linkcode GuestRunResult}; `{ serve: true }`
- * keeps the vCPU up to answer `vcpu.request(guestRequest)` calls, one run each.
+ * Payload ({@linkcode VcpuPayload}): a {@linkcode GuestRequest} — one run inline
+ * (`{ args: ["--rw=randread", …], device: "d0" }` or `{ jobFile }`), or several devices at once
+ * (`{ runs: [{ device: "d0", args }, { device: "s0", lun: { target: 0, lun: 0 }, args }] }`) — runs
+ * once and ends the vCPU with a {@linkcode GuestRunResult}; `{ serve: true }` keeps the vCPU up to
+ * answer `vcpu.request(guestRequest)` calls, one request each.
  *
  * @module
  */

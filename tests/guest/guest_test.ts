@@ -93,14 +93,15 @@ Deno.test("runGuest() reads INI job files and reports job errors by field", asyn
   assert.equal(m.fn.deviceStatus, 0, "reset after a failed run too");
 });
 
-Deno.test("runGuest() explains when there is no virtio-blk device", async () => {
+Deno.test("runGuest() explains when there is no virtio storage device", async () => {
   const m = makeMachine(new FakeModel(), {});
   // FakeModel claims to be virtio-blk (device id 2): hide it behind another id.
   const env = { bus: m.bus, mem: m.mem, vcpu: m.vcpu, idle: () => {} };
   await assert.rejects(
     () => runGuest(env, { args: ["--rw=read"], device: 9 }),
     (e: unknown) =>
-      e instanceof GuestSetupError && /No usable virtio-blk device in slot 9/.test(e.message),
+      e instanceof GuestSetupError &&
+      /No usable virtio-blk or virtio-scsi device in slot 9/.test(e.message),
   );
   await assert.rejects(
     () => runGuest(env, { args: ["--rw=read"], device: "nope" }),
