@@ -501,6 +501,10 @@ function setU64BE(ram: DataView, at: number, v: number): void {
   ram.setUint32(at + 4, v >>> 0);
 }
 
+function u32BE(v: number): number[] {
+  return [v >>> 24, (v >>> 16) & 0xff, (v >>> 8) & 0xff, v & 0xff];
+}
+
 function ascii(bytes: Uint8Array, from: number, to: number): string {
   let s = "";
   for (let i = from; i < to && i < bytes.length; i++) s += String.fromCharCode(bytes[i]!);
@@ -919,9 +923,11 @@ export class ScsiDriver {
           this.#unitAttention(slot);
         }
         if (slot.owner._finish(slot)) {
-          // A retry: the same chain again, behind what is waiting for ring room.
+          // A retry: the same chain again, behind what waits for ring room. It goes into the
+          // ring after this loop (never while the used ring is being walked).
           this.eventStats.retries++;
-          this._enqueue(slot);
+          slot.state = QUEUED;
+          queue.pending.push(slot);
           again = true;
         } else {
           this.#completions++;
@@ -1024,8 +1030,11 @@ export class ScsiDriver {
     this.#eventVq!.ring.add([], [{ addr, length: VIRTIO_SCSI_EVENT_SIZE }], token);
   }
 
-  /** True when events or unit attentions left work for {@linkcode processEvents}. */
-  get hasPendingWork(): boolean {
+  /**
+   * True when events or unit attentions left work for {@linkcode processEvents} (takes pending
+   * interrupts first, so that events already delivered count).
+   */
+  hasPendingWork(): boolean {
     this.#platform.interrupts.dispatchPending();
     return this.#work.length > 0;
   }
@@ -1063,7 +1072,7 @@ export class ScsiDriver {
    */
   async waitForEvents(timeoutMs = 1000): Promise<number> {
     const until = performance.now() + timeoutMs;
-    while (!this.hasPendingWork && performance.now() < until) {
+    while (!this.hasPendingWork() && performance.now() < until) {
       this.#checkBroken();
       const idle = this.#platform.idle();
       if (idle instanceof Promise) await idle;
@@ -1169,20 +1178,8 @@ export class ScsiDriver {
   /** REPORT LUNS on LUN 0 of `target`: its LUNs, or none when the target does not exist. */
   async #reportLuns(target: number): Promise<number[]> {
     const length = COMMAND_BUFFER_BYTES;
-    const cdb = [
-      REPORT_LUNS,
-      0,
-      0,
-      0,
-      0,
-      0,
-      length >>> 24,
-      (length >>> 16) & 0xff,
-      (length >>> 8) & 0xff,
-      length & 0xff,
-      0,
-      0,
-    ];
+    // SELECT REPORT 0 (all LUNs), ALLOCATION LENGTH big-endian in bytes 6..9.
+    const cdb = [REPORT_LUNS, 0, 0, 0, 0, 0, ...u32BE(length), 0, 0];
     const out = await this.#probeCommand(target, 0, cdb, length);
     if (out.response !== VIRTIO_SCSI_S_OK) return [];
     if (out.status !== GOOD) {

@@ -110,11 +110,14 @@ export class RealMachine {
   readonly faults: Error[] = [];
   /** Idle steps taken. */
   idles = 0;
+  /** Runs at the start of each idle step: what happens on the host side while the guest halts. */
+  onIdle: ((idles: number) => void | Promise<void>) | null = null;
   readonly #runners: Array<() => Promise<void>> = [];
 
   /** Runs every active queue of every device once: the guest's halt in a single thread. */
   readonly idle = async (): Promise<void> => {
     this.idles++;
+    await this.onIdle?.(this.idles);
     for (const run of this.#runners) await run();
   };
 

@@ -5,12 +5,15 @@
  */
 import assert from "node:assert/strict";
 import { runOne } from "../../src/guest/block_target.ts";
+import { parseJobArgs } from "../../src/guest/job.ts";
+import { runWorkload } from "../../src/guest/workload.ts";
 import { probeSlot } from "../../src/guest/pci_probe.ts";
 import {
   describeSense,
   ScsiDriver,
   type ScsiDriverOptions,
   type ScsiLunEvent,
+  type ScsiTarget,
 } from "../../src/guest/scsi_driver.ts";
 import { isPackedRing } from "../../src/virtio/device.ts";
 import { RealMachine } from "./real_devices.ts";
@@ -409,4 +412,69 @@ Deno.test("ScsiDriver.init() refuses a device that is not virtio-scsi, and bad o
     /No disk at target 0 LUN 0 \(found: none\)/,
   );
   empty.shutdown();
+});
+
+Deno.test("without CHANGE, a resize shows as CAPACITY DATA HAS CHANGED on the next command: retried, then re-read", async () => {
+  const { init, disk, hba } = await scsiMachine([{ target: 0, lun: 0, bytes: 1 * MiB }]);
+  const driver = await init({ change: false });
+  const t = driver.openTarget({ lun: { target: 0, lun: 0 }, depth: 2, maxTransfer: 4096 });
+  await disk(0, 0).node.truncate(2 * MiB);
+  hba.backend.find(0, 0)!.capacityChanged();
+  assert.equal(hba.backend.stats.events, 0, "no PARAM_CHANGE without the feature");
+  const retries = driver.eventStats.retries;
+  assert.equal(
+    await runOne(t, (r) => {
+      r.op = "read";
+      r.offset = 0;
+      r.length = 4096;
+    }),
+    "ok",
+  );
+  assert.equal(driver.eventStats.retries, retries + 1, "the unit attention was retried");
+  // The re-read ran in the target's wait, while the retried read was in flight.
+  assert.equal(t.capacity, 2 * MiB);
+  assert.equal(await driver.processEvents(), 0);
+  assert.equal(driver.lunEvents.at(-1)?.cause, "unit-attention");
+  t.close();
+  driver.shutdown();
+});
+
+Deno.test("a LUN hotplugged while a workload runs appears during the run (a target's wait runs the event work)", async () => {
+  const { m, init, hba } = await scsiMachine([{ target: 0, lun: 0, bytes: 1 * MiB }]);
+  const driver = await init();
+  let plugged = false;
+  let seenDuringRun = false;
+  // The host hotplugs a disk while the guest halts for the 5th time in the run.
+  const start = m.idles;
+  m.onIdle = async (idles) => {
+    if (idles === start + 5) {
+      plugged = true;
+      await hba.plug(0, 5, 1 * MiB);
+    }
+  };
+  const jobs = parseJobArgs(["--name=r", "--rw=randread", "--bs=4k", "--iodepth=4", "--size=1m"]);
+  const result = await runWorkload(jobs, {
+    openTarget: () => {
+      const t = driver.openTarget({ lun: { target: 0, lun: 0 }, depth: 4, maxTransfer: 4096 });
+      const wait = t.wait.bind(t);
+      t.wait = () => {
+        if (driver.findLun(0, 5) !== undefined) seenDuringRun = true;
+        return wait();
+      };
+      return t;
+    },
+    closeTarget: (t) => (t as ScsiTarget).close(),
+  });
+  assert.equal(result.jobs[0]!.error, null);
+  assert.equal(result.total.read.ops, 256);
+  assert.ok(plugged);
+  assert.ok(seenDuringRun, "the new LUN was there before the run ended");
+  // Whichever came first found it: the RESCAN event, or the REPORTED LUNS DATA HAS CHANGED
+  // attention the next read to 0:0 got (the other then finds it known).
+  const added = driver.lunEvents.filter((e) => e.kind === "added" && e.lun === 5);
+  assert.equal(added.length, 1);
+  assert.ok(["rescan-event", "unit-attention"].includes(added[0]!.cause));
+  assert.equal(driver.eventStats.transportResets, 1);
+  assert.ok(driver.eventStats.unitAttentions >= 2, "power-on at the scan, LUNs changed in the run");
+  driver.shutdown();
 });
