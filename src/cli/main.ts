@@ -113,10 +113,16 @@ const verbs: Record<string, Verb> = {
     usage: "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE",
     run: async (args, io) => (await import("./snapshot.ts")).snapshotMain(args, io),
   },
+  run: {
+    summary: "run a simulated guest on images through virtio-blk/virtio-scsi (no args: main job)",
+    usage: "vstor run [--drive SPEC]... [--device SPEC]... [--machine FILE] [job options] " +
+      "[--output=json] [--compare-notifications]",
+    run: async (args, io) => (await import("./run.ts")).runMain(args, io),
+  },
   demo: {
-    summary: "create an image, write and read it back (the main job until guests exist)",
-    usage: "vstor demo [DIR]",
-    run: async (args, io) => (await import("./demo.ts")).demoMain(args, io),
+    summary: "the main job (same as `vstor run` with no arguments)",
+    usage: "vstor demo [--output=json] [-q]",
+    run: async (args, io) => (await import("./run.ts")).runMain(args, io),
   },
 };
 

@@ -497,6 +497,7 @@ export class VirtioScsiBackend implements DeviceBackend {
   /** Hooks for work outside `processQueue`; set them before the device is activated. */
   hooks: VirtioScsiHooks | null;
   readonly stats: VirtioScsiStats = { commands: 0, controls: 0, events: 0, eventsDropped: 0 };
+  readonly #lent = new WeakSet<BlockNode>();
 
   #queues: ReadonlyArray<DeviceQueue | undefined> = [];
   #features = 0n;
@@ -577,10 +578,21 @@ export class VirtioScsiBackend implements DeviceBackend {
       this.#activated = false;
       const units = [...this.bus.all()];
       for (const { target, lun } of units) this.bus.detach(target, lun);
-      for (const { disk } of units) await disk.node.close();
+      // Nodes lent by the runtime (the iothread's drives) are its to flush and close.
+      for (const { disk } of units) if (!this.#lent.has(disk.node)) await disk.node.close();
     } finally {
       this.#unlock();
     }
+  }
+
+  /**
+   * Like {@linkcode hotplug}, for a node the caller keeps owning: {@linkcode close} leaves it open
+   * (the iothread flushes and closes its drives itself).
+   */
+  lend(target: number, lun: number, node: BlockNode, options?: ScsiDiskOptions): ScsiDisk {
+    const disk = this.hotplug(target, lun, node, options);
+    this.#lent.add(node);
+    return disk;
   }
 
   /**
@@ -1017,7 +1029,7 @@ export function createBackend(init: BackendInit): BackendReady {
     if (place.blockSize !== undefined) disk.blockSize = place.blockSize;
     if (place.discard !== undefined) disk.discard = place.discard;
     if (place.rotationRate !== undefined) disk.rotationRate = place.rotationRate;
-    backend.hotplug(place.target, place.lun, node, disk);
+    backend.lend(place.target, place.lun, node, disk);
   });
   const info: VirtioScsiBackendInfo = { shared: shared.buffer };
   return { backend, info };

@@ -266,7 +266,8 @@ function queueLine(q: QueueNumbers): string {
   if (q.suppressedInterrupts !== undefined) {
     parts.push(`suppressed interrupts=${q.suppressedInterrupts}`);
   }
-  if (q.largestBatch !== undefined) parts.push(`largest batch=${q.largestBatch}`);
+  // largestBatch (chains one avail.idx store published) stays in the JSON: the guest publishes
+  // each request as it adds it, so in text it only ever read 1 next to the real batch figures.
   return `  ${q.device} queue ${q.queue}: ${parts.join(", ")}`;
 }
 

@@ -81,11 +81,3 @@ Deno.test({
     assert.equal(info.format, "raw");
   },
 });
-
-Deno.test("vstor demo creates, writes, verifies and discards", async () => {
-  const r = await vstor("demo");
-  assert.equal(r.code, 0, r.stderr);
-  assert.match(r.stdout, /all verified/);
-  assert.match(r.stdout, /Discarded the first half/);
-  assert.match(r.stdout, /clone over it .* reads verified; check: both clean/);
-});

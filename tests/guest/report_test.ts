@@ -131,7 +131,7 @@ total: jobs=2, elapsed=10000msec
   write: IOPS=51.2, BW=3.2MiB/s (3.36MB/s)(32MiB/10000msec), errors=1
     lat (msec): min=2.00, avg=15.50, p50=14.68, p99=30.41, p99.9=31.46, max=32.00
 virtio:
-  disk0 queue 0: requests=123456, kicks=4000, suppressed kicks=119000, interrupts=3500, suppressed interrupts=100, largest batch=32
+  disk0 queue 0: requests=123456, kicks=4000, suppressed kicks=119000, interrupts=3500, suppressed interrupts=100
   disk0 queue 1: requests=1024, kicks=512, suppressed kicks=0, interrupts=512
   total: requests=124480, kicks/request=0.04, interrupts/request=0.03, average batch=27.59, suppressed notifications=119100
   exits: config=120, mmio=4700 (doorbells 0), ioeventfd rings=4512, per request=0.04
