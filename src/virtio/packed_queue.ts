@@ -537,6 +537,12 @@ export class PackedDeviceQueue implements DeviceQueue {
     return isAvail(flags, this.#availWrap);
   }
 
+  hasAvailable(): boolean {
+    if (this.#broken) return false;
+    const flags = this.#mem.atomicU16(this.#desc + this.#availIdx * DESC_SIZE + DESC_FLAGS);
+    return isAvail(flags, this.#availWrap);
+  }
+
   #writeKickEvent(): void {
     this.#mem.atomicSetU16(
       this.#deviceEvent + EVENT_OFF_WRAP,

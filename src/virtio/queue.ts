@@ -137,6 +137,12 @@ export interface DeviceQueue {
    * true when more chains arrived meanwhile and the caller must drain again.
    */
   enableNotifications(): boolean;
+  /**
+   * True when the driver has made a chain available that {@linkcode pop} has not taken: a cheap
+   * look at the ring, for a device that polls before it sleeps. A ring that breaks the rules answers
+   * true, so the next pop reports the fault; a queue already broken answers false.
+   */
+  hasAvailable(): boolean;
   /** Forgets all state (after a device or queue reset). */
   reset(): void;
 }

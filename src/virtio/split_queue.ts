@@ -560,6 +560,12 @@ export class SplitDeviceQueue implements DeviceQueue {
     return more;
   }
 
+  hasAvailable(): boolean {
+    if (this.#fault !== null) return false;
+    // No checks here: a jump shows as "available", and the pop that follows reports the fault.
+    return this.#mem.atomicU16(this.#availIdx) !== this.#lastAvail;
+  }
+
   /** Forgets all ring state (device or queue reset); keeps the counters. Writes no guest memory. */
   reset(): void {
     this.#lastAvail = 0;

@@ -1210,3 +1210,14 @@ Deno.test("PackedDeviceQueue leaves a queue broken until reset, ignoring pushes 
   rig.device.reset();
   assert.equal(rig.device.broken, false);
 });
+
+Deno.test("PackedDeviceQueue.hasAvailable() sees a published chain until it is popped", () => {
+  const rig = makeRig({ size: 4 });
+  const { driver, device } = rig;
+  assert.equal(device.hasAvailable(), false);
+  assert.ok(driver.add([{ addr: rig.high, length: 8 }], [], 7));
+  driver.kick();
+  assert.equal(device.hasAvailable(), true);
+  assert.ok(device.pop());
+  assert.equal(device.hasAvailable(), false);
+});

@@ -1097,3 +1097,21 @@ Deno.test(`Split rings of sizes 8 and 64 stay consistent over random orders (see
     }
   }
 });
+
+Deno.test("SplitDeviceQueue.hasAvailable() sees published chains, and a jump it leaves for pop to report", () => {
+  const { mem, driver, device, alloc, layout } = makeRig({ size: 8 });
+  const buf = alloc(16);
+  assert.equal(device.hasAvailable(), false);
+  assert.ok(driver.add([{ addr: buf, length: 16 }], [], 1));
+  assert.equal(device.hasAvailable(), false, "added but not published");
+  driver.kick();
+  assert.equal(device.hasAvailable(), true);
+  const chain = device.pop();
+  assert.ok(chain !== null);
+  assert.equal(device.hasAvailable(), false);
+  // A driver that moves avail.idx far ahead: hasAvailable says yes, pop reports the fault.
+  mem.atomicSetU16(layout.driver + 2, 100);
+  assert.equal(device.hasAvailable(), true);
+  assert.throws(() => device.pop(), (e: unknown) => e instanceof VirtqueueError);
+  assert.equal(device.hasAvailable(), false, "a broken queue has nothing to offer");
+});
