@@ -27,7 +27,7 @@ clone on virtio-blk and the base (read-only) on virtio-scsi, a short verified mi
 
   --drive file=F[,format=raw|qcow2][,id=ID][,readonly=on|off][,cache=writeback|writethrough|unsafe]
   --device virtio-blk,drive=ID[,num-queues=N][,queue-size=N][,event-idx=on|off][,indirect=on|off]
-                     [,packed=on|off][,ioeventfd=on|off][,serial=S][,discard=on|off]
+                     [,packed=on|off][,ioeventfd=on|off][,poll=on|off][,serial=S][,discard=on|off]
   --device virtio-scsi,id=ID[,num_queues=N][,event-idx=…][,ioeventfd=…]
   --device scsi-hd,bus=ID,drive=ID[,lun=N][,scsi-id=N]
   --machine FILE      the whole machine as JSON ({ memoryMiB, devices: [...] })

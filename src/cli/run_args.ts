@@ -127,7 +127,10 @@ export function machineFromArgs(
   const out: Dev[] = [];
   const scsiBuses = new Map<string, Dev>();
   const ring = (p: ReturnType<typeof take>, what: string, dev: Dev) => {
-    const flag = (key: string, field: "eventIdx" | "indirect" | "packed" | "ioeventfd") => {
+    const flag = (
+      key: string,
+      field: "eventIdx" | "indirect" | "packed" | "ioeventfd" | "poll",
+    ) => {
       const v = p.get(key);
       if (v !== undefined) dev[field] = onOff(v, `${what} ${key}`);
     };
@@ -137,6 +140,7 @@ export function machineFromArgs(
     flag("indirect_desc", "indirect");
     flag("packed", "packed");
     flag("ioeventfd", "ioeventfd");
+    flag("poll", "poll");
     const size = p.get("queue-size") ?? p.get("queue_size");
     if (size !== undefined) dev.queueSize = integer(size, `${what} queue-size`);
   };

@@ -59,6 +59,11 @@ export interface DeviceSpec {
   readonly packed: boolean;
   /** Doorbells as ioeventfds (the vCPU rings them) rather than trapped exits. */
   readonly ioeventfd: boolean;
+  /**
+   * The iothread polls its rings for a while after a drain before it sleeps (QEMU's iothread
+   * polling; default on). Off: every submission after a drain needs a kick.
+   */
+  readonly poll?: boolean;
   /** Device-specific options, validated by {@linkcode DeviceType.optionsSchema}. */
   readonly options: Readonly<Record<string, unknown>>;
 }

@@ -174,7 +174,7 @@ class Iothread {
       }
       if (this.#active && !this.#paused && !this.#broken) {
         await this.#drain();
-        if (this.#poll()) continue;
+        if (this.#spec.poll !== false && this.#poll()) continue;
       }
       if (performance.now() - lastYield > YIELD_EVERY_MS) {
         // A back-end's timers and callbacks must not starve while kicks keep coming; the next

@@ -54,6 +54,8 @@ const deviceSchema = z.strictObject({
   indirect: z.boolean().default(true),
   packed: z.boolean().default(false),
   ioeventfd: z.boolean().default(true),
+  /** The iothread polls its rings before it sleeps (QEMU's iothread polling). */
+  poll: z.boolean().default(true),
   /** MSI-X table size; default one per queue plus one for config changes. */
   msixVectors: z.int().min(1).max(2048).optional(),
   /** PCI slot on bus 0; the first free one from 1 when absent. */
@@ -262,6 +264,7 @@ export function parseMachineConfig(input: unknown): MachineConfig {
       indirect: d.indirect,
       packed: d.packed,
       ioeventfd: d.ioeventfd,
+      poll: d.poll,
       msixVectors: d.msixVectors,
       slot: d.slot,
       options: d.options,

@@ -531,7 +531,13 @@ export class SplitDeviceQueue implements DeviceQueue {
       this.#draining = true;
       this.#batch = 0;
     }
-    if (this.#fault !== null || this.#eventIdx) return;
+    if (this.#fault !== null) return;
+    if (this.#eventIdx) {
+      // avail_event half the index space ahead: no publish the driver can make crosses it, so it
+      // does not kick until enableNotifications() brings the event back (the flag's EVENT_IDX form).
+      this.#mem.atomicSetU16(this.#availEvent, (this.#lastAvail + 0x8000) & 0xffff);
+      return;
+    }
     this.#mem.atomicSetU16(this.#usedFlags, VIRTQ_USED_F_NO_NOTIFY);
   }
 

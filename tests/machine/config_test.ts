@@ -37,6 +37,7 @@ Deno.test("parseMachineConfig applies defaults and folds drive into drives", () 
       indirect: true,
       packed: false,
       ioeventfd: true,
+      poll: true,
       msixVectors: undefined,
       slot: undefined,
       options: {},

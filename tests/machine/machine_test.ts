@@ -342,13 +342,15 @@ Deno.test("Pause holds the iothreads, resume drains what came meanwhile, reset s
     await machine.sync();
     assert.equal(machine.stats().devices[0]!.queues[0]!.chains, 10);
 
+    // Kicks the iothread's polling made unnecessary are not counted: compare with before.
+    const kicksBefore = machine.stats().devices[0]!.queues[0]!.kicks;
     await machine.pause();
     assert.equal(machine.state, "paused");
     const pending = vcpu.request({ op: "pingpong", slot, rounds: 1, bytes: 64 });
     await new Promise((resolve) => setTimeout(resolve, 100));
     const held = machine.stats().devices[0]!;
     assert.equal(held.queues[0]!.chains, 10, "nothing popped while paused");
-    assert.equal(held.queues[0]!.kicks, 11, "but the kick arrived");
+    assert.equal(held.queues[0]!.kicks, kicksBefore + 1, "but the kick arrived");
     await machine.resume();
     await within(pending, 5000, "the request held by pause");
     await machine.sync();

@@ -1115,3 +1115,21 @@ Deno.test("SplitDeviceQueue.hasAvailable() sees published chains, and a jump it 
   assert.throws(() => device.pop(), (e: unknown) => e instanceof VirtqueueError);
   assert.equal(device.hasAvailable(), false, "a broken queue has nothing to offer");
 });
+
+Deno.test("SplitDeviceQueue with EVENT_IDX suppresses kicks between disable and enable (avail_event parked)", () => {
+  const { driver, device, alloc } = makeRig({ size: 64, eventIdx: true });
+  const buf = alloc(16);
+  device.disableNotifications();
+  for (let i = 0; i < 40; i++) {
+    assert.ok(driver.add([{ addr: buf, length: 16 }], [], i));
+    assert.equal(driver.kick(), false, `kick ${i} is not wanted while the device polls`);
+    const chain = device.pop();
+    assert.ok(chain !== null);
+    device.push(chain, 0);
+    device.publish();
+    while (driver.getUsed() !== null) { /* reap */ }
+  }
+  assert.equal(device.enableNotifications(), false);
+  assert.ok(driver.add([{ addr: buf, length: 16 }], [], 99));
+  assert.equal(driver.kick(), true, "after enable the next submission kicks");
+});
