@@ -8,6 +8,7 @@
 import type * as Zlib from "node:zlib";
 import { BlockError } from "../../src/errors.ts";
 import { COMPRESSION_ZSTD } from "./header.ts";
+import { zstdCompressNative } from "./compress_native.ts";
 
 let zlibModule: typeof Zlib | undefined;
 
@@ -25,6 +26,8 @@ function zlib(): typeof Zlib {
 export function compressCluster(type: number, data: Uint8Array): Uint8Array | undefined {
   let out: Uint8Array;
   if (type === COMPRESSION_ZSTD) {
+    const native = zstdCompressNative(data);
+    if (native !== undefined) return native ?? undefined;
     out = zlib().zstdCompressSync(data);
   } else {
     out = zlib().deflateRawSync(data, { windowBits: 12, level: 6, memLevel: 9 });
