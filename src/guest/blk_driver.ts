@@ -77,8 +77,17 @@ import {
   VIRTIO_BLK_T_WRITE_ZEROES,
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 } from "../devices/virtio_blk_constants.ts";
-import type { BlockTarget, IoOp, IoRequest, IoStatus } from "./block_target.ts";
+import type { BlockTarget, IoRequest, IoStatus } from "./block_target.ts";
 import { runOne } from "./block_target.ts";
+import {
+  COMPLETED,
+  FREE,
+  IN_DEVICE,
+  localStatus,
+  QUEUED,
+  QueueTarget,
+  SlotRequest,
+} from "./queue_target.ts";
 import type { PciFunctionInfo } from "./pci_probe.ts";
 import {
   type GuestPlatform,
@@ -172,36 +181,11 @@ export interface BlkQueueStats {
   readonly largestBatch: number;
 }
 
-// Slot states.
-const FREE = 0;
-const ACQUIRED = 1;
-const QUEUED = 2; // submitted, waiting for ring room
-const IN_DEVICE = 3;
-const COMPLETED = 4;
-
-/** A request object of a target; the slot behind it lives in guest RAM. */
-class BlkRequest implements IoRequest {
-  readonly index: number;
-  op: IoOp = "read";
-  offset = 0;
-  length = 0;
-  readonly data: Uint8Array;
-  status: IoStatus = "ok";
-  written = 0;
-  detail = "";
-  startedAt = 0;
-  tag = 0;
-  constructor(index: number, data: Uint8Array) {
-    this.index = index;
-    this.data = data;
-  }
-}
-
 /** One request slot: its guest memory, descriptor lists and state. */
 interface Slot {
   /** Token in the ring: index in the queue's slot table. */
   readonly token: number;
-  readonly request: BlkRequest;
+  readonly request: SlotRequest;
   readonly target: BlkTarget;
   /** Buffer offsets (into guest RAM's buffer) of the header, segment and status bytes. */
   readonly headerAt: number;
@@ -426,7 +410,7 @@ export class BlkDriver {
     for (let i = 0; i < depth; i++) {
       const base = meta + i * metaStride;
       const dataAddress = data + i * dataStride;
-      const request = new BlkRequest(i, mem.slice(dataAddress, target.maxTransfer));
+      const request = new SlotRequest(i, mem.slice(dataAddress, target.maxTransfer));
       const dataBuffers: DriverBuffer[] = [];
       for (let k = 0; k < segments; k++) {
         dataBuffers.push({ addr: dataAddress + k * segSize, length: segSize });
@@ -618,35 +602,20 @@ export class BlkDriver {
 
 /**
  * A {@linkcode BlockTarget} on one queue of a {@linkcode BlkDriver}: `depth` request slots in
- * guest RAM.
+ * guest RAM. Requests the guest can answer itself complete at once, never reaching the device:
+ * writes to a read-only device (ioerr), ranges past the capacity (ioerr), discard or write-zeroes
+ * without the feature (unsupp), flush without FLUSH (ok: the cache is write-through). `submit()`
+ * throws a RangeError for a length that is not a multiple of 512 or exceeds the target's maximum.
  */
-export class BlkTarget implements BlockTarget {
-  readonly driver: BlkDriver;
-  /** Queue index. */
-  readonly queue: number;
-  readonly depth: number;
-  readonly maxTransfer: number;
+export class BlkTarget extends QueueTarget<Slot, BlkDriver> implements BlockTarget {
   readonly capacity: number;
   readonly blockSize: number;
   readonly readOnly: boolean;
   readonly maxDiscard: number;
   readonly maxWriteZeroes: number;
-  readonly #slots: Slot[];
   readonly #meta: number;
   readonly #data: number;
   readonly #segSize: number;
-  /** Free slot indexes, a stack. */
-  readonly #free: Int32Array;
-  #freeCount: number;
-  /** Completed requests, a ring of `depth`. */
-  readonly #done: (BlkRequest | undefined)[];
-  #doneHead = 0;
-  #doneCount = 0;
-  #inFlight = 0;
-  #closed = false;
-  #dirty = false;
-  #seenCompletions = -1;
-  #progressAt = 0;
 
   /** Use {@linkcode BlkDriver.openTarget}. */
   constructor(
@@ -657,10 +626,7 @@ export class BlkTarget implements BlockTarget {
     segSize: number,
     segments: number,
   ) {
-    this.driver = driver;
-    this.queue = queue;
-    this.depth = depth;
-    this.maxTransfer = maxTransfer;
+    super(driver, { queue, depth, maxTransfer, unit: "requests" });
     this.#segSize = segSize;
     this.capacity = driver.capacityBytes;
     this.blockSize = driver.blockSize;
@@ -671,58 +637,13 @@ export class BlkTarget implements BlockTarget {
       ? 0
       : cfg.writeZeroes.maxSectors * VIRTIO_BLK_SECTOR_SIZE;
     const { slots, meta, data } = driver._allocSlots(this, segSize, segments);
-    this.#slots = slots;
+    this._useSlots(slots);
     this.#meta = meta;
     this.#data = data;
-    this.#free = new Int32Array(depth);
-    for (let i = 0; i < depth; i++) this.#free[i] = depth - 1 - i;
-    this.#freeCount = depth;
-    this.#done = new Array<BlkRequest | undefined>(depth).fill(undefined);
-  }
-
-  get inFlight(): number {
-    return this.#inFlight;
-  }
-
-  acquire(): IoRequest | null {
-    if (this.#freeCount === 0 || this.#closed) return null;
-    const slot = this.#slots[this.#free[--this.#freeCount]!]!;
-    slot.state = ACQUIRED;
-    return slot.request;
-  }
-
-  /**
-   * Builds the request's chain and adds it to the ring (or queues it until the ring has room).
-   * Requests the guest can answer itself complete at once, never reaching the device: writes to a
-   * read-only device (ioerr), ranges past the capacity (ioerr), discard or write-zeroes without the
-   * feature (unsupp), flush without FLUSH (ok: the cache is write-through).
-   *
-   * @throws {RangeError} for a request not acquired from this target, a length that is not a
-   *   multiple of 512 or exceeds the target's maximum
-   */
-  submit(request: IoRequest): void {
-    const slot = this.#slots[request.index];
-    if (slot === undefined || slot.request !== request || slot.state !== ACQUIRED) {
-      throw new RangeError(`Request ${request.index} was not acquired from this target`);
-    }
-    request.written = 0;
-    request.detail = "";
-    // Validation may throw: before any state changes.
-    const local = this.#prepare(slot);
-    request.status = "pending";
-    this.#inFlight++;
-    if (local !== null) {
-      request.status = local;
-      slot.state = COMPLETED;
-      this._completed(slot.request);
-      return;
-    }
-    this.#dirty = true;
-    this.driver._enqueue(slot);
   }
 
   /** Writes the header and descriptor lists; returns a status when the guest answers itself. */
-  #prepare(slot: Slot): IoStatus | null {
+  protected _prepare(slot: Slot): IoStatus | null {
     const r = slot.request;
     const driver = this.driver;
     const { offset, length } = r;
@@ -736,8 +657,8 @@ export class BlkTarget implements BlockTarget {
       case "read":
       case "write": {
         this.#checkLength(r, this.maxTransfer);
-        if (r.op === "write" && this.readOnly) return this.#local(r, "ioerr", "read-only device");
-        if (!this.#inRange(offset, length)) return this.#local(r, "ioerr", "beyond the capacity");
+        if (r.op === "write" && this.readOnly) return localStatus(r, "ioerr", "read-only device");
+        if (!this.#inRange(offset, length)) return localStatus(r, "ioerr", "beyond the capacity");
         type = r.op === "read" ? VIRTIO_BLK_T_IN : VIRTIO_BLK_T_OUT;
         sector = offset / VIRTIO_BLK_SECTOR_SIZE;
         readable.push(slot.header);
@@ -770,10 +691,10 @@ export class BlkTarget implements BlockTarget {
       case "write-zeroes": {
         const discard = r.op === "discard";
         const limit = discard ? this.maxDiscard : this.maxWriteZeroes;
-        if (limit === 0) return this.#local(r, "unsupp", `${r.op} not negotiated`);
+        if (limit === 0) return localStatus(r, "unsupp", `${r.op} not negotiated`);
         this.#checkLength(r, limit);
-        if (this.readOnly) return this.#local(r, "ioerr", "read-only device");
-        if (!this.#inRange(offset, length)) return this.#local(r, "ioerr", "beyond the capacity");
+        if (this.readOnly) return localStatus(r, "ioerr", "read-only device");
+        if (!this.#inRange(offset, length)) return localStatus(r, "ioerr", "beyond the capacity");
         type = discard ? VIRTIO_BLK_T_DISCARD : VIRTIO_BLK_T_WRITE_ZEROES;
         const ram = driver._ram();
         const at = slot.segmentAt;
@@ -801,11 +722,6 @@ export class BlkTarget implements BlockTarget {
     return null;
   }
 
-  #local(r: IoRequest, status: IoStatus, detail: string): IoStatus {
-    r.detail = detail;
-    return status;
-  }
-
   #checkLength(r: IoRequest, limit: number): void {
     const { offset, length } = r;
     if (
@@ -823,89 +739,8 @@ export class BlkTarget implements BlockTarget {
     return offset + length <= this.capacity;
   }
 
-  commit(): void {
-    if (!this.#dirty) return;
-    this.#dirty = false;
-    this.driver._kick(this.queue);
-  }
-
-  /** @internal A request of this target completed. */
-  _completed(request: BlkRequest): void {
-    const at = (this.#doneHead + this.#doneCount) % this.depth;
-    this.#done[at] = request;
-    this.#doneCount++;
-  }
-
-  reap(): IoRequest | null {
-    if (this.#doneCount === 0) {
-      // Interrupts that arrived while we were busy: what the CPU would have taken already.
-      this.driver._platform.interrupts.dispatchPending();
-      if (this.#doneCount === 0) return null;
-    }
-    const request = this.#done[this.#doneHead]!;
-    this.#done[this.#doneHead] = undefined;
-    this.#doneHead = (this.#doneHead + 1) % this.depth;
-    this.#doneCount--;
-    this.#inFlight--;
-    return request;
-  }
-
-  release(request: IoRequest): void {
-    const slot = this.#slots[request.index];
-    if (slot === undefined || slot.request !== request || slot.state !== COMPLETED) {
-      throw new RangeError(`Request ${request.index} is not a reaped request of this target`);
-    }
-    slot.state = FREE;
-    this.#free[this.#freeCount++] = request.index;
-  }
-
-  wait(): void | Promise<void> {
-    if (this.#doneCount > 0) return;
-    this.#checkBroken();
-    if (this.#inFlight === 0) return;
-    const idle = this.driver._platform.idle();
-    if (idle instanceof Promise) return idle.then(() => this.#afterIdle());
-    this.#afterIdle();
-  }
-
-  #afterIdle(): void {
-    this.driver._platform.interrupts.dispatchPending();
-    this.#checkBroken();
-    const completions = this.driver._completions;
-    const now = performance.now();
-    if (completions !== this.#seenCompletions || this.#doneCount > 0) {
-      this.#seenCompletions = completions;
-      this.#progressAt = now;
-      return;
-    }
-    if (now - this.#progressAt < this.driver._timeoutMs) return;
-    // No progress for the whole timeout: a missed config interrupt, or a device that stopped.
-    const why = this.driver.virtio.checkStatus();
-    if (why !== null) throw new VirtioDriverError("needs-reset", this.driver.virtio.slot, why);
-    throw new VirtioDriverError(
-      "request-timeout",
-      this.driver.virtio.slot,
-      `queue ${this.queue}: ${this.#inFlight} requests without a completion for ${this.driver._timeoutMs} ms`,
-    );
-  }
-
-  #checkBroken(): void {
-    const why = this.driver.virtio.broken;
-    if (why !== null) throw new VirtioDriverError("needs-reset", this.driver.virtio.slot, why);
-  }
-
-  /**
-   * Releases the target's slots and guest memory.
-   *
-   * @throws {RangeError} while requests are in flight
-   */
-  close(): void {
-    if (this.#closed) return;
-    if (this.#inFlight !== 0) {
-      throw new RangeError(`Cannot close a target with ${this.#inFlight} requests in flight`);
-    }
-    this.#closed = true;
-    this.driver._freeSlots(this, this.#slots, this.#meta, this.#data);
+  protected _releaseSlots(slots: readonly Slot[]): void {
+    this.driver._freeSlots(this, slots, this.#meta, this.#data);
   }
 }
 

@@ -117,8 +117,17 @@ import {
 } from "../virtio/features.ts";
 import type { DriverBuffer } from "../virtio/queue.ts";
 import type { BlkQueueStats } from "./blk_driver.ts";
-import type { BlockTarget, IoOp, IoRequest, IoStatus } from "./block_target.ts";
+import type { BlockTarget, IoRequest, IoStatus } from "./block_target.ts";
 import type { PciFunctionInfo } from "./pci_probe.ts";
+import {
+  COMPLETED,
+  FREE,
+  IN_DEVICE,
+  localStatus,
+  QUEUED,
+  QueueTarget,
+  SlotRequest,
+} from "./queue_target.ts";
 import {
   type GuestPlatform,
   type InterruptPreference,
@@ -378,31 +387,6 @@ function align(n: number, to: number): number {
   return Math.ceil(n / to) * to;
 }
 
-// Slot states.
-const FREE = 0;
-const ACQUIRED = 1;
-const QUEUED = 2; // submitted, waiting for ring room
-const IN_DEVICE = 3;
-const COMPLETED = 4;
-
-/** A request object of a target; the slot behind it lives in guest RAM. */
-class ScsiRequest implements IoRequest {
-  readonly index: number;
-  op: IoOp = "read";
-  offset = 0;
-  length = 0;
-  readonly data: Uint8Array;
-  status: IoStatus = "ok";
-  written = 0;
-  detail = "";
-  startedAt = 0;
-  tag = 0;
-  constructor(index: number, data: Uint8Array) {
-    this.index = index;
-    this.data = data;
-  }
-}
-
 /** Who completes a slot: a target (I/O) or the driver (its own commands). */
 interface SlotOwner {
   /** The device answered `slot` (fields decoded); true: send it again (a unit attention retry). */
@@ -416,7 +400,7 @@ interface Slot {
   /** Request queue number (virtqueue 2 + queue). */
   readonly queue: number;
   readonly owner: SlotOwner;
-  readonly request: ScsiRequest;
+  readonly request: SlotRequest;
   /** RAM buffer offsets of the request header, response header and UNMAP parameter list. */
   readonly reqOff: number;
   readonly respOff: number;
@@ -797,7 +781,7 @@ export class ScsiDriver {
         token,
         queue: queueIndex,
         owner,
-        request: new ScsiRequest(i, mem.slice(dataAddress, dataBytes)),
+        request: new SlotRequest(i, mem.slice(dataAddress, dataBytes)),
         reqOff: mem.translate(base, reqLen),
         respOff: mem.translate(base + respAt, respLen),
         paramOff: mem.translate(base + paramAt, UNMAP_PARAM_BYTES),
@@ -1571,47 +1555,28 @@ export class ScsiDriver {
 /**
  * A {@linkcode BlockTarget} for one LUN on one request queue of a {@linkcode ScsiDriver}: `depth`
  * command slots in guest RAM. Capacity, block size and the read-only flag follow the LUN (a
- * capacity change shows at once).
+ * capacity change shows at once). Requests the guest answers itself complete at once: anything to
+ * a removed LUN (ioerr), ranges past the capacity (ioerr), trims without LBPU and
+ * write-zeroes/get-id (unsupp), flushes with the write cache off (ok). Writes to a write-protected
+ * LUN are sent: the device answers DATA PROTECT. `submit()` throws a RangeError for an offset or
+ * length that is not a multiple of the block size, or a length past the target's maximum.
  */
-export class ScsiTarget implements BlockTarget, SlotOwner {
-  readonly driver: ScsiDriver;
+export class ScsiTarget extends QueueTarget<Slot, ScsiDriver> implements BlockTarget, SlotOwner {
   /** The disk. */
   readonly lun: ScsiLun;
-  /** Request queue number (virtqueue 2 + queue). */
-  readonly queue: number;
-  readonly depth: number;
-  readonly maxTransfer: number;
   readonly maxWriteZeroes = 0;
-  readonly #slots: Slot[];
   readonly #memory: number[];
-  readonly #free: Int32Array;
-  #freeCount: number;
-  readonly #done: (ScsiRequest | undefined)[];
-  #doneHead = 0;
-  #doneCount = 0;
-  #inFlight = 0;
-  #closed = false;
-  #dirty = false;
-  #seenCompletions = -1;
-  #progressAt = 0;
 
   /** Use {@linkcode ScsiDriver.openTarget}. */
   constructor(driver: ScsiDriver, lun: ScsiLun, queue: number, depth: number, maxTransfer: number) {
-    this.driver = driver;
+    super(driver, { queue, depth, maxTransfer, unit: "commands" });
     this.lun = lun;
-    this.queue = queue;
-    this.depth = depth;
-    this.maxTransfer = maxTransfer;
     const { slots, memory } = driver._allocSlots(this, queue, depth, maxTransfer);
-    this.#slots = slots;
+    this._useSlots(slots);
     this.#memory = memory;
     // The LUN is the target's for life: written once.
     const ram = driver._ram();
     for (const slot of slots) writeLun(ram, slot.reqOff, lun.target, lun.lun);
-    this.#free = new Int32Array(depth);
-    for (let i = 0; i < depth; i++) this.#free[i] = depth - 1 - i;
-    this.#freeCount = depth;
-    this.#done = new Array<ScsiRequest | undefined>(depth).fill(undefined);
   }
 
   get capacity(): number {
@@ -1631,49 +1596,8 @@ export class ScsiTarget implements BlockTarget, SlotOwner {
     return l.unmap ? Math.min(l.maxUnmapBlocks, 0xffff_ffff) * l.blockSize : 0;
   }
 
-  get inFlight(): number {
-    return this.#inFlight;
-  }
-
-  acquire(): IoRequest | null {
-    if (this.#freeCount === 0 || this.#closed) return null;
-    const slot = this.#slots[this.#free[--this.#freeCount]!]!;
-    slot.state = ACQUIRED;
-    return slot.request;
-  }
-
-  /**
-   * Builds the command and adds it to the ring (or queues it until the ring has room). Requests
-   * the guest answers itself complete at once: anything to a removed LUN (ioerr), ranges past the
-   * capacity (ioerr), trims without LBPU and write-zeroes/get-id (unsupp), flushes with the write
-   * cache off (ok). Writes to a write-protected LUN are sent: the device answers DATA PROTECT.
-   *
-   * @throws {RangeError} for a request not acquired from this target, an offset or length that is
-   *   not a multiple of the block size, or a length past the target's maximum
-   */
-  submit(request: IoRequest): void {
-    const slot = this.#slots[request.index];
-    if (slot === undefined || slot.request !== request || slot.state !== ACQUIRED) {
-      throw new RangeError(`Request ${request.index} was not acquired from this target`);
-    }
-    request.written = 0;
-    request.detail = "";
-    const local = this.#prepare(slot);
-    request.status = "pending";
-    this.#inFlight++;
-    if (local !== null) {
-      request.status = local;
-      slot.state = COMPLETED;
-      this.#completed(slot.request);
-      return;
-    }
-    slot.retries = 0;
-    this.#dirty = true;
-    this.driver._enqueue(slot);
-  }
-
   /** Writes the CDB and descriptor lists; returns a status when the guest answers itself. */
-  #prepare(slot: Slot): IoStatus | null {
+  protected _prepare(slot: Slot): IoStatus | null {
     const r = slot.request;
     const l = this.lun;
     const ram = this.driver._ram();
@@ -1686,8 +1610,8 @@ export class ScsiTarget implements BlockTarget, SlotOwner {
       case "read":
       case "write": {
         this.#checkLength(r, this.maxTransfer);
-        if (l.removed) return this.#local(r, "ioerr", `LUN ${l.target}:${l.lun} was removed`);
-        if (r.offset + r.length > l.capacity) return this.#local(r, "ioerr", "beyond the capacity");
+        if (l.removed) return localStatus(r, "ioerr", `LUN ${l.target}:${l.lun} was removed`);
+        if (r.offset + r.length > l.capacity) return localStatus(r, "ioerr", "beyond the capacity");
         const bs = l.blockSize;
         ram.setUint8(cdb, r.op === "read" ? READ_16 : WRITE_16);
         ram.setUint8(cdb + 1, 0);
@@ -1702,7 +1626,7 @@ export class ScsiTarget implements BlockTarget, SlotOwner {
         break;
       }
       case "flush":
-        if (l.removed) return this.#local(r, "ioerr", `LUN ${l.target}:${l.lun} was removed`);
+        if (l.removed) return localStatus(r, "ioerr", `LUN ${l.target}:${l.lun} was removed`);
         // sd sends SYNCHRONIZE CACHE only when the disk says it caches writes.
         if (!l.writeCache) return "ok";
         ram.setUint8(cdb, SYNCHRONIZE_CACHE_16);
@@ -1714,10 +1638,10 @@ export class ScsiTarget implements BlockTarget, SlotOwner {
         writable.push(slot.resp);
         break;
       case "discard": {
-        if (this.maxDiscard === 0) return this.#local(r, "unsupp", "the LUN does not report LBPU");
+        if (this.maxDiscard === 0) return localStatus(r, "unsupp", "the LUN does not report LBPU");
         this.#checkLength(r, this.maxDiscard);
-        if (l.removed) return this.#local(r, "ioerr", `LUN ${l.target}:${l.lun} was removed`);
-        if (r.offset + r.length > l.capacity) return this.#local(r, "ioerr", "beyond the capacity");
+        if (l.removed) return localStatus(r, "ioerr", `LUN ${l.target}:${l.lun} was removed`);
+        if (r.offset + r.length > l.capacity) return localStatus(r, "ioerr", "beyond the capacity");
         const bs = l.blockSize;
         ram.setUint8(cdb, UNMAP);
         for (let i = 1; i < 7; i++) ram.setUint8(cdb + i, 0);
@@ -1738,19 +1662,15 @@ export class ScsiTarget implements BlockTarget, SlotOwner {
         break;
       }
       case "write-zeroes":
-        return this.#local(r, "unsupp", "write-zeroes is not implemented for SCSI");
+        return localStatus(r, "unsupp", "write-zeroes is not implemented for SCSI");
       case "get-id":
-        return this.#local(r, "unsupp", "get-id is a virtio-blk request");
+        return localStatus(r, "unsupp", "get-id is a virtio-blk request");
       default:
         throw new RangeError(`Unknown operation ${String(r.op)}`);
     }
+    slot.retries = 0;
     this.driver._armResponse(slot);
     return null;
-  }
-
-  #local(r: IoRequest, status: IoStatus, detail: string): IoStatus {
-    r.detail = detail;
-    return status;
   }
 
   #checkLength(r: IoRequest, limit: number): void {
@@ -1764,12 +1684,6 @@ export class ScsiTarget implements BlockTarget, SlotOwner {
         `${r.op} at ${offset}+${length}: offset and length must be multiples of ${bs}, length 1..${limit}`,
       );
     }
-  }
-
-  commit(): void {
-    if (!this.#dirty) return;
-    this.#dirty = false;
-    this.driver._kick(this.queue);
   }
 
   /** @internal The device answered one of our commands (decoded into the slot). */
@@ -1799,90 +1713,17 @@ export class ScsiTarget implements BlockTarget, SlotOwner {
       r.detail = `SCSI status ${statusName(slot.status)}`;
     }
     slot.state = COMPLETED;
-    this.#completed(r);
+    this._completed(r);
     return false;
   }
 
-  #completed(request: ScsiRequest): void {
-    const at = (this.#doneHead + this.#doneCount) % this.depth;
-    this.#done[at] = request;
-    this.#doneCount++;
+  /** Runs pending event work first: the guest's workqueue gets the CPU when the workload would halt. */
+  protected override _pendingWork(): Promise<void> | undefined {
+    return this.driver._eventWorkDue ? this.driver.processEvents().then(() => {}) : undefined;
   }
 
-  reap(): IoRequest | null {
-    if (this.#doneCount === 0) {
-      // Interrupts that arrived while we were busy: what the CPU would have taken already.
-      this.driver._platform.interrupts.dispatchPending();
-      if (this.#doneCount === 0) return null;
-    }
-    const request = this.#done[this.#doneHead]!;
-    this.#done[this.#doneHead] = undefined;
-    this.#doneHead = (this.#doneHead + 1) % this.depth;
-    this.#doneCount--;
-    this.#inFlight--;
-    return request;
-  }
-
-  release(request: IoRequest): void {
-    const slot = this.#slots[request.index];
-    if (slot === undefined || slot.request !== request || slot.state !== COMPLETED) {
-      throw new RangeError(`Request ${request.index} is not a reaped request of this target`);
-    }
-    slot.state = FREE;
-    this.#free[this.#freeCount++] = request.index;
-  }
-
-  /**
-   * Waits for a completion: runs pending event work first (the guest's workqueue gets the CPU
-   * when the workload would halt), else idles.
-   */
-  wait(): void | Promise<void> {
-    if (this.#doneCount > 0) return;
-    this.#checkBroken();
-    if (this.driver._eventWorkDue) return this.driver.processEvents().then(() => {});
-    if (this.#inFlight === 0) return;
-    const idle = this.driver._platform.idle();
-    if (idle instanceof Promise) return idle.then(() => this.#afterIdle());
-    this.#afterIdle();
-  }
-
-  #afterIdle(): void {
-    this.driver._platform.interrupts.dispatchPending();
-    this.#checkBroken();
-    const completions = this.driver._completions;
-    const now = performance.now();
-    if (completions !== this.#seenCompletions || this.#doneCount > 0) {
-      this.#seenCompletions = completions;
-      this.#progressAt = now;
-      return;
-    }
-    if (now - this.#progressAt < this.driver._timeoutMs) return;
-    const why = this.driver.virtio.checkStatus();
-    if (why !== null) throw new VirtioDriverError("needs-reset", this.driver.virtio.slot, why);
-    throw new VirtioDriverError(
-      "request-timeout",
-      this.driver.virtio.slot,
-      `queue ${this.queue}: ${this.#inFlight} commands without a completion for ${this.driver._timeoutMs} ms`,
-    );
-  }
-
-  #checkBroken(): void {
-    const why = this.driver.virtio.broken;
-    if (why !== null) throw new VirtioDriverError("needs-reset", this.driver.virtio.slot, why);
-  }
-
-  /**
-   * Releases the target's slots and guest memory.
-   *
-   * @throws {RangeError} while requests are in flight
-   */
-  close(): void {
-    if (this.#closed) return;
-    if (this.#inFlight !== 0) {
-      throw new RangeError(`Cannot close a target with ${this.#inFlight} requests in flight`);
-    }
-    this.#closed = true;
-    this.driver._freeSlots(this.#slots, this.#memory);
+  protected _releaseSlots(slots: readonly Slot[]): void {
+    this.driver._freeSlots(slots, this.#memory);
   }
 }
 
