@@ -13,6 +13,7 @@ import { parseJobArgs } from "../../src/guest/job.ts";
 import type { VcpuPayload } from "../../src/guest/vcpu.ts";
 import { fillBlock } from "../../src/guest/verify.ts";
 import { Machine } from "../../src/machine/machine.ts";
+import { within } from "../timeout.ts";
 
 const VCPU = new URL("../../src/guest/vcpu.ts", import.meta.url);
 const LIMIT_MS = 60_000;
@@ -27,20 +28,6 @@ const BASE_JOB = [
   "--verify=crc32c",
   "--randseed=77",
 ];
-
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 /** Writes the blocks BASE_JOB would write, on the host, into a fresh qcow2. */
 async function makeBase(path: string): Promise<void> {

@@ -6,23 +6,10 @@ import assert from "node:assert/strict";
 import type { GuestRunResult } from "../../src/guest/guest.ts";
 import type { VcpuPayload } from "../../src/guest/vcpu.ts";
 import { Machine } from "../../src/machine/machine.ts";
+import { within } from "../timeout.ts";
 
 const VCPU = new URL("../../src/guest/vcpu.ts", import.meta.url);
 const LIMIT_MS = 60_000;
-
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
 
 async function rawImage(bytes: number): Promise<string> {
   const path = await Deno.makeTempFile({ suffix: ".raw" });

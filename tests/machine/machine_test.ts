@@ -9,6 +9,7 @@ import {
   VIRTIO_CONFIG_S_NEEDS_RESET,
 } from "../../src/virtio/features.ts";
 import { openImage } from "../../formats/open.ts";
+import { eventually, within } from "../timeout.ts";
 import { echoDeviceType } from "./echo_device.ts";
 import type { EchoReport, GuestPayload, HostileReport } from "./vcpu_worker.ts";
 
@@ -17,30 +18,6 @@ registerDeviceType(echoDeviceType);
 const VCPU = new URL("./vcpu_worker.ts", import.meta.url);
 /** No single test may take longer than this, whatever hangs. */
 const TEST_LIMIT_MS = 30_000;
-
-/** `promise`, or a rejection after `ms`; the timer never outlives the race. */
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what} did not finish within ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** Polls `check` until it holds or `ms` pass (for what travels by postMessage). */
-async function eventually(check: () => boolean, ms: number, what: string): Promise<void> {
-  const deadline = performance.now() + ms;
-  while (!check()) {
-    if (performance.now() > deadline) throw new Error(`${what} did not happen within ${ms} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
 
 function slotOf(machine: Machine, id: string): number {
   const d = machine.devices.find((x) => x.id === id);
