@@ -12,68 +12,18 @@
  *
  * @module
  */
-import { RawNode } from "../formats/raw.ts";
-import type { BlockNode, Extent } from "../src/block/node.ts";
+import type { BlockNode } from "../src/block/node.ts";
 import { VirtioScsiBackend, VirtioScsiModel } from "../src/devices/virtio_scsi.ts";
-import { MemoryFile } from "../src/host/memory.ts";
 import { queueFeaturesOf } from "../src/virtio/device.ts";
 import { featureBit, VIRTIO_F_VERSION_1 } from "../src/virtio/features.ts";
 import { GuestMemory } from "../src/virtio/memory.ts";
 import type { DriverBuffer } from "../src/virtio/queue.ts";
 import { SplitDeviceQueue, SplitDriverQueue, splitRingLayout } from "../src/virtio/split_queue.ts";
+import { BATCH, benchDisk, BLOCK, measure, RandomBlocks } from "./devices_bench.ts";
 
-/** Requests per kick. */
-const BATCH = 32;
-/** Bytes per request. */
-const BLOCK = 4096;
-/** Disk size. */
-const DISK_BYTES = 256 << 20;
 /** Request header (19 bytes) with the default 32-byte CDB; response header with 96 sense bytes. */
 const REQ_BYTES = 19 + 32;
 const RESP_BYTES = 12 + 96;
-
-/** A node that moves no bytes: through it the bench sees the device's own cost. */
-class NullNode implements BlockNode {
-  readonly format = "null";
-  readonly filename = "null";
-  readonly requestAlignment = 1;
-  readonly readOnly = false;
-  readonly size = DISK_BYTES;
-  read(): Promise<void> {
-    return Promise.resolve();
-  }
-  write(): Promise<void> {
-    return Promise.resolve();
-  }
-  writeZeroes(): Promise<void> {
-    return Promise.resolve();
-  }
-  discard(): Promise<void> {
-    return Promise.resolve();
-  }
-  flush(): Promise<void> {
-    return Promise.resolve();
-  }
-  blockStatus(offset: number, max: number): Promise<Extent> {
-    return Promise.resolve({ kind: "data", offset, length: max });
-  }
-  close(): Promise<void> {
-    return Promise.resolve();
-  }
-}
-
-/** A fixed-seed xorshift over 4 KiB block numbers, so every run touches the same blocks. */
-class RandomBlocks {
-  #seed = 0x9e3779b9;
-  next(): number {
-    let s = this.#seed;
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    this.#seed = s;
-    return (s >>> 0) % (DISK_BYTES / BLOCK);
-  }
-}
 
 /** Driver, device and `BATCH` request slots laid out once in guest RAM. */
 class ScsiBenchRig {
@@ -138,16 +88,11 @@ class ScsiBenchRig {
   }
 }
 
-async function disks(): Promise<Array<{ name: string; node: BlockNode }>> {
-  const memory = await RawNode.open(new MemoryFile("bench", new Uint8Array(DISK_BYTES).fill(0x5a)));
-  return [{ name: "null node", node: new NullNode() }, { name: "memory", node: memory }];
-}
-
 /** The node alone and the whole device, `BATCH` 4 KiB random reads per call. */
 async function loops(
   node: BlockNode,
 ): Promise<{ node: () => Promise<void>; device: () => Promise<void> }> {
-  const random = new RandomBlocks();
+  const random = new RandomBlocks(node.size);
   const shared = new SharedArrayBuffer(BATCH * BLOCK);
   const direct = Array.from({ length: BATCH }, (_, i) => new Uint8Array(shared, i * BLOCK, BLOCK));
   const nodeLoop = async () => {
@@ -170,32 +115,9 @@ async function loops(
   return { node: nodeLoop, device: deviceLoop };
 }
 
-/** Nanoseconds per call of each loop: the fastest of many short windows, loops taking turns. */
-async function measure(
-  fns: Record<"node" | "device", () => Promise<void>>,
-  rounds = 25,
-  windowMs = 40,
-): Promise<Record<"node" | "device", number>> {
-  const best = { node: Infinity, device: Infinity };
-  for (const name of ["node", "device"] as const) for (let i = 0; i < 200; i++) await fns[name]();
-  for (let round = 0; round < rounds; round++) {
-    for (const name of ["node", "device"] as const) {
-      let calls = 0;
-      const start = performance.now();
-      let now = start;
-      while (now - start < windowMs) {
-        for (let i = 0; i < 20; i++) await fns[name]();
-        calls += 20;
-        now = performance.now();
-      }
-      best[name] = Math.min(best[name], ((now - start) * 1e6) / calls);
-    }
-  }
-  return best;
-}
-
 const isMain = Deno.mainModule === import.meta.url;
-const benchDisks = isMain ? await disks() : [];
+const benchDisks = isMain ? [await benchDisk("null"), await benchDisk("memory")] : [];
+globalThis.addEventListener("unload", () => benchDisks.forEach((d) => d.dispose()));
 
 for (const disk of benchDisks) {
   const l = await loops(disk.node);
