@@ -84,17 +84,16 @@ import {
   FREE,
   IN_DEVICE,
   localStatus,
-  QUEUED,
   QueueTarget,
   SlotRequest,
 } from "./queue_target.ts";
+import { SlotQueue } from "./slot_queue.ts";
 import type { PciFunctionInfo } from "./pci_probe.ts";
 import {
   type GuestPlatform,
   type InterruptPreference,
   VirtioDriverError,
   VirtioPciDriver,
-  type VirtioQueue,
 } from "./virtio_driver.ts";
 
 const HEADER_BYTES = 16;
@@ -202,17 +201,6 @@ interface Slot {
   state: number;
 }
 
-/** One request queue of the driver. */
-interface BlkQueue {
-  readonly vq: VirtioQueue;
-  /** Slots by token; closed targets leave holes. */
-  readonly slots: (Slot | undefined)[];
-  /** Submitted slots waiting for ring room, in order; `pendingHead` is the first live one. */
-  readonly pending: Slot[];
-  pendingHead: number;
-  submitted: number;
-}
-
 /**
  * The virtio-blk front-end of one PCI function.
  *
@@ -237,7 +225,7 @@ export class BlkDriver {
   /** FLUSH negotiated (else flushes complete at once: the cache is write-through). */
   readonly canFlush: boolean;
   readonly #platform: GuestPlatform;
-  readonly #queues: BlkQueue[] = [];
+  readonly #queues: SlotQueue<Slot>[] = [];
   readonly #ram: DataView;
   readonly #timeoutMs: number;
   readonly #indirect: boolean;
@@ -318,9 +306,7 @@ export class BlkDriver {
         },
         options.interrupts === undefined ? {} : { interrupts: options.interrupts },
       );
-      for (const vq of queues) {
-        driver.#queues.push({ vq, slots: [], pending: [], pendingHead: 0, submitted: 0 });
-      }
+      for (const vq of queues) driver.#queues.push(new SlotQueue(vq, driver.#indirect));
       virtio.driverOk();
       return driver;
     } catch (error) {
@@ -448,39 +434,12 @@ export class BlkDriver {
 
   /** @internal Puts a slot's chain in the ring, or behind the pending ones. */
   _enqueue(slot: Slot): void {
-    const queue = this.#queues[slot.target.queue]!;
-    if (queue.pendingHead < queue.pending.length || !this.#add(queue, slot)) {
-      slot.state = QUEUED;
-      queue.pending.push(slot);
-    }
+    this.#queues[slot.target.queue]!.enqueue(slot);
   }
 
-  #add(queue: BlkQueue, slot: Slot): boolean {
-    const indirect = this.#indirect ? slot.indirect : undefined;
-    if (!queue.vq.ring.add(slot.readable, slot.writable, slot.token, indirect)) return false;
-    slot.state = IN_DEVICE;
-    queue.submitted++;
-    return true;
-  }
-
-  /** @internal Moves pending slots into the ring while it has room. */
-  _flushPending(queueIndex: number): void {
-    const queue = this.#queues[queueIndex]!;
-    while (queue.pendingHead < queue.pending.length) {
-      const slot = queue.pending[queue.pendingHead]!;
-      if (!this.#add(queue, slot)) return;
-      queue.pendingHead++;
-    }
-    // Empty again: reuse the array from the start (no garbage in steady state).
-    queue.pending.length = 0;
-    queue.pendingHead = 0;
-  }
-
-  /** @internal Publishes and notifies queue `queueIndex`. */
+  /** @internal Moves pending slots into the ring while it has room, publishes, notifies. */
   _kick(queueIndex: number): void {
-    const queue = this.#queues[queueIndex]!;
-    this._flushPending(queueIndex);
-    queue.vq.kick();
+    this.#queues[queueIndex]!.kick();
   }
 
   /**
@@ -522,7 +481,7 @@ export class BlkDriver {
       this.virtio.markBroken(`queue ${index}: ${error.message}`);
       return;
     }
-    if (queue.pendingHead < queue.pending.length) this._kick(index);
+    if (queue.hasPending) this._kick(index);
   }
 
   #refreshConfig(): void {
@@ -558,16 +517,7 @@ export class BlkDriver {
 
   /** Counters of every queue. */
   stats(): BlkQueueStats[] {
-    return this.#queues.map((q) => ({
-      queue: q.vq.index,
-      size: q.vq.size,
-      kicks: q.vq.ring.stats.kicks,
-      suppressedKicks: q.vq.ring.stats.suppressedKicks,
-      interrupts: q.vq.interrupts,
-      completions: q.vq.ring.stats.chains,
-      submitted: q.submitted,
-      largestBatch: q.vq.ring.stats.largestBatch,
-    }));
+    return this.#queues.map((q) => q.stats());
   }
 
   /**

@@ -124,10 +124,10 @@ import {
   FREE,
   IN_DEVICE,
   localStatus,
-  QUEUED,
   QueueTarget,
   SlotRequest,
 } from "./queue_target.ts";
+import { SlotQueue } from "./slot_queue.ts";
 import {
   type GuestPlatform,
   type InterruptPreference,
@@ -425,15 +425,6 @@ interface Slot {
   written: number;
 }
 
-/** One request queue of the driver. */
-interface ScsiQueue {
-  readonly vq: VirtioQueue;
-  readonly slots: (Slot | undefined)[];
-  readonly pending: Slot[];
-  pendingHead: number;
-  submitted: number;
-}
-
 /** A LUN as the driver keeps it (the public {@linkcode ScsiLun} is its read-only face). */
 interface LunState {
   target: number;
@@ -531,7 +522,7 @@ export class ScsiDriver {
   readonly #timeoutMs: number;
   readonly #indirect: boolean;
   readonly #scanLimit: number;
-  readonly #queues: ScsiQueue[] = [];
+  readonly #queues: SlotQueue<Slot>[] = [];
   readonly #luns = new Map<number, LunState>();
   #sortedLuns: LunState[] = [];
   #completions = 0;
@@ -645,7 +636,7 @@ export class ScsiDriver {
         );
       }
       for (const vq of queues.slice(VIRTIO_SCSI_VQ_REQUEST)) {
-        driver.#queues.push({ vq, slots: [], pending: [], pendingHead: 0, submitted: 0 });
+        driver.#queues.push(new SlotQueue(vq, driver.#indirect));
       }
       driver.#allocControl();
       driver.#allocCommandSlot();
@@ -820,35 +811,12 @@ export class ScsiDriver {
 
   /** @internal Puts a slot's chain in the ring, or behind the pending ones. */
   _enqueue(slot: Slot): void {
-    const queue = this.#queues[slot.queue]!;
-    if (queue.pendingHead < queue.pending.length || !this.#add(queue, slot)) {
-      slot.state = QUEUED;
-      queue.pending.push(slot);
-    }
-  }
-
-  #add(queue: ScsiQueue, slot: Slot): boolean {
-    const indirect = this.#indirect ? slot.indirect : undefined;
-    if (!queue.vq.ring.add(slot.readable, slot.writable, slot.token, indirect)) return false;
-    slot.state = IN_DEVICE;
-    queue.submitted++;
-    return true;
+    this.#queues[slot.queue]!.enqueue(slot);
   }
 
   /** @internal Moves pending slots into the ring while it has room, publishes, notifies. */
   _kick(queueIndex: number): void {
-    const queue = this.#queues[queueIndex]!;
-    while (queue.pendingHead < queue.pending.length) {
-      const slot = queue.pending[queue.pendingHead]!;
-      if (!this.#add(queue, slot)) break;
-      queue.pendingHead++;
-    }
-    if (queue.pendingHead === queue.pending.length) {
-      // Empty again: reuse the array from the start (no garbage in steady state).
-      queue.pending.length = 0;
-      queue.pendingHead = 0;
-    }
-    queue.vq.kick();
+    this.#queues[queueIndex]!.kick();
   }
 
   /** @internal Readies the response header: values the device never wrote must not read as GOOD. */
@@ -910,15 +878,14 @@ export class ScsiDriver {
           // A retry: the same chain again, behind what waits for ring room. It goes into the
           // ring after this loop (never while the used ring is being walked).
           this.eventStats.retries++;
-          slot.state = QUEUED;
-          queue.pending.push(slot);
+          queue.requeue(slot);
           again = true;
         } else {
           this.#completions++;
         }
       }
     } while (ring.enableInterrupts());
-    if (again || queue.pendingHead < queue.pending.length) this._kick(queueIndex);
+    if (again || queue.hasPending) this._kick(queueIndex);
   }
 
   /** Fixed (70h/71h) or descriptor (72h/73h) sense: key, ASC, ASCQ into the slot. */
@@ -1522,16 +1489,7 @@ export class ScsiDriver {
 
   /** Counters of every request queue (virtqueue index in `queue`). */
   stats(): ScsiQueueStats[] {
-    return this.#queues.map((q) => ({
-      queue: q.vq.index,
-      size: q.vq.size,
-      kicks: q.vq.ring.stats.kicks,
-      suppressedKicks: q.vq.ring.stats.suppressedKicks,
-      interrupts: q.vq.interrupts,
-      completions: q.vq.ring.stats.chains,
-      submitted: q.submitted,
-      largestBatch: q.vq.ring.stats.largestBatch,
-    }));
+    return this.#queues.map((q) => q.stats());
   }
 
   /** Resets the device and releases its rings, vectors and the driver's buffers. Close targets first. */
