@@ -11,7 +11,7 @@
  */
 import { join } from "node:path";
 import { createImage } from "../../formats/open.ts";
-import type { GuestRequest, GuestRunResult } from "../guest/guest.ts";
+import type { GuestRequest } from "../guest/guest.ts";
 import type { CliIo } from "./main.ts";
 import { EXIT_ERROR, EXIT_OK, main } from "./main.ts";
 import { type MachineRun, progressLine, runMachine, runSucceeded } from "./run.ts";
@@ -152,5 +152,3 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
     if (opts.dir === undefined) await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
 }
-
-export type { GuestRunResult };
