@@ -5,13 +5,13 @@
  * @module
  */
 import { BlockError } from "../errors.ts";
-import { formatNames, openImage } from "../../formats/open.ts";
+import { formatNames } from "../../formats/open.ts";
 import { amendQcow2, type Qcow2AmendOptions } from "../../formats/qcow2/amend.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { probedRawWarning } from "./messages.ts";
 import { progressBar } from "./progress.ts";
-import { oneFile, parseVerbArgs } from "./args.ts";
+import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 import { parseSize } from "./size.ts";
 
 /** The usage line of the amend verb. */
@@ -266,7 +266,7 @@ export async function amendMain(args: string[], io: CliIo): Promise<number> {
     return EXIT_OK;
   }
   const file = oneFile(positionals);
-  const first = await openImage(file, format === undefined ? {} : { format });
+  const first = await openVerbImage(io, file, format === undefined ? {} : { format });
   let handed = false;
   try {
     if (format === undefined && first.format === "raw") io.stderr(probedRawWarning(file));
@@ -281,7 +281,7 @@ export async function amendMain(args: string[], io: CliIo): Promise<number> {
       );
     }
     const opts = parseAmendOptions(list);
-    const bar = progressBar(values.progress && !values.quiet);
+    const bar = progressBar(values.progress && !values.quiet, io, 1);
     // The first open is handed to the amend (which closes it); later ones reopen the same way.
     handed = true;
     let given = false;
@@ -291,7 +291,7 @@ export async function amendMain(args: string[], io: CliIo): Promise<number> {
           given = true;
           return first;
         }
-        const node = await openImage(file, { format: "qcow2" });
+        const node = await openVerbImage(io, file, { format: "qcow2" });
         if (!(node instanceof Qcow2Node)) {
           await node.close();
           throw new BlockError("invalid-format", "Image is not in qcow2 format", { path: file });
@@ -301,6 +301,7 @@ export async function amendMain(args: string[], io: CliIo): Promise<number> {
       opts,
       (done, total) => bar.update(done, total),
     );
+    bar.finish();
     bar.end();
     return EXIT_OK;
   } finally {

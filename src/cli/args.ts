@@ -4,21 +4,66 @@
  * @module
  */
 import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
-import { UsageError } from "./main.ts";
+import type { BlockNode } from "../block/node.ts";
+import { BlockError } from "../errors.ts";
+import { openImage, type OpenOptions } from "../../formats/open.ts";
+import { type CliIo, programName, UsageError } from "./main.ts";
 
-/** Parse a verb's arguments; a parse failure is a usage error (exit 2 with the verb's usage). */
+/**
+ * Parse a verb's arguments; a parse failure is a usage error, phrased as qemu-img's getopt
+ * phrases it (`unrecognized option '--bogus'`, `missing argument for option '-f'`).
+ */
 export function parseVerbArgs<T extends ParseArgsOptionsConfig>(args: string[], options: T) {
   try {
     return parseArgs({ args, allowPositionals: true, options });
   } catch (e) {
-    throw new UsageError((e as Error).message);
+    throw new UsageError(getoptMessage(e as Error & { code?: string }, args));
   }
+}
+
+/** node:util's parse error in qemu-img's words, naming the option as it was typed. */
+function getoptMessage(e: Error & { code?: string }, args: string[]): string {
+  const named = /'(-[^' ,]*)(?:, (--[^' ]+))?/.exec(e.message);
+  if (e.code === "ERR_PARSE_ARGS_UNKNOWN_OPTION" && named) {
+    return `unrecognized option '${named[1]}'`;
+  }
+  if (e.code === "ERR_PARSE_ARGS_INVALID_OPTION_VALUE" && /argument missing/.test(e.message)) {
+    const typed = [named?.[1], named?.[2]].find((o) => o !== undefined && args.includes(o));
+    return `missing argument for option '${typed ?? named?.[1] ?? "?"}'`;
+  }
+  // The first sentence names the problem; node:util runs on with advice.
+  return e.message.split(". ")[0]!.replace(/\.$/, "");
 }
 
 /** The single image file operand a verb takes. */
 export function oneFile(positionals: string[]): string {
   const [file, ...extra] = positionals;
   if (file === undefined) throw new UsageError("Expecting one image file name");
-  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
+  if (extra.length > 0) {
+    throw new UsageError(`Unexpected argument '${extra[0]}'`, {
+      qemu: "Expecting one image file name",
+    });
+  }
   return file;
+}
+
+/**
+ * Open the image a verb works on. As qemu-img (its img_open), drop-in mode says which image failed
+ * to open before why: `Could not open 'FILE': …`.
+ */
+export async function openVerbImage(
+  io: CliIo,
+  path: string,
+  opts: OpenOptions = {},
+): Promise<BlockNode> {
+  try {
+    return await openImage(path, opts);
+  } catch (e) {
+    if (programName(io) === "vstor" || !(e instanceof Error)) throw e;
+    throw new BlockError(
+      e instanceof BlockError ? e.kind : "io",
+      `Could not open '${path}': ${e.message}`,
+      { cause: e },
+    );
+  }
 }

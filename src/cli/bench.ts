@@ -8,8 +8,8 @@
 import type { BlockNode, WriteOptions } from "../block/node.ts";
 import { MAX_REQUEST_BYTE } from "../block/request.ts";
 import { BlockError } from "../errors.ts";
-import { openImage } from "../../formats/open.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { openVerbImage } from "./args.ts";
+import { type CliIo, errorLine, EXIT_OK, UsageError } from "./main.ts";
 import { probedRawWarning } from "./messages.ts";
 import { parseSize } from "./size.ts";
 
@@ -602,13 +602,13 @@ function checkSupported(opts: BenchOptions): SupportedCacheMode {
  * @throws {BlockError} when the image cannot be opened or a request fails (exit 1)
  */
 export async function benchMain(args: string[], io: CliIo): Promise<number> {
-  const opts = parseBenchArgs(args, (message) => io.stderr(`vstor: warning: ${message}\n`));
+  const opts = parseBenchArgs(args, (message) => errorLine(io, `warning: ${message}`));
   if (opts === "help") {
     io.stdout(HELP);
     return EXIT_OK;
   }
   const cache = checkSupported(opts);
-  const node = await openImage(opts.filename, {
+  const node = await openVerbImage(io, opts.filename, {
     ...(opts.format === undefined ? {} : { format: opts.format }),
     readOnly: !opts.write,
     forceShare: opts.forceShare,

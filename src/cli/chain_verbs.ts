@@ -31,12 +31,13 @@ export async function commitMain(args: string[], io: CliIo): Promise<number> {
     return EXIT_OK;
   }
   const file = oneFile(positionals);
-  const bar = progressBar(values.progress && !values.quiet);
+  const bar = progressBar(values.progress && !values.quiet, io, 1);
   await commitImage(file, {
     ...(values.base === undefined ? {} : { base: values.base }),
     keepOverlay: values.drop,
     onProgress: (d, t) => bar.update(d, t),
   });
+  bar.finish();
   bar.end();
   if (!values.quiet) io.stdout("Image committed.\n");
   return EXIT_OK;
@@ -63,14 +64,17 @@ export async function rebaseMain(args: string[], io: CliIo): Promise<number> {
     return EXIT_OK;
   }
   const file = oneFile(positionals);
-  if (values.backing === undefined) throw new UsageError("Must specify backing file (-b)");
-  const bar = progressBar(values.progress && !values.quiet);
+  if (values.backing === undefined && !values.unsafe) {
+    throw new UsageError("Must specify backing file (-b) or use unsafe mode (-u)");
+  }
+  const bar = progressBar(values.progress && !values.quiet, io, 2);
   await rebaseImage(file, {
-    backing: values.backing,
+    backing: values.backing ?? "",
     ...(values["backing-format"] === undefined ? {} : { backingFormat: values["backing-format"] }),
     unsafe: values.unsafe,
     onProgress: (d, t) => bar.update(d, t),
   });
+  bar.finish();
   bar.end();
   return EXIT_OK;
 }

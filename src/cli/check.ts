@@ -5,13 +5,12 @@
  *
  * @module
  */
-import { openImage } from "../../formats/open.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { checkImage, type CheckReport } from "../../formats/qcow2/check.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, errorLine, EXIT_OK, UsageError } from "./main.ts";
 import { probedRawWarning } from "./messages.ts";
 import { formatFixed } from "./human.ts";
-import { oneFile, parseVerbArgs } from "./args.ts";
+import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 
 export const CHECK_USAGE =
   "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE";
@@ -116,7 +115,7 @@ export async function checkMain(args: string[], io: CliIo): Promise<number> {
   }
   const file = oneFile(positionals);
   const repair = values.repair;
-  const node = await openImage(file, {
+  const node = await openVerbImage(io, file, {
     ...(values.format === undefined ? {} : { format: values.format }),
     readOnly: repair === undefined,
     forceShare: values["force-share"],
@@ -126,14 +125,14 @@ export async function checkMain(args: string[], io: CliIo): Promise<number> {
   }
   try {
     if (!(node instanceof Qcow2Node)) {
-      io.stderr("vstor: This image format does not support checks\n");
+      errorLine(io, "This image format does not support checks");
       return CHECK_UNSUPPORTED;
     }
     const fix = { leaks: repair !== undefined, errors: repair === "all" };
     let report = checkImage(node, fix);
     for (const line of report.messages) io.stderr(line + "\n");
     if (report.failed !== undefined) {
-      io.stderr(`vstor: Check failed: ${report.failed}\n`);
+      errorLine(io, `Check failed: ${report.failed}`);
       return CHECK_ERRORS;
     }
     const human = values.output === "human" && !values.quiet;

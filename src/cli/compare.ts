@@ -5,11 +5,10 @@
  * @module
  */
 import type { BlockNode } from "../block/node.ts";
-import { openImage } from "../../formats/open.ts";
 import { entryAt, type MapEntry } from "../../formats/map.ts";
-import { type CliIo, reportError, UsageError } from "./main.ts";
+import { type CliIo, errorLine, reportError, UsageError } from "./main.ts";
 import { progressBar } from "./progress.ts";
-import { parseVerbArgs } from "./args.ts";
+import { openVerbImage, parseVerbArgs } from "./args.ts";
 
 export const COMPARE_USAGE = "vstor compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2";
 
@@ -142,7 +141,7 @@ export async function compareMain(args: string[], io: CliIo): Promise<number> {
     ) {
       try {
         nodes.push(
-          await openImage(file, {
+          await openVerbImage(io, file, {
             ...(format === undefined ? {} : { format }),
             readOnly: true,
             forceShare: share,
@@ -153,7 +152,7 @@ export async function compareMain(args: string[], io: CliIo): Promise<number> {
         return OPEN_ERROR;
       }
     }
-    const bar = progressBar(values.progress && !values.quiet);
+    const bar = progressBar(values.progress && !values.quiet, io, 2);
     try {
       const code = await compareNodes(nodes[0]!, nodes[1]!, values.strict, (s) => {
         if (!values.quiet) io.stdout(s);
@@ -163,7 +162,7 @@ export async function compareMain(args: string[], io: CliIo): Promise<number> {
     } catch (e) {
       bar.end();
       if (e instanceof Stop) {
-        io.stderr(`vstor: ${e.message}\n`);
+        errorLine(io, e.message);
         return e.code;
       }
       throw e;

@@ -58,7 +58,9 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
   const target = positionals[positionals.length - 1]!;
   const sources = positionals.slice(0, -1);
   const format = values["output-format"];
-  if (!formatNames().includes(format)) throw new UsageError(`Unknown file format '${format}'`);
+  if (!formatNames().includes(format)) {
+    throw new UsageError(`Unknown file format '${format}'`, { tryHelp: false });
+  }
   let sparse: number | undefined;
   if (values.sparse !== undefined) {
     const p = parseSize(values.sparse);
@@ -90,7 +92,7 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
   }
   const snapshot = values.snapshot === undefined ? undefined : snapshotKey(values.snapshot);
   const { size: _size, ...createOptions } = parseCreateOptions(values.options, format);
-  const bar = progressBar(values.progress && !values.quiet);
+  const bar = progressBar(values.progress && !values.quiet, io, 1);
   await convertImages(sources, target, {
     targetFormat: format,
     createOptions,
@@ -106,6 +108,7 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
     ...(snapshot === undefined ? {} : { snapshot }),
     onProgress: (d, t) => bar.update(d, t),
   });
+  bar.finish();
   bar.end();
   return EXIT_OK;
 }

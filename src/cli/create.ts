@@ -11,7 +11,7 @@ import {
   openImage,
   resolveBacking,
 } from "../../formats/open.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
 import { parseVerbArgs } from "./args.ts";
 
@@ -165,6 +165,17 @@ function describeOptions(format: string, size: number, o: CreateOptions): string
   return parts.join(" ");
 }
 
+/** The format a backing file probes as, or undefined when it does not open. */
+async function detectFormat(path: string): Promise<string | undefined> {
+  try {
+    const node = await openImage(path, { readOnly: true, forceShare: true, noBacking: true });
+    await node.close();
+    return node.format;
+  } catch {
+    return undefined;
+  }
+}
+
 /** The create verb; returns the exit code. */
 export async function createMain(args: string[], io: CliIo): Promise<number> {
   const { values, positionals } = parseVerbArgs(args, {
@@ -191,7 +202,10 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
   }
   const format = values.format;
   if (!formatNames().includes(format)) {
-    throw new UsageError(`Unknown file format '${format}' (known: ${formatNames().join(", ")})`);
+    throw new UsageError(`Unknown file format '${format}' (known: ${formatNames().join(", ")})`, {
+      qemu: `${positionals[0] ?? ""}: Unknown file format '${format}'`,
+      tryHelp: false,
+    });
   }
   if (values.options.some((o) => o === "help" || o === "?")) {
     io.stdout(createOptionsHelp(format));
@@ -209,7 +223,13 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
       throw new UsageError(`Backing file not supported for file format '${format}'`);
     }
     if (opts.backingFormat === undefined) {
-      throw new UsageError(`${file}: Backing file specified without backing format`);
+      const message = `${file}: Backing file specified without backing format`;
+      if (programName(io) === "vstor") throw new UsageError(message);
+      // qemu-img names the format it probed, in a hint that ends without a newline.
+      const probed = await detectFormat(resolveBacking(file, opts.backingFile));
+      errorLine(io, message);
+      if (probed !== undefined) io.stderr(`Detected format of ${probed}.`);
+      return EXIT_ERROR;
     }
     if (!values.unsafe) {
       // As qemu-img: the base must open (relative to the new image), and gives the size by default.
@@ -224,7 +244,7 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
       } catch (e) {
         throw new BlockError(
           "io",
-          `${file}: ${(e as Error).message}\nCould not open backing image`,
+          `${file}: ${(e as Error).message}\nCould not open backing image.`,
           { cause: e },
         );
       }
@@ -232,7 +252,9 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
       await base.close();
     }
   }
-  if (size === undefined) throw new UsageError(`${file}: Image creation needs a size parameter`);
+  if (size === undefined) {
+    throw new UsageError(`${file}: Image creation needs a size parameter`, { tryHelp: false });
+  }
   // qcow2 sizes are whole sectors (qemu-img rounds up).
   const imageSize = format === "qcow2" ? Math.ceil(size / 512) * 512 : size;
   if (!values.quiet) {

@@ -5,7 +5,7 @@
  */
 import type { BlockNode } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
-import { MAX_CHAIN_DEPTH, openImage, resolveBacking } from "../../formats/open.ts";
+import { MAX_CHAIN_DEPTH, resolveBacking } from "../../formats/open.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import {
   COMPAT_LAZY_REFCOUNTS,
@@ -19,7 +19,7 @@ import type { SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { sizeToStr } from "./human.ts";
 import { snapshotTable } from "./snapshot.ts";
-import { oneFile, parseVerbArgs } from "./args.ts";
+import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 
 export const INFO_USAGE = "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE";
 
@@ -135,7 +135,7 @@ export async function infoMain(args: string[], io: CliIo): Promise<number> {
       });
     }
     seen.add(path);
-    const node: BlockNode = await openImage(path, {
+    const node: BlockNode = await openVerbImage(io, path, {
       ...(format === undefined ? {} : { format }),
       readOnly: true,
       forceShare: values["force-share"],

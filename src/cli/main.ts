@@ -1,14 +1,23 @@
 /**
- * The command-line entry: `vstor VERB [OPTIONS]`, with qemu-img's and qemu-io's verbs.
+ * The command-line entry: `vstor VERB [OPTIONS]`, with qemu-img's and qemu-io's verbs, and the
+ * drop-in mode `vstor qemu-img ARGS…` / `vstor qemu-io ARGS…` that answers as those programs do.
  *
  * @module
  */
 import { BlockError } from "../errors.ts";
 
+/**
+ * The name a run answers to: `vstor` (its own prefix, usage errors exit 2), or `qemu-img` /
+ * `qemu-io` in drop-in mode (their prefixes, messages and exit codes).
+ */
+export type Program = "vstor" | "qemu-img" | "qemu-io";
+
 /** Where a command writes: swappable so tests can capture output. */
 export interface CliIo {
   stdout: (text: string) => void;
   stderr: (text: string) => void;
+  /** The program messages are printed as; `vstor` when absent. */
+  program?: Program;
 }
 
 /** Exit codes scripts can trust. */
@@ -16,25 +25,63 @@ export const EXIT_OK = 0;
 export const EXIT_ERROR = 1;
 export const EXIT_USAGE = 2;
 
-/** A usage mistake: printed with the verb's help, exit 2. */
+/** The program a run's messages are printed as. */
+export function programName(io: CliIo): Program {
+  return io.program ?? "vstor";
+}
+
+/** Print `PROGRAM: message` on stderr, as the program this run answers to. */
+export function errorLine(io: CliIo, message: string): void {
+  io.stderr(`${programName(io)}: ${message}\n`);
+}
+
+/**
+ * A usage mistake: plain vstor prints it with the verb's usage and exits 2; qemu-img prints
+ * `qemu-img: MESSAGE`, then (for what qemu-img reports through its error_exit) `Try 'qemu-img
+ * --help' for more information`, and exits 1.
+ */
 export class UsageError extends Error {
   override readonly name = "UsageError";
+  /** Whether qemu-img follows this message with its "Try 'qemu-img --help'" line. */
+  readonly tryHelp: boolean;
+  /** qemu-img's words for the mistake, where they differ from vstor's. */
+  readonly qemuMessage: string | undefined;
+
+  constructor(
+    message: string,
+    options: { tryHelp?: boolean; qemu?: string; cause?: unknown } = {},
+  ) {
+    super(message, options.cause === undefined ? {} : { cause: options.cause });
+    this.tryHelp = options.tryHelp ?? true;
+    this.qemuMessage = options.qemu;
+  }
 }
 
 const encoder = new TextEncoder();
+
+/** Write all of `text`: a pipe may take less than asked for in one write. */
+function writeAll(target: { writeSync(p: Uint8Array): number }, text: string): void {
+  let bytes = encoder.encode(text);
+  while (bytes.length > 0) bytes = bytes.subarray(target.writeSync(bytes));
+}
+
 export const stdio: CliIo = {
-  stdout: (text) => Deno.stdout.writeSync(encoder.encode(text)),
-  stderr: (text) => Deno.stderr.writeSync(encoder.encode(text)),
+  stdout: (text) => writeAll(Deno.stdout, text),
+  stderr: (text) => writeAll(Deno.stderr, text),
 };
 
 interface Verb {
   summary: string;
   usage: string;
+  /** qemu-img's syntax line for the verb; verbs without one are vstor's own (not in drop-in mode). */
+  qemuImg?: string;
   run(args: string[], io: CliIo): Promise<number>;
 }
 
 const verbs: Record<string, Verb> = {
   create: {
+    qemuImg:
+      "create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]",
     summary: "create a new image",
     usage:
       "vstor create [-f FMT] [-o OPTIONS] [-b BACKING -F FMT [-u]] [-q] FILE [SIZE]   (-o help lists the options)",
@@ -47,6 +94,8 @@ const verbs: Record<string, Verb> = {
       (await import("./io.ts")).ioMain(args, { stdout: io.stdout, stderr: io.stderr }),
   },
   bench: {
+    qemuImg:
+      "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename",
     summary: "run a simple image benchmark (qemu-img bench)",
     usage:
       "vstor bench [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=N [--no-drain]] [-i AIO] [-n] " +
@@ -54,12 +103,16 @@ const verbs: Record<string, Verb> = {
     run: async (args, io) => (await import("./bench.ts")).benchMain(args, io),
   },
   measure: {
+    qemuImg:
+      "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]",
     summary: "measure the size a new image needs (qemu-img measure)",
     usage:
       "vstor measure [--output=human|json] [-O FMT] [-o OPTIONS] [--size N | [-f FMT] [-l SNAPSHOT] [-U] FILE]",
     run: async (args, io) => (await import("./measure.ts")).measureMain(args, io),
   },
   convert: {
+    qemuImg:
+      "convert [--object objectdef] [--image-opts] [--target-image-opts] [--target-is-zero] [--bitmaps] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--salvage] filename [filename2 [...]] output_filename",
     summary: "convert images between formats, flatten chains, compress (qemu-img convert)",
     usage:
       "vstor convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-B BACKING [-F FMT]] [-S SIZE] [-n] " +
@@ -67,48 +120,66 @@ const verbs: Record<string, Verb> = {
     run: async (args, io) => (await import("./convert.ts")).convertMain(args, io),
   },
   info: {
+    qemuImg:
+      "info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename",
     summary: "show an image's format, sizes, backing file and snapshots (qemu-img info)",
     usage: "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE",
     run: async (args, io) => (await import("./info.ts")).infoMain(args, io),
   },
   map: {
+    qemuImg:
+      "map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename",
     summary: "show where each guest range lives in the backing chain (qemu-img map)",
     usage:
       "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE",
     run: async (args, io) => (await import("./map.ts")).mapMain(args, io),
   },
   compare: {
+    qemuImg:
+      "compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2",
     summary: "compare the contents of two images (qemu-img compare)",
     usage: "vstor compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2",
     run: async (args, io) => (await import("./compare.ts")).compareMain(args, io),
   },
   resize: {
+    qemuImg:
+      "resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size",
     summary: "grow or shrink an image (qemu-img resize)",
     usage: "vstor resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE",
     run: async (args, io) => (await import("./resize.ts")).resizeMain(args, io),
   },
   amend: {
+    qemuImg:
+      "amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename",
     summary:
       "change a qcow2 image's compat level, lazy refcounts, refcount width or size (qemu-img amend)",
     usage: "vstor amend [-f FMT] -o OPTIONS [-p] [-q] [--force] FILE   (-o help lists the options)",
     run: async (args, io) => (await import("./amend.ts")).amendMain(args, io),
   },
   check: {
+    qemuImg:
+      "check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename",
     summary: "check an image for consistency, and repair it (qemu-img check)",
     usage: "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE",
     run: async (args, io) => (await import("./check.ts")).checkMain(args, io),
   },
   commit: {
+    qemuImg:
+      "commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename",
     summary: "commit an overlay's data into its backing file (qemu-img commit)",
     usage: "vstor commit [-b BASE] [-d] [-p] [-q] FILE",
     run: async (args, io) => (await import("./chain_verbs.ts")).commitMain(args, io),
   },
   rebase: {
+    qemuImg:
+      "rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename",
     summary: "change an overlay's backing file, keeping what the guest sees (qemu-img rebase)",
     usage: "vstor rebase [-u] -b BACKING [-F BACKING_FMT] [-p] [-q] FILE",
     run: async (args, io) => (await import("./chain_verbs.ts")).rebaseMain(args, io),
   },
   snapshot: {
+    qemuImg:
+      "snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
     summary: "list, create, apply or delete internal snapshots (qcow2)",
     usage: "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE",
     run: async (args, io) => (await import("./snapshot.ts")).snapshotMain(args, io),
@@ -131,20 +202,45 @@ function help(io: CliIo): void {
   for (const [name, verb] of Object.entries(verbs)) {
     lines.push(`  ${name.padEnd(8)} ${verb.summary}`);
   }
-  lines.push("", "`vstor help VERB` or `vstor VERB --help` describes a verb.");
+  lines.push(
+    "  qemu-img ARGS…  drop-in mode: answer exactly as qemu-img 7.2 does (messages, exit codes)",
+    "  qemu-io ARGS…   drop-in mode: answer as qemu-io 7.2 does",
+    "",
+    "`vstor help VERB` or `vstor VERB --help` describes a verb.",
+  );
   io.stdout(lines.join("\n") + "\n");
 }
 
-/** Print one error line the way every verb does: `vstor: FILE: what is wrong`. */
+/** Print one error line the way every verb does: `PROGRAM: FILE: what is wrong`. */
 export function reportError(e: unknown, io: CliIo): void {
   if (e instanceof BlockError) {
-    const path = e.context.path;
+    // qemu-img names the file only where its message does; vstor always says which file.
+    const path = programName(io) === "vstor" ? e.context.path : undefined;
     const prefix = path !== undefined && !e.message.includes(path) ? `${path}: ` : "";
-    io.stderr(`vstor: ${prefix}${e.message}\n`);
+    errorLine(io, `${prefix}${e.message}`);
   } else if (e instanceof Error) {
-    io.stderr(`vstor: ${e.message}\n`);
+    errorLine(io, e.message);
   } else {
-    io.stderr(`vstor: ${String(e)}\n`);
+    errorLine(io, String(e));
+  }
+}
+
+/** Run one verb, turning what it throws into the program's message and exit code. */
+async function runVerb(name: string, verb: Verb, args: string[], io: CliIo): Promise<number> {
+  try {
+    return await verb.run(args, io);
+  } catch (e) {
+    if (e instanceof UsageError) {
+      if (programName(io) === "vstor") {
+        io.stderr(`vstor ${name}: ${e.message}\nusage: ${verb.usage}\n`);
+        return EXIT_USAGE;
+      }
+      errorLine(io, e.qemuMessage ?? e.message);
+      if (e.tryHelp) io.stderr(`Try '${programName(io)} --help' for more information\n`);
+      return EXIT_ERROR;
+    }
+    reportError(e, io);
+    return EXIT_ERROR;
   }
 }
 
@@ -160,6 +256,8 @@ export function reportError(e: unknown, io: CliIo): void {
  */
 export async function main(args: string[], io: CliIo = stdio): Promise<number> {
   const [name, ...rest] = args;
+  if (name === "qemu-img") return await qemuImgMain(rest, io);
+  if (name === "qemu-io") return await qemuIoDropIn(rest, io);
   if (name === undefined || name === "help" || name === "--help" || name === "-h") {
     const topic = name === "help" ? rest[0] : undefined;
     const verb = topic === undefined ? undefined : verbs[topic];
@@ -176,14 +274,207 @@ export async function main(args: string[], io: CliIo = stdio): Promise<number> {
     io.stderr(`vstor: unknown verb '${name}' (try 'vstor help')\n`);
     return EXIT_USAGE;
   }
-  try {
-    return await verb.run(rest, io);
-  } catch (e) {
-    if (e instanceof UsageError) {
-      io.stderr(`vstor ${name}: ${e.message}\nusage: ${verb.usage}\n`);
-      return EXIT_USAGE;
+  return await runVerb(name, verb, rest, { ...io, program: "vstor" });
+}
+
+// ---- Drop-in mode: qemu-img ----
+
+/** The QEMU release whose qemu-img and qemu-io the drop-in mode answers as. */
+export const QEMU_VERSION = "7.2.0";
+
+const QEMU_IMG_TRY_HELP = "Try 'qemu-img --help' for more information\n";
+
+/** qemu-img's verbs vstor does not have yet: they fail with a clear message, exit 1. */
+const QEMU_IMG_UNSUPPORTED = ["bitmap", "dd"];
+
+/** `qemu-img --version`: qemu-img's shape (`qemu-img version X.Y.Z (…)`), saying it is vstor. */
+export function qemuImgVersion(program: "qemu-img" | "qemu-io"): string {
+  return `${program} version ${QEMU_VERSION} (vstor, Deno ${Deno.version.deno})\n` +
+    "vstor: QEMU's storage model rebuilt for Deno; answers as QEMU 7.2's tools do\n";
+}
+
+/** `qemu-img --help`: qemu-img 7.2's text, with the commands and formats vstor has. */
+async function qemuImgHelp(): Promise<string> {
+  const { formatNames } = await import("../../formats/open.ts");
+  const syntax = Object.values(verbs).flatMap((v) => v.qemuImg === undefined ? [] : [v.qemuImg]);
+  // qemu-img lists its commands in its own table order (alphabetical, but snapshot before rebase).
+  const order = (line: string) => QEMU_IMG_ORDER.indexOf(line.slice(0, line.indexOf(" ")));
+  syntax.sort((a, b) => order(a) - order(b));
+  return qemuImgVersion("qemu-img") +
+    "usage: qemu-img [standard options] command [command options]\n" +
+    "QEMU disk image utility\n\n" +
+    "    '-h', '--help'       display this help and exit\n" +
+    "    '-V', '--version'    output version information and exit\n" +
+    "    '-T', '--trace'      [[enable=]<pattern>][,events=<file>][,file=<file>]\n" +
+    "                         specify tracing options (accepted and ignored by vstor)\n\n" +
+    "Command syntax:\n" + syntax.map((l) => `  ${l}\n`).join("") + "\n" + QEMU_IMG_PARAMETERS +
+    `\nSupported formats: ${[...formatNames()].sort().join(" ")}\n\n` +
+    `Not supported yet: ${QEMU_IMG_UNSUPPORTED.join(" ")}\n`;
+}
+
+const QEMU_IMG_ORDER = [
+  "amend",
+  "bench",
+  "bitmap",
+  "check",
+  "commit",
+  "compare",
+  "convert",
+  "create",
+  "dd",
+  "info",
+  "map",
+  "measure",
+  "snapshot",
+  "rebase",
+  "resize",
+];
+
+const QEMU_IMG_PARAMETERS = `Command parameters:
+  'filename' is a disk image filename
+  'objectdef' is a QEMU user creatable object definition. See the qemu(1)
+    manual page for a description of the object properties. The most common
+    object type is a 'secret', which is used to supply passwords and/or
+    encryption keys.
+  'fmt' is the disk image format. It is guessed automatically in most cases
+  'cache' is the cache mode used to write the output disk image, the valid
+    options are: 'none', 'writeback' (default, except for convert), 'writethrough',
+    'directsync' and 'unsafe' (default for convert)
+  'src_cache' is the cache mode used to read input disk images, the valid
+    options are the same as for the 'cache' option
+  'size' is the disk image size in bytes. Optional suffixes
+    'k' or 'K' (kilobyte, 1024), 'M' (megabyte, 1024k), 'G' (gigabyte, 1024M),
+    'T' (terabyte, 1024G), 'P' (petabyte, 1024T) and 'E' (exabyte, 1024P)  are
+    supported. 'b' is ignored.
+  'output_filename' is the destination disk image filename
+  'output_fmt' is the destination format
+  'options' is a comma separated list of format specific options in a
+    name=value format. Use -o help for an overview of the options supported by
+    the used format
+  'snapshot_param' is param used for internal snapshot, format
+    is 'snapshot.id=[ID],snapshot.name=[NAME]', or
+    '[ID_OR_NAME]'
+  '-c' indicates that target image must be compressed (qcow format only)
+  '-u' allows unsafe backing chains. For rebasing, it is assumed that old and
+       new backing file match exactly. The image doesn't need a working
+       backing file before rebasing in this case (useful for renaming the
+       backing file). For image creation, allow creating without attempting
+       to open the backing file.
+  '-h' with or without a command shows this help and lists the supported formats
+  '-p' show progress of command (only certain commands)
+  '-q' use Quiet mode - do not print any output (except errors)
+  '-S' indicates the consecutive number of bytes (defaults to 4k) that must
+       contain only zeros for qemu-img to create a sparse image during
+       conversion. If the number of bytes is 0, the source will not be scanned for
+       unallocated or zero sectors, and the destination image will always be
+       fully allocated
+  '--output' takes the format in which the output must be done (human or json)
+  '-n' skips the target volume creation (useful if the volume is created
+       prior to running qemu-img)
+
+Parameters to check subcommand:
+  '-r' tries to repair any inconsistencies that are found during the check.
+       '-r leaks' repairs only cluster leaks, whereas '-r all' fixes all
+       kinds of errors, with a higher risk of choosing the wrong fix or
+       hiding corruption that has already occurred.
+
+Parameters to convert subcommand:
+  '-m' specifies how many coroutines work in parallel during the convert
+       process (defaults to 8)
+  '-W' allow to write to the target out of order rather than sequential
+
+Parameters to snapshot subcommand:
+  'snapshot' is the name of the snapshot to create, apply or delete
+  '-a' applies a snapshot (revert disk to saved state)
+  '-c' creates a snapshot
+  '-d' deletes a snapshot
+  '-l' lists all snapshots in the given image
+
+Parameters to compare subcommand:
+  '-f' first image format
+  '-F' second image format
+  '-s' run in Strict mode - fail on different image size or sector allocation
+`;
+
+/** A usage mistake before the command, as qemu-img's error_exit prints it: exit 1. */
+function qemuImgUsage(io: CliIo, message: string): number {
+  io.stderr(`qemu-img: ${message}\n${QEMU_IMG_TRY_HELP}`);
+  return EXIT_ERROR;
+}
+
+/**
+ * `vstor qemu-img ARGS…`: qemu-img 7.2's command line — its standard options (-h, -V, -T), its
+ * verbs, its messages (`qemu-img: …`) and exit codes (1 for usage mistakes, `Try 'qemu-img
+ * --help'`), `VERB -h` printing the whole help.
+ *
+ * @example
+ * ```ts
+ * import { qemuImgMain } from "./main.ts";
+ * let err = "";
+ * const code = await qemuImgMain(["frobnicate"], { stdout: () => {}, stderr: (s) => err += s });
+ * if (code !== 1 || !err.startsWith("qemu-img: Command not found: frobnicate")) throw new Error();
+ * ```
+ */
+export async function qemuImgMain(args: string[], io: CliIo = stdio): Promise<number> {
+  const qio: CliIo = { ...io, program: "qemu-img" };
+  // Standard options come before the command (getopt "+hVT:"): the first non-option is the command.
+  let i = 0;
+  for (; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg === "--") {
+      i++;
+      break;
     }
-    reportError(e, io);
-    return EXIT_ERROR;
+    if (!arg.startsWith("-") || arg === "-") break;
+    if (arg === "-h" || arg === "--help") {
+      qio.stdout(await qemuImgHelp());
+      return EXIT_OK;
+    }
+    if (arg === "-V" || arg === "--version") {
+      qio.stdout(qemuImgVersion("qemu-img"));
+      return EXIT_OK;
+    }
+    if (arg === "-T" || arg === "--trace") {
+      if (i + 1 >= args.length) return qemuImgUsage(qio, `missing argument for option '${arg}'`);
+      i++;
+      continue;
+    }
+    if (arg.startsWith("--trace=") || (arg.startsWith("-T") && arg.length > 2)) continue;
+    return qemuImgUsage(qio, `unrecognized option '${arg}'`);
   }
+  const name = args[i];
+  const rest = args.slice(i + 1);
+  if (name === undefined) return qemuImgUsage(qio, "Not enough arguments");
+  const verb = verbs[name];
+  if (verb === undefined || verb.qemuImg === undefined) {
+    if (QEMU_IMG_UNSUPPORTED.includes(name)) {
+      errorLine(qio, `Command not supported yet: ${name}`);
+      return EXIT_ERROR;
+    }
+    return qemuImgUsage(qio, `Command not found: ${name}`);
+  }
+  // Every qemu-img command answers -h/--help with the whole help text (before "--").
+  const end = rest.indexOf("--");
+  if ((end < 0 ? rest : rest.slice(0, end)).some((a) => a === "-h" || a === "--help")) {
+    qio.stdout(await qemuImgHelp());
+    return EXIT_OK;
+  }
+  return await runVerb(name, verb, rest, qio);
+}
+
+// ---- Drop-in mode: qemu-io ----
+
+type IoEntry = (args: string[], io: CliIo) => Promise<number>;
+
+/**
+ * `vstor qemu-io ARGS…`: src/cli/io.ts's qemu-io entry when it has one (`qemuIoMain`), else vstor's
+ * own `io` verb.
+ */
+async function qemuIoDropIn(args: string[], io: CliIo): Promise<number> {
+  const qio: CliIo = { ...io, program: "qemu-io" };
+  const mod: Record<string, unknown> = await import("./io.ts");
+  const entry = mod["qemuIoMain"];
+  if (typeof entry === "function") return await (entry as IoEntry)(args, qio);
+  // TODO(drop-in): io.ts does not export qemuIoMain yet; until it does, vstor io stands in.
+  return await runVerb("io", verbs["io"]!, args, qio);
 }

@@ -5,11 +5,10 @@
  * @module
  */
 import { BlockError } from "../errors.ts";
-import { openImage } from "../../formats/open.ts";
 import { type MapEntry, mapImage } from "../../formats/map.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
-import { oneFile, parseVerbArgs } from "./args.ts";
+import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 
 export const MAP_USAGE =
   "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE";
@@ -78,7 +77,7 @@ export async function mapMain(args: string[], io: CliIo): Promise<number> {
   const start = size(values["start-offset"], "start offset") ?? 0;
   const maxLength = size(values["max-length"], "max length");
   const file = oneFile(positionals);
-  const node = await openImage(file, {
+  const node = await openVerbImage(io, file, {
     ...(values.format === undefined ? {} : { format: values.format }),
     readOnly: true,
     forceShare: values["force-share"],

@@ -7,7 +7,6 @@
  */
 import type { BlockNode } from "../block/node.ts";
 import { BlockError, isBlockError } from "../errors.ts";
-import { openImage } from "../../formats/open.ts";
 import {
   checkMeasureOptions,
   measureImage,
@@ -17,7 +16,7 @@ import {
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
-import { parseVerbArgs } from "./args.ts";
+import { openVerbImage, parseVerbArgs } from "./args.ts";
 
 /** The measure verb's synopsis. */
 export const MEASURE_USAGE =
@@ -321,7 +320,7 @@ export async function measureMain(args: string[], io: CliIo): Promise<number> {
   try {
     let sourceSize = 0;
     if (file !== undefined) {
-      node = await openImage(file, {
+      node = await openVerbImage(io, file, {
         ...(values.format === undefined ? {} : { format: values.format }),
         readOnly: true,
         forceShare: values["force-share"],

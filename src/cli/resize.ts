@@ -4,10 +4,9 @@
  * @module
  */
 import { BlockError } from "../errors.ts";
-import { openImage } from "../../formats/open.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, reportError, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
-import { parseVerbArgs } from "./args.ts";
+import { openVerbImage, parseVerbArgs } from "./args.ts";
 
 export const RESIZE_USAGE =
   "vstor resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE";
@@ -51,7 +50,11 @@ export async function resizeMain(args: string[], io: CliIo): Promise<number> {
         "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
     );
   }
-  const node = await openImage(file, values.format === undefined ? {} : { format: values.format });
+  const node = await openVerbImage(
+    io,
+    file,
+    values.format === undefined ? {} : { format: values.format },
+  );
   try {
     const amount = Number(parsedSize.value);
     const size = sign === 0 ? amount : node.size + sign * amount;
@@ -68,16 +71,21 @@ export async function resizeMain(args: string[], io: CliIo): Promise<number> {
     }
     if (size < node.size) {
       if (!values.shrink) {
-        throw new BlockError(
-          "invalid-argument",
-          "Use the --shrink option to perform a shrink operation.\n" +
-            "vstor: warning: Shrinking an image will delete all data beyond the shrunken image's end. " +
-            "Before performing such an operation, make sure there is no important data there.",
-          { path: file },
+        reportError(
+          new BlockError(
+            "invalid-argument",
+            "Use the --shrink option to perform a shrink operation.",
+            { path: file },
+          ),
+          io,
         );
+        errorLine(
+          io,
+          "warning: Shrinking an image will delete all data beyond the shrunken image's end. " +
+            "Before performing such an operation, make sure there is no important data there.",
+        );
+        return EXIT_ERROR;
       }
-      // As qemu-img: what lies past the new end goes.
-      if (node.format === "qcow2") await node.discard(size, node.size - size).catch(() => {});
     }
     await node.truncate(size, mode === undefined ? {} : { preallocation: mode });
   } finally {

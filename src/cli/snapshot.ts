@@ -4,13 +4,12 @@
  * @module
  */
 import { BlockError } from "../errors.ts";
-import { openImage } from "../../formats/open.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { applySnapshot, createSnapshot, deleteSnapshot } from "../../formats/qcow2/snapshot_ops.ts";
 import type { SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { localDate, sizeToStr, vmClock } from "./human.ts";
-import { oneFile, parseVerbArgs } from "./args.ts";
+import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 
 export const SNAPSHOT_USAGE =
   "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE";
@@ -73,7 +72,7 @@ export async function snapshotMain(args: string[], io: CliIo): Promise<number> {
   if (values["force-share"] && !listing) {
     throw new UsageError("--force-share/-U can only be used with -l");
   }
-  const node = await openImage(file, {
+  const node = await openVerbImage(io, file, {
     ...(values.format === undefined ? {} : { format: values.format }),
     readOnly: listing,
     forceShare: values["force-share"],
