@@ -1,0 +1,386 @@
+/**
+ * The runner: plays a case on two copies — QEMU's tools in one directory, vstor in another — and
+ * reports the first divergence: a command one side accepts and the other refuses, a vstor crash,
+ * guest views that differ (size or bytes, read by `qemu-img compare`, so QEMU is the reader of
+ * both copies), or `qemu-img check` results that differ (corruption or leaks on one side only).
+ * Allocation layout alone is never compared.
+ *
+ * @module
+ */
+import { join } from "node:path";
+import { allLines, type Case, type CommandLine, layerFile, type Step } from "./case.ts";
+import { failedRequests, type Outcome, runBoth, runQemu } from "./tools.ts";
+
+/** What kind of difference a divergence is. */
+export type DivergenceKind =
+  /** One side accepted a command the other refused (or the failed requests of a session differ). */
+  | "accept"
+  /** vstor threw out of its CLI instead of returning an exit code. */
+  | "crash"
+  /** The guest view of a layer differs: size or bytes. */
+  | "guest"
+  /** QEMU cannot open vstor's copy of a layer (or only QEMU's copy). */
+  | "unreadable"
+  /** `qemu-img check` finds corruption in vstor's copy and none in QEMU's. */
+  | "check-corrupt"
+  /** `qemu-img check` finds leaked clusters in vstor's copy and none in QEMU's. */
+  | "check-leak"
+  /** `qemu-img check` cannot complete on vstor's copy but can on QEMU's. */
+  | "check-error"
+  /** QEMU's copy leaks (or is corrupt) and vstor's does not: noted, not a vstor failure. */
+  | "qemu-only"
+  /**
+   * A compressed write accepted on one side only, where the two copies' allocation differed
+   * beforehand (qcow2 refuses compressed writes over allocated clusters): noted, not a failure.
+   */
+  | "layout";
+
+/** One divergence, with enough context to tell the two sides apart. */
+export interface Divergence {
+  kind: DivergenceKind;
+  /** Index into {@linkcode allLines} of the command after which it showed (-1: at the end). */
+  command: number;
+  /** The layer concerned, when one is. */
+  layer: number | null;
+  /** A stable key for "the same problem", kept while shrinking. */
+  signature: string;
+  /** What each side printed or read. */
+  detail: string;
+}
+
+/** Whether a divergence fails a run (everything but a QEMU-side-only finding). */
+export function isFailure(d: Divergence): boolean {
+  return d.kind !== "qemu-only" && d.kind !== "layout";
+}
+
+/** How thoroughly to compare. */
+export interface RunOptions {
+  /** Compare the guest view of the top and the touched layer after every command (default true). */
+  compareEveryStep?: boolean;
+  /** Keep the two directories here (q/ and v/) instead of a removed temporary directory. */
+  keepDir?: string;
+}
+
+/** What a run found. */
+export interface RunResult {
+  divergence: Divergence | null;
+  /** Commands run on each side. */
+  commands: number;
+}
+
+function stepOf(c: Case, command: number): Step | undefined {
+  return c.steps[command - c.layers.length];
+}
+
+function verbOf(line: CommandLine): string {
+  return line.tool === "qemu-io" ? "io" : line.args[0] ?? "?";
+}
+
+function clip(text: string, max = 1200): string {
+  const t = text.trim();
+  return t.length > max ? `${t.slice(0, max)} …` : t;
+}
+
+function acceptance(line: CommandLine, q: Outcome, v: Outcome): string | null {
+  const qok = q.code === 0, vok = v.code === 0;
+  if (qok !== vok) {
+    return `${verbOf(line)}: qemu ${qok ? "ok" : "failed"}, vstor ${vok ? "ok" : "failed"}`;
+  }
+  if (line.tool === "qemu-io") {
+    const qf = failedRequests(q.output).join(","), vf = failedRequests(v.output).join(",");
+    if (qf !== vf) return `io: failed requests qemu [${qf}], vstor [${vf}]`;
+  }
+  return null;
+}
+
+/** The virtual size of an image file, from its header (qcow2) or its length (raw); null if absent. */
+async function virtualSize(path: string, format: string): Promise<number | null> {
+  let file;
+  try {
+    file = await Deno.open(path);
+  } catch {
+    return null;
+  }
+  try {
+    if (format === "raw") return (await file.stat()).size;
+    const header = new Uint8Array(32);
+    if ((await file.read(header)) !== 32) return -1;
+    return Number(new DataView(header.buffer).getBigUint64(24));
+  } finally {
+    file.close();
+  }
+}
+
+/** 32 guest bytes at `offset` of an image, as `qemu-io read -v` dumps them. */
+async function dumpAt(path: string, format: string, offset: number, size: number): Promise<string> {
+  const at = Math.max(0, Math.min(offset - (offset % 16), size - 32));
+  const r = await runQemu(
+    {
+      tool: "qemu-io",
+      args: ["-r", "-f", format, "-c", `read -v ${at} ${Math.min(32, size)}`, path],
+    },
+    "/",
+  );
+  return r.output.split("\n").filter((l) => /^[0-9a-f]{8}:/.test(l)).join("\n") || clip(r.output);
+}
+
+async function compareLayer(
+  c: Case,
+  layer: number,
+  dirs: { q: string; v: string },
+  command: number,
+): Promise<Divergence | null> {
+  const name = layerFile(c, layer), fmt = c.layers[layer]!.format;
+  const qp = join(dirs.q, name), vp = join(dirs.v, name);
+  const [qs, vs] = [await virtualSize(qp, fmt), await virtualSize(vp, fmt)];
+  if (qs === null && vs === null) return null;
+  const base = { command, layer };
+  if (qs === null || vs === null) {
+    return {
+      ...base,
+      kind: "accept",
+      signature: "accept:leftover-file",
+      detail: `${name} exists only in ${qs === null ? "vstor's" : "QEMU's"} copy`,
+    };
+  }
+  const cmp = await runQemu(
+    { tool: "qemu-img", args: ["compare", "-f", fmt, "-F", fmt, qp, vp] },
+    dirs.q,
+  );
+  if (cmp.code === 2) {
+    const info = async (p: string) =>
+      (await runQemu({ tool: "qemu-img", args: ["info", "-f", fmt, p] }, "/")).code === 0;
+    const [qOk, vOk] = [await info(qp), await info(vp)];
+    if (qOk === vOk) return null; // Both unreadable: nothing to compare.
+    return {
+      ...base,
+      kind: "unreadable",
+      signature: `unreadable:${vOk ? "qemu" : "vstor"}`,
+      detail: `qemu-img cannot open ${vOk ? "QEMU's" : "vstor's"} copy of ${name}: ${
+        clip(cmp.output)
+      }`,
+    };
+  }
+  if (qs !== vs) {
+    return {
+      ...base,
+      kind: "guest",
+      signature: "guest:size",
+      detail: `${name}: virtual size qemu ${qs}, vstor ${vs}`,
+    };
+  }
+  if (cmp.code === 0) return null;
+  const at = Number(/offset (\d+)/.exec(cmp.output)?.[1] ?? "0");
+  return {
+    ...base,
+    kind: "guest",
+    signature: "guest:bytes",
+    detail: `${name}: ${clip(cmp.output)}\nqemu's copy reads:\n${await dumpAt(
+      qp,
+      fmt,
+      at,
+      qs,
+    )}\nvstor's copy reads:\n${await dumpAt(vp, fmt, at, vs)}`,
+  };
+}
+
+/**
+ * Which clusters under a session's compressed writes the layer itself allocates (an L2 entry with
+ * a host offset or compressed data), as one string per copy: a compressed write over one fails.
+ */
+async function compressTargets(c: Case, s: Step, dir: string): Promise<string> {
+  if (s.kind !== "io" || c.layers[s.layer]!.format !== "qcow2") return "";
+  const ranges = s.cmds.filter((x) => x.op === "compress");
+  if (ranges.length === 0) return "";
+  const r = await runQemu(
+    { tool: "qemu-img", args: ["map", "--output=json", "-f", "qcow2", layerFile(c, s.layer)] },
+    dir,
+  );
+  if (r.code !== 0) return `map failed`;
+  type Entry = { start: number; length: number; depth: number; data: boolean; offset?: number };
+  let map: Entry[];
+  try {
+    map = JSON.parse(r.output.slice(r.output.indexOf("["))) as Entry[];
+  } catch {
+    return "map unparsable";
+  }
+  const own = map.filter((e) => e.depth === 0 && (e.data || e.offset !== undefined));
+  return ranges.map((x) =>
+    own.filter((e) => e.start < x.offset + x.length && x.offset < e.start + e.length)
+      .map((e) =>
+        `${Math.max(e.start, x.offset)}+${
+          Math.min(e.start + e.length, x.offset + x.length) - Math.max(e.start, x.offset)
+        }`
+      ).join(",")
+  ).join(";");
+}
+
+interface CheckResult {
+  code: number;
+  corruptions: number;
+  leaks: number;
+  text: string;
+}
+
+async function check(path: string): Promise<CheckResult> {
+  const r = await runQemu(
+    { tool: "qemu-img", args: ["check", "--output=json", "-f", "qcow2", path] },
+    "/",
+  );
+  try {
+    const json = r.output.slice(r.output.indexOf("{"), r.output.lastIndexOf("}") + 1);
+    const j = JSON.parse(json) as Record<string, unknown>;
+    return {
+      code: r.code,
+      corruptions: Number(j["corruptions"] ?? 0),
+      leaks: Number(j["leaks"] ?? 0),
+      text: clip(r.output, 600),
+    };
+  } catch {
+    return { code: r.code, corruptions: 0, leaks: 0, text: clip(r.output, 600) };
+  }
+}
+
+async function checkLayer(
+  c: Case,
+  layer: number,
+  dirs: { q: string; v: string },
+): Promise<Divergence | null> {
+  if (c.layers[layer]!.format !== "qcow2") return null;
+  const name = layerFile(c, layer);
+  const qp = join(dirs.q, name), vp = join(dirs.v, name);
+  if ((await virtualSize(qp, "qcow2")) === null || (await virtualSize(vp, "qcow2")) === null) {
+    return null;
+  }
+  const [q, v] = [await check(qp), await check(vp)];
+  const detail = `${name}: qemu-img check of QEMU's copy (exit ${q.code}):\n${q.text}\n` +
+    `qemu-img check of vstor's copy (exit ${v.code}):\n${v.text}`;
+  const base = { command: -1, layer, detail };
+  if (v.corruptions > 0 && q.corruptions === 0) {
+    return { ...base, kind: "check-corrupt", signature: "check-corrupt" };
+  }
+  if (v.leaks > 0 && q.leaks === 0 && q.corruptions === 0) {
+    return { ...base, kind: "check-leak", signature: "check-leak" };
+  }
+  if (v.code === 1 && q.code !== 1) {
+    return { ...base, kind: "check-error", signature: "check-error" };
+  }
+  if ((q.leaks > 0 && v.leaks === 0) || (q.corruptions > 0 && v.corruptions === 0)) {
+    return {
+      ...base,
+      kind: "qemu-only",
+      signature: q.corruptions > 0 ? "qemu-only:corrupt" : "qemu-only:leak",
+    };
+  }
+  return null;
+}
+
+/** Layers whose guest view a step may change, besides the top: its own and a commit's base. */
+function touched(s: Step | undefined, command: number): number[] {
+  if (s === undefined) return [command]; // A create: that layer.
+  const out = [s.layer];
+  if (s.kind === "commit") out.push(s.base ?? Math.max(0, s.layer - 1));
+  return out;
+}
+
+/**
+ * Where the copies go: $VSTOR_FUZZ_TMP, else /dev/shm when present (qemu-img flushes on close, and
+ * fdatasync on a disk costs more than the commands), else the system's temporary directory.
+ */
+function tempDirOption(): { dir?: string } {
+  const env = Deno.env.get("VSTOR_FUZZ_TMP");
+  if (env !== undefined) return { dir: env };
+  try {
+    return Deno.statSync("/dev/shm").isDirectory ? { dir: "/dev/shm" } : {};
+  } catch {
+    return {};
+  }
+}
+
+/** Play `c` on both sides and return the first divergence (null when none). */
+export async function runCase(c: Case, opts: RunOptions = {}): Promise<RunResult> {
+  const root = opts.keepDir ??
+    await Deno.makeTempDir({ prefix: "vstor-fuzz-", ...tempDirOption() });
+  const dirs = { q: join(root, "q"), v: join(root, "v") };
+  await Deno.mkdir(dirs.q, { recursive: true });
+  await Deno.mkdir(dirs.v, { recursive: true });
+  const lines = allLines(c);
+  const top = c.layers.length - 1;
+  let commands = 0;
+  try {
+    for (let i = 0; i < lines.length; i++) {
+      const line = lines[i]!;
+      const step = stepOf(c, i);
+      const layout = step?.kind === "io" && step.cmds.some((x) => x.op === "compress")
+        ? [await compressTargets(c, step, dirs.q), await compressTargets(c, step, dirs.v)]
+        : undefined;
+      const { qemu, vstor } = await runBoth(line, dirs.q, dirs.v);
+      commands++;
+      const both = `qemu printed (exit ${qemu.code}):\n${clip(qemu.output)}\n` +
+        `vstor printed (exit ${vstor.code}):\n${clip(vstor.output)}`;
+      if (vstor.code === -1) {
+        const first = /uncaught: (.*)/.exec(vstor.output)?.[1] ?? "";
+        return {
+          commands,
+          divergence: {
+            kind: "crash",
+            command: i,
+            layer: null,
+            signature: `crash:${verbOf(line)}:${first.replace(/\d+/g, "N").slice(0, 80)}`,
+            detail: both,
+          },
+        };
+      }
+      const accept = acceptance(line, qemu, vstor);
+      if (accept !== null && layout !== undefined && layout[0] !== layout[1]) {
+        return {
+          commands,
+          divergence: {
+            kind: "layout",
+            command: i,
+            layer: step?.layer ?? null,
+            signature: "layout:compress",
+            detail: `${accept}\nallocated under the compressed writes before: qemu [${
+              layout[0]
+            }], vstor [${layout[1]}]\n${both}`,
+          },
+        };
+      }
+      if (accept !== null) {
+        const side = qemu.code === 0 ? "vstor-refuses" : "qemu-refuses";
+        return {
+          commands,
+          divergence: {
+            kind: "accept",
+            command: i,
+            layer: step?.layer ?? i,
+            signature: `accept:${verbOf(line)}:${line.tool === "qemu-io" ? "requests" : side}`,
+            detail: `${accept}\n${both}`,
+          },
+        };
+      }
+      if (opts.compareEveryStep ?? true) {
+        const layers = new Set([...touched(stepOf(c, i), i), top]);
+        for (const layer of layers) {
+          if (layer > Math.min(i, top)) continue; // Not created yet.
+          const d = await compareLayer(c, layer, dirs, i);
+          if (d !== null) return { commands, divergence: d };
+        }
+      }
+    }
+    // At the end: the guest view of every layer, then `qemu-img check` of every qcow2 layer.
+    let note: Divergence | null = null;
+    for (let layer = 0; layer <= top; layer++) {
+      const d = await compareLayer(c, layer, dirs, -1);
+      if (d !== null) return { commands, divergence: d };
+    }
+    for (let layer = 0; layer <= top; layer++) {
+      const d = await checkLayer(c, layer, dirs);
+      if (d !== null && isFailure(d)) return { commands, divergence: d };
+      note ??= d;
+    }
+    return { commands, divergence: note };
+  } finally {
+    if (opts.keepDir === undefined) await Deno.remove(root, { recursive: true });
+  }
+}

@@ -1,0 +1,64 @@
+/**
+ * Running one command line on each side: QEMU's tool as a child process, vstor in-process (its
+ * CLI's `main`, as `deno run -A mod.ts VERB` would), both in a given directory.
+ *
+ * @module
+ */
+import { main } from "../../../src/cli/main.ts";
+import type { CommandLine } from "./case.ts";
+
+/** What one side did with a command. */
+export interface Outcome {
+  /** Exit code; -1 when vstor threw instead of returning one. */
+  code: number;
+  /** stdout and stderr, interleaved as far as the tool allows. */
+  output: string;
+}
+
+/** Run QEMU's tool in `cwd`. */
+export async function runQemu(line: CommandLine, cwd: string): Promise<Outcome> {
+  const out = await new Deno.Command(line.tool, {
+    args: line.args,
+    cwd,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const dec = new TextDecoder();
+  return { code: out.code, output: dec.decode(out.stdout) + dec.decode(out.stderr) };
+}
+
+/**
+ * Run the vstor verb for `line` in-process with `cwd` as the working directory (restored after).
+ * An exception escaping the CLI is an outcome of its own (code -1), not a fuzzer failure.
+ */
+export async function runVstor(line: CommandLine, cwd: string): Promise<Outcome> {
+  const args = line.tool === "qemu-io" ? ["io", ...line.args] : line.args;
+  let output = "";
+  const saved = Deno.cwd();
+  Deno.chdir(cwd);
+  try {
+    const code = await main(args, { stdout: (s) => output += s, stderr: (s) => output += s });
+    return { code, output };
+  } catch (e) {
+    return { code: -1, output: `${output}uncaught: ${e instanceof Error ? e.stack : String(e)}` };
+  } finally {
+    Deno.chdir(saved);
+  }
+}
+
+/** Run `line` on both sides at once: QEMU's child runs while vstor works in-process. */
+export async function runBoth(
+  line: CommandLine,
+  qemuDir: string,
+  vstorDir: string,
+): Promise<{ qemu: Outcome; vstor: Outcome }> {
+  const qemu = runQemu(line, qemuDir);
+  const vstor = await runVstor(line, vstorDir);
+  return { qemu: await qemu, vstor };
+}
+
+/** The requests of a qemu-io session that failed, by verb, in order ("write", "discard", ...). */
+export function failedRequests(output: string): string[] {
+  return [...output.matchAll(/^(\w+) failed: /gm)].map((m) => m[1]!);
+}
