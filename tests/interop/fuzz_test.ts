@@ -58,7 +58,8 @@ for (const seed of SEEDS) {
       if (failures.length > 0) {
         throw new Error(
           `${failures.length} of ${CASES} cases diverged (replay one with ` +
-            `deno run -A tests/interop/fuzz/main.ts --seed ${seed} --case K):\n\n` +
+            `deno run -A tests/interop/fuzz/main.ts --seed ${seed} --case K ` +
+            `--layers ${GENERATE.maxLayers} --steps ${GENERATE.maxSteps}):\n\n` +
             failures.join("\n"),
         );
       }

@@ -215,6 +215,25 @@ async function compressTargets(c: Case, s: Step, dir: string): Promise<string> {
   ).join(";");
 }
 
+/** Whether a compressed write of the session touches a cluster an earlier request touched. */
+function compressAfterTouch(c: Case, s: Step & { kind: "io" }): boolean {
+  const layer = c.layers[s.layer]!;
+  const cs = layer.format === "qcow2" ? layer.clusterSize : 512;
+  const clusters = (x: { offset: number; length: number }) =>
+    [
+      Math.floor(x.offset / cs),
+      Math.floor((x.offset + Math.max(1, x.length) - 1) / cs),
+    ] as const;
+  return s.cmds.some((x, i) => {
+    if (x.op !== "compress") return false;
+    const [a, b] = clusters(x);
+    return s.cmds.slice(0, i).some((y) => {
+      const [p, q] = clusters(y);
+      return p <= b && a <= q;
+    });
+  });
+}
+
 interface CheckResult {
   code: number;
   corruptions: number;
@@ -332,6 +351,19 @@ export async function runCase(c: Case, opts: RunOptions = {}): Promise<RunResult
         };
       }
       const accept = acceptance(line, qemu, vstor);
+      if (accept !== null && step?.kind === "io" && compressAfterTouch(c, step)) {
+        return {
+          commands,
+          divergence: {
+            kind: "layout",
+            command: i,
+            layer: step.layer,
+            signature: "layout:compress-in-session",
+            detail: `${accept}\na compressed write follows a request to the same cluster in ` +
+              `the session: whether it may go there depends on allocation\n${both}`,
+          },
+        };
+      }
       if (accept !== null && layout !== undefined && layout[0] !== layout[1]) {
         return {
           commands,
