@@ -24,8 +24,10 @@ export interface BackendHooks {
 /**
  * A device back-end, running in its iothread Worker (or on the caller's thread in tests and
  * benches). It never throws at the guest: malformed requests become per-request status codes;
- * a broken ring surfaces as a `VirtqueueError` thrown from {@linkcode processQueue}, which the
- * caller turns into DEVICE_NEEDS_RESET.
+ * a broken ring surfaces as a `VirtqueueError` (or a `GuestMemoryError`, taken as `outside-ram`)
+ * thrown from {@linkcode processQueue}, or, outside a kick, through
+ * {@linkcode BackendHooks.needsReset}; the caller turns either into DEVICE_NEEDS_RESET for this
+ * device alone and stops serving its queues until {@linkcode reset}.
  */
 export interface DeviceBackend {
   /**

@@ -14,9 +14,14 @@
  * seen = doorbells.waitAny(seen, 2 ms), then idle in Atomics.waitAsync (event loop free)
  * ```
  *
- * A `VirtqueueError` from the back-end (or from building a queue) becomes DEVICE_NEEDS_RESET with
- * a config interrupt (`InterruptState.signalNeedsReset`), in the epoch the queues were activated
- * in; the device then processes nothing until a reset. Before touching any queue the iothread
+ * Ring faults have one way out: every ring access of the loop (the drains, with the back-end's
+ * `processQueue`, and the polling) runs inside `#serve`'s one `try`, activation
+ * inside its own, and the back-end reports faults outside a kick through `hooks.needsReset`. All
+ * three end in `#fault`: a `VirtqueueError` or `GuestMemoryError` (`ringFault`), or any other
+ * back-end failure, becomes DEVICE_NEEDS_RESET with a config interrupt
+ * (`InterruptState.signalNeedsReset`) in the epoch the queues were activated in; the device then
+ * touches none of its queues until a reset, and the iothread, the machine and the other devices
+ * carry on. A guest cannot end the iothread. Before touching any queue the iothread
  * compares its activation epoch with `InterruptState.epoch`: a reset that overtook it (the VMM
  * bumps the epoch before posting `reset`) makes it drop its queues without writing guest memory.
  *
@@ -29,7 +34,7 @@ import { Doorbells } from "../virtio/doorbell.ts";
 import { InterruptState, VcpuInterrupts } from "../virtio/interrupts.ts";
 import { GuestMemory } from "../virtio/memory.ts";
 import { PackedDeviceQueue } from "../virtio/packed_queue.ts";
-import { type DeviceQueue, VirtqueueError } from "../virtio/queue.ts";
+import { type DeviceQueue, ringFault } from "../virtio/queue.ts";
 import { SplitDeviceQueue } from "../virtio/split_queue.ts";
 import type { DeviceBackend } from "./backend.ts";
 import type { CreateBackend, DeviceSpec } from "./device_type.ts";
@@ -101,6 +106,8 @@ class Iothread {
   #handled = 0;
 
   #served: Served[] = [];
+  /** The queue a drain is in (for a failure that does not name one); -1 outside drains. */
+  #draining = -1;
   readonly #scratch: DeviceQueueCounters = {
     chains: 0,
     interrupts: 0,
@@ -172,10 +179,7 @@ class Iothread {
         await this.#handleControl(control.posted);
         continue;
       }
-      if (this.#active && !this.#paused && !this.#broken) {
-        await this.#drain();
-        if (this.#spec.poll !== false && this.#poll()) continue;
-      }
+      if (this.#active && !this.#paused && !this.#broken && await this.#serve()) continue;
       if (performance.now() - lastYield > YIELD_EVERY_MS) {
         // A back-end's timers and callbacks must not starve while kicks keep coming; the next
         // turn drains any queue whose doorbell moved meanwhile.
@@ -299,7 +303,7 @@ class Iothread {
         needsReset: (error) => this.#fault(epoch, -1, error),
       };
     } catch (error) {
-      this.#fault(epoch, error instanceof VirtqueueError ? error.queue : -1, error);
+      this.#fault(epoch, -1, error);
       return describe(error);
     }
     this.#served = served;
@@ -322,6 +326,25 @@ class Iothread {
     if (this.#backendActive) {
       this.#backendActive = false;
       this.#backend.reset();
+    }
+  }
+
+  /**
+   * One turn over the queues: drains those kicked (or pending), then polls. The only place the run
+   * loop touches a ring, so the only place it needs to catch: whatever a queue or the back-end
+   * throws here (a guest's broken ring, a back-end failure) becomes DEVICE_NEEDS_RESET for this
+   * device. Returns true when polling found work.
+   */
+  async #serve(): Promise<boolean> {
+    try {
+      await this.#drain();
+      return this.#spec.poll !== false && this.#poll();
+    } catch (error) {
+      for (const s of this.#served) this.#publish(s);
+      this.#fault(this.#epoch, this.#draining, error);
+      return false;
+    } finally {
+      this.#draining = -1;
     }
   }
 
@@ -368,13 +391,8 @@ class Iothread {
       s.pending = false;
       s.drains++;
       counters.bump("drains");
-      try {
-        await this.#backend.processQueue(s.index, s.interrupt);
-      } catch (error) {
-        this.#publish(s);
-        this.#fault(this.#epoch, s.index, error);
-        return;
-      }
+      this.#draining = s.index;
+      await this.#backend.processQueue(s.index, s.interrupt);
       this.#publish(s);
     }
   }
@@ -406,18 +424,20 @@ class Iothread {
 
   /**
    * QEMU's `virtio_error`: DEVICE_NEEDS_RESET and a config interrupt (in `epoch` only), and the
-   * device stops until reset. A back-end failure that is not a ring fault is treated the same way:
-   * the guest must not be able to take the iothread down.
+   * device stops until reset. A ring fault (`VirtqueueError`, or `GuestMemoryError` as
+   * `outside-ram`) names its queue; a back-end failure that is not one is treated the same way,
+   * reported as `backend` on `queue`: the guest must not be able to take the iothread down.
    */
   #fault(epoch: number, queue: number, error: unknown): void {
     this.#broken = true;
+    const ring = ringFault(error, queue);
     // Counted and reported before the guest can see NEEDS_RESET, so statistics never lag it.
     this.#counters!.bump("faults");
     post({
       kind: "fault",
-      queue,
-      fault: error instanceof VirtqueueError ? error.fault : "backend",
-      message: describe(error),
+      queue: ring?.queue ?? queue,
+      fault: ring?.fault ?? "backend",
+      message: describe(ring ?? error),
     });
     this.#irq!.signalNeedsReset(epoch);
   }

@@ -11,7 +11,12 @@ import type { BlockNode, WriteOptions, WriteZeroesOptions } from "../block/node.
 import { BlockError } from "../errors.ts";
 import { hasFeature } from "../virtio/features.ts";
 import type { GuestMemory } from "../virtio/memory.ts";
-import { type DescriptorChain, type DeviceQueue, VirtqueueError } from "../virtio/queue.ts";
+import {
+  type DescriptorChain,
+  type DeviceQueue,
+  ringFault,
+  VirtqueueError,
+} from "../virtio/queue.ts";
 import type { DeviceBackend } from "./backend.ts";
 import {
   BDRV_REQUEST_MAX_SECTORS,
@@ -326,7 +331,8 @@ export class VirtioBlkBackend implements DeviceBackend {
         if (queue.publish()) interrupt();
       } while (queue.enableNotifications());
     } catch (e) {
-      if (e instanceof VirtqueueError) {
+      // A GuestMemoryError is a ring fault too (outside-ram), whoever let it through.
+      if (ringFault(e, index) !== null) {
         this.#broken = true;
         // As QEMU, what was already merged is still submitted; its completions go nowhere.
         if (!q.dead && q.mrbCount > 0) await this.#submit(q);

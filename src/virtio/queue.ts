@@ -7,6 +7,8 @@
  * @module
  */
 
+import { GuestMemoryError } from "./memory.ts";
+
 /**
  * Why a queue stopped: the driver broke the ring rules. Each reason has a named test.
  * The device answers with DEVICE_NEEDS_RESET and a config interrupt, never by throwing into the VMM.
@@ -38,6 +40,23 @@ export class VirtqueueError extends Error {
     this.fault = fault;
     this.queue = queue;
   }
+}
+
+/**
+ * The ring fault `error` stands for, or `null` when it is not one: a {@linkcode VirtqueueError}
+ * as it is, and a {@linkcode GuestMemoryError} (a ring or buffer the driver placed outside guest
+ * RAM) as `outside-ram` on `queue`. Whoever serves queues turns both into DEVICE_NEEDS_RESET the
+ * same way; anything else is the device's own failure.
+ *
+ * @param error what a queue method or a back-end threw
+ * @param queue the queue being served, for a `GuestMemoryError` (-1 when not tied to one)
+ */
+export function ringFault(error: unknown, queue: number): VirtqueueError | null {
+  if (error instanceof VirtqueueError) return error;
+  if (error instanceof GuestMemoryError) {
+    return new VirtqueueError("outside-ram", queue, error.message);
+  }
+  return null;
 }
 
 /**

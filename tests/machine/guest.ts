@@ -160,6 +160,8 @@ export interface DriverSetup {
   packed: boolean;
   /** First x86 vector: config gets it, queue q gets vectorBase + 1 + q. */
   vectorBase: number;
+  /** Device-specific feature bits the driver accepts when offered (default none). */
+  features?: bigint;
 }
 
 /** A virtio device as the guest driver runs it. */
@@ -224,6 +226,7 @@ export class GuestVirtio {
     let wanted = featureBit(VIRTIO_F_VERSION_1) | featureBit(VIRTIO_RING_F_EVENT_IDX) |
       featureBit(VIRTIO_RING_F_INDIRECT_DESC);
     if (setup.packed) wanted |= featureBit(VIRTIO_F_RING_PACKED);
+    wanted |= setup.features ?? 0n;
     this.features = offered & wanted;
     bus.mmioWrite(common + GFSELECT, 4, 0);
     bus.mmioWrite(common + GF, 4, Number(this.features & 0xffffffffn));
