@@ -1,1083 +1,55 @@
 /**
- * `vstor io`: qemu-io's command language over a {@linkcode BlockNode}, printing what qemu-io 7.2
- * prints, byte for byte (timing lines aside).
+ * `vstor io` and the qemu-io drop-in: qemu-io 7.2's command line and command language over a
+ * {@linkcode BlockNode}, printing what qemu-io prints, byte for byte (timing lines aside).
  *
- * Commands: `alloc`, `discard`, `flush`, `help`, `info`, `length`, `map`, `quit`, `read`,
- * `truncate`, `write`, with qemu-io's one-letter aliases (`a d f ? i l q r t w`). Arguments are split
- * on spaces only and options parsed like GNU getopt (clustered, permuted, `--`). Numbers follow
- * `cvtnum` ({@linkcode parseSize}). Ordinary output goes to `out`; what qemu-io writes to stderr
- * (unknown commands, bad argument counts, getopt complaints, `error_report` lines, which here start
- * with `vstor: ` instead of `qemu-io: `) goes to `err`.
+ * The pieces live in `src/cli/qemu_io/`: `text.ts` (getopt, numbers, strerror, patterns),
+ * `ranges.ts` (byte-granular I/O), `open.ts` (cache/aio/discard modes, `-o` options, the `-s`
+ * overlay), `session.ts` (the open image, checks, aio completions) and `commands.ts` (the table).
+ *
+ * Two faces, one parser: {@linkcode qemuIoMain} answers as qemu-io (messages start `qemu-io:`,
+ * usage on stdout, exit 1 for every failure); {@linkcode ioMain} is `vstor io` (messages start
+ * `vstor:`, usage errors exit 2, and `-o OPTIONS` is accepted as `open -o` takes it).
  *
  * Differences from qemu-io 7.2: sizes are exact bytes (QEMU rounds a raw image's length up to a
- * multiple of 512 and reads zeroes in that tail); VM state (`-b`) is never supported; `truncate -m
- * falloc|full` grows by writing zeroes; a failing `flush` prints nothing, as in qemu-io, but still
- * fails the run.
+ * multiple of 512); VM state (`-b`) is never supported; `truncate -m falloc|full` grows by writing
+ * zeroes; cache modes needing O_DIRECT (`none`, `directsync`, `-n`) and `aio=io_uring` fail to
+ * open with "not supported yet"; aio requests run when submitted and their completions print, in
+ * submission order, when qemu-io's event loop would run (`aio_flush`, `flush`, `sleep`, `close`,
+ * after a synchronous I/O command's own output, at exit), where qemu-io's order depends on thread
+ * timing; `reopen -o` changes only `read-only`, `cache.direct` and `cache.no-flush`; blkdebug
+ * commands fail as on a node without blkdebug, and `wait_break` fails instead of waiting forever.
  *
  * @module
  */
-import { parseArgs } from "node:util";
-import type { BlockNode, Extent } from "../block/node.ts";
-import { BlockError } from "../errors.ts";
-import { openImage, type OpenOptions } from "../../formats/open.ts";
-import { parseSize } from "./size.ts";
-import { probedRawWarning } from "./messages.ts";
-import { formatFixed } from "./human.ts";
+import type { BlockNode } from "../block/node.ts";
+import type { CliIo } from "./main.ts";
+import { closeImage, COMMANDS, type IoNodeExtras, openImageInto } from "./qemu_io/commands.ts";
+import {
+  defaultRequest,
+  parseAioMode,
+  parseCacheMode,
+  parseDiscardMode,
+  parseOptionString,
+} from "./qemu_io/open.ts";
+import { Session } from "./qemu_io/session.ts";
+import { getoptLong, type LongOption } from "./qemu_io/text.ts";
 
-/**
- * Capabilities `vstor io` uses when a node has them (they are not part of {@linkcode BlockNode}).
- */
-export interface IoNodeExtras {
-  /** `write -c`: write `src` compressed; nodes without it fail with "Operation not supported". */
-  writeCompressed?(offset: number, src: Uint8Array): Promise<void>;
-  /** `info`: cluster size in bytes (0 when absent, as qemu-io prints for raw). */
-  readonly clusterSize?: number;
-  /** `info`: where VM state would be saved (0 when absent). */
-  readonly vmStateOffset?: number;
-}
+export type { IoNodeExtras };
 
 /** Options of {@linkcode runIoCommands}. */
 export interface RunIoOptions {
   /** Where lines qemu-io writes to stderr go; default: `out`. */
   err?: (line: string) => void;
+  /** The name error_report() lines start with; default `vstor`. */
+  program?: string;
 }
-
-/** Largest request qemu-io passes on: INT_MAX rounded down to a sector (BDRV_REQUEST_MAX_BYTES). */
-const MAX_REQUEST_BYTES = 2147483136;
-const SECTOR_SIZE = 512;
-const INT64_MAX = (1n << 63n) - 1n;
-const PROGRAM = "vstor";
-const USAGE = "vstor io [-f FMT] [-r] [-U] [-c CMD]... FILE   (commands from stdin without -c)";
-
-/** glibc's strerror() texts for the errnos the block layer reports. */
-const STRERROR: Readonly<Record<number, string>> = {
-  1: "Operation not permitted",
-  2: "No such file or directory",
-  5: "Input/output error",
-  6: "No such device or address",
-  9: "Bad file descriptor",
-  11: "Resource temporarily unavailable",
-  12: "Cannot allocate memory",
-  13: "Permission denied",
-  16: "Device or resource busy",
-  17: "File exists",
-  19: "No such device",
-  21: "Is a directory",
-  22: "Invalid argument",
-  27: "File too large",
-  28: "No space left on device",
-  30: "Read-only file system",
-  34: "Numerical result out of range",
-  95: "Operation not supported",
-  122: "Disk quota exceeded",
-};
-const ERRNO_BY_NAME: Readonly<Record<string, number>> = {
-  EPERM: 1,
-  ENOENT: 2,
-  EIO: 5,
-  ENXIO: 6,
-  EBADF: 9,
-  EAGAIN: 11,
-  ENOMEM: 12,
-  EACCES: 13,
-  EBUSY: 16,
-  EEXIST: 17,
-  ENODEV: 19,
-  EISDIR: 21,
-  EINVAL: 22,
-  EFBIG: 27,
-  ENOSPC: 28,
-  EROFS: 30,
-  ERANGE: 34,
-  EOPNOTSUPP: 95,
-  ENOTSUP: 95,
-  EDQUOT: 122,
-};
-const EIO = 5;
-const EINVAL = 22;
-const EFBIG = 27;
-const ENOTSUP = 95;
-
-function strerror(errno: number): string {
-  return STRERROR[errno] ?? `Unknown error ${errno}`;
-}
-
-/** The errno QEMU would return for the same failure. */
-function errnoOf(e: unknown): number {
-  if (e instanceof BlockError) {
-    if (e.context.errno !== undefined) return e.context.errno;
-    switch (e.kind) {
-      case "unsupported":
-        return ENOTSUP;
-      case "read-only":
-        return 1; // EPERM, as for writes QEMU refuses (the probed-raw guard)
-      case "invalid-argument":
-      case "invalid-format":
-        return EINVAL;
-      case "busy":
-        return 16;
-      case "not-found":
-        return 2;
-      default: // io, out-of-range, corrupt
-        return EIO;
-    }
-  }
-  if (e instanceof RangeError || e instanceof TypeError) return EINVAL;
-  return EIO;
-}
-
-/** A failure with a known errno, for checks `vstor io` makes itself. */
-class IoFailure extends Error {
-  readonly errno: number;
-  constructor(errno: number) {
-    super(strerror(errno));
-    this.errno = errno;
-  }
-}
-
-function errnoText(e: unknown): string {
-  return strerror(e instanceof IoFailure ? e.errno : errnoOf(e));
-}
-
-function messageOf(e: unknown): string {
-  return e instanceof Error ? e.message : String(e);
-}
-
-// ---------------------------------------------------------------------------------------------
-// printf-compatible number formatting
-
-const SIZE_UNITS: ReadonlyArray<readonly [number, string]> = [
-  [2 ** 60, " EiB"],
-  [2 ** 50, " PiB"],
-  [2 ** 40, " TiB"],
-  [2 ** 30, " GiB"],
-  [2 ** 20, " MiB"],
-  [2 ** 10, " KiB"],
-];
-
-/** qemu-io's `cvtstr`: `1 MiB`, `1.500 KiB`, `512 bytes`, `702.007109 bytes`. */
-function cvtstr(value: number): string {
-  let text = formatFixed(value, 6);
-  let suffix = " bytes";
-  for (const [scale, name] of SIZE_UNITS) {
-    if (value >= scale) {
-      text = formatFixed(value / scale, 3);
-      suffix = name;
-      break;
-    }
-  }
-  const trim = text.indexOf(".000");
-  return (trim >= 0 ? text.slice(0, trim) : text) + suffix;
-}
-
-/** qemu-io's `timestr`: `00.00 sec`, or `H:MM:SS.ss` past a second or with `-C`. */
-function timestr(seconds: number, verbose: boolean): string {
-  const whole = Math.floor(seconds);
-  const secs = (whole % 60) + (seconds - whole);
-  if (verbose || whole > 0) {
-    const minutes = String(Math.floor((whole % 3600) / 60)).padStart(2, "0");
-    return `${Math.floor(whole / 3600)}:${minutes}:${formatFixed(secs, 2).padStart(5, "0")}`;
-  }
-  return `${formatFixed(secs, 2).padStart(5, "0")} sec`;
-}
-
-function hex2(b: number): string {
-  return b.toString(16).padStart(2, "0");
-}
-
-/** C's isalnum() in the C locale. */
-function isalnum(b: number): boolean {
-  return (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5a) || (b >= 0x61 && b <= 0x7a);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Argument parsing
-
-interface ParsedOpts {
-  readonly opts: ReadonlyArray<{ readonly c: string; readonly arg: string }>;
-  readonly operands: readonly string[];
-  /** getopt's complaint; the options before it were parsed (and are acted on first). */
-  readonly error?: string;
-}
-
-/** GNU getopt over `argv` (argv[0] is the command): clusters, attached arguments, permutation, `--`. */
-function getopt(argv: readonly string[], optstring: string): ParsedOpts {
-  const opts: Array<{ c: string; arg: string }> = [];
-  const operands: string[] = [];
-  const name = argv[0] ?? "";
-  for (let i = 1; i < argv.length; i++) {
-    const word = argv[i] ?? "";
-    if (word === "--") {
-      operands.push(...argv.slice(i + 1));
-      break;
-    }
-    if (word.length < 2 || word[0] !== "-") {
-      operands.push(word);
-      continue;
-    }
-    for (let j = 1; j < word.length; j++) {
-      const c = word[j] ?? "";
-      const at = c === ":" ? -1 : optstring.indexOf(c);
-      if (at < 0) return { opts, operands, error: `${name}: invalid option -- '${c}'` };
-      if (optstring[at + 1] !== ":") {
-        opts.push({ c, arg: "" });
-        continue;
-      }
-      let arg = word.slice(j + 1);
-      if (arg === "") {
-        if (i + 1 >= argv.length) {
-          return { opts, operands, error: `${name}: option requires an argument -- '${c}'` };
-        }
-        arg = argv[++i] ?? "";
-      }
-      opts.push({ c, arg });
-      break;
-    }
-  }
-  return { opts, operands };
-}
-
-/** C's strtol(arg, &end, 0) with qemu-io's check: a whole-string byte value. */
-function parsePattern(arg: string): number | undefined {
-  const m = /^[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)/.exec(arg);
-  if (m === null) return arg === "" ? 0 : undefined; // no conversion: fine only when nothing follows
-  if (m[0].length !== arg.length) return undefined;
-  const digits = m[2] ?? "";
-  const magnitude = /^0[xX]/.test(digits)
-    ? parseInt(digits.slice(2), 16)
-    : digits.startsWith("0")
-    ? parseInt(digits, 8)
-    : parseInt(digits, 10);
-  const value = m[1] === "-" ? -magnitude : magnitude;
-  return value >= 0 && value <= 255 ? value : undefined;
-}
-
-// ---------------------------------------------------------------------------------------------
-// I/O with read-modify-write for nodes that need aligned requests
-
-function alignDown(n: number, align: number): number {
-  return n - (n % align);
-}
-
-function isAligned(node: BlockNode, offset: number, length: number): boolean {
-  const align = node.requestAlignment;
-  return align <= 1 || (offset % align === 0 && length % align === 0);
-}
-
-/** The aligned range covering `[offset, offset+length)`, clipped to the node. */
-function covering(node: BlockNode, offset: number, length: number): [number, number] {
-  const align = node.requestAlignment;
-  const start = alignDown(offset, align);
-  const end = Math.min(node.size, alignDown(offset + length + align - 1, align));
-  return [start, end];
-}
-
-async function readBytes(node: BlockNode, offset: number, length: number): Promise<Uint8Array> {
-  if (isAligned(node, offset, length) || length === 0) {
-    const buf = new Uint8Array(length);
-    await node.read(offset, buf);
-    return buf;
-  }
-  const [start, end] = covering(node, offset, length);
-  const bounce = new Uint8Array(end - start);
-  await node.read(start, bounce);
-  return bounce.subarray(offset - start, offset - start + length);
-}
-
-async function writeBytes(
-  node: BlockNode,
-  offset: number,
-  src: Uint8Array,
-  fua: boolean,
-): Promise<void> {
-  const opts = fua ? { fua } : {};
-  if (isAligned(node, offset, src.length) || src.length === 0) {
-    return await node.write(offset, src, opts);
-  }
-  const [start, end] = covering(node, offset, src.length);
-  const bounce = new Uint8Array(end - start);
-  await node.read(start, bounce);
-  bounce.set(src, offset - start);
-  await node.write(start, bounce, opts);
-}
-
-async function zeroBytes(
-  node: BlockNode,
-  offset: number,
-  length: number,
-  unmap: boolean,
-  fua: boolean,
-): Promise<void> {
-  const opts = { ...(unmap ? { unmap } : {}), ...(fua ? { fua } : {}) };
-  if (isAligned(node, offset, length) || length === 0) {
-    return await node.writeZeroes(offset, length, opts);
-  }
-  const align = node.requestAlignment;
-  const end = offset + length;
-  const middleStart = alignDown(offset + align - 1, align);
-  const middleEnd = alignDown(end, align);
-  if (middleStart >= middleEnd) {
-    return await writeBytes(node, offset, new Uint8Array(length), fua);
-  }
-  if (middleStart > offset) {
-    await writeBytes(node, offset, new Uint8Array(middleStart - offset), fua);
-  }
-  await node.writeZeroes(middleStart, middleEnd - middleStart, opts);
-  if (end > middleEnd) await writeBytes(node, middleEnd, new Uint8Array(end - middleEnd), fua);
-}
-
-/** Discard is a hint: an unaligned head or tail is left alone, as QEMU does. */
-async function discardBytes(node: BlockNode, offset: number, length: number): Promise<void> {
-  if (isAligned(node, offset, length)) return await node.discard(offset, length);
-  const align = node.requestAlignment;
-  const start = alignDown(offset + align - 1, align);
-  const end = alignDown(offset + length, align);
-  if (end > start) await node.discard(start, end - start);
-}
-
-/** QEMU's request check: inside the node, else EIO. Returns the range as numbers. */
-function checkRange(node: BlockNode, offset: bigint, length: bigint): [number, number] {
-  const size = BigInt(node.size);
-  if (offset > size || length > size - offset) throw new IoFailure(EIO);
-  return [Number(offset), Number(length)];
-}
-
-function isAllocated(extent: Extent): boolean {
-  return extent.kind === "data" || extent.kind === "zero" || extent.kind === "compressed";
-}
-
-// ---------------------------------------------------------------------------------------------
-// Commands
-
-interface Command {
-  readonly name: string;
-  readonly altname?: string;
-  readonly argmin: number;
-  /** -1: no limit. */
-  readonly argmax: number;
-  readonly args?: string;
-  readonly oneline: string;
-  readonly help?: readonly string[];
-  /** Needs write permission: refused up front on a read-only node. */
-  readonly write?: boolean;
-  run(s: Session, argv: string[]): Promise<boolean>;
-}
-
-class Session {
-  readonly node: BlockNode;
-  readonly out: (line: string) => void;
-  readonly err: (line: string) => void;
-  quit = false;
-
-  constructor(node: BlockNode, out: (line: string) => void, err: (line: string) => void) {
-    this.node = node;
-    this.out = out;
-    this.err = err;
-  }
-
-  /** QEMU's error_report(). */
-  report(message: string): void {
-    this.err(`${PROGRAM}: ${message}`);
-  }
-
-  usage(cmd: Command): void {
-    this.out(`${cmd.name} ${cmd.args ?? ""} -- ${cmd.oneline}`);
-  }
-
-  /** qemu-io's cvtnum plus print_cvtnum_err; `shown` is the text the error names. */
-  cvtnum(text: string, shown = text): bigint | undefined {
-    const r = parseSize(text);
-    if (r.ok && r.deprecatedHexSuffix) {
-      this.err(
-        `${PROGRAM}: warning: Using a multiplier suffix on hex numbers is deprecated: ${text}`,
-      );
-    }
-    if (r.ok && r.value <= INT64_MAX) return r.value;
-    if (!r.ok && r.reason === "invalid") {
-      this.out(
-        `Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- ${shown}`,
-      );
-    } else {
-      this.out(`Parsing error: argument too large -- ${shown}`);
-    }
-    return undefined;
-  }
-
-  pattern(arg: string): number | undefined {
-    const p = parsePattern(arg);
-    if (p === undefined) this.out(`${arg} is not a valid pattern byte`);
-    return p;
-  }
-
-  /** print_report(): the result line and the timing line (or the -C line). */
-  printReport(
-    op: string,
-    elapsedMs: number,
-    offset: number,
-    count: number,
-    machine: boolean,
-  ): void {
-    // clock_gettime never reads 0 ns for a request; keep the rates finite as it does.
-    const seconds = Math.max(elapsedMs / 1000, 1e-9);
-    const time = timestr(seconds, machine);
-    if (machine) {
-      this.out(
-        `${count},1,${time},${formatFixed(count / seconds, 3)},${formatFixed(1 / seconds, 3)}`,
-      );
-      return;
-    }
-    this.out(`${op} ${count}/${count} bytes at offset ${offset}`);
-    this.out(
-      `${cvtstr(count)}, 1 ops; ${time} (${cvtstr(count / seconds)}/sec and ${
-        formatFixed(1 / seconds, 4)
-      } ops/sec)`,
-    );
-  }
-
-  dump(buf: Uint8Array, offset: number): void {
-    for (let i = 0; i < buf.length; i += 16) {
-      const row = buf.subarray(i, i + 16);
-      let hex = "";
-      let text = "";
-      for (const b of row) {
-        hex += `${hex2(b)} `;
-        text += isalnum(b) ? String.fromCharCode(b) : ".";
-      }
-      this.out(`${(offset + i).toString(16).padStart(8, "0")}:  ${hex} ${text}`);
-    }
-  }
-
-  /** Run one command line; false when it failed. */
-  async run(line: string): Promise<boolean> {
-    const argv = line.split(" ").filter((word) => word !== "");
-    const name = argv[0];
-    if (name === undefined) return true;
-    const cmd = findCommand(name);
-    if (cmd === undefined) {
-      this.err(`command "${name}" not found`);
-      return false;
-    }
-    const argc = argv.length - 1;
-    if (argc < cmd.argmin || (cmd.argmax !== -1 && argc > cmd.argmax)) {
-      const expected = cmd.argmax === -1
-        ? `at least ${cmd.argmin} arguments`
-        : cmd.argmin === cmd.argmax
-        ? `${cmd.argmin} arguments`
-        : `between ${cmd.argmin} and ${cmd.argmax} arguments`;
-      this.err(`bad argument count ${argc} to ${name}, expected ${expected}`);
-      return false;
-    }
-    if (cmd.write && this.node.readOnly) {
-      this.report("Block node is read-only");
-      return false;
-    }
-    try {
-      return await cmd.run(this, argv);
-    } catch (e) {
-      this.report(messageOf(e));
-      return false;
-    }
-  }
-}
-
-const readCommand: Command = {
-  name: "read",
-  altname: "r",
-  argmin: 2,
-  argmax: -1,
-  args: "[-abCqv] [-P pattern [-s off] [-l len]] off len",
-  oneline: "reads a number of bytes at a specified offset",
-  help: [
-    "",
-    " reads a range of bytes from the given offset",
-    "",
-    " Example:",
-    " 'read -v 512 1k' - dumps 1 kilobyte read from 512 bytes into the file",
-    "",
-    " Reads a segment of the currently open file, optionally dumping it to the",
-    " standard output stream (with -v option) for subsequent inspection.",
-    " -b, -- read from the VM state rather than the virtual disk",
-    " -C, -- report statistics in a machine parsable format",
-    " -l, -- length for pattern verification (only with -P)",
-    " -p, -- ignored for backwards compatibility",
-    " -P, -- use a pattern to verify read data",
-    " -q, -- quiet mode, do not show I/O statistics",
-    " -s, -- start offset for pattern verification (only with -P)",
-    " -v, -- dump buffer to standard output",
-    "",
-  ],
-  async run(s, argv) {
-    let vmState = false, machine = false, quiet = false, verbose = false;
-    let verify = false, hasStart = false, hasLength = false;
-    let pattern = 0;
-    let patternStart = 0n;
-    let patternLength = 0n;
-    const parsed = getopt(argv, "bCl:pP:qs:v");
-    for (const { c, arg } of parsed.opts) {
-      if (c === "b") vmState = true;
-      else if (c === "C") machine = true;
-      else if (c === "q") quiet = true;
-      else if (c === "v") verbose = true;
-      else if (c === "l") {
-        hasLength = true;
-        const n = s.cvtnum(arg);
-        if (n === undefined) return false;
-        patternLength = n;
-      } else if (c === "s") {
-        hasStart = true;
-        const n = s.cvtnum(arg);
-        if (n === undefined) return false;
-        patternStart = n;
-      } else if (c === "P") {
-        verify = true;
-        const p = s.pattern(arg);
-        if (p === undefined) return false;
-        pattern = p;
-      }
-    }
-    if (parsed.error !== undefined || parsed.operands.length !== 2) {
-      if (parsed.error !== undefined) s.err(parsed.error);
-      s.usage(this);
-      return false;
-    }
-    const [offsetText = "", countText = ""] = parsed.operands;
-    const offset = s.cvtnum(offsetText);
-    if (offset === undefined) return false;
-    const count = s.cvtnum(countText);
-    if (count === undefined) return false;
-    if (count > BigInt(MAX_REQUEST_BYTES)) {
-      s.out(`length cannot exceed ${MAX_REQUEST_BYTES}, given ${countText}`);
-      return false;
-    }
-    if (!verify && (hasLength || hasStart)) {
-      s.usage(this);
-      return false;
-    }
-    if (!hasLength) patternLength = count - patternStart;
-    if (patternLength < 0n || patternLength + patternStart > count) {
-      s.out("pattern verification range exceeds end of read data");
-      return false;
-    }
-    if (vmState && !sectorAligned(s, offset, count)) return false;
-
-    let buf: Uint8Array;
-    const t0 = performance.now();
-    try {
-      if (vmState) throw new IoFailure(ENOTSUP);
-      const [at, length] = checkRange(s.node, offset, count);
-      buf = await readBytes(s.node, at, length);
-    } catch (e) {
-      s.out(`read failed: ${errnoText(e)}`);
-      return false;
-    }
-    const elapsed = performance.now() - t0;
-    let ok = true;
-    if (verify) {
-      const from = Number(patternStart);
-      const region = buf.subarray(from, from + Number(patternLength));
-      if (!region.every((b) => b === pattern)) {
-        s.out(
-          `Pattern verification failed at offset ${offset + patternStart}, ${patternLength} bytes`,
-        );
-        ok = false;
-      }
-    }
-    if (quiet) return ok;
-    if (verbose) s.dump(buf, Number(offset));
-    s.printReport("read", elapsed, Number(offset), buf.length, machine);
-    return ok;
-  },
-};
-
-/** qemu-io's sector checks for -b and -c. */
-function sectorAligned(s: Session, offset: bigint, count: bigint): boolean {
-  if (offset % BigInt(SECTOR_SIZE) !== 0n) {
-    s.out(`${offset} is not a sector-aligned value for 'offset'`);
-    return false;
-  }
-  if (count % BigInt(SECTOR_SIZE) !== 0n) {
-    s.out(`${count} is not a sector-aligned value for 'count'`);
-    return false;
-  }
-  return true;
-}
-
-/** What fopen/fread failures print through perror(). */
-function hostErrorText(e: unknown): string {
-  const code = (e as { code?: unknown } | null)?.code;
-  const errno = typeof code === "string" ? ERRNO_BY_NAME[code] : undefined;
-  if (errno !== undefined) return strerror(errno);
-  if (e instanceof Deno.errors.NotFound) return strerror(2);
-  if (e instanceof Deno.errors.PermissionDenied) return strerror(13);
-  if (e instanceof Deno.errors.IsADirectory) return strerror(21);
-  return messageOf(e);
-}
-
-/** `write -s`: the file's first `length` bytes, repeated to fill the buffer. */
-function bufferFromFile(s: Session, path: string, length: number): Uint8Array | undefined {
-  const buf = new Uint8Array(length);
-  let got = 0;
-  try {
-    using file = Deno.openSync(path, { read: true });
-    while (got < length) {
-      const n = file.readSync(buf.subarray(got));
-      if (n === null || n === 0) break;
-      got += n;
-    }
-  } catch (e) {
-    s.err(`${path}: ${hostErrorText(e)}`);
-    return undefined;
-  }
-  if (got === 0) {
-    s.err(`${path}: file is empty`);
-    return undefined;
-  }
-  for (let at = got; at < length; at += got) buf.copyWithin(at, 0, Math.min(got, length - at));
-  return buf;
-}
-
-const writeCommand: Command = {
-  name: "write",
-  altname: "w",
-  argmin: 2,
-  argmax: -1,
-  args: "[-bcCfnquz] [-P pattern | -s source_file] off len",
-  oneline: "writes a number of bytes at a specified offset",
-  write: true,
-  help: [
-    "",
-    " writes a range of bytes from the given offset",
-    "",
-    " Example:",
-    " 'write 512 1k' - writes 1 kilobyte at 512 bytes into the open file",
-    "",
-    " Writes into a segment of the currently open file, using a buffer",
-    " filled with a set pattern (0xcdcdcdcd).",
-    " -b, -- write to the VM state rather than the virtual disk",
-    " -c, -- write compressed data with blk_write_compressed",
-    " -f, -- use Force Unit Access semantics",
-    " -n, -- with -z, don't allow slow fallback",
-    " -p, -- ignored for backwards compatibility",
-    " -P, -- use different pattern to fill file",
-    " -s, -- use a pattern file to fill the write buffer",
-    " -C, -- report statistics in a machine parsable format",
-    " -q, -- quiet mode, do not show I/O statistics",
-    " -u, -- with -z, allow unmapping",
-    " -z, -- write zeroes using blk_co_pwrite_zeroes",
-    "",
-  ],
-  async run(s, argv) {
-    let vmState = false, compressed = false, machine = false, fua = false, noFallback = false;
-    let quiet = false, unmap = false, zeroes = false, hasPattern = false;
-    let pattern = 0xcd;
-    let sourceFile: string | undefined;
-    const parsed = getopt(argv, "bcCfnpP:qs:uz");
-    for (const { c, arg } of parsed.opts) {
-      if (c === "b") vmState = true;
-      else if (c === "c") compressed = true;
-      else if (c === "C") machine = true;
-      else if (c === "f") fua = true;
-      else if (c === "n") noFallback = true;
-      else if (c === "q") quiet = true;
-      else if (c === "s") sourceFile = arg;
-      else if (c === "u") unmap = true;
-      else if (c === "z") zeroes = true;
-      else if (c === "P") {
-        hasPattern = true;
-        const p = s.pattern(arg);
-        if (p === undefined) return false;
-        pattern = p;
-      }
-    }
-    if (parsed.error !== undefined || parsed.operands.length !== 2) {
-      if (parsed.error !== undefined) s.err(parsed.error);
-      s.usage(this);
-      return false;
-    }
-    if (vmState && zeroes) {
-      s.out("-b and -z cannot be specified at the same time");
-      return false;
-    }
-    if (fua && (vmState || compressed)) {
-      s.out("-f and -b or -c cannot be specified at the same time");
-      return false;
-    }
-    if (noFallback && !zeroes) {
-      s.out("-n requires -z to be specified");
-      return false;
-    }
-    if (unmap && !zeroes) {
-      s.out("-u requires -z to be specified");
-      return false;
-    }
-    if (Number(zeroes) + Number(hasPattern) + Number(sourceFile !== undefined) > 1) {
-      s.out("Only one of -z, -P, and -s can be specified at the same time");
-      return false;
-    }
-    const [offsetText = "", countText = ""] = parsed.operands;
-    const offset = s.cvtnum(offsetText);
-    if (offset === undefined) return false;
-    const count = s.cvtnum(countText);
-    if (count === undefined) return false;
-    if (count > BigInt(MAX_REQUEST_BYTES) && !noFallback) {
-      s.out(`length cannot exceed ${MAX_REQUEST_BYTES} without -n, given ${countText}`);
-      return false;
-    }
-    if ((vmState || compressed) && !sectorAligned(s, offset, count)) return false;
-
-    let buf: Uint8Array | undefined;
-    if (!zeroes) {
-      // Only -z may go past MAX_REQUEST_BYTES, so the buffer size is a safe number.
-      if (sourceFile !== undefined) {
-        buf = bufferFromFile(s, sourceFile, Number(count));
-        if (buf === undefined) return false;
-      } else {
-        buf = new Uint8Array(Number(count)).fill(pattern);
-      }
-    }
-    const node = s.node as BlockNode & IoNodeExtras;
-    const t0 = performance.now();
-    try {
-      if (vmState) throw new IoFailure(ENOTSUP);
-      const [at, length] = checkRange(node, offset, count);
-      if (buf === undefined) {
-        await zeroBytes(node, at, length, unmap, fua);
-      } else if (compressed) {
-        if (node.writeCompressed === undefined) throw new IoFailure(ENOTSUP);
-        await node.writeCompressed(at, buf);
-      } else {
-        await writeBytes(node, at, buf, fua);
-      }
-    } catch (e) {
-      s.out(`write failed: ${errnoText(e)}`);
-      return false;
-    }
-    const elapsed = performance.now() - t0;
-    if (!quiet) s.printReport("wrote", elapsed, Number(offset), Number(count), machine);
-    return true;
-  },
-};
-
-const discardCommand: Command = {
-  name: "discard",
-  altname: "d",
-  argmin: 2,
-  argmax: -1,
-  args: "[-Cq] off len",
-  oneline: "discards a number of bytes at a specified offset",
-  write: true,
-  help: [
-    "",
-    " discards a range of bytes from the given offset",
-    "",
-    " Example:",
-    " 'discard 512 1k' - discards 1 kilobyte from 512 bytes into the file",
-    "",
-    " Discards a segment of the currently open file.",
-    " -C, -- report statistics in a machine parsable format",
-    " -q, -- quiet mode, do not show I/O statistics",
-    "",
-  ],
-  async run(s, argv) {
-    let machine = false, quiet = false;
-    const parsed = getopt(argv, "Cq");
-    for (const { c } of parsed.opts) {
-      if (c === "C") machine = true;
-      else if (c === "q") quiet = true;
-    }
-    if (parsed.error !== undefined || parsed.operands.length !== 2) {
-      if (parsed.error !== undefined) s.err(parsed.error);
-      s.usage(this);
-      return false;
-    }
-    const [offsetText = "", countText = ""] = parsed.operands;
-    const offset = s.cvtnum(offsetText);
-    if (offset === undefined) return false;
-    const count = s.cvtnum(countText);
-    if (count === undefined) return false;
-    if (count > BigInt(MAX_REQUEST_BYTES)) {
-      s.out(`length cannot exceed ${MAX_REQUEST_BYTES}, given ${countText}`);
-      return false;
-    }
-    const t0 = performance.now();
-    try {
-      const [at, length] = checkRange(s.node, offset, count);
-      await discardBytes(s.node, at, length);
-    } catch (e) {
-      s.out(`discard failed: ${errnoText(e)}`);
-      return false;
-    }
-    const elapsed = performance.now() - t0;
-    if (!quiet) s.printReport("discard", elapsed, Number(offset), Number(count), machine);
-    return true;
-  },
-};
-
-const flushCommand: Command = {
-  name: "flush",
-  altname: "f",
-  argmin: 0,
-  argmax: 0,
-  oneline: "flush all in-core file state to disk",
-  async run(s) {
-    try {
-      await s.node.flush();
-      return true;
-    } catch {
-      return false; // qemu-io prints nothing for a failed flush, only its exit status tells
-    }
-  },
-};
-
-const PREALLOC_MODES = new Set(["off", "metadata", "falloc", "full"]);
-
-const truncateCommand: Command = {
-  name: "truncate",
-  altname: "t",
-  argmin: 1,
-  argmax: 3,
-  args: "[-m prealloc_mode] off",
-  oneline: "truncates the current file at the given offset",
-  write: true,
-  async run(s, argv) {
-    let mode = "off";
-    const parsed = getopt(argv, "m:");
-    for (const { c, arg } of parsed.opts) {
-      if (c !== "m") continue;
-      if (!PREALLOC_MODES.has(arg)) {
-        s.report(`Invalid preallocation mode '${arg}'`);
-        return false;
-      }
-      mode = arg;
-    }
-    const sizeText = parsed.operands[0];
-    if (parsed.error !== undefined || sizeText === undefined) {
-      // qemu-io 7.2 crashes on `truncate -m off` without a size; a usage line is kinder.
-      if (parsed.error !== undefined) s.err(parsed.error);
-      s.usage(this);
-      return false;
-    }
-    // qemu-io names argv[1] in the error, even when that is "-m".
-    const size = s.cvtnum(sizeText, argv[1]);
-    if (size === undefined) return false;
-    const node = s.node;
-    if (node.truncate === undefined) {
-      s.report("Image format driver does not support resize");
-      return false;
-    }
-    if (mode === "metadata") {
-      s.report("Unsupported preallocation mode: metadata");
-      return false;
-    }
-    if (size > BigInt(Number.MAX_SAFE_INTEGER)) {
-      s.report(`Could not resize file: ${strerror(EFBIG)}`);
-      return false;
-    }
-    const oldSize = node.size;
-    const newSize = Number(size);
-    try {
-      await node.truncate(newSize);
-      if (mode !== "off" && newSize > oldSize) {
-        await node.writeZeroes(oldSize, newSize - oldSize);
-      }
-    } catch (e) {
-      const errno = e instanceof BlockError ? e.context.errno : undefined;
-      s.report(errno === undefined ? messageOf(e) : `Could not resize file: ${strerror(errno)}`);
-      return false;
-    }
-    return true;
-  },
-};
-
-const lengthCommand: Command = {
-  name: "length",
-  altname: "l",
-  argmin: 0,
-  argmax: 0,
-  oneline: "gets the length of the current file",
-  run(s) {
-    s.out(cvtstr(s.node.size));
-    return Promise.resolve(true);
-  },
-};
-
-const infoCommand: Command = {
-  name: "info",
-  altname: "i",
-  argmin: 0,
-  argmax: 0,
-  oneline: "prints information about the current file",
-  run(s) {
-    const node = s.node as BlockNode & IoNodeExtras;
-    s.out(`format name: ${node.format}`);
-    s.out(`cluster size: ${cvtstr(node.clusterSize ?? 0)}`);
-    s.out(`vm state offset: ${cvtstr(node.vmStateOffset ?? 0)}`);
-    return Promise.resolve(true);
-  },
-};
-
-/** bdrv_is_allocated(): whether `offset` is allocated in this layer, and for how many bytes. */
-async function allocationAt(
-  node: BlockNode,
-  offset: number,
-  bytes: number,
-): Promise<{ allocated: boolean; length: number }> {
-  if (offset >= node.size || bytes === 0) return { allocated: false, length: 0 };
-  const extent = await node.blockStatus(offset, Math.min(bytes, node.size - offset));
-  if (extent.kind === "eof") return { allocated: false, length: 0 };
-  return { allocated: isAllocated(extent), length: extent.length };
-}
-
-const allocCommand: Command = {
-  name: "alloc",
-  altname: "a",
-  argmin: 1,
-  argmax: 2,
-  args: "offset [count]",
-  oneline: "checks if offset is allocated in the file",
-  async run(s, argv) {
-    const start = s.cvtnum(argv[1] ?? "");
-    if (start === undefined) return false;
-    let count = BigInt(SECTOR_SIZE);
-    if (argv.length === 3) {
-      const n = s.cvtnum(argv[2] ?? "");
-      if (n === undefined) return false;
-      count = n;
-    }
-    // Past the end, nothing is allocated and the count shrinks to what the image holds.
-    const size = BigInt(s.node.size);
-    const inside = start >= size ? 0n : count < size - start ? count : size - start;
-    let offset = Number(start);
-    let remaining = Number(inside);
-    let allocated = 0;
-    try {
-      while (remaining > 0) {
-        const run = await allocationAt(s.node, offset, remaining);
-        if (run.length === 0) break;
-        if (run.allocated) allocated += run.length;
-        offset += run.length;
-        remaining -= run.length;
-      }
-    } catch (e) {
-      s.out(`is_allocated failed: ${errnoText(e)}`);
-      return false;
-    }
-    s.out(`${allocated}/${inside} bytes allocated at offset ${cvtstr(Number(start))}`);
-    return true;
-  },
-};
-
-const mapCommand: Command = {
-  name: "map",
-  argmin: 0,
-  argmax: 0,
-  args: "",
-  oneline: "prints the allocated areas of a file",
-  async run(s) {
-    let offset = 0;
-    let bytes = s.node.size;
-    while (bytes > 0) {
-      let allocated: boolean;
-      let length: number;
-      try {
-        const first = await allocationAt(s.node, offset, bytes);
-        allocated = first.allocated;
-        length = first.length;
-        // Merge following runs of the same status into one line, as map_is_allocated() does.
-        while (first.length > 0 && length < bytes) {
-          const next = await allocationAt(s.node, offset + length, bytes - length);
-          if (next.length === 0 || next.allocated !== allocated) break;
-          length += next.length;
-        }
-      } catch (e) {
-        s.report(`Failed to get allocation status: ${errnoText(e)}`);
-        return false;
-      }
-      if (length === 0) {
-        s.report("Unexpected end of image");
-        return false;
-      }
-      const status = allocated ? "    allocated" : "not allocated";
-      s.out(
-        `${cvtstr(length)} (0x${length.toString(16)}) bytes ${status} at offset ${
-          cvtstr(offset)
-        } (0x${offset.toString(16)})`,
-      );
-      offset += length;
-      bytes -= length;
-    }
-    return true;
-  },
-};
-
-const helpCommand: Command = {
-  name: "help",
-  altname: "?",
-  argmin: 0,
-  argmax: 1,
-  args: "[command]",
-  oneline: "help for one or all commands",
-  run(s, argv) {
-    const topic = argv[1];
-    if (topic === undefined) {
-      for (const cmd of COMMANDS) s.out(helpLine(cmd.name, cmd));
-      s.out("");
-      s.out("Use 'help commandname' for extended help.");
-      return Promise.resolve(true);
-    }
-    const cmd = findCommand(topic);
-    if (cmd === undefined) {
-      s.out(`command ${topic} not found`);
-      return Promise.resolve(false);
-    }
-    s.out(helpLine(topic, cmd));
-    for (const line of cmd.help ?? []) s.out(line);
-    return Promise.resolve(true);
-  },
-};
-
-const quitCommand: Command = {
-  name: "quit",
-  altname: "q",
-  argmin: 0,
-  argmax: -1,
-  oneline: "exit the program",
-  run(s) {
-    s.quit = true;
-    return Promise.resolve(true);
-  },
-};
-
-function helpLine(typed: string, cmd: Command): string {
-  return `${typed} ${cmd.args === undefined ? "" : `${cmd.args} `}-- ${cmd.oneline}`;
-}
-
-/** Sorted by name, as qemu-io keeps its table. */
-const COMMANDS: readonly Command[] = [
-  allocCommand,
-  discardCommand,
-  flushCommand,
-  helpCommand,
-  infoCommand,
-  lengthCommand,
-  mapCommand,
-  quitCommand,
-  readCommand,
-  truncateCommand,
-  writeCommand,
-];
-
-function findCommand(name: string): Command | undefined {
-  return COMMANDS.find((cmd) => cmd.name === name || cmd.altname === name);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Entry points
 
 /**
  * Run qemu-io commands against an open node, one command per string, stopping after `quit`.
+ * The node is used as opened (cache=writeback); `close` in the commands closes it, else it stays
+ * open. Outstanding aio completions print before this returns.
  *
- * @param node The node the commands act on (left open).
+ * @param node The node the commands act on.
  * @param commands Command lines, e.g. `"write -P 0xab 0 64k"`.
  * @param out Receives each output line, without its newline.
  * @param options Where stderr lines go (default: `out`).
@@ -1099,30 +71,170 @@ export async function runIoCommands(
   out: (line: string) => void,
   options: RunIoOptions = {},
 ): Promise<boolean> {
-  const session = new Session(node, out, options.err ?? out);
+  const request = {
+    ...defaultRequest(),
+    path: node.filename,
+    format: node.format,
+    readOnly: node.readOnly,
+    cache: parseCacheMode("writeback")!,
+  };
+  const session = new Session(
+    { node, request, name: node.filename, readOnly: node.readOnly },
+    COMMANDS,
+    { program: options.program ?? "vstor", out, err: options.err ?? out },
+  );
   let ok = true;
   for await (const line of commands) {
     if (!(await session.run(line))) ok = false;
     if (session.quit) break;
   }
+  session.drain();
   return ok;
 }
 
-const HELP = `usage: ${USAGE}
+/** The streams {@linkcode ioMain} and {@linkcode qemuIoMain} use. */
+export interface IoMainIo {
+  stdout?: (s: string) => void;
+  stderr?: (s: string) => void;
+  /** Commands when no `-c` is given; default the process's stdin. */
+  stdin?: ReadableStream<Uint8Array>;
+  /**
+   * raise(signal) for `sigraise` and `abort`; default: the signal is sent to this process. When
+   * it returns, the run stops as if the process had died and exits 128 + signal.
+   */
+  raise?: (signal: number) => void;
+}
 
-Run qemu-io commands on an image: each -c CMD in order, or one command per line from stdin.
+/** How the entry answers: as qemu-io or as `vstor io`. */
+interface Face {
+  readonly program: "qemu-io" | "vstor";
+}
 
-Options:
-  -f, --format FMT     image format (probed when absent)
-  -r, --read-only      open the image read-only
-  -U, --force-share    share the image with writers (needs -r)
-  -c, --cmd CMD        run CMD; may be repeated
-  -h, --help           show this help
+const VSTOR_USAGE =
+  "vstor io [-f FMT] [-r] [-s] [-U] [-t CACHE] [-i AIO] [-d DISCARD] [-o OPTIONS] [-c CMD]... [FILE]";
 
-Commands (see -c help): alloc, discard, flush, help, info, length, map, quit, read, truncate, write
+const QEMU_VERSION = "7.2.0";
+
+function qemuUsage(name: string): string {
+  return `Usage: ${name} [OPTIONS]... [-c STRING]... [file]
+QEMU Disk exerciser
+
+  --object OBJECTDEF   define an object such as 'secret' for
+                       passwords and/or encryption keys
+  --image-opts         treat file as option string
+  -c, --cmd STRING     execute command with its arguments
+                       from the given string
+  -f, --format FMT     specifies the block driver to use
+  -r, --read-only      export read-only
+  -s, --snapshot       use snapshot file
+  -n, --nocache        disable host cache, short for -t none
+  -C, --copy-on-read   enable copy-on-read
+  -m, --misalign       misalign allocations for O_DIRECT
+  -k, --native-aio     use kernel AIO implementation
+                       (Linux only, prefer use of -i)
+  -i, --aio=MODE       use AIO mode (threads, native or io_uring)
+  -t, --cache=MODE     use the given cache mode for the image
+  -d, --discard=MODE   use the given discard mode for the image
+  -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                       specify tracing options
+                       see qemu-img(1) man page for full description
+  -U, --force-share    force shared permissions
+  -h, --help           display this help and exit
+  -V, --version        output version information and exit
+
+See '${name} -c help' for information on available commands.
+
+See <https://qemu.org/contribute/report-a-bug> for how to report bugs.
+More information on the QEMU project at <https://qemu.org>.
+`;
+}
+
+const VSTOR_HELP = `usage: ${VSTOR_USAGE}
+
+Run qemu-io 7.2 commands on an image: each -c CMD in order, or one command per line from stdin.
+Options are qemu-io's (see 'vstor qemu-io --help'), plus:
+  -o, --options OPTS   open options, as the open command's -o (driver=FMT,file.filename=PATH,
+                       read-only=on, cache.no-flush=on, l2-cache-size=N, offset=N, size=N ...)
+Cache modes: writethrough (default), writeback, unsafe; none and directsync need O_DIRECT, which
+vstor does not support yet. AIO modes: threads (io_uring and native are not supported yet).
+Discard modes: unmap/on (default), ignore/off. -s writes to a temporary qcow2 overlay that is
+deleted at exit: the image file is never changed.
+
+Commands (see -c help): abort aio_flush aio_read aio_write alloc break close discard flush help
+info length map open quit read readv remove_break reopen resume sigraise sleep truncate
+wait_break write writev
 Exit status: 0 when every command succeeded, 1 when one failed or FILE could not be opened,
 2 for a usage error.
 `;
+
+const LONG_OPTIONS: readonly LongOption[] = [
+  { name: "help", hasArg: false, key: "h" },
+  { name: "version", hasArg: false, key: "V" },
+  { name: "cmd", hasArg: true, key: "c" },
+  { name: "format", hasArg: true, key: "f" },
+  { name: "read-only", hasArg: false, key: "r" },
+  { name: "snapshot", hasArg: false, key: "s" },
+  { name: "nocache", hasArg: false, key: "n" },
+  { name: "copy-on-read", hasArg: false, key: "C" },
+  { name: "misalign", hasArg: false, key: "m" },
+  { name: "native-aio", hasArg: false, key: "k" },
+  { name: "aio", hasArg: true, key: "i" },
+  { name: "discard", hasArg: true, key: "d" },
+  { name: "cache", hasArg: true, key: "t" },
+  { name: "trace", hasArg: true, key: "T" },
+  { name: "object", hasArg: true, key: "object" },
+  { name: "image-opts", hasArg: false, key: "image-opts" },
+  { name: "force-share", hasArg: false, key: "U" },
+];
+const VSTOR_LONG_OPTIONS: readonly LongOption[] = [
+  ...LONG_OPTIONS,
+  { name: "options", hasArg: true, key: "o" },
+];
+
+/** Signals whose default action is to be ignored: raise() returns and qemu-io goes on. */
+const IGNORED_SIGNALS = new Set([17, 18, 23, 28]);
+const SIGNAL_NAMES: Readonly<Record<number, Deno.Signal>> = {
+  1: "SIGHUP",
+  2: "SIGINT",
+  3: "SIGQUIT",
+  4: "SIGILL",
+  5: "SIGTRAP",
+  6: "SIGABRT",
+  7: "SIGBUS",
+  8: "SIGFPE",
+  9: "SIGKILL",
+  10: "SIGUSR1",
+  11: "SIGSEGV",
+  12: "SIGUSR2",
+  13: "SIGPIPE",
+  14: "SIGALRM",
+  15: "SIGTERM",
+  16: "SIGSTKFLT",
+  19: "SIGSTOP",
+  20: "SIGTSTP",
+  21: "SIGTTIN",
+  22: "SIGTTOU",
+  24: "SIGXCPU",
+  25: "SIGXFSZ",
+  26: "SIGVTALRM",
+  27: "SIGPROF",
+  29: "SIGIO",
+  30: "SIGPWR",
+  31: "SIGSYS",
+};
+
+/** The process's own raise(): the signal where Deno can send it, else exit as a shell shows it. */
+function raiseInProcess(signal: number): void {
+  const name = SIGNAL_NAMES[signal];
+  if (name !== undefined) {
+    try {
+      Deno.kill(Deno.pid, name);
+    } catch {
+      // fall through to exit
+    }
+  }
+  Deno.exit(128 + signal);
+}
 
 const encoder = new TextEncoder();
 
@@ -1152,87 +264,124 @@ async function* lines(
   if (pending !== "") yield pending;
 }
 
-function* each(commands: readonly string[], beforeEach: () => void): Generator<string> {
-  for (const command of commands) {
-    beforeEach();
-    yield command;
-  }
-}
-
-/**
- * The `vstor io` command line: `[-f FMT] [-r] [-U] [-c CMD]... FILE`, commands from stdin (one per
- * line) when no `-c` is given.
- *
- * @param args The arguments after the verb `io`.
- * @param io Output and input streams; default the process's.
- * @returns The exit code: 0 ok, 1 a command failed or FILE did not open, 2 usage.
- * @example
- * ```ts
- * import { ioMain } from "./io.ts";
- * let err = "";
- * const code = await ioMain([], { stderr: (s) => err += s });
- * if (code !== 2 || !err.includes("usage")) throw new Error("expected a usage error");
- * ```
- */
-export async function ioMain(
-  args: string[],
-  io: {
-    stdout?: (s: string) => void;
-    stderr?: (s: string) => void;
-    stdin?: ReadableStream<Uint8Array>;
-  } = {},
-): Promise<number> {
+async function runMain(args: string[], io: IoMainIo, face: Face): Promise<number> {
   const stdout = io.stdout ?? ((text: string) => writeAllSync(Deno.stdout, text));
   const stderr = io.stderr ?? ((text: string) => writeAllSync(Deno.stderr, text));
-  const usageError = (message: string): number => {
-    stderr(`vstor io: ${message}\nusage: ${USAGE}\n`);
+  const qemu = face.program === "qemu-io";
+  const prefix = qemu ? "qemu-io" : "vstor";
+  const report = (message: string) => stderr(`${prefix}: ${message}\n`);
+  /** A command-line mistake (`line` starts with the program): qemu-io prints its usage on stdout and exits 1. */
+  const usageError = (line: string | undefined): number => {
+    if (qemu) {
+      if (line !== undefined) stderr(`${line}\n`);
+      stdout(qemuUsage("qemu-io"));
+      return 1;
+    }
+    stderr(`${line ?? "vstor io: bad arguments"}\nusage: ${VSTOR_USAGE}\n`);
     return 2;
   };
 
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      options: {
-        format: { type: "string", short: "f" },
-        "read-only": { type: "boolean", short: "r" },
-        "force-share": { type: "boolean", short: "U" },
-        cmd: { type: "string", short: "c", multiple: true },
-        help: { type: "boolean", short: "h" },
-      },
-      allowPositionals: true,
-      strict: true,
-    });
-  } catch (e) {
-    // node:util's messages run on with advice; the first sentence names the problem.
-    return usageError(messageOf(e).split(". ")[0]?.replace(/\.$/, "") ?? "bad arguments");
+  const request = defaultRequest();
+  const commands: string[] = [];
+  let imageOpts = false;
+  let format: string | undefined;
+  const parsed = getoptLong(
+    [prefix, ...args],
+    qemu ? "hVc:d:f:rsnCmki:t:T:U" : "hVc:d:f:rsnCmki:t:T:Uo:",
+    qemu ? LONG_OPTIONS : VSTOR_LONG_OPTIONS,
+    qemu ? "qemu-io" : "vstor io",
+  );
+  for (const { c, arg } of parsed.opts) {
+    switch (c) {
+      case "s":
+        request.snapshot = true;
+        break;
+      case "n":
+        request.cache = { ...request.cache, direct: true, writethrough: false };
+        break;
+      case "C":
+        request.copyOnRead = true;
+        break;
+      case "d": {
+        const mode = parseDiscardMode(arg);
+        if (mode === undefined) {
+          report(`Invalid discard option: ${arg}`);
+          return 1;
+        }
+        request.discard = mode;
+        break;
+      }
+      case "f":
+        format = arg;
+        break;
+      case "c":
+        commands.push(arg);
+        break;
+      case "r":
+        request.readOnly = true;
+        break;
+      case "m": // buffers are never misaligned for O_DIRECT: there is no O_DIRECT yet
+      case "T": // vstor has no trace events
+        break;
+      case "k":
+        request.aio = "native";
+        break;
+      case "i": {
+        const mode = parseAioMode(arg);
+        if (mode === undefined) {
+          report(`Invalid aio option: ${arg}`);
+          return 1;
+        }
+        request.aio = mode;
+        break;
+      }
+      case "t": {
+        const mode = parseCacheMode(arg);
+        if (mode === undefined) {
+          report(`Invalid cache option: ${arg}`);
+          return 1;
+        }
+        request.cache = mode;
+        break;
+      }
+      case "V":
+        stdout(
+          `${
+            qemu ? "qemu-io" : "vstor io"
+          } version ${QEMU_VERSION} (vstor, Deno ${Deno.version.deno})\n` +
+            "Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers\n",
+        );
+        return 0;
+      case "h":
+        stdout(qemu ? qemuUsage("qemu-io") : VSTOR_HELP);
+        return 0;
+      case "U":
+        request.forceShare = true;
+        break;
+      case "object":
+        report(`--object is not supported by vstor yet: ${arg}`);
+        return 1;
+      case "image-opts":
+        imageOpts = true;
+        break;
+      case "o":
+        request.options.push(...parseOptionString(arg, (message) => {
+          const [first = "", ...rest] = message.split("\n");
+          report(`warning: ${first}`);
+          for (const line of rest) stderr(`${line}\n`);
+        }));
+        break;
+    }
   }
-  const { values, positionals } = parsed;
-  if (values.help) {
-    stdout(HELP);
-    return 0;
-  }
-  if (positionals.length !== 1) {
-    return usageError(positionals.length === 0 ? "missing FILE" : "expected one FILE");
-  }
-  const path = positionals[0] ?? "";
-  const format = values.format;
-  const openOptions: OpenOptions = {
-    readOnly: values["read-only"] ?? false,
-    forceShare: values["force-share"] ?? false,
-    ...(format === undefined ? {} : { format }),
-  };
-
-  let node: BlockNode;
-  try {
-    node = await openImage(path, openOptions);
-  } catch (e) {
-    const message = messageOf(e);
-    stderr(`${PROGRAM}: ${message.includes(path) ? message : `${path}: ${message}`}\n`);
+  if (parsed.error !== undefined) return usageError(parsed.error);
+  const operands = parsed.operands;
+  if (operands.length > 1) return usageError(qemu ? undefined : "vstor io: expected one FILE");
+  if (format !== undefined && imageOpts) {
+    report("--image-opts and -f are mutually exclusive");
     return 1;
   }
-  if (format === undefined && node.format === "raw" && !node.readOnly) {
-    stderr(probedRawWarning(path));
+  if (!qemu && operands.length === 0 && commands.length === 0 && request.options.length === 0) {
+    return usageError("vstor io: missing FILE");
   }
 
   // Output is batched per command (and per 64 KiB); stderr lines flush it first to keep order.
@@ -1253,26 +402,109 @@ export async function ioMain(
     flushOut();
     stderr(`${line}\n`);
   };
-  const interactive = io.stdin === undefined && Deno.stdin.isTerminal();
-  const beforeEach = () => {
-    flushOut();
-    if (interactive) stdout(`${PROGRAM}> `);
-  };
-  const commands = values.cmd === undefined
-    ? lines(io.stdin ?? Deno.stdin.readable, beforeEach)
-    : each(values.cmd, flushOut);
+  let killedBy = 0;
+  const session: Session = new Session(undefined, COMMANDS, {
+    program: prefix,
+    out: outLine,
+    err: errLine,
+    imageOpts,
+    raise: (signal) => {
+      flushOut();
+      if (IGNORED_SIGNALS.has(signal)) return;
+      killedBy = signal;
+      session.quit = true;
+      (io.raise ?? raiseInProcess)(signal);
+    },
+  });
 
-  let ok = false;
-  try {
-    ok = await runIoCommands(node, commands, outLine, { err: errLine });
-  } finally {
+  const file = operands[0];
+  if (file === undefined && request.options.length > 0) {
+    // vstor io -o driver=raw,file.filename=PATH: the options name the image.
+    if (format !== undefined) request.options.unshift(["driver", format]);
+    const opened = await openImageInto(session, request, undefined);
     flushOut();
-    try {
-      await node.close();
-    } catch (e) {
-      stderr(`${PROGRAM}: ${path}: ${messageOf(e)}\n`);
-      ok = false;
+    if (!opened) return 1;
+  } else if (file !== undefined) {
+    if (imageOpts) {
+      request.options.push(...parseOptionString(file, (message) => {
+        const [first = "", ...rest] = message.split("\n");
+        errLine(`${prefix}: warning: ${first}`);
+        for (const line of rest) errLine(line);
+      }));
+    } else {
+      if (format !== undefined) request.options.unshift(["driver", format]);
+      request.path = file;
     }
+    const opened = await openImageInto(session, request, imageOpts ? undefined : file);
+    flushOut();
+    if (!opened) return 1;
   }
+
+  const interactive = qemu || (io.stdin === undefined && Deno.stdin.isTerminal());
+  let ok = true;
+  try {
+    if (commands.length > 0) {
+      for (const command of commands) {
+        if (!(await session.run(command))) ok = false;
+        flushOut();
+        if (session.quit) break;
+      }
+    } else {
+      const beforeEach = () => {
+        flushOut();
+        if (interactive) stdout(`${prefix}> `);
+      };
+      for await (const line of lines(io.stdin ?? Deno.stdin.readable, beforeEach)) {
+        if (!(await session.run(line))) ok = false;
+        if (session.quit) break;
+      }
+    }
+  } finally {
+    if (killedBy === 0) session.drain();
+    flushOut();
+    if (!(await closeImage(session))) ok = false;
+    flushOut();
+  }
+  if (killedBy !== 0) return 128 + killedBy;
   return ok ? 0 : 1;
+}
+
+/**
+ * The `vstor io` command line: qemu-io's options (`-f FMT -r -s -n -C -U -t CACHE -i AIO
+ * -d DISCARD -c CMD…`, `--image-opts`) plus `-o OPTIONS`; commands from stdin (one per line) when
+ * no `-c` is given. Messages start with `vstor:`.
+ *
+ * @param args The arguments after the verb `io`.
+ * @param io Output and input streams; default the process's.
+ * @returns The exit code: 0 ok, 1 a command failed or FILE did not open, 2 usage.
+ * @example
+ * ```ts
+ * import { ioMain } from "./io.ts";
+ * let err = "";
+ * const code = await ioMain([], { stderr: (s) => err += s });
+ * if (code !== 2 || !err.includes("usage")) throw new Error("expected a usage error");
+ * ```
+ */
+export async function ioMain(args: string[], io: IoMainIo = {}): Promise<number> {
+  return await runMain(args, io, { program: "vstor" });
+}
+
+/**
+ * `vstor qemu-io ARGS…`: behaves as qemu-io 7.2 — its usage text (on stdout), `qemu-io:` messages,
+ * the `qemu-io> ` prompt before each stdin command, and exit status 1 when the image does not open,
+ * the command line is wrong or any command failed (128 + signal after `sigraise`/`abort`).
+ *
+ * @param args qemu-io's arguments.
+ * @param io Where output goes (a {@linkcode CliIo}, optionally with `stdin` and `raise`).
+ * @returns The exit code.
+ * @example
+ * ```ts
+ * import { qemuIoMain } from "./io.ts";
+ * let out = "";
+ * const code = await qemuIoMain(["-c", "help quit"], { stdout: (s) => out += s, stderr: () => {} });
+ * if (code !== 0 || out !== "quit -- exit the program\n") throw new Error(out);
+ * ```
+ */
+export async function qemuIoMain(args: string[], io: CliIo & IoMainIo): Promise<number> {
+  return await runMain(args, io, { program: "qemu-io" });
 }

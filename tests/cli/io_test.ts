@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { ioMain, type IoNodeExtras, runIoCommands } from "../../src/cli/io.ts";
+import {
+  ioMain,
+  type IoMainIo,
+  type IoNodeExtras,
+  qemuIoMain,
+  runIoCommands,
+} from "../../src/cli/io.ts";
+import { createImage } from "../../formats/open.ts";
 import { parseSize } from "../../src/cli/size.ts";
 import type { BlockNode, Extent, WriteZeroesOptions } from "../../src/block/node.ts";
 import { checkRequest } from "../../src/block/request.ts";
@@ -13,6 +20,36 @@ const TIMING =
   /^\d+(\.\d+)? (bytes|KiB|MiB|GiB|TiB|PiB|EiB), 1 ops; (\d\d\.\d\d sec|\d+:\d\d:\d\d\.\d\d) \(\d+(\.\d+)? (bytes|KiB|MiB|GiB|TiB|PiB|EiB)\/sec and \d+\.\d{4} ops\/sec\)$/;
 /** The same with -C: bytes,ops,time,bytes/sec,ops/sec. */
 const MACHINE = /^\d+,1,\d+:\d\d:\d\d\.\d\d,\d+\.\d{3},\d+\.\d{3}$/;
+
+/** `qemu-io -c help` of qemu-io 7.2, before its last two lines. */
+const QEMU_IO_HELP = [
+  "abort -- simulate a program crash using abort(3)",
+  "aio_flush -- completes all outstanding aio requests",
+  "aio_read [-Ciqv] [-P pattern] off len [len..] -- asynchronously reads a number of bytes",
+  "aio_write [-Cfiquz] [-P pattern] off len [len..] -- asynchronously writes a number of bytes",
+  "alloc offset [count] -- checks if offset is allocated in the file",
+  "break event tag -- sets a breakpoint on event and tags the stopped request as tag",
+  "close -- close the current open file",
+  "discard [-Cq] off len -- discards a number of bytes at a specified offset",
+  "flush -- flush all in-core file state to disk",
+  "help [command] -- help for one or all commands",
+  "info -- prints information about the current file",
+  "length -- gets the length of the current file",
+  "map  -- prints the allocated areas of a file",
+  "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path",
+  "quit -- exit the program",
+  "read [-abCqv] [-P pattern [-s off] [-l len]] off len -- reads a number of bytes at a specified offset",
+  "readv [-Cqv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset",
+  "remove_break tag -- remove a breakpoint by tag",
+  "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options",
+  "resume tag -- resumes the request tagged as tag",
+  "sigraise signal -- raises a signal",
+  "sleep -- waits for the given value in milliseconds",
+  "truncate [-m prealloc_mode] off -- truncates the current file at the given offset",
+  "wait_break tag -- waits for the suspension of a request",
+  "write [-bcCfnquz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
+  "writev [-Cfq] [-P pattern] off len [len..] -- writes a number of bytes at a specified offset",
+];
 
 interface Run {
   ok: boolean;
@@ -648,12 +685,7 @@ Deno.test("help prints qemu-io's texts for the commands vstor implements", async
   assert.equal(r.out.at(-1), "command foo not found");
   assert.equal(r.ok, false);
   const all = await run(node, "help");
-  assert.deepEqual(all.out.slice(-3), [
-    "write [-bcCfnquz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset",
-    "",
-    "Use 'help commandname' for extended help.",
-  ]);
-  assert.equal(all.out[0], "alloc offset [count] -- checks if offset is allocated in the file");
+  assert.deepEqual(all.out, [...QEMU_IO_HELP, "", "Use 'help commandname' for extended help."]);
 });
 
 Deno.test("quit stops the run and earlier failures still count", async () => {
@@ -843,12 +875,14 @@ Deno.test("ioMain exits 1 when a command fails and 2 on usage errors", async () 
   await withImage(4096, async (path) => {
     assert.equal((await main(["-f", "raw", "-c", "read 8k 1", "-c", "read 0 1", path])).code, 1);
     const usage =
-      "usage: vstor io [-f FMT] [-r] [-U] [-c CMD]... FILE   (commands from stdin without -c)";
+      "usage: vstor io [-f FMT] [-r] [-s] [-U] [-t CACHE] [-i AIO] [-d DISCARD] [-o OPTIONS] [-c CMD]... [FILE]";
+    // Without FILE, -c commands still run (open may come first); they find no file open.
     assert.deepEqual(await main(["-c", "read 0 1"]), {
-      code: 2,
+      code: 1,
       out: [],
-      err: ["vstor io: missing FILE", usage],
+      err: ["no file open, try 'help open'"],
     });
+    assert.deepEqual(await main([]), { code: 2, out: [], err: ["vstor io: missing FILE", usage] });
     assert.deepEqual(await main([path, path]), {
       code: 2,
       out: [],
@@ -857,7 +891,7 @@ Deno.test("ioMain exits 1 when a command fails and 2 on usage errors", async () 
     assert.deepEqual(await main(["--bogus", path]), {
       code: 2,
       out: [],
-      err: ["vstor io: Unknown option '--bogus'", usage],
+      err: ["vstor io: unrecognized option '--bogus'", usage],
     });
     const help = await main(["-h"]);
     assert.equal(help.code, 0);
@@ -897,5 +931,516 @@ Deno.test("ioMain warns, like QEMU, when it had to probe a writable raw image", 
       "         Specify the 'raw' format explicitly to remove the restrictions.",
     ]);
     assert.deepEqual((await main(["-r", "-c", "read -q 0 1", path])).err, []);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// The rest of qemu-io 7.2: vectored and aio requests, open/close/reopen, modes, the drop-in
+
+interface FullRun extends MainResult {
+  signals: number[];
+}
+
+/** Run an entry with captured streams; timing lines are dropped after checking their shape. */
+async function entry(
+  which: "vstor" | "qemu-io",
+  args: string[],
+  stdin?: string,
+): Promise<FullRun> {
+  let out = "";
+  let err = "";
+  const signals: number[] = [];
+  const io: IoMainIo = {
+    stdout: (s: string) => out += s,
+    stderr: (s: string) => err += s,
+    raise: (signal) => signals.push(signal),
+    ...(stdin === undefined
+      ? {}
+      : { stdin: ReadableStream.from([new TextEncoder().encode(stdin)]) }),
+  };
+  const code = which === "vstor"
+    ? await ioMain(args, io)
+    : await qemuIoMain(args, { stdout: io.stdout!, stderr: io.stderr!, ...io });
+  const lines = (s: string) => s.split("\n").filter((l) => l !== "" && !TIMING.test(l));
+  return { code, out: lines(out), err: lines(err), signals };
+}
+
+Deno.test("writev and readv move several iovecs as one request, as qemu-io prints them", async () => {
+  const node = await memoryRaw(1 << 20);
+  const r = await run(
+    node,
+    "writev -P 3 512 1k 100 3",
+    "readv -P 3 512 1k 103",
+    "readv -v 510 4 4",
+    "readv -P 4 512 1k",
+    "writev -q -P 5 0 0",
+  );
+  assert.deepEqual(r.out, [
+    "wrote 1127/1127 bytes at offset 512",
+    "read 1127/1127 bytes at offset 512",
+    "000001fe:  00 00 03 03 03 03 03 03  ........",
+    "read 8/8 bytes at offset 510",
+    "Pattern verification failed at offset 512, 1024 bytes",
+    "read 1024/1024 bytes at offset 512",
+  ]);
+  assert.equal(r.ok, false);
+  const bad = await run(
+    node,
+    "readv 0 x",
+    "readv 0 3G",
+    "readv 0 1G 1G 1G",
+    "writev 2M 512",
+    "readv 1M 1",
+    "readv -x 0 1",
+  );
+  assert.deepEqual(bad.out, [
+    "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- x",
+    "Argument '3G' exceeds maximum size 2147483136",
+    "The total number of bytes exceed the maximum size 2147483136",
+    "writev failed: Input/output error",
+    "readv failed: Input/output error",
+    "readv [-Cqv] [-P pattern] off len [len..] -- reads a number of bytes at a specified offset",
+  ]);
+  assert.deepEqual(bad.err, ["readv: invalid option -- 'x'"]);
+});
+
+Deno.test("aio requests complete at aio_flush, in submission order, with qemu-io's lines", async () => {
+  const node = await memoryRaw(1 << 20);
+  const r = await run(
+    node,
+    "aio_write -P 1 0 4k",
+    "aio_write -P 2 4k 4k 4k",
+    "length",
+    "aio_read -P 1 0 4k",
+    "aio_read -v -P 9 4k 16",
+    "aio_write -P 1 2M 4k",
+    "aio_read 2M 4k",
+    "aio_flush",
+    "read -q -P 2 4k 8k",
+  );
+  assert.deepEqual(r.out, [
+    "1 MiB", // length does not run the event loop
+    "wrote 4096/4096 bytes at offset 0",
+    "wrote 8192/8192 bytes at offset 4096",
+    "read 4096/4096 bytes at offset 0",
+    "Pattern verification failed at offset 4096, 16 bytes",
+    "00001000:  02 02 02 02 02 02 02 02 02 02 02 02 02 02 02 02  ................",
+    "read 16/16 bytes at offset 4096",
+    "aio_write failed: Input/output error",
+    "readv failed: Input/output error",
+  ]);
+  // Submitted requests succeed: only what the completions print tells of errors.
+  assert.equal(r.ok, true);
+});
+
+Deno.test("aio_write checks its flags as qemu-io 7.2 and -i injects an invalid request", async () => {
+  const node = await memoryRaw(1 << 20, 0xff);
+  const r = await run(
+    node,
+    "aio_write -z 0 4k 4k",
+    "aio_write -u 0 4k",
+    "aio_read -i 0 1",
+    "aio_write -i 0 1",
+    "aio_write -z -u 0 4k",
+    "aio_write -q -P 7 4k 512",
+    "aio_flush",
+  );
+  assert.deepEqual(r.out, [
+    "-z supports only a single length parameter",
+    "-u requires -z to be specified",
+    "injecting invalid read request",
+    "injecting invalid write request",
+    "wrote 4096/4096 bytes at offset 0",
+  ]);
+  assert.ok((await bytesOf(node, 0, 4096)).every((b) => b === 0));
+  assert.ok((await bytesOf(node, 4096, 512)).every((b) => b === 7));
+});
+
+Deno.test("synchronous I/O prints due aio completions after its own output", async () => {
+  const node = await memoryRaw(1 << 20);
+  const r = await run(node, "aio_write -P 1 0 4k", "read -P 1 0 512", "alloc 0", "sleep 0");
+  assert.deepEqual(r.out, [
+    "read 512/512 bytes at offset 0",
+    "wrote 4096/4096 bytes at offset 0",
+    "512/512 bytes allocated at offset 0 bytes",
+  ]);
+  const pending = await run(node, "aio_write -P 1 0 512", "alloc 0");
+  assert.deepEqual(pending.out, [
+    "512/512 bytes allocated at offset 0 bytes",
+    "wrote 512/512 bytes at offset 0", // at the end of the run, as qemu-io drains at exit
+  ]);
+});
+
+Deno.test("commands without an open file, open, close and open's errors", async () => {
+  await withImage(1 << 20, async (path) => {
+    const r = await entry("qemu-io", [
+      "-c",
+      "read 0 1",
+      "-c",
+      `open -r -o driver=raw ${path}`,
+      "-c",
+      "read -q 0 1",
+      "-c",
+      "write 0 1",
+      "-c",
+      `open ${path}`,
+      "-c",
+      "close",
+      "-c",
+      "close",
+      "-c",
+      `open -o driver=raw,file.filename=${path}`,
+      "-c",
+      "length",
+      "-c",
+      "close",
+      "-c",
+      `open -o driver=raw,foo=bar ${path}`,
+      "-c",
+      "open -o driver=raw",
+      "-c",
+      "open -o size",
+      "-c",
+      `open -f raw ${path}`,
+      "-c",
+      `open ${path} ${path}`,
+      "-c",
+      "open",
+      "-c",
+      `open -t bogus ${path}`,
+    ]);
+    assert.deepEqual(r.out, [
+      "1 MiB",
+      "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path",
+      "open [-rsCnkU] [-t cache] [-d discard] [-o options] [path] -- open the file specified by path",
+    ]);
+    assert.deepEqual(r.err, [
+      "no file open, try 'help open'",
+      "qemu-io: Block node is read-only",
+      "qemu-io: file open already, try 'help close'",
+      "no file open, try 'help open'",
+      `qemu-io: can't open device ${path}: Block format 'raw' does not support the option 'foo'`,
+      `qemu-io: can't open: A block device must be specified for "file"`,
+      "qemu-io: warning: short-form boolean option 'size' deprecated",
+      "Please use size=on instead",
+      "qemu-io: can't open: Must specify either driver or file",
+      "open: invalid option -- 'f'",
+      "bad argument count 0 to open, expected at least 1 arguments",
+      "qemu-io: Invalid cache option: bogus",
+    ]);
+    assert.equal(r.code, 1);
+  });
+});
+
+Deno.test("reopen switches between read-only and read-write and refuses what qemu-io refuses", async () => {
+  await withImage(1 << 20, async (path) => {
+    const r = await entry("qemu-io", [
+      "-f",
+      "raw",
+      path,
+      "-c",
+      "reopen -r",
+      "-c",
+      "write 0 1",
+      "-c",
+      "reopen -w",
+      "-c",
+      "write -q -P 0x11 0 1",
+      "-c",
+      "reopen -r -w",
+      "-c",
+      "reopen -c bogus",
+      "-c",
+      "reopen -r -o read-only=on",
+      "-c",
+      "reopen -o foo=bar",
+      "-c",
+      "reopen x",
+      "-c",
+      "reopen -c writeback",
+      "-c",
+      "reopen -c unsafe -o cache.no-flush=on",
+      "-c",
+      "reopen -c none",
+      "-c",
+      "read -q -P 0x11 0 1",
+    ]);
+    assert.deepEqual(r.err, [
+      "qemu-io: Block node is read-only",
+      "qemu-io: Only one -r/-w option may be given",
+      "qemu-io: Invalid cache option: bogus",
+      "qemu-io: Cannot set both -r/-w and 'read-only'",
+      "qemu-io: Cannot change the option 'foo'",
+      "qemu-io: Cannot set both -c and the cache options",
+      "qemu-io: Cannot reopen with cache.direct=on: vstor does not support O_DIRECT yet",
+    ]);
+    assert.deepEqual(r.out, [
+      "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options",
+    ]);
+    assert.equal((await Deno.readFile(path))[0], 0x11);
+  });
+});
+
+Deno.test("-s writes to a temporary qcow2 overlay and leaves the image file as it was", async () => {
+  await withImage(1 << 20, async (path) => {
+    const before = await Deno.readFile(path);
+    const r = await entry("vstor", [
+      "-s",
+      "-f",
+      "raw",
+      path,
+      "-c",
+      "write -P 5 0 4k",
+      "-c",
+      "read -P 5 0 4k",
+      "-c",
+      "info",
+      "-c",
+      "map",
+      "-c",
+      "truncate 2M",
+      "-c",
+      "length",
+    ]);
+    assert.deepEqual(r.out, [
+      "wrote 4096/4096 bytes at offset 0",
+      "read 4096/4096 bytes at offset 0",
+      "format name: qcow2",
+      "cluster size: 64 KiB",
+      "vm state offset: 512 MiB",
+      "Format specific information:",
+      "    compat: 1.1",
+      "    compression type: zlib",
+      "    lazy refcounts: false",
+      "    refcount bits: 16",
+      "    corrupt: false",
+      "    extended l2: false",
+      "64 KiB (0x10000) bytes     allocated at offset 0 bytes (0x0)",
+      "960 KiB (0xf0000) bytes not allocated at offset 64 KiB (0x10000)",
+      "2 MiB",
+    ]);
+    assert.equal(r.code, 0);
+    assert.deepEqual(await Deno.readFile(path), before);
+    const ro = await entry("vstor", ["-s", "-r", "-f", "raw", path, "-c", "write 0 1"]);
+    assert.deepEqual(ro.err, ["vstor: Block node is read-only"]);
+  });
+});
+
+Deno.test("info prints qcow2's format specific block", async () => {
+  await withImage(0, async (path) => {
+    await createImage(path, "qcow2", 1 << 20, { compat: "0.10" });
+    const r = await entry("vstor", ["-r", path, "-c", "info"]);
+    assert.deepEqual(r.out, [
+      "format name: qcow2",
+      "cluster size: 64 KiB",
+      "vm state offset: 512 MiB",
+      "Format specific information:",
+      "    compat: 0.10",
+      "    compression type: zlib",
+      "    refcount bits: 16",
+    ]);
+  });
+});
+
+Deno.test("cache, aio and discard modes: checked as qemu-io, O_DIRECT and io_uring not yet", async () => {
+  await withImage(1 << 20, async (path) => {
+    const cases: Array<[string[], string]> = [
+      [["-t", "none"], "cache.direct=on (cache mode none or directsync) needs O_DIRECT"],
+      [["-t", "directsync"], "cache.direct=on"],
+      [["-n"], "cache.direct=on"],
+      [["-i", "native"], "aio=native was specified, but it requires cache.direct=on"],
+      [["-k"], "aio=native was specified, but it requires cache.direct=on"],
+      [["-i", "io_uring"], "aio=io_uring is not supported by vstor yet"],
+    ];
+    for (const [flags, message] of cases) {
+      const r = await entry("qemu-io", [...flags, "-f", "raw", path, "-c", "length"]);
+      assert.equal(r.code, 1, flags.join(" "));
+      assert.deepEqual(r.out, []);
+      assert.equal(r.err.length, 1);
+      assert.ok(r.err[0]!.startsWith(`qemu-io: can't open device ${path}: ${message}`), r.err[0]);
+    }
+    for (
+      const [flag, value, what] of [["-t", "bogus", "cache"], ["-i", "x", "aio"], [
+        "-d",
+        "y",
+        "discard",
+      ]]
+    ) {
+      const r = await entry("qemu-io", [flag!, value!, "-f", "raw", path, "-c", "length"]);
+      assert.deepEqual({ code: r.code, err: r.err }, {
+        code: 1,
+        err: [`qemu-io: Invalid ${what} option: ${value}`],
+      });
+    }
+    for (const mode of ["writeback", "writethrough", "unsafe"]) {
+      const r = await entry("vstor", [
+        "-t",
+        mode,
+        "-i",
+        "threads",
+        "-f",
+        "raw",
+        path,
+        "-c",
+        "write -q 0 1",
+        "-c",
+        "flush",
+      ]);
+      assert.equal(r.code, 0, mode);
+    }
+    // -d ignore drops discards (after their range check); -d unmap passes them on.
+    await entry("vstor", ["-f", "raw", path, "-c", "write -q -P 0x22 0 64k"]);
+    const ignored = await entry("vstor", [
+      "-d",
+      "ignore",
+      "-f",
+      "raw",
+      path,
+      "-c",
+      "discard 0 64k",
+      "-c",
+      "discard 2M 1",
+    ]);
+    assert.deepEqual(ignored.out, [
+      "discard 65536/65536 bytes at offset 0",
+      "discard failed: Input/output error",
+    ]);
+    assert.equal((await Deno.readFile(path))[100], 0x22);
+  });
+});
+
+Deno.test("sigraise and abort raise the signal; the run ends with 128 + signal", async () => {
+  await withImage(4096, async (path) => {
+    const r = await entry("qemu-io", [
+      "-f",
+      "raw",
+      path,
+      "-c",
+      "sigraise 0",
+      "-c",
+      "sigraise 17",
+      "-c",
+      "length",
+      "-c",
+      "sigraise 15",
+      "-c",
+      "length",
+    ]);
+    assert.deepEqual({ code: r.code, out: r.out, signals: r.signals }, {
+      code: 143,
+      out: ["4 KiB"],
+      signals: [15],
+    });
+    const abort = await entry("qemu-io", ["-c", "abort", "-c", "help quit"]);
+    assert.deepEqual({ code: abort.code, out: abort.out, signals: abort.signals }, {
+      code: 134,
+      out: [],
+      signals: [6],
+    });
+    const bad = await entry("qemu-io", [
+      "-c",
+      "sigraise 66",
+      "-c",
+      "sigraise x",
+      "-c",
+      "sleep -1",
+      "-c",
+      "sleep x",
+      "-c",
+      "sleep 1",
+      "-c",
+      "sigraise 65",
+    ]);
+    assert.deepEqual(bad.out, [
+      "signal argument '66' is too large to be a valid signal",
+      "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- x",
+      "-1 is not a valid number",
+      "x is not a valid number",
+    ]);
+    assert.equal(bad.code, 1);
+  });
+});
+
+Deno.test("blkdebug commands fail as on a node without blkdebug, and wait_break never hangs", async () => {
+  const node = await memoryRaw(4096);
+  const r = await run(node, "break a b", "remove_break b", "resume b", "wait_break b");
+  assert.deepEqual(r.out, [
+    "Could not set breakpoint: Operation not supported",
+    "Could not remove breakpoint b: Operation not supported",
+    "Could not resume request: Operation not supported",
+  ]);
+  assert.equal(r.err.length, 1);
+  assert.equal(r.ok, false);
+});
+
+Deno.test("qemuIoMain answers as qemu-io: usage on stdout, qemu-io: messages, prompt, exit 1", async () => {
+  const bad = await entry("qemu-io", ["-x"]);
+  assert.equal(bad.code, 1);
+  assert.deepEqual(bad.err, ["qemu-io: invalid option -- 'x'"]);
+  assert.equal(bad.out[0], "Usage: qemu-io [OPTIONS]... [-c STRING]... [file]");
+  assert.equal(bad.out.at(-1), "More information on the QEMU project at <https://qemu.org>.");
+  assert.equal((await entry("qemu-io", ["-o", "x"])).err[0], "qemu-io: invalid option -- 'o'");
+  assert.equal((await entry("qemu-io", ["a", "b"])).code, 1);
+  const help = await entry("qemu-io", ["--help"]);
+  assert.equal(help.code, 0);
+  assert.equal(help.out[1], "QEMU Disk exerciser");
+  const version = await entry("qemu-io", ["-V"]);
+  assert.match(version.out[0] ?? "", /^qemu-io version 7\.2\.0 /);
+  const all = await entry("qemu-io", ["-c", "help"]);
+  assert.deepEqual(all.out, [...QEMU_IO_HELP, "Use 'help commandname' for extended help."]);
+  assert.equal(
+    (await entry("qemu-io", ["--image-opts", "-f", "raw", "x"])).err[0],
+    "qemu-io: --image-opts and -f are mutually exclusive",
+  );
+  await withImage(4096, async (path) => {
+    const missing = await entry("qemu-io", ["-f", "raw", `${path}.no`, "-c", "length"]);
+    assert.deepEqual(missing, {
+      code: 1,
+      out: [],
+      err: [
+        `qemu-io: can't open device ${path}.no: Could not open '${path}.no': No such file or directory`,
+      ],
+      signals: [],
+    });
+    const stdin = await entry("qemu-io", ["-f", "raw", path], "length\nbogus\n");
+    assert.deepEqual(stdin.out, ["qemu-io> 4 KiB", "qemu-io> qemu-io> "]);
+    assert.deepEqual(stdin.err, ['command "bogus" not found']);
+    assert.equal(stdin.code, 1);
+    const opts = await entry("qemu-io", [
+      "--image-opts",
+      `driver=raw,file.filename=${path}`,
+      "-c",
+      "length",
+    ]);
+    assert.deepEqual({ code: opts.code, out: opts.out }, { code: 0, out: ["4 KiB"] });
+    const vstorOpts = await entry("vstor", [
+      "-o",
+      `driver=raw,file.filename=${path}`,
+      "-c",
+      "length",
+    ]);
+    assert.deepEqual({ code: vstorOpts.code, out: vstorOpts.out }, { code: 0, out: ["4 KiB"] });
+  });
+});
+
+Deno.test("-C copies what reads fetch from the backing file into the overlay", async () => {
+  await withImage(1 << 20, async (base) => {
+    await entry("vstor", ["-f", "raw", base, "-c", "write -q -P 0x44 0 64k"]);
+    const overlay = `${base}.qcow2`;
+    await createImage(overlay, "qcow2", 1 << 20, { backingFile: base, backingFormat: "raw" });
+    const r = await entry("vstor", [
+      "-C",
+      overlay,
+      "-c",
+      "alloc 0 64k",
+      "-c",
+      "read -q -P 0x44 0 4k",
+      "-c",
+      "alloc 0 64k",
+    ]);
+    assert.deepEqual(r.out, [
+      "0/65536 bytes allocated at offset 0 bytes",
+      "65536/65536 bytes allocated at offset 0 bytes",
+    ]);
   });
 });

@@ -1,0 +1,325 @@
+/**
+ * Opening an image the way qemu-io does: its cache, aio and discard modes, `-o key=value` option
+ * strings (QemuOpts syntax), and `-s`, a temporary qcow2 overlay that takes every write and is
+ * deleted when the image closes.
+ *
+ * @module
+ */
+import type { BlockNode } from "../../block/node.ts";
+import { openHostFile } from "../../host/file.ts";
+import { openImage, type OpenOptions } from "../../../formats/open.ts";
+import { createQcow2 } from "../../../formats/qcow2/create.ts";
+import { Qcow2Node } from "../../../formats/qcow2/qcow2.ts";
+import { parseSize } from "../size.ts";
+import { messageOf } from "./text.ts";
+
+/** What a cache mode sets (QEMU's bdrv_parse_cache_mode). */
+export interface CacheFlags {
+  /** cache.direct: O_DIRECT on the host file. */
+  readonly direct: boolean;
+  /** The guest-visible write cache is off: every write is flushed before it completes. */
+  readonly writethrough: boolean;
+  /** cache.no-flush: flushes are ignored (cache=unsafe). */
+  readonly noFlush: boolean;
+}
+
+const CACHE_MODES: Readonly<Record<string, CacheFlags>> = {
+  none: { direct: true, writethrough: false, noFlush: false },
+  off: { direct: true, writethrough: false, noFlush: false },
+  directsync: { direct: true, writethrough: true, noFlush: false },
+  writeback: { direct: false, writethrough: false, noFlush: false },
+  unsafe: { direct: false, writethrough: false, noFlush: true },
+  writethrough: { direct: false, writethrough: true, noFlush: false },
+};
+
+/** QEMU's bdrv_parse_cache_mode: undefined for an unknown mode. */
+export function parseCacheMode(mode: string): CacheFlags | undefined {
+  return Object.hasOwn(CACHE_MODES, mode) ? CACHE_MODES[mode] : undefined;
+}
+
+export type DiscardMode = "ignore" | "unmap";
+
+/** QEMU's bdrv_parse_discard_flags. */
+export function parseDiscardMode(mode: string): DiscardMode | undefined {
+  if (mode === "off" || mode === "ignore") return "ignore";
+  if (mode === "on" || mode === "unmap") return "unmap";
+  return undefined;
+}
+
+export type AioMode = "threads" | "native" | "io_uring";
+
+/** QEMU's bdrv_parse_aio. */
+export function parseAioMode(mode: string): AioMode | undefined {
+  return mode === "threads" || mode === "native" || mode === "io_uring" ? mode : undefined;
+}
+
+/** Everything qemu-io's command line or `open` command asks of an open. */
+export interface OpenRequest {
+  /** The image path; undefined when only `-o file.filename=` (or nothing) names it. */
+  path: string | undefined;
+  format?: string | undefined;
+  readOnly: boolean;
+  snapshot: boolean;
+  forceShare: boolean;
+  copyOnRead: boolean;
+  cache: CacheFlags;
+  aio: AioMode;
+  discard: DiscardMode;
+  /** `-o` options in the order given (later ones win). */
+  options: Array<[string, string]>;
+}
+
+/** qemu-io's defaults: read-write, cache=writethrough, aio=threads, discard=unmap. */
+export function defaultRequest(): OpenRequest {
+  return {
+    path: undefined,
+    readOnly: false,
+    snapshot: false,
+    forceShare: false,
+    copyOnRead: false,
+    cache: CACHE_MODES["writethrough"]!,
+    aio: "threads",
+    discard: "unmap",
+    options: [],
+  };
+}
+
+/**
+ * Parse a QemuOpts string (`key=value,key2=value2`, `,,` for a literal comma). A key without `=`
+ * is QEMU's deprecated short-form boolean (`key` is on, `nokey` off); `warn` receives QEMU's
+ * warning for it.
+ */
+export function parseOptionString(text: string, warn: (message: string) => void): Array<
+  [string, string]
+> {
+  const out: Array<[string, string]> = [];
+  let at = 0;
+  while (at < text.length) {
+    let name = "";
+    while (at < text.length && text[at] !== "=" && text[at] !== ",") name += text[at++];
+    if (text[at] === "=") {
+      at++;
+      let value = "";
+      while (at < text.length) {
+        if (text[at] === ",") {
+          if (text[at + 1] !== ",") break;
+          at++;
+        }
+        value += text[at++];
+      }
+      out.push([name, value]);
+    } else {
+      const off = name.startsWith("no");
+      const key = off ? name.slice(2) : name;
+      const value = off ? "off" : "on";
+      warn(`short-form boolean option '${name}' deprecated\nPlease use ${key}=${value} instead`);
+      out.push([key, value]);
+    }
+    at++; // the separating comma
+  }
+  return out;
+}
+
+/** An open that failed, with QEMU's message (without the `can't open device` head). */
+export class OpenError extends Error {
+  override readonly name = "OpenError";
+}
+
+function parseBool(key: string, value: string): boolean {
+  if (value === "on" || value === "yes" || value === "true") return true;
+  if (value === "off" || value === "no" || value === "false") return false;
+  throw new OpenError(`Parameter '${key}' expects 'on' or 'off'`);
+}
+
+function parseBytes(key: string, value: string): number {
+  const r = parseSize(value);
+  if (!r.ok || r.value > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new OpenError(
+      `Parameter '${key}' expects a non-negative number below 2^64\n` +
+        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n" +
+        "and exabytes, respectively.",
+    );
+  }
+  return Number(r.value);
+}
+
+const QCOW2_KEYS = new Set(["l2-cache-size", "refcount-cache-size", "cache-clean-interval"]);
+const RAW_KEYS = new Set(["offset", "size"]);
+
+/** The request with its `-o` options folded in; throws OpenError for a bad value. */
+export function applyOptions(
+  request: OpenRequest,
+): { request: OpenRequest; open: OpenOptions; formatKeys: string[] } {
+  const r: OpenRequest = { ...request, cache: { ...request.cache } };
+  const open: OpenOptions = {};
+  const formatKeys: string[] = [];
+  for (const [key, value] of request.options) {
+    switch (key) {
+      case "driver":
+        r.format = value;
+        break;
+      case "file":
+      case "file.filename":
+      case "filename":
+        r.path = value;
+        break;
+      case "file.driver":
+        if (value !== "file") throw new OpenError(`Unknown protocol driver '${value}'`);
+        break;
+      case "read-only":
+        r.readOnly = parseBool(key, value);
+        break;
+      case "force-share":
+        r.forceShare = parseBool(key, value);
+        break;
+      case "cache.direct":
+        r.cache = { ...r.cache, direct: parseBool(key, value) };
+        break;
+      case "cache.no-flush":
+        r.cache = { ...r.cache, noFlush: parseBool(key, value) };
+        break;
+      case "cache.writeback":
+        r.cache = { ...r.cache, writethrough: !parseBool(key, value) };
+        break;
+      case "discard": {
+        const mode = parseDiscardMode(value);
+        if (mode === undefined) throw new OpenError(`Invalid discard option: ${value}`);
+        r.discard = mode;
+        break;
+      }
+      case "aio":
+      case "file.aio": {
+        const mode = parseAioMode(value);
+        if (mode === undefined) {
+          throw new OpenError(`Parameter 'aio' does not accept value '${value}'`);
+        }
+        r.aio = mode;
+        break;
+      }
+      case "copy-on-read":
+        r.copyOnRead = parseBool(key, value);
+        break;
+      case "l2-cache-size":
+        open.l2CacheSize = parseBytes(key, value);
+        formatKeys.push(key);
+        break;
+      case "refcount-cache-size":
+        open.refcountCacheSize = parseBytes(key, value);
+        formatKeys.push(key);
+        break;
+      case "cache-clean-interval":
+        open.cacheCleanInterval = parseBytes(key, value);
+        formatKeys.push(key);
+        break;
+      case "offset":
+        open.offset = parseBytes(key, value);
+        formatKeys.push(key);
+        break;
+      case "size":
+        open.size = parseBytes(key, value);
+        formatKeys.push(key);
+        break;
+      default:
+        formatKeys.push(key);
+    }
+  }
+  return { request: r, open, formatKeys };
+}
+
+/** An open image and how qemu-io drives it. */
+export interface OpenedImage {
+  readonly node: BlockNode;
+  /** The request with its `-o` options applied (what `reopen` starts from). */
+  readonly request: OpenRequest;
+  /** The name qemu-io's messages use for it. */
+  readonly name: string;
+  /** Opened by probing a writable raw image: QEMU's warning is due. */
+  readonly probedRaw: boolean;
+}
+
+function unsupportedKey(format: string, keys: readonly string[]): string | undefined {
+  for (const key of keys) {
+    if (QCOW2_KEYS.has(key) && format === "qcow2") continue;
+    if (RAW_KEYS.has(key) && format === "raw") continue;
+    return key;
+  }
+  return undefined;
+}
+
+/**
+ * Open what `request` names, as qemu-io's blk_new_open: checks the cache and aio modes, opens the
+ * image (or, with `snapshot`, a temporary qcow2 overlay over the image opened read-only).
+ *
+ * @throws {OpenError} with QEMU's message, or the opener's error
+ */
+export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
+  const named = (key: string) => request.options.some(([k]) => k === key);
+  if (
+    request.path === undefined && request.format === undefined && !named("driver") &&
+    !named("file") && !named("file.filename") && !named("filename")
+  ) {
+    throw new OpenError("Must specify either driver or file");
+  }
+  const { request: r, open, formatKeys } = applyOptions(request);
+  if (r.path === undefined) throw new OpenError('A block device must be specified for "file"');
+  const path = r.path;
+  if (r.cache.direct) {
+    throw new OpenError(
+      "cache.direct=on (cache mode none or directsync) needs O_DIRECT, which vstor does not support yet",
+    );
+  }
+  if (r.aio === "native") {
+    throw new OpenError(
+      "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+    );
+  }
+  if (r.aio === "io_uring") throw new OpenError("aio=io_uring is not supported by vstor yet");
+  if (r.format !== undefined) {
+    const bad = unsupportedKey(r.format, formatKeys);
+    if (bad !== undefined) {
+      throw new OpenError(`Block format '${r.format}' does not support the option '${bad}'`);
+    }
+  }
+  const base: OpenOptions = {
+    ...open,
+    ...(r.format === undefined ? {} : { format: r.format }),
+    ...(r.cache.noFlush ? { cache: "unsafe" as const } : {}),
+  };
+  const readOnly = r.readOnly || r.snapshot;
+  const node = await openImage(path, { ...base, readOnly, forceShare: r.forceShare });
+  if (r.format === undefined) {
+    const bad = unsupportedKey(node.format, formatKeys);
+    if (bad !== undefined) {
+      await node.close();
+      throw new OpenError(`Block format '${node.format}' does not support the option '${bad}'`);
+    }
+  }
+  const probedRaw = r.format === undefined && node.format === "raw" && !readOnly;
+  if (!r.snapshot) return { node, request: r, name: path, probedRaw };
+  try {
+    return { node: await temporaryOverlay(node, r), request: r, name: path, probedRaw };
+  } catch (e) {
+    await node.close();
+    throw new OpenError(`Could not create temporary overlay: ${messageOf(e)}`);
+  }
+}
+
+/** QEMU's bdrv_append_temp_snapshot: a qcow2 file of the image's size, unlinked at once. */
+async function temporaryOverlay(base: BlockNode, r: OpenRequest): Promise<BlockNode> {
+  const tmpdir = Deno.env.get("TMPDIR") || "/var/tmp";
+  const path = Deno.makeTempFileSync({ dir: tmpdir, prefix: "vl." });
+  const file = openHostFile(path, {});
+  try {
+    Deno.removeSync(path);
+    await createQcow2(file, Math.ceil(base.size / 512) * 512, {});
+    // Always writable: -r and reopen -r/-w are the session's read-only flag over it.
+    const overlay = await Qcow2Node.open(file, {
+      ...(r.cache.noFlush ? { cache: "unsafe" as const } : {}),
+    });
+    overlay.attachBacking(base);
+    return overlay;
+  } catch (e) {
+    file.close();
+    throw e;
+  }
+}
