@@ -82,6 +82,15 @@ export function validateQcow2Options(o: Qcow2CreateOptions, size: number, path: 
       );
     }
   }
+  // Without subclusters a preallocated cluster would hide the backing file's data.
+  if (
+    o.backingFile !== undefined && (o.preallocation ?? "off") !== "off" && !o.extendedL2
+  ) {
+    throw bad(
+      path,
+      "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+    );
+  }
   if (!v3 && o.compressionType === "zstd") {
     throw bad(
       path,

@@ -49,6 +49,9 @@ import {
   SUBCLUSTERS,
 } from "./tables.ts";
 
+/** Compressed-write tasks QEMU keeps in flight (QCOW2_MAX_WORKERS). */
+const COMPRESSED_WORKERS = 8;
+
 /** Open options, with QEMU's names where QEMU has them. */
 export interface Qcow2OpenOptions {
   readOnly?: boolean;
@@ -1094,7 +1097,13 @@ export class Qcow2Node implements BlockNode {
         offset,
       });
     }
+    // QEMU runs one task per cluster, eight at a time, and stops starting tasks once it has
+    // seen a failure: cluster i is still written unless one of clusters 0..i-9 failed.
+    let firstError: BlockError | undefined;
+    let failedAt = Infinity;
     for (let pos = 0; pos < src.length; pos += cs) {
+      const index = pos / cs;
+      if (index - COMPRESSED_WORKERS - 1 >= failedAt) break;
       const guest = offset + pos;
       let data = src.subarray(pos, Math.min(src.length, pos + cs));
       if (data.length < cs) {
@@ -1118,14 +1127,13 @@ export class Qcow2Node implements BlockNode {
       if (slot !== undefined) {
         const hi = slot.table.view.getUint32(slot.at), lo = slot.table.view.getUint32(slot.at + 4);
         if ((hi & HI_COMPRESSED) !== 0 || entryOffset(hi, lo) !== 0) {
-          throw new BlockError(
+          firstError ??= new BlockError(
             "io",
             "Compressed writes are only possible to unallocated clusters",
-            {
-              path: this.filename,
-              offset: guest,
-            },
+            { path: this.filename, offset: guest },
           );
+          failedAt = Math.min(failedAt, index);
+          continue;
         }
       }
       this.#markDirty();
@@ -1145,6 +1153,7 @@ export class Qcow2Node implements BlockNode {
       }
       s.table.dirty = true;
     }
+    if (firstError !== undefined) throw firstError;
   }
 
   // ---- zeroes and discard ----
@@ -1235,6 +1244,9 @@ export class Qcow2Node implements BlockNode {
     this.#live();
     checkRequest(this, "discard", offset, length);
     this.#writable();
+    // v2 has no zero flag: dropping a cluster would expose the backing file's older data, so the
+    // hint is ignored (as QEMU's -ENOTSUP, which its block layer turns into success).
+    if (!this.#v3 && this.backing !== undefined) return;
     const cs = this.clusterSize;
     // Only whole clusters are discarded (the tail cluster counts when the request reaches the end).
     const start = Math.ceil(offset / cs) * cs;
@@ -1386,16 +1398,50 @@ export class Qcow2Node implements BlockNode {
         path: this.filename,
       });
     }
+    // v2 snapshots carry no size of their own, so the image size cannot change under them.
+    if (!this.#v3 && this.header.nbSnapshots > 0) {
+      throw new BlockError("unsupported", "Can't resize a v2 image which has snapshots", {
+        path: this.filename,
+        errno: 95,
+      });
+    }
     const old = this.size;
+    const mode = opts?.preallocation ?? "off";
+    // A backing file longer than the old end would show through the new range: it must read
+    // as zeroes (QEMU's truncate with BDRV_REQ_ZERO_WRITE). v2 cannot express that with an
+    // overlay, so QEMU refuses, before it changes the size.
+    const zeroNewRange = size > old && this.backing !== undefined && this.backing.size > old;
+    if (zeroNewRange && !this.#v3) {
+      throw new BlockError(
+        "unsupported",
+        "Failed to zero out new clusters: Operation not supported",
+        {
+          path: this.filename,
+          errno: 95,
+        },
+      );
+    }
+    if (size < old && mode !== "off") {
+      throw new BlockError(
+        "invalid-argument",
+        "Preallocation can't be used for shrinking an image",
+        {
+          path: this.filename,
+        },
+      );
+    }
     await this.#mutex.run(async () => {
       if (size > this.size) this.#grow(size);
       else if (size < this.size) await this.#shrink(size);
     });
-    // Bytes of the old last cluster past the old end may hold data from before a shrink.
-    const tailEnd = Math.min(size, Math.ceil(old / this.clusterSize) * this.clusterSize);
-    if (size > old && tailEnd > old) await this.writeZeroes(old, tailEnd - old);
-    const mode = opts?.preallocation ?? "off";
-    if (size > old && mode !== "off") await this.preallocate(mode, old);
+    if (size <= old) return;
+    if (mode !== "off") await this.preallocate(mode, old);
+    // Bytes of the old last cluster past the old end may hold data from before a shrink, and
+    // with a longer backing file the whole new range must hide it.
+    const zeroEnd = zeroNewRange
+      ? size
+      : Math.min(size, Math.ceil(old / this.clusterSize) * this.clusterSize);
+    if (zeroEnd > old) await this.writeZeroes(old, zeroEnd - old);
   }
 
   #grow(size: number): void {
@@ -1438,32 +1484,20 @@ export class Qcow2Node implements BlockNode {
   }
 
   async #shrink(size: number): Promise<void> {
-    if (this.header.nbSnapshots > 0) {
-      throw new BlockError("unsupported", "Can't shrink an image which has snapshots", {
-        path: this.filename,
-      });
-    }
-    // Only whole clusters past the new end are dropped; the partial one is zeroed on a later grow.
-    const cutFrom = Math.ceil(size / this.clusterSize) * this.clusterSize;
-    for (let pos = cutFrom; pos < this.size;) {
-      const st = await this.blockStatus(pos, this.size - pos);
-      if (st.kind !== "unallocated" && st.kind !== "zero") {
-        throw new BlockError(
-          "invalid-argument",
-          `Cannot shrink to ${size} bytes: guest offset ${pos} holds data (discard it first)`,
-          { path: this.filename, offset: pos },
-        );
-      }
-      pos += st.length;
-    }
-    // Zero-flagged clusters in the cut range go; L2 tables wholly past the end are freed.
+    // Whole clusters past the new end are dropped with whatever they hold (QEMU's full discard);
+    // the partial last cluster keeps its bytes, zeroed on a later grow. Snapshots keep their
+    // own references (v3 records each snapshot's size; v2 was refused before).
     const cs = this.clusterSize;
     const firstCut = Math.ceil(size / cs);
     for (let c = firstCut; c * cs < this.size; c++) {
       const slot = this.#slot(c * cs, false);
       if (slot === undefined) continue;
-      const hi = slot.table.view.getUint32(slot.at), lo = slot.table.view.getUint32(slot.at + 4);
-      if (hi !== 0 || lo !== 0) {
+      const view = slot.table.view;
+      const hi = view.getUint32(slot.at), lo = view.getUint32(slot.at + 4);
+      const bitmap = this.extendedL2
+        ? view.getUint32(slot.at + 8) | view.getUint32(slot.at + 12)
+        : 0;
+      if (hi !== 0 || lo !== 0 || bitmap !== 0) {
         const s = this.#slot(c * cs, true);
         s.table.view.setUint32(s.at, 0);
         s.table.view.setUint32(s.at + 4, 0);
@@ -1491,6 +1525,11 @@ export class Qcow2Node implements BlockNode {
     this.#writeHeader();
     this.refcounts.flush();
     this.#barrier();
+    // Trim the host file after its last cluster in use (QEMU's qcow2_get_last_cluster).
+    const fileSize = this.file.size();
+    let last = Math.ceil(fileSize / cs) - 1;
+    while (last >= 0 && this.refcounts.get(last) === 0) last--;
+    if ((last + 1) * cs < fileSize) this.file.truncate((last + 1) * cs);
   }
 
   /**
@@ -1525,13 +1564,10 @@ export class Qcow2Node implements BlockNode {
           for (let i = 0; i < n; i++) {
             const at = (c + i) * this.#entryBytes;
             const [hi, lo] = encodeEntry(host + i * cs, true, false);
+            // Subcluster bitmaps stay as they are (QEMU's prealloc L2 meta): unallocated
+            // subclusters keep reading from the backing file, zero ones keep reading zeroes.
             table.view.setUint32(at, hi);
             table.view.setUint32(at + 4, lo);
-            if (this.extendedL2) {
-              const guestEnd = Math.min(cs, this.size - (first + c + i) * cs);
-              table.view.setUint32(at + 8, 0);
-              table.view.setUint32(at + 12, this.#unitMask(0, guestEnd));
-            }
           }
           table.dirty = true;
           const end = host + n * cs;
