@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { ioMain } from "../../src/cli/io.ts";
+import { ioMain, qemuIoMain } from "../../src/cli/io.ts";
 import { ignoreWithout, runTool } from "./qemu.ts";
 
 const ignore = ignoreWithout("qemu-io");
@@ -422,5 +422,432 @@ Deno.test({
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
+  },
+});
+
+// ---------------------------------------------------------------------------------------------
+// The drop-in: `vstor qemu-io ARGS…` (qemuIoMain) against qemu-io with the same arguments
+
+interface DropIn {
+  /** qemu-io's arguments; `IMAGE` (anywhere in an argument) is the image's path. */
+  args: string[];
+  /** How the image is made: raw (zeroes) or qemu-img create's options after `-f qcow2` (1 MiB). */
+  image?: { raw: number } | { qcow2: string[] };
+  stdin?: string;
+  /** Images must be equal byte for byte (else equal as qemu-img compare sees them). */
+  sameBytes?: boolean;
+  /** Prepare the directory both images live in (before the image is made). */
+  setup?: (dir: string) => Promise<void>;
+}
+
+interface DropInOutcome {
+  code: number;
+  stdout: string[];
+  stderr: string[];
+}
+
+function normalizeDropIn(text: string, dir: string): string[] {
+  // getopt names argv[0] as run (a full path when spawned): a shell user types `qemu-io`.
+  const lines = text.replaceAll(dir, "DIR").replace(/^\/\S*\/qemu-io: /gm, "qemu-io: ")
+    .split("\n");
+  if (lines.at(-1) === "") lines.pop();
+  return lines.map((line) =>
+    TIMING.test(line) ? "<timing>" : MACHINE.test(line) ? "<machine>" : line
+  );
+}
+
+/** Run `case` through qemu-io and qemuIoMain in two directories; assert they agree. */
+async function dropIn(c: DropIn): Promise<DropInOutcome> {
+  const dirs = [
+    await Deno.makeTempDir({ prefix: "vstor_qio_q" }),
+    await Deno.makeTempDir({ prefix: "vstor_qio_v" }),
+  ];
+  try {
+    const images: string[] = [];
+    for (const dir of dirs) {
+      await c.setup?.(dir);
+      const image = join(dir, "img");
+      const spec = c.image ?? { raw: MiB };
+      if ("raw" in spec) {
+        await createImage(image, spec.raw);
+      } else {
+        const made = await runTool("qemu-img", [
+          "create",
+          "-q",
+          "-f",
+          "qcow2",
+          ...spec.qcow2,
+          image,
+          String(MiB),
+        ]);
+        assert.equal(made.code, 0, made.stderr);
+      }
+      images.push(image);
+    }
+    const [qdir = "", vdir = ""] = dirs;
+    const [qimage = "", vimage = ""] = images;
+    const qemu = await runTool(
+      "qemu-io",
+      c.args.map((a) => a.replaceAll("IMAGE", qimage)),
+      c.stdin,
+    );
+    let stdout = "";
+    let stderr = "";
+    const signals: number[] = [];
+    const code = await qemuIoMain(c.args.map((a) => a.replaceAll("IMAGE", vimage)), {
+      stdout: (t) => stdout += t,
+      stderr: (t) => stderr += t,
+      raise: (signal) => signals.push(signal),
+      ...(c.stdin === undefined
+        ? {}
+        : { stdin: ReadableStream.from([new TextEncoder().encode(c.stdin)]) }),
+    });
+    const expected: DropInOutcome = {
+      code: qemu.code,
+      stdout: normalizeDropIn(qemu.stdout, qdir),
+      stderr: normalizeDropIn(qemu.stderr, qdir),
+    };
+    const actual: DropInOutcome = {
+      code,
+      stdout: normalizeDropIn(stdout, vdir),
+      stderr: normalizeDropIn(stderr, vdir),
+    };
+    assert.deepEqual(actual, expected);
+    const same = await runTool("qemu-img", ["compare", "-q", qimage, vimage]);
+    assert.equal(same.code, 0, `images differ: ${same.stdout}${same.stderr}`);
+    if (c.sameBytes) {
+      const [a, b] = await Promise.all([Deno.readFile(qimage), Deno.readFile(vimage)]);
+      assert.equal(b.length, a.length, "image sizes differ");
+      assert.equal(b.findIndex((x, i) => x !== a[i]), -1, "image bytes differ");
+    }
+    return expected;
+  } finally {
+    for (const dir of dirs) await Deno.remove(dir, { recursive: true });
+  }
+}
+
+function qcow2(...options: string[]): { qcow2: string[] } {
+  return { qcow2: options.flatMap((o) => ["-o", o]) };
+}
+
+function cmds(...commands: string[]): string[] {
+  return commands.flatMap((c) => ["-c", c]);
+}
+
+Deno.test({
+  name: "qemu-io drop-in: readv and writev on raw and qcow2 print and write what qemu-io does",
+  ignore,
+  async fn() {
+    const script = cmds(
+      "writev -P 3 512 1k 100 3",
+      "readv -P 3 512 1k 103",
+      "readv -v 510 4 4",
+      "writev -C -f -P 0x7e 64k 4k 4k",
+      "readv -q -P 0x7e 64k 8k",
+      "readv -P 1 0 512",
+      "readv 0 x",
+      "readv 0 3G",
+      "readv 0 1G 1G 1G",
+      "writev 2M 512",
+      "readv 1M 1",
+      "readv -x 0 1",
+      "writev 0 0",
+      "readv 0 0",
+    );
+    const raw = await dropIn({ args: ["-f", "raw", "IMAGE", ...script], sameBytes: true });
+    assert.equal(raw.code, 1);
+    await dropIn({ args: ["IMAGE", ...script], image: qcow2(), sameBytes: true });
+  },
+});
+
+Deno.test({
+  name: "qemu-io drop-in: aio_read, aio_write and aio_flush print completions as qemu-io does",
+  ignore,
+  async fn() {
+    // One request in flight at a time: qemu-io's completion order among several is thread timing.
+    const script = cmds(
+      "aio_write -P 1 0 4k",
+      "aio_flush",
+      "aio_write -P 2 4k 4k 4k",
+      "length",
+      "aio_flush",
+      "aio_read -P 1 0 4k",
+      "aio_flush",
+      "aio_read -v -P 2 4k 32",
+      "aio_flush",
+      "aio_read -C -P 2 4k 512 512",
+      "aio_flush",
+      "aio_write -f -q -P 3 64k 64k",
+      "aio_flush",
+      "aio_write -P 1 2M 4k",
+      "aio_flush",
+      "aio_read 2M 4k",
+      "aio_flush",
+      "aio_write -z 0 4k 4k",
+      "aio_write -u 0 4k",
+      "aio_read -i 0 1",
+      "aio_write -i 0 1",
+      "aio_read -x 0 1",
+      "aio_read 0",
+      "aio_write -P 0x100 0 1",
+      "aio_read -P 3 64k 64k",
+      "aio_flush",
+      "aio_write -z -q 128k 64k",
+    ); // the last completion prints at exit
+    await dropIn({ args: ["-f", "raw", "IMAGE", ...script], sameBytes: true });
+    await dropIn({ args: ["IMAGE", ...script], image: qcow2(), sameBytes: true });
+  },
+});
+
+Deno.test({
+  name: "qemu-io drop-in: commands without a file, open, close and open's errors",
+  ignore,
+  async fn() {
+    const outcome = await dropIn({
+      args: cmds(
+        "read 0 1",
+        "length",
+        "open -r -o driver=raw IMAGE",
+        "read -q 0 1",
+        "write 0 1",
+        "open IMAGE",
+        "close",
+        "close",
+        "open -o driver=raw,file.filename=IMAGE",
+        "length",
+        "close",
+        "open -o driver=raw -o file.filename=IMAGE",
+        "info",
+        "close",
+        "open -o driver=raw,foo=bar IMAGE",
+        "open -o driver=raw",
+        "open -o size",
+        "open -o size=x,driver=raw IMAGE",
+        "open -o driver=raw,read-only=x IMAGE",
+        "open -f raw IMAGE",
+        "open IMAGE IMAGE",
+        "open",
+        "open -t bogus IMAGE",
+        "open -d bogus IMAGE",
+        "open -i bogus IMAGE",
+        "open -k -o driver=raw IMAGE",
+        "open -i native -o driver=raw IMAGE",
+        "open -U -o driver=raw,force-share=off IMAGE",
+        "open -o driver=qcow2 IMAGE",
+        "open -o driver=raw IMAGE.missing",
+        "open -t writeback -d ignore -o driver=raw IMAGE",
+        "write -q -P 9 0 1",
+        "help quit",
+      ),
+    });
+    assert.equal(outcome.code, 1);
+  },
+});
+
+Deno.test({
+  name: "qemu-io drop-in: reopen -r/-w/-c/-o and their errors",
+  ignore,
+  async fn() {
+    await dropIn({
+      args: [
+        "-f",
+        "raw",
+        "IMAGE",
+        ...cmds(
+          "reopen -r",
+          "write 0 1",
+          "reopen -w",
+          "write -q -P 0x11 0 1",
+          "reopen -r -w",
+          "reopen -c bogus",
+          "reopen -r -o read-only=on",
+          "reopen -o foo=bar",
+          "reopen x",
+          "reopen -c writeback",
+          "reopen -c unsafe -o cache.no-flush=on",
+          "reopen -x",
+          "reopen -c writethrough",
+          "read -P 0x11 0 1",
+        ),
+      ],
+      sameBytes: true,
+    });
+  },
+});
+
+Deno.test({
+  name: "qemu-io drop-in: -s writes to a temporary overlay; the image file stays as it was",
+  ignore,
+  async fn() {
+    const script = cmds(
+      "write -P 5 0 4k",
+      "read -P 5 0 4k",
+      "info",
+      "map",
+      "alloc 0 64k",
+      "length",
+      "truncate 2M",
+      "length",
+      "write -z 64k 64k",
+      "map",
+    );
+    await dropIn({ args: ["-s", "-f", "raw", "IMAGE", ...script], sameBytes: true });
+    await dropIn({ args: ["-s", "IMAGE", ...script], image: qcow2(), sameBytes: true });
+    await dropIn({ args: ["-s", "-r", "-f", "raw", "IMAGE", ...cmds("write 0 1", "read -q 0 1")] });
+    await dropIn({ args: cmds("open -s -o driver=raw IMAGE", "write -q 0 1", "map", "close") });
+  },
+});
+
+Deno.test({
+  name: "qemu-io drop-in: info prints the format specific block of each qcow2 variant",
+  ignore,
+  async fn() {
+    for (
+      const options of [
+        [],
+        ["compat=0.10"],
+        ["lazy_refcounts=on", "refcount_bits=8"],
+        ["extended_l2=on", "cluster_size=128k", "compression_type=zstd"],
+        ["cluster_size=4k", "refcount_bits=1"],
+      ]
+    ) {
+      await dropIn({
+        args: ["-r", "IMAGE", "-c", "info"],
+        image: qcow2(...options),
+        sameBytes: true,
+      });
+    }
+    await dropIn({ args: ["-r", "-f", "raw", "IMAGE", "-c", "info", "-c", "i"], sameBytes: true });
+  },
+});
+
+Deno.test({
+  name: "qemu-io drop-in: command-line errors, cache/aio/discard modes and exit codes",
+  ignore,
+  async fn() {
+    const runs: string[][] = [
+      ["-x"],
+      ["-o", "driver=raw", "IMAGE"],
+      ["-f", "raw", "IMAGE", "IMAGE"],
+      ["-t", "bogus", "-f", "raw", "IMAGE"],
+      ["-i", "bogus", "-f", "raw", "IMAGE"],
+      ["-d", "bogus", "-f", "raw", "IMAGE"],
+      ["-i", "native", "-f", "raw", "IMAGE", "-c", "length"],
+      ["-k", "-f", "raw", "IMAGE", "-c", "length"],
+      ["--image-opts", "-f", "raw", "driver=raw,file.filename=IMAGE"],
+      ["--image-opts", "driver=raw,file.filename=IMAGE", "-c", "length"],
+      ["-f", "raw", "IMAGE.missing", "-c", "length"],
+      ["-f", "bogus", "IMAGE", "-c", "length"],
+      ["-c", "read 0 1"],
+      ["-c", "help"],
+      ["-h"],
+      ["--help"],
+      ["--cmd"],
+      ["--format=raw", "--read-only", "IMAGE", "--cmd=length"],
+      [
+        "-t",
+        "writeback",
+        "-d",
+        "ignore",
+        "-f",
+        "raw",
+        "IMAGE",
+        ...cmds("write -q 0 4k", "discard 0 4k", "flush"),
+      ],
+      ["-t", "unsafe", "-d", "unmap", "-f", "raw", "IMAGE", ...cmds("write -z -u 0 4k", "flush")],
+      ["-t", "writethrough", "-i", "threads", "-m", "-f", "raw", "IMAGE", ...cmds("write -f 0 4k")],
+      ["-U", "-f", "raw", "IMAGE", "-c", "length"],
+      ["-U", "-r", "-f", "raw", "IMAGE", "-c", "length"],
+      ["-f", "raw", "IMAGE", ...cmds("read 2M 1", "quit", "read 0 1")],
+    ];
+    for (const args of runs) await dropIn({ args, sameBytes: true });
+  },
+});
+
+Deno.test({
+  name: "qemu-io drop-in: help for every command is qemu-io's",
+  ignore,
+  async fn() {
+    const names = [
+      "abort",
+      "aio_flush",
+      "aio_read",
+      "aio_write",
+      "alloc",
+      "break",
+      "close",
+      "discard",
+      "flush",
+      "help",
+      "info",
+      "length",
+      "map",
+      "open",
+      "quit",
+      "read",
+      "readv",
+      "remove_break",
+      "reopen",
+      "resume",
+      "sigraise",
+      "sleep",
+      "truncate",
+      "wait_break",
+      "write",
+      "writev",
+      "a",
+      "c",
+      "d",
+      "f",
+      "?",
+      "i",
+      "l",
+      "o",
+      "q",
+      "r",
+      "t",
+      "w",
+      "nope",
+    ];
+    await dropIn({ args: names.flatMap((n) => ["-c", `help ${n}`]) });
+  },
+});
+
+Deno.test({
+  name: "qemu-io drop-in: stdin commands with qemu-io's prompt, sleep, blkdebug commands, sigraise",
+  ignore,
+  async fn() {
+    await dropIn({
+      args: ["-f", "raw", "IMAGE"],
+      stdin:
+        "write -P 7 0 512\nread -P 7 0 512\nbogus\nbreak a b\nremove_break b\nresume b\nsleep 5\nsleep x\nsigraise 66\nsigraise 0\nsigraise 17\nlength\n",
+    });
+    const killed = await dropIn({
+      args: ["-f", "raw", "IMAGE", ...cmds("length", "sigraise 15", "length")],
+    });
+    assert.equal(killed.code, 143);
+    assert.equal((await dropIn({ args: cmds("abort") })).code, 134);
+  },
+});
+
+Deno.test({
+  name: "qemu-io drop-in: -C copies backing data into the overlay on read",
+  ignore,
+  async fn() {
+    await dropIn({
+      setup: async (dir) => {
+        const base = join(dir, "base.raw");
+        await createImage(base, MiB);
+        const w = await runTool("qemu-io", ["-f", "raw", "-c", "write -q -P 0x44 0 128k", base]);
+        assert.equal(w.code, 0, w.stderr);
+      },
+      image: { qcow2: ["-b", "base.raw", "-F", "raw"] },
+      args: [
+        "-C",
+        "IMAGE",
+        ...cmds("map", "read -P 0x44 0 4k", "map", "readv -P 0x44 64k 512", "map"),
+      ],
+      sameBytes: true,
+    });
   },
 });

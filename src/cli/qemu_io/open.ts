@@ -7,7 +7,7 @@
  */
 import type { BlockNode } from "../../block/node.ts";
 import { openHostFile } from "../../host/file.ts";
-import { openImage, type OpenOptions } from "../../../formats/open.ts";
+import { formatNames, openImage, type OpenOptions } from "../../../formats/open.ts";
 import { createQcow2 } from "../../../formats/qcow2/create.ts";
 import { Qcow2Node } from "../../../formats/qcow2/qcow2.ts";
 import { parseSize } from "../size.ts";
@@ -143,6 +143,59 @@ function parseBytes(key: string, value: string): number {
   return Number(r.value);
 }
 
+/** Block drivers QEMU 7.2 has that vstor does not open (yet). */
+const QEMU_ONLY_DRIVERS = new Set([
+  "blkdebug",
+  "blklogwrites",
+  "blkreplay",
+  "blkverify",
+  "bochs",
+  "cloop",
+  "compress",
+  "copy-before-write",
+  "copy-on-read",
+  "dmg",
+  "file",
+  "ftp",
+  "ftps",
+  "gluster",
+  "host_cdrom",
+  "host_device",
+  "http",
+  "https",
+  "iscsi",
+  "luks",
+  "nbd",
+  "nfs",
+  "null-aio",
+  "null-co",
+  "nvme",
+  "parallels",
+  "preallocate",
+  "qcow",
+  "qed",
+  "quorum",
+  "rbd",
+  "replication",
+  "snapshot-access",
+  "ssh",
+  "throttle",
+  "vdi",
+  "vhdx",
+  "vmdk",
+  "vpc",
+  "vvfat",
+]);
+
+/** QEMU's check of a driver name, before anything is opened. */
+function checkDriver(format: string): void {
+  if (formatNames().includes(format)) return;
+  if (QEMU_ONLY_DRIVERS.has(format)) {
+    throw new OpenError(`Block driver '${format}' is not supported by vstor yet`);
+  }
+  throw new OpenError(`Unknown driver '${format}'`);
+}
+
 const QCOW2_KEYS = new Set(["l2-cache-size", "refcount-cache-size", "cache-clean-interval"]);
 const RAW_KEYS = new Set(["offset", "size"]);
 
@@ -263,6 +316,7 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
   const { request: r, open, formatKeys } = applyOptions(request);
   if (r.path === undefined) throw new OpenError('A block device must be specified for "file"');
   const path = r.path;
+  if (r.format !== undefined) checkDriver(r.format);
   if (r.cache.direct) {
     throw new OpenError(
       "cache.direct=on (cache mode none or directsync) needs O_DIRECT, which vstor does not support yet",
