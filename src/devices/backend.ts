@@ -47,6 +47,14 @@ export interface DeviceBackend {
    */
   processQueue(queue: number, interrupt: () => void): Promise<void>;
   /**
+   * Whether the runtime may poll queue `queue` for new buffers after a drain (absent: every queue).
+   * False for a queue whose buffers the device takes only for events of its own, such as
+   * virtio-scsi's event queue: its posted buffers look like work for ever, and polling it would
+   * spin (QEMU's `virtio_queue_aio_attach_host_notifier_no_poll`). Such a queue is still drained
+   * on every kick.
+   */
+  pollable?(queue: number): boolean;
+  /**
    * Set by the device's runtime (the iothread) at DRIVER_OK, and cleared at reset, when the
    * back-end raises events of its own. Back-ends without events ignore it.
    */

@@ -106,6 +106,8 @@ class Iothread {
   #handled = 0;
 
   #served: Served[] = [];
+  /** The served queues the back-end lets the iothread poll. */
+  #polled: Served[] = [];
   /** The queue a drain is in (for a failure that does not name one); -1 outside drains. */
   #draining = -1;
   readonly #scratch: DeviceQueueCounters = {
@@ -307,6 +309,7 @@ class Iothread {
       return describe(error);
     }
     this.#served = served;
+    this.#polled = served.filter((s) => this.#backend.pollable?.(s.index) ?? true);
     this.#epoch = epoch;
     this.#active = true;
     this.#backendActive = true;
@@ -321,6 +324,7 @@ class Iothread {
       this.#base[s.index] = c;
     }
     this.#served = [];
+    this.#polled = [];
     this.#active = false;
     this.#backend.hooks = null;
     if (this.#backendActive) {
@@ -349,11 +353,12 @@ class Iothread {
   }
 
   /**
-   * Polls the rings {@linkcode POLL_ROUNDS} times with kicks suppressed; true when a queue has work
-   * (marked pending for the next drain). Notifications are enabled again before it returns.
+   * Polls the rings the back-end lets it poll ({@linkcode DeviceBackend.pollable})
+   * {@linkcode POLL_ROUNDS} times with kicks suppressed; true when a queue has work (marked pending
+   * for the next drain). Notifications are enabled again before it returns.
    */
   #poll(): boolean {
-    const served = this.#served;
+    const served = this.#polled;
     if (served.length === 0) return false;
     for (const s of served) s.queue.disableNotifications();
     let found = false;
@@ -447,6 +452,7 @@ class Iothread {
     if (this.#closed) return undefined;
     this.#closed = true;
     this.#served = [];
+    this.#polled = [];
     this.#active = false;
     let first: string | undefined;
     try {

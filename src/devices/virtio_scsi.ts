@@ -660,6 +660,14 @@ export class VirtioScsiBackend implements DeviceBackend {
   }
 
   /**
+   * The event queue is not for polling: the driver's buffers wait there until the device has an
+   * event, so polling would find "work" for ever (QEMU polls it neither). It is drained on kicks.
+   */
+  pollable(queue: number): boolean {
+    return queue !== VIRTIO_SCSI_VQ_EVENT;
+  }
+
+  /**
    * Drains queue `queue` after a kick.
    *
    * @throws {VirtqueueError} when the driver broke the ring rules
@@ -942,6 +950,9 @@ export class VirtioScsiBackend implements DeviceBackend {
       eq.push(chain, VIRTIO_SCSI_EVENT_SIZE);
       this.stats.events++;
       if (eq.publish()) (interrupt ?? (() => this.hooks?.interrupt(VIRTIO_SCSI_VQ_EVENT)))();
+      // Nothing polls the event queue: ask for a kick when the driver posts past this buffer, as
+      // QEMU's pop does (avail_event), so that a later drop is reported when buffers come back.
+      eq.enableNotifications();
     } catch (e) {
       this.#broken = e instanceof Error ? e : new Error(String(e));
       if (!this.#inProcessQueue) this.hooks?.needsReset(this.#broken);

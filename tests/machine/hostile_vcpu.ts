@@ -42,6 +42,8 @@ export type HostileRequest =
   /** Posts `count` 16-byte event buffers on the event queue and rings its doorbell. */
   | { op: "post-events"; slot: number; count: number }
   | { op: "break"; slot: number; queue: number; how: Breakage; kick: boolean }
+  /** Rings queue `queue`'s doorbell, nothing else. */
+  | { op: "kick"; slot: number; queue: number }
   /** Waits until `min` event buffers came back; returns the event codes reaped. */
   | { op: "reap-events"; slot: number; min: number; timeoutMs: number }
   /** Waits for the device's config interrupt; true when it came within `timeoutMs`. */
@@ -351,6 +353,8 @@ runVcpu(self, {
         return reapEvents(ctx, r);
       case "break":
         return breakRing(ctx, r);
+      case "kick":
+        return device(r.slot).dev.notify(r.queue);
       case "wait-config":
         return waitConfig(ctx, r);
     }
