@@ -162,6 +162,8 @@ export interface DriverSetup {
   vectorBase: number;
   /** Device-specific feature bits the driver accepts when offered (default none). */
   features?: bigint;
+  /** A hostile driver's queue_desc for every queue, instead of where it laid the ring out. */
+  descOverride?: number;
 }
 
 /** A virtio device as the guest driver runs it. */
@@ -264,7 +266,10 @@ export class GuestVirtio {
         : new SplitDriverQueue<number>(this.#mem, layout, qf);
       // 8-byte registers as two 4-byte writes, low half first.
       for (
-        const [reg, gpa] of [[Q_DESC, layout.desc], [Q_DRIVER, layout.driver], [
+        const [reg, gpa] of [[Q_DESC, setup.descOverride ?? layout.desc], [
+          Q_DRIVER,
+          layout.driver,
+        ], [
           Q_DEVICE,
           layout.device,
         ]] as const

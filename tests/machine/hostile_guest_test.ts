@@ -260,6 +260,37 @@ Deno.test("After a reset, a ring broken again on the poll path needs a reset aga
 
 for (const packed of [false, true]) {
   const ring = packed ? "packed" : "split";
+
+  Deno.test(`A virtio-blk ${ring} ring the driver places outside guest RAM at DRIVER_OK needs a reset; a reset with a proper ring recovers`, async () => {
+    const r = await rig([
+      { type: "virtio-blk", id: "victim", packed },
+      { type: "virtio-blk", id: "bystander" },
+    ]);
+    try {
+      const slot = r.slot("victim");
+      await reinit(r, "bystander", 1, false);
+      // 2 GiB: far past the 32 MiB of RAM; the iothread builds its queue from it at DRIVER_OK.
+      await r.ask({
+        op: "init",
+        slot,
+        queues: 1,
+        queueSize: QUEUE_SIZE,
+        packed,
+        descOverride: 0x8000_0000,
+      });
+      await expectNeedsReset(r, "victim", "bad-ring-layout");
+      await blkRoundTrip(r, "bystander", 0, 1);
+      await reinit(r, "victim", 1, packed);
+      await blkRoundTrip(r, "victim", 0, 2);
+      assert.equal(r.machine.error, null);
+    } finally {
+      await r.close();
+    }
+  });
+}
+
+for (const packed of [false, true]) {
+  const ring = packed ? "packed" : "split";
   const { how, fault } = pollBreak(packed);
 
   Deno.test(`A virtio-scsi control queue (${ring}) broken without a kick needs a reset of that device only`, async () => {

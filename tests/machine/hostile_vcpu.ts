@@ -31,6 +31,8 @@ export type HostileRequest =
     packed: boolean;
     /** Device-specific feature bits to accept too. */
     features?: bigint;
+    /** Program this queue_desc for every queue (a ring the driver says is elsewhere). */
+    descOverride?: number;
   }
   | { op: "status"; slot: number }
   /** One virtio-blk request on queue 0; a read checks the bytes against `seed`'s pattern. */
@@ -326,6 +328,7 @@ function init(ctx: VcpuContext, r: Extract<HostileRequest, { op: "init" }>): { s
     packed: r.packed,
     vectorBase,
     ...(r.features === undefined ? {} : { features: r.features }),
+    ...(r.descOverride === undefined ? {} : { descOverride: r.descOverride }),
   });
   // Interrupts of the device's earlier life are stale now.
   takeAll(ctx);
