@@ -32,7 +32,7 @@ import {
   parseOptionString,
 } from "./qemu_io/open.ts";
 import { Session } from "./qemu_io/session.ts";
-import { getoptLong, type LongOption } from "./qemu_io/text.ts";
+import { getoptLong, hostErrorText, type LongOption } from "./qemu_io/text.ts";
 
 export type { IoNodeExtras };
 
@@ -236,11 +236,89 @@ function raiseInProcess(signal: number): void {
   Deno.exit(128 + signal);
 }
 
+/** QOM types QEMU 7.2 knows that vstor has no use for yet. */
+const QOM_TYPES = new Set([
+  "authz-list",
+  "authz-listfile",
+  "authz-pam",
+  "authz-simple",
+  "cryptodev-backend-builtin",
+  "input-barrier",
+  "input-linux",
+  "iothread",
+  "main-loop",
+  "memory-backend-file",
+  "memory-backend-memfd",
+  "memory-backend-ram",
+  "rng-builtin",
+  "rng-egd",
+  "rng-random",
+  "throttle-group",
+  "tls-cipher-suites",
+  "tls-creds-anon",
+  "tls-creds-psk",
+  "tls-creds-x509",
+]);
+
+/** --object: secrets are accepted (vstor has no encrypted images to use them on). */
+function objectProblem(text: string): string | undefined {
+  const options = parseOptionString(text, () => {}, "qom-type");
+  const get = (key: string) => options.findLast(([k]) => k === key)?.[1];
+  const type = get("qom-type");
+  if (type === undefined) return "Parameter 'qom-type' is missing";
+  if (type === "secret") {
+    if (get("id") === undefined) return "Parameter 'id' is missing";
+    if (get("file") === undefined && get("data") === undefined) {
+      return "Either 'file' or 'data' must be provided";
+    }
+    return undefined;
+  }
+  if (QOM_TYPES.has(type)) return `--object ${type} is not supported by vstor yet`;
+  return `Parameter 'qom-type' does not accept value '${type}'`;
+}
+
+/** -T: the warnings QEMU prints for patterns that match no trace event; undefined after an error. */
+function traceWarnings(text: string, fail: (line: string) => void): string[] | undefined {
+  const options = parseOptionString(text, () => {}, "enable");
+  const patterns: string[] = [];
+  for (const [key, value] of options) {
+    if (key === "enable") patterns.push(value);
+    if (key !== "events") continue;
+    let content: string;
+    try {
+      content = Deno.readTextFileSync(value);
+    } catch (e) {
+      fail(`${value}: ${hostErrorText(e)}`);
+      return undefined;
+    }
+    for (const line of content.split("\n")) {
+      const pattern = line.trim();
+      if (pattern !== "" && !pattern.startsWith("#")) patterns.push(pattern);
+    }
+  }
+  return patterns
+    .map((p) => p.startsWith("-") ? p.slice(1) : p)
+    .filter((p) => !/[*?]/.test(p))
+    .map((p) => `warning: trace event '${p}' does not exist`);
+}
+
 const encoder = new TextEncoder();
 
 function writeAllSync(target: { writeSync(p: Uint8Array): number }, text: string): void {
   let bytes = encoder.encode(text);
   while (bytes.length > 0) bytes = bytes.subarray(target.writeSync(bytes));
+}
+
+/** qemu-io reads stdin with fgets() into 1024 bytes: a longer line arrives as several commands. */
+const MAX_LINE_BYTES = 1023;
+
+function* fgetsChunks(line: string, withNewline: boolean): Generator<string> {
+  const bytes = new TextEncoder().encode(withNewline ? `${line}\n` : line);
+  const decoder = new TextDecoder();
+  for (let at = 0; at < bytes.length; at += MAX_LINE_BYTES) {
+    const chunk = decoder.decode(bytes.subarray(at, at + MAX_LINE_BYTES));
+    yield chunk.endsWith("\n") ? chunk.slice(0, -1) : chunk;
+  }
 }
 
 async function* lines(
@@ -256,12 +334,14 @@ async function* lines(
     while ((newline = pending.indexOf("\n")) >= 0) {
       const line = pending.slice(0, newline);
       pending = pending.slice(newline + 1);
-      yield line;
-      beforeEach();
+      for (const part of fgetsChunks(line, true)) {
+        yield part;
+        beforeEach();
+      }
     }
   }
   pending += decoder.decode();
-  if (pending !== "") yield pending;
+  if (pending !== "") yield* fgetsChunks(pending, false);
 }
 
 async function runMain(args: string[], io: IoMainIo, face: Face): Promise<number> {
@@ -283,6 +363,8 @@ async function runMain(args: string[], io: IoMainIo, face: Face): Promise<number
 
   const request = defaultRequest();
   const commands: string[] = [];
+  /** Lines QEMU prints once option parsing is done (trace warnings). */
+  const deferred: string[] = [];
   let imageOpts = false;
   let format: string | undefined;
   const parsed = getoptLong(
@@ -321,8 +403,15 @@ async function runMain(args: string[], io: IoMainIo, face: Face): Promise<number
         request.readOnly = true;
         break;
       case "m": // buffers are never misaligned for O_DIRECT: there is no O_DIRECT yet
-      case "T": // vstor has no trace events
         break;
+      case "T": {
+        // vstor has no trace events: every pattern QEMU would look up matches none.
+        // QEMU prints this one as `qemu-io:PATH: error`, without the usual space.
+        const warning = traceWarnings(arg, (line) => stderr(`${prefix}:${line}\n`));
+        if (warning === undefined) return 1;
+        deferred.push(...warning);
+        break;
+      }
       case "k":
         request.aio = "native";
         break;
@@ -358,9 +447,14 @@ async function runMain(args: string[], io: IoMainIo, face: Face): Promise<number
       case "U":
         request.forceShare = true;
         break;
-      case "object":
-        report(`--object is not supported by vstor yet: ${arg}`);
-        return 1;
+      case "object": {
+        const problem = objectProblem(arg);
+        if (problem !== undefined) {
+          report(problem);
+          return 1;
+        }
+        break;
+      }
       case "image-opts":
         imageOpts = true;
         break;
@@ -380,6 +474,7 @@ async function runMain(args: string[], io: IoMainIo, face: Face): Promise<number
     report("--image-opts and -f are mutually exclusive");
     return 1;
   }
+  for (const line of deferred) report(line);
   if (!qemu && operands.length === 0 && commands.length === 0 && request.options.length === 0) {
     return usageError("vstor io: missing FILE");
   }

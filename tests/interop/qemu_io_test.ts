@@ -759,6 +759,11 @@ Deno.test({
       ["-U", "-f", "raw", "IMAGE", "-c", "length"],
       ["-U", "-r", "-f", "raw", "IMAGE", "-c", "length"],
       ["-f", "raw", "IMAGE", ...cmds("read 2M 1", "quit", "read 0 1")],
+      ["--object", "secret,id=sec0,data=x", "-c", "help quit"],
+      ["--object", "secret,id=sec0"],
+      ["--object", "nosuchtype,id=x"],
+      ["-T", "foo", "-T", "-bar", "-T", "enable=baz*", "-c", "help quit"],
+      ["-T", "events=/nonexistent/events"],
     ];
     for (const args of runs) await dropIn({ args, sameBytes: true });
   },
@@ -819,7 +824,7 @@ Deno.test({
   async fn() {
     await dropIn({
       args: ["-f", "raw", "IMAGE"],
-      stdin:
+      stdin: `read -q 0 1 ${"x".repeat(1100)}\n` + // fgets() cuts it after 1023 bytes
         "write -P 7 0 512\nread -P 7 0 512\nbogus\nbreak a b\nremove_break b\nresume b\nsleep 5\nsleep x\nsigraise 66\nsigraise 0\nsigraise 17\nlength\n",
     });
     const killed = await dropIn({

@@ -816,7 +816,7 @@ const truncateCommand: Command = {
       s.report("Image format driver does not support resize");
       return false;
     }
-    if (mode === "metadata") {
+    if (mode === "metadata" && node.format !== "qcow2") {
       s.report("Unsupported preallocation mode: metadata");
       return false;
     }
@@ -824,13 +824,10 @@ const truncateCommand: Command = {
       s.report(`Could not resize file: ${strerror(EFBIG)}`);
       return false;
     }
-    const oldSize = node.size;
-    const newSize = Number(size);
     try {
-      await node.truncate(newSize);
-      if (mode !== "off" && newSize > oldSize) {
-        await node.writeZeroes(oldSize, newSize - oldSize);
-      }
+      await node.truncate(Number(size), {
+        preallocation: mode as "off" | "metadata" | "falloc" | "full",
+      });
     } catch (e) {
       const errno = e instanceof BlockError ? e.context.errno : undefined;
       s.report(errno === undefined ? messageOf(e) : `Could not resize file: ${strerror(errno)}`);

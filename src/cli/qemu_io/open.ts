@@ -89,15 +89,25 @@ export function defaultRequest(): OpenRequest {
  * is QEMU's deprecated short-form boolean (`key` is on, `nokey` off); `warn` receives QEMU's
  * warning for it.
  */
-export function parseOptionString(text: string, warn: (message: string) => void): Array<
-  [string, string]
-> {
+export function parseOptionString(
+  text: string,
+  warn: (message: string) => void,
+  implied?: string,
+): Array<[string, string]> {
   const out: Array<[string, string]> = [];
   let at = 0;
   while (at < text.length) {
     let name = "";
     while (at < text.length && text[at] !== "=" && text[at] !== ",") name += text[at++];
-    if (text[at] === "=") {
+    if (implied !== undefined && at === name.length && text[at] !== "=") {
+      // QemuOpts' implied name: a first value without a key belongs to it (`,,` escapes a comma).
+      let value = name;
+      while (at < text.length && !(text[at] === "," && text[at + 1] !== ",")) {
+        if (text[at] === ",") at++;
+        value += text[at++];
+      }
+      out.push([implied, value]);
+    } else if (text[at] === "=") {
       at++;
       let value = "";
       while (at < text.length) {
