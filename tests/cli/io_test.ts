@@ -1442,5 +1442,10 @@ Deno.test("-C copies what reads fetch from the backing file into the overlay", a
       "0/65536 bytes allocated at offset 0 bytes",
       "65536/65536 bytes allocated at offset 0 bytes",
     ]);
+    const ro = await entry("vstor", ["-C", "-r", overlay, "-c", "length"]);
+    assert.deepEqual({ code: ro.code, err: ro.err }, {
+      code: 1,
+      err: [`vstor: can't open device ${overlay}: Can't use copy-on-read on read-only device`],
+    });
   });
 });

@@ -344,6 +344,7 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
       throw new OpenError(`Block format '${r.format}' does not support the option '${bad}'`);
     }
   }
+  if (r.copyOnRead && r.readOnly) throw new OpenError("Can't use copy-on-read on read-only device");
   const base: OpenOptions = {
     ...open,
     ...(r.format === undefined ? {} : { format: r.format }),
