@@ -1163,6 +1163,10 @@ Deno.test("reopen switches between read-only and read-write and refuses what qem
       "-c",
       "reopen -c none",
       "-c",
+      "reopen -o read-only=on",
+      "-c",
+      "write -q -P 0x11 0 1",
+      "-c",
       "read -q -P 0x11 0 1",
     ]);
     assert.deepEqual(r.err, [
@@ -1173,6 +1177,7 @@ Deno.test("reopen switches between read-only and read-write and refuses what qem
       "qemu-io: Cannot change the option 'foo'",
       "qemu-io: Cannot set both -c and the cache options",
       "qemu-io: Cannot reopen with cache.direct=on: vstor does not support O_DIRECT yet",
+      "qemu-io: Read-only block node '#block000' cannot support read-write users",
     ]);
     assert.deepEqual(r.out, [
       "reopen [(-r|-w)] [-c cache] [-o options] -- reopens an image with new options",

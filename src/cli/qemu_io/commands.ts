@@ -1187,6 +1187,12 @@ const reopenCommand: Command = {
     }
     for (const [key, value] of options) {
       const on = value === "on" || value === "true" || value === "yes";
+      if (key === "read-only" && on && !image.readOnly) {
+        // QEMU keeps the BlockBackend's write permission (only -r drops it), so the node refuses;
+        // its name is QEMU's automatic one, whose number vstor cannot know.
+        s.report("Read-only block node '#block000' cannot support read-write users");
+        return false;
+      }
       if (!on && value !== "off" && value !== "false" && value !== "no") {
         s.report(`Parameter '${key}' expects 'on' or 'off'`);
         return false;
