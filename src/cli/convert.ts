@@ -83,15 +83,24 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
       );
     }
   }
-  if (values["backing-format"] !== undefined && values.backing === undefined) {
-    throw new UsageError("The -F option requires -B");
-  }
+
   const cache = values["target-cache"] ?? "unsafe";
   if (!["none", "writeback", "writethrough", "directsync", "unsafe"].includes(cache)) {
     throw new UsageError(`Invalid cache option: ${cache}`);
   }
   const snapshot = values.snapshot === undefined ? undefined : snapshotKey(values.snapshot);
-  const { size: _size, ...createOptions } = parseCreateOptions(values.options, format);
+  // -o backing_file=/backing_fmt= are -B/-F by another name, as in qemu-img.
+  const {
+    size: _size,
+    backingFile: optionBacking,
+    backingFormat: optionBackingFormat,
+    ...createOptions
+  } = parseCreateOptions(values.options, format);
+  const backingFile = values.backing ?? optionBacking;
+  const backingFormat = values["backing-format"] ?? optionBackingFormat;
+  if (values["backing-format"] !== undefined && backingFile === undefined) {
+    throw new UsageError("The -F option requires -B");
+  }
   const bar = progressBar(values.progress && !values.quiet, io, 1);
   await convertImages(sources, target, {
     targetFormat: format,
@@ -99,8 +108,8 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
     ...(values.format === undefined ? {} : { sourceFormat: values.format }),
     forceShare: values["force-share"],
     compress: values.compress,
-    ...(values.backing === undefined ? {} : { backingFile: values.backing }),
-    ...(values["backing-format"] === undefined ? {} : { backingFormat: values["backing-format"] }),
+    ...(backingFile === undefined ? {} : { backingFile }),
+    ...(backingFormat === undefined ? {} : { backingFormat }),
     ...(sparse === undefined ? {} : { sparseSize: sparse }),
     noCreate: values["no-create"],
     cache: cache === "unsafe" ? "unsafe" : "writeback",

@@ -17,6 +17,10 @@ import { parseVerbArgs } from "./args.ts";
 
 const PREALLOCATION = ["off", "metadata", "falloc", "full"] as const;
 
+/** qemu-img's message for a size option that does not parse. */
+const SIZE_HINT = "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n" +
+  "and exabytes, respectively.";
+
 /** Parse a qemu-img size argument into a safe integer of bytes. */
 export function parseImageSize(text: string): number {
   const parsed = parseSize(text);
@@ -24,14 +28,22 @@ export function parseImageSize(text: string): number {
     throw new UsageError(
       `Invalid image size '${text}'. You may use k, M, G, T, P or E suffixes for kilobytes, ` +
         `megabytes, gigabytes, terabytes, petabytes and exabytes (at most ${Number.MAX_SAFE_INTEGER} bytes)`,
+      { qemu: `Parameter 'size' expects a non-negative number below 2^64\n${SIZE_HINT}` },
     );
   }
   return Number(parsed.value);
 }
 
+/** The protocol (file) options every format's create takes, as qemu-img lists them with a file. */
+const FILE_OPTIONS: Array<[string, string]> = [
+  ["extent_size_hint=<size>", "Extent size hint for the image file, 0 to disable"],
+  ["nocow=<bool (on/off)>", "Turn off copy-on-write (valid only on btrfs)"],
+];
+
 /** qemu-img's `-o` options per format, with their help lines. */
 const FORMAT_OPTIONS: Record<string, Array<[string, string]>> = {
   raw: [
+    ...FILE_OPTIONS,
     ["preallocation=<str>", "Preallocation mode (allowed values: off, falloc, full)"],
     ["size=<size>", "Virtual disk size"],
   ],
@@ -42,7 +54,9 @@ const FORMAT_OPTIONS: Record<string, Array<[string, string]>> = {
     ["compat=<str>", "Compatibility level (v2 [0.10] or v3 [1.1])"],
     ["compression_type=<str>", "Compression method used for image cluster compression"],
     ["extended_l2=<bool (on/off)>", "Extended L2 tables"],
+    FILE_OPTIONS[0]!,
     ["lazy_refcounts=<bool (on/off)>", "Postpone refcount updates"],
+    FILE_OPTIONS[1]!,
     ["preallocation=<str>", "Preallocation mode (allowed values: off, metadata, falloc, full)"],
     ["refcount_bits=<num>", "Width of a reference count entry in bits"],
     ["size=<size>", "Virtual disk size"],
@@ -58,18 +72,24 @@ export function createOptionsHelp(format: string): string {
   return lines.join("\n") + "\n";
 }
 
-function parseBool(key: string, value: string): boolean {
-  if (value === "on" || value === "true" || value === "yes") return true;
-  if (value === "off" || value === "false" || value === "no") return false;
-  throw new UsageError(`Parameter '${key}' expects 'on' or 'off'`);
-}
+/** Parsed `-o` options: what the format gets, plus `size` and the file-level options. */
+export type ParsedCreateOptions = CreateOptions & {
+  size?: number;
+  /** The file options (no effect on the image's contents here, printed as qemu-img does). */
+  nocow?: boolean;
+  extentSizeHint?: number;
+};
 
-function oneOf<T extends string>(key: string, value: string, allowed: readonly T[]): T {
-  const found = allowed.find((a) => a === value);
-  if (found === undefined) {
-    throw new UsageError(`Parameter '${key}' does not accept value '${value}'`);
-  }
-  return found;
+/**
+ * How {@linkcode parseCreateOptions} reports, for qemu-img's wording: `file` prefixes its
+ * messages, and with `deferred` a bad value for a string option (compat, preallocation,
+ * compression_type) is collected there instead of thrown, as qemu-img only finds those after
+ * printing "Formatting …"; `verbatim` gets string values as they were given.
+ */
+export interface CreateOptionsContext {
+  file?: string;
+  deferred?: string[];
+  verbatim?: Map<string, string>;
 }
 
 /**
@@ -80,11 +100,38 @@ function oneOf<T extends string>(key: string, value: string, allowed: readonly T
 export function parseCreateOptions(
   lists: string[],
   format: string,
-): CreateOptions & { size?: number } {
+  context: CreateOptionsContext = {},
+): ParsedCreateOptions {
   const known = new Set(
     (FORMAT_OPTIONS[format] ?? []).map(([name]) => name.slice(0, name.indexOf("="))),
   );
-  const opts: CreateOptions & { size?: number } = {};
+  const named = (message: string) =>
+    context.file === undefined ? message : `${context.file}: ${message}`;
+  // A type error (qemu's option parsing): before anything is printed, no "Try" line.
+  const typeError = (message: string, vstor = message) =>
+    new UsageError(vstor, { qemu: named(message), tryHelp: false });
+  // A value error (the format driver's): after "Formatting …" when deferred.
+  const valueError = (key: string, value: string) => {
+    const message = `Parameter '${key}' does not accept value '${value}'`;
+    if (context.deferred === undefined) throw new UsageError(message, { qemu: named(message) });
+    context.deferred.push(named(message));
+  };
+  const size = (key: string, value: string): number => {
+    const parsed = parseSize(value);
+    if (!parsed.ok || parsed.value > BigInt(Number.MAX_SAFE_INTEGER)) {
+      throw typeError(
+        `Parameter '${key}' expects a non-negative number below 2^64\n${SIZE_HINT}`,
+        `Invalid size '${value}' for '${key}' (at most ${Number.MAX_SAFE_INTEGER} bytes)`,
+      );
+    }
+    return Number(parsed.value);
+  };
+  const bool = (key: string, value: string): boolean => {
+    if (value === "on" || value === "true" || value === "yes") return true;
+    if (value === "off" || value === "false" || value === "no") return false;
+    throw typeError(`Parameter '${key}' expects 'on' or 'off'`);
+  };
+  const opts: ParsedCreateOptions = {};
   for (const list of lists) {
     // qemu's option lists escape a comma as ",,".
     for (const item of list.replaceAll(",,", "\0").split(",").map((i) => i.replaceAll("\0", ","))) {
@@ -92,41 +139,57 @@ export function parseCreateOptions(
       const eq = item.indexOf("=");
       const key = eq < 0 ? item : item.slice(0, eq);
       const value = eq < 0 ? "on" : item.slice(eq + 1);
-      if (!known.has(key)) throw new UsageError(`Invalid parameter '${key}' for format ${format}`);
+      if (!known.has(key)) {
+        throw typeError(
+          `Invalid parameter '${key}'`,
+          `Invalid parameter '${key}' for format ${format}`,
+        );
+      }
       switch (key) {
-        case "preallocation":
-          opts.preallocation = oneOf(key, value, PREALLOCATION);
-          if (format === "raw" && opts.preallocation === "metadata") {
+        case "preallocation": {
+          context.verbatim?.set(key, value);
+          const mode = PREALLOCATION.find((m) => m === value);
+          if (mode === undefined) valueError(key, value);
+          else if (format === "raw" && mode === "metadata") {
             throw new UsageError(`Unsupported preallocation mode 'metadata' for raw`);
-          }
+          } else opts.preallocation = mode;
           break;
+        }
         case "size":
-          opts.size = parseImageSize(value);
+          opts.size = size(key, value);
           break;
         case "compat": {
-          const v = oneOf(key, value, ["0.10", "v2", "1.1", "v3"] as const);
-          opts.compat = v === "0.10" || v === "v2" ? "0.10" : "1.1";
+          context.verbatim?.set(key, value);
+          if (value === "0.10" || value === "v2") opts.compat = "0.10";
+          else if (value === "1.1" || value === "v3") opts.compat = "1.1";
+          // QEMU's qcow2 names this option 'version' when it refuses a value.
+          else valueError("version", value);
           break;
         }
         case "cluster_size":
-          opts.clusterSize = parseImageSize(value);
+          opts.clusterSize = size(key, value);
           break;
         case "refcount_bits": {
-          const n = Number(value);
-          if (!/^[0-9]+$/.test(value)) {
-            throw new UsageError(`Parameter 'refcount_bits' expects a number`);
+          if (!/^-?[0-9]+$/.test(value)) {
+            throw typeError(`Parameter 'refcount_bits' expects a number`);
           }
-          opts.refcountBits = n;
+          // As QEMU's strtou64, "-N" wraps around: a width no format accepts.
+          opts.refcountBits = value.startsWith("-")
+            ? 2 ** 64 - Number(value.slice(1))
+            : Number(value);
+          context.verbatim?.set(key, value);
           break;
         }
         case "lazy_refcounts":
-          opts.lazyRefcounts = parseBool(key, value);
+          opts.lazyRefcounts = bool(key, value);
           break;
         case "extended_l2":
-          opts.extendedL2 = parseBool(key, value);
+          opts.extendedL2 = bool(key, value);
           break;
         case "compression_type":
-          opts.compressionType = oneOf("compression-type", value, ["zlib", "zstd"] as const);
+          context.verbatim?.set(key, value);
+          if (value === "zlib" || value === "zstd") opts.compressionType = value;
+          else valueError("compression-type", value);
           break;
         case "backing_file":
           opts.backingFile = value;
@@ -134,17 +197,29 @@ export function parseCreateOptions(
         case "backing_fmt":
           opts.backingFormat = value;
           break;
+        case "nocow":
+          opts.nocow = bool(key, value);
+          break;
+        case "extent_size_hint":
+          opts.extentSizeHint = size(key, value);
+          break;
       }
     }
   }
   return opts;
 }
 
-/** The option summary qemu-img prints after "Formatting": its order and names. */
-function describeOptions(format: string, size: number, o: CreateOptions): string {
+/** The option summary qemu-img prints after "Formatting": its order and names, values as given. */
+function describeOptions(
+  format: string,
+  size: number | bigint,
+  o: ParsedCreateOptions,
+  verbatim: Map<string, string>,
+): string {
   const parts: string[] = [];
   const add = (name: string, value: string | number | undefined) => {
-    if (value !== undefined) parts.push(`${name}=${value}`);
+    const shown = verbatim.get(name) ?? value;
+    if (shown !== undefined) parts.push(`${name}=${shown}`);
   };
   const onOff = (v: boolean | undefined) => v === undefined ? undefined : v ? "on" : "off";
   if (format === "qcow2") {
@@ -152,28 +227,20 @@ function describeOptions(format: string, size: number, o: CreateOptions): string
     add("extended_l2", onOff(o.extendedL2 ?? false));
     add("preallocation", o.preallocation);
     add("compression_type", o.compressionType ?? "zlib");
-    add("size", size);
+    parts.push(`size=${size}`);
     add("compat", o.compat);
     add("backing_file", o.backingFile);
     add("backing_fmt", o.backingFormat);
     add("lazy_refcounts", onOff(o.lazyRefcounts ?? false));
     add("refcount_bits", o.refcountBits ?? 16);
   } else {
-    add("size", size);
-    add("preallocation", o.preallocation);
+    parts.push(`size=${size}`);
   }
+  // The file protocol's options come last, in its order.
+  add("nocow", onOff(o.nocow));
+  if (format !== "qcow2") add("preallocation", o.preallocation);
+  add("extent_size_hint", o.extentSizeHint);
   return parts.join(" ");
-}
-
-/** The format a backing file probes as, or undefined when it does not open. */
-async function detectFormat(path: string): Promise<string | undefined> {
-  try {
-    const node = await openImage(path, { readOnly: true, forceShare: true, noBacking: true });
-    await node.close();
-    return node.format;
-  } catch {
-    return undefined;
-  }
 }
 
 /** The create verb; returns the exit code. */
@@ -200,6 +267,7 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
     );
     return EXIT_OK;
   }
+  const dropIn = programName(io) !== "vstor";
   const format = values.format;
   if (!formatNames().includes(format)) {
     throw new UsageError(`Unknown file format '${format}' (known: ${formatNames().join(", ")})`, {
@@ -213,23 +281,34 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
   }
   const [file, sizeText, ...extra] = positionals;
   if (file === undefined) throw new UsageError("Expecting image file name");
-  if (extra.length > 0) throw new UsageError(`Unexpected argument '${extra[0]}'`);
-  const { size: optionSize, ...opts } = parseCreateOptions(values.options, format);
+  if (extra.length > 0) {
+    throw new UsageError(`Unexpected argument '${extra[0]}'`, {
+      qemu: `Unexpected argument: ${extra[0]}`,
+    });
+  }
+  // qemu-img parses the size argument first, then the options.
+  const hugeSize = sizeText === undefined ? undefined : parseHugeSize(sizeText, dropIn);
+  const deferred: string[] = [];
+  const verbatim = new Map<string, string>();
+  const { size: optionSize, ...opts } = parseCreateOptions(
+    values.options,
+    format,
+    dropIn ? { file, deferred, verbatim } : {},
+  );
   if (values.backing !== undefined) opts.backingFile = values.backing;
   if (values["backing-format"] !== undefined) opts.backingFormat = values["backing-format"];
-  let size = sizeText !== undefined ? parseImageSize(sizeText) : optionSize;
+  let size: number | bigint | undefined = hugeSize ??
+    (sizeText !== undefined ? parseImageSize(sizeText) : optionSize);
   if (opts.backingFile !== undefined) {
     if (format !== "qcow2") {
-      throw new UsageError(`Backing file not supported for file format '${format}'`);
+      throw new UsageError(`Backing file not supported for file format '${format}'`, {
+        qemu: `${file}: Backing file not supported for file format '${format}'`,
+        tryHelp: false,
+      });
     }
-    if (opts.backingFormat === undefined) {
-      const message = `${file}: Backing file specified without backing format`;
-      if (programName(io) === "vstor") throw new UsageError(message);
-      // qemu-img names the format it probed, in a hint that ends without a newline.
-      const probed = await detectFormat(resolveBacking(file, opts.backingFile));
-      errorLine(io, message);
-      if (probed !== undefined) io.stderr(`Detected format of ${probed}.`);
-      return EXIT_ERROR;
+    const missingFormat = `${file}: Backing file specified without backing format`;
+    if (opts.backingFormat === undefined && (!dropIn || values.unsafe)) {
+      throw new UsageError(missingFormat, { tryHelp: false });
     }
     if (!values.unsafe) {
       // As qemu-img: the base must open (relative to the new image), and gives the size by default.
@@ -237,7 +316,7 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
       let base;
       try {
         base = await openImage(basePath, {
-          format: opts.backingFormat,
+          ...(opts.backingFormat === undefined ? {} : { format: opts.backingFormat }),
           readOnly: true,
           forceShare: true,
         });
@@ -250,16 +329,67 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
       }
       size ??= base.size;
       await base.close();
+      if (opts.backingFormat === undefined) {
+        // qemu-img names the format it probed, in a hint that ends without a newline.
+        errorLine(io, missingFormat);
+        io.stderr(`Detected format of ${base.format}.`);
+        return EXIT_ERROR;
+      }
     }
   }
   if (size === undefined) {
     throw new UsageError(`${file}: Image creation needs a size parameter`, { tryHelp: false });
   }
-  // qcow2 sizes are whole sectors (qemu-img rounds up).
-  const imageSize = format === "qcow2" ? Math.ceil(size / 512) * 512 : size;
   if (!values.quiet) {
-    io.stdout(`Formatting '${file}', fmt=${format} ${describeOptions(format, imageSize, opts)}\n`);
+    io.stdout(
+      `Formatting '${file}', fmt=${format} ${describeOptions(format, size, opts, verbatim)}\n`,
+    );
   }
-  await createImage(file, format, imageSize, opts);
+  // What qemu-img's format driver refuses only once it runs, after "Formatting …".
+  if (deferred.length > 0) {
+    errorLine(io, deferred[0]!);
+    return EXIT_ERROR;
+  }
+  const tooLarge = `${file}: The image size is too large for file format '${format}'` +
+    (format === "qcow2" ? " (try using a larger cluster size)" : "");
+  if (typeof size === "bigint") {
+    errorLine(io, tooLarge);
+    return EXIT_ERROR;
+  }
+  // qcow2 sizes are whole sectors (qemu-img rounds up, and prints the size as given).
+  const imageSize = format === "qcow2" ? Math.ceil(size / 512) * 512 : size;
+  try {
+    await createImage(file, format, imageSize, opts);
+  } catch (e) {
+    if (!dropIn || !(e instanceof Error)) throw e;
+    // As qemu's bdrv_img_create: EFBIG becomes its own message; every failure names the file.
+    errorLine(io, /too large/i.test(e.message) ? tooLarge : `${file}: ${e.message}`);
+    return EXIT_ERROR;
+  }
   return EXIT_OK;
+}
+
+/**
+ * In drop-in mode, the size argument as qemu-img checks it: its messages for what does not parse,
+ * and a size past what vstor handles (2^53) kept as a bigint for the "too large" answer.
+ */
+function parseHugeSize(text: string, dropIn: boolean): bigint | undefined {
+  if (!dropIn) return undefined;
+  const parsed = parseSize(text);
+  if (!parsed.ok || text.startsWith("-")) {
+    throw new UsageError("Invalid image size", {
+      qemu: parsed.ok || parsed.reason === "invalid"
+        ? "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n" +
+          "qemu-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+        : "Invalid image size specified. Must be between 0 and 9223372036854775807.",
+      tryHelp: false,
+    });
+  }
+  if (parsed.value > 0x7fffffffffffffffn) {
+    throw new UsageError("Invalid image size", {
+      qemu: "Invalid image size specified. Must be between 0 and 9223372036854775807.",
+      tryHelp: false,
+    });
+  }
+  return parsed.value > BigInt(Number.MAX_SAFE_INTEGER) ? parsed.value : undefined;
 }

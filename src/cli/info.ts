@@ -130,7 +130,8 @@ export async function infoMain(args: string[], io: CliIo): Promise<number> {
   const seen = new Set<string>();
   while (path !== undefined) {
     if (seen.has(path) || seen.size >= MAX_CHAIN_DEPTH) {
-      throw new BlockError("invalid-format", `Backing chain loop or too deep at '${path}'`, {
+      // qemu-img's words (it notices a loop by the file names it has seen).
+      throw new BlockError("invalid-format", `Backing file '${path}' creates an infinite loop.`, {
         path: file,
       });
     }

@@ -464,17 +464,7 @@ export async function qemuImgMain(args: string[], io: CliIo = stdio): Promise<nu
 
 // ---- Drop-in mode: qemu-io ----
 
-type IoEntry = (args: string[], io: CliIo) => Promise<number>;
-
-/**
- * `vstor qemu-io ARGS…`: src/cli/io.ts's qemu-io entry when it has one (`qemuIoMain`), else vstor's
- * own `io` verb.
- */
+/** `vstor qemu-io ARGS…`: qemu-io 7.2's command line and commands (src/cli/io.ts). */
 async function qemuIoDropIn(args: string[], io: CliIo): Promise<number> {
-  const qio: CliIo = { ...io, program: "qemu-io" };
-  const mod: Record<string, unknown> = await import("./io.ts");
-  const entry = mod["qemuIoMain"];
-  if (typeof entry === "function") return await (entry as IoEntry)(args, qio);
-  // TODO(drop-in): io.ts does not export qemuIoMain yet; until it does, vstor io stands in.
-  return await runVerb("io", verbs["io"]!, args, qio);
+  return await (await import("./io.ts")).qemuIoMain(args, { ...io, program: "qemu-io" });
 }
