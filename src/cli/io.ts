@@ -4,7 +4,9 @@
  *
  * The pieces live in `src/cli/qemu_io/`: `text.ts` (getopt, numbers, strerror, patterns),
  * `ranges.ts` (byte-granular I/O), `open.ts` (cache/aio/discard modes, `-o` options, the `-s`
- * overlay), `session.ts` (the open image, checks, aio completions) and `commands.ts` (the table).
+ * overlay), `session.ts` (the open image, checks, aio completions), `commands.ts` (the table) and
+ * the commands by concern: `io_commands.ts`, `aio_commands.ts`, `image_commands.ts`,
+ * `process_commands.ts`.
  *
  * Two faces, one parser: {@linkcode qemuIoMain} answers as qemu-io (messages start `qemu-io:`,
  * usage on stdout, exit 1 for every failure); {@linkcode ioMain} is `vstor io` (messages start
