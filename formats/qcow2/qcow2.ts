@@ -45,7 +45,6 @@ import {
   HI_COMPRESSED,
   HI_COPIED,
   l1Reserved,
-  l2Reserved,
   SUBCLUSTERS,
 } from "./tables.ts";
 
@@ -65,6 +64,23 @@ export interface Qcow2OpenOptions {
   cache?: "writeback" | "unsafe";
   /** The node unallocated clusters read from (set by the opener for backing chains). */
   backing?: BlockNode;
+  /**
+   * Where the one-line corruption notices go, as QEMU prints them ("qcow2: Marking image as
+   * corrupt: …"); default: standard error.
+   */
+  onCorruption?: (line: string) => void;
+}
+
+/** C's `%#x`: `0` for zero, else `0x` and lower-case hex digits. */
+function hexAlt(n: number): string {
+  return n === 0 ? "0" : `0x${n.toString(16)}`;
+}
+
+/** ENOMEDIUM: what every request on a node that found fatal corruption fails with (as QEMU). */
+const ENOMEDIUM = 123;
+
+function printToStderr(line: string): void {
+  Deno.stderr.writeSync(new TextEncoder().encode(line + "\n"));
 }
 
 /** Write options a qcow2 node understands beyond FUA. */
@@ -132,6 +148,11 @@ export class Qcow2Node implements BlockNode {
   readonly #lazy: boolean;
   #readOnly: boolean;
   #corrupt = false;
+  /** A corruption was signalled (QEMU's signaled_corruption): later notices are suppressed. */
+  #signaled = false;
+  /** Fatal corruption was found on a writable node: it is unusable from then on. */
+  #unusable = false;
+  readonly #onCorruption: (line: string) => void;
   #closed = false;
   #l1: Uint8Array;
   #l1View: DataView;
@@ -162,6 +183,7 @@ export class Qcow2Node implements BlockNode {
     this.#lazy = hasFeature(header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
     this.#readOnly = (opts.readOnly ?? false) || file.readOnly;
     this.#backing = opts.backing;
+    this.#onCorruption = opts.onCorruption ?? printToStderr;
 
     this.#l1 = new Uint8Array(header.l1Size * 8);
     file.readAt(header.l1TableOffset, this.#l1);
@@ -468,6 +490,9 @@ export class Qcow2Node implements BlockNode {
 
   #live(): void {
     if (this.#closed) throw new BlockError("io", "Image is closed", { path: this.filename });
+    if (this.#unusable) {
+      throw new BlockError("io", "No medium found", { path: this.filename, errno: ENOMEDIUM });
+    }
   }
 
   #writable(): void {
@@ -488,25 +513,34 @@ export class Qcow2Node implements BlockNode {
   }
 
   /**
-   * Mark the image corrupt (header bit), make the node read-only, and return the error to throw.
+   * QEMU's qcow2_signal_corruption: on a writable node the corruption is fatal — one notice,
+   * the header's corrupt bit (v3), and the node is unusable from then on; on a read-only node it
+   * is reported once and reading goes on. Returns the error (EIO) for the request that found it.
    */
   #signalCorruption(message: string, offset: number): BlockError {
-    const error = new BlockError(
-      "corrupt",
-      `qcow2: Marking image as corrupt: ${message}; further corruption events will be suppressed`,
-      { path: this.filename, offset },
+    const fatal = !this.#readOnly;
+    const error = new BlockError("corrupt", message, { path: this.filename, offset, errno: 5 });
+    if (this.#signaled && (!fatal || this.#corrupt)) return error;
+    this.#onCorruption(
+      fatal
+        ? `qcow2: Marking image as corrupt: ${message}; further corruption events will be suppressed`
+        : `qcow2: Image is corrupt: ${message}; further non-fatal corruption events will be suppressed`,
     );
-    if (!this.#corrupt && !this.#readOnly && this.#v3) {
-      try {
-        this.header.incompatibleFeatures |= BigInt(INCOMPAT_CORRUPT);
-        this.#writeHeader();
-        this.file.flush();
-      } catch {
-        // The error we report matters more than the failed marking.
+    this.#signaled = true;
+    if (fatal) {
+      if (this.#v3) {
+        try {
+          this.header.incompatibleFeatures |= BigInt(INCOMPAT_CORRUPT);
+          this.#writeHeader();
+          this.file.flush();
+        } catch {
+          // The error we report matters more than the failed marking.
+        }
       }
+      this.#corrupt = true;
+      this.#readOnly = true;
+      this.#unusable = true;
     }
-    this.#corrupt = true;
-    this.#readOnly = true;
     return error;
   }
 
@@ -563,7 +597,7 @@ export class Qcow2Node implements BlockNode {
    * The run of guest bytes from `guestOffset` (at most `max`) with one mapping, within one L2
    * table. Normal runs are contiguous on the host.
    */
-  #mapRun(guestOffset: number, max: number): Run {
+  #mapRun(guestOffset: number, max: number, path: "read" | "write" = "read"): Run {
     const cs = this.clusterSize;
     const clusterIndex = Math.floor(guestOffset / cs);
     const l1Index = Math.floor(clusterIndex / this.#l2Entries);
@@ -577,25 +611,12 @@ export class Qcow2Node implements BlockNode {
     let sc = Math.floor(within / unit);
     let at = l2Index * this.#entryBytes;
     const kind = this.#kindAt(table, at, sc);
-    if (kind === "invalid") {
-      throw this.#signalCorruption(
-        `Invalid L2 entry at guest offset 0x${
-          guestOffset.toString(16)
-        } (reserved bits or inconsistent subcluster bitmap)`,
-        table.offset + at,
-      );
-    }
+    if (kind === "invalid") throw this.#invalidEntry(table, l2Index, path);
     const hi0 = table.view.getUint32(at), lo0 = table.view.getUint32(at + 4);
     let hostOffset = 0;
     if (kind === "normal" || kind === "zero-alloc" || kind === "unallocated-alloc") {
-      if (l2Reserved(hi0, lo0, this.extendedL2)) {
-        throw this.#signalCorruption(
-          `L2 entry at guest offset 0x${guestOffset.toString(16)} has reserved bits set`,
-          table.offset + at,
-        );
-      }
       const clusterHost = entryOffset(hi0, lo0);
-      this.#checkDataCluster(clusterHost, table.offset + at);
+      this.#checkDataCluster(clusterHost, table, l2Index);
       hostOffset = clusterHost + within;
     }
     if (kind === "compressed") {
@@ -617,10 +638,9 @@ export class Qcow2Node implements BlockNode {
       if (k !== kind) break;
       if (kind === "normal" || kind === "zero-alloc" || kind === "unallocated-alloc") {
         const hi = table.view.getUint32(at), lo = table.view.getUint32(at + 4);
-        if (l2Reserved(hi, lo, this.extendedL2)) break;
         const host = entryOffset(hi, lo) + within;
         if (host !== expectHost) break;
-        if (within === 0) this.#checkDataCluster(host, table.offset + at);
+        if (within === 0) this.#checkDataCluster(host, table, l2Index);
       }
       const step = Math.min(limit - length, unit);
       length += step;
@@ -630,15 +650,27 @@ export class Qcow2Node implements BlockNode {
     return { kind, hostOffset, length };
   }
 
-  #checkDataCluster(host: number, entryAt: number): void {
-    if (host < 0 || host % this.clusterSize !== 0 || host < this.clusterSize) {
+  #checkDataCluster(host: number, table: CacheEntry, l2Index: number): void {
+    if (host < 0 || host % this.clusterSize !== 0) {
       throw this.#signalCorruption(
-        `Data cluster offset 0x${host.toString(16)} unaligned or in the header (L2 entry at 0x${
-          entryAt.toString(16)
-        })`,
-        entryAt,
+        `Cluster allocation offset ${hexAlt(Math.max(0, host))} unaligned (L2 offset: ${
+          hexAlt(table.offset)
+        }, L2 index: ${hexAlt(l2Index)})`,
+        table.offset + l2Index * this.#entryBytes,
       );
     }
+  }
+
+  /**
+   * The corruption QEMU reports for an invalid L2 entry: a zero flag in a v2 image, or an
+   * inconsistent subcluster bitmap. Its read and write paths word the message differently.
+   */
+  #invalidEntry(table: CacheEntry, l2Index: number, path: "read" | "write"): BlockError {
+    const where = `(L2 offset: ${hexAlt(table.offset)}, L2 index: ${hexAlt(l2Index)})`;
+    const message = !this.#v3 && !this.extendedL2
+      ? `Zero cluster entry found in pre-v3 image ${where}`
+      : `Invalid cluster entry found ${path === "read" ? " " : ""}${where}`;
+    return this.#signalCorruption(message, table.offset + l2Index * this.#entryBytes);
   }
 
   // ---- read ----
@@ -758,7 +790,7 @@ export class Qcow2Node implements BlockNode {
     } else {
       // Fast path: the whole request lands in clusters this image owns (COPIED) and whose units
       // already hold data: write in place, no metadata change.
-      const run = this.#mapRun(offset, src.length);
+      const run = this.#mapRun(offset, src.length, "write");
       if (run.length === src.length && run.kind === "normal" && this.#ownedAt(offset)) {
         this.#checkOverlap(run.hostOffset, src.length);
         this.file.writeAt(run.hostOffset, src);
@@ -840,9 +872,29 @@ export class Qcow2Node implements BlockNode {
 
   /** A write that allocates or changes metadata, one cluster run at a time. */
   async #writeSlow(offset: number, src: Uint8Array): Promise<void> {
+    if (this.extendedL2) this.#checkEntriesForWrite(offset, src.length);
     let pos = 0;
     while (pos < src.length) {
       pos += await this.#writeClusters(offset + pos, src.subarray(pos));
+    }
+  }
+
+  /**
+   * Before an allocating or metadata-changing write, every extended L2 entry it touches must be
+   * consistent (QEMU's calculate_l2_meta): nothing is written when one is not.
+   */
+  #checkEntriesForWrite(offset: number, length: number): void {
+    const cs = this.clusterSize;
+    const last = Math.floor((offset + length - 1) / cs);
+    for (let c = Math.floor(offset / cs); c <= last; c++) {
+      const slot = this.#slot(c * cs, false);
+      if (slot === undefined) {
+        c = (Math.floor(c / this.#l2Entries) + 1) * this.#l2Entries - 1; // no table: next one
+        continue;
+      }
+      if (this.#kindAt(slot.table, slot.at, 0) === "invalid") {
+        throw this.#invalidEntry(slot.table, slot.at / this.#entryBytes, "write");
+      }
     }
   }
 

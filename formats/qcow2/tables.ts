@@ -62,26 +62,23 @@ export function l1Reserved(hi: number, lo: number): boolean {
   return (hi & L1_HI_RESERVED) !== 0 || (lo & L1_LO_RESERVED) !== 0;
 }
 
-/** True when a standard L2 entry has reserved bits set (bits 1..8, 56..61). */
-export function l2Reserved(hi: number, lo: number, extended: boolean): boolean {
-  if (hi & HI_COMPRESSED) return false;
-  if (hi & 0x3f000000) return true;
-  if (lo & 0x1fe) return true;
-  return extended && (lo & LO_ZERO) !== 0;
-}
-
 /**
- * Classify a standard L2 entry (no extended L2).
+ * Classify a standard L2 entry (no extended L2). Reserved bits are ignored, as QEMU's I/O path
+ * ignores them (only `check` reports them).
  */
 export function classifyStandard(hi: number, lo: number, v3: boolean): ClusterKind {
   if (hi & HI_COMPRESSED) return "compressed";
   const offset = (hi & HI_OFFSET_MASK) !== 0 || (lo & LO_OFFSET_MASK) !== 0;
-  if (v3 && (lo & LO_ZERO)) return offset ? "zero-alloc" : "zero-plain";
+  // v2 has no zero flag: QEMU treats one found there as corruption.
+  if (lo & LO_ZERO) return v3 ? (offset ? "zero-alloc" : "zero-plain") : "invalid";
   return offset ? "normal" : "unallocated";
 }
 
 /**
- * Classify subcluster `sc` of an extended L2 entry.
+ * Classify subcluster `sc` of an extended L2 entry as QEMU does (qcow2_get_subcluster_type):
+ * the standard descriptor's zero bit is unused and ignored, so is a compressed entry's bitmap;
+ * an entry is invalid as a whole when any subcluster is both allocated and zero, or when it has
+ * no host cluster but allocated subclusters.
  */
 export function classifySubcluster(
   hi: number,
@@ -90,14 +87,16 @@ export function classifySubcluster(
   zero: number,
   sc: number,
 ): ClusterKind {
-  if (hi & HI_COMPRESSED) return alloc === 0 && zero === 0 ? "compressed" : "invalid";
+  if (hi & HI_COMPRESSED) return "compressed";
   const hasOffset = (hi & HI_OFFSET_MASK) !== 0 || (lo & LO_OFFSET_MASK) !== 0;
   const bit = 1 << sc;
-  const a = (alloc & bit) !== 0, z = (zero & bit) !== 0;
-  if (a && z) return "invalid";
-  if (z) return hasOffset ? "zero-alloc" : "zero-plain";
-  if (a) return hasOffset ? "normal" : "invalid";
-  return hasOffset ? "unallocated-alloc" : "unallocated";
+  if (hasOffset) {
+    if ((alloc & zero) !== 0) return "invalid";
+    if (zero & bit) return "zero-alloc";
+    return alloc & bit ? "normal" : "unallocated-alloc";
+  }
+  if (alloc !== 0) return "invalid";
+  return zero & bit ? "zero-plain" : "unallocated";
 }
 
 /** Where a compressed cluster's bytes are: host byte offset and how many bytes to read. */

@@ -29,8 +29,14 @@ function u64(v: number): number[] {
   return [...u32(Math.floor(v / 2 ** 32)), ...u32(v % 2 ** 32)];
 }
 
+/** Corruption notices the nodes printed (QEMU prints them on stderr). */
+const notices: string[] = [];
 const open = (file: MemoryFile, readOnly = false) =>
-  Qcow2Node.open(borrowFile(file), { readOnly, cacheCleanInterval: 0 });
+  Qcow2Node.open(borrowFile(file), {
+    readOnly,
+    cacheCleanInterval: 0,
+    onCorruption: (line) => notices.push(line),
+  });
 
 async function refuses(file: MemoryFile, kind: string, message: RegExp): Promise<void> {
   await assert.rejects(() => open(file, true), (e) => {
@@ -201,7 +207,7 @@ Deno.test("unknown autoclear bits are cleared and unknown extensions kept on a r
   ]]]);
 });
 
-Deno.test("an L2 entry pointing into the header marks the image corrupt and stops writes", async () => {
+Deno.test("an L2 entry pointing into the header marks the image corrupt with QEMU's notice and makes the node unusable", async () => {
   const file = await image({ clusterSize: 4096 });
   let node = await open(file);
   await node.write(0, new Uint8Array(4096).fill(7));
@@ -212,15 +218,25 @@ Deno.test("an L2 entry pointing into the header marks the image corrupt and stop
   const l2Offset = Number(new DataView(l1.buffer).getBigUint64(0) & 0x00fffffffffffe00n);
   patch(file, l2Offset, [0x80, 0, 0, 0, 0, 0, 0x02, 0]); // COPIED, host offset 0x200: in the header
   node = await open(file);
+  notices.length = 0;
   await assert.rejects(
     () => node.read(0, new Uint8Array(512)),
-    (e) =>
-      isBlockError(e, "corrupt") && /Marking image as corrupt/.test(e.message) &&
-      e.message.includes("header"),
+    (e) => isBlockError(e, "corrupt") && e.message.includes("0x200 unaligned"),
+  );
+  assert.equal(notices.length, 1);
+  assert.match(
+    notices[0]!,
+    /^qcow2: Marking image as corrupt: Cluster allocation offset 0x200 unaligned \(L2 offset: 0x[0-9a-f]+, L2 index: 0\); further corruption events will be suppressed$/,
   );
   assert.equal(node.corrupt, true);
   assert.equal(node.readOnly, true);
+  // As QEMU's node without a driver: every later request fails with ENOMEDIUM, nothing printed.
+  await assert.rejects(
+    () => node.read(8192, new Uint8Array(1)),
+    (e) => isBlockError(e, "io") && e.message === "No medium found",
+  );
   await assert.rejects(() => node.write(8192, new Uint8Array(1)), (e) => isBlockError(e));
+  assert.equal(notices.length, 1);
   await node.close();
   // The corrupt bit is on disk: a read-write open is refused, read-only works.
   await assert.rejects(
