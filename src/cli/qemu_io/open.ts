@@ -371,7 +371,12 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
 
 /** QEMU's bdrv_append_temp_snapshot: a qcow2 file of the image's size, unlinked at once. */
 async function temporaryOverlay(base: BlockNode, r: OpenRequest): Promise<BlockNode> {
-  const tmpdir = Deno.env.get("TMPDIR") || "/var/tmp";
+  let tmpdir = "/var/tmp"; // QEMU's default; $TMPDIR wins where we may read it
+  try {
+    tmpdir = Deno.env.get("TMPDIR") || tmpdir;
+  } catch {
+    // no env permission: QEMU's default it is
+  }
   const path = Deno.makeTempFileSync({ dir: tmpdir, prefix: "vl." });
   const file = openHostFile(path, {});
   try {
