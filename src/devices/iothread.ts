@@ -15,7 +15,7 @@
  * ```
  *
  * Ring faults have one way out: every ring access of the loop (the drains, with the back-end's
- * `processQueue`, and the polling) runs inside `#serve`'s one `try`, activation
+ * `processQueue`, and the polling) runs inside one `try` of the run loop (`#contain`), activation
  * inside its own, and the back-end reports faults outside a kick through `hooks.needsReset`. All
  * three end in `#fault`: a `VirtqueueError` or `GuestMemoryError` (`ringFault`), or any other
  * back-end failure, becomes DEVICE_NEEDS_RESET with a config interrupt
@@ -181,7 +181,17 @@ class Iothread {
         await this.#handleControl(control.posted);
         continue;
       }
-      if (this.#active && !this.#paused && !this.#broken && await this.#serve()) continue;
+      if (this.#active && !this.#paused && !this.#broken) {
+        // The one place the loop touches rings (drains with the back-end's processQueue, then
+        // polling), so the one place it catches: see #contain. Inline, not a helper, so that a
+        // turn awaits one promise.
+        try {
+          await this.#drain();
+          if (this.#spec.poll !== false && this.#poll()) continue;
+        } catch (error) {
+          this.#contain(error);
+        }
+      }
       if (performance.now() - lastYield > YIELD_EVERY_MS) {
         // A back-end's timers and callbacks must not starve while kicks keep coming; the next
         // turn drains any queue whose doorbell moved meanwhile.
@@ -334,22 +344,15 @@ class Iothread {
   }
 
   /**
-   * One turn over the queues: drains those kicked (or pending), then polls. The only place the run
-   * loop touches a ring, so the only place it needs to catch: whatever a queue or the back-end
-   * throws here (a guest's broken ring, a back-end failure) becomes DEVICE_NEEDS_RESET for this
-   * device. Returns true when polling found work.
+   * What the run loop does with anything a drain or the polling threw (a guest's broken ring, a
+   * back-end failure): counters published, DEVICE_NEEDS_RESET for this device (`#fault`), and the
+   * loop goes on serving the control word. The device touches its queues again after a reset.
    */
-  async #serve(): Promise<boolean> {
-    try {
-      await this.#drain();
-      return this.#spec.poll !== false && this.#poll();
-    } catch (error) {
-      for (const s of this.#served) this.#publish(s);
-      this.#fault(this.#epoch, this.#draining, error);
-      return false;
-    } finally {
-      this.#draining = -1;
-    }
+  #contain(error: unknown): void {
+    const queue = this.#draining;
+    this.#draining = -1;
+    for (const s of this.#served) this.#publish(s);
+    this.#fault(this.#epoch, queue, error);
   }
 
   /**
@@ -398,6 +401,7 @@ class Iothread {
       counters.bump("drains");
       this.#draining = s.index;
       await this.#backend.processQueue(s.index, s.interrupt);
+      this.#draining = -1;
       this.#publish(s);
     }
   }

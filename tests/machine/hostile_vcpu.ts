@@ -322,6 +322,11 @@ function init(ctx: VcpuContext, r: Extract<HostileRequest, { op: "init" }>): { s
   }
   // One block of 16 vectors per device, in order of first initialisation.
   const vectorBase = 0x40 + 16 * [...devices.keys()].indexOf(r.slot);
+  // Interrupts of the device's earlier life are stale once it has reset (the reset waits for the
+  // iothread to quiesce); those of the new life, from DRIVER_OK on, must be kept.
+  d.dev.reset();
+  takeAll(ctx);
+  for (let v = vectorBase; v < vectorBase + 16; v++) taken.delete(v);
   d.dev.init({
     queues: r.queues,
     queueSize: r.queueSize,
@@ -330,9 +335,6 @@ function init(ctx: VcpuContext, r: Extract<HostileRequest, { op: "init" }>): { s
     ...(r.features === undefined ? {} : { features: r.features }),
     ...(r.descOverride === undefined ? {} : { descOverride: r.descOverride }),
   });
-  // Interrupts of the device's earlier life are stale now.
-  takeAll(ctx);
-  for (let v = vectorBase; v < vectorBase + 16; v++) taken.delete(v);
   return { status: d.dev.status };
 }
 
