@@ -78,6 +78,20 @@ function allocatorFor(ctx: VcpuContext): GuestAllocator {
   return new GuestAllocator(RAM_BASE, region.size - RAM_BASE);
 }
 
+/** Guest RAM each device of the `serve` program lays its rings and buffers out in. */
+const SERVE_WINDOW = 1 << 20;
+
+/**
+ * The `serve` program's allocator for the device in `slot`: a window of its own, the same at each
+ * `init`. Its rings then replace its own old ones, never those of another device that is still
+ * running (whose iothread would find its avail.idx jump and stop the device).
+ */
+function serveAllocator(ctx: VcpuContext, slot: number): GuestAllocator {
+  const base = RAM_BASE + slot * SERVE_WINDOW;
+  if (base + SERVE_WINDOW > ctx.mem.regions[0]!.size) throw new Error(`No RAM for slot ${slot}`);
+  return new GuestAllocator(base, SERVE_WINDOW);
+}
+
 function find(functions: PciVirtio[], slot: number): PciVirtio {
   const f = functions.find((x) => x.slot === slot);
   if (f === undefined) throw new Error(`No virtio function in slot ${slot}`);
@@ -219,7 +233,7 @@ runVcpu(self, {
   onRequest(ctx, body) {
     const r = body as ServeRequest;
     if (r.op === "init") {
-      const alloc = allocatorFor(ctx);
+      const alloc = serveAllocator(ctx, r.slot);
       const dev = new GuestVirtio(ctx.bus, ctx.mem, alloc, find(probePci(ctx.bus), r.slot));
       dev.init({ queues: 1, queueSize: r.queueSize, packed: r.packed, vectorBase: 0x40 });
       const buffers = { in: alloc.alloc(SERVE_MAX_BYTES), out: alloc.alloc(SERVE_MAX_BYTES) };
