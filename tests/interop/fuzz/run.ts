@@ -169,6 +169,14 @@ async function compareLayer(
     { tool: "qemu-img", args: ["compare", "-f", fmt, "-F", fmt, qp, vp] },
     dirs.q,
   );
+  if (cmp.code < 0) {
+    return {
+      ...base,
+      kind: "unreadable",
+      signature: "unreadable:compare-hangs",
+      detail: `qemu-img compare of ${name} did not finish: ${clip(cmp.output)}`,
+    };
+  }
   if (cmp.code === 2) {
     const info = async (p: string) =>
       (await runQemu({ tool: "qemu-img", args: ["info", "-f", fmt, p] }, "/")).code === 0;

@@ -9,23 +9,38 @@ import type { CommandLine } from "./case.ts";
 
 /** What one side did with a command. */
 export interface Outcome {
-  /** Exit code; -1 when vstor threw instead of returning one. */
+  /** Exit code; -1 when vstor threw instead of returning one, -2 when QEMU's tool was killed. */
   code: number;
   /** stdout and stderr, interleaved as far as the tool allows. */
   output: string;
 }
 
-/** Run QEMU's tool in `cwd`. */
+/** How long a QEMU tool may run before it is killed (a hang is reported, not waited out). */
+export const QEMU_TIMEOUT_MS = 60_000;
+
+/** Run QEMU's tool in `cwd`; killed after {@linkcode QEMU_TIMEOUT_MS} (code -2). */
 export async function runQemu(line: CommandLine, cwd: string): Promise<Outcome> {
-  const out = await new Deno.Command(line.tool, {
+  const child = new Deno.Command(line.tool, {
     args: line.args,
     cwd,
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, output: dec.decode(out.stdout) + dec.decode(out.stderr) };
+  }).spawn();
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    child.kill("SIGKILL");
+  }, QEMU_TIMEOUT_MS);
+  try {
+    const out = await child.output();
+    const dec = new TextDecoder();
+    const output = dec.decode(out.stdout) + dec.decode(out.stderr);
+    if (timedOut) return { code: -2, output: `${output}killed after ${QEMU_TIMEOUT_MS} ms` };
+    return { code: out.code, output };
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /**
