@@ -37,6 +37,7 @@ import {
   VIRTIO_SCSI_T_TMF_QUERY_TASK_SET,
   VIRTIO_SCSI_T_TRANSPORT_RESET,
   VIRTIO_SCSI_VQ_CONTROL,
+  VIRTIO_SCSI_VQ_EVENT,
   VIRTIO_SCSI_VQ_REQUEST,
 } from "../../src/devices/virtio_scsi_constants.ts";
 import { CHECK_CONDITION, GOOD } from "../../src/scsi/constants.ts";
@@ -664,6 +665,34 @@ Deno.test("virtio-scsi: a too-small event buffer found by a hotplug goes to hook
   await h.backend.processQueue(VIRTIO_SCSI_VQ_REQUEST, () => {});
   h.reset();
   assert.equal((await h.command(0, 0, tur())).response, VIRTIO_SCSI_S_OK);
+});
+
+Deno.test("virtio-scsi: the event queue is not for polling, and each event delivery asks for a kick at the next buffer", async () => {
+  const h = new ScsiHarness();
+  assert.ok((h.features & featureBit(VIRTIO_RING_F_EVENT_IDX)) !== 0n, "EVENT_IDX negotiated");
+  assert.equal(h.backend.pollable(VIRTIO_SCSI_VQ_EVENT), false);
+  assert.equal(h.backend.pollable(VIRTIO_SCSI_VQ_CONTROL), true);
+  assert.equal(h.backend.pollable(VIRTIO_SCSI_VQ_REQUEST), true);
+  await h.plug(0, 0); // no buffer yet: dropped
+  const driver = h.drivers[VIRTIO_SCSI_VQ_EVENT]!;
+  const layout = driver.layout;
+  const availEvent = () => h.mem.u16(layout.device + 4 + 8 * layout.size);
+
+  await h.postEvents(2, 16, false);
+  h.backend.hotplug(0, 1, await memoryNode(MiB));
+  h.backend.hotplug(0, 2, await memoryNode(MiB));
+  assert.equal(h.events().length, 2);
+  // Nothing polls the event queue: avail_event follows the buffers taken, as QEMU's pop keeps it.
+  assert.equal(availEvent(), 2);
+  const kicks = driver.stats.kicks;
+  h.backend.hotplug(0, 3, await memoryNode(MiB)); // no buffer: dropped
+  await h.postEvents(1);
+  assert.equal(driver.stats.kicks, kicks + 1, "the buffer after a drop is kicked");
+  assert.equal(
+    h.events()[0]?.event,
+    (VIRTIO_SCSI_T_NO_EVENT | VIRTIO_SCSI_T_EVENTS_MISSED) >>> 0,
+    "so the drop is reported at once",
+  );
 });
 
 Deno.test("virtio-scsi: a device reset restores sizes and raises POWER ON, RESET", async () => {

@@ -1116,6 +1116,29 @@ Deno.test("SplitDeviceQueue.hasAvailable() sees published chains, and a jump it 
   assert.equal(device.hasAvailable(), false, "a broken queue has nothing to offer");
 });
 
+Deno.test("SplitDeviceQueue.enableNotifications() reports an avail.idx jump made while the device polled, and the queue stops (issue #13 §6)", () => {
+  for (const eventIdx of [false, true]) {
+    const { mem, device, layout } = makeRig({ size: 8, eventIdx });
+    device.disableNotifications();
+    assert.equal(device.hasAvailable(), false);
+    // The driver moves avail.idx one lap and one more ahead, and does not kick.
+    mem.atomicSetU16(layout.driver + 2, 9);
+    assert.equal(device.hasAvailable(), true, "a jump looks like work to a polling device");
+    // This is what killed the iothread when its poll loop called it outside any try.
+    assert.throws(
+      () => device.enableNotifications(),
+      (e: unknown) => e instanceof VirtqueueError && e.fault === "avail-idx-jump" && e.queue === 0,
+    );
+    assert.equal(device.broken, true);
+    assert.equal(device.enableNotifications(), false, "a broken queue answers no more");
+    assert.equal(device.pop(), null);
+    device.reset();
+    mem.atomicSetU16(layout.driver + 2, 0);
+    assert.equal(device.broken, false);
+    assert.equal(device.enableNotifications(), false);
+  }
+});
+
 Deno.test("SplitDeviceQueue with EVENT_IDX suppresses kicks between disable and enable (avail_event parked)", () => {
   const { driver, device, alloc } = makeRig({ size: 64, eventIdx: true });
   const buf = alloc(16);
