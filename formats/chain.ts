@@ -7,13 +7,17 @@
  */
 import { BlockError } from "../src/errors.ts";
 import type { BlockNode } from "../src/block/node.ts";
-import { openImage, resolveBacking } from "./open.ts";
+import { openImage, type OpenOptions, resolveBacking } from "./open.ts";
 import { Qcow2Node } from "./qcow2/qcow2.ts";
+import { serializeHeader } from "./qcow2/header.ts";
 
 const CHUNK = 1 << 20;
 
 /** Progress reports: bytes done out of total. */
 export type Progress = (done: number, total: number) => void;
+
+/** How a chain operation opens an image (default {@linkcode openImage}; crash tests record). */
+export type ImageOpener = (path: string, opts: OpenOptions) => Promise<BlockNode>;
 
 /** Whether [offset, offset+max) is allocated in `layer` itself, and how far that answer holds. */
 async function allocatedIn(
@@ -38,6 +42,8 @@ export interface CommitOptions {
   /** Keep the overlay's data (qemu-img -d); implied by an explicit base. */
   keepOverlay?: boolean;
   onProgress?: Progress;
+  /** Opens every image of the chain (default {@linkcode openImage}). */
+  open?: ImageOpener;
 }
 
 /**
@@ -47,6 +53,7 @@ export interface CommitOptions {
  * @throws {BlockError} `invalid-argument` when the image has no backing file or the base is not in its chain
  */
 export async function commitImage(path: string, opts: CommitOptions = {}): Promise<void> {
+  const openImage = opts.open ?? defaultOpen;
   // The chain, top first, each image alone; resolved names as the opener would resolve them.
   const names: Array<{ path: string; format?: string }> = [{ path }];
   const layers: BlockNode[] = [];
@@ -128,6 +135,8 @@ export async function commitImage(path: string, opts: CommitOptions = {}): Promi
   }
 }
 
+const defaultOpen: ImageOpener = (path, opts) => openImage(path, opts);
+
 function formatOf(format: string | undefined): { format?: string } {
   return format === undefined ? {} : { format };
 }
@@ -148,6 +157,8 @@ export interface RebaseOptions {
   /** Only change the name in the header (qemu-img -u). */
   unsafe?: boolean;
   onProgress?: Progress;
+  /** Opens the overlay and the new backing file (default {@linkcode openImage}). */
+  open?: ImageOpener;
 }
 
 /**
@@ -155,6 +166,7 @@ export interface RebaseOptions {
  * hold itself where the old and the new backing chains differ, so the guest sees the same data.
  */
 export async function rebaseImage(path: string, opts: RebaseOptions): Promise<void> {
+  const openImage = opts.open ?? defaultOpen;
   if (opts.backing !== "" && opts.backingFormat === undefined) {
     throw new BlockError(
       "invalid-argument",
@@ -186,13 +198,67 @@ export async function rebaseImage(path: string, opts: RebaseOptions): Promise<vo
         await newBase?.close();
       }
     }
-    await overlay.setBackingName(
-      opts.backing,
-      opts.backing === "" ? undefined : opts.backingFormat,
-    );
+    const format = opts.backing === "" ? undefined : opts.backingFormat;
+    prepareBackingName(overlay, opts.backing, format);
+    await overlay.setBackingName(opts.backing, format);
   } finally {
     await overlay.close();
   }
+}
+
+const SECTOR = 512;
+
+/**
+ * Make the header write that changes the backing name touch only its first sector, which a disk
+ * writes atomically. The name usually sits in the second sector (after the feature name table)
+ * while its offset and length sit in the first: a torn write would pair the new length with the
+ * old name (or the reverse). With the extensions unchanged, the new name goes first where no
+ * header looks (past both layouts; flush), then the first sector points at it (flush), then the
+ * sectors after the first get their new contents, name included (flush) — each step leaves a
+ * valid header naming the old or the new file. The final write then differs in sector 0 only.
+ * When the extensions change (another backing format) and spill past sector 0, nothing is done.
+ */
+function prepareBackingName(node: Qcow2Node, file: string, format: string | undefined): void {
+  const h = node.header;
+  const next = { ...h };
+  if (file === "") {
+    delete next.backingFile;
+    delete next.backingFormat;
+  } else {
+    next.backingFile = file;
+    if (format === undefined) delete next.backingFormat;
+    else next.backingFormat = format;
+  }
+  const want = serializeHeader(next, node.filename);
+  if (file === "" || want.length <= SECTOR) return;
+  const current = serializeHeader({ ...h }, node.filename);
+  const onDisk = new Uint8Array(Math.max(want.length, current.length));
+  node.file.readAt(0, onDisk);
+  const rest = (a: Uint8Array) => a.subarray(SECTOR, want.length);
+  if (sameBytesFrom(rest(want), rest(onDisk))) return;
+  // The first sector may differ only in the backing name's offset (8..15) and size (16..19).
+  const head = want.slice(0, SECTOR);
+  const old = onDisk.subarray(0, SECTOR);
+  for (let i = 0; i < SECTOR; i++) if ((i < 8 || i >= 20) && head[i] !== old[i]) return;
+  const name = new TextEncoder().encode(file);
+  const parked = Math.ceil(onDisk.length / SECTOR) * SECTOR;
+  if (parked + name.length > node.clusterSize) return;
+  node.file.writeAt(parked, name);
+  node.barrier();
+  const pointer = old.slice();
+  const view = new DataView(pointer.buffer);
+  view.setBigUint64(8, BigInt(parked));
+  view.setUint32(16, name.length);
+  node.file.writeAt(0, pointer);
+  node.barrier();
+  node.file.writeAt(SECTOR, want.subarray(SECTOR));
+  node.barrier();
+}
+
+function sameBytesFrom(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
 }
 
 async function readView(
