@@ -661,7 +661,8 @@ export class VirtioScsiBackend implements DeviceBackend {
 
   /**
    * The event queue is not for polling: the driver's buffers wait there until the device has an
-   * event, so polling would find "work" for ever (QEMU polls it neither). It is drained on kicks.
+   * event, so polling would find "work" for ever (QEMU does not poll it either). It is drained on
+   * kicks.
    */
   pollable(queue: number): boolean {
     return queue !== VIRTIO_SCSI_VQ_EVENT;

@@ -50,6 +50,16 @@ export class VirtqueueError extends Error {
  *
  * @param error what a queue method or a back-end threw
  * @param queue the queue being served, for a `GuestMemoryError` (-1 when not tied to one)
+ * @returns the fault to report and answer with DEVICE_NEEDS_RESET, or `null`
+ *
+ * @example
+ * ```ts
+ * import { GuestMemoryError } from "./memory.ts";
+ * import { ringFault } from "./queue.ts";
+ * const fault = ringFault(new GuestMemoryError(1 << 40, 16, "is outside guest RAM"), 2);
+ * if (fault?.fault !== "outside-ram" || fault.queue !== 2) throw new Error("classified");
+ * if (ringFault(new RangeError("a device bug"), 2) !== null) throw new Error("not a ring fault");
+ * ```
  */
 export function ringFault(error: unknown, queue: number): VirtqueueError | null {
   if (error instanceof VirtqueueError) return error;
@@ -154,6 +164,9 @@ export interface DeviceQueue {
   /**
    * Asks the driver to kick again (with EVENT_IDX: avail_event = the next index), then re-checks:
    * true when more chains arrived meanwhile and the caller must drain again.
+   *
+   * @throws {VirtqueueError} when the re-check finds the ring broken (split: avail.idx more than N
+   *   ahead): a caller that polls must catch it as it catches `pop`'s
    */
   enableNotifications(): boolean;
   /**
