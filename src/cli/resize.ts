@@ -70,6 +70,10 @@ export async function resizeMain(args: string[], io: CliIo): Promise<number> {
       });
     }
     if (size < node.size) {
+      if (mode !== undefined && mode !== "off") {
+        errorLine(io, "Preallocation can only be used for growing images");
+        return EXIT_ERROR;
+      }
       if (!values.shrink) {
         reportError(
           new BlockError(

@@ -71,7 +71,8 @@ candidates() {
         case $name in *.*) continue ;; esac
         head -1 "$t" | grep -q bash || continue
         grep -Eq '_supported_fmt.*(raw|qcow2 |qcow2$|generic)' "$t" || continue
-        grep -v _unsupported_imgopts "$t" | grep -Eq "$exclude" && continue
+        # Not grep -q: quitting early would break the pipe, and pipefail would call that a miss.
+        grep -v _unsupported_imgopts "$t" | grep -E "$exclude" > /dev/null && continue
         echo "$name"
     done
 }
