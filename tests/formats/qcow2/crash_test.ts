@@ -203,35 +203,15 @@ function openOptions(clusterSize: number, smallCaches: boolean): Qcow2OpenOption
 // ---- judging a crash image ----
 
 /**
- * Check messages that are not damage. A refcount-1 cluster without COPIED only costs a needless
- * copy-on-write (QEMU leaves the same window in snapshot deletion). COPIED on a cluster whose
- * refcount is above one but which has a single reference ("Leaked cluster … reference=1") is a
- * leak in disguise: nothing else owns it, writing it in place is safe, and QEMU's snapshot
- * creation leaves that state too between its refcount and L2 updates. Both are still counted as
- * corruptions by check (as by qemu-img check). Everything else that is not a leak — a refcount
- * below the references, COPIED on a cluster with two owners, bad tables — is damage.
+ * Check messages that are not damage: leaks only. A COPIED flag that disagrees with its refcount
+ * either way is a corruption to qemu-img check (exit 2), and snapshot operations switch state
+ * with one header write (formats/qcow2/switch.ts), so no crash image may show one.
  */
-function harmless(messages: readonly string[], clusterSize: number): (message: string) => boolean {
-  const leakedOnce = new Set<number>();
-  for (const m of messages) {
-    const leak = /^Leaked cluster (\d+) refcount=\d+ reference=1$/.exec(m);
-    if (leak) leakedOnce.add(Number(leak[1]));
-  }
-  return (m) => {
-    if (m.startsWith("Leaked cluster")) return true;
-    const copied = /^ERROR OFLAG_COPIED .*_entry=([0-9a-f]+) refcount=(\d+)$/.exec(m);
-    if (!copied) return false;
-    if (copied[2] === "1") return true;
-    const offset = Number(BigInt(`0x${copied[1]}`) & 0x00ff_ffff_ffff_fe00n);
-    return leakedOnce.has(offset / clusterSize);
-  };
+function harmless(message: string): boolean {
+  return message.startsWith("Leaked cluster");
 }
 
-function judgeCheck(
-  report: CheckReport,
-  clusterSize: number,
-  repaired: boolean,
-): string | undefined {
+function judgeCheck(report: CheckReport, repaired: boolean): string | undefined {
   if (repaired) {
     // The open ran check with both repairs (as QEMU does for a dirty lazy-refcount image).
     const clean = report.messages.length === 0 && report.corruptions === 0 &&
@@ -241,8 +221,7 @@ function judgeCheck(
       report.messages.slice(0, 6).join("; ")
     }`;
   }
-  const ok = harmless(report.messages, clusterSize);
-  const harmful = report.messages.filter((m) => !ok(m));
+  const harmful = report.messages.filter((m) => !harmless(m));
   if (harmful.length === 0 && report.checkErrors === 0) return undefined;
   return `check found ${report.corruptions} corruptions: ${harmful.slice(0, 6).join("; ")}`;
 }
@@ -348,7 +327,7 @@ async function judgeDataImage(
   const node = await openCrashed(image);
   if (typeof node === "string") return node;
   try {
-    const problem = judgeCheck(checkImage(node), node.clusterSize, repaired);
+    const problem = judgeCheck(checkImage(node), repaired);
     if (problem !== undefined) return problem;
     return judgeData(rec, point.cut, await readWindows(node, rec.layout));
   } catch (e) {
@@ -812,7 +791,7 @@ async function judgeSnapshotImage(
   const node = await openCrashed(image);
   if (typeof node === "string") return node;
   try {
-    const problem = judgeCheck(checkImage(node), node.clusterSize, repaired);
+    const problem = judgeCheck(checkImage(node), repaired);
     if (problem !== undefined) return problem;
     const listed = node.snapshots.entries.map((e) => e.name);
     if (!win.names.some((names) => names.join("/") === listed.join("/"))) {
@@ -837,7 +816,7 @@ async function judgeSnapshotImage(
         return `snapshot "${name}" lost data at guest ${hex(at)}`;
       }
     }
-    const after = judgeCheck(checkImage(node), node.clusterSize, false);
+    const after = judgeCheck(checkImage(node), false);
     if (after !== undefined) return `after applying every snapshot: ${after}`;
     return undefined;
   } catch (e) {
