@@ -256,7 +256,15 @@ export async function createImage(
   const file = openHostFile(path, { create: true });
   try {
     await driver.create(file, size, opts);
-  } finally {
+  } catch (e) {
     file.close();
+    // As QEMU's image creation: a failed create deletes the (regular) file it was making.
+    try {
+      if (Deno.statSync(path).isFile) Deno.removeSync(path);
+    } catch {
+      // Already gone, or not ours to remove: the creation error is what matters.
+    }
+    throw e;
   }
+  file.close();
 }

@@ -71,6 +71,26 @@ export interface Qcow2OpenOptions {
   onCorruption?: (line: string) => void;
 }
 
+/** Whether a backing chain below an unallocated range reads it as zeroes (block status only). */
+async function chainReadsZero(
+  node: BlockNode | undefined,
+  offset: number,
+  length: number,
+): Promise<boolean> {
+  const end = offset + length;
+  for (let pos = offset; pos < end;) {
+    if (node === undefined || pos >= node.size) return true;
+    const st = await node.blockStatus(pos, Math.min(end, node.size) - pos);
+    if (st.kind === "eof") return true;
+    if (st.kind === "data" || st.kind === "compressed") return false;
+    if (st.kind === "unallocated" && !(await chainReadsZero(node.backing, pos, st.length))) {
+      return false;
+    }
+    pos += st.length;
+  }
+  return true;
+}
+
 /** C's `%#x`: `0` for zero, else `0x` and lower-case hex digits. */
 function hexAlt(n: number): string {
   return n === 0 ? "0" : `0x${n.toString(16)}`;
@@ -1210,47 +1230,104 @@ export class Qcow2Node implements BlockNode {
 
   // ---- zeroes and discard ----
 
+  /**
+   * Zero a guest range as QEMU's block layer and qcow2 driver do together: the request is cut at
+   * (sub)cluster boundaries; each piece is zeroed with L2 flags where the driver can (an
+   * unaligned piece widens to its whole subcluster when the rest of it already reads as zeroes
+   * and holds no data), and written as zero data where it cannot.
+   */
   async writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void> {
     this.#live();
     checkRequest(this, "write-zeroes", offset, length);
     this.#writable();
     if (length === 0) return;
-    const unmap = opts?.unmap ?? false;
+    // v2 takes no flags (QEMU's supported_zero_flags): zeroes never unmap there.
+    const unmap = (opts?.unmap ?? false) && this.#v3;
     await this.#mutex.run(async () => {
-      const cs = this.clusterSize;
+      const unit = this.#subclusterSize;
       const end = offset + length;
-      // v2 has no zero flag: explicit zeroes. v3 flags whole (sub)clusters.
-      const unit = this.#v3 ? this.#subclusterSize : cs;
-      let pos = offset;
-      while (pos < end) {
-        const c = Math.floor(pos / cs);
-        const clusterEnd = Math.min((c + 1) * cs, this.size);
-        const unitStart = Math.floor(pos / unit) * unit;
-        const unitEnd = Math.min(unitStart + unit, this.size);
-        const whole = this.#v3 && pos === unitStart && end >= unitEnd;
-        const stop = Math.min(
-          clusterEnd,
-          end === this.size ? end : Math.max(unitEnd, Math.floor(end / unit) * unit),
-        );
-        if (whole && this.#zeroUnits(pos, stop, unmap)) {
-          pos = stop;
-          continue;
+      const tail = end % unit;
+      let head = offset % unit;
+      for (let pos = offset; pos < end;) {
+        let num = end - pos;
+        if (head) {
+          num = Math.min(num, unit - head);
+          head = (head + num) % unit;
+        } else if (tail && num > unit) {
+          num -= tail;
         }
-        // v2 without a backing file: a discarded cluster reads as zeroes (QEMU does the same).
-        if (!this.#v3 && this.backing === undefined && pos === c * cs && end >= clusterEnd) {
-          this.#discardCluster(pos);
-          pos = clusterEnd;
-          continue;
+        if (!(await this.#zeroPiece(pos, num, unmap))) {
+          // The bounce-buffer fallback: zero data, in bounded pieces.
+          const zeroes = new Uint8Array(Math.min(num, 1 << 20));
+          for (let at = pos; at < pos + num; at += zeroes.length) {
+            await this.#writeSlow(at, zeroes.subarray(0, Math.min(zeroes.length, pos + num - at)));
+          }
         }
-        // Partial units, v2, or what flags cannot express: write zeroes unless already zero.
-        const partEnd = whole ? stop : Math.min(end, unitEnd);
-        if (!this.#knownZero(pos, partEnd - pos)) {
-          await this.#writeSlow(pos, new Uint8Array(partEnd - pos));
-        }
-        pos = partEnd;
+        pos += num;
       }
     });
     if (opts?.fua) await this.flush();
+  }
+
+  /**
+   * QEMU's qcow2_co_pwrite_zeroes for one piece: false (its -ENOTSUP) when flags cannot do it.
+   * A piece that is not subcluster-aligned is widened to its subcluster when the rest of that
+   * subcluster reads as zeroes through the whole chain and has no data in this layer.
+   */
+  async #zeroPiece(offset: number, bytes: number, unmap: boolean): Promise<boolean> {
+    const unit = this.#subclusterSize;
+    const head = offset % unit;
+    const tail = offset + bytes === this.size ? 0 : (unit - (offset + bytes) % unit) % unit;
+    if (head || tail) {
+      if (
+        !(await this.#readsZero(offset - head, head)) ||
+        !(await this.#readsZero(offset + bytes, tail))
+      ) return false;
+      offset -= head;
+      bytes = Math.min(unit, this.size - offset);
+      const kind = this.#mapRun(offset, bytes, "write").kind;
+      if (kind === "normal" || kind === "compressed") return false;
+    }
+    return this.#zeroize(offset, bytes, unmap);
+  }
+
+  /**
+   * QEMU's qcow2_subcluster_zeroize: v2 can only discard (and only without a backing file);
+   * v3 sets zero flags on whole clusters and zero bits on the subclusters of partial ones.
+   */
+  #zeroize(offset: number, bytes: number, unmap: boolean): boolean {
+    const cs = this.clusterSize;
+    const end = Math.min(offset + bytes, this.size);
+    if (!this.#v3) {
+      if (this.backing !== undefined) return false;
+      for (let c = Math.floor(offset / cs) * cs; c < end; c += cs) this.#discardCluster(c);
+      return true;
+    }
+    const head = Math.min(end, Math.ceil(offset / cs) * cs) - offset;
+    const start = offset + head;
+    const tail = end >= this.size ? 0 : end - Math.max(start, Math.floor(end / cs) * cs);
+    const alignedEnd = end - tail;
+    if (head > 0 && !this.#zeroUnits(offset, offset + head, false)) return false;
+    for (let pos = start; pos < alignedEnd; pos += cs) {
+      this.#zeroUnits(pos, Math.min(pos + cs, this.size), unmap);
+    }
+    if (tail > 0 && !this.#zeroUnits(alignedEnd, end, false)) return false;
+    return true;
+  }
+
+  /** Whether [offset, offset+length) reads as zeroes through the chain without reading data. */
+  async #readsZero(offset: number, length: number): Promise<boolean> {
+    const end = Math.min(offset + length, this.size);
+    for (let pos = offset; pos < end;) {
+      const run = this.#mapRun(pos, end - pos);
+      if (run.kind === "normal" || run.kind === "compressed") return false;
+      if (
+        (run.kind === "unallocated" || run.kind === "unallocated-alloc") &&
+        !(await chainReadsZero(this.backing, pos, run.length))
+      ) return false;
+      pos += run.length;
+    }
+    return true;
   }
 
   /**
