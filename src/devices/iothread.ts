@@ -187,7 +187,7 @@ class Iothread {
         // turn awaits one promise.
         try {
           await this.#drain();
-          if (this.#spec.poll !== false && this.#poll()) continue;
+          if (this.#spec.poll !== false && !this.#broken && this.#poll()) continue;
         } catch (error) {
           this.#contain(error);
         }
@@ -393,6 +393,8 @@ class Iothread {
         this.#deactivate();
         return;
       }
+      // A fault the back-end reported through its hooks meanwhile stops the device at once.
+      if (this.#broken) return;
       const value = doorbells.value(s.index);
       if (value === s.seen && !s.pending) continue;
       s.seen = value;
