@@ -194,7 +194,38 @@ function vstorCheck(node: Qcow2Node): string | undefined {
 }
 
 /** What a crash inside a window may show: judged on the crash image opened read-only. */
-type Judge = (image: OverlayFile, point: CrashPoint) => Promise<string | undefined>;
+type Judge = (
+  image: OverlayFile,
+  point: CrashPoint,
+  qemu?: QemuReader,
+) => Promise<string | undefined>;
+
+/** The guest view as `qemu-img convert` reads it (the active state, or a snapshot's). */
+type QemuReader = (snapshot?: string) => Promise<Uint8Array>;
+
+/** Compare what QEMU reads with what vstor read (sampled images only). */
+async function sameAsQemu(
+  qemu: QemuReader | undefined,
+  vstor: Uint8Array,
+  snapshot?: string,
+): Promise<string | undefined> {
+  if (qemu === undefined) return undefined;
+  let got = await qemu(snapshot);
+  // `convert -l` reads a snapshot at the image's current size (vstor at the snapshot's): past
+  // the snapshot's size QEMU shows zeroes.
+  if (snapshot !== undefined && got.length > vstor.length) {
+    if (got.subarray(vstor.length).some((b) => b !== 0)) {
+      return `qemu-img convert -l snapshot.name=${snapshot} reads data past the snapshot's size`;
+    }
+    got = got.slice(0, vstor.length);
+  }
+  if (sameBytes(got, vstor)) return undefined;
+  return `qemu-img convert${
+    snapshot ? ` -l snapshot.name=${snapshot}` : ""
+  } reads ${got.length} bytes differing from vstor's ${vstor.length} at ${
+    hex(firstDifference(got, vstor))
+  }`;
+}
 
 /** A stretch of one file's log, with the files beside it and what its crash images must show. */
 interface Window {
@@ -208,6 +239,8 @@ interface Window {
   /** Other files the image needs (its backing files), by name. */
   readonly beside: ReadonlyMap<string, Uint8Array>;
   readonly judge: Judge;
+  /** The file QEMU reads the guest view through (the top of the chain); default `name`. */
+  readonly top?: string;
 }
 
 /** Active contents, snapshot list and snapshot contents a crash may show (old or new state). */
@@ -218,7 +251,7 @@ function stateJudge(
   /** Each byte may come from any state of the image's size (a guest discard is not atomic). */
   mixed = false,
 ): Judge {
-  return async (image, point) => {
+  return async (image, point, qemu) => {
     const node = await openReadOnly(image);
     try {
       const problem = vstorCheck(node);
@@ -228,6 +261,8 @@ function stateJudge(
         return `snapshots [${names}] are none of ${states.map((s) => `[${s.names}]`).join(", ")}`;
       }
       const active = await readAll(node);
+      const differs = await sameAsQemu(qemu, active);
+      if (differs !== undefined) return differs;
       if (guest !== undefined) {
         const lost = judgeGuestData(guest.guest, guest.log, point.cut, active);
         if (lost !== undefined) return lost;
@@ -247,6 +282,10 @@ function stateJudge(
           const want = saved.get(name)!;
           if (!sameBytes(got, want)) {
             return `snapshot "${name}" lost data at ${hex(firstDifference(got, want))}`;
+          }
+          if (name === names[0]) {
+            const differs = await sameAsQemu(qemu, got, name);
+            if (differs !== undefined) return differs;
           }
         } finally {
           await view.close();
@@ -320,6 +359,9 @@ interface Count {
 class Tally {
   readonly counts = new Map<string, Count>();
   readonly failures: string[] = [];
+  images = 0;
+  /** `qemu-img convert` reads compared with vstor's (active views and snapshots). */
+  qemuReads = 0;
   firstFailure?: { log: readonly FileOp[]; cut: number };
 
   add(op: string, point: CrashPoint, code: number): void {
@@ -347,7 +389,10 @@ class Tally {
         c.cuts + c.subsets - c.clean - c.leaks
       } other`
     );
-    console.log(`${title}\n${lines.join("\n")}`);
+    console.log(
+      `${title}\n${lines.join("\n")}\n  data read back through qemu-img convert and compared ` +
+        `with vstor's reading: ${this.qemuReads} reads`,
+    );
   }
 
   assertNone(): void {
@@ -371,6 +416,17 @@ async function qemuCheck(path: string): Promise<{ code: number; text: string }> 
   return { code: r.code, text: errors.slice(0, 4).join(" | ") };
 }
 
+/** Every this many crash images, QEMU's reading of the data is compared with vstor's. */
+const QEMU_READ_EVERY = 5;
+
+async function qemuRead(path: string, raw: string, snapshot?: string): Promise<Uint8Array> {
+  const args = ["convert", "-f", "qcow2", "-O", "raw"];
+  if (snapshot !== undefined) args.push("-l", `snapshot.name=${snapshot}`);
+  const r = await runTool("qemu-img", [...args, path, raw]);
+  if (r.code !== 0) throw new Error(`qemu-img convert exited ${r.code}: ${r.stderr.trim()}`);
+  return Deno.readFileSync(raw);
+}
+
 async function judgeWindows(
   dir: string,
   windows: readonly Window[],
@@ -382,20 +438,28 @@ async function judgeWindows(
     const path = join(dir, win.name);
     const points = choosePoints(win.from, win.to, budget, budget.seed + w * 7919);
     tally.window(win.op, win.to - win.from + 1);
+    const top = join(dir, win.top ?? win.name);
     for (const [point, image] of crashImages(win.file.base, win.file.log, points)) {
+      const sampled = tally.images++ % QEMU_READ_EVERY === 0;
+      const qemu: QemuReader | undefined = sampled
+        ? async (snapshot) => {
+          tally.qemuReads++;
+          return await qemuRead(top, join(dir, "view.raw"), snapshot);
+        }
+        : undefined;
       Deno.writeFileSync(path, image.contents());
       // qemu-img checks the file while vstor judges the same bytes in memory.
       const checking = qemuCheck(path);
       let problem: string | undefined;
       try {
-        problem = await win.judge(image, point);
+        problem = await win.judge(image, point, qemu);
       } catch (e) {
         problem = `threw: ${e instanceof Error ? e.message : String(e)}`;
       }
-      const qemu = await checking;
-      tally.add(win.op, point, qemu.code);
-      if (qemu.code !== 0 && qemu.code !== 3) {
-        problem = `qemu-img check exit ${qemu.code}: ${qemu.text}`;
+      const checked = await checking;
+      tally.add(win.op, point, checked.code);
+      if (checked.code !== 0 && checked.code !== 3) {
+        problem = `qemu-img check exit ${checked.code}: ${checked.text}`;
       }
       if (problem !== undefined) {
         tally.failures.push(
@@ -812,7 +876,7 @@ Deno.test({
         .contents();
       const judgeCommit =
         (top: (image: OverlayFile) => HostFile, base: (image: OverlayFile) => Uint8Array): Judge =>
-        async (image) => {
+        async (image, _point, qemu) => {
           const alone = await openReadOnly(image);
           try {
             const problem = vstorCheck(alone);
@@ -824,7 +888,7 @@ Deno.test({
           if (!sameBytes(got, view)) {
             return `the chain view changed at ${hex(firstDifference(got, view))}`;
           }
-          return undefined;
+          return await sameAsQemu(qemu, got);
         };
       windows.push({
         op: "commit",
@@ -834,6 +898,7 @@ Deno.test({
         from: 0,
         to: baseFile.position,
         beside: new Map([["top.qcow2", topBytes]]),
+        top: "top.qcow2",
         judge: judgeCommit(() => new MemoryFile("top", topBytes), (image) => image.contents()),
       });
       windows.push({
@@ -876,7 +941,7 @@ Deno.test({
         from: 0,
         to: overlayFile.position,
         beside: new Map([["base.qcow2", baseBytes], ["other.qcow2", otherBytes]]),
-        judge: async (image) => {
+        judge: async (image, _point, qemu) => {
           const node = await openReadOnly(image);
           let backing: Uint8Array;
           try {
@@ -893,7 +958,7 @@ Deno.test({
           if (!sameBytes(got, view)) {
             return `the overlay's view changed at ${hex(firstDifference(got, view))}`;
           }
-          return undefined;
+          return await sameAsQemu(qemu, got);
         },
       });
     }
