@@ -384,6 +384,22 @@ export async function runCase(c: Case, opts: RunOptions = {}): Promise<RunResult
   await Deno.mkdir(dirs.v, { recursive: true });
   const lines = allLines(c);
   const top = c.layers.length - 1;
+  /** Each layer's backing layer as the commands left it (rebase changes it). */
+  const backing = c.layers.map((_, i) => (i === 0 ? null : i - 1) as number | null);
+  /**
+   * Layers whose guest view QEMU leaves undefined: those between a `commit -b` base and its top
+   * ("all images between BASE and the top image will be invalid", qemu-img(1)), and the top too
+   * unless `-d` kept it (it is emptied over an invalid layer).
+   */
+  const invalid = new Set<number>();
+  /** Whether a layer or one in its chain is invalid. */
+  const undefinedView = (layer: number) => {
+    for (let l: number | null = layer, n = 0; l !== null && n <= c.layers.length; n++) {
+      if (invalid.has(l)) return true;
+      l = backing[l] ?? null;
+    }
+    return false;
+  };
   let commands = 0;
   try {
     for (let i = 0; i < lines.length; i++) {
@@ -408,6 +424,15 @@ export async function runCase(c: Case, opts: RunOptions = {}): Promise<RunResult
             detail: both,
           },
         };
+      }
+      if (qemu.code === 0 && step?.kind === "rebase") backing[step.layer] = step.backing;
+      if (qemu.code === 0 && step?.kind === "commit" && step.base !== null) {
+        for (let l = backing[step.layer] ?? null, n = 0; l !== null && l !== step.base; n++) {
+          if (n > c.layers.length) break; // A loop: no base below.
+          invalid.add(l);
+          l = backing[l] ?? null;
+        }
+        if (!step.drop) invalid.add(step.layer);
       }
       const accept = acceptance(line, qemu, vstor);
       if (accept !== null && step?.kind === "io" && compressAfterTouch(c, step)) {
@@ -453,6 +478,7 @@ export async function runCase(c: Case, opts: RunOptions = {}): Promise<RunResult
       if (opts.compareEveryStep ?? true) {
         const layers = new Set([...touched(stepOf(c, i), i), top]);
         for (const layer of layers) {
+          if (undefinedView(layer)) continue;
           if (layer > Math.min(i, top)) continue; // Not created yet.
           // A write below a layer shows through it only where the layer left the range to its
           // backing file: such differences come from where each side allocated.
@@ -465,6 +491,7 @@ export async function runCase(c: Case, opts: RunOptions = {}): Promise<RunResult
     // At the end: the guest view of every layer, then `qemu-img check` of every qcow2 layer.
     let note: Divergence | null = null;
     for (let layer = 0; layer <= top; layer++) {
+      if (undefinedView(layer)) continue;
       const d = await compareLayer(c, layer, dirs, -1);
       if (d !== null) return { commands, divergence: await blameQemu(c, dirs, d) };
     }
