@@ -3,6 +3,7 @@
  *
  * @module
  */
+import { BlockError } from "../errors.ts";
 import { convertImages } from "../../formats/convert.ts";
 import { formatNames } from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
@@ -100,6 +101,18 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
   const backingFormat = values["backing-format"] ?? optionBackingFormat;
   if (values["backing-format"] !== undefined && backingFile === undefined) {
     throw new UsageError("The -F option requires -B");
+  }
+  if (values["target-is-zero"] && backingFile !== undefined) {
+    throw new BlockError(
+      "invalid-argument",
+      "Cannot use --target-is-zero when the destination image has a backing file",
+    );
+  }
+  if (sources.length > 1 && backingFile !== undefined) {
+    throw new BlockError(
+      "invalid-argument",
+      "Having a backing file for the target makes no sense when concatenating multiple input images",
+    );
   }
   const bar = progressBar(values.progress && !values.quiet, io, 1);
   await convertImages(sources, target, {
