@@ -206,18 +206,21 @@ type QemuReader = (snapshot?: string) => Promise<Uint8Array>;
 /** Compare what QEMU reads with what vstor read (sampled images only). */
 async function sameAsQemu(
   qemu: QemuReader | undefined,
-  vstor: Uint8Array,
+  read: Uint8Array,
   snapshot?: string,
 ): Promise<string | undefined> {
   if (qemu === undefined) return undefined;
+  let vstor = read;
   let got = await qemu(snapshot);
   // `convert -l` reads a snapshot at the image's current size (vstor at the snapshot's): past
-  // the snapshot's size QEMU shows zeroes.
-  if (snapshot !== undefined && got.length > vstor.length) {
+  // the snapshot's size QEMU shows zeroes; the common part must agree.
+  if (snapshot !== undefined && got.length !== vstor.length) {
     if (got.subarray(vstor.length).some((b) => b !== 0)) {
       return `qemu-img convert -l snapshot.name=${snapshot} reads data past the snapshot's size`;
     }
-    got = got.slice(0, vstor.length);
+    const common = Math.min(got.length, vstor.length);
+    got = got.slice(0, common);
+    vstor = vstor.slice(0, common);
   }
   if (sameBytes(got, vstor)) return undefined;
   return `qemu-img convert${
@@ -768,7 +771,10 @@ Deno.test({
       const saved = new Map([["s", snap.snap]]);
       type State = { active: Uint8Array; names: string[] };
       const same: State[] = [{ active: snap.active, names: ["s"] }];
-      const amends: Array<[string, Qcow2AmendOptions, State[]]> = [
+      const half = cfg.size / 2;
+      const zeroTail = snap.active.slice().fill(0, half);
+      /** What, options, states a crash may show, and whether bytes may mix (a discard). */
+      const amends: Array<[string, Qcow2AmendOptions, State[], boolean?]> = [
         ["refcount_bits=4", { refcountBits: 4 }, same],
         ["refcount_bits=64", { refcountBits: 64 }, same],
         ["lazy_refcounts=on", { lazyRefcounts: true }, same],
@@ -777,10 +783,18 @@ Deno.test({
           names: ["s"],
         }]],
       ];
+      if (cfg.opts.compat !== "0.10") {
+        // v3 shrinks with snapshots (they keep their size): the tail is discarded first.
+        amends.push(["size (shrink, with a snapshot)", { size: half }, [
+          ...same,
+          { active: zeroTail, names: ["s"] },
+          { active: resized(snap.active, half), names: ["s"] },
+        ], true]);
+      }
       if (cfg.opts.compat === "0.10") amends.push(["compat=1.1", { compat: "1.1" }, same]);
       else if (!cfg.opts.extendedL2) amends.push(["compat=0.10", { compat: "0.10" }, same]);
-      for (const [what, opts, states] of amends) {
-        // v2 has no lazy refcounts and only 16-bit refcounts.
+      for (const [what, opts, states, mixed] of amends) {
+        // v2 has no lazy refcounts, only 16-bit refcounts, and no resize with snapshots.
         if (cfg.opts.compat === "0.10" && !what.startsWith("compat")) continue;
         windows.push(
           await recordOne(
@@ -792,6 +806,7 @@ Deno.test({
             },
             states,
             saved,
+            mixed ?? false,
           ),
         );
       }
@@ -837,6 +852,16 @@ async function chainView(top: HostFile, base: Uint8Array): Promise<Uint8Array> {
     return await readAll(t);
   } finally {
     await t.close();
+  }
+}
+
+/** What an image without a backing file shows. */
+async function aloneView(image: HostFile): Promise<Uint8Array> {
+  const node = await openReadOnly(image);
+  try {
+    return await readAll(node);
+  } finally {
+    await node.close();
   }
 }
 
@@ -955,6 +980,46 @@ Deno.test({
             await node.close();
           }
           const got = await chainView(image, backing);
+          if (!sameBytes(got, view)) {
+            return `the overlay's view changed at ${hex(firstDifference(got, view))}`;
+          }
+          return await sameAsQemu(qemu, got);
+        },
+      });
+
+      // rebase -b "": the overlay takes in everything it showed from its base.
+      const aloneFile = new CrashFile("top.qcow2", topBytes);
+      await rebaseImage("/nonexistent/top.qcow2", {
+        backing: "",
+        open: async (_path, opts) => {
+          const node = await Qcow2Node.open(aloneFile, QUIET);
+          if (!opts.noBacking) node.attachBacking(await memNode(baseBytes));
+          return node;
+        },
+      });
+      windows.push({
+        op: "rebase",
+        label: `${cfg.name}: rebase -b ""`,
+        file: aloneFile,
+        name: "top.qcow2",
+        from: 0,
+        to: aloneFile.position,
+        beside: new Map([["base.qcow2", baseBytes]]),
+        judge: async (image, _point, qemu) => {
+          const node = await openReadOnly(image);
+          let backing: Uint8Array | undefined;
+          try {
+            const problem = vstorCheck(node);
+            if (problem !== undefined) return problem;
+            const name = node.backingName?.file;
+            if (name === "base.qcow2") backing = baseBytes;
+            else if (name !== undefined) return `backing file name is ${JSON.stringify(name)}`;
+          } finally {
+            await node.close();
+          }
+          const got = backing === undefined
+            ? await aloneView(image)
+            : await chainView(image, backing);
           if (!sameBytes(got, view)) {
             return `the overlay's view changed at ${hex(firstDifference(got, view))}`;
           }
