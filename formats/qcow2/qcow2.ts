@@ -854,7 +854,7 @@ export class Qcow2Node implements BlockNode {
       });
     }
     this.#markDirty();
-    const offset = this.refcounts.allocate(1);
+    const offset = this.#allocate(1);
     this.#checkOverlap(offset, this.clusterSize, true);
     const table = this.l2Cache.create(offset, shared?.data);
     if (shared) {
@@ -995,7 +995,7 @@ export class Qcow2Node implements BlockNode {
     // The L2 table first (as QEMU), so a new table sits before the data it maps.
     this.#slot(first * cs, true);
     const fileEnd = this.file.size();
-    const host = this.refcounts.allocate(count);
+    const host = this.#allocate(count);
     this.#checkOverlap(host, count * cs);
     // Past the end of the file the new clusters read as zeroes already: zero COW is not written.
     const fresh = host >= fileEnd;
@@ -1072,6 +1072,21 @@ export class Qcow2Node implements BlockNode {
     const alloc = hasHost ? view.getUint32(slot.at + 12) : 0;
     const zero = view.getUint32(slot.at + 8);
     return { hasData: hasHost && alloc !== 0, compressed: false, alloc, zero };
+  }
+
+  /**
+   * Allocate host clusters as QEMU does, reusing clusters freed earlier in the session: frees
+   * still pending are applied first (their L2 tables reach the disk before the refcounts drop),
+   * so a reused cluster is never referenced by an old table on disk.
+   */
+  #allocate(count: number): number {
+    if (this.#pendingFrees.length > 0) this.#applyFrees();
+    return this.refcounts.allocate(count);
+  }
+
+  #allocateBytes(size: number): number {
+    if (this.#pendingFrees.length > 0) this.#applyFrees();
+    return this.refcounts.allocateBytes(size);
   }
 
   /** Drop what an L2 entry pointed at (after the entry itself changed). */
@@ -1210,7 +1225,7 @@ export class Qcow2Node implements BlockNode {
       }
       this.#markDirty();
       const s = this.#slot(guest, true);
-      const host = this.refcounts.allocateBytes(packed.length);
+      const host = this.#allocateBytes(packed.length);
       // Compressed data may run on into the next host cluster: check every cluster it touches.
       const firstHost = Math.floor(host / cs) * cs;
       this.#checkOverlap(firstHost, Math.ceil((host + packed.length) / cs) * cs - firstHost);
@@ -1590,7 +1605,7 @@ export class Qcow2Node implements BlockNode {
       const newL1 = new Uint8Array(needed * 8);
       newL1.set(this.#l1);
       const clusters = Math.ceil(newL1.length / cs);
-      const offset = this.refcounts.allocate(clusters);
+      const offset = this.#allocate(clusters);
       this.refcounts.flush();
       this.#barrier();
       this.file.writeAt(offset, newL1);
@@ -1688,7 +1703,7 @@ export class Qcow2Node implements BlockNode {
           }
           let n = 1;
           while (c + n < clusters && !this.#hasHost(table, (c + n) * this.#entryBytes)) n++;
-          const host = this.refcounts.allocate(n);
+          const host = this.#allocate(n);
           this.#checkOverlap(host, n * cs);
           for (let i = 0; i < n; i++) {
             const at = (c + i) * this.#entryBytes;
