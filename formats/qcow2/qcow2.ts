@@ -1633,6 +1633,12 @@ export class Qcow2Node implements BlockNode {
     // own references (v3 records each snapshot's size; v2 was refused before).
     const cs = this.clusterSize;
     const firstCut = Math.ceil(size / cs);
+    // QEMU's discard of the cut range takes the L2 table that maps its start even when it has
+    // none yet (and then frees the tables past the new end): the kept one is allocated here too.
+    const keepTables = Math.ceil(size / (cs * this.#l2Entries));
+    if (firstCut * cs < this.size && Math.floor(firstCut / this.#l2Entries) < keepTables) {
+      this.#slot(firstCut * cs, true);
+    }
     for (let c = firstCut; c * cs < this.size; c++) {
       const slot = this.#slot(c * cs, false);
       if (slot === undefined) continue;
@@ -1654,7 +1660,6 @@ export class Qcow2Node implements BlockNode {
       }
     }
     this.#flushAll();
-    const keepTables = Math.ceil(size / (cs * this.#l2Entries));
     for (let i = keepTables; i < this.header.l1Size; i++) {
       const offset = this.#l1Entry(i);
       if (offset === 0) continue;
