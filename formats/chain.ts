@@ -210,13 +210,16 @@ const SECTOR = 512;
 
 /**
  * Make the header write that changes the backing name touch only its first sector, which a disk
- * writes atomically. The name usually sits in the second sector (after the feature name table)
- * while its offset and length sit in the first: a torn write would pair the new length with the
- * old name (or the reverse). With the extensions unchanged, the new name goes first where no
- * header looks (past both layouts; flush), then the first sector points at it (flush), then the
- * sectors after the first get their new contents, name included (flush) — each step leaves a
- * valid header naming the old or the new file. The final write then differs in sector 0 only.
- * When the extensions change (another backing format) and spill past sector 0, nothing is done.
+ * writes atomically. With a feature name table the name sits in the second sector while its
+ * offset and length sit in the first, so a torn write could pair the new length with the old
+ * name (or the reverse). Each step below leaves a valid header naming the old or the new file:
+ * - the old header lies within sector 0: the sectors after it get their new contents first
+ *   (nothing looks there yet; flush);
+ * - the extensions end where they ended (the name's offset stays): the new name is parked where
+ *   no header looks, past both layouts (flush), sector 0 becomes the new one pointing at the
+ *   parked name (flush), then the sectors after it get their new contents (flush).
+ * The final header write then differs from the disk in sector 0 only. When the extensions grow or
+ * shrink and the old header spills past sector 0, nothing is done (a torn write can still mix).
  */
 function prepareBackingName(node: Qcow2Node, file: string, format: string | undefined): void {
   const h = node.header;
@@ -230,28 +233,32 @@ function prepareBackingName(node: Qcow2Node, file: string, format: string | unde
     else next.backingFormat = format;
   }
   const want = serializeHeader(next, node.filename);
-  if (file === "" || want.length <= SECTOR) return;
+  if (want.length <= SECTOR) return;
   const current = serializeHeader({ ...h }, node.filename);
   const onDisk = new Uint8Array(Math.max(want.length, current.length));
   node.file.readAt(0, onDisk);
-  const rest = (a: Uint8Array) => a.subarray(SECTOR, want.length);
-  if (sameBytesFrom(rest(want), rest(onDisk))) return;
-  // The first sector may differ only in the backing name's offset (8..15) and size (16..19).
-  const head = want.slice(0, SECTOR);
-  const old = onDisk.subarray(0, SECTOR);
-  for (let i = 0; i < SECTOR; i++) if ((i < 8 || i >= 20) && head[i] !== old[i]) return;
+  const tail = want.subarray(SECTOR);
+  if (sameBytesFrom(tail, onDisk.subarray(SECTOR, want.length))) return;
+  if (current.length <= SECTOR) {
+    node.file.writeAt(SECTOR, tail);
+    node.barrier();
+    return;
+  }
+  const view = new DataView(want.buffer, want.byteOffset, want.byteLength);
+  const nameOffset = Number(view.getBigUint64(8));
+  if (nameOffset !== h.backingFileOffset) return;
   const name = new TextEncoder().encode(file);
   const parked = Math.ceil(onDisk.length / SECTOR) * SECTOR;
   if (parked + name.length > node.clusterSize) return;
   node.file.writeAt(parked, name);
   node.barrier();
-  const pointer = old.slice();
-  const view = new DataView(pointer.buffer);
-  view.setBigUint64(8, BigInt(parked));
-  view.setUint32(16, name.length);
-  node.file.writeAt(0, pointer);
+  const head = want.slice(0, SECTOR);
+  const headView = new DataView(head.buffer);
+  headView.setBigUint64(8, BigInt(parked));
+  headView.setUint32(16, name.length);
+  node.file.writeAt(0, head);
   node.barrier();
-  node.file.writeAt(SECTOR, want.subarray(SECTOR));
+  node.file.writeAt(SECTOR, tail);
   node.barrier();
 }
 

@@ -342,6 +342,30 @@ function choosePoints(from: number, to: number, budget: Budget, seed: number): C
   return points;
 }
 
+/** Header writes torn between their sectors this many ways each (seeded sector subsets). */
+const TORN_HEADER_TRIES = 12;
+
+/**
+ * Crash points right after every header write longer than a sector, keeping a seeded half of the
+ * sectors written since the last flush: a header torn between its first sector (offsets, sizes)
+ * and the rest (extensions, backing name).
+ */
+function tornHeaders(log: readonly FileOp[], from: number, to: number, seed: number): CrashPoint[] {
+  const random = rng(seed ^ 0x7047);
+  const points: CrashPoint[] = [];
+  for (let i = from; i < to; i++) {
+    const op = log[i]!;
+    if (op.kind !== "write" || op.offset !== 0 || op.data.length <= 512) continue;
+    for (let n = 0; n < TORN_HEADER_TRIES; n++) {
+      points.push({
+        cut: i + 1,
+        subset: { seed: Math.floor(random() * 2 ** 32), keep: 0.5, torn: true },
+      });
+    }
+  }
+  return points;
+}
+
 function pointName(p: CrashPoint): string {
   if (p.subset === undefined) return `prefix cut ${p.cut}`;
   return `subset at cut ${p.cut} (seed ${hex(p.subset.seed)}, keep ${p.subset.keep.toFixed(2)}${
@@ -439,7 +463,10 @@ async function judgeWindows(
   for (const [w, win] of windows.entries()) {
     for (const [name, bytes] of win.beside) Deno.writeFileSync(join(dir, name), bytes);
     const path = join(dir, win.name);
-    const points = choosePoints(win.from, win.to, budget, budget.seed + w * 7919);
+    const points = [
+      ...choosePoints(win.from, win.to, budget, budget.seed + w * 7919),
+      ...tornHeaders(win.file.log, win.from, win.to, budget.seed + w),
+    ];
     tally.window(win.op, win.to - win.from + 1);
     const top = join(dir, win.top ?? win.name);
     for (const [point, image] of crashImages(win.file.base, win.file.log, points)) {
@@ -1022,6 +1049,46 @@ Deno.test({
             : await chainView(image, backing);
           if (!sameBytes(got, view)) {
             return `the overlay's view changed at ${hex(firstDifference(got, view))}`;
+          }
+          return await sameAsQemu(qemu, got);
+        },
+      });
+
+      // rebase an image without a backing file onto base.qcow2.
+      const standalone = await makeImage(size, cfg.opts, [[cs, 6 * cs], [size / 2, 2 * cs]], 300);
+      const standaloneView = await aloneView(new MemoryFile("s", standalone));
+      const adoptFile = new CrashFile("top.qcow2", standalone);
+      await rebaseImage("/nonexistent/top.qcow2", {
+        backing: "base.qcow2",
+        backingFormat: "qcow2",
+        open: async (path) =>
+          path.endsWith("top.qcow2")
+            ? await Qcow2Node.open(adoptFile, QUIET)
+            : await memNode(baseBytes),
+      });
+      windows.push({
+        op: "rebase",
+        label: `${cfg.name}: rebase of an image without backing onto base.qcow2`,
+        file: adoptFile,
+        name: "top.qcow2",
+        from: 0,
+        to: adoptFile.position,
+        beside: new Map([["base.qcow2", baseBytes]]),
+        judge: async (image, _point, qemu) => {
+          const node = await openReadOnly(image);
+          let backed = false;
+          try {
+            const problem = vstorCheck(node);
+            if (problem !== undefined) return problem;
+            const name = node.backingName?.file;
+            if (name === "base.qcow2") backed = true;
+            else if (name !== undefined) return `backing file name is ${JSON.stringify(name)}`;
+          } finally {
+            await node.close();
+          }
+          const got = backed ? await chainView(image, baseBytes) : await aloneView(image);
+          if (!sameBytes(got, standaloneView)) {
+            return `the image's view changed at ${hex(firstDifference(got, standaloneView))}`;
           }
           return await sameAsQemu(qemu, got);
         },
