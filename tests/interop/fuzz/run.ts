@@ -476,7 +476,10 @@ export async function runCase(c: Case, opts: RunOptions = {}): Promise<RunResult
         };
       }
       if (opts.compareEveryStep ?? true) {
-        const layers = new Set([...touched(stepOf(c, i), i), top]);
+        const layers = new Set([...touched(step, i), top]);
+        // A write to a lower layer may show through every layer above it: look at them now, so
+        // that a layout difference it reveals is told from the command that revealed it.
+        if (step?.kind === "io") { for (let l = step.layer + 1; l < top; l++) layers.add(l); }
         for (const layer of layers) {
           if (undefinedView(layer)) continue;
           if (layer > Math.min(i, top)) continue; // Not created yet.
