@@ -5,7 +5,8 @@
  * iothread lives on (a reset, a re-initialisation and I/O with the bytes read back work), the
  * machine records no error, and another device keeps serving I/O meanwhile.
  *
- * The guest is {@linkcode ./hostile_vcpu.ts}, driven one request at a time.
+ * The guest is `hostile_vcpu.ts`, driven one request at a time; `scsi_hotplug_device.ts` makes a
+ * virtio-scsi whose event-queue kicks bring a hotplug, to reach the event ring from the iothread.
  */
 import assert from "node:assert/strict";
 import { Machine, type VcpuHandle } from "../../src/machine/machine.ts";
@@ -29,16 +30,16 @@ const SCSI_HOTPLUG = 1n << 1n;
 const TRANSPORT_RESET = 1;
 /** VIRTIO_SCSI_T_EVENTS_MISSED. */
 const EVENTS_MISSED = 0x8000_0000;
-
-/** The events without the EVENTS_MISSED flag (the plug at DRIVER_OK found no buffer yet). */
-function eventCodes(codes: number[]): number[] {
-  return codes.map((c) => (c & ~EVENTS_MISSED) >>> 0);
-}
 /** No single step may take longer than this, whatever hangs. */
 const STEP_MS = 20_000;
 /** How long the guest waits for a config interrupt (the idle iothread polls at least every 1 s). */
 const CONFIG_WAIT_MS = 10_000;
 const QUEUE_SIZE = 16;
+
+/** The events without the EVENTS_MISSED flag (the plug at DRIVER_OK found no buffer yet). */
+function eventCodes(codes: number[]): number[] {
+  return codes.map((c) => (c & ~EVENTS_MISSED) >>> 0);
+}
 
 interface Rig {
   readonly machine: Machine;
