@@ -85,16 +85,52 @@ function hexAlt(value: number | bigint): string {
   return value === 0 || value === 0n ? "0" : `0x${value.toString(16)}`;
 }
 
+/** The unit a disk writes atomically: a write torn by a crash keeps or drops whole sectors. */
+const SECTOR = 512;
+
 /**
  * Write the header cluster as QEMU's qcow2_update_header does: the whole cluster, zero-padded (no
- * stale extension bytes survive a shorter header), then a barrier.
+ * stale extension bytes survive a shorter header), then a barrier. So that a torn write never
+ * pairs the first sector of one header with the rest of the other (a v3 header with a feature
+ * name table and a backing name reaches past sector 0, a v2 one does not), when the old header
+ * lies within sector 0 the sectors after it are written first, and when the new one does, sector
+ * 0 is written first; either way the other header looks at nothing the first write changes.
  */
 function writeHeaderCluster(node: Qcow2Node): void {
+  const cs = node.clusterSize;
   const bytes = serializeHeader(node.header, node.filename);
-  const cluster = new Uint8Array(node.clusterSize);
+  const cluster = new Uint8Array(cs);
   cluster.set(bytes);
+  if (cs > SECTOR) {
+    const onDisk = new Uint8Array(cs);
+    node.file.readAt(0, onDisk);
+    const rest = cluster.subarray(SECTOR);
+    if (!rest.every((b, i) => b === onDisk[SECTOR + i])) {
+      if (headerExtent(onDisk) <= SECTOR) {
+        node.file.writeAt(SECTOR, rest);
+        node.barrier();
+      } else if (bytes.length <= SECTOR) {
+        node.file.writeAt(0, cluster.subarray(0, SECTOR));
+        node.barrier();
+      }
+    }
+  }
   node.file.writeAt(0, cluster);
   node.barrier();
+}
+
+/** How far into cluster 0 a header on disk reaches: fields, extensions, backing file name. */
+function headerExtent(bytes: Uint8Array): number {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  let pos = view.getUint32(4) >= 3 ? view.getUint32(100) : 72;
+  while (pos + 8 <= bytes.length) {
+    const type = view.getUint32(pos), length = view.getUint32(pos + 4);
+    pos += 8;
+    if (type === 0) break;
+    pos += Math.ceil(length / 8) * 8;
+  }
+  const nameOffset = Number(view.getBigUint64(8)), nameLength = view.getUint32(16);
+  return Math.max(Math.min(pos, bytes.length), nameOffset > 0 ? nameOffset + nameLength : 0);
 }
 
 /** The requested version: 2 or 3, or the current one when `compat` is absent. */

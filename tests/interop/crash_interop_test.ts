@@ -253,9 +253,13 @@ function stateJudge(
   guest?: { guest: Guest; log: readonly FileOp[] },
   /** Each byte may come from any state of the image's size (a guest discard is not atomic). */
   mixed = false,
+  /** The backing file's contents (it is beside the image as base.qcow2). */
+  backing?: Uint8Array,
 ): Judge {
+  const open = async (image: HostFile) =>
+    await openReadOnly(image, backing && await memNode(backing));
   return async (image, point, qemu) => {
-    const node = await openReadOnly(image);
+    const node = await open(image);
     try {
       const problem = vstorCheck(node);
       if (problem !== undefined) return problem;
@@ -278,7 +282,7 @@ function stateJudge(
         })`;
       }
       for (const name of names) {
-        const view = await openReadOnly(image);
+        const view = await open(image);
         try {
           view.loadSnapshotForReading({ name });
           const got = await readAll(view);
@@ -837,6 +841,45 @@ Deno.test({
           ),
         );
       }
+    }
+    // compat changes of images with a backing file and 64 KiB clusters: the v3 header (feature
+    // name table, then the backing name) reaches past sector 0, the v2 one does not.
+    for (const [from, to] of [["1.1", "0.10"], ["0.10", "1.1"]] as const) {
+      const cs = 64 * KiB, size = 4 * MiB;
+      const baseBytes = await makeImage(size, { clusterSize: cs }, [[0, 12 * cs]], 1);
+      const mem = new MemoryFile("top.qcow2");
+      await createQcow2(mem, size, {
+        clusterSize: cs,
+        compat: from,
+        backingFile: "base.qcow2",
+        backingFormat: "qcow2",
+      });
+      const node = await Qcow2Node.open(borrowFile(mem), QUIET);
+      node.attachBacking(await memNode(baseBytes));
+      await node.write(3 * cs + 5, pattern(7, 0, 2 * cs));
+      await node.writeZeroes(6 * cs, 2 * cs);
+      await createSnapshot(node, "s", NOW);
+      await node.write(cs, pattern(8, 0, cs));
+      node.attachBacking(undefined);
+      await node.close();
+      const top = mem.contents();
+      const active = await chainView(new MemoryFile("t", top), baseBytes);
+      const snapView = await openReadOnly(new MemoryFile("t", top), await memNode(baseBytes));
+      snapView.loadSnapshotForReading({ name: "s" });
+      const saved = new Map([["s", await readAll(snapView)]]);
+      await snapView.close();
+      const file = new CrashFile("image.qcow2", top);
+      await amendQcow2(() => Qcow2Node.open(file, QUIET), { compat: to });
+      windows.push({
+        op: "amend",
+        label: `64 KiB with a backing file: amend compat ${from} -> ${to}`,
+        file,
+        name: "image.qcow2",
+        from: 0,
+        to: file.position,
+        beside: new Map([["base.qcow2", baseBytes]]),
+        judge: stateJudge([{ active, names: ["s"] }], saved, undefined, false, baseBytes),
+      });
     }
     const tally = new Tally();
     await withDir((dir) => judgeWindows(dir, windows, { seed, ...OPEN_BUDGET }, tally));
