@@ -165,11 +165,11 @@ export async function createQcow2(
   file.writeAt(2 * cs, block);
   file.flush();
 
-  // The driver does the rest: L1 table (as a resize from 0), preallocation.
+  // The driver does the rest, as a resize from 0 with the preallocation (QEMU's blk_truncate).
   const node = await Qcow2Node.open(borrowFile(file), { cacheCleanInterval: 0 });
   try {
-    await node.truncate(size);
-    if (o.preallocation && o.preallocation !== "off") await node.preallocate(o.preallocation);
+    const preallocation = o.preallocation ?? "off";
+    await node.truncate(size, preallocation === "off" ? {} : { preallocation });
   } finally {
     await node.close();
   }

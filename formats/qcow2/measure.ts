@@ -9,6 +9,7 @@
 import { BlockError } from "../../src/errors.ts";
 import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, hasFeature, MAX_L1_BYTES } from "./header.ts";
 import type { Qcow2Node } from "./qcow2.ts";
+import { refcountMetadataClusters } from "./refcount.ts";
 
 /** qcow2 creation options that change what a measure reports, as parsed from `-o`. */
 export interface Qcow2MeasureOptions {
@@ -67,7 +68,6 @@ const MAX_CLUSTER_BITS = 21;
 /** Extended L2 entries split a cluster into 32 subclusters of at least 512 bytes. */
 const EXTL2_MIN_CLUSTER_SIZE = 32 << MIN_CLUSTER_BITS;
 const L1E_SIZE = 8n;
-const REFTABLE_ENTRY_SIZE = 8n;
 const PREALLOCATION_MODES = ["off", "metadata", "falloc", "full"] as const;
 
 function invalid(message: string): BlockError {
@@ -166,26 +166,13 @@ export function qcow2RefcountMetadataSize(
   refcountOrder: number,
   generousIncrease = false,
 ): bigint {
-  const cs = BigInt(clusterSize);
-  const blocksPerTableCluster = cs / REFTABLE_ENTRY_SIZE;
-  const refcountsPerBlock = cs * 8n / (1n << BigInt(refcountOrder));
-  let table = 0n;
-  let blocks = 0n;
-  let n = 0n;
-  let last: bigint;
-  let generous = generousIncrease;
-  do {
-    last = n;
-    blocks = divRoundUp(clusters + table + blocks, refcountsPerBlock);
-    table = divRoundUp(blocks, blocksPerTableCluster);
-    n = clusters + blocks + table;
-    if (n === last && generous) {
-      clusters += divRoundUp(table, 2n);
-      n = 0n; // one more round with the extra clusters
-      generous = false;
-    }
-  } while (n !== last);
-  return (blocks + table) * cs;
+  const { blocks, table } = refcountMetadataClusters(
+    clusters,
+    clusterSize,
+    refcountOrder,
+    generousIncrease,
+  );
+  return (blocks + table) * BigInt(clusterSize);
 }
 
 /**

@@ -181,7 +181,8 @@ export class Qcow2Node implements BlockNode {
   readonly #refcountCacheBytes: number;
   #snapshots: SnapshotTable;
   /** Clusters to free once the L2 tables that dropped them are on disk: [first cluster, count]. */
-  #pendingFrees: Array<[number, number]> = [];
+  /** Frees waiting for their L2 tables to reach the disk: cluster, count, punch a hole. */
+  #pendingFrees: Array<[number, number, boolean]> = [];
   #dirtyMarked = false;
   #cleanTimer: ReturnType<typeof setInterval> | undefined;
   #lastCleanClock = [0, 0];
@@ -877,7 +878,7 @@ export class Qcow2Node implements BlockNode {
       this.header.l1TableOffset + l1Index * 8,
       this.#l1.subarray(l1Index * 8, l1Index * 8 + 8),
     );
-    if (shared) this.#freeLater(shared.offset / this.clusterSize, 1);
+    if (shared) this.#freeLater(shared.offset / this.clusterSize, 1, false);
     return table;
   }
 
@@ -1039,7 +1040,7 @@ export class Qcow2Node implements BlockNode {
       view.setUint32(slot.at, hi);
       view.setUint32(slot.at + 4, lo);
       slot.table.dirty = true;
-      this.#releaseEntry(oldHi, oldLo);
+      this.#releaseEntry(oldHi, oldLo, false);
     }
     return consumed;
   }
@@ -1090,19 +1091,24 @@ export class Qcow2Node implements BlockNode {
   }
 
   /** Drop what an L2 entry pointed at (after the entry itself changed). */
-  #releaseEntry(hi: number, lo: number): void {
+  #releaseEntry(hi: number, lo: number, punch = true): void {
     if (hi & HI_COMPRESSED) {
       const loc = compressedLocation(hi, lo, this.clusterBits);
       const [firstCluster, lastCluster] = compressedClusters(loc, this.clusterBits);
-      this.#freeLater(firstCluster, lastCluster - firstCluster + 1);
+      this.#freeLater(firstCluster, lastCluster - firstCluster + 1, punch);
       return;
     }
     const host = entryOffset(hi, lo);
-    if (host > 0) this.#freeLater(host / this.clusterSize, 1);
+    if (host > 0) this.#freeLater(host / this.clusterSize, 1, punch);
   }
 
-  #freeLater(cluster: number, count: number): void {
-    this.#pendingFrees.push([cluster, count]);
+  /**
+   * Free clusters once the tables that dropped them are written. `punch` releases the host space
+   * too, as QEMU passes discards down for requests, snapshots and shrinking but not for clusters
+   * a write or a table copy replaced (its QCOW2_DISCARD_OTHER).
+   */
+  #freeLater(cluster: number, count: number, punch: boolean): void {
+    this.#pendingFrees.push([cluster, count, punch]);
     this.#compressedCache = undefined;
     // Keep the list bounded: a long run of frees is applied through a flush of the L2 tables.
     if (this.#pendingFrees.length > 4096) this.#applyFrees();
@@ -1453,13 +1459,12 @@ export class Qcow2Node implements BlockNode {
     this.#barrier();
     const frees = this.#pendingFrees;
     this.#pendingFrees = [];
-    this.refcounts.resetByteAllocator();
-    for (const [cluster, count] of frees) {
+    for (const [cluster, count, punch] of frees) {
       this.refcounts.change(cluster, count, -1);
       for (let c = cluster; c < cluster + count; c++) {
         if (this.refcounts.get(c) === 0) {
           this.l2Cache.discard(c * this.clusterSize);
-          this.file.punchHole(c * this.clusterSize, this.clusterSize);
+          if (punch) this.file.punchHole(c * this.clusterSize, this.clusterSize);
         }
       }
     }
@@ -1555,7 +1560,9 @@ export class Qcow2Node implements BlockNode {
     // as zeroes (QEMU's truncate with BDRV_REQ_ZERO_WRITE). v2 cannot express that with an
     // overlay, so QEMU refuses, before it changes the size.
     const zeroNewRange = size > old && this.backing !== undefined && this.backing.size > old;
-    if (zeroNewRange && !this.#v3) {
+    // falloc/full give zeroes from the file itself (QEMU's file-level BDRV_REQ_ZERO_WRITE).
+    const hostData = mode === "falloc" || mode === "full";
+    if (zeroNewRange && !this.#v3 && !hostData) {
       throw new BlockError(
         "unsupported",
         "Failed to zero out new clusters: Operation not supported",
@@ -1579,13 +1586,79 @@ export class Qcow2Node implements BlockNode {
       else if (size < this.size) await this.#shrink(size);
     });
     if (size <= old) return;
-    if (mode !== "off") await this.preallocate(mode, old);
+    if (hostData) {
+      // New data clusters hold the new range (the old last cluster copied into one of them).
+      await this.#mutex.run(() => this.#preallocateData(mode, old, size, zeroNewRange));
+      return;
+    }
+    if (mode === "metadata") await this.preallocate(mode, old);
     // Bytes of the old last cluster past the old end may hold data from before a shrink, and
     // with a longer backing file the whole new range must hide it.
     const zeroEnd = zeroNewRange
       ? size
       : Math.min(size, Math.ceil(old / this.clusterSize) * this.clusterSize);
     if (zeroEnd > old) await this.writeZeroes(old, zeroEnd - old);
+  }
+
+  /**
+   * Growing with falloc/full preallocation, laid out as QEMU's qcow2_co_truncate does: new
+   * refcount structures right after the last cluster in use, then one contiguous run of data
+   * clusters for every guest cluster from the one holding the old end (its old bytes are copied
+   * over) to the new end, host space reserved (falloc) or written (full), then the L2 entries;
+   * L2 tables come from wherever the allocator finds room. With subclusters and a backing file
+   * to hide, the new clusters' subclusters are marked allocated (they read the file's zeroes).
+   */
+  async #preallocateData(
+    mode: "falloc" | "full",
+    oldLength: number,
+    newLength: number,
+    hideBacking: boolean,
+  ): Promise<void> {
+    const cs = this.clusterSize;
+    this.#applyFrees();
+    const fileSize = this.file.size();
+    let last = Math.ceil(fileSize / cs) - 1;
+    while (last >= 0 && this.refcounts.get(last) === 0) last--;
+    const fileClusters = last >= 0 ? last + 1 : Math.ceil(fileSize / cs);
+    const firstGuest = Math.floor(oldLength / cs);
+    const count = Math.ceil(newLength / cs) - firstGuest;
+    const tables = Math.ceil(count / this.#l2Entries) + 1;
+    const start = this.refcounts.refcountArea(fileClusters, count + tables, true);
+    this.refcounts.change(start, count, 1);
+    this.#checkOverlap(start * cs, count * cs);
+    const end = (start + count) * cs;
+    const have = this.file.size();
+    if (mode === "full") {
+      const zeroes = new Uint8Array(Math.min(end - have, 1 << 20));
+      for (let at = have; at < end; at += zeroes.length) {
+        this.file.writeAt(at, zeroes.subarray(0, Math.min(zeroes.length, end - at)));
+      }
+    } else if (end > have) {
+      this.file.preallocate(have, end - have);
+    }
+    // The old last cluster's bytes before the old end move into the first new cluster.
+    const head = oldLength - firstGuest * cs;
+    if (head > 0) {
+      const bytes = new Uint8Array(head);
+      await this.read(firstGuest * cs, bytes);
+      this.file.writeAt(start * cs, bytes);
+    }
+    this.#markDirty();
+    for (let i = 0; i < count; i++) {
+      const slot = this.#slot((firstGuest + i) * cs, true);
+      const view = slot.table.view;
+      const oldHi = view.getUint32(slot.at), oldLo = view.getUint32(slot.at + 4);
+      const [hi, lo] = encodeEntry((start + i) * cs, true, false);
+      view.setUint32(slot.at, hi);
+      view.setUint32(slot.at + 4, lo);
+      if (this.extendedL2 && hideBacking) {
+        view.setUint32(slot.at + 8, 0);
+        view.setUint32(slot.at + 12, 0xffffffff);
+      }
+      slot.table.dirty = true;
+      this.#releaseEntry(oldHi, oldLo, false);
+    }
+    this.#flushAll();
   }
 
   #grow(size: number): void {

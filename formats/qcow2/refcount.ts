@@ -58,6 +58,37 @@ export function refcountAccessors(order: number): [Getter, Setter] {
   }
 }
 
+/**
+ * Refcount blocks and refcount-table clusters needed to count `clusters` clusters and themselves
+ * (QEMU's `qcow2_refcount_metadata_size`): the fixed point where counting the refcount metadata
+ * needs no further blocks. `generousIncrease` leaves room for the table to grow by half.
+ */
+export function refcountMetadataClusters(
+  clusters: bigint,
+  clusterSize: number,
+  refcountOrder: number,
+  generousIncrease = false,
+): { blocks: bigint; table: bigint } {
+  const cs = BigInt(clusterSize);
+  const blocksPerTableCluster = cs / 8n;
+  const refcountsPerBlock = cs * 8n / (1n << BigInt(refcountOrder));
+  const divRoundUp = (a: bigint, b: bigint) => (a + b - 1n) / b;
+  let table = 0n, blocks = 0n, n = 0n, last: bigint;
+  let generous = generousIncrease;
+  do {
+    last = n;
+    blocks = divRoundUp(clusters + table + blocks, refcountsPerBlock);
+    table = divRoundUp(blocks, blocksPerTableCluster);
+    n = clusters + blocks + table;
+    if (n === last && generous) {
+      clusters += divRoundUp(table, 2n);
+      n = 0n; // one more round with the extra clusters
+      generous = false;
+    }
+  } while (n !== last);
+  return { blocks, table };
+}
+
 /** The refcount structure of one image. */
 export class Refcounts {
   readonly maxRefcount: number;
@@ -202,7 +233,11 @@ export class Refcounts {
       }
       this.#set(block.view, block.data, i, value);
       block.dirty = true;
-      if (value === 0 && c < this.#freeHint) this.#freeHint = c;
+      if (value === 0) {
+        if (c < this.#freeHint) this.#freeHint = c;
+        // A freed cluster may be reused for anything: compressed data no longer packs into it.
+        if (Math.floor(this.#freeByteOffset / this.#clusterSize) === c) this.#freeByteOffset = 0;
+      }
     }
   }
 
@@ -264,11 +299,6 @@ export class Refcounts {
     }
     this.#freeByteOffset = (offset + size) % cs === 0 ? 0 : offset + size;
     return offset;
-  }
-
-  /** Forget the partially filled compressed cluster (its space is not reused). */
-  resetByteAllocator(): void {
-    this.#freeByteOffset = 0;
   }
 
   #anyUsed(start: number, count: number): boolean {
@@ -403,6 +433,77 @@ export class Refcounts {
     this.#ctx.switchRefcountTable(tableOffset, tableClusters);
     this.#ctx.barrier();
     this.change(oldOffset / cs, oldClusters, -1);
+  }
+
+  /**
+   * QEMU's qcow2_refcount_area: make refcount structures that cover `additional` more clusters
+   * past `startCluster` (the first cluster after everything in use) — any missing refcount
+   * blocks at `startCluster`, then a new refcount table after them, all counted — switch the
+   * header to the new table and free the old one. Returns the first cluster after the new
+   * structures, where the caller's area begins.
+   */
+  refcountArea(startCluster: number, additional: number, exact: boolean): number {
+    const cs = this.#clusterSize;
+    const per = 2 ** this.blockBits;
+    const order = this.#ctx.refcountOrder;
+    const total = Number(
+      refcountMetadataClusters(BigInt(startCluster + additional), cs, order, !exact).blocks,
+    );
+    const areaIndex = Math.floor(startCluster / per);
+    const perTableCluster = cs / 8;
+    const entries = Math.ceil((exact ? total : total + Math.ceil(total / 2)) / perTableCluster) *
+      perTableCluster;
+    const tableClusters = entries * 8 / cs;
+    if (tableClusters * cs > MAX_REFTABLE_BYTES) {
+      throw new BlockError(
+        "unsupported",
+        "Image is too large: the refcount table would exceed 8 MiB",
+        {
+          path: this.#ctx.path,
+          errno: 27,
+        },
+      );
+    }
+    const table = new Uint8Array(entries * 8);
+    table.set(this.#table.subarray(0, Math.min(this.#table.length, table.length)));
+    const view = new DataView(table.buffer);
+    const entryAt = (i: number) => view.getUint32(i * 8) * 0x100000000 + view.getUint32(i * 8 + 4);
+    let missing = 0;
+    for (let i = areaIndex; i < total; i++) if (entryAt(i) === 0) missing++;
+    const tableStart = startCluster + missing;
+    const end = tableStart + tableClusters;
+    let nextBlock = startCluster;
+    for (let i = areaIndex; i < total; i++) {
+      let block: CacheEntry;
+      const existing = entryAt(i);
+      if (existing !== 0) {
+        block = this.cache.get(existing);
+      } else {
+        block = this.cache.create(nextBlock * cs);
+        view.setUint32(i * 8, Math.floor(nextBlock * cs / 0x100000000));
+        view.setUint32(i * 8 + 4, (nextBlock * cs) % 0x100000000);
+        nextBlock++;
+      }
+      const firstCovered = i * per;
+      if (firstCovered < end) {
+        const from = Math.max(0, startCluster - firstCovered);
+        const to = Math.min(end - firstCovered, per);
+        for (let j = from; j < to; j++) this.#set(block.view, block.data, j, 1);
+        block.dirty = true;
+      }
+    }
+    this.cache.flush();
+    this.#ctx.file.writeAt(tableStart * cs, table);
+    this.#ctx.barrier();
+    const oldOffset = this.#tableOffset, oldClusters = this.#tableClusters;
+    this.#ctx.switchRefcountTable(tableStart * cs, tableClusters);
+    this.#ctx.barrier();
+    this.#table = table;
+    this.#tableView = view;
+    this.#tableOffset = tableStart * cs;
+    this.#tableClusters = tableClusters;
+    this.change(oldOffset / cs, oldClusters, -1);
+    return end;
   }
 
   /** Write refcount blocks back and mark them clean. */

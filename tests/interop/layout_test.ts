@@ -1,8 +1,8 @@
 /**
  * Layout as QEMU lays it out: the same qemu-io commands on two copies of a qemu-img-made image,
  * one through qemu-io and one through vstor's qemu-io, must leave byte-identical files (host
- * offsets, tables, refcounts, file length) — freed clusters reused in the session, shrink's
- * table allocation and file trim, zero writes, resize paths.
+ * offsets, tables, refcounts, file length, even the bytes of freed clusters) — freed clusters
+ * reused in the session, shrink's table allocation and file trim, growing with falloc/full.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
@@ -36,6 +36,21 @@ const CASES: Array<{ name: string; create: string[]; commands: string[] }> = [
     name: "a discard inside a written run is refilled by the overwrite that follows",
     create: ["-o", "cluster_size=4k", "256k"],
     commands: ["write -P 1 0 64k", "discard 8k 8k", "write -P 2 4k 12k"],
+  },
+  {
+    name: "growing with falloc moves the refcount table past the data's end, as QEMU's",
+    create: ["1M"],
+    commands: ["write -P 1 0 1M", "truncate -m falloc 5M"],
+  },
+  {
+    name: "growing with full from an unaligned end copies the old last cluster into the new run",
+    create: ["1000K"],
+    commands: ["write -P 1 0 1000K", "truncate -m full 1500K", "write -P 2 1400K 4k"],
+  },
+  {
+    name: "growing with falloc on extended L2 with 16 KiB clusters",
+    create: ["-o", "extended_l2=on,cluster_size=16k", "100K"],
+    commands: ["write -P 1 3k 50k", "truncate -m falloc 3M"],
   },
 ];
 
