@@ -487,6 +487,21 @@ export async function runCase(c: Case, opts: RunOptions = {}): Promise<RunResult
           // backing file: such differences come from where each side allocated.
           const below = step?.kind === "io" && step.layer < layer;
           const d = await compareLayer(c, layer, dirs, i, below);
+          if (d !== null && d.kind === "guest" && layout !== undefined && layout[0] !== layout[1]) {
+            // Compressed writes over clusters allocated on one side only: qcow2 refuses those
+            // clusters, so the sides may write different parts of a request.
+            return {
+              commands,
+              divergence: {
+                ...d,
+                kind: "layout",
+                signature: "layout:compress-partial",
+                detail: `${d.detail}\nallocated under the compressed writes before: qemu [${
+                  layout[0]
+                }], vstor [${layout[1]}]`,
+              },
+            };
+          }
           if (d !== null) return { commands, divergence: await blameQemu(c, dirs, d) };
         }
       }
