@@ -263,6 +263,9 @@ function stateJudge(
     try {
       const problem = vstorCheck(node);
       if (problem !== undefined) return problem;
+      if (backing !== undefined && node.backingName?.file !== "base.qcow2") {
+        return `backing file name is ${JSON.stringify(node.backingName?.file)}`;
+      }
       const names = node.snapshots.entries.map((e) => e.name);
       if (!states.some((s) => s.names.join("/") === names.join("/"))) {
         return `snapshots [${names}] are none of ${states.map((s) => `[${s.names}]`).join(", ")}`;
@@ -346,31 +349,28 @@ function choosePoints(from: number, to: number, budget: Budget, seed: number): C
   return points;
 }
 
-/** Header writes torn between their sectors this many ways each (seeded sector subsets). */
-const TORN_HEADER_TRIES = 12;
-
 /**
- * Crash points right after every header write longer than a sector, keeping a seeded half of the
- * sectors written since the last flush: a header torn between its first sector (offsets, sizes)
- * and the rest (extensions, backing name).
+ * Crash points right after every header write longer than a sector, torn between its first
+ * sector (offsets, sizes) and the rest (extensions, backing name): each half alone, with
+ * everything else since the last flush on the disk.
  */
-function tornHeaders(log: readonly FileOp[], from: number, to: number, seed: number): CrashPoint[] {
-  const random = rng(seed ^ 0x7047);
+function tornHeaders(log: readonly FileOp[], from: number, to: number): CrashPoint[] {
   const points: CrashPoint[] = [];
   for (let i = from; i < to; i++) {
     const op = log[i]!;
     if (op.kind !== "write" || op.offset !== 0 || op.data.length <= 512) continue;
-    for (let n = 0; n < TORN_HEADER_TRIES; n++) {
-      points.push({
-        cut: i + 1,
-        subset: { seed: Math.floor(random() * 2 ** 32), keep: 0.5, torn: true },
-      });
-    }
+    points.push({ cut: i + 1, torn: { index: i, keep: "first" } });
+    points.push({ cut: i + 1, torn: { index: i, keep: "rest" } });
   }
   return points;
 }
 
 function pointName(p: CrashPoint): string {
+  if (p.torn !== undefined) {
+    return `cut ${p.cut} with header write #${p.torn.index} torn (${
+      p.torn.keep === "first" ? "first sector only" : "all but its first sector"
+    })`;
+  }
   if (p.subset === undefined) return `prefix cut ${p.cut}`;
   return `subset at cut ${p.cut} (seed ${hex(p.subset.seed)}, keep ${p.subset.keep.toFixed(2)}${
     p.subset.torn ? ", torn sectors" : ""
@@ -383,6 +383,8 @@ interface Count {
   boundaries: number;
   cuts: number;
   subsets: number;
+  /** Header writes torn between their first sector and the rest. */
+  torn: number;
   clean: number;
   leaks: number;
 }
@@ -398,9 +400,10 @@ class Tally {
   add(op: string, point: CrashPoint, code: number): void {
     let c = this.counts.get(op);
     if (c === undefined) {
-      this.counts.set(op, c = { boundaries: 0, cuts: 0, subsets: 0, clean: 0, leaks: 0 });
+      this.counts.set(op, c = { boundaries: 0, cuts: 0, subsets: 0, torn: 0, clean: 0, leaks: 0 });
     }
-    if (point.subset) c.subsets++;
+    if (point.torn) c.torn++;
+    else if (point.subset) c.subsets++;
     else c.cuts++;
     if (code === 0) c.clean++;
     if (code === 3) c.leaks++;
@@ -409,15 +412,15 @@ class Tally {
   window(op: string, boundaries: number): void {
     let c = this.counts.get(op);
     if (c === undefined) {
-      this.counts.set(op, c = { boundaries: 0, cuts: 0, subsets: 0, clean: 0, leaks: 0 });
+      this.counts.set(op, c = { boundaries: 0, cuts: 0, subsets: 0, torn: 0, clean: 0, leaks: 0 });
     }
     c.boundaries += boundaries;
   }
 
   report(title: string): void {
     const lines = [...this.counts].map(([op, c]) =>
-      `  ${op}: ${c.cuts} of ${c.boundaries} cut points + ${c.subsets} seeded subsets; qemu-img check: ${c.clean} clean, ${c.leaks} leaks only, ${
-        c.cuts + c.subsets - c.clean - c.leaks
+      `  ${op}: ${c.cuts} of ${c.boundaries} cut points + ${c.subsets} seeded subsets + ${c.torn} torn headers; qemu-img check: ${c.clean} clean, ${c.leaks} leaks only, ${
+        c.cuts + c.subsets + c.torn - c.clean - c.leaks
       } other`
     );
     console.log(
@@ -447,7 +450,7 @@ async function qemuCheck(path: string): Promise<{ code: number; text: string }> 
   return { code: r.code, text: errors.slice(0, 4).join(" | ") };
 }
 
-/** Every this many crash images, QEMU's reading of the data is compared with vstor's. */
+/** Every this many crash images (and every torn header), QEMU's reading is compared with vstor's. */
 const QEMU_READ_EVERY = 5;
 
 async function qemuRead(path: string, raw: string, snapshot?: string): Promise<Uint8Array> {
@@ -469,12 +472,12 @@ async function judgeWindows(
     const path = join(dir, win.name);
     const points = [
       ...choosePoints(win.from, win.to, budget, budget.seed + w * 7919),
-      ...tornHeaders(win.file.log, win.from, win.to, budget.seed + w),
+      ...tornHeaders(win.file.log, win.from, win.to),
     ];
     tally.window(win.op, win.to - win.from + 1);
     const top = join(dir, win.top ?? win.name);
     for (const [point, image] of crashImages(win.file.base, win.file.log, points)) {
-      const sampled = tally.images++ % QEMU_READ_EVERY === 0;
+      const sampled = tally.images++ % QEMU_READ_EVERY === 0 || point.torn !== undefined;
       const qemu: QemuReader | undefined = sampled
         ? async (snapshot) => {
           tally.qemuReads++;

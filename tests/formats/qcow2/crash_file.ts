@@ -127,6 +127,11 @@ export interface CrashPoint {
   readonly subset?: { readonly seed: number; readonly keep: number; readonly torn: boolean };
   /** Instead of a random subset: exactly these log indices after the last flush reached the disk. */
   readonly kept?: readonly number[];
+  /**
+   * Every operation after the last flush reached the disk except write `index`, torn: only its
+   * first sector (`first`) or everything but its first sector (`rest`).
+   */
+  readonly torn?: { readonly index: number; readonly keep: "first" | "rest" };
 }
 
 /**
@@ -375,7 +380,8 @@ export function* crashImages(
   log: readonly FileOp[],
   points: readonly CrashPoint[],
 ): Generator<[CrashPoint, OverlayFile]> {
-  const at = (p: CrashPoint) => p.subset || p.kept ? lastFlushBefore(log, p.cut) + 1 : p.cut;
+  const at = (p: CrashPoint) =>
+    p.subset || p.kept || p.torn ? lastFlushBefore(log, p.cut) + 1 : p.cut;
   const sorted = [...points].sort((a, b) => at(a) - at(b) || a.cut - b.cut);
   const state = new Bytes(base);
   let pos = 0;
@@ -383,7 +389,20 @@ export function* crashImages(
     const from = at(p);
     while (pos < from) apply(state, log[pos++]!);
     const file = new OverlayFile("crash.qcow2", state.data, state.size);
-    if (p.kept !== undefined) {
+    if (p.torn !== undefined) {
+      const { index, keep } = p.torn;
+      for (let i = from; i < p.cut; i++) {
+        const op = log[i]!;
+        if (i !== index) {
+          apply(file, op);
+          continue;
+        }
+        if (op.kind !== "write") throw new RangeError(`log index ${i} is not a write`);
+        const split = Math.min(op.data.length, SECTOR - (op.offset % SECTOR));
+        if (keep === "first") file.writeAt(op.offset, op.data.subarray(0, split));
+        else if (split < op.data.length) file.writeAt(op.offset + split, op.data.subarray(split));
+      }
+    } else if (p.kept !== undefined) {
       for (const i of p.kept) {
         if (i < from || i >= p.cut) {
           throw new RangeError(`log index ${i} is not after the last flush`);
