@@ -15,7 +15,7 @@ import { detailComment, reproducer } from "./fuzz/script.ts";
 import type { Case } from "./fuzz/case.ts";
 
 const ignore = ignoreWithout("qemu-img") || ignoreWithout("qemu-io");
-const CASES = Number(Deno.env.get("VSTOR_FUZZ_CASES") ?? "80");
+const CASES = Number(Deno.env.get("VSTOR_FUZZ_CASES") ?? "100");
 const SEEDS = [0x13, 0x1313, 0x131313];
 /** Cases stay small in CI: up to 3 layers and 10 commands. */
 const GENERATE = { ...DEFAULT_GENERATE, maxLayers: 3, maxSteps: 10 };
