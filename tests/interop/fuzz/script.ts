@@ -26,9 +26,9 @@ export function reproducer(c: Case, d: Divergence | null, title: string): string
     "Q=$(mktemp -d) V=$(mktemp -d)",
     `VSTOR="deno run -A ${shellQuote(MOD_TS)}"`,
     'cd "$Q"',
-    ...lines.map((l) => lineText(l)),
+    ...lines.map((l) => `${lineText(l)} || echo "  -> exit $?"`),
     'cd "$V"',
-    ...lines.map((l) => lineText(l, "$VSTOR")),
+    ...lines.map((l) => `${lineText(l, "$VSTOR")} || echo "  -> exit $?"`),
     "# guest views (QEMU reads both copies) and checks of vstor's copy",
     ...c.layers.map((l, i) =>
       `qemu-img compare -f ${l.format} -F ${l.format} "$Q/${layerFile(c, i)}" "$V/${
