@@ -69,6 +69,12 @@ export interface Qcow2OpenOptions {
    * corrupt: …"); default: standard error.
    */
   onCorruption?: (line: string) => void;
+  /**
+   * Open for qemu-img check (QEMU's BDRV_O_CHECK): the snapshot table is neither validated nor
+   * read (the check reads it, and repairs it with -r all), and a dirty or corrupt image is left
+   * for the check to repair.
+   */
+  check?: boolean;
 }
 
 /** Whether a backing chain below an unallocated range reads it as zeroes (block status only). */
@@ -217,26 +223,16 @@ export class Qcow2Node implements BlockNode {
     const rcBudget = opts.refcountCacheSize ??
       Math.max(DEFAULT_REFCOUNT_CACHE, 4 * this.clusterSize);
     this.l2Cache = new TableCache(this.clusterSize, l2Budget, {
-      load: (offset, dst) => {
-        if (offset + this.clusterSize > file.size()) {
-          throw this.#signalCorruption(
-            `L2 table at 0x${offset.toString(16)} is past the end of the file`,
-            offset,
-          );
-        }
-        file.readAt(offset, dst);
-      },
+      // Past the end of a truncated file a table reads as zeroes, as QEMU reads it.
+      load: (offset, dst) => file.readAt(offset, dst),
       writeBack: (entries) => this.#writeL2Tables(entries),
     });
     this.#refcountCacheBytes = rcBudget;
     this.refcounts = this.#makeRefcounts();
-    this.#snapshots = readSnapshotTable(
-      file,
-      header.snapshotsOffset,
-      header.nbSnapshots,
-      this.clusterSize,
-      file.path,
-    );
+    // Check mode reads the snapshot table in the check itself (QEMU's BDRV_O_CHECK).
+    this.#snapshots = opts.check
+      ? { entries: [], bytes: 0 }
+      : readSnapshotTable(file, header.snapshotsOffset, header.nbSnapshots, file.path);
     const interval = opts.cacheCleanInterval ?? DEFAULT_CLEAN_INTERVAL;
     if (interval > 0) {
       this.#cleanTimer = setInterval(() => this.#cleanCaches(), interval * 1000);
@@ -293,7 +289,7 @@ export class Qcow2Node implements BlockNode {
       head = new Uint8Array(Math.min(fileSize, 2 ** bits));
       file.readAt(0, head);
     }
-    const header = parseHeader(head, fileSize, file.path);
+    const header = parseHeader(head, fileSize, file.path, { check: opts.check ?? false });
     for (
       const [what, value] of [["l2-cache-size", opts.l2CacheSize], [
         "refcount-cache-size",
@@ -308,7 +304,7 @@ export class Qcow2Node implements BlockNode {
       }
     }
     const readOnly = (opts.readOnly ?? false) || file.readOnly;
-    if (!readOnly && hasFeature(header.incompatibleFeatures, INCOMPAT_CORRUPT)) {
+    if (!readOnly && !opts.check && hasFeature(header.incompatibleFeatures, INCOMPAT_CORRUPT)) {
       throw new BlockError(
         "corrupt",
         "qcow2: Image is corrupt; cannot be opened read/write (run 'vstor check -r all' or open read-only)",
@@ -316,12 +312,12 @@ export class Qcow2Node implements BlockNode {
       );
     }
     const node = new Qcow2Node(file, header, opts);
-    if (!readOnly) await node.#prepareForWriting();
+    if (!readOnly) await node.#prepareForWriting(opts.check ?? false);
     return node;
   }
 
   /** Read-write open: clear autoclear bits we do not maintain; repair after a lazy-refcount crash. */
-  async #prepareForWriting(): Promise<void> {
+  async #prepareForWriting(check: boolean): Promise<void> {
     const h = this.header;
     let rewrite = false;
     // A writer that does not maintain an autoclear feature clears its bit.
@@ -330,7 +326,7 @@ export class Qcow2Node implements BlockNode {
       h.autoclearFeatures = keep;
       rewrite = true;
     }
-    if (hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) {
+    if (!check && hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) {
       rebuildRefcounts(this);
       h.incompatibleFeatures &= ~BigInt(INCOMPAT_DIRTY);
       rewrite = true;

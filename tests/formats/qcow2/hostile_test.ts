@@ -47,6 +47,8 @@ async function refuses(file: MemoryFile, kind: string, message: RegExp): Promise
   });
 }
 
+// Tables past the end of the file are not refused: QEMU opens such a (truncated) image and reads
+// zeroes there; tests/interop/truncated_test.ts compares what both tools make of it.
 Deno.test("a qcow2 header with a bad field is refused with a message naming the field", async () => {
   const cases: Array<[string, (f: MemoryFile) => void, string, RegExp]> = [
     ["version 4", (f) => patch(f, 4, u32(4)), "unsupported", /Unsupported qcow2 version 4/],
@@ -70,13 +72,7 @@ Deno.test("a qcow2 header with a bad field is refused with a message naming the 
       "an unaligned L1 table",
       (f) => patch(f, 40, u64(0x30200)),
       "invalid-format",
-      /L1 table offset .* not cluster-aligned/,
-    ],
-    [
-      "an L1 table past the end",
-      (f) => patch(f, 40, u64(0x7fff0000)),
-      "invalid-format",
-      /L1 table .* past the end/,
+      /Active L1 table offset invalid/,
     ],
     [
       "an L1 table in the header",
@@ -96,12 +92,6 @@ Deno.test("a qcow2 header with a bad field is refused with a message naming the 
       "invalid-format",
       /does not contain a reference count table/,
     ],
-    [
-      "a refcount table past the end",
-      (f) => patch(f, 48, u64(0x100000000)),
-      "invalid-format",
-      /refcount table .* past the end/,
-    ],
     ["refcount_order 7", (f) => patch(f, 96, u32(7)), "invalid-format", /may not exceed 64 bits/],
     ["header_length 100", (f) => patch(f, 100, u32(100)), "invalid-format", /header too short/],
     ["header_length 106", (f) => patch(f, 100, u32(106)), "invalid-format", /not a multiple of 8/],
@@ -111,7 +101,7 @@ Deno.test("a qcow2 header with a bad field is refused with a message naming the 
       "invalid-format",
       /exceeds cluster size/,
     ],
-    ["70000 snapshots", (f) => patch(f, 60, u32(70000)), "invalid-format", /Too many snapshots/],
+    ["70000 snapshots", (f) => patch(f, 60, u32(70000)), "invalid-format", /Snapshot table too large/],
     [
       "a huge virtual size",
       (f) => patch(f, 24, u64(2 ** 62)),
