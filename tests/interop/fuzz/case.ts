@@ -44,6 +44,13 @@ export interface Case {
   steps: Step[];
 }
 
+/**
+ * Marks an argument naming an image file by its path: the runner puts the copy's directory in its
+ * place (`/tmp/…/q/L1.qcow2`), a script `"$Q"/L1.qcow2`. Backing names (`-b`) stay bare, relative
+ * to the image's directory as qemu-img reads them; nobody depends on the working directory.
+ */
+export const IN_DIR = "@dir/";
+
 /** A command line: `tool` is qemu-img or qemu-io; vstor runs `verb(...)` with the same args. */
 export interface CommandLine {
   tool: "qemu-img" | "qemu-io";
@@ -86,7 +93,7 @@ export function createLine(c: Case, i: number): CommandLine {
   const o = l.format === "qcow2" ? createOptions(l) : [];
   if (o.length > 0) args.push("-o", o.join(","));
   if (i > 0) args.push("-b", layerFile(c, i - 1), "-F", c.layers[i - 1]!.format);
-  args.push(layerFile(c, i), String(l.size));
+  args.push(IN_DIR + layerFile(c, i), String(l.size));
   return { tool: "qemu-img", args };
 }
 
@@ -108,7 +115,7 @@ export function ioText(cmd: IoCmd): string {
 
 /** The command line of a step. */
 export function stepLine(c: Case, s: Step): CommandLine {
-  const file = layerFile(c, s.layer);
+  const file = IN_DIR + layerFile(c, s.layer);
   const fmt = c.layers[s.layer]!.format;
   switch (s.kind) {
     case "io":
@@ -167,12 +174,22 @@ export function shellQuote(word: string): string {
   return /^[A-Za-z0-9_./=,:+-]+$/.test(word) ? word : `'${word.replaceAll("'", `'\\''`)}'`;
 }
 
-/** How a command line reads in a shell. */
-export function lineText(line: CommandLine, vstor?: string): string {
+/** How a command line reads in a shell: image paths in the directory `$dirVar`. */
+export function lineText(line: CommandLine, dirVar: string, vstor?: string): string {
   const head = vstor === undefined
     ? line.tool
     : `${vstor} ${line.tool === "qemu-io" ? "io" : ""}`.trimEnd();
-  return [head, ...line.args.map(shellQuote)].join(" ");
+  const word = (a: string) =>
+    a.startsWith(IN_DIR) ? `"$${dirVar}"/${shellQuote(a.slice(IN_DIR.length))}` : shellQuote(a);
+  return [head, ...line.args.map(word)].join(" ");
+}
+
+/** `line` with its image paths in `dir`. */
+export function inDir(line: CommandLine, dir: string): CommandLine {
+  return {
+    tool: line.tool,
+    args: line.args.map((a) => (a.startsWith(IN_DIR) ? `${dir}/${a.slice(IN_DIR.length)}` : a)),
+  };
 }
 
 /** A short description of a layer, for logs and shapes. */

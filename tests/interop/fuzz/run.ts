@@ -220,7 +220,10 @@ async function compressTargets(c: Case, s: Step, dir: string): Promise<string> {
   const ranges = s.cmds.filter((x) => x.op === "compress");
   if (ranges.length === 0) return "";
   const r = await runQemu(
-    { tool: "qemu-img", args: ["map", "--output=json", "-f", "qcow2", layerFile(c, s.layer)] },
+    {
+      tool: "qemu-img",
+      args: ["map", "--output=json", "-f", "qcow2", join(dir, layerFile(c, s.layer))],
+    },
     dir,
   );
   if (r.code !== 0) return `map failed`;
@@ -408,7 +411,7 @@ export async function runCase(c: Case, opts: RunOptions = {}): Promise<RunResult
       const layout = step?.kind === "io" && step.cmds.some((x) => x.op === "compress")
         ? [await compressTargets(c, step, dirs.q), await compressTargets(c, step, dirs.v)]
         : undefined;
-      const { qemu, vstor } = await runBoth(line, dirs.q, dirs.v);
+      const { qemu, vstor } = await runBoth(line, dirs);
       commands++;
       const both = `qemu printed (exit ${qemu.code}):\n${clip(qemu.output)}\n` +
         `vstor printed (exit ${vstor.code}):\n${clip(vstor.output)}`;

@@ -25,10 +25,9 @@ export function reproducer(c: Case, d: Divergence | null, title: string): string
     ...c.layers.map((l, i) => `#   L${i}: ${describeLayer(l)}`),
     "Q=$(mktemp -d) V=$(mktemp -d)",
     `VSTOR="deno run -A ${shellQuote(MOD_TS)}"`,
-    'cd "$Q"',
-    ...lines.map((l) => `${lineText(l)} || echo "  -> exit $?"`),
-    'cd "$V"',
-    ...lines.map((l) => `${lineText(l, "$VSTOR")} || echo "  -> exit $?"`),
+    'cd "$(mktemp -d)"',
+    ...lines.map((l) => `${lineText(l, "Q")} || echo "  -> exit $?"`),
+    ...lines.map((l) => `${lineText(l, "V", "$VSTOR")} || echo "  -> exit $?"`),
     "# guest views (QEMU reads both copies) and checks of vstor's copy",
     ...c.layers.map((l, i) =>
       `qemu-img compare -f ${l.format} -F ${l.format} "$Q/${layerFile(c, i)}" "$V/${

@@ -5,7 +5,7 @@
  * @module
  */
 import { main } from "../../../src/cli/main.ts";
-import type { CommandLine } from "./case.ts";
+import { type CommandLine, inDir } from "./case.ts";
 
 /** What one side did with a command. */
 export interface Outcome {
@@ -44,32 +44,31 @@ export async function runQemu(line: CommandLine, cwd: string): Promise<Outcome> 
 }
 
 /**
- * Run the vstor verb for `line` in-process with `cwd` as the working directory (restored after).
- * An exception escaping the CLI is an outcome of its own (code -1), not a fuzzer failure.
+ * Run the vstor verb for `line` in-process, as `deno run -A mod.ts VERB` would. The working
+ * directory is left alone (other test files in this process may rely on it): image arguments are
+ * absolute paths. An exception escaping the CLI is an outcome of its own (code -1).
  */
-export async function runVstor(line: CommandLine, cwd: string): Promise<Outcome> {
+export async function runVstor(line: CommandLine): Promise<Outcome> {
   const args = line.tool === "qemu-io" ? ["io", ...line.args] : line.args;
   let output = "";
-  const saved = Deno.cwd();
-  Deno.chdir(cwd);
   try {
     const code = await main(args, { stdout: (s) => output += s, stderr: (s) => output += s });
     return { code, output };
   } catch (e) {
     return { code: -1, output: `${output}uncaught: ${e instanceof Error ? e.stack : String(e)}` };
-  } finally {
-    Deno.chdir(saved);
   }
 }
 
-/** Run `line` on both sides at once: QEMU's child runs while vstor works in-process. */
+/**
+ * Run `line` on both sides at once (QEMU's child runs while vstor works in-process), each with
+ * its image paths in its own directory; QEMU's tool runs in `neutral`, neither copy's directory.
+ */
 export async function runBoth(
   line: CommandLine,
-  qemuDir: string,
-  vstorDir: string,
+  dirs: { q: string; v: string; root: string },
 ): Promise<{ qemu: Outcome; vstor: Outcome }> {
-  const qemu = runQemu(line, qemuDir);
-  const vstor = await runVstor(line, vstorDir);
+  const qemu = runQemu(inDir(line, dirs.q), dirs.root);
+  const vstor = await runVstor(inDir(line, dirs.v));
   return { qemu: await qemu, vstor };
 }
 
