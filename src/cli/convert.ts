@@ -7,7 +7,7 @@ import { BlockError } from "../errors.ts";
 import { convertImages } from "../../formats/convert.ts";
 import { formatNames } from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
-import { parseCreateOptions } from "./create.ts";
+import { createOptionsHelp, parseCreateOptions } from "./create.ts";
 import { progressBar } from "./progress.ts";
 import { parseSize } from "./size.ts";
 import { parseVerbArgs } from "./args.ts";
@@ -51,6 +51,17 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
         "  -m N, -W      accepted for qemu-img compatibility (vstor orders writes itself)\n" +
         "  -p            show progress on a terminal\n",
     );
+    return EXIT_OK;
+  }
+  if (values["no-create"] && values.options.length > 0) {
+    throw new UsageError("-o has no effect when skipping image creation", { tryHelp: false });
+  }
+  if (values.options.some((o) => o.split(",").some((i) => i === "help" || i === "?"))) {
+    const format = values["output-format"];
+    if (!formatNames().includes(format)) {
+      throw new UsageError(`Unknown file format '${format}'`, { tryHelp: false });
+    }
+    io.stdout(createOptionsHelp(format, positionals.length >= 2));
     return EXIT_OK;
   }
   if (positionals.length < 2) {

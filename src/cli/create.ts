@@ -34,17 +34,17 @@ export function parseImageSize(text: string): number {
   return Number(parsed.value);
 }
 
-/** The protocol (file) options every format's create takes, as qemu-img lists them with a file. */
+/** The protocol (file) options: qemu-img lists them only when given a file name. */
 const FILE_OPTIONS: Array<[string, string]> = [
   ["extent_size_hint=<size>", "Extent size hint for the image file, 0 to disable"],
   ["nocow=<bool (on/off)>", "Turn off copy-on-write (valid only on btrfs)"],
+  ["preallocation=<str>", "Preallocation mode (allowed values: off, falloc, full)"],
+  ["size=<size>", "Virtual disk size"],
 ];
 
-/** qemu-img's `-o` options per format, with their help lines. */
+/** Each format's own `-o` options, with their help lines (QEMU's, for what vstor supports). */
 const FORMAT_OPTIONS: Record<string, Array<[string, string]>> = {
   raw: [
-    ...FILE_OPTIONS,
-    ["preallocation=<str>", "Preallocation mode (allowed values: off, falloc, full)"],
     ["size=<size>", "Virtual disk size"],
   ],
   qcow2: [
@@ -54,20 +54,36 @@ const FORMAT_OPTIONS: Record<string, Array<[string, string]>> = {
     ["compat=<str>", "Compatibility level (v2 [0.10] or v3 [1.1])"],
     ["compression_type=<str>", "Compression method used for image cluster compression"],
     ["extended_l2=<bool (on/off)>", "Extended L2 tables"],
-    FILE_OPTIONS[0]!,
     ["lazy_refcounts=<bool (on/off)>", "Postpone refcount updates"],
-    FILE_OPTIONS[1]!,
     ["preallocation=<str>", "Preallocation mode (allowed values: off, metadata, falloc, full)"],
     ["refcount_bits=<num>", "Width of a reference count entry in bits"],
     ["size=<size>", "Virtual disk size"],
   ],
 };
 
-/** qemu-img's `-o help` text for a format. */
-export function createOptionsHelp(format: string): string {
-  const lines = [`Supported ${format} options:`];
-  for (const [name, help] of FORMAT_OPTIONS[format] ?? []) {
-    lines.push(`  ${name.padEnd(22)} - ${help}`);
+/** The options create takes for a format: its own, then the file protocol's it lacks. */
+function allOptions(format: string): Array<[string, string]> {
+  const own = FORMAT_OPTIONS[format] ?? [];
+  const key = ([name]: [string, string]) => name.slice(0, name.indexOf("="));
+  const names = new Set(own.map(key));
+  return [...own, ...FILE_OPTIONS.filter((o) => !names.has(key(o)))]
+    .sort((a, b) => key(a) < key(b) ? -1 : 1);
+}
+
+/**
+ * qemu-img's `-o help` text for a format: with a target file name, every option (the format's
+ * and the file protocol's) under "Supported options:"; without one, the format's own and a note.
+ */
+export function createOptionsHelp(format: string, withFile = true): string {
+  const list = withFile ? allOptions(format) : FORMAT_OPTIONS[format] ?? [];
+  const lines = [withFile ? "Supported options:" : `Supported ${format} options:`];
+  for (const [name, help] of list) lines.push(`  ${name.padEnd(22)} - ${help}`);
+  if (!withFile) {
+    lines.push(
+      "",
+      "The protocol level may support further options.",
+      "Specify the target filename to include those options.",
+    );
   }
   return lines.join("\n") + "\n";
 }
@@ -102,9 +118,7 @@ export function parseCreateOptions(
   format: string,
   context: CreateOptionsContext = {},
 ): ParsedCreateOptions {
-  const known = new Set(
-    (FORMAT_OPTIONS[format] ?? []).map(([name]) => name.slice(0, name.indexOf("="))),
-  );
+  const known = new Set(allOptions(format).map(([name]) => name.slice(0, name.indexOf("="))));
   const named = (message: string) =>
     context.file === undefined ? message : `${context.file}: ${message}`;
   // A type error (qemu's option parsing): before anything is printed, no "Try" line.
@@ -276,7 +290,7 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
     });
   }
   if (values.options.some((o) => o === "help" || o === "?")) {
-    io.stdout(createOptionsHelp(format));
+    io.stdout(createOptionsHelp(format, positionals[0] !== undefined));
     return EXIT_OK;
   }
   const [file, sizeText, ...extra] = positionals;
