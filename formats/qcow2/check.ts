@@ -10,6 +10,7 @@
 import type { Qcow2Node } from "./qcow2.ts";
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_REFTABLE_BYTES } from "./header.ts";
 import { refcountAccessors } from "./refcount.ts";
+import { countBitmapClusters } from "./bitmap.ts";
 
 /** What to repair (qemu-img check -r leaks / -r all). */
 export interface CheckFix {
@@ -342,6 +343,14 @@ function calculate(ctx: Ctx): boolean {
   }
   inc(ctx, h.snapshotsOffset, node.snapshots.bytes);
   inc(ctx, node.refcounts.tableOffset, node.refcounts.tableEntries * 8);
+  // Bitmap directory, tables and data clusters (QEMU's qcow2_check_bitmaps_refcounts).
+  ctx.res.corruptions += countBitmapClusters(
+    node.file,
+    h,
+    node.size,
+    node.filename,
+    (offset, bytes) => inc(ctx, offset, bytes),
+  );
   return checkRefblocks(ctx);
 }
 

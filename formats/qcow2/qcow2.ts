@@ -19,7 +19,7 @@ import type { HostFile } from "../../src/host/host_file.ts";
 import { type CacheEntry, TableCache } from "./cache.ts";
 import { compressCluster, decompressCluster } from "./compress.ts";
 import {
-  AUTOCLEAR_DATA_FILE_RAW,
+  AUTOCLEAR_BITMAPS,
   COMPAT_LAZY_REFCOUNTS,
   hasFeature,
   INCOMPAT_CORRUPT,
@@ -31,6 +31,7 @@ import {
   serializeHeader,
 } from "./header.ts";
 import { Refcounts } from "./refcount.ts";
+import { Qcow2Bitmaps } from "./bitmap.ts";
 import { rebuildRefcounts } from "./check.ts";
 import { readSnapshotTable, type SnapshotTable } from "./snapshot.ts";
 import {
@@ -195,6 +196,8 @@ export class Qcow2Node implements BlockNode {
   readonly #mutex = new Mutex();
   /** The last decompressed cluster, by host descriptor (sequential reads of compressed data). */
   #compressedCache: { key: string; data: Uint8Array } | undefined;
+  /** Persistent dirty bitmaps (formats/qcow2/bitmap.ts): writes mark them, close stores them. */
+  #bitmaps: Qcow2Bitmaps | undefined;
 
   private constructor(file: HostFile, header: Qcow2Header, opts: Qcow2OpenOptions) {
     this.file = file;
@@ -312,7 +315,14 @@ export class Qcow2Node implements BlockNode {
       );
     }
     const node = new Qcow2Node(file, header, opts);
-    if (!readOnly) await node.#prepareForWriting(opts.check ?? false);
+    try {
+      if (!readOnly) await node.#prepareForWriting(opts.check ?? false);
+      node.#bitmaps = Qcow2Bitmaps.load(node, !readOnly);
+    } catch (e) {
+      node.#closed = true;
+      if (node.#cleanTimer !== undefined) clearInterval(node.#cleanTimer);
+      throw e;
+    }
     return node;
   }
 
@@ -320,8 +330,8 @@ export class Qcow2Node implements BlockNode {
   async #prepareForWriting(check: boolean): Promise<void> {
     const h = this.header;
     let rewrite = false;
-    // A writer that does not maintain an autoclear feature clears its bit.
-    const keep = h.autoclearFeatures & BigInt(AUTOCLEAR_DATA_FILE_RAW) & 0n;
+    // A writer that does not maintain an autoclear feature clears its bit (bitmaps: bitmap.ts).
+    const keep = h.autoclearFeatures & BigInt(AUTOCLEAR_BITMAPS);
     if (h.autoclearFeatures !== keep) {
       h.autoclearFeatures = keep;
       rewrite = true;
@@ -339,6 +349,11 @@ export class Qcow2Node implements BlockNode {
 
   get filename(): string {
     return this.file.path;
+  }
+
+  /** The image's persistent dirty bitmaps (none for an image without the bitmaps extension). */
+  get bitmaps(): Qcow2Bitmaps | undefined {
+    return this.#bitmaps;
   }
 
   get backing(): BlockNode | undefined {
@@ -802,6 +817,7 @@ export class Qcow2Node implements BlockNode {
     checkRequest(this, "write", offset, src.length);
     this.#writable();
     if (src.length === 0) return;
+    this.#bitmaps?.mark(offset, src.length);
     if (opts?.compressed) {
       await this.#mutex.run(() => this.#writeCompressed(offset, src, opts.precompressed));
     } else {
@@ -1258,6 +1274,7 @@ export class Qcow2Node implements BlockNode {
     checkRequest(this, "write-zeroes", offset, length);
     this.#writable();
     if (length === 0) return;
+    this.#bitmaps?.mark(offset, length);
     // v2 takes no flags (QEMU's supported_zero_flags): zeroes never unmap there.
     const unmap = (opts?.unmap ?? false) && this.#v3;
     await this.#mutex.run(async () => {
@@ -1390,6 +1407,7 @@ export class Qcow2Node implements BlockNode {
     this.#live();
     checkRequest(this, "discard", offset, length);
     this.#writable();
+    this.#bitmaps?.mark(offset, length);
     // v2 has no zero flag: dropping a cluster would expose the backing file's older data, so the
     // hint is ignored (as QEMU's -ENOTSUP, which its block layer turns into success).
     if (!this.#v3 && this.backing !== undefined) return;
@@ -1550,6 +1568,7 @@ export class Qcow2Node implements BlockNode {
         errno: 95,
       });
     }
+    this.#bitmaps?.checkResize();
     const old = this.size;
     const mode = opts?.preallocation ?? "off";
     // A backing file longer than the old end would show through the new range: it must read
@@ -1581,6 +1600,7 @@ export class Qcow2Node implements BlockNode {
       if (size > this.size) this.#grow(size);
       else if (size < this.size) await this.#shrink(size);
     });
+    this.#bitmaps?.resize(size);
     if (size <= old) return;
     if (hostData) {
       // New data clusters hold the new range (the old last cluster copied into one of them).
@@ -1859,6 +1879,9 @@ export class Qcow2Node implements BlockNode {
     if (this.#closed) return;
     try {
       if (!this.#readOnly && !this.#corrupt) {
+        // Bitmaps are stored first, as QEMU's qcow2_inactivate does.
+        const bitmaps = this.#bitmaps;
+        if (bitmaps !== undefined) await this.#mutex.run(() => Promise.resolve(bitmaps.store()));
         await this.flush();
         if (this.#dirtyMarked) {
           this.header.incompatibleFeatures &= ~BigInt(INCOMPAT_DIRTY);

@@ -20,6 +20,7 @@ import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { sizeToStr } from "./human.ts";
 import { snapshotTable } from "./snapshot.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
+import { bitmapInfo, bitmapInfoHuman, qemuJsonEmptyLists } from "./bitmap.ts";
 
 export const INFO_USAGE = "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE";
 
@@ -61,6 +62,8 @@ export function imageInfo(node: BlockNode, filename: string): Record<string, unk
     if (h.version === 3) {
       data["lazy-refcounts"] = hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
     }
+    const bitmaps = bitmapInfo(q);
+    if (bitmaps !== undefined) data["bitmaps"] = bitmaps;
     data["refcount-bits"] = 1 << h.refcountOrder;
     if (h.version === 3) {
       data["corrupt"] = hasFeature(h.incompatibleFeatures, INCOMPAT_CORRUPT);
@@ -93,13 +96,18 @@ export function infoHuman(info: Record<string, unknown>, node: BlockNode): strin
     }
   }
   if (node instanceof Qcow2Node && node.snapshots.entries.length > 0) {
-    lines.push("Snapshot list:", snapshotTable(node.snapshots.entries).trimEnd());
+    // Only the final newline: a last snapshot without icount keeps its blank column.
+    lines.push("Snapshot list:", snapshotTable(node.snapshots.entries).replace(/\n$/, ""));
   }
   if (info["dirty-flag"] === true) lines.push("cleanly shut down: no");
   const specific = info["format-specific"] as { data: Record<string, unknown> } | undefined;
   if (specific) {
     lines.push("Format specific information:");
     for (const [key, value] of Object.entries(specific.data)) {
+      if (key === "bitmaps") {
+        lines.push(...bitmapInfoHuman(value as Array<Record<string, unknown>>));
+        continue;
+      }
       lines.push(`    ${key.replaceAll("-", " ")}: ${value}`);
     }
   }
@@ -122,7 +130,7 @@ export async function infoMain(args: string[], io: CliIo): Promise<number> {
   if (values.output !== "human" && values.output !== "json") {
     throw new UsageError(`--output must be human or json, not '${values.output}'`);
   }
-  const file = oneFile(positionals);
+  const file = oneFile(positionals, io);
 
   const infos: Array<{ info: Record<string, unknown>; text: string }> = [];
   let path: string | undefined = file;
@@ -154,7 +162,7 @@ export async function infoMain(args: string[], io: CliIo): Promise<number> {
   }
   if (values.output === "json") {
     const body = values["backing-chain"] ? infos.map((i) => i.info) : infos[0]!.info;
-    io.stdout(JSON.stringify(body, null, 4) + "\n");
+    io.stdout(qemuJsonEmptyLists(JSON.stringify(body, null, 4)) + "\n");
   } else {
     io.stdout(infos.map((i) => i.text).join("\n"));
   }

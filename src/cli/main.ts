@@ -177,6 +177,22 @@ const verbs: Record<string, Verb> = {
     usage: "vstor rebase [-u] -b BACKING [-F BACKING_FMT] [-p] [-q] FILE",
     run: async (args, io) => (await import("./chain_verbs.ts")).rebaseMain(args, io),
   },
+  bitmap: {
+    qemuImg:
+      "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object objectdef] [--image-opts | -f fmt] filename bitmap",
+    summary: "add, remove, clear, enable, disable or merge persistent dirty bitmaps (qcow2)",
+    usage: "vstor bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... " +
+      "[-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f FMT] FILE BITMAP",
+    run: async (args, io) => (await import("./bitmap.ts")).bitmapMain(args, io),
+  },
+  dd: {
+    qemuImg:
+      "dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output",
+    summary: "copy an image into a new one block by block, as dd(1) (qemu-img dd)",
+    usage:
+      "vstor dd [-f FMT] [-O OUTPUT_FMT] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT",
+    run: async (args, io) => (await import("./dd.ts")).ddMain(args, io),
+  },
   snapshot: {
     qemuImg:
       "snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename",
@@ -285,7 +301,7 @@ export const QEMU_VERSION = "7.2.0";
 const QEMU_IMG_TRY_HELP = "Try 'qemu-img --help' for more information\n";
 
 /** qemu-img's verbs vstor does not have yet: they fail with a clear message, exit 1. */
-const QEMU_IMG_UNSUPPORTED = ["bitmap", "dd"];
+const QEMU_IMG_UNSUPPORTED: string[] = [];
 
 /** `qemu-img --version`: qemu-img's shape (`qemu-img version X.Y.Z (…)`), saying it is vstor. */
 export function qemuImgVersion(program: "qemu-img" | "qemu-io"): string {
@@ -308,8 +324,10 @@ async function qemuImgHelp(): Promise<string> {
     "    '-T', '--trace'      [[enable=]<pattern>][,events=<file>][,file=<file>]\n" +
     "                         specify tracing options (accepted and ignored by vstor)\n\n" +
     "Command syntax:\n" + syntax.map((l) => `  ${l}\n`).join("") + "\n" + QEMU_IMG_PARAMETERS +
-    `\nSupported formats: ${[...formatNames()].sort().join(" ")}\n\n` +
-    `Not supported yet: ${QEMU_IMG_UNSUPPORTED.join(" ")}\n`;
+    `\nSupported formats: ${[...formatNames()].sort().join(" ")}\n` +
+    (QEMU_IMG_UNSUPPORTED.length === 0
+      ? ""
+      : `\nNot supported yet: ${QEMU_IMG_UNSUPPORTED.join(" ")}\n`);
 }
 
 const QEMU_IMG_ORDER = [

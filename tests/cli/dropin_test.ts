@@ -33,8 +33,12 @@ Deno.test("vstor qemu-img usage mistakes say qemu-img: and exit 1, as qemu-img d
     ],
     [["snapshot", "-l", "-c", "s", "a"], `qemu-img: Cannot mix '-l', '-a', '-c', '-d'\n${TRY}`],
     [["rebase", "a"], `qemu-img: Must specify backing file (-b) or use unsafe mode (-u)\n${TRY}`],
-    [["dd", "if=a", "of=b"], "qemu-img: Command not supported yet: dd\n"],
-    [["bitmap", "--add", "a", "b"], "qemu-img: Command not supported yet: bitmap\n"],
+    [["dd", "if=a"], "qemu-img: Must specify both input and output files\n"],
+    [["dd", "osize=1", "if=a", "of=b"], "qemu-img: unrecognized operand osize\n"],
+    [
+      ["bitmap", "a", "b"],
+      "qemu-img: Need at least one of --add, --remove, --clear, --enable, --disable, or --merge\n",
+    ],
   ];
   for (const [args, stderr] of cases) {
     const r = await run("qemu-img", ...args);

@@ -1,0 +1,288 @@
+/**
+ * `vstor bitmap (--add [-g GRANULARITY] | --remove | --clear | --enable | --disable | --merge SOURCE
+ * [-b SRC_FILE [-F SRC_FMT]])... [-f FMT] FILE BITMAP`, as qemu-img 7.2's bitmap command: the
+ * actions run in the order given, on the image opened read-write without its backing chain; the
+ * first failure stops with `Operation OP on bitmap NAME failed: …`.
+ *
+ * @module
+ */
+import type { BlockNode } from "../block/node.ts";
+import { BlockError } from "../errors.ts";
+import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
+import {
+  BME_FLAG_AUTO,
+  BME_FLAG_IN_USE,
+  type DirtyBitmap,
+  inconsistentError,
+  parseBitmapsExtension,
+  readBitmapDirectory,
+} from "../../formats/qcow2/bitmap.ts";
+import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./main.ts";
+import { openVerbImage } from "./args.ts";
+import { probedRawWarning } from "./messages.ts";
+import { parseSize } from "./size.ts";
+
+export const BITMAP_USAGE =
+  "vstor bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... " +
+  "[-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f FMT] FILE BITMAP";
+
+type Action = { op: "add" | "remove" | "clear" | "enable" | "disable" } | {
+  op: "merge";
+  source: string;
+};
+
+interface BitmapArgs {
+  actions: Action[];
+  granularity: bigint;
+  format?: string;
+  sourceFile?: string;
+  sourceFormat?: string;
+  positionals: string[];
+  help: boolean;
+}
+
+const FLAGS = ["add", "remove", "clear", "enable", "disable"] as const;
+/** Long options (getopt_long accepts unambiguous prefixes) and whether they take an argument. */
+const LONG: Record<string, boolean> = {
+  help: false,
+  object: true,
+  "image-opts": false,
+  add: false,
+  remove: false,
+  clear: false,
+  enable: false,
+  disable: false,
+  merge: true,
+  granularity: true,
+  "source-file": true,
+  "source-format": true,
+};
+
+function granularityArg(text: string): bigint {
+  const r = parseSize(text);
+  if (!r.ok && r.reason === "invalid") {
+    throw new UsageError(`Invalid granularity '${text}'`, {
+      tryHelp: false,
+      qemu: "Invalid granularity specified. You may use k, M, G, T, P or E suffixes for\n" +
+        "qemu-img: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.",
+    });
+  }
+  if (!r.ok || r.value > 0x7fffffffffffffffn) {
+    throw new UsageError(
+      "Invalid granularity specified. Must be between 0 and 9223372036854775807.",
+      {
+        tryHelp: false,
+      },
+    );
+  }
+  return r.value;
+}
+
+/** getopt_long(":b:f:F:g:h") with qemu-img bitmap's long options, keeping the actions' order. */
+function parseBitmapArgs(args: string[]): BitmapArgs {
+  const out: BitmapArgs = { actions: [], granularity: 0n, positionals: [], help: false };
+  const take = (opt: string, inline: string | undefined, i: number): [string, number] => {
+    if (inline !== undefined) return [inline, i];
+    if (i + 1 >= args.length) throw new UsageError(`missing argument for option '${opt}'`);
+    return [args[i + 1]!, i + 1];
+  };
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    if (arg === "--") {
+      out.positionals.push(...args.slice(i + 1));
+      break;
+    }
+    if (arg.startsWith("--")) {
+      const eq = arg.indexOf("=");
+      const typed = eq < 0 ? arg.slice(2) : arg.slice(2, eq);
+      const matches = Object.keys(LONG).filter((k) => k.startsWith(typed));
+      const name = matches.includes(typed) ? typed : matches.length === 1 ? matches[0] : undefined;
+      if (name === undefined) throw new UsageError(`unrecognized option '${arg}'`);
+      let value: string | undefined;
+      if (LONG[name]) [value, i] = take(arg, eq < 0 ? undefined : arg.slice(eq + 1), i);
+      else if (eq >= 0) throw new UsageError(`unrecognized option '${arg}'`);
+      if (name === "help") out.help = true;
+      else if (name === "merge") out.actions.push({ op: "merge", source: value! });
+      else if (name === "granularity") out.granularity = granularityArg(value!);
+      else if (name === "source-file") out.sourceFile = value!;
+      else if (name === "source-format") out.sourceFormat = value!;
+      else if (name === "object") {
+        throw new UsageError("--object is not supported by vstor", { tryHelp: false });
+      } else if (name === "image-opts") {
+        throw new UsageError("--image-opts is not supported by vstor", { tryHelp: false });
+      } else out.actions.push({ op: name as (typeof FLAGS)[number] });
+      continue;
+    }
+    if (arg.startsWith("-") && arg !== "-") {
+      for (let k = 1; k < arg.length; k++) {
+        const c = arg[k]!;
+        if (c === "h") {
+          out.help = true;
+          continue;
+        }
+        if (!"bfFg".includes(c)) throw new UsageError(`unrecognized option '${arg}'`);
+        const rest = arg.slice(k + 1);
+        let value: string;
+        [value, i] = take(`-${c}`, rest === "" ? undefined : rest, i);
+        if (c === "b") out.sourceFile = value;
+        else if (c === "f") out.format = value;
+        else if (c === "F") out.sourceFormat = value;
+        else out.granularity = granularityArg(value);
+        break;
+      }
+      continue;
+    }
+    out.positionals.push(arg);
+  }
+  return out;
+}
+
+/** A message from the bitmap layer as qemu-img words it after "Operation OP on bitmap B failed: ". */
+function lookup(node: BlockNode, name: string): DirtyBitmap {
+  const bm = node instanceof Qcow2Node ? node.bitmaps?.find(name) : undefined;
+  if (bm === undefined) throw new BlockError("not-found", `Dirty bitmap '${name}' not found`);
+  return bm;
+}
+
+async function runAction(
+  node: BlockNode,
+  source: BlockNode,
+  action: Action,
+  name: string,
+  granularity: bigint,
+): Promise<void> {
+  if (action.op === "add") {
+    if (name === "") throw new BlockError("invalid-argument", "Bitmap name cannot be empty");
+    // qemu-img passes the int64 granularity as QMP's uint32; zero means the default.
+    const g32 = Number(granularity & 0xffffffffn);
+    if (granularity !== 0n && (g32 < 512 || (g32 & (g32 - 1)) !== 0)) {
+      throw new BlockError("invalid-argument", "Granularity must be power of 2 and at least 512");
+    }
+    if (!(node instanceof Qcow2Node) || node.bitmaps === undefined) {
+      throw new BlockError(
+        "unsupported",
+        `Can't store persistent bitmaps to ${node.filename ?? "#block"}: Operation not supported`,
+      );
+    }
+    const cs = node.clusterSize;
+    const g = granularity !== 0n ? g32 : Math.min(65536, Math.max(4096, cs));
+    node.bitmaps.add(name, g, false);
+    return;
+  }
+  const bm = lookup(node, name);
+  const bitmaps = (node as Qcow2Node).bitmaps!;
+  switch (action.op) {
+    case "remove":
+      bitmaps.remove(name);
+      return;
+    case "clear":
+      if (bm.inconsistent) throw inconsistentError(name);
+      bm.clear();
+      return;
+    case "enable":
+    case "disable":
+      if (bm.inconsistent) throw inconsistentError(name);
+      bm.enabled = action.op === "enable";
+      bitmaps.changed();
+      return;
+    case "merge": {
+      const src = lookup(source, action.source);
+      if (bm.inconsistent) throw inconsistentError(name);
+      if (src.inconsistent) throw inconsistentError(src.name);
+      if (src.size !== bm.size) {
+        throw new BlockError(
+          "invalid-argument",
+          `Bitmaps are of different sizes (destination size is ${bm.size}, source size is ${src.size}) and can't be merged`,
+        );
+      }
+      bm.merge(src);
+      return;
+    }
+  }
+  await Promise.resolve();
+}
+
+/** The bitmap verb; returns the exit code. */
+export async function bitmapMain(args: string[], io: CliIo): Promise<number> {
+  const a = parseBitmapArgs(args);
+  if (a.help) {
+    io.stdout(`usage: ${BITMAP_USAGE}\n`);
+    return EXIT_OK;
+  }
+  const early = (message: string) => new UsageError(message, { tryHelp: false });
+  if (a.actions.length === 0) {
+    throw early("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
+  }
+  if (a.granularity !== 0n && !a.actions.some((x) => x.op === "add")) {
+    throw early("granularity only supported with --add");
+  }
+  if (a.sourceFormat !== undefined && a.sourceFile === undefined) {
+    throw early("-F only supported with -b");
+  }
+  if (a.sourceFile !== undefined && !a.actions.some((x) => x.op === "merge")) {
+    throw early("Merge bitmap source file only supported with --merge");
+  }
+  if (a.positionals.length !== 2) throw early("Expecting filename and bitmap name");
+  const [file, name] = a.positionals as [string, string];
+  const node = await openVerbImage(io, file, {
+    ...(a.format === undefined ? {} : { format: a.format }),
+    noBacking: true,
+  });
+  let source: BlockNode | undefined;
+  try {
+    if (a.format === undefined && node.format === "raw" && programName(io) !== "vstor") {
+      io.stderr(probedRawWarning(file));
+    }
+    if (a.sourceFile !== undefined) {
+      source = await openVerbImage(io, a.sourceFile, {
+        ...(a.sourceFormat === undefined ? {} : { format: a.sourceFormat }),
+        readOnly: true,
+        noBacking: true,
+      });
+    }
+    for (const action of a.actions) {
+      try {
+        await runAction(node, source ?? node, action, name, a.granularity);
+      } catch (e) {
+        if (!(e instanceof BlockError)) throw e;
+        errorLine(io, `Operation ${action.op} on bitmap ${name} failed: ${e.message}`);
+        return EXIT_ERROR;
+      }
+    }
+  } finally {
+    await source?.close();
+    await node.close();
+  }
+  return EXIT_OK;
+}
+
+/** qemu-img info's `bitmaps` list for a qcow2 image: the directory as it is on disk. */
+export function bitmapInfo(node: Qcow2Node): Array<Record<string, unknown>> | undefined {
+  const { ext } = parseBitmapsExtension(node.header, node.filename);
+  if (ext === undefined) return undefined;
+  const entries = readBitmapDirectory(node.file, ext, node.clusterSize, node.size, node.filename);
+  return entries.map((e) => ({
+    flags: [
+      ...((e.flags & BME_FLAG_IN_USE) ? ["in-use"] : []),
+      ...((e.flags & BME_FLAG_AUTO) ? ["auto"] : []),
+    ],
+    name: e.name,
+    granularity: 2 ** e.granularityBits,
+  }));
+}
+
+/** qemu-img info's human lines for the bitmaps list (under "Format specific information:"). */
+export function bitmapInfoHuman(list: Array<Record<string, unknown>>): string[] {
+  const lines = ["    bitmaps:"];
+  list.forEach((b, i) => {
+    lines.push(`        [${i}]:`, "            flags:");
+    (b["flags"] as string[]).forEach((f, k) => lines.push(`                [${k}]: ${f}`));
+    lines.push(`            name: ${b["name"]}`, `            granularity: ${b["granularity"]}`);
+  });
+  return lines;
+}
+
+/** qemu-img's JSON prints an empty list as `[`, newline, `]` at the key's indentation. */
+export function qemuJsonEmptyLists(json: string): string {
+  return json.replace(/^( *)(.*)\[\]/gm, "$1$2[\n$1]");
+}
