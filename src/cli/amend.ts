@@ -265,7 +265,7 @@ export async function amendMain(args: string[], io: CliIo): Promise<number> {
     io.stdout(amendHelp(format));
     return EXIT_OK;
   }
-  const file = oneFile(positionals);
+  const file = oneFile(positionals, io);
   const first = await openVerbImage(io, file, format === undefined ? {} : { format });
   let handed = false;
   try {

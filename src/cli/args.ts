@@ -35,9 +35,22 @@ function getoptMessage(e: Error & { code?: string }, args: string[]): string {
   return e.message.split(". ")[0]!.replace(/\.$/, "");
 }
 
-/** The single image file operand a verb takes. */
-export function oneFile(positionals: string[]): string {
-  const [file, ...extra] = positionals;
+/**
+ * An image name as qemu's file protocol reads it, in drop-in mode: `file:NAME` names the host file
+ * NAME, shown with a leading `./` where its first colon would otherwise read as a protocol prefix
+ * (`file:image:top.qcow2` is `./image:top.qcow2`). Plain vstor takes names as they are.
+ */
+export function hostPath(io: CliIo | undefined, name: string): string {
+  if (io === undefined || programName(io) === "vstor" || !name.startsWith("file:")) return name;
+  const rest = name.slice("file:".length);
+  const colon = rest.indexOf(":"), slash = rest.indexOf("/");
+  return colon >= 0 && (slash < 0 || colon < slash) ? `./${rest}` : rest;
+}
+
+/** The single image file operand a verb takes (as {@linkcode hostPath} reads it, given `io`). */
+export function oneFile(positionals: string[], io?: CliIo): string {
+  const [name, ...extra] = positionals;
+  const file = name === undefined ? undefined : hostPath(io, name);
   if (file === undefined) throw new UsageError("Expecting one image file name");
   if (extra.length > 0) {
     throw new UsageError(`Unexpected argument '${extra[0]}'`, {

@@ -30,7 +30,7 @@ export async function commitMain(args: string[], io: CliIo): Promise<number> {
     );
     return EXIT_OK;
   }
-  const file = oneFile(positionals);
+  const file = oneFile(positionals, io);
   const bar = progressBar(values.progress && !values.quiet, io, 1);
   await commitImage(file, {
     ...(values.base === undefined ? {} : { base: values.base }),
@@ -63,7 +63,7 @@ export async function rebaseMain(args: string[], io: CliIo): Promise<number> {
     );
     return EXIT_OK;
   }
-  const file = oneFile(positionals);
+  const file = oneFile(positionals, io);
   if (values.backing === undefined && !values.unsafe) {
     throw new UsageError("Must specify backing file (-b) or use unsafe mode (-u)");
   }

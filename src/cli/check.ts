@@ -85,6 +85,15 @@ export function checkHuman(r: CheckReport): string {
   return text;
 }
 
+/** What the check printed while it ran; error_report lines after the program name. */
+function printMessages(io: CliIo, report: CheckReport): void {
+  const reported = new Set(report.reported);
+  report.messages.forEach((line, i) => {
+    if (reported.has(i)) errorLine(io, line);
+    else io.stderr(line + "\n");
+  });
+}
+
 /** The check verb; returns qemu-img check's exit code. */
 export async function checkMain(args: string[], io: CliIo): Promise<number> {
   const { values, positionals } = parseVerbArgs(args, {
@@ -113,12 +122,13 @@ export async function checkMain(args: string[], io: CliIo): Promise<number> {
       `Unknown option value for -r (expecting 'leaks' or 'all'): ${values.repair}`,
     );
   }
-  const file = oneFile(positionals);
+  const file = oneFile(positionals, io);
   const repair = values.repair;
   const node = await openVerbImage(io, file, {
     ...(values.format === undefined ? {} : { format: values.format }),
     readOnly: repair === undefined,
     forceShare: values["force-share"],
+    check: true,
   });
   if (repair !== undefined && values.format === undefined && node.format === "raw") {
     io.stderr(probedRawWarning(file));
@@ -130,7 +140,7 @@ export async function checkMain(args: string[], io: CliIo): Promise<number> {
     }
     const fix = { leaks: repair !== undefined, errors: repair === "all" };
     let report = checkImage(node, fix);
-    for (const line of report.messages) io.stderr(line + "\n");
+    printMessages(io, report);
     if (report.failed !== undefined) {
       errorLine(io, `Check failed: ${report.failed}`);
       return CHECK_ERRORS;
@@ -146,7 +156,11 @@ export async function checkMain(args: string[], io: CliIo): Promise<number> {
       }
       const { leaksFixed, corruptionsFixed } = report;
       report = checkImage(node);
-      for (const line of report.messages) io.stderr(line + "\n");
+      printMessages(io, report);
+      if (report.failed !== undefined) {
+        errorLine(io, `Check failed: ${report.failed}`);
+        return CHECK_ERRORS;
+      }
       report.leaksFixed = leaksFixed;
       report.corruptionsFixed = corruptionsFixed;
     }

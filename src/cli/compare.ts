@@ -8,7 +8,7 @@ import type { BlockNode } from "../block/node.ts";
 import { entryAt, type MapEntry } from "../../formats/map.ts";
 import { type CliIo, errorLine, reportError, UsageError } from "./main.ts";
 import { progressBar } from "./progress.ts";
-import { openVerbImage, parseVerbArgs } from "./args.ts";
+import { hostPath, openVerbImage, parseVerbArgs } from "./args.ts";
 
 export const COMPARE_USAGE = "vstor compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2";
 
@@ -132,7 +132,7 @@ export async function compareMain(args: string[], io: CliIo): Promise<number> {
     return SAME;
   }
   if (positionals.length !== 2) throw new UsageError("Expecting two image file names");
-  const [file1, file2] = positionals as [string, string];
+  const [file1, file2] = positionals.map((name) => hostPath(io, name)) as [string, string];
   const share = values["force-share"];
   const nodes: BlockNode[] = [];
   try {

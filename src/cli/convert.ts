@@ -10,7 +10,7 @@ import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { createOptionsHelp, parseCreateOptions } from "./create.ts";
 import { progressBar } from "./progress.ts";
 import { parseSize } from "./size.ts";
-import { parseVerbArgs } from "./args.ts";
+import { hostPath, parseVerbArgs } from "./args.ts";
 
 export const CONVERT_USAGE =
   "vstor convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-B BACKING [-F BACKING_FMT]] " +
@@ -67,8 +67,9 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
   if (positionals.length < 2) {
     throw new UsageError("Expecting at least one source and a target file name");
   }
-  const target = positionals[positionals.length - 1]!;
-  const sources = positionals.slice(0, -1);
+  const names = positionals.map((name) => hostPath(io, name));
+  const target = names[names.length - 1]!;
+  const sources = names.slice(0, -1);
   const format = values["output-format"];
   if (!formatNames().includes(format)) {
     throw new UsageError(`Unknown file format '${format}'`, { tryHelp: false });

@@ -13,7 +13,7 @@ import {
 } from "../../formats/open.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./main.ts";
 import { parseSize } from "./size.ts";
-import { parseVerbArgs } from "./args.ts";
+import { hostPath, parseVerbArgs } from "./args.ts";
 
 const PREALLOCATION = ["off", "metadata", "falloc", "full"] as const;
 
@@ -293,8 +293,11 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
     io.stdout(createOptionsHelp(format, positionals[0] !== undefined));
     return EXIT_OK;
   }
-  const [file, sizeText, ...extra] = positionals;
-  if (file === undefined) throw new UsageError("Expecting image file name");
+  const [name, sizeText, ...extra] = positionals;
+  if (name === undefined) throw new UsageError("Expecting image file name");
+  // "Formatting" names the image as given; the file created is the one qemu's protocol names.
+  const file = name;
+  const path = hostPath(io, name);
   if (extra.length > 0) {
     throw new UsageError(`Unexpected argument '${extra[0]}'`, {
       qemu: `Unexpected argument: ${extra[0]}`,
@@ -326,7 +329,7 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
     }
     if (!values.unsafe) {
       // As qemu-img: the base must open (relative to the new image), and gives the size by default.
-      const basePath = resolveBacking(file, opts.backingFile);
+      const basePath = resolveBacking(path, opts.backingFile);
       let base;
       try {
         base = await openImage(basePath, {
@@ -373,7 +376,7 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
   // qcow2 sizes are whole sectors (qemu-img rounds up, and prints the size as given).
   const imageSize = format === "qcow2" ? Math.ceil(size / 512) * 512 : size;
   try {
-    await createImage(file, format, imageSize, opts);
+    await createImage(path, format, imageSize, opts);
   } catch (e) {
     if (!dropIn || !(e instanceof Error)) throw e;
     // As qemu's bdrv_img_create: EFBIG becomes its own message; every failure names the file.

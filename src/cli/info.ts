@@ -96,7 +96,8 @@ export function infoHuman(info: Record<string, unknown>, node: BlockNode): strin
     }
   }
   if (node instanceof Qcow2Node && node.snapshots.entries.length > 0) {
-    lines.push("Snapshot list:", snapshotTable(node.snapshots.entries).trimEnd());
+    // Only the final newline: a last snapshot without icount keeps its blank column.
+    lines.push("Snapshot list:", snapshotTable(node.snapshots.entries).replace(/\n$/, ""));
   }
   if (info["dirty-flag"] === true) lines.push("cleanly shut down: no");
   const specific = info["format-specific"] as { data: Record<string, unknown> } | undefined;
@@ -129,7 +130,7 @@ export async function infoMain(args: string[], io: CliIo): Promise<number> {
   if (values.output !== "human" && values.output !== "json") {
     throw new UsageError(`--output must be human or json, not '${values.output}'`);
   }
-  const file = oneFile(positionals);
+  const file = oneFile(positionals, io);
 
   const infos: Array<{ info: Record<string, unknown>; text: string }> = [];
   let path: string | undefined = file;

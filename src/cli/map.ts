@@ -76,7 +76,7 @@ export async function mapMain(args: string[], io: CliIo): Promise<number> {
   }
   const start = size(values["start-offset"], "start offset") ?? 0;
   const maxLength = size(values["max-length"], "max length");
-  const file = oneFile(positionals);
+  const file = oneFile(positionals, io);
   const node = await openVerbImage(io, file, {
     ...(values.format === undefined ? {} : { format: values.format }),
     readOnly: true,

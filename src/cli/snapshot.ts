@@ -67,7 +67,7 @@ export async function snapshotMain(args: string[], io: CliIo): Promise<number> {
     v !== undefined && v !== false
   );
   if (actions.length > 1) throw new UsageError("Cannot mix '-l', '-a', '-c', '-d'");
-  const file = oneFile(positionals);
+  const file = oneFile(positionals, io);
   const listing = actions.length === 0 || values.list;
   if (values["force-share"] && !listing) {
     throw new UsageError("--force-share/-U can only be used with -l");
