@@ -32,6 +32,8 @@ export interface OpenOptions {
   cache?: "writeback" | "unsafe";
   /** Open this image alone, without its backing chain (qemu-img info, rebase -u). */
   noBacking?: boolean;
+  /** qcow2 only: open for qemu-img check (QEMU's BDRV_O_CHECK; the check reads the snapshot table). */
+  check?: boolean;
 }
 
 /** What the opener hands a driver. */

@@ -6,7 +6,7 @@
  */
 import { BlockError } from "../../src/errors.ts";
 import type { HostFile } from "../../src/host/host_file.ts";
-import { MAX_L1_BYTES, MAX_SNAPSHOTS } from "./header.ts";
+import { MAX_SNAPSHOTS } from "./header.ts";
 
 /** Snapshot table at most 64 MiB (QEMU's QCOW_MAX_SNAPSHOTS_SIZE). */
 export const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
@@ -31,88 +31,134 @@ export interface SnapshotEntry {
 /** The table's entries and its on-disk size. */
 export interface SnapshotTable {
   entries: SnapshotEntry[];
+  /**
+   * Bytes from the table's offset to the end of its last entry, as QEMU counts them
+   * (`snapshots_size`): the last entry unpadded, oversized extra data counted as stored.
+   */
   bytes: number;
 }
 
+/** How {@linkcode readSnapshotTable} reads; the default is QEMU's qcow2_read_snapshots. */
+export interface SnapshotReadOptions {
+  /**
+   * QEMU's repair mode (qemu-img check -r all): extra data past 1024 bytes is dropped and
+   * snapshots past the 64 MiB limit are cut off instead of failing; each is announced through
+   * `say` as qemu-img does.
+   */
+  repair?: boolean;
+  /** Lines qemu-img prints while repairing ("Discarding …"). */
+  say?: (line: string) => void;
+}
+
+/** What a repairing read dropped. */
+export interface SnapshotTableRead extends SnapshotTable {
+  /** Snapshots cut off the end because the table was too big (QEMU's nb_clusters_reduced). */
+  reduced: number;
+  /** Entries whose extra data was cut to 1024 bytes (QEMU's extra_data_dropped). */
+  extraDropped: number;
+}
+
+const EFBIG = 27;
+
+/** A string as QEMU holds it: C strings end at the first NUL byte. */
+function cString(dec: TextDecoder, bytes: Uint8Array): string {
+  const nul = bytes.indexOf(0);
+  return dec.decode(nul < 0 ? bytes : bytes.subarray(0, nul));
+}
+
 /**
- * Read `count` snapshot entries at `offset`, checking every length and offset against the file.
+ * Read `count` snapshot entries at `offset` as QEMU's qcow2_do_read_snapshots does, with its
+ * messages and hints (a hint is the second line of the message).
  *
- * @throws {BlockError} `invalid-format` naming what is out of bounds
+ * Past the end of the file the table reads as zeroes, as QEMU reads it; every length is bounded
+ * (an entry by 16-bit name lengths and 1024 bytes of extra data, the table by 64 MiB).
+ *
+ * @throws {BlockError} `invalid-format` with `errno` EFBIG for too much extra data or a table
+ *   past 64 MiB (without `repair`)
  */
 export function readSnapshotTable(
   file: HostFile,
   offset: number,
   count: number,
-  clusterSize: number,
   path: string,
-): SnapshotTable {
-  if (count === 0) return { entries: [], bytes: 0 };
-  if (count > MAX_SNAPSHOTS) throw new BlockError("invalid-format", "Too many snapshots", { path });
-  const fileSize = file.size();
-  const entries: SnapshotEntry[] = [];
+  opts: SnapshotReadOptions = {},
+): SnapshotTableRead {
+  const result: SnapshotTableRead = { entries: [], bytes: 0, reduced: 0, extraDropped: 0 };
+  if (count === 0) return result;
+  if (count > MAX_SNAPSHOTS) {
+    throw new BlockError("invalid-format", "Snapshot table too large", { path, errno: EFBIG });
+  }
+  const repair = opts.repair ?? false;
+  const entries = result.entries;
   let at = offset;
+  // QEMU's table_length: what the entries take with oversized extra data cut to 1024 bytes.
+  let tableLength = 0;
   const fixed = new Uint8Array(40);
   const view = new DataView(fixed.buffer);
   const dec = new TextDecoder();
   for (let i = 0; i < count; i++) {
-    if (at + 40 > fileSize || at - offset + 40 > MAX_SNAPSHOT_TABLE_BYTES) {
-      throw new BlockError(
-        "invalid-format",
-        "Snapshot table is past the end of the file or too large",
-        { path },
-      );
-    }
+    const entryStart = at;
+    tableLength = Math.ceil(tableLength / 8) * 8;
+    at = Math.ceil(at / 8) * 8;
     file.readAt(at, fixed);
-    const l1TableOffset = Number(view.getBigUint64(0));
-    const l1Size = view.getUint32(8);
+    at += 40;
     const idLen = view.getUint16(12), nameLen = view.getUint16(14);
-    const extraSize = view.getUint32(36);
+    let extraSize = view.getUint32(36);
+    const storedExtra = extraSize;
     if (extraSize > MAX_EXTRA_DATA) {
-      throw new BlockError(
-        "invalid-format",
-        `Snapshot ${i + 1} has too much extra data (${extraSize} bytes)`,
-        { path },
+      if (!repair) {
+        throw new BlockError(
+          "invalid-format",
+          `Too much extra metadata in snapshot table entry ${i}\n` +
+            "You can force-remove this extra metadata with qemu-img check -r all",
+          { path, errno: EFBIG },
+        );
+      }
+      opts.say?.(
+        `Discarding too much extra metadata in snapshot table entry ${i} (${extraSize} > ${MAX_EXTRA_DATA})`,
       );
+      result.extraDropped++;
+      extraSize = MAX_EXTRA_DATA;
     }
-    const varLen = extraSize + idLen + nameLen;
-    if (at + 40 + varLen > fileSize) {
-      throw new BlockError("invalid-format", "Snapshot table is past the end of the file", {
-        path,
-      });
-    }
-    const rest = new Uint8Array(varLen);
-    file.readAt(at + 40, rest);
-    if (l1Size * 8 > MAX_L1_BYTES) {
-      throw new BlockError("invalid-format", `Snapshot L1 table too large`, { path });
-    }
-    if (
-      l1TableOffset % clusterSize !== 0 || (l1Size > 0 && l1TableOffset + l1Size * 8 > fileSize)
-    ) {
-      throw new BlockError("invalid-format", `Snapshot L1 table offset invalid`, { path });
-    }
-    const extra = rest.slice(0, extraSize);
-    const ev = new DataView(extra.buffer);
+    const extra = new Uint8Array(extraSize);
+    file.readAt(at, extra);
+    at += storedExtra;
+    const names = new Uint8Array(idLen + nameLen);
+    file.readAt(at, names);
+    at += idLen + nameLen;
     const entry: SnapshotEntry = {
-      l1TableOffset,
-      l1Size,
-      id: dec.decode(rest.subarray(extraSize, extraSize + idLen)),
-      name: dec.decode(rest.subarray(extraSize + idLen)),
+      l1TableOffset: Number(view.getBigUint64(0)),
+      l1Size: view.getUint32(8),
+      id: cString(dec, names.subarray(0, idLen)),
+      name: cString(dec, names.subarray(idLen)),
       dateSec: view.getUint32(16),
       dateNsec: view.getUint32(20),
       vmClockNsec: view.getBigUint64(24),
       vmStateSize: view.getUint32(32),
       extra,
     };
-    if (extraSize >= 16) entry.diskSize = Number(ev.getBigUint64(8));
+    if (extraSize >= 16) entry.diskSize = Number(new DataView(extra.buffer).getBigUint64(8));
+    tableLength += 40 + extraSize + idLen + nameLen;
+    if (tableLength > MAX_SNAPSHOT_TABLE_BYTES || at - offset > 0x7fffffff) {
+      const over = count - i;
+      if (!repair) {
+        throw new BlockError(
+          "invalid-format",
+          "Snapshot table is too big\n" +
+            `You can force-remove all ${over} overhanging snapshots with qemu-img check -r all`,
+          { path, errno: EFBIG },
+        );
+      }
+      opts.say?.(`Discarding ${over} overhanging snapshots (snapshot table is too big)`);
+      result.reduced += over;
+      // The rest of the table leaks; check -r all frees it.
+      at = entryStart;
+      break;
+    }
     entries.push(entry);
-    at += 40 + varLen;
-    at = Math.ceil(at / 8) * 8;
   }
-  const bytes = at - offset;
-  if (bytes > MAX_SNAPSHOT_TABLE_BYTES) {
-    throw new BlockError("invalid-format", "Snapshot table too large", { path });
-  }
-  return { entries, bytes };
+  result.bytes = at - offset;
+  return result;
 }
 
 /** Serialize snapshot entries as QEMU lays them out (each entry padded to 8 bytes). */
