@@ -69,10 +69,12 @@ export class RawNode implements BlockNode {
         { path: file.path },
       );
     }
-    let size = fileSize - offset;
+    // Without a window the size is whole sectors, as QEMU's bdrv_getlength reports it: the
+    // tail of a file that ends mid-sector reads as zeroes and writing there extends the file.
+    let size = Math.ceil((fileSize - offset) / 512) * 512;
     if (opts.size !== undefined) {
       checkSize(opts.size, "raw size");
-      if (opts.size > size) {
+      if (opts.size > fileSize - offset) {
         throw new BlockError(
           "invalid-argument",
           `The raw window [${offset}, ${
@@ -199,7 +201,7 @@ export class RawNode implements BlockNode {
       }
     }
     this.#file.truncate(size);
-    this.#size = size;
+    this.#size = Math.ceil(size / 512) * 512; // whole sectors, as at open
   }
 
   allocatedSize(): number {

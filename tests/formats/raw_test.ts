@@ -64,6 +64,20 @@ Deno.test("RawNode refuses a window past the end of the file", async () => {
   );
 });
 
+Deno.test("a raw image whose file ends mid-sector is whole sectors long, the tail reading zeroes (as QEMU)", async () => {
+  const file = new MemoryFile("mem", new Uint8Array(1000).fill(7));
+  const node = await RawNode.open(file);
+  assert.equal(node.size, 1024);
+  const tail = new Uint8Array(34);
+  await node.read(990, tail);
+  assert.deepEqual([...tail], [...new Array(10).fill(7), ...new Array(24).fill(0)]);
+  await node.write(1000, new Uint8Array(24).fill(1));
+  assert.equal(file.size(), 1024);
+  await node.truncate(1500);
+  assert.equal(node.size, 1536);
+  await node.close();
+});
+
 Deno.test("a probed raw image refuses a qcow2 signature in its first sector", async () => {
   const path = join(dir, "probed.img");
   await createImage(path, "raw", 1 << 16);
