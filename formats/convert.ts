@@ -48,6 +48,11 @@ export interface ConvertOptions {
   /** Workers for compression (default: one per core). */
   workers?: number;
   onProgress?: (done: number, total: number) => void;
+  /**
+   * Runs on the open target once the data is copied (convert --bitmaps adds the bitmaps there,
+   * so the target stores them when it closes); what it throws fails the convert, the target stays.
+   */
+  afterCopy?: (target: BlockNode) => Promise<void>;
 }
 
 const CHUNK = 2 << 20;
@@ -451,6 +456,7 @@ export async function convertImages(
     if (compressing) await (out as Qcow2Node).alignFileEnd(SECTOR);
     await out.flush();
     ok = true;
+    await opts.afterCopy?.(out);
   } finally {
     pool?.close();
     await out?.close().catch((e) => {

@@ -460,6 +460,12 @@ export class Qcow2Bitmaps {
   /** The enabled, consistent bitmaps: what a write marks. */
   #tracking: DirtyBitmap[] = [];
   readonly #writable: boolean;
+  /**
+   * Where the directory is, as QEMU keeps it in memory (nb_bitmaps, bitmap_directory_offset/size)
+   * from open on: an amend to v2 clears the autoclear bit but the bitmaps are still stored (and
+   * the old directory freed) on close.
+   */
+  #ext: BitmapsExtension | undefined;
 
   private constructor(host: BitmapHost, writable: boolean) {
     this.#host = host;
@@ -485,6 +491,7 @@ export class Qcow2Bitmaps {
       return set;
     }
     if (ext === undefined) return set;
+    set.#ext = ext;
     const cs = host.clusterSize;
     const entries = readBitmapDirectory(host.file, ext, cs, host.size, host.filename);
     const loaded: DirtyBitmap[] = [];
@@ -634,7 +641,7 @@ export class Qcow2Bitmaps {
     this.#list = this.#list.filter((b) => b !== bm);
     this.#retrack();
     const host = this.#host;
-    const { ext } = parseBitmapsExtension(host.header, host.filename);
+    const ext = this.#ext;
     if (ext === undefined) return;
     const entries = readBitmapDirectory(host.file, ext, host.clusterSize, host.size, host.filename);
     const gone = entries.find((e) => e.name === name);
@@ -667,7 +674,7 @@ export class Qcow2Bitmaps {
     if (!this.#writable) return;
     const host = this.#host;
     const cs = host.clusterSize;
-    const { ext } = parseBitmapsExtension(host.header, host.filename);
+    const ext = this.#ext;
     const entries = ext === undefined
       ? []
       : readBitmapDirectory(host.file, ext, cs, host.size, host.filename);
@@ -738,6 +745,7 @@ export class Qcow2Bitmaps {
       h.autoclearFeatures &= ~BigInt(AUTOCLEAR_BITMAPS);
     }
     setBitmapsExtension(h, ext);
+    this.#ext = ext;
     host.writeHeader();
     if (old !== undefined && old.directorySize > 0) {
       host.refcounts.change(old.directoryOffset / cs, Math.ceil(old.directorySize / cs), -1);

@@ -286,3 +286,143 @@ export function bitmapInfoHuman(list: Array<Record<string, unknown>>): string[] 
 export function qemuJsonEmptyLists(json: string): string {
   return json.replace(/^( *)(.*)\[\]/gm, "$1$2[\n$1]");
 }
+
+/**
+ * convert --bitmaps before copying (qemu-img's convert_check_bitmaps): the source must store
+ * bitmaps (qcow2 v3) and, without --skip-broken-bitmaps, hold no inconsistent one. Returns the
+ * error lines qemu-img prints, or undefined when the bitmaps can be copied.
+ */
+export async function convertBitmapsCheck(
+  io: CliIo,
+  source: string,
+  opts: { format?: string; forceShare: boolean; skipBroken: boolean },
+): Promise<{ problem?: string; size: number }> {
+  const node = await openVerbImage(io, source, {
+    ...(opts.format === undefined ? {} : { format: opts.format }),
+    readOnly: true,
+    forceShare: opts.forceShare,
+    noBacking: true,
+  });
+  try {
+    const size = node.size;
+    if (!(node instanceof Qcow2Node) || node.header.version < 3 || node.bitmaps === undefined) {
+      return { problem: "Source lacks bitmap support", size };
+    }
+    if (opts.skipBroken) return { size };
+    // QEMU walks its bitmap list newest first: the last directory entry is named first.
+    const broken = [...node.bitmaps.list].reverse().find((b) => b.inconsistent);
+    if (broken === undefined) return { size };
+    return {
+      problem: `Cannot copy inconsistent bitmap '${broken.name}'\n` +
+        "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+      size,
+    };
+  } finally {
+    await node.close();
+  }
+}
+
+/**
+ * convert --bitmaps after copying (qemu-img's convert_copy_bitmaps): every bitmap of the source
+ * is added to the target with its granularity and enabled state and filled by a merge; the
+ * target stores them when it closes. Inconsistent ones are skipped with a warning.
+ */
+export async function convertBitmapsCopy(
+  io: CliIo,
+  source: string,
+  dst: BlockNode,
+  opts: { format?: string; targetFormat: string; forceShare: boolean; skipBroken: boolean },
+): Promise<void> {
+  const src = await openVerbImage(io, source, {
+    ...(opts.format === undefined ? {} : { format: opts.format }),
+    readOnly: true,
+    forceShare: opts.forceShare,
+    noBacking: true,
+  });
+  try {
+    {
+      if (!(src instanceof Qcow2Node) || !(dst instanceof Qcow2Node)) return;
+      for (const bm of [...src.bitmaps?.list ?? []].reverse()) {
+        if (bm.inconsistent) {
+          if (opts.skipBroken) {
+            errorLine(io, `warning: Skipping inconsistent bitmap '${bm.name}'`);
+            continue;
+          }
+          throw inconsistentError(bm.name);
+        }
+        let added: DirtyBitmap;
+        try {
+          added = dst.bitmaps!.add(bm.name, bm.granularity, !bm.enabled);
+        } catch (e) {
+          throw new BlockError(
+            "invalid-argument",
+            `Failed to create bitmap ${bm.name}: ${message(e)}`,
+          );
+        }
+        if (added.size !== bm.size) {
+          dst.bitmaps!.remove(bm.name);
+          throw new BlockError(
+            "invalid-argument",
+            `Failed to populate bitmap ${bm.name}: Bitmaps are of different sizes (destination size is ${added.size}, source size is ${bm.size}) and can't be merged`,
+          );
+        }
+        added.merge(bm);
+      }
+    }
+  } finally {
+    await src.close();
+  }
+}
+
+/**
+ * The checks convert --bitmaps makes before copying, in qemu-img's order: one source, a source
+ * that stores bitmaps and has no inconsistent one (unless skipped), a target format that stores
+ * them (qcow2 v3). Returns the options for {@linkcode convertBitmapsCopy}.
+ *
+ * @throws {BlockError} with qemu-img's message
+ */
+export async function convertBitmapsBefore(
+  io: CliIo,
+  sources: string[],
+  target: string,
+  opts: {
+    format?: string;
+    targetFormat: string;
+    compat: string | undefined;
+    noCreate: boolean;
+    forceShare: boolean;
+    skipBroken: boolean;
+    /** Create the target of `size` bytes: qemu-img has made it when it finds the format lacking. */
+    create: (size: number) => Promise<void>;
+  },
+): Promise<{ format?: string; targetFormat: string; forceShare: boolean; skipBroken: boolean }> {
+  const fail = (message: string) => new BlockError("unsupported", message);
+  if (sources.length > 1) throw fail("Copying bitmaps only possible with single source");
+  const { problem, size } = await convertBitmapsCheck(io, sources[0]!, opts);
+  if (problem !== undefined) throw fail(problem);
+  let v3 = opts.targetFormat === "qcow2" && opts.compat !== "0.10";
+  if (opts.targetFormat === "qcow2" && opts.noCreate) {
+    // -n: the existing target decides (an unopenable one fails later, in convert's words).
+    try {
+      const node = await openVerbImage(io, target, {
+        format: "qcow2",
+        readOnly: true,
+        noBacking: true,
+      });
+      v3 = node instanceof Qcow2Node && node.header.version >= 3;
+      await node.close();
+    } catch {
+      v3 = true;
+    }
+  }
+  if (!v3) {
+    if (!opts.noCreate) await opts.create(size);
+    throw fail(`Format driver '${opts.targetFormat}' does not support bitmaps`);
+  }
+  const { format, targetFormat, forceShare, skipBroken } = opts;
+  return { ...(format === undefined ? {} : { format }), targetFormat, forceShare, skipBroken };
+}
+
+function message(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}

@@ -5,12 +5,13 @@
  */
 import { BlockError } from "../errors.ts";
 import { convertImages } from "../../formats/convert.ts";
-import { formatNames } from "../../formats/open.ts";
+import { createImage, formatNames } from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { createOptionsHelp, parseCreateOptions } from "./create.ts";
 import { progressBar } from "./progress.ts";
 import { parseSize } from "./size.ts";
 import { hostPath, parseVerbArgs } from "./args.ts";
+import { convertBitmapsBefore, convertBitmapsCopy } from "./bitmap.ts";
 
 export const CONVERT_USAGE =
   "vstor convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-B BACKING [-F BACKING_FMT]] " +
@@ -28,6 +29,8 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
     sparse: { type: "string", short: "S" },
     "no-create": { type: "boolean", short: "n", default: false },
     "target-is-zero": { type: "boolean", default: false },
+    bitmaps: { type: "boolean", default: false },
+    "skip-broken-bitmaps": { type: "boolean", default: false },
     snapshot: { type: "string", short: "l" },
     coroutines: { type: "string", short: "m" },
     "out-of-order": { type: "boolean", short: "W", default: false },
@@ -52,6 +55,9 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
         "  -p            show progress on a terminal\n",
     );
     return EXIT_OK;
+  }
+  if (values["skip-broken-bitmaps"] && !values.bitmaps) {
+    throw new UsageError("Use of --skip-broken-bitmaps requires --bitmaps", { tryHelp: false });
   }
   if (values["no-create"] && values.options.length > 0) {
     throw new UsageError("-o has no effect when skipping image creation", { tryHelp: false });
@@ -126,6 +132,17 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
       "Having a backing file for the target makes no sense when concatenating multiple input images",
     );
   }
+  const bitmaps = values.bitmaps
+    ? await convertBitmapsBefore(io, sources, target, {
+      ...(values.format === undefined ? {} : { format: values.format }),
+      targetFormat: format,
+      compat: createOptions.compat,
+      noCreate: values["no-create"],
+      forceShare: values["force-share"],
+      skipBroken: values["skip-broken-bitmaps"],
+      create: (size) => createImage(target, format, size, createOptions),
+    })
+    : undefined;
   const bar = progressBar(values.progress && !values.quiet, io, 1);
   await convertImages(sources, target, {
     targetFormat: format,
@@ -141,6 +158,9 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
     targetIsZero: values["target-is-zero"],
     ...(snapshot === undefined ? {} : { snapshot }),
     onProgress: (d, t) => bar.update(d, t),
+    ...(bitmaps === undefined
+      ? {}
+      : { afterCopy: (out) => convertBitmapsCopy(io, sources[0]!, out, bitmaps) }),
   });
   bar.finish();
   bar.end();
