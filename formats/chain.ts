@@ -70,7 +70,11 @@ export async function commitImage(path: string, opts: CommitOptions = {}): Promi
       names.push(
         next.format === undefined ? { path: nextPath } : { path: nextPath, format: next.format },
       );
-      if (opts.base === undefined || sameFile(nextPath, opts.base)) break;
+      // As QEMU's bdrv_find_backing_image: -b is relative to the directory of the layer above.
+      const wanted = opts.base === undefined
+        ? undefined
+        : resolveBacking(names[names.length - 2]!.path, opts.base);
+      if (wanted === undefined || sameFile(nextPath, wanted)) break;
       layers.push(
         await openImage(nextPath, { readOnly: true, noBacking: true, ...formatOf(next.format) }),
       );
@@ -79,7 +83,10 @@ export async function commitImage(path: string, opts: CommitOptions = {}): Promi
       throw new BlockError("invalid-argument", "Image does not have a backing file", { path });
     }
     const baseName = names[names.length - 1]!;
-    if (opts.base !== undefined && !sameFile(baseName.path, opts.base)) {
+    if (
+      opts.base !== undefined &&
+      !sameFile(baseName.path, resolveBacking(names[names.length - 2]!.path, opts.base))
+    ) {
       throw new BlockError(
         "invalid-argument",
         `'${opts.base}' is not in the backing chain of '${path}'`,

@@ -235,7 +235,9 @@ export class Qcow2Node implements BlockNode {
     // Check mode reads the snapshot table in the check itself (QEMU's BDRV_O_CHECK).
     this.#snapshots = opts.check
       ? { entries: [], bytes: 0 }
-      : readSnapshotTable(file, header.snapshotsOffset, header.nbSnapshots, file.path);
+      : readSnapshotTable(file, header.snapshotsOffset, header.nbSnapshots, file.path, {
+        validateL1: { clusterSize: this.clusterSize },
+      });
     const interval = opts.cacheCleanInterval ?? DEFAULT_CLEAN_INTERVAL;
     if (interval > 0) {
       this.#cleanTimer = setInterval(() => this.#cleanCaches(), interval * 1000);
@@ -1610,10 +1612,16 @@ export class Qcow2Node implements BlockNode {
     if (mode === "metadata") await this.preallocate(mode, old);
     // Bytes of the old last cluster past the old end may hold data from before a shrink, and
     // with a longer backing file the whole new range must hide it.
-    const zeroEnd = zeroNewRange
-      ? size
-      : Math.min(size, Math.ceil(old / this.clusterSize) * this.clusterSize);
-    if (zeroEnd > old) await this.writeZeroes(old, zeroEnd - old);
+    if (zeroNewRange) {
+      await this.writeZeroes(old, size - old);
+      return;
+    }
+    // Stale bytes there are the only thing QEMU would show and vstor hides: where the tail
+    // already reads as zeroes, nothing is written (the layout stays QEMU's).
+    const tailEnd = Math.min(size, Math.ceil(old / this.clusterSize) * this.clusterSize);
+    if (tailEnd > old && !(await this.#readsZero(old, tailEnd - old))) {
+      await this.writeZeroes(old, tailEnd - old);
+    }
   }
 
   /**
