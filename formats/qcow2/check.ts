@@ -392,7 +392,7 @@ function compare(ctx: Ctx, fix: CheckFix): [boolean, number] {
       ctx,
       `${
         fixing ? "Repairing" : stored < counted ? "ERROR" : "Leaked"
-      } cluster ${i} refcount=${stored} reference=${counted}`,
+      } cluster ${i} refcount=${rc.text(i)} reference=${counted}`,
     );
     if (fixing) {
       try {
@@ -444,7 +444,7 @@ function checkCopied(ctx: Ctx): void {
         ctx,
         `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${
           hex(l1Entry)
-        } refcount=${refcount}`,
+        } refcount=${rc.text(Math.floor(l2 / cs))}`,
       );
       if (repair) {
         l1View.setBigUint64(i * 8, refcount === 1 ? l1Entry | COPIED : l1Entry & ~COPIED);
@@ -473,7 +473,7 @@ function checkCopied(ctx: Ctx): void {
           ctx,
           `${repair ? "Repairing" : "ERROR"} OFLAG_COPIED data cluster: l2_entry=${
             hex(entry)
-          } refcount=${count}`,
+          } refcount=${rc.text(Math.floor(host / cs))}`,
         );
         if (repair) {
           table[j * entryWords] = count === 1 ? entry | COPIED : entry & ~COPIED;

@@ -235,6 +235,17 @@ export class Refcounts {
     }
   }
 
+  /**
+   * The stored refcount of `cluster` as decimal text, exact even past 2^53 (64-bit refcounts,
+   * which {@linkcode get} caps at Number.MAX_SAFE_INTEGER), for messages such as check's.
+   */
+  text(cluster: number): string {
+    const value = this.get(cluster);
+    if (value < Number.MAX_SAFE_INTEGER || this.#ctx.refcountOrder !== 6) return String(value);
+    const block = this.#block(Math.floor(cluster / 2 ** this.blockBits))!;
+    return block.view.getBigUint64((cluster % 2 ** this.blockBits) * 8).toString();
+  }
+
   /** Set the refcount of one cluster outright (repair). */
   set(cluster: number, value: number): void {
     const old = this.get(cluster);
