@@ -277,6 +277,14 @@ export function readBitmapTable(
   return out;
 }
 
+/** One all-ones chunk per cluster size, shared: an all-ones table entry costs no memory. */
+const ONES = new Map<number, Uint8Array>();
+function onesChunk(clusterSize: number): Uint8Array {
+  let chunk = ONES.get(clusterSize);
+  if (chunk === undefined) ONES.set(clusterSize, chunk = new Uint8Array(clusterSize).fill(0xff));
+  return chunk;
+}
+
 /**
  * One dirty bitmap in memory: bit k covers guest bytes [k·g, (k+1)·g) for granularity g, stored
  * in chunks of one cluster each (the on-disk data cluster layout: least significant bit first),
@@ -293,6 +301,8 @@ export class DirtyBitmap {
   readonly #chunkBits: number;
   #size: number;
   #chunks: Array<Uint8Array | undefined> = [];
+  /** The shared all-ones chunk, once one is used (compared by identity, never written). */
+  #ones: Uint8Array | undefined;
 
   constructor(
     name: string,
@@ -337,9 +347,17 @@ export class DirtyBitmap {
     return this.#chunks[index];
   }
 
-  /** Set chunk `index` from a data cluster (load, merge). */
+  /** Set chunk `index` from a data cluster (load). */
   setChunk(index: number, data: Uint8Array | undefined): void {
     this.#chunks[index] = data;
+  }
+
+  /**
+   * Set every bit of chunk `index` (an all-ones table entry) without allocating: the chunk is
+   * shared and never written (marking it changes nothing; shrinking copies it first).
+   */
+  setChunkOnes(index: number): void {
+    this.#chunks[index] = this.#ones = onesChunk(this.#clusterSize);
   }
 
   /** Mark guest bytes [offset, offset+length) dirty. Hot path: no allocation once chunks exist. */
@@ -355,6 +373,10 @@ export class DirtyBitmap {
       if (chunk === undefined) chunk = this.#chunks[index] = new Uint8Array(this.#clusterSize);
       const base = index * per;
       const stop = Math.min(end, base + per) - base;
+      if (chunk === this.#ones) {
+        bit = base + stop;
+        continue;
+      }
       let b = bit - base;
       // Single bits up to a byte boundary, whole bytes, then single bits.
       while (b < stop && (b & 7) !== 0) chunk[b >> 3]! |= 1 << (b & 7), b++;
@@ -395,23 +417,45 @@ export class DirtyBitmap {
     this.#chunks = [];
   }
 
-  /** OR `src` into this bitmap (same size and granularity). */
+  /** The chunk size of this bitmap (bytes of one data cluster). */
+  get chunkBytes(): number {
+    return this.#clusterSize;
+  }
+
+  /** OR `src` into this bitmap (same size; any granularity and cluster size). */
   merge(src: DirtyBitmap): void {
-    if (src.granularityBits === this.granularityBits) {
+    if (src.granularityBits === this.granularityBits && src.chunkBytes === this.#clusterSize) {
       for (let i = 0; i < src.tableSize; i++) {
         const from = src.chunk(i);
         if (from === undefined) continue;
         let to = this.#chunks[i];
+        if (to !== undefined && to === this.#ones) continue;
+        if (from === ONES.get(this.#clusterSize)) {
+          this.#chunks[i] = this.#ones = from;
+          continue;
+        }
         if (to === undefined) to = this.#chunks[i] = new Uint8Array(this.#clusterSize);
         const n = Math.min(to.length, from.length);
         for (let k = 0; k < n; k++) to[k]! |= from[k]!;
       }
       return;
     }
-    // Different granularities: every set source granule marks its bytes here.
+    // Different layouts: every set source granule marks its guest bytes here (set bits only).
     const g = src.granularity;
-    for (let k = 0; k < src.bits; k++) {
-      if (src.get(k)) this.mark(k * g, Math.min(g, this.#size - k * g));
+    const per = src.chunkBytes * 8;
+    for (let i = 0; i < src.tableSize; i++) {
+      const from = src.chunk(i);
+      if (from === undefined) continue;
+      for (let byte = 0; byte < from.length; byte++) {
+        const x = from[byte]!;
+        if (x === 0) continue;
+        for (let b = 0; b < 8; b++) {
+          if ((x & (1 << b)) === 0) continue;
+          const k = i * per + byte * 8 + b;
+          if (k >= src.bits) break;
+          this.mark(k * g, Math.min(g, this.#size - k * g));
+        }
+      }
     }
   }
 
@@ -421,7 +465,10 @@ export class DirtyBitmap {
     const bits = this.bits;
     const chunks = Math.ceil(bits / this.#chunkBits);
     this.#chunks.length = Math.min(this.#chunks.length, chunks);
-    const last = this.#chunks[chunks - 1];
+    let last = this.#chunks[chunks - 1];
+    if (last !== undefined && last === this.#ones) {
+      last = this.#chunks[chunks - 1] = last.slice();
+    }
     if (last !== undefined) {
       const from = bits - (chunks - 1) * this.#chunkBits;
       for (let b = from; b < this.#chunkBits && (b & 7) !== 0; b++) {
@@ -516,9 +563,9 @@ export class Qcow2Bitmaps {
         for (let i = 0; i < table.length; i++) {
           const t = table[i]!;
           if (t === 0) continue;
-          const chunk = new Uint8Array(cs);
-          if (t === 1) bm.mark(i * cs * 8 * bm.granularity, cs * 8 * bm.granularity);
+          if (t === 1) bm.setChunkOnes(i);
           else {
+            const chunk = new Uint8Array(cs);
             host.file.readAt(t, chunk);
             bm.setChunk(i, chunk);
           }

@@ -309,6 +309,11 @@ Deno.test({
     await ok("qemu-img", "bitmap", "--disable", src, "b0");
     await ok("qemu-img", "bitmap", "--add", src, "b3");
     await ok("qemu-io", "-c", "write 30M 4k", src);
+    const wide = p("convert.wide.qcow2");
+    await ok("qemu-img", "create", "-f", "qcow2", wide, "1G");
+    await ok("qemu-img", "bitmap", "--add", "-g", "512", wide, "b0");
+    await ok("qemu-img", "bitmap", "--add", wide, "b1");
+    await ok("qemu-io", "-c", "write 0 1M", "-c", "write 500M 64k", "-c", "write 1000M 4k", wide);
     const broken = p("convert.broken.qcow2");
     Deno.copyFileSync(src, broken);
     setFlags(broken, 1, 1); // b1 IN_USE
@@ -332,6 +337,9 @@ Deno.test({
       ["--bitmaps", "-O", "qcow2", "-c", src, "OUT"],
       ["--bitmaps", "-O", "qcow2", "-o", "cluster_size=4k", src, "OUT"],
       ["--bitmaps", "-n", "-O", "qcow2", src, "EXISTING"],
+      // Bits far past the first bitmap cluster, into targets with other cluster sizes.
+      ["--bitmaps", "-O", "qcow2", "-o", "cluster_size=4k", wide, "OUT"],
+      ["--bitmaps", "-O", "qcow2", "-o", "cluster_size=2M", wide, "OUT"],
     ];
     let n = 0;
     for (const c of cases) {

@@ -165,3 +165,52 @@ Deno.test("DirtyBitmap.mark sets exactly the granules a range touches", () => {
   bm.mark(0, 32 << 20); // past the new end: clamped
   assert.equal(bm.count(), 2048);
 });
+
+Deno.test("all-ones table entries load without memory per entry and store as data clusters", async () => {
+  const path = join(dir, "ones.qcow2");
+  await createImage(path, "qcow2", 100 << 20);
+  let node = await open(path);
+  node.bitmaps!.add("b0", 512, false);
+  await node.write(0, new Uint8Array(512));
+  await node.close();
+  // Point b0's only table entry at nothing with the all-ones flag; its data cluster leaks.
+  const d = locate(path).dir;
+  const table = Number(new DataView(Deno.readFileSync(path).buffer).getBigUint64(d));
+  patch(path, table, [0, 0, 0, 0, 0, 0, 0, 1]);
+  node = await open(path);
+  const b0 = node.bitmaps!.find("b0")!;
+  assert.equal(b0.count(), b0.bits);
+  await node.write(4096, new Uint8Array(512)); // marking an all-ones chunk changes nothing
+  assert.equal(b0.count(), b0.bits);
+  await node.truncate(50 << 20);
+  assert.equal(b0.count(), b0.bits);
+  await node.close();
+  node = await open(path, true);
+  assert.equal(node.bitmaps!.find("b0")!.count(), (50 << 20) / 512);
+  const report = checkImage(node);
+  assert.equal(report.corruptions, 0);
+  assert.equal(report.leaks, 1, report.messages.join("\n"));
+  await node.close();
+});
+
+Deno.test("merge between bitmaps of different granularities and cluster sizes keeps every bit", () => {
+  const size = 1 << 30;
+  const src = new DirtyBitmap("s", { granularityBits: 9, enabled: true, clusterSize: 65536, size });
+  const dst = new DirtyBitmap("d", { granularityBits: 9, enabled: true, clusterSize: 4096, size });
+  const coarse = new DirtyBitmap("c", {
+    granularityBits: 16,
+    enabled: true,
+    clusterSize: 512,
+    size,
+  });
+  src.mark(0, 1);
+  src.mark(500 << 20, 4096);
+  src.mark(size - 512, 512);
+  dst.merge(src);
+  coarse.merge(src);
+  assert.equal(dst.count(), src.count());
+  assert.equal(dst.get((500 << 20) / 512 + 7), true);
+  assert.equal(dst.get(size / 512 - 1), true);
+  assert.equal(coarse.count(), 3);
+  assert.equal(coarse.get((500 << 20) / 65536), true);
+});
