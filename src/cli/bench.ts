@@ -122,7 +122,11 @@ function findLong(name: string, arg: string): LongOption {
   // getopt_long accepts an unambiguous prefix of a long option.
   const prefixed = name === "" ? [] : LONG_OPTIONS.filter((o) => o.name.startsWith(name));
   const [only, ...more] = prefixed;
-  if (only === undefined) throw new UsageError(`Unrecognized option '${arg}'`);
+  if (only === undefined) {
+    throw new UsageError(`Unrecognized option '${arg}'`, {
+      qemu: `unrecognized option '${arg}'`,
+    });
+  }
   if (more.length > 0) throw new UsageError(`Option '${arg}' is ambiguous`);
   return only;
 }
@@ -139,7 +143,11 @@ function getopt(
   const positionals: string[] = [];
   const take = (i: number, shown: string): string => {
     const value = args[i];
-    if (value === undefined) throw new UsageError(`Missing argument for option '${shown}'`);
+    if (value === undefined) {
+      throw new UsageError(`Missing argument for option '${shown}'`, {
+        qemu: `missing argument for option '${shown}'`,
+      });
+    }
     return value;
   };
   for (let i = 0; i < args.length; i++) {
@@ -163,7 +171,11 @@ function getopt(
           if (!onOption(c, value)) return positionals;
           break;
         }
-        if (!SHORT_FLAGS.has(c)) throw new UsageError(`Unrecognized option '-${c}'`);
+        if (!SHORT_FLAGS.has(c)) {
+          throw new UsageError(`Unrecognized option '-${c}'`, {
+            qemu: `unrecognized option '-${c}'`,
+          });
+        }
         if (!onOption(c, undefined)) return positionals;
       }
     } else {
@@ -281,7 +293,10 @@ export function parseBenchArgs(
       case "i": {
         const aio = AIO_MODES.find((m) => m === value);
         if (aio === undefined) {
-          throw new UsageError(`Invalid aio option: ${value} (use ${AIO_MODES.join(", ")})`);
+          throw new UsageError(`Invalid aio option: ${value} (use ${AIO_MODES.join(", ")})`, {
+            qemu: `Invalid aio option: ${value}`,
+            tryHelp: false,
+          });
         }
         o.aio = aio;
         break;
@@ -301,7 +316,10 @@ export function parseBenchArgs(
       case "t": {
         const cache = CACHE_MODES.find((m) => m === value);
         if (cache === undefined) {
-          throw new UsageError(`Invalid cache mode '${value}' (use ${CACHE_MODES.join(", ")})`);
+          throw new UsageError(`Invalid cache mode '${value}' (use ${CACHE_MODES.join(", ")})`, {
+            qemu: "Invalid cache mode",
+            tryHelp: false,
+          });
         }
         o.cache = cache;
         break;
