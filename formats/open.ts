@@ -34,6 +34,11 @@ export interface OpenOptions {
   noBacking?: boolean;
   /** qcow2 only: open for qemu-img check (QEMU's BDRV_O_CHECK; the check reads the snapshot table). */
   check?: boolean;
+  /**
+   * Warnings QEMU prints with warn_report while opening (the caller adds its `PROGRAM: warning: `
+   * prefix and a newline); `trailer`, when given, follows verbatim (QEMU's error_printf).
+   */
+  onWarning?: (message: string, trailer?: string) => void;
 }
 
 /** What the opener hands a driver. */
@@ -207,6 +212,7 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
         readOnly: true,
         forceShare: opts.forceShare ?? false,
         ...(name.format === undefined ? {} : { format: name.format }),
+        ...(opts.onWarning === undefined ? {} : { onWarning: opts.onWarning }),
       }, seen);
     } catch (e) {
       if (e instanceof BlockError && e.message.startsWith("Backing chain")) throw e;

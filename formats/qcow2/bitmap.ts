@@ -526,11 +526,23 @@ export class Qcow2Bitmaps {
    *
    * @throws {BlockError} `invalid-format` for a malformed extension, directory or table
    */
-  static load(host: BitmapHost, writable: boolean): Qcow2Bitmaps {
+  static load(
+    host: BitmapHost,
+    writable: boolean,
+    warn?: (message: string, trailer?: string) => void,
+  ): Qcow2Bitmaps {
     const set = new Qcow2Bitmaps(host, writable);
     const h = host.header;
     const { ext, stale } = parseBitmapsExtension(h, host.filename);
     if (stale) {
+      warn?.(
+        h.version < 3
+          ? "This qcow2 v2 image contains bitmaps, but they may have been modified by a program " +
+            "without persistent bitmap support; so now they must all be considered inconsistent"
+          : "a program lacking bitmap support modified this file, so all bitmaps are now " +
+            "considered inconsistent",
+        "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.",
+      );
       if (writable) {
         setBitmapsExtension(h, undefined);
         host.writeHeader();

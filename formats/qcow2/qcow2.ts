@@ -70,6 +70,8 @@ export interface Qcow2OpenOptions {
    * corrupt: …"); default: standard error.
    */
   onCorruption?: (line: string) => void;
+  /** Open-time warnings (a stale bitmaps extension), as formats/open.ts's `onWarning`. */
+  onWarning?: (message: string, trailer?: string) => void;
   /**
    * Open for qemu-img check (QEMU's BDRV_O_CHECK): the snapshot table is neither validated nor
    * read (the check reads it, and repairs it with -r all), and a dirty or corrupt image is left
@@ -319,7 +321,7 @@ export class Qcow2Node implements BlockNode {
     const node = new Qcow2Node(file, header, opts);
     try {
       if (!readOnly) await node.#prepareForWriting(opts.check ?? false);
-      node.#bitmaps = Qcow2Bitmaps.load(node, !readOnly);
+      node.#bitmaps = Qcow2Bitmaps.load(node, !readOnly, opts.onWarning);
     } catch (e) {
       node.#closed = true;
       if (node.#cleanTimer !== undefined) clearInterval(node.#cleanTimer);

@@ -69,8 +69,10 @@ export async function openVerbImage(
   path: string,
   opts: OpenOptions = {},
 ): Promise<BlockNode> {
+  const warn = (message: string, trailer?: string) =>
+    io.stderr(`${programName(io)}: warning: ${message}\n${trailer ?? ""}`);
   try {
-    return await openImage(path, opts);
+    return await openImage(path, { onWarning: warn, ...opts });
   } catch (e) {
     if (programName(io) === "vstor" || !(e instanceof Error)) throw e;
     throw new BlockError(
