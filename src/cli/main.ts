@@ -390,6 +390,14 @@ const QEMU_IMG_PARAMETERS = `Command parameters:
   '-n' skips the target volume creation (useful if the volume is created
        prior to running qemu-img)
 
+Parameters to bitmap subcommand:
+  'bitmap' is the name of the bitmap to manipulate, through one or more
+       actions from '--add', '--remove', '--clear', '--enable', '--disable',
+       or '--merge source'
+  '-g granularity' sets the granularity for '--add' actions
+  '-b source' and '-F src_fmt' tell '--merge' actions to find the source
+       bitmaps from an alternative file
+
 Parameters to check subcommand:
   '-r' tries to repair any inconsistencies that are found during the check.
        '-r leaks' repairs only cluster leaks, whereas '-r all' fixes all
@@ -397,6 +405,7 @@ Parameters to check subcommand:
        hiding corruption that has already occurred.
 
 Parameters to convert subcommand:
+  '--bitmaps' copies all top-level persistent bitmaps to destination
   '-m' specifies how many coroutines work in parallel during the convert
        process (defaults to 8)
   '-W' allow to write to the target out of order rather than sequential
@@ -412,6 +421,13 @@ Parameters to compare subcommand:
   '-f' first image format
   '-F' second image format
   '-s' run in Strict mode - fail on different image size or sector allocation
+
+Parameters to dd subcommand:
+  'bs=BYTES' read and write up to BYTES bytes at a time (default: 512)
+  'count=N' copy only N input blocks
+  'if=FILE' read from FILE
+  'of=FILE' write to FILE
+  'skip=N' skip N bs-sized blocks at the start of input
 `;
 
 /** A usage mistake before the command, as qemu-img's error_exit prints it: exit 1. */
