@@ -6,7 +6,7 @@
  */
 import { BlockError } from "../../src/errors.ts";
 import type { HostFile } from "../../src/host/host_file.ts";
-import { MAX_SNAPSHOTS } from "./header.ts";
+import { MAX_L1_BYTES, MAX_SNAPSHOTS } from "./header.ts";
 
 /** Snapshot table at most 64 MiB (QEMU's QCOW_MAX_SNAPSHOTS_SIZE). */
 export const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
@@ -48,6 +48,12 @@ export interface SnapshotReadOptions {
   repair?: boolean;
   /** Lines qemu-img prints while repairing ("Discarding …"). */
   say?: (line: string) => void;
+  /**
+   * Refuse a snapshot whose L1 table is too large or unaligned. QEMU checks that where it uses
+   * the table (load, apply, delete); vstor refuses at open unless checking, where the check
+   * reports it as a corruption.
+   */
+  validateL1?: { clusterSize: number };
 }
 
 /** What a repairing read dropped. */
@@ -137,6 +143,14 @@ export function readSnapshotTable(
       vmStateSize: view.getUint32(32),
       extra,
     };
+    if (opts.validateL1 !== undefined) {
+      if (entry.l1Size * 8 > MAX_L1_BYTES) {
+        throw new BlockError("invalid-format", "Snapshot L1 table too large", { path });
+      }
+      if (entry.l1TableOffset % opts.validateL1.clusterSize !== 0) {
+        throw new BlockError("invalid-format", "Snapshot L1 table offset invalid", { path });
+      }
+    }
     if (extraSize >= 16) entry.diskSize = Number(new DataView(extra.buffer).getBigUint64(8));
     tableLength += 40 + extraSize + idLen + nameLen;
     if (tableLength > MAX_SNAPSHOT_TABLE_BYTES || at - offset > 0x7fffffff) {
