@@ -14,7 +14,7 @@
 # The iotests are fetched (once, cached) by /work/shared/tools/get-qemu-iotests.sh, or taken from
 # $QEMU_IOTESTS_DIR. Candidates are the bash tests that use only qemu-img and qemu-io on raw or
 # qcow2 images: no VM ($QEMU, _launch_qemu), no NBD, blkdebug, json: filenames, LUKS, null-co,
-# --image-opts/--object, external data files, bitmaps or qemu-img dd. QEMU_PROG, QEMU_NBD_PROG
+# --image-opts/--object or external data files. QEMU_PROG, QEMU_NBD_PROG
 # and QSD_PROG point at a stub that exits 0, so anything that still reaches for them fails loudly
 # in its output diff rather than running a real QEMU.
 #
@@ -61,8 +61,7 @@ fi
 # What a candidate must not touch (lines naming _unsupported_imgopts only refuse options).
 exclude='_launch_qemu|QEMU_PROG|\$QEMU |_send_qemu_cmd|blkdebug|blkverify|json:|nbd|NBD'
 exclude+='|_require_drivers|luks|null-co|null-aio|vvfat|QSD|qsd|--image-opts|--object|quorum'
-exclude+='|throttle|copy-on-read|_supported_proto +(nbd|ssh|nfs)|valgrind|data_file|bitmap'
-exclude+='|QEMU_IMG dd|qemu-img dd|IMG" dd'
+exclude+='|throttle|copy-on-read|_supported_proto +(nbd|ssh|nfs)|valgrind|data_file'
 
 candidates() {
     local t name
