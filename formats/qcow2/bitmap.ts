@@ -9,7 +9,13 @@
  */
 import { BlockError } from "../../src/errors.ts";
 import type { HostFile } from "../../src/host/host_file.ts";
-import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, hasFeature, type Qcow2Header } from "./header.ts";
+import {
+  AUTOCLEAR_BITMAPS,
+  EXT_BITMAPS,
+  hasFeature,
+  type Qcow2Header,
+  serializeHeader,
+} from "./header.ts";
 import type { Refcounts } from "./refcount.ts";
 
 /** Bitmap directory entry flags. */
@@ -544,8 +550,10 @@ export class Qcow2Bitmaps {
         "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix.",
       );
       if (writable) {
+        const before = headerLength(host);
         setBitmapsExtension(h, undefined);
         host.writeHeader();
+        zeroHeaderTail(host, before);
       }
       return set;
     }
@@ -803,9 +811,11 @@ export class Qcow2Bitmaps {
     } else {
       h.autoclearFeatures &= ~BigInt(AUTOCLEAR_BITMAPS);
     }
+    const before = headerLength(host);
     setBitmapsExtension(h, ext);
     this.#ext = ext;
     host.writeHeader();
+    zeroHeaderTail(host, before);
     if (old !== undefined && old.directorySize > 0) {
       host.refcounts.change(old.directoryOffset / cs, Math.ceil(old.directorySize / cs), -1);
     }
@@ -823,6 +833,20 @@ export class Qcow2Bitmaps {
     }
     host.refcounts.change(e.tableOffset / cs, Math.ceil(e.tableSize * 8 / cs), -1);
   }
+}
+
+/** Bytes the header cluster's used part takes (header, extensions, backing name). */
+function headerLength(host: BitmapHost): number {
+  return serializeHeader(host.header, host.filename).length;
+}
+
+/**
+ * A header that lost its bitmaps extension is shorter: zero what the old one held past the new
+ * end, as QEMU's qcow2_update_header writes the whole header cluster zero-padded.
+ */
+function zeroHeaderTail(host: BitmapHost, before: number): void {
+  const after = headerLength(host);
+  if (after < before) host.file.writeAt(after, new Uint8Array(before - after));
 }
 
 /** QEMU's error for using an inconsistent bitmap (with its hint line). */

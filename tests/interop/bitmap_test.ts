@@ -393,3 +393,34 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "dropping the bitmaps extension (last bitmap removed, stale extension) leaves the header as QEMU's",
+  ignore,
+  fn: async () => {
+    const [v, q] = await pair("drop", "64M", ["bitmap", "--add", "@", "b0"]);
+    await ok("qemu-io", "-c", "write 0 1M", v);
+    Deno.copyFileSync(v, q);
+    const r = await vstor("qemu-img", "bitmap", "--remove", v, "b0");
+    assert.equal(r.code, 0, r.stderr);
+    await ok("qemu-img", "bitmap", "--remove", q, "b0");
+    same(v, q);
+
+    const [sv, sq] = await pair("stale", "64M", ["bitmap", "--add", "@", "b0"]);
+    await ok("qemu-io", "-c", "write 0 1M", sv);
+    for (const file of [sv]) {
+      const f = Deno.openSync(file, { write: true });
+      f.seekSync(95, Deno.SeekMode.Start);
+      f.writeSync(new Uint8Array([0]));
+      f.close();
+    }
+    Deno.copyFileSync(sv, sq);
+    const v1 = await vstor("qemu-img", "check", "-r", "all", sv);
+    const q1 = await runTool("qemu-img", ["check", "-r", "all", sq]);
+    assert.equal(v1.code, q1.code);
+    assert.equal(v1.stdout, q1.stdout);
+    assert.equal(v1.stderr, q1.stderr);
+    same(sv, sq);
+  },
+});
