@@ -10,9 +10,10 @@
 import { ignoreWithout } from "./qemu.ts";
 import { caseSeed, DEFAULT_GENERATE, generateCase } from "./fuzz/generate.ts";
 import { type Divergence, isFailure, runCase } from "./fuzz/run.ts";
-import { shape, shrink } from "./fuzz/shrink.ts";
+import { ddmin, shape, shrink, withoutLayer } from "./fuzz/shrink.ts";
+import assert from "node:assert/strict";
 import { detailComment, reproducer } from "./fuzz/script.ts";
-import type { Case } from "./fuzz/case.ts";
+import { allLines, type Case, lineText } from "./fuzz/case.ts";
 
 const ignore = ignoreWithout("qemu-img") || ignoreWithout("qemu-io");
 const CASES = Number(Deno.env.get("VSTOR_FUZZ_CASES") ?? "100");
@@ -66,3 +67,36 @@ for (const seed of SEEDS) {
     },
   });
 }
+
+Deno.test("ddmin() keeps exactly the elements a failure needs", async () => {
+  const items = Array.from({ length: 40 }, (_, i) => i);
+  const needed = [3, 17, 31];
+  let runs = 0;
+  const kept = await ddmin(items, async (candidate) => {
+    runs++;
+    return needed.every((n) => candidate.includes(n));
+  });
+  assert.deepEqual(kept, needed);
+  assert.ok(runs < 200, `${runs} runs`);
+});
+
+Deno.test("withoutLayer() re-links the chain and renumbers the commands", () => {
+  const c = generateCase(caseSeed(7, 0), { maxLayers: 1, maxSteps: 1, maxIoCmds: 1 });
+  const layer = c.layers[0]!;
+  const three: Case = {
+    layers: [layer, { ...layer, format: "qcow2" }, { ...layer, format: "qcow2" }],
+    steps: [
+      { kind: "resize", layer: 2, size: 1024, shrink: false },
+      { kind: "rebase", layer: 2, backing: 0, unsafe: true },
+      { kind: "snapshot", layer: 1, op: "create", name: "s1" },
+    ],
+  };
+  const two = withoutLayer(three, 1);
+  assert.equal(two.layers.length, 2);
+  assert.deepEqual(two.steps, [
+    { kind: "resize", layer: 1, size: 1024, shrink: false },
+    { kind: "rebase", layer: 1, backing: 0, unsafe: true },
+  ]);
+  // The overlay that was L2 is created on L0, now as L1.
+  assert.match(lineText(allLines(two)[1]!, "Q"), /-b L0\.\w+ -F \w+ "\$Q"\/L1\.qcow2/);
+});
