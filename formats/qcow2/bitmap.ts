@@ -49,6 +49,8 @@ export interface BitmapsExtension {
 /** One bitmap directory entry (without extra data: QEMU refuses entries that have any). */
 export interface BitmapDirEntry {
   name: string;
+  /** Bytes of the name up to its first NUL (C's strlen, as QEMU measures it). */
+  nameLength?: number;
   tableOffset: number;
   /** Entries of the bitmap table. */
   tableSize: number;
@@ -198,6 +200,7 @@ export function readBitmapDirectory(
     const hiOffset = v.getUint32(at);
     const e = {
       name: decoder.decode(nul < 0 ? nameBytes : nameBytes.subarray(0, nul)),
+      nameLength: nul < 0 ? nameSize : nul,
       tableOffset: hiOffset * 2 ** 32 + v.getUint32(at + 4),
       tableSize: v.getUint32(at + 8),
       flags: v.getUint32(at + 12),
@@ -298,6 +301,8 @@ function onesChunk(clusterSize: number): Uint8Array {
  */
 export class DirtyBitmap {
   readonly name: string;
+  /** Bytes of the name as the image stores it (up to a NUL). */
+  readonly nameLength: number;
   granularityBits: number;
   /** Tracks writes (the AUTO flag). */
   enabled: boolean;
@@ -318,9 +323,11 @@ export class DirtyBitmap {
       inconsistent?: boolean;
       clusterSize: number;
       size: number;
+      nameLength?: number;
     },
   ) {
     this.name = name;
+    this.nameLength = opts.nameLength ?? new TextEncoder().encode(name).length;
     this.granularityBits = opts.granularityBits;
     this.enabled = opts.enabled;
     this.inconsistent = opts.inconsistent ?? false;
@@ -571,6 +578,7 @@ export class Qcow2Bitmaps {
         inconsistent,
         clusterSize: cs,
         size: host.size,
+        ...(e.nameLength === undefined ? {} : { nameLength: e.nameLength }),
       });
       if (!inconsistent) {
         const table = readBitmapTable(host.file, e, cs, host.filename);

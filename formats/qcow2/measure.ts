@@ -7,7 +7,7 @@
  * @module
  */
 import { BlockError } from "../../src/errors.ts";
-import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, hasFeature, MAX_L1_BYTES } from "./header.ts";
+import { MAX_L1_BYTES } from "./header.ts";
 import type { Qcow2Node } from "./qcow2.ts";
 import { refcountMetadataClusters } from "./refcount.ts";
 
@@ -255,65 +255,16 @@ export interface PersistentBitmap {
 
 const BITMAP_DIR_ENTRY_HEADER = 24;
 const BITMAP_TABLE_ENTRY_SIZE = 8n;
-const MAX_BITMAP_DIRECTORY_SIZE = 64 * 1024 * 1024;
 
 /**
- * The persistent bitmaps a qcow2 image carries (its bitmap directory), as QEMU loads them: none
- * unless the bitmaps extension is present and its autoclear bit still set.
- *
- * @throws {BlockError} `invalid-format` for a directory that runs past its stated size or the file
+ * The persistent bitmaps a qcow2 image carries, as QEMU loads them (formats/qcow2/bitmap.ts,
+ * validated at open): none unless the bitmaps extension is present and its autoclear bit set.
  */
 export function persistentBitmaps(node: Qcow2Node): PersistentBitmap[] {
-  const h = node.header;
-  const ext = h.otherExtensions.find((e) => e.type === EXT_BITMAPS);
-  if (ext === undefined || !hasFeature(h.autoclearFeatures, AUTOCLEAR_BITMAPS)) return [];
-  if (ext.data.length < 24) {
-    throw new BlockError("invalid-format", "Invalid bitmaps extension length", {
-      path: node.filename,
-    });
-  }
-  const view = new DataView(ext.data.buffer, ext.data.byteOffset, ext.data.byteLength);
-  const count = view.getUint32(0);
-  const dirSize = view.getBigUint64(8);
-  const dirOffset = view.getBigUint64(16);
-  const fileSize = BigInt(node.file.size());
-  if (dirSize > BigInt(MAX_BITMAP_DIRECTORY_SIZE) || dirOffset + dirSize > fileSize) {
-    throw new BlockError(
-      "invalid-format",
-      "Bitmap directory is too large or past the end of the file",
-      {
-        path: node.filename,
-      },
-    );
-  }
-  const dir = new Uint8Array(Number(dirSize));
-  node.file.readAt(Number(dirOffset), dir);
-  const dv = new DataView(dir.buffer);
-  const bitmaps: PersistentBitmap[] = [];
-  let at = 0;
-  for (let i = 0; i < count; i++) {
-    if (at + BITMAP_DIR_ENTRY_HEADER > dir.length) {
-      throw new BlockError("invalid-format", "Bitmap directory entry is past the directory's end", {
-        path: node.filename,
-        offset: Number(dirOffset) + at,
-      });
-    }
-    const granularityBits = dv.getUint8(at + 17);
-    const nameSize = dv.getUint16(at + 18);
-    const extraSize = dv.getUint32(at + 20);
-    const nameAt = at + BITMAP_DIR_ENTRY_HEADER + extraSize;
-    if (nameAt + nameSize > dir.length) {
-      throw new BlockError("invalid-format", "Bitmap name is past the directory's end", {
-        path: node.filename,
-        offset: Number(dirOffset) + at,
-      });
-    }
-    const name = dir.subarray(nameAt, nameAt + nameSize);
-    const nul = name.indexOf(0);
-    bitmaps.push({ nameLength: nul < 0 ? nameSize : nul, granularityBits });
-    at = Math.ceil((nameAt + nameSize) / 8) * 8;
-  }
-  return bitmaps;
+  return (node.bitmaps?.list ?? []).map((b) => ({
+    nameLength: b.nameLength,
+    granularityBits: b.granularityBits,
+  }));
 }
 
 /**
