@@ -390,9 +390,9 @@ function compare(ctx: Ctx, fix: CheckFix): [boolean, number] {
     else if (stored < counted && fix.errors) fixing = "errors";
     say(
       ctx,
-      `${
-        fixing ? "Repairing" : stored < counted ? "ERROR" : "Leaked"
-      } cluster ${i} refcount=${rc.text(i)} reference=${counted}`,
+      `${fixing ? "Repairing" : stored < counted ? "ERROR" : "Leaked"} cluster ${i} refcount=${
+        rc.text(i)
+      } reference=${counted}`,
     );
     if (fixing) {
       try {
@@ -731,8 +731,10 @@ function fixSnapshotTable(node: Qcow2Node, res: CheckReport, snap: SnapshotCheck
       enc.encode(e.id).length + enc.encode(e.name).length;
   }
   if (size > MAX_SNAPSHOT_TABLE_BYTES) {
+    // qcow2_write_snapshots fails with EFBIG, and so does the whole check.
     snap.checkErrors++;
     res.messages.push("ERROR failed to update snapshot table: File too large");
+    res.failed = STRERROR[27]!;
     return;
   }
   const rc = node.refcounts;

@@ -206,6 +206,20 @@ export function serializeSnapshotTable(entries: SnapshotEntry[]): Uint8Array {
   return table;
 }
 
+/** Bytes of `text` that fit a C buffer of `size` bytes with its NUL (QEMU's pstrcpy). */
+function pstrcpy(text: string, size: number): string {
+  const bytes = new TextEncoder().encode(text);
+  return bytes.length < size ? text : new TextDecoder().decode(bytes.subarray(0, size - 1));
+}
+
+/**
+ * A snapshot's ID and name as qemu-img lists them: copied into QEMUSnapshotInfo's `id_str[128]`
+ * and `name[256]`, so cut to 127 and 255 bytes.
+ */
+export function listedNames(e: SnapshotEntry): { id: string; name: string } {
+  return { id: pstrcpy(e.id, 128), name: pstrcpy(e.name, 256) };
+}
+
 /** The next snapshot ID QEMU would pick: one past the largest numeric ID. */
 export function nextSnapshotId(entries: SnapshotEntry[]): string {
   let max = 0;

@@ -15,7 +15,7 @@ import {
   INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
 } from "../../formats/qcow2/header.ts";
-import type { SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
+import { listedNames, type SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { sizeToStr } from "./human.ts";
 import { snapshotTable } from "./snapshot.ts";
@@ -32,11 +32,11 @@ export function snapshotJson(e: SnapshotEntry): Record<string, unknown> {
   const out: Record<string, unknown> = {};
   if (icount !== 0xffffffffffffffffn) out["icount"] = Number(icount);
   out["vm-clock-nsec"] = Number(e.vmClockNsec % 1_000_000_000n);
-  out["name"] = e.name;
+  out["name"] = listedNames(e).name;
   out["date-sec"] = e.dateSec;
   out["date-nsec"] = e.dateNsec;
   out["vm-clock-sec"] = Number(e.vmClockNsec / 1_000_000_000n);
-  out["id"] = e.id;
+  out["id"] = listedNames(e).id;
   out["vm-state-size"] = Math.max(vmSize, e.vmStateSize);
   return out;
 }

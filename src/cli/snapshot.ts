@@ -6,7 +6,7 @@
 import { BlockError } from "../errors.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { applySnapshot, createSnapshot, deleteSnapshot } from "../../formats/qcow2/snapshot_ops.ts";
-import type { SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
+import { listedNames, type SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
 import { localDate, sizeToStr, vmClock } from "./human.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
@@ -28,8 +28,9 @@ export function snapshotTable(entries: SnapshotEntry[]): string {
       const v = new DataView(e.extra.buffer, e.extra.byteOffset).getBigUint64(16);
       if (v !== 0xffffffffffffffffn) icount = v.toString();
     }
+    const { id, name } = listedNames(e);
     lines.push(
-      `${e.id.padEnd(9)} ${e.name.padEnd(16)} ${
+      `${id.padEnd(9)} ${name.padEnd(16)} ${
         sizeToStr(Math.max(vmSize, e.vmStateSize)).padStart(8)
       }` +
         `${localDate(e.dateSec).padStart(20)}${vmClock(e.vmClockNsec).padStart(13)}${

@@ -209,6 +209,37 @@ function firstDifference(a: string, b: string): number | undefined {
 }
 
 /**
+ * A v3 table of 64 MiB (IDs and names of 'a's), entry 0 without a disk size: the repair
+ * rewrites every entry with 24 bytes of extra data, which no longer fits (EFBIG, the check fails).
+ */
+async function outgrowsWhenRepaired(path: string): Promise<void> {
+  await qemuOk("create", "-q", "-f", "qcow2", path, "64M");
+  poke(path, 64, be(MiB, 8));
+  /** An entry with `extra` bytes of extra data, a full ID and a name of `nameLen` 'a's. */
+  const entry = (extra: number, nameLen: number) => {
+    const full = 40 + extra + 65535 + nameLen;
+    const out = new Uint8Array(Math.ceil(full / 8) * 8);
+    const v = new DataView(out.buffer);
+    v.setUint16(12, 0xffff);
+    v.setUint16(14, nameLen);
+    v.setUint32(36, extra);
+    out.fill(0x61, 40 + extra, full);
+    return { bytes: out, full };
+  };
+  // 512 entries of 128 KiB make exactly 64 MiB; entry 0 has 8 bytes of extra data (incomplete
+  // for v3), the others 16. Rewritten with 24 bytes each, the table no longer fits.
+  const first = entry(8, 65481), normal = entry(16, 65481);
+  poke(path, MiB, first.bytes);
+  let offset = MiB + first.bytes.length;
+  for (let i = 1; i < 512; i++) {
+    poke(path, offset, normal.bytes);
+    offset += normal.bytes.length;
+  }
+  refblock0Allocate(path, MiB, offset);
+  poke(path, 60, be(512, 4));
+}
+
+/**
  * Not a snapshot table, but the same open for check (QEMU's BDRV_O_CHECK): a lazy-refcounts image
  * left dirty by a crash is repaired by the check, not silently at open.
  */
@@ -261,6 +292,11 @@ const cases: Case[] = [
     build: tooManySnapshots,
     infoError: "Snapshot table too large",
     repairLine: "Discarding 65536 overhanging snapshots",
+  },
+  {
+    name: "a table that outgrows 64 MiB when repaired",
+    build: outgrowsWhenRepaired,
+    repairLine: "ERROR failed to update snapshot table: File too large",
   },
   { name: "a dirty image", build: dirtyImage, repairLine: "Rebuilding refcount structure" },
   { name: "an image marked corrupt", build: markedCorrupt, repairLine: "" },

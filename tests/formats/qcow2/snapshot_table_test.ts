@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { BlockError } from "../../../src/errors.ts";
 import { MemoryFile } from "../../../src/host/memory.ts";
 import {
+  listedNames,
   readSnapshotTable,
   serializeSnapshotTable,
   type SnapshotEntry,
@@ -117,4 +118,10 @@ Deno.test("readSnapshotTable refuses a table past 64 MiB, or drops the overhangi
   assert.equal(t.reduced, 1);
   assert.equal(t.entries.length, count - 1);
   assert.equal(t.bytes, (count - 1) * size - 2);
+});
+
+Deno.test("listedNames cuts IDs to 127 and names to 255 bytes, as QEMUSnapshotInfo holds them", () => {
+  const e = entry("i".repeat(200), "n".repeat(300), 24);
+  assert.deepEqual(listedNames(e), { id: "i".repeat(127), name: "n".repeat(255) });
+  assert.deepEqual(listedNames(entry("1", "short", 24)), { id: "1", name: "short" });
 });
