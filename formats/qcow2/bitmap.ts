@@ -526,6 +526,8 @@ export class Qcow2Bitmaps {
    * the old directory freed) on close.
    */
   #ext: BitmapsExtension | undefined;
+  /** Open quiet() handles. */
+  #quiet = 0;
 
   private constructor(host: BitmapHost, writable: boolean) {
     this.#host = host;
@@ -641,8 +643,18 @@ export class Qcow2Bitmaps {
 
   /** Mark guest bytes dirty in every enabled bitmap (writes, zero writes, discards). */
   mark(offset: number, length: number): void {
+    if (this.#quiet > 0) return;
     const t = this.#tracking;
     for (let i = 0; i < t.length; i++) t[i]!.mark(offset, length);
+  }
+
+  /**
+   * Stop marking until the returned handle is disposed (`using`): the zeroes an image resize
+   * writes into its new range are not guest writes.
+   */
+  quiet(): Disposable {
+    this.#quiet++;
+    return { [Symbol.dispose]: () => void this.#quiet-- };
   }
 
   /** A bitmap was enabled or disabled: what writes mark changes. */

@@ -1605,6 +1605,8 @@ export class Qcow2Node implements BlockNode {
       else if (size < this.size) await this.#shrink(size);
     });
     this.#bitmaps?.resize(size);
+    // What truncate writes into the new range is no guest write: QEMU's truncate marks no bitmap.
+    using _unmarked = this.#bitmaps?.quiet();
     if (size <= old) return;
     if (hostData) {
       // New data clusters hold the new range (the old last cluster copied into one of them).

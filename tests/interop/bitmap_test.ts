@@ -424,3 +424,23 @@ Deno.test({
     same(sv, sq);
   },
 });
+
+Deno.test({
+  name:
+    "growing an overlay over a longer backing file zeroes the new range without marking bitmaps",
+  ignore,
+  fn: async () => {
+    const base = p("grow.base.qcow2");
+    await ok("qemu-img", "create", "-f", "qcow2", base, "4M");
+    await ok("qemu-io", "-c", "write -P 1 0 4M", base);
+    const [v, q] = await pair("grow", "1M");
+    for (const f of [v, q]) {
+      await ok("qemu-img", "rebase", "-u", "-F", "qcow2", "-b", base, f);
+      await ok("qemu-img", "bitmap", "--add", "-g", "512", f, "b0");
+    }
+    const r = await vstor("qemu-img", "resize", v, "3M");
+    assert.equal(r.code, 0, r.stderr);
+    await ok("qemu-img", "resize", q, "3M");
+    same(v, q);
+  },
+});
