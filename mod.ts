@@ -16,6 +16,7 @@ export type { HostExtent, HostFile } from "./src/host/host_file.ts";
 export { type HostFileOptions, openHostFile } from "./src/host/file.ts";
 export { MemoryFile } from "./src/host/memory.ts";
 export { RawNode, type RawOptions } from "./formats/raw.ts";
+export { setCorruptionSink } from "./formats/qcow2/corruption.ts";
 export {
   createImage,
   type CreateOptions,

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { printCorruption } from "./corruption.ts";
 import { BlockError } from "../../src/errors.ts";
 import type {
   BlockNode,
@@ -107,10 +108,6 @@ function hexAlt(n: number): string {
 
 /** ENOMEDIUM: what every request on a node that found fatal corruption fails with (as QEMU). */
 const ENOMEDIUM = 123;
-
-function printToStderr(line: string): void {
-  Deno.stderr.writeSync(new TextEncoder().encode(line + "\n"));
-}
 
 /** Write options a qcow2 node understands beyond FUA. */
 export interface Qcow2WriteOptions extends WriteOptions {
@@ -215,7 +212,7 @@ export class Qcow2Node implements BlockNode {
     this.#lazy = hasFeature(header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
     this.#readOnly = (opts.readOnly ?? false) || file.readOnly;
     this.#backing = opts.backing;
-    this.#onCorruption = opts.onCorruption ?? printToStderr;
+    this.#onCorruption = opts.onCorruption ?? printCorruption;
 
     this.#l1 = new Uint8Array(header.l1Size * 8);
     file.readAt(header.l1TableOffset, this.#l1);

@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { setCorruptionSink } from "../../formats/qcow2/corruption.ts";
 import { BlockError } from "../errors.ts";
 
 /**
@@ -271,6 +272,16 @@ async function runVerb(name: string, verb: Verb, args: string[], io: CliIo): Pro
  * ```
  */
 export async function main(args: string[], io: CliIo = stdio): Promise<number> {
+  // Corruption notices of the images a command opens go to its stderr, as QEMU prints them.
+  const previous = setCorruptionSink((line) => io.stderr(line + "\n"));
+  try {
+    return await dispatch(args, io);
+  } finally {
+    setCorruptionSink(previous);
+  }
+}
+
+async function dispatch(args: string[], io: CliIo): Promise<number> {
   const [name, ...rest] = args;
   if (name === "qemu-img") return await qemuImgMain(rest, io);
   if (name === "qemu-io") return await qemuIoDropIn(rest, io);

@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { ignoreWithout } from "./qemu.ts";
-import { withTempDir } from "./qcow2_matrix.ts";
+import { vstor, withTempDir } from "./qcow2_matrix.ts";
 
 const ignore = ignoreWithout("qemu-img") || ignoreWithout("qemu-io");
 const MOD = new URL("../../mod.ts", import.meta.url).pathname;
@@ -132,3 +132,21 @@ for (const verb of ["read", "write"]) {
     });
   }
 }
+
+Deno.test({
+  name: "corrupt L2 entries: in-process, the notice goes to the command's own stderr",
+  ignore,
+  fn: () =>
+    withTempDir("vstor-corrupt-", async (dir) => {
+      const image = join(dir, "t.qcow2");
+      await run("qemu-img", ["create", "-f", "qcow2", "-o", "extended_l2=on", image, "1M"]);
+      await run("qemu-io", ["-c", "write -q 32k 128k", image]);
+      await poke(image, L2 + 24, [0, 0, 0, 1]);
+      const r = await vstor("qemu-io", "-c", "read 0 192k", image);
+      assert.match(
+        r.output,
+        /^qcow2: Marking image as corrupt: Invalid cluster entry found {2}\(L2 offset: 0x40000, L2 index: 0x1\); further corruption events will be suppressed$/m,
+      );
+      assert.match(r.output, /read failed: Input\/output error/);
+    }),
+});
