@@ -30,11 +30,6 @@ async function allocatedIn(
   return [st.kind !== "unallocated" && st.kind !== "eof", Math.max(1, st.length)];
 }
 
-function isZero(buf: Uint8Array): boolean {
-  for (let i = 0; i < buf.length; i++) if (buf[i] !== 0) return false;
-  return true;
-}
-
 /** Options of {@linkcode commitImage}. */
 export interface CommitOptions {
   /** The backing file (as a path) to commit into; default the overlay's immediate backing file. */
@@ -110,20 +105,25 @@ export async function commitImage(path: string, opts: CommitOptions = {}): Promi
       const buf = new Uint8Array(CHUNK);
       for (let pos = 0; pos < top.size;) {
         let len = Math.min(CHUNK, top.size - pos);
-        let allocated = false;
+        // The first layer above the base that holds the range decides what is copied: zeroes
+        // it records become zero writes that may unmap, anything else is copied as data (as
+        // QEMU's commit job, a mirror with unmap on).
+        let found: "zero" | "data" | undefined;
         for (const layer of layers) {
-          const [here, n] = await allocatedIn(layer, pos, len);
-          len = Math.min(len, n);
-          if (here) {
-            allocated = true;
+          if (pos >= layer.size) continue;
+          const st = await layer.blockStatus(pos, Math.min(len, layer.size - pos));
+          len = Math.min(len, Math.max(1, st.length));
+          if (st.kind !== "unallocated" && st.kind !== "eof") {
+            found = st.kind === "zero" ? "zero" : "data";
             break;
           }
         }
-        if (allocated) {
+        if (found === "zero") {
+          await base.writeZeroes(pos, len, { unmap: true });
+        } else if (found === "data") {
           const part = buf.subarray(0, len);
           await top.read(pos, part);
-          if (isZero(part)) await base.writeZeroes(pos, len);
-          else await base.write(pos, part);
+          await base.write(pos, part);
         }
         pos += len;
         opts.onProgress?.(pos, top.size);
@@ -296,9 +296,16 @@ async function copyDifferences(
   onProgress?: Progress,
 ): Promise<void> {
   const oldBase = overlay.backing;
+  const oldEnd = oldBase?.size ?? 0;
   const a = new Uint8Array(CHUNK), b = new Uint8Array(CHUNK);
   for (let pos = 0; pos < overlay.size;) {
-    const [here, n] = await allocatedIn(overlay, pos, Math.min(CHUNK, overlay.size - pos));
+    let [here, n] = await allocatedIn(overlay, pos, Math.min(CHUNK, overlay.size - pos));
+    // As qemu-img rebase: a piece lies wholly below or wholly past the old backing file's end;
+    // past it the old view is zeroes, kept with zero writes rather than zero data.
+    if (pos < oldEnd && pos + n > oldEnd) n = oldEnd - pos;
+    // (v2 has no zero flag: a zero write there could deallocate, and the new backing file would
+    // show through — QEMU 7.2 loses data that way; vstor writes the zeroes as data.)
+    const oldIsZero = pos >= oldEnd && overlay.header.version === 3;
     if (!here) {
       const oldPart = a.subarray(0, n), newPart = b.subarray(0, n);
       await readView(oldBase, pos, oldPart);
@@ -318,7 +325,8 @@ async function copyDifferences(
         }
         if (differs && runStart < 0) runStart = s;
         if (!differs && runStart >= 0) {
-          await overlay.write(pos + runStart, oldPart.subarray(runStart, s));
+          if (oldIsZero) await overlay.writeZeroes(pos + runStart, s - runStart);
+          else await overlay.write(pos + runStart, oldPart.subarray(runStart, s));
           runStart = -1;
         }
       }

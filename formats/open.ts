@@ -134,9 +134,7 @@ function driverFor(name: string, path: string): FormatDriver {
   const known = PLANNED_FORMATS.has(name);
   throw new BlockError(
     known ? "unsupported" : "invalid-argument",
-    known
-      ? `Image format '${name}' is not supported yet`
-      : `Unknown image format '${name}' (known: ${formatNames().join(", ")})`,
+    known ? `Image format '${name}' is not supported yet` : `Unknown driver '${name}'`, // QEMU's words for a format it has no driver for
     { path },
   );
 }

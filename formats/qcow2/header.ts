@@ -83,7 +83,6 @@ export interface Qcow2Header {
   otherExtensions: HeaderExtension[];
 }
 
-const FEATURE_TYPES = ["incompatible", "compatible", "autoclear"];
 /** The names QEMU 7.2 writes in its feature name table, in its order. */
 const KNOWN_FEATURE_NAMES: Array<[number, number, string]> = [
   [0, 0, "dirty bit"],
@@ -141,7 +140,8 @@ export function parseHeader(
     backingFileOffset: u64(view, 8, path, "backing file offset"),
     backingFileSize: view.getUint32(16),
     clusterBits,
-    size: u64(view, 24, path, "virtual size"),
+    // Checked against the L1 table's reach below, once the entry size is known.
+    size: Number(view.getBigUint64(24)),
     cryptMethod: view.getUint32(32),
     l1Size: view.getUint32(36),
     l1TableOffset: u64(view, 40, path, "L1 table offset"),
@@ -192,7 +192,7 @@ export function parseHeader(
   if (unknownIncompat !== 0n) {
     throw new BlockError(
       "unsupported",
-      `Unsupported qcow2 feature(s): ${featureList(h, 0, unknownIncompat)}`,
+      `Unsupported qcow2 feature(s): ${unsupportedFeatures(h, unknownIncompat)}`,
       {
         path,
       },
@@ -251,6 +251,20 @@ export function parseHeader(
   const entryBytes = (incompat & BigInt(INCOMPAT_EXTL2)) ? 16 : 8;
   const l2Entries = clusterSize / entryBytes;
   if (h.l1Size * 8 > MAX_L1_BYTES) throw invalid(path, "Active L1 table too large");
+  // As QEMU: an image whose L1 index would pass INT_MAX is too big; vstor's guest offsets are
+  // exact JavaScript numbers, so a size past 2^53 is refused too.
+  const sizeBig = view.getBigUint64(24);
+  const span = BigInt(clusterSize * l2Entries);
+  if ((sizeBig + span - 1n) / span > 0x7fffffffn) throw invalid(path, "Image is too big");
+  if (sizeBig > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new BlockError(
+      "unsupported",
+      `Image size ${sizeBig} is past what vstor supports (2^53)`,
+      {
+        path,
+      },
+    );
+  }
   const minL1 = Math.ceil(h.size / (clusterSize * l2Entries));
   if (h.l1Size < minL1) throw invalid(path, "L1 table is too small");
   if (h.l1Size > 0) {
@@ -279,13 +293,21 @@ export function parseHeader(
   return h;
 }
 
-function featureList(h: Qcow2Header, type: number, bits: bigint): string {
+/**
+ * QEMU's report_unsupported_feature: names from the feature table, in table order up to its
+ * first empty name, then the bits left as one hexadecimal mask.
+ */
+function unsupportedFeatures(h: Qcow2Header, mask: bigint): string {
   const names: string[] = [];
-  for (let bit = 0; bit < 64; bit++) {
-    if (!(bits & (1n << BigInt(bit)))) continue;
-    const name = h.featureNames.get(`${type}:${bit}`);
-    names.push(name ?? `Unknown ${FEATURE_TYPES[type]} feature bit ${bit}`);
+  for (const [key, name] of h.featureNames) {
+    if (name === "") break;
+    const [type, bit] = key.split(":").map(Number) as [number, number];
+    if (type === 0 && (mask & (1n << BigInt(bit)))) {
+      names.push(name);
+      mask &= ~(1n << BigInt(bit));
+    }
   }
+  if (mask !== 0n) names.push(`Unknown incompatible feature: ${mask.toString(16)}`);
   return names.join(", ");
 }
 
@@ -316,6 +338,7 @@ function parseExtensions(
       if (len > 1023) throw invalid(path, "Backing format name too long");
       h.backingFormat = new TextDecoder().decode(data);
     } else if (type === EXT_FEATURE_TABLE) {
+      h.featureNames.clear(); // as in QEMU, the last table read is the one used
       for (let i = 0; i + 48 <= len; i += 48) {
         const name = new TextDecoder().decode(data.subarray(i + 2, i + 48)).replace(/\0.*$/s, "");
         h.featureNames.set(`${data[i]}:${data[i + 1]}`, name);

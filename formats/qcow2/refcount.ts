@@ -156,8 +156,8 @@ export class Refcounts {
     const offset = hi * 0x100000000 + (lo >>> 0);
     if (offset % this.#clusterSize !== 0 || hi >= 0x200000) {
       throw this.#ctx.corrupt(
-        `Refblock offset 0x${offset.toString(16)} unaligned (reftable index 0x${
-          index.toString(16)
+        `Refblock offset 0x${offset.toString(16)} unaligned (reftable index: ${
+          index === 0 ? "0" : `0x${index.toString(16)}`
         })`,
         offset,
       );

@@ -101,12 +101,17 @@ Deno.test("a qcow2 header with a bad field is refused with a message naming the 
       "invalid-format",
       /exceeds cluster size/,
     ],
-    ["70000 snapshots", (f) => patch(f, 60, u32(70000)), "invalid-format", /Snapshot table too large/],
+    [
+      "70000 snapshots",
+      (f) => patch(f, 60, u32(70000)),
+      "invalid-format",
+      /Snapshot table too large/,
+    ],
     [
       "a huge virtual size",
       (f) => patch(f, 24, u64(2 ** 62)),
       "invalid-format",
-      /virtual size .* too large/,
+      /^Image is too big$/,
     ],
     [
       "a backing name past the cluster",
@@ -152,11 +157,11 @@ Deno.test("a qcow2 header with a bad field is refused with a message naming the 
   }
 });
 
-Deno.test("an unknown incompatible feature is named from the feature name table, or by its bit", async () => {
+Deno.test("an unknown incompatible feature is named from the feature name table, or as QEMU's mask", async () => {
   const file = await image();
   // Bit 5 is unknown to vstor; the table QEMU writes names bits 0-4 only.
   patch(file, 72, u64(1 << 5));
-  await refuses(file, "unsupported", /Unknown incompatible feature bit 5/);
+  await refuses(file, "unsupported", /: Unknown incompatible feature: 20$/);
   // Rename the table's entry for bit 4 to bit 5: now it has a name.
   const head = new Uint8Array(512);
   file.readAt(0, head);
