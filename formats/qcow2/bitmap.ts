@@ -298,6 +298,19 @@ function onesChunk(clusterSize: number): Uint8Array {
  * One dirty bitmap in memory: bit k covers guest bytes [k·g, (k+1)·g) for granularity g, stored
  * in chunks of one cluster each (the on-disk data cluster layout: least significant bit first),
  * allocated when first dirtied — memory follows what is dirty, not the image size.
+ *
+ * @example
+ * ```ts
+ * import { DirtyBitmap } from "./bitmap.ts";
+ * const bm = new DirtyBitmap("b0", {
+ *   granularityBits: 16,
+ *   enabled: true,
+ *   clusterSize: 65536,
+ *   size: 1 << 30,
+ * });
+ * bm.mark(65535, 2); // the last byte of granule 0, the first of granule 1
+ * if (!bm.get(0) || !bm.get(1) || bm.get(2) || bm.count() !== 2) throw new Error("bits");
+ * ```
  */
 export class DirtyBitmap {
   readonly name: string;
