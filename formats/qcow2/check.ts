@@ -890,13 +890,15 @@ function markClean(node: Qcow2Node): void {
  * Repair after a crash with lazy refcounts (QEMU runs check with both repairs on open): refcounts
  * are made to match the references, the structure rebuilt where a cluster in use has none.
  *
+ * @returns the check's report (its lines are what QEMU prints while it repairs)
  * @throws {Error} when the image cannot be made consistent
  */
-export function rebuildRefcounts(node: Qcow2Node): void {
+export function rebuildRefcounts(node: Qcow2Node): CheckReport {
   const report = checkImage(node, { leaks: true, errors: true });
   if (report.failed !== undefined || report.corruptions > 0 || report.checkErrors > 0) {
     throw new Error(
       `Could not repair the image's refcounts: ${report.messages.slice(-3).join("; ")}`,
     );
   }
+  return report;
 }

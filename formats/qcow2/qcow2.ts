@@ -171,7 +171,7 @@ export class Qcow2Node implements BlockNode {
   readonly #subclusterSize: number;
   readonly #v3: boolean;
   readonly #unsafe: boolean;
-  readonly #lazy: boolean;
+  #lazy: boolean;
   #readOnly: boolean;
   #corrupt = false;
   /** A corruption was signalled (QEMU's signaled_corruption): later notices are suppressed. */
@@ -265,6 +265,35 @@ export class Qcow2Node implements BlockNode {
     );
   }
 
+  /**
+   * QEMU's `lazy-refcounts` runtime option (reopen): on, refcount updates may stay in memory
+   * while the image is marked dirty; off, they are written out and the image is marked clean.
+   *
+   * @throws {BlockError} `unsupported` on a v2 image, as QEMU refuses it
+   */
+  async setLazyRefcounts(on: boolean): Promise<void> {
+    this.#live();
+    if (on && !this.#v3) {
+      throw new BlockError(
+        "unsupported",
+        "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level",
+        { path: this.filename },
+      );
+    }
+    if (on === this.#lazy) return;
+    await this.#mutex.run(() => {
+      if (!on && this.#dirtyMarked) {
+        this.#flushAll(true);
+        this.header.incompatibleFeatures &= ~BigInt(INCOMPAT_DIRTY);
+        this.#writeHeader();
+        this.#barrier();
+        this.#dirtyMarked = false;
+      }
+      this.#lazy = on;
+      return Promise.resolve();
+    });
+  }
+
   /** Reload the refcount structure after repair replaced it (header already points at it). */
   reloadRefcounts(): void {
     this.refcounts = this.#makeRefcounts();
@@ -272,7 +301,7 @@ export class Qcow2Node implements BlockNode {
 
   /** Write every cached table and apply deferred frees (before check or repair reads the file). */
   flushMetadata(): void {
-    this.#flushAll();
+    this.#flushAll(true);
   }
 
   /**
@@ -338,7 +367,8 @@ export class Qcow2Node implements BlockNode {
       rewrite = true;
     }
     if (!check && hasFeature(h.incompatibleFeatures, INCOMPAT_DIRTY)) {
-      rebuildRefcounts(this);
+      // QEMU runs its check with both repairs here, and its lines go to stderr.
+      for (const line of rebuildRefcounts(this).messages) printCorruption(line);
       h.incompatibleFeatures &= ~BigInt(INCOMPAT_DIRTY);
       rewrite = true;
     }
@@ -878,10 +908,9 @@ export class Qcow2Node implements BlockNode {
         if (hi & HI_COPIED) table.view.setUint32(at, (hi & ~HI_COPIED) >>> 0);
       }
     }
-    if (!this.#lazy) {
-      this.refcounts.flush();
-      this.#barrier();
-    }
+    // As QEMU's l2_allocate: the new table's refcount reaches the disk first, lazy or not.
+    this.refcounts.flush();
+    this.#barrier();
     this.#writeL2Tables([table]);
     this.#barrier();
     const [hi, lo] = encodeEntry(offset, true, false);
@@ -1508,12 +1537,18 @@ export class Qcow2Node implements BlockNode {
     });
   }
 
-  #flushAll(): void {
+  /**
+   * Write the cached tables and apply deferred frees. While lazy refcounts have the image marked
+   * dirty, refcount blocks stay in memory unless `all` (QEMU's qcow2_need_accurate_refcounts):
+   * a crash then leaves refcounts that the next open repairs.
+   */
+  #flushAll(all = false): void {
     if (this.#corrupt) return;
-    this.refcounts.flush();
+    const refcounts = all || !(this.#lazy && this.#dirtyMarked);
+    if (refcounts) this.refcounts.flush();
     this.#barrier();
     this.#applyFrees();
-    this.refcounts.flush();
+    if (refcounts) this.refcounts.flush();
     this.#barrier();
   }
 
@@ -1891,7 +1926,7 @@ export class Qcow2Node implements BlockNode {
         // Bitmaps are stored first, as QEMU's qcow2_inactivate does.
         const bitmaps = this.#bitmaps;
         if (bitmaps !== undefined) await this.#mutex.run(() => Promise.resolve(bitmaps.store()));
-        await this.flush();
+        await this.#mutex.run(() => Promise.resolve(this.#flushAll(true)));
         if (this.#dirtyMarked) {
           this.header.incompatibleFeatures &= ~BigInt(INCOMPAT_DIRTY);
           this.#writeHeader();

@@ -300,7 +300,7 @@ export const closeCommand: Command = {
   },
 };
 
-const REOPEN_KEYS = new Set(["read-only", "cache.direct", "cache.no-flush"]);
+const REOPEN_KEYS = new Set(["read-only", "cache.direct", "cache.no-flush", "lazy-refcounts"]);
 
 export const reopenCommand: Command = {
   name: "reopen",
@@ -354,6 +354,7 @@ export const reopenCommand: Command = {
       return false;
     }
     const keys = new Set(options.map(([key]) => key));
+    let lazyRefcounts: boolean | undefined;
     if (keys.has("read-only") && hasRw) {
       s.report("Cannot set both -r/-w and 'read-only'");
       return false;
@@ -382,7 +383,21 @@ export const reopenCommand: Command = {
       }
       if (key === "read-only") readOnly = on;
       else if (key === "cache.direct") cache = { ...cache, direct: on };
+      else if (key === "lazy-refcounts") lazyRefcounts = on;
       else cache = { ...cache, noFlush: on };
+    }
+    if (lazyRefcounts !== undefined) {
+      const node = image.node as { setLazyRefcounts?: (on: boolean) => Promise<void> };
+      if (node.setLazyRefcounts === undefined) {
+        s.report(`Cannot change the option 'lazy-refcounts'`);
+        return false;
+      }
+      try {
+        await node.setLazyRefcounts(lazyRefcounts);
+      } catch (e) {
+        s.report(messageOf(e));
+        return false;
+      }
     }
     if (cache.direct) {
       s.report("Cannot reopen with cache.direct=on: vstor does not support O_DIRECT yet");
