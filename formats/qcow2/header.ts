@@ -339,8 +339,10 @@ function parseExtensions(
       h.backingFormat = new TextDecoder().decode(data);
     } else if (type === EXT_FEATURE_TABLE) {
       h.featureNames.clear(); // as in QEMU, the last table read is the one used
-      for (let i = 0; i + 48 <= len; i += 48) {
-        const name = new TextDecoder().decode(data.subarray(i + 2, i + 48)).replace(/\0.*$/s, "");
+      // A short last entry reads as zero-padded, as QEMU reads the table into a zeroed buffer.
+      for (let i = 0; i + 2 <= len; i += 48) {
+        const name = new TextDecoder().decode(data.subarray(i + 2, Math.min(len, i + 48)))
+          .replace(/\0.*$/s, "");
         h.featureNames.set(`${data[i]}:${data[i + 1]}`, name);
       }
     } else {
