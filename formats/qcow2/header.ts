@@ -99,9 +99,21 @@ function invalid(path: string, message: string): BlockError {
   return new BlockError("invalid-format", message, { path });
 }
 
-function u64(view: DataView, at: number, path: string, what: string): number {
+/**
+ * A table offset field, checked as QEMU's qcow2_validate_table checks it (the table must end
+ * below 2^63; vstor also needs an exact JavaScript number, which every host offset below 2^56
+ * is): past that it is "TABLE offset invalid".
+ */
+function u64(view: DataView, at: number, path: string, table: string): number {
   const v = view.getBigUint64(at);
-  if (v > BigInt(MAX_HOST_OFFSET)) throw invalid(path, `The qcow2 ${what} ${v} is too large`);
+  if (v > BigInt(MAX_HOST_OFFSET)) throw invalid(path, `${table} offset invalid`);
+  return Number(v);
+}
+
+/** QEMU: a backing file name must start inside the header cluster. */
+function backingOffset(view: DataView, clusterSize: number, path: string): number {
+  const v = view.getBigUint64(8);
+  if (v > BigInt(clusterSize)) throw invalid(path, "Invalid backing file offset");
   return Number(v);
 }
 
@@ -137,18 +149,18 @@ export function parseHeader(
   const clusterSize = 2 ** clusterBits;
   const h: Qcow2Header = {
     version,
-    backingFileOffset: u64(view, 8, path, "backing file offset"),
+    backingFileOffset: backingOffset(view, clusterSize, path),
     backingFileSize: view.getUint32(16),
     clusterBits,
     // Checked against the L1 table's reach below, once the entry size is known.
     size: Number(view.getBigUint64(24)),
     cryptMethod: view.getUint32(32),
     l1Size: view.getUint32(36),
-    l1TableOffset: u64(view, 40, path, "L1 table offset"),
-    refcountTableOffset: u64(view, 48, path, "refcount table offset"),
+    l1TableOffset: u64(view, 40, path, "Active L1 table"),
+    refcountTableOffset: u64(view, 48, path, "Reference count table"),
     refcountTableClusters: view.getUint32(56),
     nbSnapshots: view.getUint32(60),
-    snapshotsOffset: u64(view, 64, path, "snapshot table offset"),
+    snapshotsOffset: u64(view, 64, path, "Snapshot table"),
     incompatibleFeatures: 0n,
     compatibleFeatures: 0n,
     autoclearFeatures: 0n,
@@ -321,17 +333,15 @@ function parseExtensions(
   const end = Math.min(clusterSize, head.length, h.backingFileOffset || Infinity);
   const view = new DataView(head.buffer, head.byteOffset, head.byteLength);
   let at = h.headerLength;
-  while (at + 8 <= end) {
+  // As qcow2_read_extensions: every extension, the end marker included, must fit before the
+  // backing file name (or the end of the header cluster).
+  while (at < end) {
+    if (at + 8 > end) throw invalid(path, "Header extension too large");
     const type = view.getUint32(at);
     const len = view.getUint32(at + 4);
     at += 8;
+    if (len > end - at) throw invalid(path, "Header extension too large");
     if (type === EXT_END) return;
-    if (len > end - at) {
-      throw invalid(
-        path,
-        `Header extension 0x${type.toString(16)} is past the end of the header cluster`,
-      );
-    }
     const data = head.slice(at, at + len);
     at += Math.ceil(len / 8) * 8;
     if (type === EXT_BACKING_FORMAT) {

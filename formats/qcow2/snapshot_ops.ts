@@ -124,6 +124,21 @@ export function createSnapshot(
 }
 
 /**
+ * A snapshot's L1 table as QEMU validates it before use (qcow2_validate_table, "Snapshot L1
+ * table"): at most 32 MiB, cluster-aligned, inside what a host offset can be.
+ */
+function checkSnapshotL1(node: Qcow2Node, sn: SnapshotEntry): void {
+  if (sn.l1Size * 8 > MAX_L1_BYTES) {
+    throw new BlockError("invalid-format", "Snapshot L1 table too large", { path: node.filename });
+  }
+  if (sn.l1TableOffset % node.clusterSize !== 0 || !Number.isSafeInteger(sn.l1TableOffset)) {
+    throw new BlockError("invalid-format", "Snapshot L1 table offset invalid", {
+      path: node.filename,
+    });
+  }
+}
+
+/**
  * Revert the active state to a snapshot (found by ID or name); the virtual size follows it.
  *
  * @throws {BlockError} `not-found` when no snapshot matches
@@ -138,11 +153,7 @@ export function applySnapshot(node: Qcow2Node, key: string): Promise<void> {
         path: node.filename,
       });
     }
-    if (sn.l1Size * 8 > MAX_L1_BYTES) {
-      throw new BlockError("invalid-format", "Snapshot L1 table too large", {
-        path: node.filename,
-      });
-    }
+    checkSnapshotL1(node, sn);
     node.flushMetadata();
     const cs = node.clusterSize;
     const snL1 = new Uint8Array(sn.l1Size * 8);
@@ -174,6 +185,7 @@ export function deleteSnapshot(node: Qcow2Node, name: string): Promise<void> {
     if (sn === undefined) {
       throw new BlockError("not-found", "snapshot not found", { path: node.filename });
     }
+    checkSnapshotL1(node, sn);
     node.flushMetadata();
     const l1 = new Uint8Array(sn.l1Size * 8);
     node.file.readAt(sn.l1TableOffset, l1);

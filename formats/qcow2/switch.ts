@@ -93,6 +93,14 @@ export class Transition {
           continue;
         }
         const host = entryOffset(hi, lo);
+        if (host < 0 || host % cs !== 0) {
+          throw corrupt(
+            node,
+            `Cluster allocation offset 0x${(host < 0 ? 0 : host).toString(16)} unaligned ` +
+              `(L2 offset: 0x${l2.toString(16)}, L2 index: 0x${(at / entryBytes).toString(16)})`,
+            l2 + at,
+          );
+        }
         if (host > 0) this.add(host / cs, 1, sign);
       }
     }

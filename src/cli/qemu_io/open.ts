@@ -206,7 +206,26 @@ function checkDriver(format: string): void {
   throw new OpenError(`Unknown driver '${format}'`);
 }
 
-const QCOW2_KEYS = new Set(["l2-cache-size", "refcount-cache-size", "cache-clean-interval"]);
+const QCOW2_KEYS = new Set([
+  "l2-cache-size",
+  "refcount-cache-size",
+  "cache-clean-interval",
+  // vstor checks every metadata write against every structure whatever these say (QEMU's
+  // overlap checks are a subset of that); the keys are accepted so scripts that set them run.
+  "overlap-check",
+  "overlap-check.template",
+  ...[
+    "main-header",
+    "active-l1",
+    "active-l2",
+    "refcount-table",
+    "refcount-block",
+    "snapshot-table",
+    "inactive-l1",
+    "inactive-l2",
+    "bitmap-directory",
+  ].map((part) => `overlap-check.${part}`),
+]);
 const RAW_KEYS = new Set(["offset", "size"]);
 
 /** The request with its `-o` options folded in; throws OpenError for a bad value. */
