@@ -271,13 +271,12 @@ export async function convertImages(
   if (opts.snapshot !== undefined && sources.length > 1) {
     throw new BlockError("invalid-argument", "No support for concatenating multiple snapshot");
   }
-  if (opts.backingFile !== undefined && opts.noCreate) {
-    throw new BlockError("invalid-argument", "Cannot use -B together with -n");
-  }
-  if (opts.backingFile !== undefined && format === "raw") {
+  // With -n, -B only says the target has a backing file (what the source's top layer does not
+  // hold is left alone); the existing target is not changed, so nothing about it is checked.
+  if (opts.backingFile !== undefined && !opts.noCreate && format === "raw") {
     throw new BlockError("unsupported", "Backing file not supported for file format 'raw'");
   }
-  if (opts.backingFile !== undefined && opts.backingFormat === undefined) {
+  if (opts.backingFile !== undefined && !opts.noCreate && opts.backingFormat === undefined) {
     throw new BlockError(
       "invalid-argument",
       "Use of backing file requires explicit backing format",
@@ -368,7 +367,10 @@ export async function convertImages(
         for (let at = 0; at < span;) {
           const [status, n] = await concat.status(pos + at, span - at);
           parts.push([at, n, status]);
-          if (status === "data") hasData.fill(1, Math.floor(at / cs), Math.ceil((at + n) / cs));
+          // -S 0 keeps the target fully allocated: zero runs are written too (as zero data).
+          if (status === "data" || (status === "zero" && sparse === 0)) {
+            hasData.fill(1, Math.floor(at / cs), Math.ceil((at + n) / cs));
+          }
           at += n;
         }
         const zeroRuns: Array<[number, number]> = [];
