@@ -351,6 +351,21 @@ export async function convertImages(
     const inflight: Array<Promise<void>> = [];
     const spare: Array<Uint8Array<ArrayBuffer>> = [];
     let lastWrite: Promise<void> = Promise.resolve();
+    // Progress counts what will be copied (data, and zero runs under -S 0) out of all of it,
+    // found by one pass over the source's status first, as qemu-img's convert_do_copy does.
+    const copied = (status: Status) => status === "data" || (status === "zero" && sparse === 0);
+    let allocatedTotal = 0, allocatedDone = 0;
+    if (opts.onProgress) {
+      for (let at = 0; at < total;) {
+        const [status, length] = await concat.status(at, Math.min(total - at, MAX_STATUS));
+        if (copied(status)) allocatedTotal += length;
+        at += Math.max(1, length);
+      }
+    }
+    const progress = (n: number) => {
+      allocatedDone += n;
+      if (allocatedTotal > 0) opts.onProgress?.(allocatedDone, allocatedTotal);
+    };
     for (let pos = 0; pos < total;) {
       // Compressed output works in whole target clusters: one chunk, whatever the status inside.
       const span = Math.min(chunk, total - pos);
@@ -416,7 +431,7 @@ export async function convertImages(
         inflight.push(lastWrite);
         while (inflight.length > 2 * pool!.size) await inflight.shift();
         pos += span;
-        opts.onProgress?.(pos, total);
+        progress(parts.reduce((sum, [, n, st]) => copied(st) ? sum + n : sum, 0));
         continue;
       }
       // As qemu-img's convert_iteration_sectors: one status run as far as it goes, its end
@@ -451,7 +466,7 @@ export async function convertImages(
         await out.writeZeroes(pos, n, UNMAP);
       }
       pos += n;
-      opts.onProgress?.(pos, total);
+      if (copied(status)) progress(n);
     }
     await Promise.all(inflight);
     // As QEMU's final zero-length compressed write: the file ends on a sector boundary.
