@@ -110,7 +110,12 @@ export async function commitImage(path: string, opts: CommitOptions = {}): Promi
         // QEMU's commit job, a mirror with unmap on).
         let found: "zero" | "data" | undefined;
         for (const layer of layers) {
-          if (pos >= layer.size) continue;
+          // Past the end of a layer below the top, the layers above read zeroes (a backing file
+          // shows nothing beyond its end): those zeroes are what the base must hold.
+          if (pos >= layer.size) {
+            found = "zero";
+            break;
+          }
           const st = await layer.blockStatus(pos, Math.min(len, layer.size - pos));
           len = Math.min(len, Math.max(1, st.length));
           if (st.kind !== "unallocated" && st.kind !== "eof") {

@@ -451,9 +451,29 @@ export class Qcow2Node implements BlockNode {
       throw new BlockError("read-only", "Image is read-only", { path: this.filename });
     }
     const cs = this.clusterSize;
+    // Without snapshots or bitmaps QEMU empties the image completely (no L2 tables are left); it
+    // rebuilds the image under the dirty bit, vstor drops each table after its L1 entry is gone
+    // (a crash leaks, never corrupts). With them, it discards every cluster and keeps the tables.
+    const dropTables = this.#v3 && this.header.nbSnapshots === 0 &&
+      (this.#bitmaps?.list.length ?? 0) === 0;
     await this.#mutex.run(() => {
       for (let l1Index = 0; l1Index < this.header.l1Size; l1Index++) {
-        if (this.#l1Entry(l1Index) === 0) continue;
+        const tableOffset = this.#l1Entry(l1Index);
+        if (tableOffset === 0) continue;
+        if (dropTables) {
+          const table = this.#l2Table(l1Index)!;
+          for (let at = 0; at < cs; at += this.#entryBytes) {
+            this.#releaseEntry(table.view.getUint32(at), table.view.getUint32(at + 4));
+          }
+          this.#l1View.setUint32(l1Index * 8, 0);
+          this.#l1View.setUint32(l1Index * 8 + 4, 0);
+          this.file.writeAt(
+            this.header.l1TableOffset + l1Index * 8,
+            this.#l1.subarray(l1Index * 8, l1Index * 8 + 8),
+          );
+          this.#freeLater(tableOffset / cs, 1, true);
+          continue;
+        }
         const first = l1Index * this.#l2Entries;
         for (let i = 0; i < this.#l2Entries && (first + i) * cs < this.size; i++) {
           const existing = this.#slot((first + i) * cs, false)!;
@@ -1613,7 +1633,14 @@ export class Qcow2Node implements BlockNode {
     const zeroNewRange = size > old && this.backing !== undefined && this.backing.size > old;
     // falloc/full give zeroes from the file itself (QEMU's file-level BDRV_REQ_ZERO_WRITE).
     const hostData = mode === "falloc" || mode === "full";
-    if (zeroNewRange && !this.#v3 && !hostData) {
+    // QEMU zeroes [align_up(old, subcluster), size) with flags; what it cannot flag makes the
+    // resize fail before the size changes: any such range on v2, or a partial compressed cluster.
+    const zeroStart = Math.ceil(old / this.#subclusterSize) * this.#subclusterSize;
+    const flagsNeeded = zeroNewRange && !hostData && zeroStart < size;
+    if (
+      flagsNeeded &&
+      (!this.#v3 || (zeroStart % this.clusterSize !== 0 && this.#compressedAt(zeroStart)))
+    ) {
       throw new BlockError(
         "unsupported",
         "Failed to zero out new clusters: Operation not supported",
@@ -1658,6 +1685,12 @@ export class Qcow2Node implements BlockNode {
     if (tailEnd > old && !(await this.#readsZero(old, tailEnd - old))) {
       await this.writeZeroes(old, tailEnd - old);
     }
+  }
+
+  /** Whether the cluster holding guest offset `guestOffset` is a compressed cluster. */
+  #compressedAt(guestOffset: number): boolean {
+    const slot = this.#slot(guestOffset, false);
+    return slot !== undefined && (slot.table.view.getUint32(slot.at) & HI_COMPRESSED) !== 0;
   }
 
   /**
