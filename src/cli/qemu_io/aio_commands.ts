@@ -8,7 +8,7 @@
 import { checkRange, writeBytes, zeroBytes } from "./ranges.ts";
 import type { Command } from "./session.ts";
 import { EIO, errnoText, getopt, IoFailure } from "./text.ts";
-import { iovecLengths, readRange, sum, unmapAllowed } from "./io_commands.ts";
+import { iovecLengths, readRange, sum, unmapAllowed, vectoredRequest } from "./io_commands.ts";
 
 export const aioReadCommand: Command = {
   name: "aio_read",
@@ -55,16 +55,9 @@ export const aioReadCommand: Command = {
         pattern = p;
       }
     }
-    if (parsed.error !== undefined || parsed.operands.length < 2) {
-      if (parsed.error !== undefined) s.err(parsed.error);
-      s.usage(this);
-      return false;
-    }
-    const offset = s.cvtnum(parsed.operands[0] ?? "");
-    if (offset === undefined) return false;
-    const lengths = iovecLengths(s, parsed.operands.slice(1));
-    if (lengths === undefined) return false;
-    const size = sum(lengths);
+    const request = vectoredRequest(s, this, parsed);
+    if (request === undefined) return false;
+    const { offset, size } = request;
     // The request runs now; what qemu-io prints when it completes waits for the event loop.
     const t0 = performance.now();
     let buf: Uint8Array | undefined;

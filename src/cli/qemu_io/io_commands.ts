@@ -15,6 +15,7 @@ import {
   hostErrorText,
   IoFailure,
   messageOf,
+  type ParsedOpts,
   strerror,
 } from "./text.ts";
 
@@ -177,6 +178,28 @@ export const readCommand: Command = {
   },
 };
 
+/**
+ * The operands of readv/writev/aio_read/aio_write: OFFSET then one length per iovec, checked as
+ * qemu-io checks them (usage after a getopt complaint or a missing operand); undefined after a
+ * complaint.
+ */
+export function vectoredRequest(
+  s: Session,
+  command: Command,
+  parsed: ParsedOpts,
+): { offset: bigint; size: number } | undefined {
+  if (parsed.error !== undefined || parsed.operands.length < 2) {
+    if (parsed.error !== undefined) s.err(parsed.error);
+    s.usage(command);
+    return undefined;
+  }
+  const offset = s.cvtnum(parsed.operands[0] ?? "");
+  if (offset === undefined) return undefined;
+  const lengths = iovecLengths(s, parsed.operands.slice(1));
+  if (lengths === undefined) return undefined;
+  return { offset, size: sum(lengths) };
+}
+
 /** create_iovec(): the lengths of a vectored request, checked; undefined after a complaint. */
 export function iovecLengths(s: Session, args: readonly string[]): number[] | undefined {
   const lengths: number[] = [];
@@ -240,16 +263,9 @@ export const readvCommand: Command = {
         pattern = p;
       }
     }
-    if (parsed.error !== undefined || parsed.operands.length < 2) {
-      if (parsed.error !== undefined) s.err(parsed.error);
-      s.usage(this);
-      return false;
-    }
-    const offset = s.cvtnum(parsed.operands[0] ?? "");
-    if (offset === undefined) return false;
-    const lengths = iovecLengths(s, parsed.operands.slice(1));
-    if (lengths === undefined) return false;
-    const size = sum(lengths);
+    const request = vectoredRequest(s, this, parsed);
+    if (request === undefined) return false;
+    const { offset, size } = request;
     let buf: Uint8Array;
     const t0 = performance.now();
     try {
@@ -463,16 +479,9 @@ export const writevCommand: Command = {
         pattern = p;
       }
     }
-    if (parsed.error !== undefined || parsed.operands.length < 2) {
-      if (parsed.error !== undefined) s.err(parsed.error);
-      s.usage(this);
-      return false;
-    }
-    const offset = s.cvtnum(parsed.operands[0] ?? "");
-    if (offset === undefined) return false;
-    const lengths = iovecLengths(s, parsed.operands.slice(1));
-    if (lengths === undefined) return false;
-    const size = sum(lengths);
+    const request = vectoredRequest(s, this, parsed);
+    if (request === undefined) return false;
+    const { offset, size } = request;
     const t0 = performance.now();
     try {
       checkRange(s.node, offset, BigInt(size));
