@@ -32,6 +32,8 @@ export interface OpenOptions {
   cache?: "writeback" | "unsafe";
   /** Open this image alone, without its backing chain (qemu-img info, rebase -u). */
   noBacking?: boolean;
+  /** The backing file's format, instead of the one the image records (QEMU's `backing.driver`). */
+  backingFormat?: string;
   /** qcow2 only: open for qemu-img check (QEMU's BDRV_O_CHECK; the check reads the snapshot table). */
   check?: boolean;
   /**
@@ -43,7 +45,7 @@ export interface OpenOptions {
 
 /** What the opener hands a driver. */
 export type DriverOpenOptions =
-  & Omit<OpenOptions, "format" | "forceShare" | "readOnly" | "noBacking">
+  & Omit<OpenOptions, "format" | "forceShare" | "readOnly" | "noBacking" | "backingFormat">
   & {
     readOnly: boolean;
     probed: boolean;
@@ -176,7 +178,14 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
       format = probeFormat(head);
     }
     const driver = driverFor(format, path);
-    const { format: _format, forceShare: _share, readOnly: _ro, noBacking: _nb, ...rest } = opts;
+    const {
+      format: _format,
+      forceShare: _share,
+      readOnly: _ro,
+      noBacking: _nb,
+      backingFormat: _bf,
+      ...rest
+    } = opts;
     node = await driver.open(file, { ...rest, readOnly, probed });
   } catch (e) {
     file.close();
@@ -209,7 +218,9 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
       backing = await openChain(backingPath, {
         readOnly: true,
         forceShare: opts.forceShare ?? false,
-        ...(name.format === undefined ? {} : { format: name.format }),
+        ...((opts.backingFormat ?? name.format) === undefined
+          ? {}
+          : { format: opts.backingFormat ?? name.format }),
         ...(opts.onWarning === undefined ? {} : { onWarning: opts.onWarning }),
       }, seen);
     } catch (e) {

@@ -281,6 +281,11 @@ export function applyOptions(
       case "copy-on-read":
         r.copyOnRead = parseBool(key, value);
         break;
+      case "backing.driver":
+        // The backing file's format, whatever the image records (it must be one vstor has).
+        if (!formatNames().includes(value)) throw new OpenError(`Unknown driver '${value}'`);
+        open.backingFormat = value;
+        break;
       case "l2-cache-size":
         open.l2CacheSize = parseBytes(key, value);
         formatKeys.push(key);
