@@ -761,6 +761,11 @@ export class Qcow2Node implements BlockNode {
   async read(offset: number, dst: Uint8Array): Promise<void> {
     this.#live();
     checkRequest(this, "read", offset, dst.length);
+    await this.#readAt(offset, dst);
+  }
+
+  /** Read guest bytes without the disk-size check (copy-on-write reads, the VM state area). */
+  async #readAt(offset: number, dst: Uint8Array): Promise<void> {
     let pos = 0;
     while (pos < dst.length) {
       const run = this.#mapRun(offset + pos, dst.length - pos);
@@ -1039,7 +1044,10 @@ export class Qcow2Node implements BlockNode {
     const headStart = head.hasData || !this.extendedL2
       ? first * cs
       : Math.floor(guestOffset / unit) * unit;
-    const tailEndLimit = Math.min((last + 1) * cs, this.size);
+    // Past the disk (the VM state area) a new cluster is filled whole, as QEMU fills it.
+    const tailEndLimit = guestOffset >= this.size
+      ? (last + 1) * cs
+      : Math.min((last + 1) * cs, this.size);
     const tailEnd = tail.hasData || !this.extendedL2
       ? tailEndLimit
       : Math.min(Math.ceil(writeEnd / unit) * unit, tailEndLimit);
@@ -1049,9 +1057,9 @@ export class Qcow2Node implements BlockNode {
     const headZero = headLen === 0 || this.#knownZero(headStart, headLen);
     const tailZero = tailLen === 0 || this.#knownZero(writeEnd, tailLen);
     const headBytes = headZero ? undefined : new Uint8Array(headLen);
-    if (headBytes) await this.read(headStart, headBytes);
+    if (headBytes) await this.#readAt(headStart, headBytes);
     const tailBytes = tailZero ? undefined : new Uint8Array(tailLen);
-    if (tailBytes) await this.read(writeEnd, tailBytes);
+    if (tailBytes) await this.#readAt(writeEnd, tailBytes);
 
     // From here on nothing awaits: allocation, data and L2 update happen together.
     this.#markDirty();
@@ -1216,10 +1224,10 @@ export class Qcow2Node implements BlockNode {
       ? src.subarray(0, consumed)
       : new Uint8Array(end - start);
     if (buf.length !== consumed) {
-      if (start < within) await this.read(c * cs + start, buf.subarray(0, within - start));
+      if (start < within) await this.#readAt(c * cs + start, buf.subarray(0, within - start));
       buf.set(src.subarray(0, consumed), within - start);
       if (end > within + consumed) {
-        await this.read(c * cs + within + consumed, buf.subarray(within + consumed - start));
+        await this.#readAt(c * cs + within + consumed, buf.subarray(within + consumed - start));
       }
     }
     this.#checkOverlap(host + start, buf.length);
@@ -1767,30 +1775,84 @@ export class Qcow2Node implements BlockNode {
       );
     }
     if (needed > this.header.l1Size) {
-      this.#flushAll();
-      const newL1 = new Uint8Array(needed * 8);
-      newL1.set(this.#l1);
-      const clusters = Math.ceil(newL1.length / cs);
-      const offset = this.#allocate(clusters);
-      this.refcounts.flush();
-      this.#barrier();
-      this.file.writeAt(offset, newL1);
-      this.#barrier();
-      const oldOffset = this.header.l1TableOffset, oldSize = this.header.l1Size;
-      this.header.l1TableOffset = offset;
-      this.header.l1Size = needed;
-      this.header.size = size;
-      this.#writeHeader();
-      this.#barrier();
-      this.#l1 = newL1;
-      this.#l1View = new DataView(newL1.buffer);
-      if (oldSize > 0) this.refcounts.change(oldOffset / cs, Math.ceil(oldSize * 8 / cs), -1);
-      this.refcounts.flush();
+      this.#growL1(needed, size);
     } else {
       this.header.size = size;
       this.#writeHeader();
     }
     this.#barrier();
+  }
+
+  /**
+   * Move the active L1 table to a larger copy of `entries` entries; the header switches to it
+   * (and to `size`) in one write, then the old table is freed.
+   */
+  #growL1(entries: number, size: number): void {
+    const cs = this.clusterSize;
+    this.#flushAll();
+    const newL1 = new Uint8Array(entries * 8);
+    newL1.set(this.#l1);
+    const clusters = Math.ceil(newL1.length / cs);
+    const offset = this.#allocate(clusters);
+    this.refcounts.flush();
+    this.#barrier();
+    this.file.writeAt(offset, newL1);
+    this.#barrier();
+    const oldOffset = this.header.l1TableOffset, oldSize = this.header.l1Size;
+    this.header.l1TableOffset = offset;
+    this.header.l1Size = entries;
+    this.header.size = size;
+    this.#writeHeader();
+    this.#barrier();
+    this.#l1 = newL1;
+    this.#l1View = new DataView(newL1.buffer);
+    if (oldSize > 0) this.refcounts.change(oldOffset / cs, Math.ceil(oldSize * 8 / cs), -1);
+    this.refcounts.flush();
+  }
+
+  /**
+   * Write QEMU's VM state area (qcow2_save_vmstate): guest bytes from {@linkcode vmStateOffset}
+   * on, past the disk, mapped by L1 entries past the disk's; the L1 table grows as QEMU grows
+   * it for them (by half again each time).
+   *
+   * @throws {BlockError} `out-of-range` past what an L1 table can map
+   */
+  async writeVmState(pos: number, src: Uint8Array): Promise<void> {
+    this.#live();
+    if (this.#readOnly) {
+      throw new BlockError("read-only", "Image is read-only", { path: this.filename });
+    }
+    this.#writable();
+    const offset = this.#vmStateRange(pos, src.length);
+    if (src.length === 0) return;
+    await this.#mutex.run(async () => {
+      const needed = Math.ceil((offset + src.length) / (this.clusterSize * this.#l2Entries));
+      if (needed > this.header.l1Size) {
+        let entries = Math.max(1, this.header.l1Size);
+        while (needed > entries) entries = Math.floor((entries * 3 + 1) / 2);
+        this.#growL1(entries, this.header.size);
+        this.#barrier();
+      }
+      await this.#writeSlow(offset, src);
+    });
+  }
+
+  /** Read QEMU's VM state area (qcow2_load_vmstate); what was never written reads as zeroes. */
+  async readVmState(pos: number, dst: Uint8Array): Promise<void> {
+    this.#live();
+    await this.#readAt(this.#vmStateRange(pos, dst.length), dst);
+  }
+
+  #vmStateRange(pos: number, length: number): number {
+    const offset = this.vmStateOffset + pos;
+    const limit = (MAX_L1_BYTES / 8) * this.clusterSize * this.#l2Entries;
+    if (!Number.isSafeInteger(pos) || pos < 0 || offset + length > limit) {
+      throw new BlockError("out-of-range", `VM state range ${pos}+${length} is out of range`, {
+        path: this.filename,
+        errno: 22,
+      });
+    }
+    return offset;
   }
 
   async #shrink(size: number): Promise<void> {

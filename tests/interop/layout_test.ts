@@ -52,6 +52,17 @@ const CASES: Array<{ name: string; create: string[]; commands: string[] }> = [
     create: ["-o", "extended_l2=on,cluster_size=16k", "100K"],
     commands: ["write -P 1 3k 50k", "truncate -m falloc 3M"],
   },
+  {
+    name: "VM state (write -b) lives past the disk, the L1 table growing by half as QEMU's",
+    create: ["64M"],
+    commands: [
+      "write -b -P 0x11 1T 4k",
+      "read -b -P 0x11 1T 4k",
+      "write -b -P 0x22 0 4M",
+      "read -b -P 0x22 2M 4k",
+      "write -P 0x33 0 64k",
+    ],
+  },
 ];
 
 for (const c of CASES) {

@@ -31,6 +31,9 @@ export interface IoNodeExtras {
   readonly clusterSize?: number;
   /** `info`: where VM state would be saved (0 when absent). */
   readonly vmStateOffset?: number;
+  /** `write -b`/`read -b`: the VM state area; nodes without it fail with "Operation not supported". */
+  writeVmState?(pos: number, src: Uint8Array): Promise<void>;
+  readVmState?(pos: number, dst: Uint8Array): Promise<void>;
 }
 
 /** qemu-io's sector checks for -b and -c. */
@@ -153,8 +156,14 @@ export const readCommand: Command = {
     let buf: Uint8Array;
     const t0 = performance.now();
     try {
-      if (vmState) throw new IoFailure(ENOTSUP);
-      buf = await readRange(s, offset, count);
+      if (vmState) {
+        const node = s.node as BlockNode & IoNodeExtras;
+        if (node.readVmState === undefined) throw new IoFailure(ENOTSUP);
+        buf = new Uint8Array(Number(count));
+        await node.readVmState(Number(offset), buf);
+      } else {
+        buf = await readRange(s, offset, count);
+      }
     } catch (e) {
       s.out(`read failed: ${errnoText(e)}`);
       return false;
@@ -411,17 +420,25 @@ export const writeCommand: Command = {
     }
     let buf: Uint8Array | undefined;
     if (!zeroes) {
-      const length = inside ? Number(count) : Math.min(Number(count), SECTOR_SIZE);
+      // The VM state area lies past the disk: its requests are not limited by the disk's size.
+      const length = inside || vmState ? Number(count) : Math.min(Number(count), SECTOR_SIZE);
       if (sourceFile !== undefined) {
         buf = bufferFromFile(s, sourceFile, length);
         if (buf === undefined) return false;
-      } else if (inside) {
+      } else if (inside || vmState) {
         buf = new Uint8Array(length).fill(pattern);
       }
     }
     const t0 = performance.now();
     try {
-      if (vmState) throw new IoFailure(ENOTSUP);
+      if (vmState) {
+        if (node.writeVmState === undefined) throw new IoFailure(ENOTSUP);
+        await node.writeVmState(Number(offset), buf!);
+        if (s.writethrough) await node.flush();
+        const elapsed = performance.now() - t0;
+        if (!quiet) s.printReport("wrote", elapsed, offset, Number(count), machine);
+        return true;
+      }
       const [at, length] = checkRange(node, offset, count);
       if (zeroes) {
         await zeroBytes(node, at, length, unmap && unmapAllowed(s), fua || s.writethrough);
