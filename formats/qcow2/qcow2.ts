@@ -220,10 +220,16 @@ export class Qcow2Node implements BlockNode {
 
     const l2Needed = Math.ceil(header.size / (this.#l2Entries * this.clusterSize)) *
       this.clusterSize;
-    const l2Budget = opts.l2CacheSize ??
-      Math.min(DEFAULT_L2_CACHE_MAX, Math.max(l2Needed, 2 * this.clusterSize));
-    const rcBudget = opts.refcountCacheSize ??
-      Math.max(DEFAULT_REFCOUNT_CACHE, 4 * this.clusterSize);
+    // As QEMU's read_cache_sizes: at least two L2 tables and four refcount blocks, whatever
+    // was asked for (0 included).
+    const l2Budget = Math.max(
+      2 * this.clusterSize,
+      opts.l2CacheSize ?? Math.min(DEFAULT_L2_CACHE_MAX, l2Needed),
+    );
+    const rcBudget = Math.max(
+      4 * this.clusterSize,
+      opts.refcountCacheSize ?? DEFAULT_REFCOUNT_CACHE,
+    );
     this.l2Cache = new TableCache(this.clusterSize, l2Budget, {
       // Past the end of a truncated file a table reads as zeroes, as QEMU reads it.
       load: (offset, dst) => file.readAt(offset, dst),

@@ -889,3 +889,31 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "qemu-io drop-in: cache-size, l2-cache-size, refcount-cache-size and l2-cache-entry-size as QEMU checks them",
+  ignore,
+  async fn() {
+    for (
+      const options of [
+        "cache-size=1.25M,l2-cache-size=1M,refcount-cache-size=0.25M",
+        "cache-size=1M,l2-cache-size=2M",
+        "cache-size=1M,refcount-cache-size=2M",
+        "cache-size=0,l2-cache-size=0,refcount-cache-size=0",
+        "l2-cache-entry-size=256",
+        "l2-cache-entry-size=4242",
+        "l2-cache-entry-size=128k",
+        "cache-size=0",
+        "l2-cache-size=0",
+        "cache-size=2M,refcount-cache-size=1M",
+        "l2-cache-entry-size=16k",
+      ]
+    ) {
+      await dropIn({
+        image: qcow2(),
+        args: cmds(`open -o ${options} IMAGE`, "read -q 0 64k"),
+      });
+    }
+  },
+});

@@ -207,6 +207,8 @@ function checkDriver(format: string): void {
 }
 
 const QCOW2_KEYS = new Set([
+  "cache-size",
+  "l2-cache-entry-size",
   "l2-cache-size",
   "refcount-cache-size",
   "cache-clean-interval",
@@ -231,9 +233,16 @@ const RAW_KEYS = new Set(["offset", "size"]);
 /** The request with its `-o` options folded in; throws OpenError for a bad value. */
 export function applyOptions(
   request: OpenRequest,
-): { request: OpenRequest; open: OpenOptions; formatKeys: string[] } {
+): {
+  request: OpenRequest;
+  open: OpenOptions;
+  formatKeys: string[];
+  l2CacheEntrySize: number | undefined;
+} {
   const r: OpenRequest = { ...request, cache: { ...request.cache } };
   const open: OpenOptions = {};
+  let cacheSize: number | undefined;
+  let l2CacheEntrySize: number | undefined;
   const formatKeys: string[] = [];
   for (const [key, value] of request.options) {
     switch (key) {
@@ -306,11 +315,43 @@ export function applyOptions(
         open.size = parseBytes(key, value);
         formatKeys.push(key);
         break;
+      case "cache-size":
+        cacheSize = parseBytes(key, value);
+        formatKeys.push(key);
+        break;
+      case "l2-cache-entry-size":
+        l2CacheEntrySize = parseBytes(key, value);
+        formatKeys.push(key);
+        break;
       default:
         formatKeys.push(key);
     }
   }
-  return { request: r, open, formatKeys };
+  if (cacheSize !== undefined) splitCacheSize(open, cacheSize);
+  return { request: r, open, formatKeys, l2CacheEntrySize };
+}
+
+/**
+ * QEMU's read_cache_sizes for `cache-size`: it may not be given with both other sizes, nor be
+ * smaller than either; what one of them leaves goes to the other (without either, L2 tables get
+ * what they need and refcount blocks the rest).
+ */
+function splitCacheSize(open: OpenOptions, combined: number): void {
+  const l2 = open.l2CacheSize, refcount = open.refcountCacheSize;
+  if (l2 !== undefined && refcount !== undefined) {
+    throw new OpenError(
+      "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
+    );
+  }
+  if (l2 !== undefined && l2 > combined) {
+    throw new OpenError("l2-cache-size may not exceed cache-size");
+  }
+  if (refcount !== undefined && refcount > combined) {
+    throw new OpenError("refcount-cache-size may not exceed cache-size");
+  }
+  if (l2 !== undefined) open.refcountCacheSize = combined - l2;
+  else if (refcount !== undefined) open.l2CacheSize = combined - refcount;
+  else open.l2CacheSize = combined;
 }
 
 /** An open image and how qemu-io drives it. */
@@ -347,7 +388,7 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
   ) {
     throw new OpenError("Must specify either driver or file");
   }
-  const { request: r, open, formatKeys } = applyOptions(request);
+  const { request: r, open, formatKeys, l2CacheEntrySize } = applyOptions(request);
   if (r.path === undefined) throw new OpenError('A block device must be specified for "file"');
   const path = r.path;
   if (r.format !== undefined) checkDriver(r.format);
@@ -381,6 +422,18 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
     if (bad !== undefined) {
       await node.close();
       throw new OpenError(`Block format '${node.format}' does not support the option '${bad}'`);
+    }
+  }
+  if (l2CacheEntrySize !== undefined && node instanceof Qcow2Node) {
+    // vstor caches whole L2 tables; the size is checked as QEMU checks it, then not needed.
+    const cs = node.clusterSize;
+    if (
+      l2CacheEntrySize < 512 || l2CacheEntrySize > cs || (l2CacheEntrySize & (l2CacheEntrySize - 1))
+    ) {
+      await node.close();
+      throw new OpenError(
+        `L2 cache entry size must be a power of two between 512 and the cluster size (${cs})`,
+      );
     }
   }
   const probedRaw = r.format === undefined && node.format === "raw" && !readOnly;
