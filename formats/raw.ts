@@ -42,6 +42,8 @@ export class RawNode implements BlockNode {
   readonly #unsafe: boolean;
   #size: number;
   #closed = false;
+  /** Something was written since the last flush (QEMU flushes only then: write_gen). */
+  #unflushed = false;
 
   private constructor(file: HostFile, opts: RawOptions, size: number) {
     this.#file = file;
@@ -110,8 +112,9 @@ export class RawNode implements BlockNode {
     this.#live();
     checkRequest(this, "write", offset, src.length);
     if (this.#probed && offset < PROBE_BYTES && src.length > 0) this.#guardFirstSector(offset, src);
+    this.#unflushed = true;
     this.#file.writeAt(this.#base + offset, src);
-    if (opts?.fua) this.#file.flush();
+    if (opts?.fua) this.#flushFile();
   }
 
   /** QEMU's probed-raw guard: the guest may not give its disk another format's signature. */
@@ -133,6 +136,7 @@ export class RawNode implements BlockNode {
   async writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void> {
     this.#live();
     checkRequest(this, "write-zeroes", offset, length);
+    this.#unflushed = true;
     if (opts?.unmap && this.#base + offset + length <= this.#file.size()) {
       this.#file.punchHole(this.#base + offset, length);
     } else {
@@ -142,7 +146,7 @@ export class RawNode implements BlockNode {
         this.#file.writeAt(this.#base + offset + at, zeroes.subarray(0, n));
       }
     }
-    if (opts?.fua) this.#file.flush();
+    if (opts?.fua) this.#flushFile();
   }
 
   async discard(offset: number, length: number): Promise<void> {
@@ -151,13 +155,19 @@ export class RawNode implements BlockNode {
     const fileSize = this.#file.size();
     const end = Math.min(this.#base + offset + length, fileSize);
     if (end > this.#base + offset) {
+      this.#unflushed = true;
       this.#file.punchHole(this.#base + offset, end - this.#base - offset);
     }
   }
 
+  #flushFile(): void {
+    this.#unflushed = false;
+    this.#file.flush();
+  }
+
   async flush(): Promise<void> {
     this.#live();
-    if (!this.readOnly && !this.#unsafe) this.#file.flush();
+    if (!this.readOnly && !this.#unsafe && this.#unflushed) this.#flushFile();
   }
 
   async blockStatus(offset: number, max: number): Promise<Extent> {
@@ -200,6 +210,7 @@ export class RawNode implements BlockNode {
         this.#file.writeAt(at, zeroes.subarray(0, Math.min(zeroes.length, size - at)));
       }
     }
+    this.#unflushed = true;
     this.#file.truncate(size);
     this.#size = Math.ceil(size / 512) * 512; // whole sectors, as at open
   }
@@ -212,7 +223,7 @@ export class RawNode implements BlockNode {
     if (this.#closed) return;
     this.#closed = true;
     try {
-      if (!this.readOnly && !this.#unsafe) this.#file.flush();
+      if (!this.readOnly && !this.#unsafe && this.#unflushed) this.#flushFile();
     } finally {
       this.#file.close();
     }

@@ -917,3 +917,23 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "qemu-io drop-in: the file, host_device and host_cdrom drivers check the file's type as QEMU does",
+  ignore,
+  async fn() {
+    // (A host_cdrom that opens is a drive without a medium in QEMU; vstor has no such node,
+    // so host_cdrom is only tried where both refuse the file.)
+    for (const driver of ["file", "host_device", "host_cdrom"]) {
+      for (const ro of [["-r"], []]) {
+        const targets = driver === "host_cdrom" ? ["IMAGE"] : ["IMAGE", "/dev/null,locking=off"];
+        for (const target of targets) {
+          await dropIn({
+            args: cmds(`open ${ro.join(" ")} -o driver=${driver},filename=${target}`, "length"),
+          });
+        }
+      }
+    }
+  },
+});

@@ -197,6 +197,40 @@ const QEMU_ONLY_DRIVERS = new Set([
   "vvfat",
 ]);
 
+/** QEMU's protocol drivers vstor opens as raw over a host file, with the file type each needs. */
+const PROTOCOL_DRIVERS: Readonly<Record<string, "regular" | "device">> = {
+  file: "regular",
+  host_device: "device",
+  host_cdrom: "device",
+};
+
+/**
+ * QEMU's file-posix open: the file is opened first (a directory cannot be opened for writing),
+ * then its type is checked against the driver.
+ */
+function protocolCheck(driver: string, path: string, readOnly: boolean): void {
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.statSync(path);
+  } catch (e) {
+    throw new OpenError(
+      `Could not open '${path}': ${messageOf(e).replace(/ \(os error \d+\).*$/, "")}`,
+    );
+  }
+  if (!readOnly && info.isDirectory) {
+    throw new OpenError(`Could not open '${path}': Is a directory`);
+  }
+  const device = info.isCharDevice === true || info.isBlockDevice === true;
+  if (PROTOCOL_DRIVERS[driver] === "regular" && !info.isFile) {
+    throw new OpenError(`'${driver}' driver requires '${path}' to be a regular file`);
+  }
+  if (PROTOCOL_DRIVERS[driver] === "device" && !device) {
+    throw new OpenError(
+      `'${driver}' driver requires '${path}' to be either a character or block device`,
+    );
+  }
+}
+
 /** QEMU's check of a driver name, before anything is opened. */
 function checkDriver(format: string): void {
   if (formatNames().includes(format)) return;
@@ -289,6 +323,13 @@ export function applyOptions(
       }
       case "copy-on-read":
         r.copyOnRead = parseBool(key, value);
+        break;
+      case "locking":
+      case "file.locking":
+        // vstor always takes QEMU's OFD locks (they cannot hurt an exclusive user).
+        if (!["on", "off", "auto"].includes(value)) {
+          throw new OpenError(`Parameter 'locking' does not accept value '${value}'`);
+        }
         break;
       case "backing.driver":
         // The backing file's format, whatever the image records (it must be one vstor has).
@@ -391,6 +432,10 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
   const { request: r, open, formatKeys, l2CacheEntrySize } = applyOptions(request);
   if (r.path === undefined) throw new OpenError('A block device must be specified for "file"');
   const path = r.path;
+  if (r.format !== undefined && r.format in PROTOCOL_DRIVERS) {
+    protocolCheck(r.format, path, r.readOnly || r.snapshot);
+    r.format = "raw"; // a protocol driver alone shows the file's bytes, as raw does
+  }
   if (r.format !== undefined) checkDriver(r.format);
   if (r.cache.direct) {
     throw new OpenError(
