@@ -128,20 +128,9 @@ export const readCommand: Command = {
         pattern = p;
       }
     }
-    if (parsed.error !== undefined || parsed.operands.length !== 2) {
-      if (parsed.error !== undefined) s.err(parsed.error);
-      s.usage(this);
-      return false;
-    }
-    const [offsetText = "", countText = ""] = parsed.operands;
-    const offset = s.cvtnum(offsetText);
-    if (offset === undefined) return false;
-    const count = s.cvtnum(countText);
-    if (count === undefined) return false;
-    if (count > BigInt(MAX_REQUEST_BYTES)) {
-      s.out(`length cannot exceed ${MAX_REQUEST_BYTES}, given ${countText}`);
-      return false;
-    }
+    const request = rangeRequest(s, this, parsed);
+    if (request === undefined) return false;
+    const { offset, count } = request;
     if (!verify && (hasLength || hasStart)) {
       s.usage(this);
       return false;
@@ -186,6 +175,33 @@ export const readCommand: Command = {
     return ok;
   },
 };
+
+/**
+ * The operands of read and discard: OFFSET and LENGTH, checked as qemu-io checks them (usage
+ * after a getopt complaint or a wrong operand count, then each number, then the length limit);
+ * undefined after a complaint.
+ */
+export function rangeRequest(
+  s: Session,
+  command: Command,
+  parsed: ParsedOpts,
+): { offset: bigint; count: bigint } | undefined {
+  if (parsed.error !== undefined || parsed.operands.length !== 2) {
+    if (parsed.error !== undefined) s.err(parsed.error);
+    s.usage(command);
+    return undefined;
+  }
+  const [offsetText = "", countText = ""] = parsed.operands;
+  const offset = s.cvtnum(offsetText);
+  if (offset === undefined) return undefined;
+  const count = s.cvtnum(countText);
+  if (count === undefined) return undefined;
+  if (count > BigInt(MAX_REQUEST_BYTES)) {
+    s.out(`length cannot exceed ${MAX_REQUEST_BYTES}, given ${countText}`);
+    return undefined;
+  }
+  return { offset, count };
+}
 
 /**
  * The operands of readv/writev/aio_read/aio_write: OFFSET then one length per iovec, checked as
@@ -541,20 +557,9 @@ export const discardCommand: Command = {
       if (c === "C") machine = true;
       else if (c === "q") quiet = true;
     }
-    if (parsed.error !== undefined || parsed.operands.length !== 2) {
-      if (parsed.error !== undefined) s.err(parsed.error);
-      s.usage(this);
-      return false;
-    }
-    const [offsetText = "", countText = ""] = parsed.operands;
-    const offset = s.cvtnum(offsetText);
-    if (offset === undefined) return false;
-    const count = s.cvtnum(countText);
-    if (count === undefined) return false;
-    if (count > BigInt(MAX_REQUEST_BYTES)) {
-      s.out(`length cannot exceed ${MAX_REQUEST_BYTES}, given ${countText}`);
-      return false;
-    }
+    const request = rangeRequest(s, this, parsed);
+    if (request === undefined) return false;
+    const { offset, count } = request;
     const t0 = performance.now();
     try {
       const [at, length] = checkRange(s.node, offset, count);
