@@ -32,6 +32,12 @@ import {
   serializeHeader,
 } from "./header.ts";
 import { Refcounts } from "./refcount.ts";
+import {
+  DEFAULT_CACHE_CLEAN_INTERVAL,
+  DEFAULT_L2_CACHE_MAX,
+  type Qcow2OptionContext,
+  type Qcow2RuntimeSettings,
+} from "./runtime_options.ts";
 import { Qcow2Bitmaps } from "./bitmap.ts";
 import { rebuildRefcounts } from "./check.ts";
 import { readSnapshotTable, type SnapshotTable } from "./snapshot.ts";
@@ -121,9 +127,7 @@ export interface Qcow2WriteOptions extends WriteOptions {
   precompressed?: ReadonlyArray<Uint8Array | null | undefined>;
 }
 
-const DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024;
 const DEFAULT_REFCOUNT_CACHE = 256 * 1024;
-const DEFAULT_CLEAN_INTERVAL = 600;
 
 /** One run of guest bytes with the same mapping. */
 interface Run {
@@ -182,9 +186,11 @@ export class Qcow2Node implements BlockNode {
   #closed = false;
   #l1: Uint8Array;
   #l1View: DataView;
-  readonly l2Cache: TableCache;
+  l2Cache: TableCache;
   refcounts: Refcounts;
-  readonly #refcountCacheBytes: number;
+  #refcountCacheBytes: number;
+  /** QEMU's pass-discard-request: a guest discard also frees the host file's space. */
+  #passDiscardRequest = true;
   #snapshots: SnapshotTable;
   /** Clusters to free once the L2 tables that dropped them are on disk: [first cluster, count]. */
   /** Frees waiting for their L2 tables to reach the disk: cluster, count, punch a hole. */
@@ -230,11 +236,7 @@ export class Qcow2Node implements BlockNode {
       4 * this.clusterSize,
       opts.refcountCacheSize ?? DEFAULT_REFCOUNT_CACHE,
     );
-    this.l2Cache = new TableCache(this.clusterSize, l2Budget, {
-      // Past the end of a truncated file a table reads as zeroes, as QEMU reads it.
-      load: (offset, dst) => file.readAt(offset, dst),
-      writeBack: (entries) => this.#writeL2Tables(entries),
-    });
+    this.l2Cache = this.#makeL2Cache(l2Budget);
     this.#refcountCacheBytes = rcBudget;
     this.refcounts = this.#makeRefcounts();
     // Check mode reads the snapshot table in the check itself (QEMU's BDRV_O_CHECK).
@@ -243,11 +245,58 @@ export class Qcow2Node implements BlockNode {
       : readSnapshotTable(file, header.snapshotsOffset, header.nbSnapshots, file.path, {
         validateL1: { clusterSize: this.clusterSize },
       });
-    const interval = opts.cacheCleanInterval ?? DEFAULT_CLEAN_INTERVAL;
-    if (interval > 0) {
-      this.#cleanTimer = setInterval(() => this.#cleanCaches(), interval * 1000);
-      Deno.unrefTimer(this.#cleanTimer);
-    }
+    this.#startCleanTimer(opts.cacheCleanInterval ?? DEFAULT_CACHE_CLEAN_INTERVAL);
+  }
+
+  #makeL2Cache(budget: number): TableCache {
+    return new TableCache(this.clusterSize, budget, {
+      // Past the end of a truncated file a table reads as zeroes, as QEMU reads it.
+      load: (offset, dst) => this.file.readAt(offset, dst),
+      writeBack: (entries) => this.#writeL2Tables(entries),
+    });
+  }
+
+  #startCleanTimer(seconds: number): void {
+    if (this.#cleanTimer !== undefined) clearInterval(this.#cleanTimer);
+    this.#cleanTimer = undefined;
+    if (seconds <= 0) return;
+    this.#cleanTimer = setInterval(() => this.#cleanCaches(), seconds * 1000);
+    Deno.unrefTimer(this.#cleanTimer);
+  }
+
+  /** What resolveQcow2Options needs to know of this image. */
+  optionContext(unmap: boolean): Qcow2OptionContext {
+    return {
+      clusterSize: this.clusterSize,
+      size: this.size,
+      l2EntryBytes: this.#entryBytes,
+      version: this.header.version,
+      lazyRefcountsBit: hasFeature(this.header.compatibleFeatures, COMPAT_LAZY_REFCOUNTS),
+      unmap,
+      path: this.filename,
+    };
+  }
+
+  /**
+   * Run with new runtime settings (QEMU's qcow2_update_options_commit): the caches are written
+   * out and rebuilt with the new budgets, the cleaning interval restarts, lazy refcounts and
+   * discard passthrough change. Settings come from resolveQcow2Options, which did the checks.
+   */
+  async applyRuntimeSettings(settings: Qcow2RuntimeSettings): Promise<void> {
+    this.#live();
+    await this.setLazyRefcounts(settings.lazyRefcounts);
+    await this.#mutex.run(() => {
+      // Refcounts kept in memory by lazy refcounts are written too: the new cache starts empty.
+      if (!this.#readOnly) this.#flushAll(true);
+      const cs = this.clusterSize;
+      this.l2Cache = this.#makeL2Cache(Math.max(2 * cs, settings.l2CacheBytes));
+      this.#refcountCacheBytes = Math.max(4 * cs, settings.refcountCacheBytes);
+      this.refcounts = this.#makeRefcounts();
+      this.#lastCleanClock = [0, 0];
+      this.#startCleanTimer(settings.cacheCleanInterval);
+      this.#passDiscardRequest = settings.passDiscard.request;
+      return Promise.resolve();
+    });
   }
 
   #makeRefcounts(): Refcounts {
@@ -930,6 +979,9 @@ export class Qcow2Node implements BlockNode {
     }
     this.#markDirty();
     const offset = this.#allocate(1);
+    if (offset === 0) {
+      throw this.#signalCorruption("Preventing invalid allocation of L2 table at offset 0", -1);
+    }
     this.#checkOverlap(offset, this.clusterSize, true);
     const table = this.l2Cache.create(offset, shared?.data);
     if (shared) {
@@ -1513,7 +1565,7 @@ export class Qcow2Node implements BlockNode {
       view.setUint32(s.at + 4, nlo);
     }
     s.table.dirty = true;
-    this.#releaseEntry(hi, lo);
+    this.#releaseEntry(hi, lo, this.#passDiscardRequest);
   }
 
   // ---- flush, ordering, frees ----

@@ -24,6 +24,7 @@
  * @module
  */
 import type { BlockNode } from "../block/node.ts";
+import { setCorruptionSink } from "../../formats/qcow2/corruption.ts";
 import type { CliIo } from "./main.ts";
 import { closeImage, COMMANDS, type IoNodeExtras, openImageInto } from "./qemu_io/commands.ts";
 import {
@@ -347,8 +348,23 @@ async function* lines(
 }
 
 async function runMain(args: string[], io: IoMainIo, face: Face): Promise<number> {
-  const stdout = io.stdout ?? ((text: string) => writeAllSync(Deno.stdout, text));
   const stderr = io.stderr ?? ((text: string) => writeAllSync(Deno.stderr, text));
+  // Corruption notices of the images the session opens go to its stderr, as QEMU prints them.
+  const previous = setCorruptionSink((line) => stderr(line + "\n"));
+  try {
+    return await runSession(args, io, face, stderr);
+  } finally {
+    setCorruptionSink(previous);
+  }
+}
+
+async function runSession(
+  args: string[],
+  io: IoMainIo,
+  face: Face,
+  stderr: (text: string) => void,
+): Promise<number> {
+  const stdout = io.stdout ?? ((text: string) => writeAllSync(Deno.stdout, text));
   const qemu = face.program === "qemu-io";
   const prefix = qemu ? "qemu-io" : "vstor";
   const report = (message: string) => stderr(`${prefix}: ${message}\n`);

@@ -7,7 +7,10 @@ import type { BlockNode } from "../../block/node.ts";
 import { imageInfo } from "../info.ts";
 import { probedRawWarning } from "../messages.ts";
 import { allocationAt } from "./ranges.ts";
+import { Qcow2Node } from "../../../formats/qcow2/qcow2.ts";
+import { joinQcow2Options } from "../../../formats/qcow2/runtime_options.ts";
 import {
+  applyQcow2Options,
   defaultRequest,
   type OpenRequest,
   openRequest,
@@ -15,6 +18,7 @@ import {
   parseCacheMode,
   parseDiscardMode,
   parseOptionString,
+  QCOW2_KEYS,
 } from "./open.ts";
 import type { Command, Session } from "./session.ts";
 import { cvtstr, errnoText, getopt, messageOf } from "./text.ts";
@@ -300,7 +304,7 @@ export const closeCommand: Command = {
   },
 };
 
-const REOPEN_KEYS = new Set(["read-only", "cache.direct", "cache.no-flush", "lazy-refcounts"]);
+const REOPEN_KEYS = new Set(["read-only", "cache.direct", "cache.no-flush"]);
 
 export const reopenCommand: Command = {
   name: "reopen",
@@ -354,7 +358,7 @@ export const reopenCommand: Command = {
       return false;
     }
     const keys = new Set(options.map(([key]) => key));
-    let lazyRefcounts: boolean | undefined;
+    const qcow2 = image.node instanceof Qcow2Node ? image.node : undefined;
     if (keys.has("read-only") && hasRw) {
       s.report("Cannot set both -r/-w and 'read-only'");
       return false;
@@ -364,12 +368,13 @@ export const reopenCommand: Command = {
       return false;
     }
     for (const key of keys) {
-      if (!REOPEN_KEYS.has(key)) {
+      if (!REOPEN_KEYS.has(key) && !(qcow2 !== undefined && QCOW2_KEYS.has(key))) {
         s.report(`Cannot change the option '${key}'`);
         return false;
       }
     }
     for (const [key, value] of options) {
+      if (!REOPEN_KEYS.has(key)) continue;
       const on = value === "on" || value === "true" || value === "yes";
       if (key === "read-only" && on && !image.readOnly) {
         // QEMU keeps the BlockBackend's write permission (only -r drops it), so the node refuses;
@@ -383,28 +388,29 @@ export const reopenCommand: Command = {
       }
       if (key === "read-only") readOnly = on;
       else if (key === "cache.direct") cache = { ...cache, direct: on };
-      else if (key === "lazy-refcounts") lazyRefcounts = on;
       else cache = { ...cache, noFlush: on };
-    }
-    if (lazyRefcounts !== undefined) {
-      const node = image.node as { setLazyRefcounts?: (on: boolean) => Promise<void> };
-      if (node.setLazyRefcounts === undefined) {
-        s.report(`Cannot change the option 'lazy-refcounts'`);
-        return false;
-      }
-      try {
-        await node.setLazyRefcounts(lazyRefcounts);
-      } catch (e) {
-        s.report(messageOf(e));
-        return false;
-      }
     }
     if (cache.direct) {
       s.report("Cannot reopen with cache.direct=on: vstor does not support O_DIRECT yet");
       return false;
     }
+    // qcow2's options join those of earlier opens and reopens (QEMU's qcow2_join_options) and
+    // are all checked before any takes effect.
+    const retained = image.request.options.filter(([key]) => QCOW2_KEYS.has(key));
+    const formatOptions = qcow2 === undefined ? retained : joinQcow2Options(
+      options.filter(([key]) => QCOW2_KEYS.has(key)),
+      retained,
+    );
+    if (qcow2 !== undefined) {
+      try {
+        await applyQcow2Options(qcow2, formatOptions, image.request.discard === "unmap");
+      } catch (e) {
+        s.report(messageOf(e));
+        return false;
+      }
+    }
     s.drain();
-    const request: OpenRequest = { ...image.request, cache, readOnly, options: [] };
+    const request: OpenRequest = { ...image.request, cache, readOnly, options: formatOptions };
     if (readOnly === image.readOnly || image.request.snapshot) {
       // Same node: the temporary overlay of -s stays (it is writable underneath).
       if (!readOnly && image.node.readOnly) {

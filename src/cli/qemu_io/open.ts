@@ -10,6 +10,12 @@ import { openHostFile } from "../../host/file.ts";
 import { formatNames, openImage, type OpenOptions } from "../../../formats/open.ts";
 import { createQcow2 } from "../../../formats/qcow2/create.ts";
 import { Qcow2Node } from "../../../formats/qcow2/qcow2.ts";
+import {
+  OVERLAP_KINDS,
+  type OverlapKind,
+  type Qcow2RuntimeOptions,
+  resolveQcow2Options,
+} from "../../../formats/qcow2/runtime_options.ts";
 import { parseSize } from "../size.ts";
 import { messageOf } from "./text.ts";
 
@@ -141,15 +147,15 @@ function parseBool(key: string, value: string): boolean {
   throw new OpenError(`Parameter '${key}' expects 'on' or 'off'`);
 }
 
+function sizeMessage(key: string): string {
+  return `Parameter '${key}' expects a non-negative number below 2^64\n` +
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n" +
+    "and exabytes, respectively.";
+}
+
 function parseBytes(key: string, value: string): number {
   const r = parseSize(value);
-  if (!r.ok || r.value > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new OpenError(
-      `Parameter '${key}' expects a non-negative number below 2^64\n` +
-        "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n" +
-        "and exabytes, respectively.",
-    );
-  }
+  if (!r.ok || r.value > BigInt(Number.MAX_SAFE_INTEGER)) throw new OpenError(sizeMessage(key));
   return Number(r.value);
 }
 
@@ -240,28 +246,116 @@ function checkDriver(format: string): void {
   throw new OpenError(`Unknown driver '${format}'`);
 }
 
-const QCOW2_KEYS = new Set([
+/** qcow2's runtime options (QEMU's qcow2_runtime_opts), on open and on reopen. */
+export const QCOW2_KEYS: ReadonlySet<string> = new Set([
   "cache-size",
   "l2-cache-entry-size",
   "l2-cache-size",
   "refcount-cache-size",
   "cache-clean-interval",
+  "lazy-refcounts",
+  "pass-discard-request",
+  "pass-discard-snapshot",
+  "pass-discard-other",
   // vstor checks every metadata write against every structure whatever these say (QEMU's
-  // overlap checks are a subset of that); the keys are accepted so scripts that set them run.
+  // overlap checks are a subset of that); they are parsed and checked as QEMU does.
   "overlap-check",
   "overlap-check.template",
-  ...[
-    "main-header",
-    "active-l1",
-    "active-l2",
-    "refcount-table",
-    "refcount-block",
-    "snapshot-table",
-    "inactive-l1",
-    "inactive-l2",
-    "bitmap-directory",
-  ].map((part) => `overlap-check.${part}`),
+  ...OVERLAP_KINDS.map((kind) => `overlap-check.${kind}`),
 ]);
+
+/** QemuOpts' QEMU_OPT_NUMBER (qemu_strtou64: a leading minus wraps around, as strtoull). */
+function parseNumber(key: string, value: string): number {
+  const m = /^\s*(-?)(0x[0-9a-f]+|0[0-7]*|[1-9][0-9]*)$/i.exec(value);
+  if (m === null) throw new OpenError(`Parameter '${key}' expects a number`);
+  const n = BigInt(
+    m[2]!.length > 1 && m[2]![0] === "0" && !/^0x/i.test(m[2]!) ? `0o${m[2]!.slice(1)}` : m[2]!,
+  );
+  if (n >= 2n ** 64n) throw new OpenError(`Parameter '${key}' expects a number`);
+  return Number(m[1] === "-" && n !== 0n ? 2n ** 64n - n : n);
+}
+
+/** QemuOpts' QEMU_OPT_SIZE for a cache size: any value below 2^64 (only compared, so inexact is fine). */
+function parseCacheBytes(key: string, value: string): number {
+  const r = parseSize(value);
+  if (!r.ok || r.value >= 2n ** 64n) throw new OpenError(sizeMessage(key));
+  return Number(r.value);
+}
+
+/** The qcow2 runtime options among `pairs`, parsed into their types (later keys win). */
+export function parseQcow2Options(
+  pairs: ReadonlyArray<readonly [string, string]>,
+): Qcow2RuntimeOptions {
+  const o: Qcow2RuntimeOptions = {};
+  const bits: Partial<Record<OverlapKind, boolean>> = {};
+  for (const [key, value] of pairs) {
+    switch (key) {
+      case "cache-size":
+        o.cacheSize = parseCacheBytes(key, value);
+        break;
+      case "l2-cache-size":
+        o.l2CacheSize = parseCacheBytes(key, value);
+        break;
+      case "l2-cache-entry-size":
+        o.l2CacheEntrySize = parseCacheBytes(key, value);
+        break;
+      case "refcount-cache-size":
+        o.refcountCacheSize = parseCacheBytes(key, value);
+        break;
+      case "cache-clean-interval":
+        o.cacheCleanInterval = parseNumber(key, value);
+        break;
+      case "lazy-refcounts":
+        o.lazyRefcounts = parseBool(key, value);
+        break;
+      case "pass-discard-request":
+        o.passDiscardRequest = parseBool(key, value);
+        break;
+      case "pass-discard-snapshot":
+        o.passDiscardSnapshot = parseBool(key, value);
+        break;
+      case "pass-discard-other":
+        o.passDiscardOther = parseBool(key, value);
+        break;
+      case "overlap-check":
+        o.overlapCheck = value;
+        break;
+      case "overlap-check.template":
+        o.overlapCheckTemplate = value;
+        break;
+      default:
+        if (key.startsWith("overlap-check.")) {
+          const kind = key.slice("overlap-check.".length) as OverlapKind;
+          if (OVERLAP_KINDS.includes(kind)) bits[kind] = parseBool(key, value);
+        }
+    }
+  }
+  if (Object.keys(bits).length > 0) o.overlapBits = bits;
+  return o;
+}
+
+/**
+ * Resolve and apply the qcow2 runtime options among `pairs` to an open node, as QEMU's
+ * qcow2_update_options: nothing changes when an option is refused.
+ *
+ * @throws {OpenError} with QEMU's message
+ */
+export async function applyQcow2Options(
+  node: Qcow2Node,
+  pairs: ReadonlyArray<readonly [string, string]>,
+  unmap: boolean,
+): Promise<void> {
+  const relevant = pairs.filter(([key]) => QCOW2_KEYS.has(key));
+  let settings;
+  try {
+    settings = resolveQcow2Options(parseQcow2Options(relevant), node.optionContext(unmap));
+  } catch (e) {
+    if (e instanceof OpenError) throw e;
+    throw new OpenError(messageOf(e));
+  }
+  await node.applyRuntimeSettings(settings);
+}
+
 const RAW_KEYS = new Set(["offset", "size"]);
 
 /** The request with its `-o` options folded in; throws OpenError for a bad value. */
@@ -271,12 +365,9 @@ export function applyOptions(
   request: OpenRequest;
   open: OpenOptions;
   formatKeys: string[];
-  l2CacheEntrySize: number | undefined;
 } {
   const r: OpenRequest = { ...request, cache: { ...request.cache } };
   const open: OpenOptions = {};
-  let cacheSize: number | undefined;
-  let l2CacheEntrySize: number | undefined;
   const formatKeys: string[] = [];
   for (const [key, value] of request.options) {
     switch (key) {
@@ -336,18 +427,6 @@ export function applyOptions(
         if (!formatNames().includes(value)) throw new OpenError(`Unknown driver '${value}'`);
         open.backingFormat = value;
         break;
-      case "l2-cache-size":
-        open.l2CacheSize = parseBytes(key, value);
-        formatKeys.push(key);
-        break;
-      case "refcount-cache-size":
-        open.refcountCacheSize = parseBytes(key, value);
-        formatKeys.push(key);
-        break;
-      case "cache-clean-interval":
-        open.cacheCleanInterval = parseBytes(key, value);
-        formatKeys.push(key);
-        break;
       case "offset":
         open.offset = parseBytes(key, value);
         formatKeys.push(key);
@@ -356,43 +435,12 @@ export function applyOptions(
         open.size = parseBytes(key, value);
         formatKeys.push(key);
         break;
-      case "cache-size":
-        cacheSize = parseBytes(key, value);
-        formatKeys.push(key);
-        break;
-      case "l2-cache-entry-size":
-        l2CacheEntrySize = parseBytes(key, value);
-        formatKeys.push(key);
-        break;
       default:
         formatKeys.push(key);
     }
   }
-  if (cacheSize !== undefined) splitCacheSize(open, cacheSize);
-  return { request: r, open, formatKeys, l2CacheEntrySize };
-}
-
-/**
- * QEMU's read_cache_sizes for `cache-size`: it may not be given with both other sizes, nor be
- * smaller than either; what one of them leaves goes to the other (without either, L2 tables get
- * what they need and refcount blocks the rest).
- */
-function splitCacheSize(open: OpenOptions, combined: number): void {
-  const l2 = open.l2CacheSize, refcount = open.refcountCacheSize;
-  if (l2 !== undefined && refcount !== undefined) {
-    throw new OpenError(
-      "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time",
-    );
-  }
-  if (l2 !== undefined && l2 > combined) {
-    throw new OpenError("l2-cache-size may not exceed cache-size");
-  }
-  if (refcount !== undefined && refcount > combined) {
-    throw new OpenError("refcount-cache-size may not exceed cache-size");
-  }
-  if (l2 !== undefined) open.refcountCacheSize = combined - l2;
-  else if (refcount !== undefined) open.l2CacheSize = combined - refcount;
-  else open.l2CacheSize = combined;
+  parseQcow2Options(request.options); // type errors first, as QemuOpts absorbs them
+  return { request: r, open, formatKeys };
 }
 
 /** An open image and how qemu-io drives it. */
@@ -429,7 +477,7 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
   ) {
     throw new OpenError("Must specify either driver or file");
   }
-  const { request: r, open, formatKeys, l2CacheEntrySize } = applyOptions(request);
+  const { request: r, open, formatKeys } = applyOptions(request);
   if (r.path === undefined) throw new OpenError('A block device must be specified for "file"');
   const path = r.path;
   if (r.format !== undefined && r.format in PROTOCOL_DRIVERS) {
@@ -469,16 +517,12 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
       throw new OpenError(`Block format '${node.format}' does not support the option '${bad}'`);
     }
   }
-  if (l2CacheEntrySize !== undefined && node instanceof Qcow2Node) {
-    // vstor caches whole L2 tables; the size is checked as QEMU checks it, then not needed.
-    const cs = node.clusterSize;
-    if (
-      l2CacheEntrySize < 512 || l2CacheEntrySize > cs || (l2CacheEntrySize & (l2CacheEntrySize - 1))
-    ) {
+  if (node instanceof Qcow2Node) {
+    try {
+      await applyQcow2Options(node, request.options, r.discard === "unmap");
+    } catch (e) {
       await node.close();
-      throw new OpenError(
-        `L2 cache entry size must be a power of two between 512 and the cluster size (${cs})`,
-      );
+      throw e;
     }
   }
   const probedRaw = r.format === undefined && node.format === "raw" && !readOnly;
