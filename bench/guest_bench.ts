@@ -13,7 +13,7 @@
 import { parseArgs } from "node:util";
 import { join } from "node:path";
 import { openImage } from "../formats/open.ts";
-import { runMachine } from "../src/cli/run.ts";
+import { runMachine } from "../src/cli/run_machine.ts";
 import { summarizeVirtio } from "../src/guest/report.ts";
 
 const { values } = parseArgs({

@@ -8,7 +8,7 @@ import { BlockError } from "../errors.ts";
 import { formatNames } from "../../formats/open.ts";
 import { amendQcow2, type Qcow2AmendOptions } from "../../formats/qcow2/amend.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { probedRawWarning } from "./messages.ts";
 import { progressBar } from "./progress.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";

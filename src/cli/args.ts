@@ -7,7 +7,7 @@ import { parseArgs, type ParseArgsOptionsConfig } from "node:util";
 import type { BlockNode } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
 import { openImage, type OpenOptions } from "../../formats/open.ts";
-import { type CliIo, programName, UsageError } from "./main.ts";
+import { type CliIo, programName, UsageError } from "./cli_io.ts";
 
 /**
  * Parse a verb's arguments; a parse failure is a usage error, phrased as qemu-img's getopt

@@ -9,7 +9,7 @@ import type { BlockNode, WriteOptions } from "../block/node.ts";
 import { MAX_REQUEST_BYTE } from "../block/request.ts";
 import { BlockError } from "../errors.ts";
 import { openVerbImage } from "./args.ts";
-import { type CliIo, errorLine, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, errorLine, EXIT_OK, UsageError } from "./cli_io.ts";
 import { probedRawWarning } from "./messages.ts";
 import { parseSize } from "./size.ts";
 

@@ -17,7 +17,7 @@ import {
   parseBitmapsExtension,
   readBitmapDirectory,
 } from "../../formats/qcow2/bitmap.ts";
-import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./main.ts";
+import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./cli_io.ts";
 import { openVerbImage } from "./args.ts";
 import { probedRawWarning } from "./messages.ts";
 import { parseSize } from "./size.ts";

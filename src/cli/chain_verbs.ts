@@ -4,7 +4,7 @@
  * @module
  */
 import { commitImage, rebaseImage } from "../../formats/chain.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { progressBar } from "./progress.ts";
 import { oneFile, parseVerbArgs } from "./args.ts";
 

@@ -6,7 +6,7 @@
  */
 import type { BlockNode } from "../block/node.ts";
 import { entryAt, type MapEntry } from "../../formats/map.ts";
-import { type CliIo, errorLine, reportError, UsageError } from "./main.ts";
+import { type CliIo, errorLine, reportError, UsageError } from "./cli_io.ts";
 import { progressBar } from "./progress.ts";
 import { hostPath, openVerbImage, parseVerbArgs } from "./args.ts";
 

@@ -6,7 +6,7 @@
 import { BlockError } from "../errors.ts";
 import { convertImages } from "../../formats/convert.ts";
 import { createImage, formatNames } from "../../formats/open.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { createOptionsHelp, parseCreateOptions } from "./create.ts";
 import { progressBar } from "./progress.ts";
 import { parseSize } from "./size.ts";

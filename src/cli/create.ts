@@ -11,7 +11,7 @@ import {
   openImage,
   resolveBacking,
 } from "../../formats/open.ts";
-import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./main.ts";
+import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./cli_io.ts";
 import { parseSize } from "./size.ts";
 import { hostPath, parseVerbArgs } from "./args.ts";
 

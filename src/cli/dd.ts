@@ -9,7 +9,7 @@
 import type { BlockNode } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
 import { createImage, formatNames } from "../../formats/open.ts";
-import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, UsageError } from "./cli_io.ts";
 import { openVerbImage } from "./args.ts";
 import { parseSize } from "./size.ts";
 

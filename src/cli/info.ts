@@ -16,7 +16,7 @@ import {
   INCOMPAT_EXTL2,
 } from "../../formats/qcow2/header.ts";
 import { listedNames, type SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { sizeToStr } from "./human.ts";
 import { snapshotTable } from "./snapshot.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";

@@ -25,7 +25,7 @@
  */
 import type { BlockNode } from "../block/node.ts";
 import { setCorruptionSink } from "../../formats/qcow2/corruption.ts";
-import type { CliIo } from "./main.ts";
+import type { CliIo } from "./cli_io.ts";
 import { closeImage, COMMANDS, type IoNodeExtras, openImageInto } from "./qemu_io/commands.ts";
 import {
   defaultRequest,

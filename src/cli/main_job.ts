@@ -12,9 +12,10 @@
 import { join } from "node:path";
 import { createImage } from "../../formats/open.ts";
 import type { GuestRequest } from "../guest/guest.ts";
-import type { CliIo } from "./main.ts";
-import { EXIT_ERROR, EXIT_OK, main } from "./main.ts";
-import { type MachineRun, progressLine, runMachine, runSucceeded } from "./run.ts";
+import { type CliIo, EXIT_ERROR, EXIT_OK, reportError } from "./cli_io.ts";
+import { checkMain } from "./check.ts";
+import { snapshotMain } from "./snapshot.ts";
+import { type MachineRun, progressLine, runMachine, runSucceeded } from "./run_machine.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_SIZE = 64 * MiB;
@@ -80,7 +81,7 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
       return EXIT_ERROR;
     }
     const quietIo: CliIo = { stdout: () => {}, stderr: (t) => io.stderr(t) };
-    if (await main(["snapshot", "-c", "installed", base], quietIo) !== EXIT_OK) return EXIT_ERROR;
+    if (await verb(snapshotMain, ["-c", "installed", base], quietIo) !== EXIT_OK) return EXIT_ERROR;
     await createImage(clone, "qcow2", IMAGE_SIZE, {
       backingFile: "base.qcow2",
       backingFormat: "qcow2",
@@ -122,7 +123,7 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
     let clean = true;
     for (const image of [clone, base]) {
       let text = "";
-      const code = await main(["check", image], {
+      const code = await verb(checkMain, [image], {
         stdout: (t) => text += t,
         stderr: (t) => text += t,
       });
@@ -150,5 +151,19 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
   } finally {
     live.end();
     if (opts.dir === undefined) await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+/** Run a verb as the CLI does: what it throws becomes its error line and exit 1. */
+async function verb(
+  run: (args: string[], io: CliIo) => Promise<number>,
+  args: string[],
+  io: CliIo,
+): Promise<number> {
+  try {
+    return await run(args, io);
+  } catch (e) {
+    reportError(e, io);
+    return EXIT_ERROR;
   }
 }

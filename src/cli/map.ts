@@ -6,7 +6,7 @@
  */
 import { BlockError } from "../errors.ts";
 import { type MapEntry, mapImage } from "../../formats/map.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { parseSize } from "./size.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 

@@ -14,7 +14,7 @@ import {
   type MeasureOptions,
 } from "../../formats/measure.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./main.ts";
+import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { parseSize } from "./size.ts";
 import { openVerbImage, parseVerbArgs } from "./args.ts";
 

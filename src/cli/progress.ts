@@ -5,7 +5,7 @@
  *
  * @module
  */
-import { type CliIo, programName } from "./main.ts";
+import { type CliIo, programName } from "./cli_io.ts";
 import { formatFixed } from "./human.ts";
 
 /** A progress reporter for `done` of `total` units; call `end()` when the work is over. */

@@ -4,7 +4,7 @@
  * @module
  */
 import { BlockError } from "../errors.ts";
-import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, reportError, UsageError } from "./main.ts";
+import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, reportError, UsageError } from "./cli_io.ts";
 import { parseSize } from "./size.ts";
 import { openVerbImage, parseVerbArgs } from "./args.ts";
 

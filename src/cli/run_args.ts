@@ -7,7 +7,7 @@
  * @module
  */
 import type { MachineConfigInput } from "../machine/config.ts";
-import { UsageError } from "./main.ts";
+import { UsageError } from "./cli_io.ts";
 
 /** `key=value,key=value` as QEMU writes it (`,,` is a literal comma); a bare first word is `driver`. */
 export function parseKeyValues(text: string, what: string): Map<string, string> {
