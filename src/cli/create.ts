@@ -4,6 +4,8 @@
  * @module
  */
 import { BlockError } from "../errors.ts";
+import { EFBIG, ENOSPC } from "../host/libc.ts";
+import { validateQcow2Options } from "../../formats/qcow2/create.ts";
 import {
   createImage,
   type CreateOptions,
@@ -357,6 +359,11 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
   if (size === undefined) {
     throw new UsageError(`${file}: Image creation needs a size parameter`, { tryHelp: false });
   }
+  // vstor refuses bad qcow2 options before touching FILE, so an existing file is left alone;
+  // qemu-img finds them only after creating (and so deletes) the file, and drop-in does as it does.
+  if (!dropIn && format === "qcow2" && typeof size === "number") {
+    validateQcow2Options(opts, Math.ceil(size / 512) * 512, path);
+  }
   if (!values.quiet) {
     io.stdout(
       `Formatting '${file}', fmt=${format} ${describeOptions(format, size, opts, verbatim)}\n`,
@@ -378,12 +385,45 @@ export async function createMain(args: string[], io: CliIo): Promise<number> {
   try {
     await createImage(path, format, imageSize, opts);
   } catch (e) {
-    if (!dropIn || !(e instanceof Error)) throw e;
+    if (!(e instanceof Error)) throw e;
     // As qemu's bdrv_img_create: EFBIG becomes its own message; every failure names the file.
-    errorLine(io, /too large/i.test(e.message) ? tooLarge : `${file}: ${e.message}`);
+    if (dropIn) errorLine(io, /too large/i.test(e.message) ? tooLarge : `${file}: ${e.message}`);
+    else errorLine(io, createFailure(path, e));
     return EXIT_ERROR;
   }
   return EXIT_OK;
+}
+
+/** The errno a failure carries, looking through its causes. */
+function errnoOf(e: unknown): number | undefined {
+  for (let at = e; at instanceof Error; at = at.cause) {
+    if (at instanceof BlockError && at.context.errno !== undefined) return at.context.errno;
+  }
+  return undefined;
+}
+
+/** Plain vstor's line for a create that failed while writing: why, and what became of FILE. */
+function createFailure(path: string, e: Error): string {
+  const code = errnoOf(e);
+  let exists = true;
+  try {
+    Deno.statSync(path);
+  } catch {
+    exists = false;
+  }
+  const removed = exists ? "" : "; the unfinished image was removed";
+  if (code === EFBIG) {
+    return `${path}: Could not create the image: File too large (it needs more than the file ` +
+      `size limit, ulimit -f, or the file system allows)${removed}`;
+  }
+  if (code === ENOSPC) {
+    return `${path}: Could not create the image: No space left on device${removed}`;
+  }
+  // As qemu-img: a file that cannot be opened for writing "could not be created".
+  if (e.message.startsWith(`Could not open '${path}'`)) {
+    return `${path}: ${e.message.replace("Could not open", "Could not create")}`;
+  }
+  return e.message.includes(path) ? e.message : `${path}: ${e.message}`;
 }
 
 /**

@@ -18,6 +18,7 @@ const symbols = {
   fcntl: { parameters: ["i32", "i32", "buffer"], result: "i32" },
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" },
+  signal: { parameters: ["i32", "pointer"], result: "pointer" },
 } as const;
 
 /**
@@ -36,6 +37,7 @@ interface Libc {
   fcntl(fd: number, cmd: number, arg: Uint8Array<ArrayBuffer>): number;
   __errno_location(): Deno.PointerValue;
   strerror(code: number): Deno.PointerValue;
+  signal(signum: number, handler: Deno.PointerValue): Deno.PointerValue;
 }
 
 /** Largest single pread/pwrite; longer transfers loop. */
@@ -59,6 +61,12 @@ export const F_RDLCK = 0;
 export const F_WRLCK = 1;
 export const F_UNLCK = 2;
 export const EINTR = 4;
+export const EFBIG = 27;
+export const ENOSPC = 28;
+/** signal(7): sent for a write past RLIMIT_FSIZE (`ulimit -f`); by default it kills the process. */
+const SIGXFSZ = 25;
+/** signal(2)'s SIG_IGN handler value. */
+const SIG_IGN = 1n;
 export const ENXIO = 6;
 export const EAGAIN = 11;
 export const EACCES = 13;
@@ -78,6 +86,9 @@ export function libc(): Libc {
   }
   try {
     lib = Deno.dlopen("libc.so.6", symbols).symbols as unknown as Libc;
+    // A write past the file size limit then fails with EFBIG, which callers report, instead of
+    // SIGXFSZ killing the process halfway through (QEMU's I/O threads block it for the same end).
+    lib.signal(SIGXFSZ, Deno.UnsafePointer.create(SIG_IGN));
   } catch (e) {
     throw new BlockError(
       "unsupported",
