@@ -7,17 +7,57 @@
  *
  * @module
  */
-import type { Qcow2Node } from "./qcow2.ts";
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_REFTABLE_BYTES } from "./header.ts";
-import { refcountAccessors } from "./refcount.ts";
+import type { HostFile } from "../../src/host/host_file.ts";
+import type { TableCache } from "./cache.ts";
+import {
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  MAX_L1_BYTES,
+  MAX_REFTABLE_BYTES,
+  type Qcow2Header,
+} from "./header.ts";
+import { refcountAccessors, type Refcounts } from "./refcount.ts";
 import { countBitmapClusters } from "./bitmap.ts";
 import {
   MAX_SNAPSHOT_TABLE_BYTES,
   readSnapshotTable,
   serializeSnapshotTable,
   type SnapshotEntry,
+  type SnapshotTable,
 } from "./snapshot.ts";
 import { BlockError } from "../../src/errors.ts";
+
+/**
+ * What the check needs from the image it checks and repairs: its structures as the open node holds
+ * them, and the node's own ways to write them. A `Qcow2Node` is one; the node runs the check itself
+ * when it opens a dirty image, so the check names this shape instead of the node's class.
+ */
+export interface CheckHost {
+  readonly file: HostFile;
+  readonly filename: string;
+  readonly header: Qcow2Header;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly extendedL2: boolean;
+  readonly readOnly: boolean;
+  /** Guest size of the image. */
+  readonly size: number;
+  /** The active L1 table as cached in memory. */
+  readonly l1Table: Uint8Array;
+  readonly l2Cache: TableCache;
+  readonly refcounts: Refcounts;
+  readonly snapshots: SnapshotTable;
+  /** Adopt a snapshot table the check rewrote or dropped. */
+  setSnapshots(table: SnapshotTable): void;
+  /** Read the refcount structure again after the check rebuilt it. */
+  reloadRefcounts(): void;
+  /** Write the header (with its extensions) as it is now, and make it durable. */
+  writeHeader(): void;
+  /** Write cached tables and apply deferred frees. */
+  flushMetadata(): void;
+  /** Make what was written durable (fdatasync unless cache=unsafe). */
+  barrier(): void;
+}
 
 /** What to repair (qemu-img check -r leaks / -r all). */
 export interface CheckFix {
@@ -93,8 +133,27 @@ class Imrt {
   }
 }
 
+/**
+ * What a reference to host clusters is, as the check meets it: the header, the active L1 table, an
+ * L2 table, a data cluster, compressed data, an inactive (snapshot) L1 table, the snapshot table,
+ * the refcount table, a refcount block, or a bitmap structure (directory, table or data).
+ */
+export type HostReference =
+  | "header"
+  | "l1"
+  | "l2"
+  | "data"
+  | "compressed"
+  | "snapshot-l1"
+  | "snapshot-table"
+  | "refcount-table"
+  | "refcount-block"
+  | "bitmap";
+
 interface Ctx {
-  node: Qcow2Node;
+  node: CheckHost;
+  /** Told of every reference counted, with what it is (for maps of the host file). */
+  visit?: (offset: number, bytes: number, what: HostReference) => void;
   res: CheckReport;
   imrt: Imrt;
   fix: CheckFix;
@@ -116,8 +175,9 @@ function readU64s(ctx: Ctx, offset: number, count: number): BigUint64Array {
   return out;
 }
 
-function inc(ctx: Ctx, offset: number, size: number): void {
+function inc(ctx: Ctx, offset: number, size: number, what: HostReference): void {
   if (size <= 0) return;
+  ctx.visit?.(offset, size, what);
   if (offset + size - ctx.fileLen >= ctx.cs) {
     say(
       ctx,
@@ -188,7 +248,7 @@ function checkL2(ctx: Ctx, l2Offset: number, frag: boolean): void {
       const coffset = Number(entry & offsetMask);
       const sectors = Number((entry >> csizeShift) & ((1n << BigInt(node.clusterBits - 8)) - 1n)) +
         1;
-      inc(ctx, coffset, sectors * 512 - (coffset & 511));
+      inc(ctx, coffset, sectors * 512 - (coffset & 511), "compressed");
       if (frag) {
         res.allocatedClusters++;
         res.compressedClusters++;
@@ -247,7 +307,7 @@ function checkL2(ctx: Ctx, l2Offset: number, frag: boolean): void {
         if (nextContiguous !== 0 && host !== nextContiguous) res.fragmentedClusters++;
         nextContiguous = host + cs;
       }
-      inc(ctx, host, cs);
+      inc(ctx, host, cs, "data");
       continue;
     }
     if (!zeroFlag && (bitmap & ALL_ALLOC) !== 0n) {
@@ -259,7 +319,7 @@ function checkL2(ctx: Ctx, l2Offset: number, frag: boolean): void {
 
 function checkL1(ctx: Ctx, l1Offset: number, l1Size: number, frag: boolean): void {
   if (l1Size === 0) return;
-  inc(ctx, l1Offset, l1Size * 8);
+  inc(ctx, l1Offset, l1Size * 8, frag ? "l1" : "snapshot-l1");
   const l1 = readU64s(ctx, l1Offset, l1Size);
   for (const entry of l1) {
     if (entry === 0n) continue;
@@ -268,7 +328,7 @@ function checkL1(ctx: Ctx, l1Offset: number, l1Size: number, frag: boolean): voi
       ctx.res.corruptions++;
     }
     const l2 = Number(entry & L1E_OFFSET_MASK);
-    inc(ctx, l2, ctx.cs);
+    inc(ctx, l2, ctx.cs, "l2");
     if (l2 % ctx.cs !== 0) {
       say(ctx, `ERROR l2_offset=${hex(l2)}: Table is not cluster aligned; L1 entry corrupted`);
       ctx.res.corruptions++;
@@ -308,12 +368,12 @@ function checkRefblocks(ctx: Ctx): boolean {
         ctx.imrt.grow(Math.ceil(ctx.fileLen / cs));
         res.corruptions--;
         res.corruptionsFixed++;
-        inc(ctx, offset, cs);
+        inc(ctx, offset, cs, "refcount-block");
       }
       continue;
     }
     if (offset !== 0) {
-      inc(ctx, offset, cs);
+      inc(ctx, offset, cs, "refcount-block");
       if (ctx.imrt.get(cluster) !== 1) {
         say(ctx, `ERROR refcount block ${i} refcount=${ctx.imrt.get(cluster)}`);
         res.corruptions++;
@@ -328,7 +388,7 @@ function checkRefblocks(ctx: Ctx): boolean {
 function calculate(ctx: Ctx): boolean {
   const { node } = ctx;
   const h = node.header;
-  inc(ctx, 0, ctx.cs);
+  inc(ctx, 0, ctx.cs, "header");
   checkL1(ctx, h.l1TableOffset, h.l1Size, true);
   for (const sn of node.snapshots.entries) {
     if (sn.l1TableOffset % ctx.cs !== 0) {
@@ -353,15 +413,15 @@ function calculate(ctx: Ctx): boolean {
     }
     checkL1(ctx, sn.l1TableOffset, sn.l1Size, false);
   }
-  inc(ctx, h.snapshotsOffset, node.snapshots.bytes);
-  inc(ctx, node.refcounts.tableOffset, node.refcounts.tableEntries * 8);
+  inc(ctx, h.snapshotsOffset, node.snapshots.bytes, "snapshot-table");
+  inc(ctx, node.refcounts.tableOffset, node.refcounts.tableEntries * 8, "refcount-table");
   // Bitmap directory, tables and data clusters (QEMU's qcow2_check_bitmaps_refcounts).
   ctx.res.corruptions += countBitmapClusters(
     node.file,
     h,
     node.size,
     node.filename,
-    (offset, bytes) => inc(ctx, offset, bytes),
+    (offset, bytes) => inc(ctx, offset, bytes, "bitmap"),
   );
   return checkRefblocks(ctx);
 }
@@ -519,7 +579,7 @@ function allocImrt(imrt: Imrt, count: number, from: { cluster: number }): number
  * refblock at the first free cluster from its own range on, the table at the first free place;
  * one header write switches over. The old structure is leaked (a leak repair frees it).
  */
-function rebuildStructure(node: Qcow2Node, imrt: Imrt): void {
+function rebuildStructure(node: CheckHost, imrt: Imrt): void {
   const cs = node.clusterSize;
   const order = node.header.refcountOrder;
   const perBlock = 2 ** (node.clusterBits + 3 - order);
@@ -605,7 +665,7 @@ function report(res: CheckReport, line: string): void {
  * entries without a disk size. Returns undefined when the table cannot be read: the check fails.
  */
 function readSnapshotsForCheck(
-  node: Qcow2Node,
+  node: CheckHost,
   res: CheckReport,
   fix: CheckFix,
 ): SnapshotCheck | undefined {
@@ -718,7 +778,7 @@ function completeEntry(e: SnapshotEntry, diskSize: number): SnapshotEntry {
  * writing the whole table anew (qcow2_write_snapshots) — into newly allocated clusters, the
  * header switched to it, the old table freed.
  */
-function fixSnapshotTable(node: Qcow2Node, res: CheckReport, snap: SnapshotCheck, fix: CheckFix) {
+function fixSnapshotTable(node: CheckHost, res: CheckReport, snap: SnapshotCheck, fix: CheckFix) {
   if (snap.corruptions === 0 || !fix.errors) return;
   const cs = node.clusterSize;
   const entries = node.snapshots.entries.map((e) => completeEntry(e, node.size));
@@ -770,7 +830,7 @@ function fixSnapshotTable(node: Qcow2Node, res: CheckReport, snap: SnapshotCheck
   snap.corruptions = 0;
 }
 
-function newReport(node: Qcow2Node): CheckReport {
+function newReport(node: CheckHost): CheckReport {
   return {
     corruptions: 0,
     leaks: 0,
@@ -786,7 +846,7 @@ function newReport(node: Qcow2Node): CheckReport {
   };
 }
 
-function newCtx(node: Qcow2Node, res: CheckReport, fix: CheckFix): Ctx {
+function newCtx(node: CheckHost, res: CheckReport, fix: CheckFix): Ctx {
   const cs = node.clusterSize;
   const fileLen = node.file.size();
   const order = node.header.refcountOrder;
@@ -802,10 +862,31 @@ function newCtx(node: Qcow2Node, res: CheckReport, fix: CheckFix): Ctx {
 }
 
 /**
+ * Walk every structure of the image as the check counts it — header, L1 and L2 tables, data and
+ * compressed clusters, snapshots, refcount table and blocks, bitmaps — telling `visit` of each
+ * reference (byte range and what it is). Nothing is repaired or written; the image's structures
+ * are read as they are on disk (pending metadata of a writable node is written out first).
+ *
+ * @returns the report of this counting pass (corruptions met on the way, allocation counts); the
+ *   stored refcounts are not compared
+ */
+export function visitReferences(
+  node: CheckHost,
+  visit: (offset: number, bytes: number, what: HostReference) => void,
+): CheckReport {
+  if (!node.readOnly) node.flushMetadata();
+  const res = newReport(node);
+  const ctx = newCtx(node, res, {});
+  ctx.visit = visit;
+  calculate(ctx);
+  return res;
+}
+
+/**
  * Check the image as qemu-img check does, repairing what `fix` allows. Caches are written out
  * first. With a repair, qemu-img then checks again without one; so do callers.
  */
-export function checkImage(node: Qcow2Node, fix: CheckFix = {}): CheckReport {
+export function checkImage(node: CheckHost, fix: CheckFix = {}): CheckReport {
   node.flushMetadata();
   const res = newReport(node);
   const snap = readSnapshotsForCheck(node, res, fix);
@@ -825,7 +906,7 @@ export function checkImage(node: Qcow2Node, fix: CheckFix = {}): CheckReport {
 }
 
 /** QEMU's qcow2_check_refcounts, into `res`. */
-function checkRefcounts(node: Qcow2Node, res: CheckReport, fix: CheckFix): void {
+function checkRefcounts(node: CheckHost, res: CheckReport, fix: CheckFix): void {
   const ctx = newCtx(node, res, fix);
   let rebuild = calculate(ctx);
   const preCompare = { ...res, messages: [] as string[] };
@@ -878,7 +959,7 @@ function checkRefcounts(node: Qcow2Node, res: CheckReport, fix: CheckFix): void 
 }
 
 /** After a successful repair the image is consistent: clear the dirty and corrupt bits. */
-function markClean(node: Qcow2Node): void {
+function markClean(node: CheckHost): void {
   const h = node.header;
   const bits = BigInt(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
   if ((h.incompatibleFeatures & bits) === 0n) return;
@@ -893,7 +974,7 @@ function markClean(node: Qcow2Node): void {
  * @returns the check's report (its lines are what QEMU prints while it repairs)
  * @throws {Error} when the image cannot be made consistent
  */
-export function rebuildRefcounts(node: Qcow2Node): CheckReport {
+export function rebuildRefcounts(node: CheckHost): CheckReport {
   const report = checkImage(node, { leaks: true, errors: true });
   if (report.failed !== undefined || report.corruptions > 0 || report.checkErrors > 0) {
     throw new Error(
