@@ -1,17 +1,23 @@
 /**
  * `vstor map [-f FMT] [--output=human|json] [--start-offset=OFF] [--max-length=LEN] [-U] FILE`,
- * as qemu-img map.
+ * as qemu-img map; `vstor map --html=PAGE FILE` draws the whole image as one self-contained HTML
+ * page instead (vstor's own: not in qemu-img drop-in mode).
  *
  * @module
  */
 import { BlockError } from "../errors.ts";
 import { type MapEntry, mapImage } from "../../formats/map.ts";
-import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
+import { imageClusterMap } from "../../formats/cluster_map.ts";
+import { type CliIo, EXIT_OK, programName, UsageError } from "./cli_io.ts";
+import { renderMapPage } from "./html/map_page.ts";
+import { writePage } from "./html/page.ts";
 import { parseSize } from "./size.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 
 export const MAP_USAGE =
-  "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE";
+  "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE\n" +
+  "       vstor map --html=PAGE [-f FMT] [-U] FILE   (writes the whole image's cluster map to " +
+  "PAGE, a self-contained HTML page; prints nothing)";
 
 /** qemu-img's JSON map: one object per line. */
 export function mapJson(entries: MapEntry[]): string {
@@ -65,14 +71,31 @@ export async function mapMain(args: string[], io: CliIo): Promise<number> {
     "start-offset": { type: "string", short: "s" },
     "max-length": { type: "string", short: "l" },
     "force-share": { type: "boolean", short: "U", default: false },
+    html: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   });
+  // qemu-img has no --html: in drop-in mode it is the unknown option qemu-img calls it.
+  if (values.html !== undefined && programName(io) !== "vstor") {
+    throw new UsageError("unrecognized option '--html'");
+  }
   if (values.help) {
     io.stdout(`usage: ${MAP_USAGE}\n`);
     return EXIT_OK;
   }
   if (values.output !== "human" && values.output !== "json") {
     throw new UsageError(`--output must be human or json, not '${values.output}'`);
+  }
+  if (values.html !== undefined) {
+    // The page maps the whole image, and is the output: range and output options do not apply.
+    const clash = values["start-offset"] !== undefined
+      ? "--start-offset"
+      : values["max-length"] !== undefined
+      ? "--max-length"
+      : args.some((a) => a.startsWith("--output"))
+      ? "--output"
+      : undefined;
+    if (clash !== undefined) throw new UsageError(`--html cannot be combined with ${clash}`);
+    if (values.html === "") throw new UsageError("--html needs a file name");
   }
   const start = size(values["start-offset"], "start offset") ?? 0;
   const maxLength = size(values["max-length"], "max length");
@@ -83,6 +106,10 @@ export async function mapMain(args: string[], io: CliIo): Promise<number> {
     forceShare: values["force-share"],
   });
   try {
+    if (values.html !== undefined) {
+      writePage(values.html, renderMapPage(await imageClusterMap(node)));
+      return EXIT_OK;
+    }
     const entries = await mapImage(node, start, maxLength ?? node.size - start);
     if (values.output === "json") io.stdout(mapJson(entries));
     else mapHuman(entries, io.stdout);
