@@ -12,6 +12,8 @@ import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { probedRawWarning } from "./messages.ts";
 import { progressBar } from "./progress.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
+import type { ParseArgsOptionsConfig } from "node:util";
+import { optionFlags, type VerbHelp } from "./help.ts";
 import { parseSize } from "./size.ts";
 
 /** The usage line of the amend verb. */
@@ -232,26 +234,40 @@ function amendHelp(format: string): string {
   );
 }
 
+const AMEND_ARGS = {
+  format: { type: "string", short: "f" },
+  options: { type: "string", short: "o", multiple: true, default: [] },
+  progress: { type: "boolean", short: "p", default: false },
+  quiet: { type: "boolean", short: "q", default: false },
+  force: { type: "boolean", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} satisfies ParseArgsOptionsConfig;
+
+/** `vstor help amend`. */
+export const amendVerbHelp: VerbHelp = {
+  text: `usage: ${AMEND_USAGE}
+
+Change a qcow2 image's options in place.
+
+  -o OPTIONS    comma-separated options to change (-o help lists them): compat,
+                lazy_refcounts, refcount_bits, size (backing_file/backing_fmt only as they
+                are: use rebase)
+  -f FMT        image format (probed when absent); only qcow2 images can be amended
+  -p            show progress
+  -q            quiet: print nothing but errors
+  --force       accepted for qemu-img compatibility (it only matters for encryption)
+  -h, --help    print this help
+
+Example: vstor amend -o compat=v3,lazy_refcounts=on disk.qcow2
+`,
+  options: optionFlags(AMEND_ARGS),
+};
+
 /** The amend verb; returns the exit code. */
 export async function amendMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseVerbArgs(args, {
-    format: { type: "string", short: "f" },
-    options: { type: "string", short: "o", multiple: true, default: [] },
-    progress: { type: "boolean", short: "p", default: false },
-    quiet: { type: "boolean", short: "q", default: false },
-    force: { type: "boolean", default: false },
-    help: { type: "boolean", short: "h", default: false },
-  });
+  const { values, positionals } = parseVerbArgs(args, AMEND_ARGS);
   if (values.help) {
-    io.stdout(
-      `usage: ${AMEND_USAGE}\n` +
-        "  -f FMT   image format (probed when absent); only qcow2 images can be amended\n" +
-        "  -o OPTS  comma-separated options to change (-o help lists them): compat, lazy_refcounts,\n" +
-        "           refcount_bits, size (backing_file/backing_fmt only as they are: use rebase)\n" +
-        "  -p       show progress\n" +
-        "  -q       quiet\n" +
-        "  --force  accepted for qemu-img compatibility (it only matters for encryption)\n",
-    );
+    io.stdout(amendVerbHelp.text);
     return EXIT_OK;
   }
   if (values.options.length === 0) throw new UsageError("Must specify options (-o)");

@@ -9,6 +9,7 @@ import type { BlockNode, WriteOptions } from "../block/node.ts";
 import { MAX_REQUEST_BYTE } from "../block/request.ts";
 import { BlockError } from "../errors.ts";
 import { openVerbImage } from "./args.ts";
+import type { VerbHelp } from "./help.ts";
 import { type CliIo, errorLine, EXIT_OK, UsageError } from "./cli_io.ts";
 import { probedRawWarning } from "./messages.ts";
 import { parseSize } from "./size.ts";
@@ -39,6 +40,10 @@ export const BENCH_USAGE =
   "[-o OFFSET] [--pattern=N] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE";
 
 const HELP = `usage: ${BENCH_USAGE}
+
+Run a simple I/O benchmark on an image, as qemu-img bench: COUNT requests of BUFFER_SIZE bytes,
+DEPTH at a time, reads unless -w.
+
   -c COUNT             requests to send (default 75000)
   -d DEPTH             requests in flight at once (default 64)
   -f FMT               image format (probed when absent)
@@ -54,7 +59,22 @@ const HELP = `usage: ${BENCH_USAGE}
   -t CACHE             writeback (default), writethrough (FUA writes) or unsafe (no flushes)
   -w                   write instead of read
   -U                   open read-only while others may write (force share)
+  --image-opts         not supported (give the image file name)
+  -h, --help           print this help
+
+Example: vstor bench -w -c 10000 -d 32 -s 64k disk.qcow2
 `;
+
+/** `vstor help bench`: the options are getopt's tables below. */
+export const benchHelp: VerbHelp = {
+  text: HELP,
+  get options() {
+    return [
+      ...[...SHORT_WITH_ARG, ...SHORT_FLAGS].map((c) => `-${c}`),
+      ...LONG_OPTIONS.filter((o) => o.key.length > 1).map((o) => `--${o.name}`),
+    ];
+  },
+};
 
 /** What one bench run does, as `qemu-img bench` takes it. */
 export interface BenchParams {
@@ -622,7 +642,7 @@ function checkSupported(opts: BenchOptions): SupportedCacheMode {
 export async function benchMain(args: string[], io: CliIo): Promise<number> {
   const opts = parseBenchArgs(args, (message) => errorLine(io, `warning: ${message}`));
   if (opts === "help") {
-    io.stdout(HELP);
+    io.stdout(benchHelp.text);
     return EXIT_OK;
   }
   const cache = checkSupported(opts);

@@ -18,6 +18,7 @@ import {
   readBitmapDirectory,
 } from "../../formats/qcow2/bitmap.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./cli_io.ts";
+import type { VerbHelp } from "./help.ts";
 import { openVerbImage } from "./args.ts";
 import { probedRawWarning } from "./messages.ts";
 import { parseSize } from "./size.ts";
@@ -56,6 +57,35 @@ const LONG: Record<string, boolean> = {
   granularity: true,
   "source-file": true,
   "source-format": true,
+};
+
+/** bitmap's short options: getopt's ":b:f:F:g:h". */
+const SHORT = ["b", "f", "F", "g", "h"];
+
+/** `vstor help bitmap`. */
+export const bitmapHelp: VerbHelp = {
+  text: `usage: ${BITMAP_USAGE}
+
+Change the persistent dirty bitmap BITMAP of a qcow2 image FILE: the actions run in the order
+given.
+
+  --add                       create BITMAP (enabled: it records writes from now on)
+  --remove                    delete BITMAP
+  --clear                     mark every cluster of BITMAP clean
+  --enable                    let BITMAP record writes
+  --disable                   stop BITMAP from recording writes
+  --merge SOURCE              set in BITMAP every cluster dirty in bitmap SOURCE
+  -g, --granularity SIZE      with --add: bytes each bit covers (a power of two, 512 to 2G;
+                              default the cluster size, at least 64k)
+  -b, --source-file FILE      with --merge: take SOURCE from this image instead of FILE
+  -F, --source-format FMT     the format of the -b image
+  -f FMT                      FILE's format (probed when absent)
+  --object, --image-opts      not supported by vstor
+  -h, --help                  print this help
+
+Example: vstor bitmap --add -g 64k disk.qcow2 backup-1
+`,
+  options: [...SHORT.map((c) => `-${c}`), ...Object.keys(LONG).map((name) => `--${name}`)],
 };
 
 function granularityArg(text: string): bigint {
@@ -120,7 +150,7 @@ function parseBitmapArgs(args: string[]): BitmapArgs {
           out.help = true;
           continue;
         }
-        if (!"bfFg".includes(c)) throw new UsageError(`unrecognized option '${arg}'`);
+        if (!SHORT.includes(c)) throw new UsageError(`unrecognized option '${arg}'`);
         const rest = arg.slice(k + 1);
         let value: string;
         [value, i] = take(`-${c}`, rest === "" ? undefined : rest, i);
@@ -206,7 +236,7 @@ async function runAction(
 export async function bitmapMain(args: string[], io: CliIo): Promise<number> {
   const a = parseBitmapArgs(args);
   if (a.help) {
-    io.stdout(`usage: ${BITMAP_USAGE}\n`);
+    io.stdout(bitmapHelp.text);
     return EXIT_OK;
   }
   const early = (message: string) => new UsageError(message, { tryHelp: false });

@@ -11,6 +11,8 @@ import { type CliIo, errorLine, EXIT_OK, UsageError } from "./cli_io.ts";
 import { probedRawWarning } from "./messages.ts";
 import { formatFixed } from "./human.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
+import type { ParseArgsOptionsConfig } from "node:util";
+import { optionFlags, type VerbHelp } from "./help.ts";
 
 export const CHECK_USAGE =
   "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE";
@@ -94,24 +96,42 @@ function printMessages(io: CliIo, report: CheckReport): void {
   });
 }
 
+const CHECK_OPTIONS = {
+  format: { type: "string", short: "f" },
+  output: { type: "string", default: "human" },
+  repair: { type: "string", short: "r" },
+  quiet: { type: "boolean", short: "q", default: false },
+  "force-share": { type: "boolean", short: "U", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} satisfies ParseArgsOptionsConfig;
+
+/** `vstor help check`. */
+export const checkHelp: VerbHelp = {
+  text: `usage: ${CHECK_USAGE}
+
+Check an image for consistency (qcow2: refcounts, L1/L2 tables, snapshots), and repair it.
+
+  -f FMT                image format (probed when absent)
+  --output=human|json   output format (default human; json has qemu-img's field names)
+  -r leaks              free leaked clusters
+  -r all                also fix refcount errors and COPIED flags, rebuilding the refcount
+                        structure if needed
+  -q                    quiet: print nothing but errors
+  -U                    force share: check while another process writes the image (no repair)
+  -h, --help            print this help
+
+Exit codes: 0 clean, 1 check errors, 2 corruptions, 3 leaks only, 63 format has no checks.
+
+Example: vstor check -r leaks disk.qcow2
+`,
+  options: optionFlags(CHECK_OPTIONS),
+};
+
 /** The check verb; returns qemu-img check's exit code. */
 export async function checkMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseVerbArgs(args, {
-    format: { type: "string", short: "f" },
-    output: { type: "string", default: "human" },
-    repair: { type: "string", short: "r" },
-    quiet: { type: "boolean", short: "q", default: false },
-    "force-share": { type: "boolean", short: "U", default: false },
-    help: { type: "boolean", short: "h", default: false },
-  });
+  const { values, positionals } = parseVerbArgs(args, CHECK_OPTIONS);
   if (values.help) {
-    io.stdout(
-      `usage: ${CHECK_USAGE}\n` +
-        "  -r leaks   free leaked clusters\n" +
-        "  -r all     also fix refcount errors and COPIED flags, rebuilding the refcount structure if needed\n" +
-        "  --output   human (default) or json, with qemu-img's field names\n" +
-        "exit codes: 0 clean, 1 check errors, 2 corruptions, 3 leaks only, 63 format has no checks\n",
-    );
+    io.stdout(checkHelp.text);
     return EXIT_OK;
   }
   if (values.output !== "human" && values.output !== "json") {

@@ -9,6 +9,8 @@ import { entryAt, type MapEntry } from "../../formats/map.ts";
 import { type CliIo, errorLine, reportError, UsageError } from "./cli_io.ts";
 import { progressBar } from "./progress.ts";
 import { hostPath, openVerbImage, parseVerbArgs } from "./args.ts";
+import type { ParseArgsOptionsConfig } from "node:util";
+import { optionFlags, type VerbHelp } from "./help.ts";
 
 export const COMPARE_USAGE = "vstor compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2";
 
@@ -112,23 +114,43 @@ async function compareNodes(
   return SAME;
 }
 
+const COMPARE_OPTIONS = {
+  "format-a": { type: "string", short: "f" },
+  "format-b": { type: "string", short: "F" },
+  progress: { type: "boolean", short: "p", default: false },
+  quiet: { type: "boolean", short: "q", default: false },
+  strict: { type: "boolean", short: "s", default: false },
+  "force-share": { type: "boolean", short: "U", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} satisfies ParseArgsOptionsConfig;
+
+/** `vstor help compare`. */
+export const compareHelp: VerbHelp = {
+  text: `usage: ${COMPARE_USAGE}
+
+Compare what two images show the guest; sizes may differ when the longer one is zero past the
+other's end.
+
+  -f FMT        FILE1's format (probed when absent)
+  -F FMT        FILE2's format (probed when absent)
+  -s            strict: sizes and allocation must match too
+  -p            show progress
+  -q            quiet: print nothing, only the exit code tells
+  -U            force share: open the images even while another process writes them
+  -h, --help    print this help
+
+Exit codes: 0 identical, 1 different, 2 open error, 3 block status error, 4 read error.
+
+Example: vstor compare base.qcow2 copy.raw
+`,
+  options: optionFlags(COMPARE_OPTIONS),
+};
+
 /** The compare verb; returns qemu-img compare's exit code. */
 export async function compareMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseVerbArgs(args, {
-    "format-a": { type: "string", short: "f" },
-    "format-b": { type: "string", short: "F" },
-    progress: { type: "boolean", short: "p", default: false },
-    quiet: { type: "boolean", short: "q", default: false },
-    strict: { type: "boolean", short: "s", default: false },
-    "force-share": { type: "boolean", short: "U", default: false },
-    help: { type: "boolean", short: "h", default: false },
-  });
+  const { values, positionals } = parseVerbArgs(args, COMPARE_OPTIONS);
   if (values.help) {
-    io.stdout(
-      `usage: ${COMPARE_USAGE}\n` +
-        "  -s  strict: sizes and allocation must match too\n" +
-        "exit codes: 0 identical, 1 different, 2 open error, 3 block status error, 4 read error\n",
-    );
+    io.stdout(compareHelp.text);
     return SAME;
   }
   if (positionals.length !== 2) throw new UsageError("Expecting two image file names");

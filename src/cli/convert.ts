@@ -11,49 +11,78 @@ import { createOptionsHelp, parseCreateOptions } from "./create.ts";
 import { progressBar } from "./progress.ts";
 import { parseSize } from "./size.ts";
 import { hostPath, parseVerbArgs } from "./args.ts";
+import type { ParseArgsOptionsConfig } from "node:util";
+import { optionFlags, type VerbHelp } from "./help.ts";
 import { convertBitmapsBefore, convertBitmapsCopy } from "./bitmap.ts";
 
 export const CONVERT_USAGE =
   "vstor convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-B BACKING [-F BACKING_FMT]] " +
   "[-S SPARSE_SIZE] [-n] [--target-is-zero] [-l SNAPSHOT] [-m N] [-W] [-p] [-q] [-U] SRC... DST";
 
+const CONVERT_OPTIONS = {
+  format: { type: "string", short: "f" },
+  "output-format": { type: "string", short: "O", default: "raw" },
+  options: { type: "string", short: "o", multiple: true, default: [] },
+  compress: { type: "boolean", short: "c", default: false },
+  backing: { type: "string", short: "B" },
+  "backing-format": { type: "string", short: "F" },
+  sparse: { type: "string", short: "S" },
+  "no-create": { type: "boolean", short: "n", default: false },
+  "target-is-zero": { type: "boolean", default: false },
+  bitmaps: { type: "boolean", default: false },
+  "skip-broken-bitmaps": { type: "boolean", default: false },
+  snapshot: { type: "string", short: "l" },
+  coroutines: { type: "string", short: "m" },
+  "out-of-order": { type: "boolean", short: "W", default: false },
+  progress: { type: "boolean", short: "p", default: false },
+  quiet: { type: "boolean", short: "q", default: false },
+  "force-share": { type: "boolean", short: "U", default: false },
+  "target-cache": { type: "string", short: "t" },
+  "source-cache": { type: "string", short: "T" },
+  help: { type: "boolean", short: "h", default: false },
+} satisfies ParseArgsOptionsConfig;
+
+/** `vstor help convert`. */
+export const convertHelp: VerbHelp = {
+  text: `usage: ${CONVERT_USAGE}
+
+Copy one or more images (concatenated) into a new image DST: change the format, flatten a backing
+chain, compress.
+
+  -f FMT                  source format (probed when absent)
+  -O FMT                  target format (default raw)
+  -o OPTIONS              target creation options, as for create (-o help lists them)
+  -c                      compress the target (qcow2), on one Worker per core
+  -B BACKING              give the target this backing file; copy only what the source's own
+                          layer holds
+  -F BACKING_FMT          format of the -B backing file
+  -S SIZE                 zero runs at least this long are not written (default 4k; 0 writes
+                          everything)
+  -n                      write into an existing target instead of creating it
+  --target-is-zero        with -n: the target already reads as zeroes, zero runs are skipped
+  --bitmaps               copy the source's persistent bitmaps (qcow2 to qcow2)
+  --skip-broken-bitmaps   with --bitmaps: leave out inconsistent bitmaps instead of failing
+  -l SNAPSHOT             convert an internal snapshot (ID or name; also
+                          snapshot.id=ID/snapshot.name=NAME)
+  -t CACHE                target cache mode: unsafe (default), writeback, writethrough
+  -T SRC_CACHE            source cache mode (accepted for qemu-img compatibility)
+  -m N                    accepted for qemu-img compatibility (vstor orders writes itself)
+  -W                      accepted for qemu-img compatibility (out-of-order writes)
+  -p                      show progress
+  -q                      quiet: print nothing but errors
+  -U                      force share: read sources even while another process writes them
+  -h, --help              print this help
+
+Example: vstor convert -f raw -O qcow2 -c disk.raw disk.qcow2
+`,
+  options: optionFlags(CONVERT_OPTIONS),
+};
+
 /** The convert verb; returns the exit code. */
 export async function convertMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseVerbArgs(args, {
-    format: { type: "string", short: "f" },
-    "output-format": { type: "string", short: "O", default: "raw" },
-    options: { type: "string", short: "o", multiple: true, default: [] },
-    compress: { type: "boolean", short: "c", default: false },
-    backing: { type: "string", short: "B" },
-    "backing-format": { type: "string", short: "F" },
-    sparse: { type: "string", short: "S" },
-    "no-create": { type: "boolean", short: "n", default: false },
-    "target-is-zero": { type: "boolean", default: false },
-    bitmaps: { type: "boolean", default: false },
-    "skip-broken-bitmaps": { type: "boolean", default: false },
-    snapshot: { type: "string", short: "l" },
-    coroutines: { type: "string", short: "m" },
-    "out-of-order": { type: "boolean", short: "W", default: false },
-    progress: { type: "boolean", short: "p", default: false },
-    quiet: { type: "boolean", short: "q", default: false },
-    "force-share": { type: "boolean", short: "U", default: false },
-    "target-cache": { type: "string", short: "t" },
-    "source-cache": { type: "string", short: "T" },
-    help: { type: "boolean", short: "h", default: false },
-  });
+  const { values, positionals } = parseVerbArgs(args, CONVERT_OPTIONS);
   if (values.help) {
-    io.stdout(
-      `usage: ${CONVERT_USAGE}\n` +
-        "  -O FMT        target format (default raw)\n" +
-        "  -o OPTIONS    target creation options, as for create\n" +
-        "  -c            compress the target (qcow2), on one Worker per core\n" +
-        "  -B FILE       give the target this backing file; copy only what the source's own layer holds\n" +
-        "  -S SIZE       zero runs at least this long are not written (default 4k; 0 writes everything)\n" +
-        "  -n            write into an existing target; --target-is-zero: it already reads as zeroes\n" +
-        "  -l SNAPSHOT   convert an internal snapshot (ID or name; also snapshot.id=…/snapshot.name=…)\n" +
-        "  -m N, -W      accepted for qemu-img compatibility (vstor orders writes itself)\n" +
-        "  -p            show progress on a terminal\n",
-    );
+    io.stdout(convertHelp.text);
     return EXIT_OK;
   }
   if (values["skip-broken-bitmaps"] && !values.bitmaps) {

@@ -10,6 +10,7 @@ import type { BlockNode } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
 import { createImage, formatNames } from "../../formats/open.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, UsageError } from "./cli_io.ts";
+import type { VerbHelp } from "./help.ts";
 import { openVerbImage } from "./args.ts";
 import { parseSize } from "./size.ts";
 
@@ -46,6 +47,35 @@ interface DdArgs {
   operands: string[];
 }
 
+/** dd's long options (getopt_long accepts unambiguous prefixes). */
+const DD_LONG = ["help", "object", "image-opts", "force-share"];
+/** dd's short options: getopt's ":hf:O:U". */
+const DD_SHORT = ["h", "f", "O", "U"];
+
+/** `vstor help dd`. */
+export const ddHelp: VerbHelp = {
+  text: `usage: ${DD_USAGE}
+
+Copy an image into a new image OUTPUT block by block, as dd(1): the OUTPUT_FMT image is created
+with the size copied.
+
+  if=INPUT            the image to read
+  of=OUTPUT           the image to create (overwritten when it exists)
+  bs=BLOCK_SIZE       bytes read and written at a time (default 512; k, M, G suffixes)
+  count=BLOCKS        copy only this many blocks
+  skip=BLOCKS         skip this many blocks at the start of INPUT
+  -f FMT              INPUT's format (probed when absent)
+  -O OUTPUT_FMT       OUTPUT's format (default raw)
+  -U, --force-share   read INPUT even while another process writes it
+  --object, --image-opts
+                      not supported by vstor
+  -h, --help          print this help
+
+Example: vstor dd -O qcow2 bs=1M count=64 if=disk.raw of=head.qcow2
+`,
+  options: [...DD_SHORT.map((c) => `-${c}`), ...DD_LONG.map((name) => `--${name}`)],
+};
+
 /** getopt_long(":hf:O:U") with --help, --object, --image-opts, --force-share; the rest operands. */
 function parseDdArgs(args: string[]): DdArgs {
   const out: DdArgs = { outFormat: "raw", forceShare: false, help: false, operands: [] };
@@ -57,9 +87,7 @@ function parseDdArgs(args: string[]): DdArgs {
     }
     if (arg.startsWith("--")) {
       const name = arg.slice(2).split("=")[0]!;
-      const known = ["help", "object", "image-opts", "force-share"].filter((k) =>
-        k.startsWith(name)
-      );
+      const known = DD_LONG.filter((k) => k.startsWith(name));
       const long = known.includes(name) ? name : known.length === 1 ? known[0] : undefined;
       if (long === undefined || name === "") throw new UsageError(`unrecognized option '${arg}'`);
       if (long === "help") out.help = true;
@@ -96,7 +124,7 @@ function parseDdArgs(args: string[]): DdArgs {
 export async function ddMain(args: string[], io: CliIo): Promise<number> {
   const a = parseDdArgs(args);
   if (a.help) {
-    io.stdout(`usage: ${DD_USAGE}\n`);
+    io.stdout(ddHelp.text);
     return EXIT_OK;
   }
   let bs = 512n, count = 0n, skip = 0n;

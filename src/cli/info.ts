@@ -20,6 +20,8 @@ import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { sizeToStr } from "./human.ts";
 import { snapshotTable } from "./snapshot.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
+import type { ParseArgsOptionsConfig } from "node:util";
+import { optionFlags, type VerbHelp } from "./help.ts";
 import { bitmapInfo, bitmapInfoHuman, qemuJsonEmptyLists } from "./bitmap.ts";
 
 export const INFO_USAGE = "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE";
@@ -114,17 +116,37 @@ export function infoHuman(info: Record<string, unknown>, node: BlockNode): strin
   return lines.join("\n") + "\n";
 }
 
+const INFO_OPTIONS = {
+  format: { type: "string", short: "f" },
+  output: { type: "string", default: "human" },
+  "backing-chain": { type: "boolean", default: false },
+  "force-share": { type: "boolean", short: "U", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} satisfies ParseArgsOptionsConfig;
+
+/** `vstor help info`. */
+export const infoHelp: VerbHelp = {
+  text: `usage: ${INFO_USAGE}
+
+Show an image's format, virtual and disk sizes, cluster size, backing file, snapshots and
+format-specific details (qemu-img info).
+
+  -f FMT                image format (probed when absent)
+  --output=human|json   output format (default human; json has qemu-img's field names)
+  --backing-chain       show every image of the backing chain, top first
+  -U                    force share: open the image even while another process writes it
+  -h, --help            print this help
+
+Example: vstor info --backing-chain --output=json overlay.qcow2
+`,
+  options: optionFlags(INFO_OPTIONS),
+};
+
 /** The info verb; returns the exit code. */
 export async function infoMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseVerbArgs(args, {
-    format: { type: "string", short: "f" },
-    output: { type: "string", default: "human" },
-    "backing-chain": { type: "boolean", default: false },
-    "force-share": { type: "boolean", short: "U", default: false },
-    help: { type: "boolean", short: "h", default: false },
-  });
+  const { values, positionals } = parseVerbArgs(args, INFO_OPTIONS);
   if (values.help) {
-    io.stdout(`usage: ${INFO_USAGE}\n`);
+    io.stdout(infoHelp.text);
     return EXIT_OK;
   }
   if (values.output !== "human" && values.output !== "json") {

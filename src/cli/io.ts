@@ -26,6 +26,7 @@
 import type { BlockNode } from "../block/node.ts";
 import { setCorruptionSink } from "../../formats/qcow2/corruption.ts";
 import type { CliIo } from "./cli_io.ts";
+import type { VerbHelp } from "./help.ts";
 import { closeImage, COMMANDS, type IoNodeExtras, openImageInto } from "./qemu_io/commands.ts";
 import {
   defaultRequest,
@@ -155,19 +156,35 @@ More information on the QEMU project at <https://qemu.org>.
 const VSTOR_HELP = `usage: ${VSTOR_USAGE}
 
 Run qemu-io 7.2 commands on an image: each -c CMD in order, or one command per line from stdin.
-Options are qemu-io's (see 'vstor qemu-io --help'), plus:
-  -o, --options OPTS   open options, as the open command's -o (driver=FMT,file.filename=PATH,
-                       read-only=on, cache.no-flush=on, l2-cache-size=N, offset=N, size=N ...)
-Cache modes: writethrough (default), writeback, unsafe; none and directsync need O_DIRECT, which
-vstor does not support yet. AIO modes: threads (io_uring and native are not supported yet).
-Discard modes: unmap/on (default), ignore/off. -s writes to a temporary qcow2 overlay that is
-deleted at exit: the image file is never changed.
+
+  -c, --cmd CMD          run CMD (repeatable; 'help' lists the commands)
+  -f, --format FMT       image format (probed when absent)
+  -o, --options OPTS     open options, as the open command's -o (driver=FMT,
+                         file.filename=PATH, read-only=on, cache.no-flush=on, l2-cache-size=N,
+                         offset=N, size=N ...)
+  -r, --read-only        open the image read-only
+  -s, --snapshot         write to a temporary qcow2 overlay deleted at exit: FILE never changes
+  -t, --cache=MODE       writethrough (default), writeback, unsafe; none and directsync need
+                         O_DIRECT, which vstor does not support yet
+  -n, --nocache          -t none (not supported yet)
+  -d, --discard=MODE     unmap/on (default), ignore/off
+  -i, --aio=MODE         threads (io_uring and native are not supported yet)
+  -k, --native-aio       -i native (not supported yet)
+  -C, --copy-on-read     copy data read from the backing file into the image
+  -m, --misalign         misalign buffers (accepted; vstor buffers need no alignment)
+  -T, --trace OPTS       tracing options (accepted and ignored)
+  -U, --force-share      open the image even while another process writes it
+  --object, --image-opts as qemu-io's (see 'vstor qemu-io --help')
+  -V, --version          print the version
+  -h, --help             print this help
 
 Commands (see -c help): abort aio_flush aio_read aio_write alloc break close discard flush help
 info length map open quit read readv remove_break reopen resume sigraise sleep truncate
 wait_break write writev
 Exit status: 0 when every command succeeded, 1 when one failed or FILE could not be opened,
 2 for a usage error.
+
+Example: vstor io -f qcow2 -c 'write -P 0xab 0 64k' -c 'read -v 0 16' disk.qcow2
 `;
 
 const LONG_OPTIONS: readonly LongOption[] = [
@@ -193,6 +210,17 @@ const VSTOR_LONG_OPTIONS: readonly LongOption[] = [
   ...LONG_OPTIONS,
   { name: "options", hasArg: true, key: "o" },
 ];
+/** `vstor io`'s short options, as getopt takes them. */
+const VSTOR_SHORT_OPTIONS = "hVc:d:f:rsnCmki:t:T:Uo:";
+
+/** `vstor help io`. */
+export const ioHelp: VerbHelp = {
+  text: VSTOR_HELP,
+  options: [
+    ...[...VSTOR_SHORT_OPTIONS.replaceAll(":", "")].map((c) => `-${c}`),
+    ...VSTOR_LONG_OPTIONS.filter((o) => o.key.length > 1).map((o) => `--${o.name}`),
+  ],
+};
 
 /** Signals whose default action is to be ignored: raise() returns and qemu-io goes on. */
 const IGNORED_SIGNALS = new Set([17, 18, 23, 28]);
@@ -387,7 +415,7 @@ async function runSession(
   let format: string | undefined;
   const parsed = getoptLong(
     [prefix, ...args],
-    qemu ? "hVc:d:f:rsnCmki:t:T:U" : "hVc:d:f:rsnCmki:t:T:Uo:",
+    qemu ? "hVc:d:f:rsnCmki:t:T:U" : VSTOR_SHORT_OPTIONS,
     qemu ? LONG_OPTIONS : VSTOR_LONG_OPTIONS,
     qemu ? "qemu-io" : "vstor io",
   );

@@ -5,6 +5,8 @@
  * @module
  */
 import { setCorruptionSink } from "../../formats/qcow2/corruption.ts";
+import type { VerbHelp } from "./help.ts";
+import { QEMU_VERSION, versionText } from "./version.ts";
 
 import {
   type CliIo,
@@ -37,6 +39,11 @@ interface Verb {
   /** qemu-img's syntax line for the verb; verbs without one are vstor's own (not in drop-in mode). */
   qemuImg?: string;
   run(args: string[], io: CliIo): Promise<number>;
+  /**
+   * The verb's whole help (`vstor help VERB`; the verb prints the same for `--help`). Without it,
+   * `vstor help VERB` runs `VERB --help`, for verbs that keep their help to themselves.
+   */
+  help?: () => Promise<VerbHelp>;
 }
 
 const verbs: Record<string, Verb> = {
@@ -47,12 +54,14 @@ const verbs: Record<string, Verb> = {
     usage:
       "vstor create [-f FMT] [-o OPTIONS] [-b BACKING -F FMT [-u]] [-q] FILE [SIZE]   (-o help lists the options)",
     run: async (args, io) => (await import("./create.ts")).createMain(args, io),
+    help: async () => (await import("./create.ts")).createHelp,
   },
   io: {
     summary: "run qemu-io commands on an image",
     usage: "vstor io [-f FMT] [-r] [-U] [-c CMD]... FILE   (commands from stdin without -c)",
     run: async (args, io) =>
       (await import("./io.ts")).ioMain(args, { stdout: io.stdout, stderr: io.stderr }),
+    help: async () => (await import("./io.ts")).ioHelp,
   },
   bench: {
     qemuImg:
@@ -62,6 +71,7 @@ const verbs: Record<string, Verb> = {
       "vstor bench [-c COUNT] [-d DEPTH] [-f FMT] [--flush-interval=N [--no-drain]] [-i AIO] [-n] " +
       "[-o OFFSET] [--pattern=N] [-q] [-s BUFFER_SIZE] [-S STEP_SIZE] [-t CACHE] [-w] [-U] FILE",
     run: async (args, io) => (await import("./bench.ts")).benchMain(args, io),
+    help: async () => (await import("./bench.ts")).benchHelp,
   },
   measure: {
     qemuImg:
@@ -70,6 +80,7 @@ const verbs: Record<string, Verb> = {
     usage:
       "vstor measure [--output=human|json] [-O FMT] [-o OPTIONS] [--size N | [-f FMT] [-l SNAPSHOT] [-U] FILE]",
     run: async (args, io) => (await import("./measure.ts")).measureMain(args, io),
+    help: async () => (await import("./measure.ts")).measureHelp,
   },
   convert: {
     qemuImg:
@@ -79,6 +90,7 @@ const verbs: Record<string, Verb> = {
       "vstor convert [-f FMT] [-O FMT] [-o OPTIONS] [-c] [-B BACKING [-F FMT]] [-S SIZE] [-n] " +
       "[--target-is-zero] [-l SNAPSHOT] [-m N] [-W] [-p] [-q] [-U] SRC... DST",
     run: async (args, io) => (await import("./convert.ts")).convertMain(args, io),
+    help: async () => (await import("./convert.ts")).convertHelp,
   },
   info: {
     qemuImg:
@@ -86,6 +98,7 @@ const verbs: Record<string, Verb> = {
     summary: "show an image's format, sizes, backing file and snapshots (qemu-img info)",
     usage: "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE",
     run: async (args, io) => (await import("./info.ts")).infoMain(args, io),
+    help: async () => (await import("./info.ts")).infoHelp,
   },
   map: {
     qemuImg:
@@ -101,6 +114,7 @@ const verbs: Record<string, Verb> = {
     summary: "compare the contents of two images (qemu-img compare)",
     usage: "vstor compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2",
     run: async (args, io) => (await import("./compare.ts")).compareMain(args, io),
+    help: async () => (await import("./compare.ts")).compareHelp,
   },
   resize: {
     qemuImg:
@@ -108,6 +122,7 @@ const verbs: Record<string, Verb> = {
     summary: "grow or shrink an image (qemu-img resize)",
     usage: "vstor resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE",
     run: async (args, io) => (await import("./resize.ts")).resizeMain(args, io),
+    help: async () => (await import("./resize.ts")).resizeHelp,
   },
   amend: {
     qemuImg:
@@ -116,6 +131,7 @@ const verbs: Record<string, Verb> = {
       "change a qcow2 image's compat level, lazy refcounts, refcount width or size (qemu-img amend)",
     usage: "vstor amend [-f FMT] -o OPTIONS [-p] [-q] [--force] FILE   (-o help lists the options)",
     run: async (args, io) => (await import("./amend.ts")).amendMain(args, io),
+    help: async () => (await import("./amend.ts")).amendVerbHelp,
   },
   check: {
     qemuImg:
@@ -123,6 +139,7 @@ const verbs: Record<string, Verb> = {
     summary: "check an image for consistency, and repair it (qemu-img check)",
     usage: "vstor check [-f FMT] [--output=human|json] [-r leaks|all] [-q] [-U] FILE",
     run: async (args, io) => (await import("./check.ts")).checkMain(args, io),
+    help: async () => (await import("./check.ts")).checkHelp,
   },
   commit: {
     qemuImg:
@@ -130,6 +147,7 @@ const verbs: Record<string, Verb> = {
     summary: "commit an overlay's data into its backing file (qemu-img commit)",
     usage: "vstor commit [-b BASE] [-d] [-p] [-q] FILE",
     run: async (args, io) => (await import("./chain_verbs.ts")).commitMain(args, io),
+    help: async () => (await import("./chain_verbs.ts")).commitHelp,
   },
   rebase: {
     qemuImg:
@@ -137,6 +155,7 @@ const verbs: Record<string, Verb> = {
     summary: "change an overlay's backing file, keeping what the guest sees (qemu-img rebase)",
     usage: "vstor rebase [-u] -b BACKING [-F BACKING_FMT] [-p] [-q] FILE",
     run: async (args, io) => (await import("./chain_verbs.ts")).rebaseMain(args, io),
+    help: async () => (await import("./chain_verbs.ts")).rebaseHelp,
   },
   bitmap: {
     qemuImg:
@@ -145,6 +164,7 @@ const verbs: Record<string, Verb> = {
     usage: "vstor bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... " +
       "[-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f FMT] FILE BITMAP",
     run: async (args, io) => (await import("./bitmap.ts")).bitmapMain(args, io),
+    help: async () => (await import("./bitmap.ts")).bitmapHelp,
   },
   dd: {
     qemuImg:
@@ -153,6 +173,7 @@ const verbs: Record<string, Verb> = {
     usage:
       "vstor dd [-f FMT] [-O OUTPUT_FMT] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT",
     run: async (args, io) => (await import("./dd.ts")).ddMain(args, io),
+    help: async () => (await import("./dd.ts")).ddHelp,
   },
   snapshot: {
     qemuImg:
@@ -160,6 +181,7 @@ const verbs: Record<string, Verb> = {
     summary: "list, create, apply or delete internal snapshots (qcow2)",
     usage: "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE",
     run: async (args, io) => (await import("./snapshot.ts")).snapshotMain(args, io),
+    help: async () => (await import("./snapshot.ts")).snapshotHelp,
   },
   run: {
     summary: "run a simulated guest on images through virtio-blk/virtio-scsi (no args: main job)",
@@ -183,7 +205,7 @@ function help(io: CliIo): void {
     "  qemu-img ARGS…  drop-in mode: answer exactly as qemu-img 7.2 does (messages, exit codes)",
     "  qemu-io ARGS…   drop-in mode: answer as qemu-io 7.2 does",
     "",
-    "`vstor help VERB` or `vstor VERB --help` describes a verb.",
+    "`vstor help VERB` or `vstor VERB --help` describes a verb; `vstor --version` prints versions.",
   );
   io.stdout(lines.join("\n") + "\n");
 }
@@ -231,6 +253,10 @@ async function dispatch(args: string[], io: CliIo): Promise<number> {
   const [name, ...rest] = args;
   if (name === "qemu-img") return await qemuImgMain(rest, io);
   if (name === "qemu-io") return await qemuIoDropIn(rest, io);
+  if (name === "--version" || name === "-V" || name === "version") {
+    io.stdout(versionText());
+    return EXIT_OK;
+  }
   if (name === undefined || name === "help" || name === "--help" || name === "-h") {
     const topic = name === "help" ? rest[0] : undefined;
     const verb = topic === undefined ? undefined : verbs[topic];
@@ -238,8 +264,8 @@ async function dispatch(args: string[], io: CliIo): Promise<number> {
       io.stderr(`vstor: unknown verb '${topic}'\n`);
       return EXIT_USAGE;
     }
-    if (verb) io.stdout(`usage: ${verb.usage}\n`);
-    else help(io);
+    if (topic !== undefined && verb) return await verbHelpText(topic, verb, io);
+    help(io);
     return name === undefined ? EXIT_USAGE : EXIT_OK;
   }
   const verb = verbs[name];
@@ -250,10 +276,31 @@ async function dispatch(args: string[], io: CliIo): Promise<number> {
   return await runVerb(name, verb, rest, { ...io, program: "vstor" });
 }
 
+/** `vstor help VERB`: the verb's help, or what the verb itself prints for `--help`. */
+async function verbHelpText(name: string, verb: Verb, io: CliIo): Promise<number> {
+  if (verb.help === undefined) {
+    return await runVerb(name, verb, ["--help"], { ...io, program: "vstor" });
+  }
+  io.stdout((await verb.help()).text);
+  return EXIT_OK;
+}
+
+/** The verbs of `vstor VERB`, in the order `vstor help` lists them. */
+export function verbNames(): string[] {
+  return Object.keys(verbs);
+}
+
+/**
+ * A verb's help and the options its parser accepts; undefined for a verb that keeps its help to
+ * itself (`vstor help VERB` then prints what `VERB --help` does).
+ */
+export async function verbHelp(name: string): Promise<VerbHelp | undefined> {
+  return await verbs[name]?.help?.();
+}
+
 // ---- Drop-in mode: qemu-img ----
 
-/** The QEMU release whose qemu-img and qemu-io the drop-in mode answers as. */
-export const QEMU_VERSION = "7.2.0";
+export { QEMU_VERSION } from "./version.ts";
 
 const QEMU_IMG_TRY_HELP = "Try 'qemu-img --help' for more information\n";
 

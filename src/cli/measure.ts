@@ -17,6 +17,8 @@ import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { parseSize } from "./size.ts";
 import { openVerbImage, parseVerbArgs } from "./args.ts";
+import type { ParseArgsOptionsConfig } from "node:util";
+import { optionFlags, type VerbHelp } from "./help.ts";
 
 /** The measure verb's synopsis. */
 export const MEASURE_USAGE =
@@ -36,9 +38,12 @@ included), or for an empty image of N bytes.
                         snapshot.id=ID[,snapshot.name=NAME])
   -U, --force-share     open FILE even when another process uses it
   --output=human|json   output format (default human)
+  -h, --help            print this help
 
 "required size" covers what FILE holds; "fully allocated size" a target with every cluster
 allocated; "bitmaps size" (qcow2 v3 source and target) the persistent bitmaps on top.
+
+Example: vstor measure -O qcow2 --output=json disk.raw
 `;
 
 type OptionType = "string" | "bool" | "number" | "size";
@@ -272,6 +277,23 @@ export function measureJson(info: MeasureInfo): string {
   return `{\n${fields.join(",\n")}\n}\n`;
 }
 
+const MEASURE_OPTIONS = {
+  output: { type: "string", default: "human" },
+  size: { type: "string" },
+  format: { type: "string", short: "f" },
+  snapshot: { type: "string", short: "l" },
+  "target-format": { type: "string", short: "O", default: "raw" },
+  options: { type: "string", short: "o", multiple: true, default: [] },
+  "force-share": { type: "boolean", short: "U", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} satisfies ParseArgsOptionsConfig;
+
+/** `vstor help measure`. */
+export const measureHelp: VerbHelp = {
+  text: `${HELP}`,
+  options: optionFlags(MEASURE_OPTIONS),
+};
+
 /**
  * The measure verb; returns the exit code. Command-line mistakes (bad flags, option values, sizes,
  * FILE with --size) are usage errors (exit 2); failing to open or read FILE exits 1.
@@ -285,18 +307,9 @@ export function measureJson(info: MeasureInfo): string {
  * ```
  */
 export async function measureMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseVerbArgs(args, {
-    output: { type: "string", default: "human" },
-    size: { type: "string" },
-    format: { type: "string", short: "f" },
-    snapshot: { type: "string", short: "l" },
-    "target-format": { type: "string", short: "O", default: "raw" },
-    options: { type: "string", short: "o", multiple: true, default: [] },
-    "force-share": { type: "boolean", short: "U", default: false },
-    help: { type: "boolean", short: "h", default: false },
-  });
+  const { values, positionals } = parseVerbArgs(args, MEASURE_OPTIONS);
   if (values.help) {
-    io.stdout(HELP);
+    io.stdout(measureHelp.text);
     return EXIT_OK;
   }
   if (values.output !== "human" && values.output !== "json") {

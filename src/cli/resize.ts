@@ -7,31 +7,53 @@ import { BlockError } from "../errors.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, reportError, UsageError } from "./cli_io.ts";
 import { parseSize } from "./size.ts";
 import { openVerbImage, parseVerbArgs } from "./args.ts";
+import type { ParseArgsOptionsConfig } from "node:util";
+import { optionFlags, type VerbHelp } from "./help.ts";
 
 export const RESIZE_USAGE =
   "vstor resize [--shrink] [--preallocation=MODE] [-f FMT] [-q] FILE [+|-]SIZE";
 const MODES = ["off", "metadata", "falloc", "full"] as const;
+
+const RESIZE_OPTIONS = {
+  shrink: { type: "boolean", default: false },
+  preallocation: { type: "string" },
+  format: { type: "string", short: "f" },
+  quiet: { type: "boolean", short: "q", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} satisfies ParseArgsOptionsConfig;
+
+/** `vstor help resize`. */
+export const resizeHelp: VerbHelp = {
+  text: `usage: ${RESIZE_USAGE}
+
+Grow or shrink an image's virtual size.
+
+  SIZE                  the new size; +SIZE or -SIZE change it relative to the current one
+                        (k, M, G, T, P, E suffixes)
+  --shrink              allow making the image smaller (data past the new end is lost)
+  --preallocation=MODE  how to allocate the added space: off (default), metadata (qcow2),
+                        falloc or full
+  -f FMT                image format (probed when absent)
+  -q                    quiet: do not print 'Image resized.'
+  -h, --help            print this help
+
+Example: vstor resize disk.qcow2 +1G
+`,
+  options: optionFlags(RESIZE_OPTIONS),
+};
 
 /** The resize verb; returns the exit code. */
 export async function resizeMain(args: string[], io: CliIo): Promise<number> {
   // The size comes last and may start with "-" ("-1M"): take it out before option parsing.
   const last = args[args.length - 1];
   const sizeLast = last !== undefined && /^[+-]?[0-9]/.test(last);
-  const { values, positionals: rest } = parseVerbArgs(sizeLast ? args.slice(0, -1) : args, {
-    shrink: { type: "boolean", default: false },
-    preallocation: { type: "string" },
-    format: { type: "string", short: "f" },
-    quiet: { type: "boolean", short: "q", default: false },
-    help: { type: "boolean", short: "h", default: false },
-  });
+  const { values, positionals: rest } = parseVerbArgs(
+    sizeLast ? args.slice(0, -1) : args,
+    RESIZE_OPTIONS,
+  );
   const positionals = sizeLast ? [...rest, last!] : rest;
   if (values.help) {
-    io.stdout(
-      `usage: ${RESIZE_USAGE}\n` +
-        "  SIZE           new size; +SIZE or -SIZE change it relative to the current one\n" +
-        "  --shrink       allow making the image smaller (data past the new end is lost)\n" +
-        "  --preallocation=off|metadata|falloc|full   how to allocate the added space\n",
-    );
+    io.stdout(resizeHelp.text);
     return EXIT_OK;
   }
   const mode = values.preallocation === undefined

@@ -10,6 +10,8 @@ import { listedNames, type SnapshotEntry } from "../../formats/qcow2/snapshot.ts
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { localDate, sizeToStr, vmClock } from "./human.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
+import type { ParseArgsOptionsConfig } from "node:util";
+import { optionFlags, type VerbHelp } from "./help.ts";
 
 export const SNAPSHOT_USAGE =
   "vstor snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE";
@@ -41,27 +43,42 @@ export function snapshotTable(entries: SnapshotEntry[]): string {
   return lines.join("\n") + "\n";
 }
 
+const SNAPSHOT_OPTIONS = {
+  list: { type: "boolean", short: "l", default: false },
+  apply: { type: "string", short: "a" },
+  create: { type: "string", short: "c" },
+  delete: { type: "string", short: "d" },
+  format: { type: "string", short: "f" },
+  quiet: { type: "boolean", short: "q", default: false },
+  "force-share": { type: "boolean", short: "U", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} satisfies ParseArgsOptionsConfig;
+
+/** `vstor help snapshot`. */
+export const snapshotHelp: VerbHelp = {
+  text: `usage: ${SNAPSHOT_USAGE}
+
+List, create, apply or delete a qcow2 image's internal snapshots.
+
+  -l            list the snapshots (the default)
+  -c SNAPSHOT   create a snapshot of the current state
+  -a SNAPSHOT   revert the image to a snapshot (by ID or name)
+  -d SNAPSHOT   delete a snapshot (by ID or name)
+  -f FMT        image format (probed when absent)
+  -q            quiet: print nothing but errors
+  -U            force share: list while another process writes the image
+  -h, --help    print this help
+
+Example: vstor snapshot -c before-upgrade disk.qcow2
+`,
+  options: optionFlags(SNAPSHOT_OPTIONS),
+};
+
 /** The snapshot verb; returns the exit code. */
 export async function snapshotMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseVerbArgs(args, {
-    list: { type: "boolean", short: "l", default: false },
-    apply: { type: "string", short: "a" },
-    create: { type: "string", short: "c" },
-    delete: { type: "string", short: "d" },
-    format: { type: "string", short: "f" },
-    quiet: { type: "boolean", short: "q", default: false },
-    "force-share": { type: "boolean", short: "U", default: false },
-    help: { type: "boolean", short: "h", default: false },
-  });
+  const { values, positionals } = parseVerbArgs(args, SNAPSHOT_OPTIONS);
   if (values.help) {
-    io.stdout(
-      `usage: ${SNAPSHOT_USAGE}\n` +
-        "  -l           list the snapshots (the default)\n" +
-        "  -c SNAPSHOT  create a snapshot of the current state\n" +
-        "  -a SNAPSHOT  revert the image to a snapshot (by ID or name)\n" +
-        "  -d SNAPSHOT  delete a snapshot (by name)\n" +
-        "  -U           share the image with a writer (list only)\n",
-    );
+    io.stdout(snapshotHelp.text);
     return EXIT_OK;
   }
   const actions = [values.list, values.apply, values.create, values.delete].filter((v) =>
