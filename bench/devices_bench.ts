@@ -23,7 +23,7 @@ import type { BlockNode, Extent } from "../src/block/node.ts";
 import { openHostFile } from "../src/host/file.ts";
 import { MemoryFile } from "../src/host/memory.ts";
 import { VirtioBlkBackend, VirtioBlkModel } from "../src/devices/virtio_blk.ts";
-import { VIRTIO_BLK_T_IN } from "../src/devices/virtio_blk_constants.ts";
+import { VIRTIO_BLK_T_IN } from "../src/virtio/virtio_blk_constants.ts";
 import { queueFeaturesOf } from "../src/virtio/device.ts";
 import { GuestMemory } from "../src/virtio/memory.ts";
 import type { DriverBuffer } from "../src/virtio/queue.ts";

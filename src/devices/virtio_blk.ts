@@ -2,9 +2,10 @@
  * virtio-blk (virtio 1.2 §5.2): the device type the machine plugs in, and one import point for both
  * halves — the VMM-side {@linkcode VirtioBlkModel} and the iothread's {@linkcode VirtioBlkBackend}.
  *
- * Files: `virtio_blk_constants.ts` (spec names), `virtio_blk_options.ts` (options, offered features,
- * shared state), `virtio_blk_model.ts` (config space, cache-mode rules), `virtio_blk_backend.ts`
- * (requests, merging; `createBackend`, the module the iothread imports).
+ * Files: `../virtio/virtio_blk_constants.ts` (spec names, shared with the guest's driver),
+ * `virtio_blk_options.ts` (options, offered features, shared state), `virtio_blk_model.ts` (config
+ * space, cache-mode rules), `virtio_blk_backend.ts` (requests, merging; `createBackend`, the module
+ * the iothread imports).
  *
  * @module
  */
@@ -12,7 +13,7 @@
 import { z } from "zod";
 import type { DeviceInfo, DeviceSpec, DeviceType } from "./device_type.ts";
 import type { VirtioBlkBackendInfo } from "./virtio_blk_backend.ts";
-import { BDRV_REQUEST_MAX_SECTORS, VIRTIO_BLK_ID_BYTES } from "./virtio_blk_constants.ts";
+import { BDRV_REQUEST_MAX_SECTORS, VIRTIO_BLK_ID_BYTES } from "../virtio/virtio_blk_constants.ts";
 import { VirtioBlkModel } from "./virtio_blk_model.ts";
 import {
   resolveVirtioBlkOptions,

@@ -38,7 +38,7 @@ import {
   VIRTIO_BLK_T_OUT,
   VIRTIO_BLK_T_WRITE_ZEROES,
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-} from "./virtio_blk_constants.ts";
+} from "../virtio/virtio_blk_constants.ts";
 import {
   capacitySectors,
   type ResolvedVirtioBlkOptions,

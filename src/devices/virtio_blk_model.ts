@@ -35,7 +35,7 @@ import {
   VIRTIO_BLK_F_CONFIG_WCE,
   VIRTIO_BLK_F_FLUSH,
   VIRTIO_BLK_SECTOR_SIZE,
-} from "./virtio_blk_constants.ts";
+} from "../virtio/virtio_blk_constants.ts";
 import {
   capacitySectors,
   type ResolvedVirtioBlkOptions,

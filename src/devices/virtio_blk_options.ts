@@ -29,7 +29,7 @@ import {
   VIRTIO_BLK_F_WRITE_ZEROES,
   VIRTIO_BLK_ID_BYTES,
   VIRTIO_BLK_SECTOR_SIZE,
-} from "./virtio_blk_constants.ts";
+} from "../virtio/virtio_blk_constants.ts";
 
 /**
  * How a virtio-blk device is built. Plain data (structured-cloneable): the machine sends the same

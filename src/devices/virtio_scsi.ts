@@ -124,7 +124,7 @@ import {
   VIRTIO_SCSI_VQ_CONTROL,
   VIRTIO_SCSI_VQ_EVENT,
   VIRTIO_SCSI_VQ_REQUEST,
-} from "./virtio_scsi_constants.ts";
+} from "../virtio/virtio_scsi_constants.ts";
 
 // ---- Shared configuration ------------------------------------------------------------------------
 

@@ -76,7 +76,7 @@ import {
   VIRTIO_BLK_T_OUT,
   VIRTIO_BLK_T_WRITE_ZEROES,
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-} from "../devices/virtio_blk_constants.ts";
+} from "../virtio/virtio_blk_constants.ts";
 import type { BlockTarget, IoRequest, IoStatus } from "./block_target.ts";
 import { runOne } from "./block_target.ts";
 import {

@@ -86,7 +86,7 @@ import {
   VIRTIO_SCSI_VQ_CONTROL,
   VIRTIO_SCSI_VQ_EVENT,
   VIRTIO_SCSI_VQ_REQUEST,
-} from "../devices/virtio_scsi_constants.ts";
+} from "../virtio/virtio_scsi_constants.ts";
 import {
   CHECK_CONDITION,
   GOOD,

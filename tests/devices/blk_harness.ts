@@ -22,7 +22,7 @@ import {
   VIRTIO_BLK_T_IN,
   VIRTIO_BLK_T_OUT,
   VIRTIO_BLK_T_WRITE_ZEROES,
-} from "../../src/devices/virtio_blk_constants.ts";
+} from "../../src/virtio/virtio_blk_constants.ts";
 import {
   VirtioBlkBackend,
   VirtioBlkModel,

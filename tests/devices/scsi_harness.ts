@@ -23,7 +23,7 @@ import {
   VIRTIO_SCSI_VQ_CONTROL,
   VIRTIO_SCSI_VQ_EVENT,
   VIRTIO_SCSI_VQ_REQUEST,
-} from "../../src/devices/virtio_scsi_constants.ts";
+} from "../../src/virtio/virtio_scsi_constants.ts";
 import { MemoryFile } from "../../src/host/memory.ts";
 import type { ScsiDisk, ScsiDiskOptions } from "../../src/scsi/disk.ts";
 import type { ActivatedQueue } from "../../src/virtio/device.ts";

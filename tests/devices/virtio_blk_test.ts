@@ -29,7 +29,7 @@ import {
   VIRTIO_BLK_T_SECURE_ERASE,
   VIRTIO_BLK_T_WRITE_ZEROES,
   VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-} from "../../src/devices/virtio_blk_constants.ts";
+} from "../../src/virtio/virtio_blk_constants.ts";
 import {
   createBackend,
   createModel,

@@ -39,7 +39,7 @@ import {
   VIRTIO_SCSI_VQ_CONTROL,
   VIRTIO_SCSI_VQ_EVENT,
   VIRTIO_SCSI_VQ_REQUEST,
-} from "../../src/devices/virtio_scsi_constants.ts";
+} from "../../src/virtio/virtio_scsi_constants.ts";
 import { CHECK_CONDITION, GOOD } from "../../src/scsi/constants.ts";
 import {
   featureBit,

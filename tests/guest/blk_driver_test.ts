@@ -7,7 +7,7 @@ import {
   VIRTIO_BLK_T_FLUSH,
   VIRTIO_BLK_T_IN,
   VIRTIO_BLK_T_OUT,
-} from "../../src/devices/virtio_blk_constants.ts";
+} from "../../src/virtio/virtio_blk_constants.ts";
 import { type BlockTarget, type IoRequest, runOne } from "../../src/guest/block_target.ts";
 import { probeSlot } from "../../src/guest/pci_probe.ts";
 import { VirtioDriverError } from "../../src/guest/virtio_driver.ts";

@@ -18,7 +18,7 @@ import {
   VirtioScsiBackend,
   virtioScsiOptionsSchema,
 } from "../../src/devices/virtio_scsi.ts";
-import { VIRTIO_SCSI_VQ_EVENT } from "../../src/devices/virtio_scsi_constants.ts";
+import { VIRTIO_SCSI_VQ_EVENT } from "../../src/virtio/virtio_scsi_constants.ts";
 import { MemoryFile } from "../../src/host/memory.ts";
 
 /** The back-end factory the iothread calls: virtio-scsi with a hotplug on each event-queue kick. */

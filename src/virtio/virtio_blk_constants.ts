@@ -2,6 +2,9 @@
  * Spec constants of the virtio block device (OASIS virtio 1.2 §5.2), with the spec's names, and the
  * QEMU limits (`hw/block/virtio-blk.c`, `include/block/block.h`) the device follows.
  *
+ * They live with the transport because both sides use them: the device back-ends in `src/devices/`
+ * and the guest's drivers in `src/guest/`, as both sides of Linux and QEMU include the same header.
+ *
  * @module
  */
 

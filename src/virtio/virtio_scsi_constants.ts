@@ -3,6 +3,9 @@
  * `include/uapi/linux/virtio_scsi.h`): feature bits, request/response layouts, response codes,
  * control request types and TMF subtypes, events and their reasons, and the config-space layout.
  *
+ * They live with the transport because both sides use them: the device back-ends in `src/devices/`
+ * and the guest's drivers in `src/guest/`, as both sides of Linux and QEMU include the same header.
+ *
  * @module
  */
 
