@@ -87,7 +87,7 @@ import {
   QueueTarget,
   SlotRequest,
 } from "./queue_target.ts";
-import { SlotQueue } from "./slot_queue.ts";
+import { SlotQueue, type SlotQueueStats } from "./slot_queue.ts";
 import type { PciFunctionInfo } from "./pci_probe.ts";
 import {
   type GuestPlatform,
@@ -162,23 +162,8 @@ export interface TargetOptions {
   readonly maxTransfer?: number;
 }
 
-/** Counters of one request queue: what the report's virtio section shows. */
-export interface BlkQueueStats {
-  readonly queue: number;
-  readonly size: number;
-  /** Doorbell writes. */
-  readonly kicks: number;
-  /** Kicks the device's event index / NO_NOTIFY flag made unnecessary. */
-  readonly suppressedKicks: number;
-  /** Interrupts taken for this queue. */
-  readonly interrupts: number;
-  /** Requests the device completed. */
-  readonly completions: number;
-  /** Requests handed to the ring. */
-  readonly submitted: number;
-  /** Most requests one kick published. */
-  readonly largestBatch: number;
-}
+/** Counters of one request queue (the queue keeps them: {@linkcode SlotQueue.stats}). */
+export type BlkQueueStats = SlotQueueStats;
 
 /** One request slot: its guest memory, descriptor lists and state. */
 interface Slot {

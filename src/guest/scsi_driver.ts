@@ -116,7 +116,6 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../virtio/features.ts";
 import type { DriverBuffer } from "../virtio/queue.ts";
-import type { BlkQueueStats } from "./blk_driver.ts";
 import type { BlockTarget, IoRequest, IoStatus } from "./block_target.ts";
 import type { PciFunctionInfo } from "./pci_probe.ts";
 import {
@@ -127,7 +126,7 @@ import {
   QueueTarget,
   SlotRequest,
 } from "./queue_target.ts";
-import { SlotQueue } from "./slot_queue.ts";
+import { SlotQueue, type SlotQueueStats } from "./slot_queue.ts";
 import {
   type GuestPlatform,
   type InterruptPreference,
@@ -137,7 +136,7 @@ import {
 } from "./virtio_driver.ts";
 
 /** Counters of one request queue (the same shape as virtio-blk's). */
-export type ScsiQueueStats = BlkQueueStats;
+export type ScsiQueueStats = SlotQueueStats;
 
 /** The device configuration (virtio 1.2 §5.6.4) as read after the driver wrote its sizes. */
 export interface ScsiConfig {

@@ -6,9 +6,26 @@
  */
 
 import type { DriverBuffer } from "../virtio/queue.ts";
-import type { BlkQueueStats } from "./blk_driver.ts";
 import { IN_DEVICE, QUEUED, type QueueSlot } from "./queue_target.ts";
 import type { VirtioQueue } from "./virtio_driver.ts";
+
+/** Counters of one request queue: what the report's virtio section shows. */
+export interface SlotQueueStats {
+  readonly queue: number;
+  readonly size: number;
+  /** Doorbell writes. */
+  readonly kicks: number;
+  /** Kicks the device's event index / NO_NOTIFY flag made unnecessary. */
+  readonly suppressedKicks: number;
+  /** Interrupts taken for this queue. */
+  readonly interrupts: number;
+  /** Requests the device completed. */
+  readonly completions: number;
+  /** Requests handed to the ring. */
+  readonly submitted: number;
+  /** Most requests one kick published. */
+  readonly largestBatch: number;
+}
 
 /** What {@linkcode SlotQueue} needs of a slot: its token and chain. */
 export interface RingSlot extends QueueSlot {
@@ -78,7 +95,7 @@ export class SlotQueue<S extends RingSlot> {
   }
 
   /** The queue's counters. */
-  stats(): BlkQueueStats {
+  stats(): SlotQueueStats {
     const vq = this.vq;
     return {
       queue: vq.index,
