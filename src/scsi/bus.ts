@@ -25,7 +25,7 @@ import {
   TYPE_NOT_PRESENT,
   VPD_SUPPORTED_PAGES,
 } from "./constants.ts";
-import { reportLunsData } from "./commands/report_luns.ts";
+import { reportLunsData } from "./report_luns.ts";
 import type { ScsiDisk } from "./disk.ts";
 import { checkCondition, good, GOOD_NO_DATA, type ScsiIo, type ScsiOutcome } from "./request.ts";
 import {

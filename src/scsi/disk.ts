@@ -14,11 +14,11 @@
 import type { BlockNode } from "../block/node.ts";
 import { type Cdb, type CdbContext, decodeCdb, READ_CAPACITY_16_LEN } from "./cdb.ts";
 import { CHECK_CONDITION, INQUIRY, REPORT_LUNS, REQUEST_SENSE } from "./constants.ts";
-import { standardInquiry, VPD_MAX_LEN, vpdPage } from "./commands/inquiry.ts";
-import { read, synchronizeCache, unmap, verify, write, writeSame } from "./commands/io.ts";
-import type { IoDisk } from "./commands/io.ts";
-import { MODE_SENSE_MAX_LEN, modeSelect, modeSense } from "./commands/mode.ts";
-import { reportLunsData } from "./commands/report_luns.ts";
+import { standardInquiry, VPD_MAX_LEN, vpdPage } from "./inquiry.ts";
+import { read, synchronizeCache, unmap, verify, write, writeSame } from "./medium_access.ts";
+import type { IoDisk } from "./medium_access.ts";
+import { MODE_SENSE_MAX_LEN, modeSelect, modeSense } from "./mode.ts";
+import { reportLunsData } from "./report_luns.ts";
 import { checkCondition, good, GOOD_NO_DATA, type ScsiIo, type ScsiOutcome } from "./request.ts";
 import {
   SENSE_CODE,

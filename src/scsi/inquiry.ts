@@ -16,7 +16,7 @@ import {
   VPD_LOGICAL_BLOCK_PROVISIONING,
   VPD_SUPPORTED_PAGES,
   VPD_UNIT_SERIAL_NUMBER,
-} from "../constants.ts";
+} from "./constants.ts";
 import type { DiskProfile } from "./profile.ts";
 
 /** Room a VPD page may need: a 4-byte header and at most 255 page bytes as built here. */

@@ -18,8 +18,8 @@ import {
   MODE_PC_CURRENT,
   MODE_PC_DEFAULT,
   MODE_PC_SAVED,
-} from "../constants.ts";
-import { SENSE_CODE, type SenseCode } from "../sense.ts";
+} from "./constants.ts";
+import { SENSE_CODE, type SenseCode } from "./sense.ts";
 import type { DiskProfile } from "./profile.ts";
 
 /** Pages in the order MODE SENSE "all pages" returns them. */

@@ -6,11 +6,11 @@
  *
  * @module
  */
-import type { BlockNode } from "../../block/node.ts";
-import { isBlockError } from "../../errors.ts";
-import type { Cdb } from "../cdb.ts";
-import { checkCondition, good, GOOD_NO_DATA, type ScsiIo, type ScsiOutcome } from "../request.ts";
-import { SENSE_CODE, senseForReadError, senseForWriteError } from "../sense.ts";
+import type { BlockNode } from "../block/node.ts";
+import { isBlockError } from "../errors.ts";
+import type { Cdb } from "./cdb.ts";
+import { checkCondition, good, GOOD_NO_DATA, type ScsiIo, type ScsiOutcome } from "./request.ts";
+import { SENSE_CODE, senseForReadError, senseForWriteError } from "./sense.ts";
 import type { DiskProfile } from "./profile.ts";
 
 /** The disk as the I/O commands see it. */
