@@ -61,6 +61,29 @@ export function oneFile(positionals: string[], io?: CliIo): string {
 }
 
 /**
+ * Plain vstor refuses a directory where an image file is expected, in qemu-img's words, instead
+ * of failing on the first read of it.
+ *
+ * @throws {BlockError} `invalid-argument` when `path` is a directory
+ */
+export function refuseDirectory(io: CliIo, path: string): void {
+  if (programName(io) !== "vstor") return;
+  let isDirectory = false;
+  try {
+    isDirectory = Deno.statSync(path).isDirectory;
+  } catch {
+    // Missing or unreadable: opening it says why.
+  }
+  if (isDirectory) {
+    throw new BlockError(
+      "invalid-argument",
+      `Could not open '${path}': 'file' driver requires '${path}' to be a regular file`,
+      { path },
+    );
+  }
+}
+
+/**
  * Open the image a verb works on. As qemu-img (its img_open), drop-in mode says which image failed
  * to open before why: `Could not open 'FILE': …`.
  */
@@ -71,6 +94,7 @@ export async function openVerbImage(
 ): Promise<BlockNode> {
   const warn = (message: string, trailer?: string) =>
     io.stderr(`${programName(io)}: warning: ${message}\n${trailer ?? ""}`);
+  refuseDirectory(io, path);
   try {
     return await openImage(path, { onWarning: warn, ...opts });
   } catch (e) {

@@ -78,8 +78,18 @@ export function reportError(e: unknown, io: CliIo): void {
     const prefix = path !== undefined && !e.message.includes(path) ? `${path}: ` : "";
     errorLine(io, `${prefix}${e.message}`);
   } else if (e instanceof Error) {
-    errorLine(io, e.message);
+    errorLine(io, programName(io) === "vstor" ? plainMessage(e.message) : e.message);
   } else {
     errorLine(io, String(e));
   }
+}
+
+/**
+ * A runtime's message in the words vstor prints: Deno's `TEXT (os error N): OP 'PATH'` becomes
+ * `Could not open 'PATH': TEXT`, as qemu-img words a file it cannot use.
+ */
+function plainMessage(message: string): string {
+  const os = /^(.*?) \(os error \d+\)(?:: \w+ '(.*)')?$/.exec(message);
+  if (os === null) return message;
+  return os[2] === undefined ? os[1]! : `Could not open '${os[2]}': ${os[1]}`;
 }

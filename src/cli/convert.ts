@@ -10,7 +10,7 @@ import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { createOptionsHelp, parseCreateOptions } from "./create.ts";
 import { progressBar } from "./progress.ts";
 import { parseSize } from "./size.ts";
-import { hostPath, parseVerbArgs } from "./args.ts";
+import { hostPath, parseVerbArgs, refuseDirectory } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";
 import { convertBitmapsBefore, convertBitmapsCopy } from "./bitmap.ts";
@@ -173,6 +173,7 @@ export async function convertMain(args: string[], io: CliIo): Promise<number> {
     })
     : undefined;
   const bar = progressBar(values.progress && !values.quiet, io, 1);
+  for (const source of sources) refuseDirectory(io, source);
   await convertImages(sources, target, {
     targetFormat: format,
     createOptions,
