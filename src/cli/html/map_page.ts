@@ -198,7 +198,12 @@ function guestSection(map: GuestClusterMap): string {
       ["virtual size", `${sizeToStr(map.size)} (${map.size} bytes)`],
       ["cluster size", `${sizeToStr(cs)} (${cs} bytes)`],
       ["guest clusters", map.clusters],
-      ["chain depth", `${map.layers.length - 1} (${map.layers.length} layers)`],
+      [
+        "chain depth",
+        `${map.layers.length - 1} (${map.layers.length} layer${
+          map.layers.length === 1 ? "" : "s"
+        })`,
+      ],
       ["allocated in this layer", `${allocated} (${percent(allocated, map.clusters)})`],
       ["zero", `${count("zero")} (${percent(count("zero"), map.clusters)})`],
       ["compressed", `${count("compressed")} (${percent(count("compressed"), map.clusters)})`],
