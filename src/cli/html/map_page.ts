@@ -15,11 +15,11 @@ import {
   majorityOf,
 } from "../../../formats/cluster_map.ts";
 import { HOST_METADATA } from "../../../formats/qcow2/host_map.ts";
-import { sizeToStr } from "../human.ts";
 import {
   el,
   escapeHtml,
   figures,
+  formatBytes,
   legend,
   page,
   percent,
@@ -195,8 +195,8 @@ function guestSection(map: GuestClusterMap): string {
     }),
     el("h2", {}, "Figures"),
     figures([
-      ["virtual size", `${sizeToStr(map.size)} (${map.size} bytes)`],
-      ["cluster size", `${sizeToStr(cs)} (${cs} bytes)`],
+      ["virtual size", `${formatBytes(map.size)} (${map.size} bytes)`],
+      ["cluster size", `${formatBytes(cs)} (${cs} bytes)`],
       ["guest clusters", map.clusters],
       [
         "chain depth",
@@ -227,8 +227,8 @@ function guestSection(map: GuestClusterMap): string {
         layer.depth,
         { html: el("code", {}, text(layer.filename)) },
         layer.format,
-        sizeToStr(layer.size),
-        layer.clusterSize === undefined ? "—" : sizeToStr(layer.clusterSize),
+        formatBytes(layer.size),
+        layer.clusterSize === undefined ? "—" : formatBytes(layer.clusterSize),
         layer.depth === 0 ? allocated : count(`backing-${layer.depth}`),
       ]),
     ),
@@ -268,7 +268,7 @@ function hostSection(host: HostView | undefined, top: string): string {
       space: "host",
     }),
     figures([
-      ["host file size", `${sizeToStr(host.fileSize)} (${host.fileSize} bytes)`],
+      ["host file size", `${formatBytes(host.fileSize)} (${host.fileSize} bytes)`],
       ["host clusters", host.clusters],
       ["metadata", `${metadata} (${percent(metadata, host.clusters)})`],
       ["data", `${host.counts.data} (${percent(host.counts.data, host.clusters)})`],
@@ -327,7 +327,7 @@ export function renderMapPage(map: ImageClusterMap): string {
       "p",
       { class: "note" },
       `${el("code", {}, text(top.filename))} · ${text(top.format)} · ${
-        text(sizeToStr(top.size))
+        text(formatBytes(top.size))
       } · chain depth ${map.guest.layers.length - 1}`,
     ),
     guestSection(map.guest),

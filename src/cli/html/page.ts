@@ -214,6 +214,35 @@ export function figures(items: [label: string, value: string | number][]): strin
   );
 }
 
+const BYTE_UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+
+/**
+ * A byte count in binary units with up to three significant digits (`"64 KiB"`, `"4.5 GiB"`).
+ *
+ * @example
+ * ```ts
+ * import { formatBytes } from "./page.ts";
+ * const shown = [512, 65536, 983040, 4.5 * 2 ** 30].map(formatBytes).join(", ");
+ * if (shown !== "512 B, 64 KiB, 960 KiB, 4.5 GiB") throw new Error(shown);
+ * ```
+ */
+export function formatBytes(bytes: number): string {
+  let value = bytes, unit = 0;
+  while (Math.abs(value) >= 1024 && unit < BYTE_UNITS.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  const digits = Number.isInteger(value)
+    ? 0
+    : Math.abs(value) < 10
+    ? 2
+    : Math.abs(value) < 100
+    ? 1
+    : 0;
+  const shown = value.toFixed(digits).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
+  return `${shown} ${BYTE_UNITS[unit]}`;
+}
+
 /** `part` of `whole` as a percentage with one decimal (`"12.5%"`), `"0%"` for an empty whole. */
 export function percent(part: number, whole: number): string {
   return whole === 0 ? "0%" : `${(part / whole * 100).toFixed(1)}%`;
