@@ -248,7 +248,7 @@ function fragmentationOf(entries: MapEntry[], cs: number): Fragmentation {
     discontiguousPairs: 0,
     hostRuns: 0,
   };
-  let prev: { lastCluster: number; guestEnd: number; hostEnd: number } | undefined;
+  let prev: { lastCluster: number; hostEnd: number } | undefined;
   for (const e of entries) {
     if (guestClassOf(e) !== "data" || e.offset === undefined || e.length === 0) continue;
     const firstCluster = Math.floor(e.start / cs);
@@ -258,14 +258,18 @@ function fragmentationOf(entries: MapEntry[], cs: number): Fragmentation {
     const n = lastCluster - firstCluster + 1 - (shared ? 1 : 0);
     f.dataClusters += n;
     f.adjacentPairs += Math.max(0, n - 1);
-    const contiguous = prev !== undefined && prev.guestEnd === e.start && prev.hostEnd === e.offset;
-    if (prev !== undefined && prev.lastCluster === firstCluster - 1 && n > 0) {
+    // Runs join when their clusters follow each other in the guest and on the host (or share
+    // a guest cluster and its host cluster).
+    let joined = false;
+    if (prev !== undefined && n > 0 && prev.lastCluster === firstCluster - 1) {
       f.adjacentPairs++;
-      const hostAdjacent = Math.floor(e.offset / cs) === Math.floor((prev.hostEnd - 1) / cs) + 1;
-      if (!hostAdjacent) f.discontiguousPairs++;
+      joined = Math.floor(e.offset / cs) === Math.floor((prev.hostEnd - 1) / cs) + 1;
+      if (!joined) f.discontiguousPairs++;
+    } else if (shared) {
+      joined = Math.floor(e.offset / cs) === Math.floor((prev!.hostEnd - 1) / cs);
     }
-    if (!contiguous) f.hostRuns++;
-    prev = { lastCluster, guestEnd: e.start + e.length, hostEnd: e.offset + e.length };
+    if (!joined) f.hostRuns++;
+    prev = { lastCluster, hostEnd: e.offset + e.length };
   }
   return f;
 }
