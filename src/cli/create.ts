@@ -15,6 +15,8 @@ import {
 } from "../../formats/open.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./cli_io.ts";
 import { parseSize } from "./size.ts";
+import type { ParseArgsOptionsConfig } from "node:util";
+import { optionFlags, type VerbHelp } from "./help.ts";
 import { hostPath, parseVerbArgs } from "./args.ts";
 
 const PREALLOCATION = ["off", "metadata", "falloc", "full"] as const;
@@ -259,28 +261,43 @@ function describeOptions(
   return parts.join(" ");
 }
 
+const CREATE_OPTIONS = {
+  format: { type: "string", short: "f", default: "raw" },
+  options: { type: "string", short: "o", multiple: true, default: [] },
+  quiet: { type: "boolean", short: "q", default: false },
+  help: { type: "boolean", short: "h", default: false },
+  backing: { type: "string", short: "b" },
+  "backing-format": { type: "string", short: "F" },
+  unsafe: { type: "boolean", short: "u", default: false },
+} satisfies ParseArgsOptionsConfig;
+
+/** `vstor help create`. */
+export const createHelp: VerbHelp = {
+  text:
+    "usage: vstor create [-f FMT] [-o OPTIONS] [-b BACKING -F BACKING_FMT [-u]] [-q] FILE [SIZE]\n" +
+    "\n" +
+    "Create a new image FILE of SIZE bytes (an existing FILE is overwritten). On failure no\n" +
+    "unfinished image is left behind.\n" +
+    "\n" +
+    "  -f FMT          image format: raw (default) or qcow2\n" +
+    "  -o OPTIONS      comma-separated format options, e.g. cluster_size=64k,preallocation=full\n" +
+    "                  (-o help lists them)\n" +
+    "  -b BACKING      backing file (qcow2), resolved relative to FILE's directory\n" +
+    "  -F BACKING_FMT  format of the backing file (required with -b)\n" +
+    "  -u              unsafe: do not open the backing file (SIZE is then required)\n" +
+    "  -q              quiet: do not print the 'Formatting' line\n" +
+    "  -h, --help      print this help\n" +
+    "  SIZE            bytes, or with a k, M, G, T, P or E suffix (default: the backing file's)\n" +
+    "\n" +
+    "Example: vstor create -f qcow2 -o cluster_size=64k disk.qcow2 10G\n",
+  options: optionFlags(CREATE_OPTIONS),
+};
+
 /** The create verb; returns the exit code. */
 export async function createMain(args: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseVerbArgs(args, {
-    format: { type: "string", short: "f", default: "raw" },
-    options: { type: "string", short: "o", multiple: true, default: [] },
-    quiet: { type: "boolean", short: "q", default: false },
-    help: { type: "boolean", short: "h", default: false },
-    backing: { type: "string", short: "b" },
-    "backing-format": { type: "string", short: "F" },
-    unsafe: { type: "boolean", short: "u", default: false },
-  });
+  const { values, positionals } = parseVerbArgs(args, CREATE_OPTIONS);
   if (values.help) {
-    io.stdout(
-      "usage: vstor create [-f FMT] [-o OPTIONS] [-b BACKING -F BACKING_FMT [-u]] [-q] FILE [SIZE]\n" +
-        `  -f FMT   image format (${formatNames().join(", ")}; default raw)\n` +
-        "  -o OPTS  comma-separated format options (-o help lists them)\n" +
-        "  -b FILE  backing file (qcow2), resolved relative to FILE's directory\n" +
-        "  -F FMT   format of the backing file (required with -b)\n" +
-        "  -u       unsafe: do not open the backing file (SIZE is then required)\n" +
-        "  -q       quiet: do not print the 'Formatting' line\n" +
-        "  SIZE     bytes, or with a k, M, G, T, P or E suffix\n",
-    );
+    io.stdout(createHelp.text);
     return EXIT_OK;
   }
   const dropIn = programName(io) !== "vstor";
