@@ -15,7 +15,15 @@ import type { GuestRequest } from "../guest/guest.ts";
 import { type CliIo, EXIT_ERROR, EXIT_OK, reportError } from "./cli_io.ts";
 import { checkMain } from "./check.ts";
 import { snapshotMain } from "./snapshot.ts";
+import { RunControl } from "../guest/run_control.ts";
 import { type MachineRun, progressLine, runMachine, runSucceeded } from "./run_machine.ts";
+import {
+  catchSignals,
+  EXIT_INTERRUPTED,
+  guestFailure,
+  type OutputFormat,
+  reportRun,
+} from "./run_report.ts";
 
 const MiB = 1024 * 1024;
 const IMAGE_SIZE = 64 * MiB;
@@ -48,8 +56,11 @@ export const CLONE_JOB: readonly string[] = [
 
 /** Options of {@linkcode mainJob}. */
 export interface MainJobOptions {
-  output: "human" | "json";
+  /** fio's text report (`human` is the same), or fio's JSON with the main job's figures under `vstor`. */
+  output: OutputFormat | "human";
   quiet: boolean;
+  /** Also write the clone run's report as an HTML page here. */
+  html?: string | undefined;
   /** Where to work (default: a new temporary directory, removed afterwards). */
   dir?: string;
 }
@@ -57,7 +68,10 @@ export interface MainJobOptions {
 /** Runs the main job; returns the exit code. */
 export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> {
   const dir = opts.dir ?? await Deno.makeTempDir({ prefix: "vstor_run_" });
-  const human = opts.output === "human";
+  const output: OutputFormat = opts.output === "human" ? "normal" : opts.output;
+  const human = output === "normal";
+  const control = new RunControl();
+  const signals = catchSignals(control);
   const say = (text: string) => {
     if (human) io.stdout(text);
   };
@@ -73,9 +87,15 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
         devices: [{ type: "virtio-blk", id: "base", drive: { file: base, format: "qcow2" } }],
       },
       { args: PREPARE },
-      live.update,
-    );
+      { control, onProgress: live.update },
+    ).catch((e) => {
+      throw guestFailure(e);
+    });
     live.end();
+    if (signals.interrupted) {
+      reportRun(io, prep, { output, html: opts.html, subtitle: "vstor main job (stopped)" });
+      return EXIT_INTERRUPTED;
+    }
     if (!runSucceeded(prep.run)) {
       io.stderr(prep.run.report);
       return EXIT_ERROR;
@@ -115,8 +135,10 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
         ],
       },
       request,
-      live.update,
-    );
+      { control, onProgress: live.update },
+    ).catch((e) => {
+      throw guestFailure(e);
+    });
     live.end();
     const ok = runSucceeded(run.run);
     const checks: string[] = [];
@@ -130,26 +152,36 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
       clean &&= code === EXIT_OK;
       checks.push(`${image.slice(dir.length + 1)}: ${code === EXIT_OK ? "clean" : text.trim()}`);
     }
+    const subtitle = "vstor main job: the clone on virtio-blk (2 queues), the base on virtio-scsi";
     if (human) {
-      io.stdout(run.run.report);
+      reportRun(io, run, { output, html: opts.html, subtitle });
       io.stdout(`\nimages after shutdown (vstor check): ${checks.join("; ")}\n`);
       io.stdout(
-        ok && clean
+        signals.interrupted
+          ? "main job stopped early (Ctrl-C)\n"
+          : ok && clean
           ? "main job passed: every block verified, both images clean\n"
           : "main job FAILED\n",
       );
     } else {
-      io.stdout(
-        JSON.stringify(
-          { dir, seed: SEED, prepare: prep.run.json, run: run.run.json, checks, ok: ok && clean },
-          null,
-          2,
-        ) + "\n",
-      );
+      reportRun(io, run, {
+        output,
+        html: opts.html,
+        subtitle,
+        extra: {
+          dir,
+          seed: SEED,
+          prepare: prep.run.json.total,
+          checks,
+          ok: ok && clean && !signals.interrupted,
+        },
+      });
     }
+    if (signals.interrupted) return EXIT_INTERRUPTED;
     return ok && clean ? EXIT_OK : EXIT_ERROR;
   } finally {
     live.end();
+    signals.release();
     if (opts.dir === undefined) await Deno.remove(dir, { recursive: true }).catch(() => {});
   }
 }

@@ -1,42 +1,93 @@
 /**
  * `vstor run`: a simulated VM. Images attach QEMU-style (`--drive` + `--device`, or a JSON
  * machine file); the guest in the vCPU Worker enumerates PCI, brings the virtio devices up and
- * runs fio-like jobs; the report is fio's plus the virtio numbers (kicks, interrupts and exits per
- * request, batch sizes). With no arguments it runs the main job (see `main_job.ts`).
+ * runs fio-like jobs on every disk a job names (`filename=`), all at once; the report is fio's —
+ * as text, or fio's JSON (`--output-format=json`) — plus the virtio numbers (kicks, interrupts
+ * and exits per request, batch sizes), and `--html FILE` draws it. Ctrl-C stops the jobs and
+ * prints what they did. With no attachment it runs the main job (see `main_job.ts`).
  *
  * @module
  */
 import type { GuestRequest, GuestRunResult } from "../guest/guest.ts";
+import { fioJson } from "../guest/fio_json.ts";
+import {
+  catchSignals,
+  EXIT_INTERRUPTED,
+  guestFailure,
+  type OutputFormat,
+  reportRun,
+} from "./run_report.ts";
+import {
+  JobError,
+  jobFileJsonSchema,
+  type JobSpec,
+  parseJobArgs,
+  parseJobFile,
+} from "../guest/job.ts";
 import { summarizeVirtio } from "../guest/report.ts";
-import type { MachineConfigInput } from "../machine/config.ts";
-import { progressLine, runMachine, runSucceeded } from "./run_machine.ts";
+import { RunControl } from "../guest/run_control.ts";
+import {
+  MachineConfigError,
+  type MachineConfigInput,
+  parseMachineConfig,
+} from "../machine/config.ts";
 import { type CliIo, EXIT_ERROR, EXIT_OK, UsageError } from "./cli_io.ts";
+import { iniLineOf, iniLines, jsonLines, lineOf } from "./file_lines.ts";
+import { runPage } from "./html/run_page.ts";
+import { writePage } from "./html/page.ts";
+import { type MachineRun, progressLine, runMachine, runSucceeded } from "./run_machine.ts";
 import { machineFromArgs } from "./run_args.ts";
+import { assignJobs, targetsOf } from "./run_targets.ts";
 
 export const RUN_USAGE =
   "vstor run [--drive SPEC]... [--device SPEC]... [--machine FILE.json] [--memory MIB] " +
-  "[--job FILE | --rw=… --bs=… --iodepth=… …] [--output=human|json] [--compare-notifications] [-q]";
+  "[--job FILE | --rw=… --bs=… --iodepth=… …] [--output-format=normal|json|json+] " +
+  "[--html FILE] [--compare-notifications] [--schema] [-q]";
 
 const HELP = `usage: ${RUN_USAGE}
 
-Runs a simulated guest against images attached through virtio devices. With no arguments, runs
-the main job: a base qcow2, a snapshot and a backing-file clone made in a temporary directory, the
-clone on virtio-blk and the base (read-only) on virtio-scsi, a short verified mixed workload.
+Runs a simulated guest against images attached through virtio devices: fio-style jobs on every
+disk at once (a job's filename= names its disks), with fio's report plus what virtio did. With no
+attachment, runs the main job: a base qcow2, a snapshot and a backing-file clone made in a
+temporary directory, the clone on virtio-blk and the base (read-only) on virtio-scsi, a short
+verified mixed workload.
 
+Attaching images:
   --drive file=F[,format=raw|qcow2][,id=ID][,readonly=on|off][,cache=writeback|writethrough|unsafe]
-  --device virtio-blk,drive=ID[,num-queues=N][,queue-size=N][,event-idx=on|off][,indirect=on|off]
-                     [,packed=on|off][,ioeventfd=on|off][,poll=on|off][,serial=S][,discard=on|off]
-  --device virtio-scsi,id=ID[,num_queues=N][,event-idx=…][,ioeventfd=…]
-  --device scsi-hd,bus=ID,drive=ID[,lun=N][,scsi-id=N]
+  --device virtio-blk,drive=ID[,id=DEV][,num-queues=N][,queue-size=N][,event-idx=on|off]
+                     [,indirect=on|off][,packed=on|off][,ioeventfd=on|off][,poll=on|off]
+                     [,serial=S][,discard=on|off]
+  --device virtio-scsi,id=DEV[,num_queues=N][,event-idx=…][,ioeventfd=…]
+  --device scsi-hd,bus=DEV,drive=ID[,lun=N][,scsi-id=N]
   --machine FILE      the whole machine as JSON ({ memoryMiB, devices: [...] })
   --memory MIB        guest RAM (default 256)
-  --job FILE          fio-style job file (JSON or INI); or fio options on the command line:
-                      --name --rw --bs --iodepth --size --offset --runtime --io_size --numjobs
-                      --rwmixread --verify --verify_only --seed …
-  --output=json       the report as JSON
+
+Jobs (fio's names; see the README's job file reference, or --schema):
+  --job FILE          a job file: JSON ({ "global": {…}, "jobs": [{…}] }) or fio's INI
+  --name=N --rw=… --bs=… --iodepth=… --size=… --offset=… --runtime=… --io_size=…
+  --numjobs=… --rwmixread=… --verify=… --verify_only --seed=… --filename=DISK[:DISK…]
+                      the same on the command line; each --name starts a job
+  Disks are named by drive id (--drive id=…), by virtio-blk device id, or as DEV/LUN for a
+  virtio-scsi disk. A job without filename= runs on every disk.
+
+Report:
+  --output-format=normal|json|json+
+                      fio's text report (default), fio's JSON (json+ adds latency bins);
+                      vstor's virtio numbers are under "vstor" keys
+  --output=human|json the same as normal|json
+  --html FILE         also write the report as one self-contained HTML page (latency histograms,
+                      IOPS over time, notifications per queue)
   --compare-notifications
                       the same job with event-idx on/off and ioeventfd on/off, side by side
-  -q                  no progress line
+  --schema            print the JSON Schema of job files and exit
+  -q                  no live progress line
+
+Ctrl-C stops the jobs: the report shows what they did, the images are closed clean, exit 130.
+
+Example:
+  vstor create -f qcow2 disk.qcow2 1G
+  vstor run --drive file=disk.qcow2,id=d0 --device virtio-blk,drive=d0,num-queues=2 \\
+      --name=r --rw=randread --bs=4k --iodepth=32 --runtime=5 --html report.html
 `;
 
 /** Our own options; everything else on the command line is a job option for the guest. */
@@ -46,18 +97,27 @@ interface RunArgs {
   machine?: string;
   memoryMiB?: number;
   jobFile?: string;
-  output: "human" | "json";
+  output: OutputFormat;
+  html?: string;
+  schema: boolean;
   compare: boolean;
   quiet: boolean;
   help: boolean;
   jobArgs: string[];
 }
 
+function parseFormat(name: string, v: string): OutputFormat {
+  if (v === "normal" || v === "human") return "normal";
+  if (v === "json" || v === "json+") return v;
+  throw new UsageError(`${name}: '${v}' is not one of normal, json, json+`);
+}
+
 function splitArgs(args: readonly string[]): RunArgs {
   const out: RunArgs = {
     drives: [],
     devices: [],
-    output: "human",
+    output: "normal",
+    schema: false,
     compare: false,
     quiet: false,
     help: false,
@@ -98,9 +158,21 @@ function splitArgs(args: readonly string[]): RunArgs {
       case "--output": {
         const v = value();
         if (v !== "human" && v !== "json") throw new UsageError(`--output: '${v}' (human or json)`);
-        out.output = v;
+        out.output = parseFormat(name, v);
         break;
       }
+      case "--output-format":
+        out.output = parseFormat(name, value());
+        break;
+      case "--html": {
+        const v = value();
+        if (v === "") throw new UsageError("--html: needs a file name");
+        out.html = v;
+        break;
+      }
+      case "--schema":
+        out.schema = true;
+        break;
       case "--compare-notifications":
         out.compare = true;
         break;
@@ -118,6 +190,96 @@ function splitArgs(args: readonly string[]): RunArgs {
     }
   }
   return out;
+}
+
+/** Read a file the user named, with one clear error. */
+async function readUserFile(path: string, what: string): Promise<string> {
+  try {
+    return await Deno.readTextFile(path);
+  } catch (e) {
+    const reason = e instanceof Deno.errors.NotFound
+      ? "No such file or directory"
+      : e instanceof Deno.errors.PermissionDenied
+      ? "Permission denied"
+      : e instanceof Deno.errors.IsADirectory
+      ? "Is a directory"
+      : e instanceof Error
+      ? e.message.replace(/ \(os error \d+\).*$/s, "")
+      : String(e);
+    throw new Error(`Could not read ${what} '${path}': ${reason}`);
+  }
+}
+
+/** A job or machine file error, each issue as `FILE:LINE: path: message`. */
+export class RunFileError extends Error {
+  override readonly name = "RunFileError";
+}
+
+function located(
+  file: string,
+  issues: ReadonlyArray<{ path: string; message: string }>,
+  lineFor: (path: string) => number | undefined,
+): RunFileError {
+  return new RunFileError(
+    issues.map((i) => {
+      const line = lineFor(i.path);
+      const where = line === undefined ? file : `${file}:${line}`;
+      const path = i.path === "" || i.path === "(file)" ? "" : `${i.path}: `;
+      return `${where}: ${path}${i.message}`;
+    }).join("\n"),
+  );
+}
+
+/** The jobs of a job file, errors located by file and line. */
+function jobsFromFile(
+  path: string,
+  text: string,
+): { jobs: JobSpec[]; where: (j: number) => string } {
+  const json = text.trimStart().startsWith("{");
+  try {
+    const jobs = parseJobFile(text);
+    return {
+      jobs,
+      where: (j) => json ? `${path}: jobs[${j}].filename` : `${path}: [${jobs[j]?.name}].filename`,
+    };
+  } catch (e) {
+    if (!(e instanceof JobError)) throw e;
+    if (json) {
+      const lines = jsonLines(text);
+      throw located(path, e.issues, (p) => lineOf(lines, p));
+    }
+    const lines = iniLines(text);
+    throw located(path, e.issues, (p) => {
+      const m = /^line (\d+)$/.exec(p);
+      return m !== null ? Number(m[1]) : iniLineOf(lines, p);
+    });
+  }
+}
+
+/** The machine of a machine file, validated, errors located by file and line. */
+async function machineFromFile(path: string, memoryMiB?: number): Promise<MachineConfigInput> {
+  const text = await readUserFile(path, "the machine file");
+  let config: MachineConfigInput;
+  try {
+    config = JSON.parse(text) as MachineConfigInput;
+  } catch (e) {
+    throw new RunFileError(`${path}: not JSON: ${(e as Error).message}`);
+  }
+  if (memoryMiB !== undefined && typeof config === "object" && config !== null) {
+    config = { ...config, memoryMiB };
+  }
+  checkMachine(config, path, text);
+  return config;
+}
+
+function checkMachine(config: MachineConfigInput, path: string, text: string): void {
+  try {
+    parseMachineConfig(config);
+  } catch (e) {
+    if (!(e instanceof MachineConfigError)) throw e;
+    const lines = jsonLines(text);
+    throw located(path, e.issues, (p) => lineOf(lines, p));
+  }
 }
 
 /** The four notification modes of --compare-notifications. */
@@ -180,71 +342,130 @@ export async function runMain(args: string[], io: CliIo): Promise<number> {
     io.stdout(HELP);
     return EXIT_OK;
   }
+  if (opts.schema) {
+    io.stdout(JSON.stringify(jobFileJsonSchema(), null, 2) + "\n");
+    return EXIT_OK;
+  }
   const attached = opts.drives.length > 0 || opts.devices.length > 0 || opts.machine !== undefined;
   if (!attached) {
     if (opts.jobArgs.length > 0 || opts.jobFile !== undefined || opts.compare) {
       throw new UsageError("Attach an image (--drive and --device, or --machine) to run a job");
     }
     const { mainJob } = await import("./main_job.ts");
-    return await mainJob(io, { output: opts.output, quiet: opts.quiet });
+    return await mainJob(io, { output: opts.output, quiet: opts.quiet, html: opts.html });
   }
   let config: MachineConfigInput;
   if (opts.machine !== undefined) {
     if (opts.drives.length > 0 || opts.devices.length > 0) {
       throw new UsageError("Give either --machine or --drive/--device, not both");
     }
-    let text: string;
-    try {
-      text = await Deno.readTextFile(opts.machine);
-    } catch (e) {
-      throw new Error(`${opts.machine}: ${(e as Error).message}`);
-    }
-    try {
-      config = JSON.parse(text) as MachineConfigInput;
-    } catch (e) {
-      throw new Error(`${opts.machine}: not JSON: ${(e as Error).message}`);
-    }
-    if (opts.memoryMiB !== undefined) config = { ...config, memoryMiB: opts.memoryMiB };
+    config = await machineFromFile(opts.machine, opts.memoryMiB);
   } else {
     config = machineFromArgs(opts.drives, opts.devices, opts.memoryMiB);
   }
-  let request: GuestRequest;
+  let jobs: JobSpec[];
+  let where: (j: number) => string;
   if (opts.jobFile !== undefined) {
     if (opts.jobArgs.length > 0) throw new UsageError("Give either --job or job options, not both");
-    request = { jobFile: await Deno.readTextFile(opts.jobFile) };
+    const text = await readUserFile(opts.jobFile, "the job file");
+    ({ jobs, where } = jobsFromFile(opts.jobFile, text));
   } else {
-    request = {
-      args: opts.jobArgs.length > 0
-        ? opts.jobArgs
-        : ["--name=randread", "--rw=randread", "--bs=4k", "--iodepth=32", "--runtime=2"],
-    };
+    const argv = opts.jobArgs.length > 0
+      ? opts.jobArgs
+      : ["--name=randread", "--rw=randread", "--bs=4k", "--iodepth=32", "--runtime=2"];
+    jobs = parseJobArgs(argv);
+    where = () => "--filename";
   }
-  const live = progressLine(io, !opts.quiet && opts.output === "human" && Deno.stderr.isTerminal());
-  if (opts.compare) {
-    const rows: Array<{ label: string; run: GuestRunResult }> = [];
-    for (const mode of MODES) {
-      const { run } = await runMachine(withModes(config, mode), request, live.update);
+  const request: GuestRequest = { runs: assignJobs(jobs, targetsOf(config), where) };
+  const live = progressLine(
+    io,
+    !opts.quiet && opts.output === "normal" && Deno.stderr.isTerminal(),
+  );
+  const control = new RunControl();
+  const signals = catchSignals(control);
+  try {
+    if (opts.compare) return await compareModes(io, opts, config, request, control, live, signals);
+    let run: MachineRun;
+    try {
+      run = await runMachine(config, request, { control, onProgress: live.update });
+    } catch (e) {
+      throw guestFailure(e);
+    } finally {
       live.end();
+    }
+    reportRun(io, run, {
+      output: opts.output,
+      html: opts.html,
+      subtitle: `vstor run ${args.join(" ")}`,
+    });
+    if (signals.interrupted) return EXIT_INTERRUPTED;
+    return runSucceeded(run.run) ? EXIT_OK : EXIT_ERROR;
+  } finally {
+    signals.release();
+  }
+}
+
+async function compareModes(
+  io: CliIo,
+  opts: RunArgs,
+  config: MachineConfigInput,
+  request: GuestRequest,
+  control: RunControl,
+  live: ReturnType<typeof progressLine>,
+  signals: { readonly interrupted: boolean },
+): Promise<number> {
+  const rows: Array<{ label: string; run: MachineRun }> = [];
+  for (const mode of MODES) {
+    if (signals.interrupted) break;
+    try {
+      const run = await runMachine(withModes(config, mode), request, {
+        control,
+        onProgress: live.update,
+      });
       rows.push({
         label: `${mode.eventIdx ? "on" : "off"}/${mode.ioeventfd ? "on" : "off"}`,
         run,
       });
+    } catch (e) {
+      throw guestFailure(e);
+    } finally {
+      live.end();
     }
-    if (opts.output === "json") {
-      io.stdout(
-        JSON.stringify(
-          rows.map((r) => ({ mode: r.label, ...r.run.json })),
-          null,
-          2,
-        ) + "\n",
-      );
-    } else {
-      io.stdout(compareTable(rows));
-    }
-    return rows.every((r) => runSucceeded(r.run)) ? EXIT_OK : EXIT_ERROR;
   }
-  const { run } = await runMachine(config, request, live.update);
-  live.end();
-  io.stdout(opts.output === "json" ? JSON.stringify(run.json, null, 2) + "\n" : run.report);
-  return runSucceeded(run) ? EXIT_OK : EXIT_ERROR;
+  if (opts.output === "normal") {
+    io.stdout(compareTable(rows.map((r) => ({ label: r.label, run: r.run.run }))));
+  } else {
+    io.stdout(
+      JSON.stringify(
+        rows.map((r) => ({
+          mode: r.label,
+          ...fioJson({
+            result: r.run.run.result,
+            runs: r.run.run.runs,
+            virtio: r.run.run.json.virtio,
+            devices: r.run.run.json.devices ?? [],
+            startedAt: r.run.startedAt,
+            plus: opts.output === "json+",
+          }),
+        })),
+        null,
+        2,
+      ) + "\n",
+    );
+  }
+  if (opts.html !== undefined) {
+    writePage(
+      opts.html,
+      runPage({
+        title: "vstor run --compare-notifications",
+        subtitle: "event-idx on/off × ioeventfd on/off",
+        sections: rows.map((r) => {
+          const [eventIdx, ioeventfd] = r.label.split("/");
+          return { label: `event-idx ${eventIdx}, ioeventfd ${ioeventfd}`, run: r.run };
+        }),
+      }),
+    );
+  }
+  if (signals.interrupted) return EXIT_INTERRUPTED;
+  return rows.every((r) => runSucceeded(r.run.run)) ? EXIT_OK : EXIT_ERROR;
 }

@@ -70,6 +70,7 @@ function take(props: Map<string, string>, what: string) {
 }
 
 interface Drive {
+  id: string;
   file: string;
   format?: string;
   readOnly: boolean;
@@ -107,6 +108,7 @@ export function machineFromArgs(
     }
     p.done();
     byId.set(id, {
+      id,
       file,
       ...(format === undefined ? {} : { format }),
       readOnly: readonly === undefined ? false : onOff(readonly, `${what} readonly`),

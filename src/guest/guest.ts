@@ -39,6 +39,8 @@ import type { BlockTarget } from "./block_target.ts";
 import { DeviceExitBus, exitDelta } from "./device_exits.ts";
 import { GuestInterrupts } from "./irq.ts";
 import { JobError, type JobSpec, parseJobArgs, parseJobFile } from "./job.ts";
+import { EMPTY_LATENCY } from "./latency.ts";
+import { RunControl } from "./run_control.ts";
 import { type PciFunctionInfo, scanBus, virtioDeviceId } from "./pci_probe.ts";
 import {
   type DeviceReport,
@@ -103,6 +105,10 @@ export interface GuestRun {
   readonly args?: readonly string[];
   /** A job file's text (JSON or fio INI), when `args` is absent. */
   readonly jobFile?: string;
+  /** Jobs already parsed (e.g. by a CLI that assigned them to disks), instead of args/jobFile. */
+  readonly jobs?: readonly JobSpec[];
+  /** The disk's name in the report (e.g. its drive id); default: the device label. */
+  readonly name?: string;
   /**
    * The device: a firmware device id or a PCI slot (default: the first virtio-blk or virtio-scsi
    * function in slot order).
@@ -125,6 +131,13 @@ export interface GuestRun {
 export interface GuestRequest extends GuestRun {
   /** Runs executed concurrently; the report then has a section per run and per device. */
   readonly runs?: readonly GuestRun[];
+  /**
+   * A {@linkcode RunControl}'s buffer: the host may ask the guest to stop early, and the guest
+   * publishes its progress there.
+   */
+  readonly control?: SharedArrayBuffer;
+  /** Sample each job's progress this often (ms) into `result.timeline`; default 50. */
+  readonly sampleMs?: number;
 }
 
 /** A disk behind a virtio-scsi device. */
@@ -220,7 +233,7 @@ interface Plan {
   lun: ScsiLun | null;
 }
 
-const INLINE_FIELDS = ["args", "jobFile", "device", "driver", "lun"] as const;
+const INLINE_FIELDS = ["args", "jobFile", "jobs", "name", "device", "driver", "lun"] as const;
 
 /**
  * Runs a request in the guest: enumerate, bring up each named device, run every run's jobs at
@@ -233,6 +246,7 @@ const INLINE_FIELDS = ["args", "jobFile", "device", "driver", "lun"] as const;
 export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<GuestRunResult> {
   const multi = request.runs !== undefined;
   const runs = checkRuns(request);
+  const control = request.control === undefined ? null : new RunControl(request.control);
   const plans: Plan[] = [];
   const scan = scanBus(env.bus, env.mmioWindow === undefined ? {} : { mmioWindow: env.mmioWindow });
   for (const [index, run] of runs.entries()) {
@@ -318,6 +332,11 @@ export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<Gu
           closers.delete(target);
         },
         groupOf: (jobIndex) => jobRun[jobIndex]!,
+        sampleMs: request.sampleMs ?? 50,
+        ...(control === null ? {} : {
+          shouldStop: () => control.stopped,
+          onSample: (ops: number, bytes: number) => control.publish(ops, bytes),
+        }),
       });
     } catch (error) {
       // A job that does not fit its target: say which run it belongs to.
@@ -353,6 +372,7 @@ export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<Gu
       const lun = p.lun === null ? null : { target: p.lun.target, lun: p.lun.lun };
       return {
         index: p.index,
+        disk: p.run.name ?? null,
         device: p.device!.label,
         kind: p.kind,
         slot: p.fn.slot,
@@ -420,6 +440,7 @@ function prefixed<T>(multi: boolean, index: number, fn: () => T): T {
 }
 
 function jobsOf(run: GuestRun): JobSpec[] {
+  if (run.jobs !== undefined) return [...run.jobs];
   if (run.args !== undefined) return parseJobArgs(run.args);
   if (run.jobFile !== undefined) return parseJobFile(run.jobFile);
   throw new GuestSetupError("The request has neither args nor a jobFile");
@@ -570,7 +591,7 @@ function emptyTotal(): WorkloadTotal {
     errors: 0,
     iops: 0,
     bandwidth: 0,
-    latency: { min: 0, avg: 0, p50: 0, p99: 0, p999: 0, max: 0, count: 0 },
+    latency: EMPTY_LATENCY,
   };
   return { elapsedMs: 0, read: none, write: none, trim: none };
 }

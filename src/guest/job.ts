@@ -13,7 +13,8 @@
  * trim | randtrim, bs (blocksize), iodepth, iodepth_batch_submit (iodepth_batch), size, offset,
  * offset_increment, io_size (io_limit), runtime, time_based, numjobs, rwmixread / rwmixwrite,
  * verify = none | pattern | crc32c, verify_pattern, verify_only, do_verify, verify_fatal,
- * randseed (seed), norandommap; accepted and ignored: direct, ioengine, filename, group_reporting.
+ * randseed (seed), norandommap, filename (the disks: drive or device ids, `:`-separated); accepted
+ * and ignored: direct, ioengine, group_reporting.
  *
  * @module
  */
@@ -67,6 +68,11 @@ export interface JobSpec {
   readonly seed: number;
   /** Random offsets may repeat (no full pass per loop). */
   readonly norandommap: boolean;
+  /**
+   * The disks the job runs on, as fio's `filename=` (names separated by `:`): drive ids, device
+   * ids or `DEVICE/LUN`, resolved by whoever attaches the disks; null: every disk.
+   */
+  readonly filename: string | null;
 }
 
 /** One bad option: where (`jobs[0].bs`, `--bs`) and what. */
@@ -274,11 +280,238 @@ const jobOptionsSchema = z.strictObject({
   norandommap: boolField.optional(),
   direct: ignored,
   ioengine: ignored,
-  filename: ignored,
+  filename: z.union([z.string().min(1).max(1024), z.number()]).transform(String).optional(),
   group_reporting: ignored,
 });
 
 type JobOptions = z.output<typeof jobOptionsSchema>;
+
+/** One job-file key as the reference documents it. */
+export interface JobOptionDoc {
+  /** The key (fio's name). */
+  readonly key: string;
+  /** What it takes: `size`, `integer 1–65536`, `boolean`, `time`, a list of values… */
+  readonly type: string;
+  /** Its default, as text. */
+  readonly default: string;
+  /** fio's equivalent (its name, or what differs). */
+  readonly fio: string;
+  /** What it does. */
+  readonly doc: string;
+  /** Other spellings fio accepts. */
+  readonly aliases?: readonly string[];
+}
+
+/** Every job-file key: the reference in the README and `vstor run --schema` come from this. */
+export const JOB_OPTIONS: readonly JobOptionDoc[] = [
+  {
+    key: "name",
+    type: "string",
+    default: "job<N>",
+    fio: "name",
+    doc: "The job's name in the report.",
+  },
+  {
+    key: "rw",
+    type: RW_MODES.join(" | "),
+    default: "read",
+    fio: "rw",
+    doc: "The I/O pattern; rw and randrw mix reads and writes by rwmixread.",
+    aliases: ["readwrite"],
+  },
+  {
+    key: "bs",
+    type: "size (multiple of 512)",
+    default: "4k",
+    fio: "bs",
+    doc: "Bytes per request.",
+    aliases: ["blocksize"],
+  },
+  {
+    key: "iodepth",
+    type: "integer 1–65536",
+    default: "1",
+    fio: "iodepth",
+    doc: "Requests in flight per clone (capped by the queue).",
+  },
+  {
+    key: "iodepth_batch_submit",
+    type: "integer 1–65536",
+    default: "1",
+    fio: "iodepth_batch_submit",
+    doc: "Requests added to the ring before one kick (notification).",
+    aliases: ["iodepth_batch"],
+  },
+  {
+    key: "size",
+    type: "size",
+    default: "to the end of the disk",
+    fio: "size",
+    doc: "Bytes of the region the job works in, from offset.",
+  },
+  {
+    key: "offset",
+    type: "size (multiple of 512)",
+    default: "0",
+    fio: "offset",
+    doc: "Where the region starts.",
+  },
+  {
+    key: "offset_increment",
+    type: "size (multiple of 512)",
+    default: "0",
+    fio: "offset_increment",
+    doc: "Added to offset for each clone (numjobs).",
+  },
+  {
+    key: "io_size",
+    type: "size",
+    default: "size (one pass)",
+    fio: "io_size",
+    doc: "Bytes of I/O before the job ends (it loops over the region).",
+    aliases: ["io_limit"],
+  },
+  {
+    key: "runtime",
+    type: "time (s, or us/ms/s/m/h/d)",
+    default: "none",
+    fio: "runtime",
+    doc: "Stop after this long.",
+  },
+  {
+    key: "time_based",
+    type: "boolean",
+    default: "0",
+    fio: "time_based",
+    doc: "Keep looping until runtime passes (needs runtime).",
+  },
+  {
+    key: "numjobs",
+    type: "integer 1–64",
+    default: "1",
+    fio: "numjobs",
+    doc: "Clones of the job, each on its own queue when the device has enough.",
+  },
+  {
+    key: "rwmixread",
+    type: "integer 0–100",
+    default: "50",
+    fio: "rwmixread (rwmixwrite = 100 − rwmixread)",
+    doc: "Percentage of reads in rw/randrw.",
+  },
+  {
+    key: "verify",
+    type: "none | pattern | crc32c",
+    default: "none",
+    fio: "verify",
+    doc: "Stamp written blocks and check them when read back.",
+  },
+  {
+    key: "verify_pattern",
+    type: "0x hex bytes (≤ 32) or 0–255",
+    default: "0xa5",
+    fio: "verify_pattern",
+    doc: "The pattern of verify=pattern.",
+  },
+  {
+    key: "verify_only",
+    type: "boolean",
+    default: "0",
+    fio: "verify_only",
+    doc: "Do not write: read back what the job would have written and check it.",
+  },
+  {
+    key: "do_verify",
+    type: "boolean",
+    default: "1",
+    fio: "do_verify",
+    doc: "After a writing job, read back and check (with verify).",
+  },
+  {
+    key: "verify_fatal",
+    type: "boolean",
+    default: "0",
+    fio: "verify_fatal",
+    doc: "Stop the job at the first verify failure.",
+  },
+  {
+    key: "randseed",
+    type: "integer ≥ 0",
+    default: String(DEFAULT_SEED),
+    fio: "randseed",
+    doc: "Seed of the random offsets, directions and verify stamps.",
+    aliases: ["seed"],
+  },
+  {
+    key: "norandommap",
+    type: "boolean",
+    default: "0",
+    fio: "norandommap",
+    doc: "Random offsets may repeat within a pass.",
+  },
+  {
+    key: "filename",
+    type: "disk names, ':'-separated",
+    default: "every disk",
+    fio: "filename (disks instead of files)",
+    doc:
+      "The disks the job runs on: drive ids, virtio-blk device ids, or DEVICE/LUN of a virtio-scsi disk.",
+  },
+  {
+    key: "direct",
+    type: "boolean",
+    default: "—",
+    fio: "direct",
+    doc: "Accepted and ignored: the guest has no page cache.",
+  },
+  {
+    key: "ioengine",
+    type: "string",
+    default: "—",
+    fio: "ioengine",
+    doc: "Accepted and ignored: the guest's engine is its virtio driver.",
+  },
+  {
+    key: "group_reporting",
+    type: "boolean",
+    default: "—",
+    fio: "group_reporting",
+    doc: "Accepted and ignored: the report has per-disk totals.",
+  },
+];
+
+/**
+ * The JSON Schema of a JSON job file (`{ "global": {…}, "jobs": [{…}] }`), generated from the
+ * zod schema the files are validated with, each key described from {@linkcode JOB_OPTIONS}.
+ */
+export function jobFileJsonSchema(): Record<string, unknown> {
+  const docs = new Map(JOB_OPTIONS.map((d) => [d.key, d]));
+  const shape: Record<string, z.ZodType> = {};
+  const describe = (d: JobOptionDoc, alias?: string) =>
+    `${
+      alias === undefined ? "" : `Alias of ${d.key}. `
+    }${d.doc} Takes: ${d.type}. Default: ${d.default}. fio: ${d.fio}.`;
+  for (const [key, field] of Object.entries(jobOptionsSchema.shape)) {
+    const d = docs.get(key);
+    shape[key] = d === undefined ? field : field.meta({ description: describe(d) });
+    for (const alias of d?.aliases ?? []) {
+      shape[alias] = field.meta({ description: describe(d!, alias) });
+    }
+  }
+  shape.rwmixwrite = jobOptionsSchema.shape.rwmixread.meta({
+    description: "Percentage of writes in rw/randrw (100 − rwmixread).",
+  });
+  const options = z.strictObject(shape);
+  const file = z.strictObject({
+    global: options.optional().meta({ description: "Options every job inherits." }),
+    jobs: z.array(options).min(1).meta({ description: "The jobs; all run at once." }),
+  }).meta({
+    title: "vstor run job file",
+    description:
+      "fio-style jobs for `vstor run --job FILE` (JSON; fio's INI format is accepted too).",
+  });
+  return z.toJSONSchema(file, { io: "input", unrepresentable: "any" }) as Record<string, unknown>;
+}
 
 /** A job file: options shared by every job, and the jobs. */
 const jobFileSchema = z.strictObject({
@@ -391,6 +624,7 @@ function finishJob(o: JobOptions, index: number, pathOf: (key: string) => string
     verifyFatal: o.verify_fatal ?? false,
     seed: o.randseed ?? DEFAULT_SEED,
     norandommap: o.norandommap ?? false,
+    filename: o.filename ?? null,
   };
 }
 
@@ -501,7 +735,13 @@ export function parseJobObject(json: unknown): JobSpec[] {
           typeof p === "number" ? `[${p}]` : i === 0 ? String(p) : `.${String(p)}`
         )
           .join("") || "(file)",
-      message: issue.code === "unrecognized_keys" ? "unknown section" : issue.message,
+      message: issue.code === "unrecognized_keys"
+        ? `unknown key "${issue.keys[0] ?? ""}" (a job file holds "global" and "jobs")`
+        : issue.code === "invalid_type" && issue.path.length === 1 && issue.path[0] === "jobs"
+        ? 'is required: a list of jobs ({ "jobs": [{ "rw": "randread", … }] })'
+        : issue.code === "invalid_type" && issue.path.length === 0
+        ? 'must be an object ({ "global": {…}, "jobs": [{…}] })'
+        : issue.message,
     })));
   }
   const { global = {}, jobs } = parsed.data;

@@ -34,16 +34,57 @@ export function bucketValue(index: number): number {
   return base + (k + 0.5) * 2 ** errorBits;
 }
 
+/** The percentiles fio reports by default (its `percentile_list`). */
+export const FIO_PERCENTILES = [
+  1,
+  5,
+  10,
+  20,
+  30,
+  40,
+  50,
+  60,
+  70,
+  80,
+  90,
+  95,
+  99,
+  99.5,
+  99.9,
+  99.95,
+  99.99,
+] as const;
+
 /** Summary of a latency distribution, in nanoseconds. */
 export interface LatencySummary {
   readonly count: number;
   readonly min: number;
   readonly avg: number;
+  /** Standard deviation (population, as fio's). */
+  readonly stddev: number;
   readonly p50: number;
   readonly p99: number;
   readonly p999: number;
   readonly max: number;
+  /** {@linkcode FIO_PERCENTILES} in order: `[percent, ns]`. */
+  readonly percentiles: ReadonlyArray<readonly [number, number]>;
+  /** The histogram's non-empty buckets: `[representative ns, samples]`, ascending. */
+  readonly bins: ReadonlyArray<readonly [number, number]>;
 }
+
+/** An empty distribution's summary. */
+export const EMPTY_LATENCY: LatencySummary = {
+  count: 0,
+  min: 0,
+  avg: 0,
+  stddev: 0,
+  p50: 0,
+  p99: 0,
+  p999: 0,
+  max: 0,
+  percentiles: FIO_PERCENTILES.map((p) => [p, 0] as const),
+  bins: [],
+};
 
 /**
  * A latency histogram in nanoseconds.
@@ -63,6 +104,8 @@ export class LatencyHistogram {
   count = 0;
   /** Their sum (ns). */
   sum = 0;
+  /** The sum of their squares (ns²), for the standard deviation. */
+  sumSquares = 0;
   /** Smallest sample (Infinity while empty). */
   min: number = Infinity;
   /** Largest sample. */
@@ -73,6 +116,7 @@ export class LatencyHistogram {
     this.buckets[bucketOf(ns)]!++;
     this.count++;
     this.sum += ns;
+    this.sumSquares += ns * ns;
     if (ns < this.min) this.min = ns;
     if (ns > this.max) this.max = ns;
   }
@@ -82,6 +126,7 @@ export class LatencyHistogram {
     for (let i = 0; i < PLAT_NR; i++) this.buckets[i]! += other.buckets[i]!;
     this.count += other.count;
     this.sum += other.sum;
+    this.sumSquares += other.sumSquares;
     if (other.min < this.min) this.min = other.min;
     if (other.max > this.max) this.max = other.max;
   }
@@ -99,17 +144,26 @@ export class LatencyHistogram {
     return this.max;
   }
 
-  /** min, avg, p50, p99, p99.9, max. */
+  /** min, avg, stddev, p50, p99, p99.9, max, fio's percentile list and the non-empty buckets. */
   summary(): LatencySummary {
-    if (this.count === 0) return { count: 0, min: 0, avg: 0, p50: 0, p99: 0, p999: 0, max: 0 };
+    if (this.count === 0) return EMPTY_LATENCY;
+    const avg = this.sum / this.count;
+    const bins: Array<readonly [number, number]> = [];
+    for (let i = 0; i < PLAT_NR; i++) {
+      const n = this.buckets[i]!;
+      if (n > 0) bins.push([bucketValue(i), n]);
+    }
     return {
       count: this.count,
       min: this.min,
-      avg: this.sum / this.count,
+      avg,
+      stddev: Math.sqrt(Math.max(0, this.sumSquares / this.count - avg * avg)),
       p50: this.percentile(50),
       p99: this.percentile(99),
       p999: this.percentile(99.9),
       max: this.max,
+      percentiles: FIO_PERCENTILES.map((p) => [p, this.percentile(p)] as const),
+      bins,
     };
   }
 }

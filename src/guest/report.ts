@@ -9,7 +9,7 @@
  * @module
  */
 
-import type { LatencySummary } from "./latency.ts";
+import { EMPTY_LATENCY, FIO_PERCENTILES, type LatencySummary } from "./latency.ts";
 import { describeFailure } from "./verify.ts";
 import type { DirectionResult, JobResult, WorkloadResult, WorkloadTotal } from "./workload.ts";
 
@@ -88,6 +88,8 @@ export interface ReportJson {
 
 /** One run of a multi-device report: jobs on one device (one LUN of a SCSI host). */
 export interface RunReport {
+  /** The disk's name (its drive id) when the run was given one. */
+  readonly disk?: string | null;
   /** The device label (machine id or `slot N`). */
   readonly device: string;
   /** `virtio-blk` or `virtio-scsi`. */
@@ -161,7 +163,9 @@ export function summarizeVirtio(v: VirtioNumbers): VirtioSummary {
 function sig3(n: number): string {
   if (n === 0) return "0";
   const digits = n >= 100 ? 0 : n >= 10 ? 1 : 2;
-  return n.toFixed(digits).replace(/\.?0+$/, "");
+  const text = n.toFixed(digits);
+  // Trailing zeros go only after a decimal point: 120 stays 120.
+  return digits === 0 ? text : text.replace(/\.?0+$/, "");
 }
 
 /** 12345 → "12.3k" (decimal units, as fio's IOPS). */
@@ -338,10 +342,11 @@ function totalLines(label: string, jobs: number, t: WorkloadTotal): string[] {
   ];
 }
 
-/** `clone (virtio-blk, slot 1)`, `base lun 0:0 (virtio-scsi, slot 2)`. */
+/** `clone (virtio-blk, slot 1)`, `base lun 0:0 (virtio-scsi, slot 2)`, `d1: s0 lun 0:1 (…)`. */
 function runTitle(r: RunReport): string {
   const lun = r.lun === null ? "" : ` lun ${r.lun.target}:${r.lun.lun}`;
-  return `${r.device}${lun} (${r.kind}, slot ${r.slot})`;
+  const disk = r.disk === undefined || r.disk === null ? "" : `disk ${r.disk}: `;
+  return `${disk}${r.device}${lun} (${r.kind}, slot ${r.slot})`;
 }
 
 /**
@@ -371,9 +376,107 @@ export function formatMultiReport(report: MultiReport): string {
     for (const job of run.jobs) lines.push(...jobLines(job));
     lines.push(...totalLines(`run ${i} total`, run.jobs.length, run.total));
   }
+  for (const job of jobsAcrossDisks(report.runs)) {
+    lines.push(`job ${job.name}: ${job.clones} clones on ${job.disks.join(", ")}`);
+    lines.push(...directionLines("read", job.read, job.elapsedMs));
+    lines.push(...directionLines("write", job.write, job.elapsedMs));
+    lines.push(...directionLines("trim", job.trim, job.elapsedMs));
+  }
   lines.push(...totalLines("total", report.result.jobs.length, report.result.total));
   lines.push(...virtioLines(report.virtio, report.devices));
   return lines.join("\n") + "\n";
+}
+
+/** One job's figures over every disk it ran on. */
+export interface JobAcrossDisks {
+  readonly name: string;
+  readonly disks: readonly string[];
+  readonly clones: number;
+  /** The longest of its clones' times. */
+  readonly elapsedMs: number;
+  readonly read: DirectionResult;
+  readonly write: DirectionResult;
+  readonly trim: DirectionResult;
+}
+
+/** The jobs that ran on more than one disk, each summed over its disks (by job name). */
+export function jobsAcrossDisks(runs: readonly RunReport[]): JobAcrossDisks[] {
+  const byName = new Map<string, { disks: string[]; jobs: JobResult[] }>();
+  for (const run of runs) {
+    const disk = run.disk ??
+      `${run.device}${run.lun === null ? "" : `/${run.lun.target}/${run.lun.lun}`}`;
+    for (const job of run.jobs) {
+      const entry = byName.get(job.name) ?? { disks: [], jobs: [] };
+      if (!entry.disks.includes(disk)) entry.disks.push(disk);
+      entry.jobs.push(job);
+      byName.set(job.name, entry);
+    }
+  }
+  const out: JobAcrossDisks[] = [];
+  for (const [name, { disks, jobs }] of byName) {
+    if (disks.length < 2) continue;
+    const elapsedMs = Math.max(...jobs.map((j) => j.elapsedMs));
+    out.push({
+      name,
+      disks,
+      clones: jobs.length,
+      elapsedMs,
+      read: sumDirections(jobs.map((j) => j.read), elapsedMs),
+      write: sumDirections(jobs.map((j) => j.write), elapsedMs),
+      trim: sumDirections(jobs.map((j) => j.trim), elapsedMs),
+    });
+  }
+  return out;
+}
+
+/** Directions added up: counts summed, rates over `elapsedMs`, latency from the merged bins. */
+function sumDirections(list: readonly DirectionResult[], elapsedMs: number): DirectionResult {
+  let ops = 0, bytes = 0, errors = 0, sum = 0, squares = 0, min = Infinity, max = 0;
+  const bins = new Map<number, number>();
+  for (const d of list) {
+    ops += d.ops;
+    bytes += d.bytes;
+    errors += d.errors;
+    if (d.latency.count === 0) continue;
+    sum += d.latency.avg * d.latency.count;
+    squares += (d.latency.stddev ** 2 + d.latency.avg ** 2) * d.latency.count;
+    min = Math.min(min, d.latency.min);
+    max = Math.max(max, d.latency.max);
+    for (const [ns, n] of d.latency.bins) bins.set(ns, (bins.get(ns) ?? 0) + n);
+  }
+  const sorted = [...bins].sort((a, b) => a[0] - b[0]);
+  const count = sorted.reduce((n, [, c]) => n + c, 0);
+  const at = (p: number) => {
+    if (count === 0) return 0;
+    const rank = Math.max(1, Math.ceil((p / 100) * count));
+    let seen = 0;
+    for (const [ns, c] of sorted) {
+      seen += c;
+      if (seen >= rank) return Math.min(max, Math.max(min, ns));
+    }
+    return max;
+  };
+  const avg = count > 0 ? sum / count : 0;
+  const seconds = elapsedMs / 1000;
+  return {
+    ops,
+    bytes,
+    errors,
+    iops: seconds > 0 ? ops / seconds : 0,
+    bandwidth: seconds > 0 ? bytes / seconds : 0,
+    latency: count === 0 ? EMPTY_LATENCY : {
+      count,
+      min,
+      avg,
+      stddev: Math.sqrt(Math.max(0, squares / count - avg * avg)),
+      p50: at(50),
+      p99: at(99),
+      p999: at(99.9),
+      max,
+      percentiles: FIO_PERCENTILES.map((p) => [p, at(p)] as const),
+      bins: sorted,
+    },
+  };
 }
 
 /** The multi-device report as a JSON-ready object: {@linkcode ReportJson} with `runs` and `devices`. */

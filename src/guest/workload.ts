@@ -103,11 +103,29 @@ export interface WorkloadGroup {
   readonly total: WorkloadTotal;
 }
 
+/**
+ * Progress over time: every clone's completed requests and bytes, sampled about every
+ * `intervalMs` (the interval doubles as a long run fills the sample budget).
+ */
+export interface WorkloadTimeline {
+  readonly intervalMs: number;
+  /** Sample times, ms since the start. */
+  readonly atMs: readonly number[];
+  /** Per clone, in the order of `jobs`: cumulative requests and bytes at each sample. */
+  readonly jobs: ReadonlyArray<
+    { readonly ops: readonly number[]; readonly bytes: readonly number[] }
+  >;
+}
+
 /** Everything a run produced. */
 export interface WorkloadResult {
   readonly jobs: readonly JobResult[];
   /** All clones together over the whole run. */
   readonly total: WorkloadTotal;
+  /** Progress over time, when {@linkcode WorkloadOptions.sampleMs} was given. */
+  readonly timeline?: WorkloadTimeline;
+  /** The run was stopped early by {@linkcode WorkloadOptions.shouldStop}. */
+  readonly stopped?: boolean;
   /** Per group, when {@linkcode WorkloadOptions.groupOf} was given (ascending group numbers). */
   readonly groups?: readonly WorkloadGroup[];
 }
@@ -123,7 +141,19 @@ export interface WorkloadOptions {
    * group besides the grand total. All groups run at once, in the one loop.
    */
   readonly groupOf?: (jobIndex: number) => number;
+  /**
+   * Asked on every turn of the loop; once true, clones submit nothing more, finish what is in
+   * flight, skip their verify phase and report what they did.
+   */
+  readonly shouldStop?: () => boolean;
+  /** Sample progress about this often (ms) into the result's timeline. */
+  readonly sampleMs?: number;
+  /** Called at each sample with the requests and bytes completed so far, all clones together. */
+  readonly onSample?: (ops: number, bytes: number) => void;
 }
+
+/** Most samples a timeline keeps before it halves its resolution. */
+const MAX_SAMPLES = 1024;
 
 // Directions, and the tag of verify reads.
 const READ = 0;
@@ -246,6 +276,7 @@ class Runner {
   #stream: OpStream;
   #replayOps = 0;
   #stopping = false;
+  #aborted = false;
 
   constructor(spec: JobSpec, jobIndex: number, clone: number, target: BlockTarget) {
     this.spec = spec;
@@ -301,6 +332,20 @@ class Runner {
 
   get done(): boolean {
     return this.phase === "done";
+  }
+
+  /** Stop early: submit nothing more, no verify phase after what is in flight. */
+  abort(): void {
+    this.#aborted = true;
+    this.#stopping = true;
+  }
+
+  /** Requests and bytes completed so far, every direction and verify reads included. */
+  get completed(): { ops: number; bytes: number } {
+    return {
+      ops: this.read.ops + this.write.ops + this.trim.ops,
+      bytes: this.read.bytes + this.write.bytes + this.trim.bytes,
+    };
   }
 
   /**
@@ -454,7 +499,7 @@ class Runner {
       this.spec.rw !== "trim" && this.spec.rw !== "randtrim";
     if (
       this.phase === "main" && this.error === null && this.#stamp !== null && this.spec.doVerify &&
-      writes
+      writes && !this.#aborted
     ) {
       this.#beginVerify(this.#stream.count);
       return;
@@ -509,9 +554,18 @@ export async function runWorkload(
     const started = performance.now();
     for (const r of runners) r.startedAt = started;
     const active = runners.slice();
+    const timeline = options.sampleMs === undefined
+      ? null
+      : new TimelineRecorder(runners, options.sampleMs, started, options.onSample);
+    let stopped = false;
     while (active.length > 0) {
       let progress = false;
       const now = performance.now();
+      if (!stopped && options.shouldStop?.() === true) {
+        stopped = true;
+        for (const r of active) r.abort();
+      }
+      timeline?.sample(now);
       let live = 0;
       for (const r of active) {
         if (r.pump(now)) progress = true;
@@ -528,7 +582,12 @@ export async function runWorkload(
       if (pending !== undefined) await pending;
     }
     const ended = performance.now();
-    const result = summarize(runners.map((r) => r.result()), runners, ended - started);
+    timeline?.sample(ended, true);
+    const result: WorkloadResult = {
+      ...summarize(runners.map((r) => r.result()), runners, ended - started),
+      ...(timeline === null ? {} : { timeline: timeline.result() }),
+      ...(stopped ? { stopped } : {}),
+    };
     const groupOf = options.groupOf;
     if (groupOf === undefined) return result;
     // Jobs in order, so each group's clones stay in job order; its time ends with its last clone.
@@ -551,6 +610,72 @@ export async function runWorkload(
       if (!r.done && r.target.inFlight === 0) options.closeTarget?.(r.target);
     }
     throw error;
+  }
+}
+
+/** Samples every clone's progress into a bounded timeline. */
+class TimelineRecorder {
+  #interval: number;
+  readonly #runners: readonly Runner[];
+  readonly #started: number;
+  readonly #onSample: ((ops: number, bytes: number) => void) | undefined;
+  #next: number;
+  readonly #at: number[] = [];
+  readonly #ops: number[][];
+  readonly #bytes: number[][];
+
+  constructor(
+    runners: readonly Runner[],
+    intervalMs: number,
+    started: number,
+    onSample: ((ops: number, bytes: number) => void) | undefined,
+  ) {
+    this.#interval = Math.max(1, intervalMs);
+    this.#runners = runners;
+    this.#started = started;
+    this.#onSample = onSample;
+    this.#next = started + this.#interval;
+    this.#ops = runners.map(() => []);
+    this.#bytes = runners.map(() => []);
+    this.sample(started, true); // the origin: nothing done yet
+  }
+
+  /** Take a sample when one is due (or `force`, for the end of the run). */
+  sample(now: number, force = false): void {
+    if (now < this.#next && !force) return;
+    this.#next = now + this.#interval;
+    let ops = 0, bytes = 0;
+    this.#at.push(now - this.#started);
+    this.#runners.forEach((r, i) => {
+      const c = r.completed;
+      this.#ops[i]!.push(c.ops);
+      this.#bytes[i]!.push(c.bytes);
+      ops += c.ops;
+      bytes += c.bytes;
+    });
+    this.#onSample?.(ops, bytes);
+    if (this.#at.length >= MAX_SAMPLES) this.#halve();
+  }
+
+  /** Keep every other sample (the last one included) and sample half as often. */
+  #halve(): void {
+    const keep = (list: number[]) => {
+      const kept = list.filter((_, i) => i % 2 === 1 || i === list.length - 1);
+      list.length = 0;
+      list.push(...kept);
+    };
+    keep(this.#at);
+    for (const list of this.#ops) keep(list);
+    for (const list of this.#bytes) keep(list);
+    this.#interval *= 2;
+  }
+
+  result(): WorkloadTimeline {
+    return {
+      intervalMs: this.#interval,
+      atMs: this.#at,
+      jobs: this.#runners.map((_, i) => ({ ops: this.#ops[i]!, bytes: this.#bytes[i]! })),
+    };
   }
 }
 

@@ -33,6 +33,10 @@ export const MMIO_WINDOW: MmioWindow = { base: PCI_HOLE_START, size: 0xfec0_0000
 const ID_PATTERN = /^[A-Za-z][A-Za-z0-9_.-]{0,63}$/;
 
 const driveSchema = z.strictObject({
+  /** The disk's name: jobs name it in `filename=`, and reports show it. Unique in the machine. */
+  id: z.string().regex(ID_PATTERN, {
+    error: "must start with a letter and hold only letters, digits, '_', '.', '-' (≤ 64)",
+  }).optional(),
   file: z.string().min(1),
   format: z.string().min(1).optional(),
   readOnly: z.boolean().default(false),
@@ -79,7 +83,31 @@ export const machineConfigSchema = z.strictObject({
 }).superRefine((config, ctx) => {
   const ids = new Map<string, number>();
   const slots = new Map<number, number>();
+  const driveIds = new Map<string, string>();
   for (const [i, d] of config.devices.entries()) {
+    const drives = d.drive !== undefined ? [["drive", d.drive] as const] : (d.drives ?? []).map(
+      (drive, j) => [j, drive] as const,
+    );
+    for (const [where, drive] of drives) {
+      if (drive.id === undefined) continue;
+      const path = where === "drive" ? ["devices", i, "drive", "id"] : [
+        "devices",
+        i,
+        "drives",
+        where,
+        "id",
+      ];
+      const other = driveIds.get(drive.id);
+      if (other !== undefined) {
+        ctx.addIssue({
+          code: "custom",
+          path,
+          message: `duplicate drive id "${drive.id}" (also ${other})`,
+        });
+      } else {
+        driveIds.set(drive.id, formatPath(path.slice(0, -1)));
+      }
+    }
     const other = ids.get(d.id);
     if (other !== undefined) {
       ctx.addIssue({

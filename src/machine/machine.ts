@@ -53,7 +53,7 @@ import { VcpuHandle, type VcpuOptions } from "./vcpu_host.ts";
 
 export { MachineError } from "./errors.ts";
 export type { DeviceFault } from "./device_host.ts";
-export { VcpuHandle, type VcpuOptions } from "./vcpu_host.ts";
+export { GuestProgramError, VcpuHandle, type VcpuOptions } from "./vcpu_host.ts";
 
 /** Options of {@linkcode Machine.create} beyond the configuration. */
 export interface MachineOptions {

@@ -93,7 +93,7 @@ export class VcpuHandle {
         this.#end(null, msg.result);
         return;
       case "error": {
-        const error = new Error(`Guest program failed: ${msg.message}`);
+        const error = new GuestProgramError(msg.message, msg.name ?? "Error");
         if (msg.stack !== undefined) error.stack = msg.stack;
         this.#end(error);
         return;
@@ -124,5 +124,19 @@ export class VcpuHandle {
     if (error === null) this.#resolve(value);
     else this.#reject(error);
     this.#onEnd();
+  }
+}
+
+/**
+ * The guest program failed: `message` is its own error's message, `guestError` that error's class
+ * name (`JobError`, `GuestSetupError`, `VirtioDriverError`…), for callers that word it for users.
+ */
+export class GuestProgramError extends Error {
+  override readonly name = "GuestProgramError";
+  readonly guestError: string;
+
+  constructor(message: string, guestError: string) {
+    super(message);
+    this.guestError = guestError;
   }
 }

@@ -791,7 +791,13 @@ export type VcpuMessage =
   | { readonly kind: "reply"; readonly id: number; readonly body: unknown }
   | { readonly kind: "reply-error"; readonly id: number; readonly message: string }
   | { readonly kind: "done"; readonly result: unknown }
-  | { readonly kind: "error"; readonly message: string; readonly stack?: string };
+  | {
+    readonly kind: "error";
+    readonly message: string;
+    /** The error's class name (`JobError`, `GuestSetupError`…), when it was an Error. */
+    readonly name?: string;
+    readonly stack?: string;
+  };
 
 /** What a guest program gets from {@linkcode runVcpu}. */
 export interface VcpuContext {
@@ -868,7 +874,8 @@ function errorMessage(error: unknown): VcpuMessage {
   if (error instanceof Error) {
     return {
       kind: "error",
-      message: `${error.name}: ${error.message}`,
+      message: error.message,
+      name: error.name,
       ...(error.stack === undefined ? {} : { stack: error.stack }),
     };
   }

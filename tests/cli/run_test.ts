@@ -43,7 +43,13 @@ Deno.test("machineFromArgs maps --drive/--device to a machine: blk, scsi with tw
       {
         type: "virtio-blk",
         id: "blk0",
-        drive: { file: "clone.qcow2", format: "qcow2", readOnly: false, cache: "writeback" },
+        drive: {
+          id: "d0",
+          file: "clone.qcow2",
+          format: "qcow2",
+          readOnly: false,
+          cache: "writeback",
+        },
         numQueues: 2,
         eventIdx: false,
         packed: true,
@@ -54,8 +60,8 @@ Deno.test("machineFromArgs maps --drive/--device to a machine: blk, scsi with tw
         type: "virtio-scsi",
         id: "s0",
         drives: [
-          { file: "base.qcow2", readOnly: true, cache: "writeback" },
-          { file: "data.raw", readOnly: false, cache: "writethrough" },
+          { id: "d1", file: "base.qcow2", readOnly: true, cache: "writeback" },
+          { id: "d2", file: "data.raw", readOnly: false, cache: "writethrough" },
         ],
         options: { luns: [{ target: 0, lun: 0 }, { target: 1, lun: 3 }] },
       },
@@ -183,7 +189,14 @@ Deno.test({
       );
       assert.equal(code, EXIT_OK, stderr + stdout);
       const report = JSON.parse(stdout);
-      assert.equal(report.ok, true);
+      assert.equal(report.vstor.ok, true);
+      // fio's JSON: the clone's two clones, with fio's fields and integers where fio has them.
+      assert.equal(report.jobs.length, 3);
+      for (const job of report.jobs) {
+        for (const key of ["io_bytes", "io_kbytes", "bw", "bw_bytes", "runtime", "total_ios"]) {
+          assert.ok(Number.isInteger(job.read[key]), `${key} is an integer`);
+        }
+      }
       for (const image of ["base.qcow2", "clone.qcow2"]) {
         const check = await runTool("qemu-img", ["check", join(dir, image)]);
         assert.equal(check.code, 0, `${image}: ${check.stdout}${check.stderr}`);
@@ -212,7 +225,8 @@ Deno.test({
       );
       assert.equal(again.code, EXIT_OK, again.stderr + again.stdout);
       const checked = JSON.parse(again.stdout).jobs.reduce(
-        (n: number, j: { verify?: { checked: number } }) => n + (j.verify?.checked ?? 0),
+        (n: number, j: { vstor: { verify?: { checked: number } } }) =>
+          n + (j.vstor.verify?.checked ?? 0),
         0,
       );
       assert.ok(checked > 0, "verify_only checked the blocks the guest wrote");

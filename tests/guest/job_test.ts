@@ -78,6 +78,7 @@ Deno.test("parseJobArgs() reads fio's command line: globals, --name sections, ba
     verifyFatal: false,
     seed: DEFAULT_SEED,
     norandommap: false,
+    filename: null,
   });
   assert.equal(b.name, "checker");
   assert.equal(b.bs, 8192, "blocksize is bs's alias; the job overrides the global");
@@ -151,7 +152,7 @@ Deno.test("parseJobFile() reads JSON with global options, errors name jobs[i].fi
   ]);
   assert.deepEqual(issuesOf(() => parseJobObject({ jobs: [] })), ["jobs: needs at least one job"]);
   assert.deepEqual(issuesOf(() => parseJobObject({ jobs: [{}], extra: 1 })), [
-    "extra: unknown section",
+    'extra: unknown key "extra" (a job file holds "global" and "jobs")',
   ]);
   assert.deepEqual(issuesOf(() => parseJobObject({ jobs: [{ bs: { k: 4 } }] })).length, 1);
   assert.deepEqual(issuesOf(() => parseJobFile("{ nope")).length, 1);

@@ -1,3 +1,4 @@
+import { EMPTY_LATENCY } from "../../src/guest/latency.ts";
 import assert from "node:assert/strict";
 import {
   formatBytesIEC,
@@ -16,7 +17,7 @@ const NONE: DirectionResult = {
   errors: 0,
   iops: 0,
   bandwidth: 0,
-  latency: { count: 0, min: 0, avg: 0, p50: 0, p99: 0, p999: 0, max: 0 },
+  latency: EMPTY_LATENCY,
 };
 
 const READ: DirectionResult = {
@@ -26,6 +27,7 @@ const READ: DirectionResult = {
   iops: 12_345.6,
   bandwidth: 12_345.6 * 4096,
   latency: {
+    ...EMPTY_LATENCY,
     count: 123_456,
     min: 20_500,
     avg: 40_123,
@@ -43,6 +45,7 @@ const WRITE: DirectionResult = {
   iops: 51.2,
   bandwidth: 51.2 * 65536,
   latency: {
+    ...EMPTY_LATENCY,
     count: 512,
     min: 2_000_000,
     avg: 15_500_000,
@@ -172,5 +175,12 @@ Deno.test("number formatting keeps three significant digits", () => {
   assert.equal(formatBytesIEC(4096), "4KiB");
   assert.equal(formatBytesIEC(50_438_144), "48.1MiB");
   assert.equal(formatBytesSI(50_438_144), "50.4MB");
+  // Whole numbers keep their zeros: 8 MiB in 70 ms is 114MiB/s and 120MB/s, not 12MB/s.
+  assert.equal(formatBytesSI(8 * 1024 * 1024 / 0.07), "120MB");
+  assert.equal(formatBytesIEC(8 * 1024 * 1024 / 0.07), "114MiB");
+  assert.equal(formatCount(120_000), "120k");
+  assert.equal(formatBytesIEC(100 * 1024), "100KiB");
+  assert.equal(formatCount(10), "10");
+  assert.equal(formatCount(2.5), "2.5");
   assert.equal(formatBytesIEC(0), "0B");
 });
