@@ -9,14 +9,7 @@
 import type { BlockNode } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
-import {
-  BME_FLAG_AUTO,
-  BME_FLAG_IN_USE,
-  type DirtyBitmap,
-  inconsistentError,
-  parseBitmapsExtension,
-  readBitmapDirectory,
-} from "../../formats/qcow2/bitmap.ts";
+import { type DirtyBitmap, inconsistentError } from "../../formats/qcow2/bitmap.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./cli_io.ts";
 import type { VerbHelp } from "./help.ts";
 import { openVerbImage } from "./args.ts";
@@ -284,21 +277,6 @@ export async function bitmapMain(args: string[], io: CliIo): Promise<number> {
     await node.close();
   }
   return EXIT_OK;
-}
-
-/** qemu-img info's `bitmaps` list for a qcow2 image: the directory as it is on disk. */
-export function bitmapInfo(node: Qcow2Node): Array<Record<string, unknown>> | undefined {
-  const { ext } = parseBitmapsExtension(node.header, node.filename);
-  if (ext === undefined) return undefined;
-  const entries = readBitmapDirectory(node.file, ext, node.clusterSize, node.size, node.filename);
-  return entries.map((e) => ({
-    flags: [
-      ...((e.flags & BME_FLAG_IN_USE) ? ["in-use"] : []),
-      ...((e.flags & BME_FLAG_AUTO) ? ["auto"] : []),
-    ],
-    name: e.name,
-    granularity: 2 ** e.granularityBits,
-  }));
 }
 
 /** qemu-img info's human lines for the bitmaps list (under "Format specific information:"). */

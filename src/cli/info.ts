@@ -7,79 +7,16 @@ import type { BlockNode } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
 import { MAX_CHAIN_DEPTH, resolveBacking } from "../../formats/open.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
-import {
-  COMPAT_LAZY_REFCOUNTS,
-  COMPRESSION_ZSTD,
-  hasFeature,
-  INCOMPAT_CORRUPT,
-  INCOMPAT_DIRTY,
-  INCOMPAT_EXTL2,
-} from "../../formats/qcow2/header.ts";
-import { listedNames, type SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { sizeToStr } from "./human.ts";
 import { snapshotTable } from "./snapshot.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";
-import { bitmapInfo, bitmapInfoHuman, qemuJsonEmptyLists } from "./bitmap.ts";
+import { bitmapInfoHuman, qemuJsonEmptyLists } from "./bitmap.ts";
+import { imageInfo } from "../../formats/image_info.ts";
 
 export const INFO_USAGE = "vstor info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILE";
-
-/** qemu-img's JSON snapshot object. */
-export function snapshotJson(e: SnapshotEntry): Record<string, unknown> {
-  const ev = new DataView(e.extra.buffer, e.extra.byteOffset, e.extra.byteLength);
-  const icount = e.extra.length >= 24 ? ev.getBigUint64(16) : 0xffffffffffffffffn;
-  const vmSize = e.extra.length >= 8 ? Number(ev.getBigUint64(0)) : e.vmStateSize;
-  const out: Record<string, unknown> = {};
-  if (icount !== 0xffffffffffffffffn) out["icount"] = Number(icount);
-  out["vm-clock-nsec"] = Number(e.vmClockNsec % 1_000_000_000n);
-  out["name"] = listedNames(e).name;
-  out["date-sec"] = e.dateSec;
-  out["date-nsec"] = e.dateNsec;
-  out["vm-clock-sec"] = Number(e.vmClockNsec / 1_000_000_000n);
-  out["id"] = listedNames(e).id;
-  out["vm-state-size"] = Math.max(vmSize, e.vmStateSize);
-  return out;
-}
-
-/** The information qemu-img info shows for one image (this image only, not its chain). */
-export function imageInfo(node: BlockNode, filename: string): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  const q = node instanceof Qcow2Node ? node : undefined;
-  if (q && q.snapshots.entries.length > 0) out["snapshots"] = q.snapshots.entries.map(snapshotJson);
-  const backing = node.backingName;
-  if (backing?.format !== undefined) out["backing-filename-format"] = backing.format;
-  out["virtual-size"] = node.size;
-  out["filename"] = filename;
-  if (q) out["cluster-size"] = q.clusterSize;
-  out["format"] = node.format;
-  out["actual-size"] = node.allocatedSize?.() ?? 0;
-  if (q) {
-    const h = q.header;
-    const data: Record<string, unknown> = {
-      compat: h.version === 3 ? "1.1" : "0.10",
-      "compression-type": h.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib",
-    };
-    if (h.version === 3) {
-      data["lazy-refcounts"] = hasFeature(h.compatibleFeatures, COMPAT_LAZY_REFCOUNTS);
-    }
-    const bitmaps = bitmapInfo(q);
-    if (bitmaps !== undefined) data["bitmaps"] = bitmaps;
-    data["refcount-bits"] = 1 << h.refcountOrder;
-    if (h.version === 3) {
-      data["corrupt"] = hasFeature(h.incompatibleFeatures, INCOMPAT_CORRUPT);
-      data["extended-l2"] = hasFeature(h.incompatibleFeatures, INCOMPAT_EXTL2);
-    }
-    out["format-specific"] = { type: "qcow2", data };
-  }
-  if (backing !== undefined) {
-    out["full-backing-filename"] = resolveBacking(filename, backing.file);
-    out["backing-filename"] = backing.file;
-  }
-  out["dirty-flag"] = q ? hasFeature(q.header.incompatibleFeatures, INCOMPAT_DIRTY) : false;
-  return out;
-}
 
 /** qemu-img's human info for one image. */
 export function infoHuman(info: Record<string, unknown>, node: BlockNode): string {

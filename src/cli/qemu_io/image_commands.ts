@@ -4,8 +4,8 @@
  * @module
  */
 import type { BlockNode } from "../../block/node.ts";
-import { imageInfo } from "../info.ts";
-import { probedRawWarning } from "../messages.ts";
+import { imageInfo } from "../../../formats/image_info.ts";
+import { probedRawWarning } from "../text/messages.ts";
 import { allocationAt } from "./ranges.ts";
 import { Qcow2Node } from "../../../formats/qcow2/qcow2.ts";
 import { joinQcow2Options } from "../../../formats/qcow2/runtime_options.ts";

@@ -16,7 +16,7 @@ import {
   type Qcow2RuntimeOptions,
   resolveQcow2Options,
 } from "../../../formats/qcow2/runtime_options.ts";
-import { parseSize } from "../size.ts";
+import { parseSize } from "../text/size.ts";
 import { messageOf } from "./text.ts";
 
 /** What a cache mode sets (QEMU's bdrv_parse_cache_mode). */

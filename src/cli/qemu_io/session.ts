@@ -6,10 +6,10 @@
  * @module
  */
 import type { BlockNode } from "../../block/node.ts";
-import { parseSize } from "../size.ts";
+import { parseSize } from "../text/size.ts";
 import type { OpenRequest } from "./open.ts";
 import { cvtstr, hex2, isalnum, messageOf, parsePattern, timestr } from "./text.ts";
-import { formatFixed } from "../human.ts";
+import { formatFixed } from "../text/human.ts";
 
 const INT64_MAX = (1n << 63n) - 1n;
 

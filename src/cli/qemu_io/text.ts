@@ -5,7 +5,7 @@
  * @module
  */
 import { BlockError } from "../../errors.ts";
-import { formatFixed } from "../human.ts";
+import { formatFixed } from "../text/human.ts";
 
 /** glibc's strerror() texts for the errnos the block layer reports. */
 const STRERROR: Readonly<Record<number, string>> = {
