@@ -113,8 +113,8 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
     );
     const request: GuestRequest = {
       runs: [
-        { device: "clone", args: CLONE_JOB },
-        { device: "base", args: [...PREPARE, "--verify_only"] },
+        { device: "clone", name: "clone.qcow2", args: CLONE_JOB },
+        { device: "base", name: "base.qcow2", args: [...PREPARE, "--verify_only"] },
       ],
     };
     const run: MachineRun = await runMachine(
