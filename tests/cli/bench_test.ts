@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { main } from "../../src/cli/main.ts";
-import { type BenchParams, parseBenchArgs, runBench } from "../../src/cli/bench.ts";
+import { parseBenchArgs } from "../../src/cli/bench.ts";
+import { type BenchParams, runBench } from "../../formats/bench.ts";
 import type { BlockNode, Extent, WriteOptions } from "../../src/block/node.ts";
 import { MemoryFile } from "../../src/host/memory.ts";
 import { RawNode } from "../../formats/raw.ts";
