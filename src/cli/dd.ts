@@ -8,6 +8,7 @@
  */
 import type { BlockNode } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
+import { ddCopy, planDd } from "../../formats/dd.ts";
 import { createImage, formatNames } from "../../formats/open.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, UsageError } from "./cli_io.ts";
 import type { VerbHelp } from "./help.ts";
@@ -157,45 +158,28 @@ export async function ddMain(args: string[], io: CliIo): Promise<number> {
       errorLine(io, "Unknown file format");
       return EXIT_ERROR;
     }
-    let size = BigInt(src.size);
-    if (hasCount && count <= INT64_MAX / bs && count * bs < size) size = count * bs;
-    // A skip past the end (or one that overflows) makes an empty output, as dd(1).
-    const beyond = hasSkip && (skip > INT64_MAX / bs || size < bs * skip);
-    const outSize = beyond ? 0n : size - bs * skip;
-    // Image creation rounds the size up to whole sectors, as QEMU's raw and qcow2 drivers do.
-    const created = Number((outSize + 511n) / 512n * 512n);
+    const plan = planDd(src.size, {
+      blockSize: bs,
+      ...(hasCount ? { count } : {}),
+      ...(hasSkip ? { skip } : {}),
+    });
     try {
-      await createImage(output, a.outFormat, created);
+      await createImage(output, a.outFormat, plan.outputSize);
     } catch (e) {
       const why = e instanceof Error ? e.message : String(e);
       errorLine(io, `${output}: error while creating output image: ${why}`);
       return EXIT_ERROR;
     }
     dst = await openVerbImage(io, output, { format: a.outFormat });
-    let inPos = Number(bs * skip);
-    if (beyond) {
-      errorLine(io, `${input}: cannot skip to specified offset`);
-      inPos = Number(size);
+    if (plan.skipPastEnd) errorLine(io, `${input}: cannot skip to specified offset`);
+    const copied = await ddCopy(src, dst, plan);
+    if (copied.kind === "read-error") {
+      errorLine(io, `error while reading from input image file: ${ioMessage(copied.cause)}`);
+      return EXIT_ERROR;
     }
-    const end = Number(size);
-    const block = new Uint8Array(Number(bs));
-    for (let outPos = 0; inPos < end;) {
-      const bytes = Math.min(block.length, end - inPos);
-      const buf = block.subarray(0, bytes);
-      try {
-        await src.read(inPos, buf);
-      } catch (e) {
-        errorLine(io, `error while reading from input image file: ${ioMessage(e)}`);
-        return EXIT_ERROR;
-      }
-      inPos += bytes;
-      try {
-        await dst.write(outPos, buf);
-      } catch (e) {
-        errorLine(io, `error while writing to output image file: ${ioMessage(e)}`);
-        return EXIT_ERROR;
-      }
-      outPos += bytes;
+    if (copied.kind === "write-error") {
+      errorLine(io, `error while writing to output image file: ${ioMessage(copied.cause)}`);
+      return EXIT_ERROR;
     }
   } finally {
     await src.close();
