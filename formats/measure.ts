@@ -34,6 +34,58 @@ export interface MeasureSource {
   size?: number;
 }
 
+/**
+ * An internal snapshot to measure, as qemu-img measure -l names it: `{ key }` is an ID, else a
+ * name; `{ id, name }` (snapshot.id=, snapshot.name=) matches only what it gives.
+ */
+export type MeasureSnapshot = { key: string } | { id?: string; name?: string };
+
+/**
+ * Show an internal snapshot of `node` instead of its active state, as QEMU's
+ * bdrv_snapshot_load_tmp does for qemu-img measure -l.
+ *
+ * @throws {BlockError} `unsupported` for a format without internal snapshots, `not-found` when no
+ *   snapshot matches
+ * @example
+ * ```ts
+ * import { loadMeasureSnapshot } from "./measure.ts";
+ * import { RawNode } from "./raw.ts";
+ * import { MemoryFile } from "../src/host/memory.ts";
+ * const node = await RawNode.open(new MemoryFile("m", new Uint8Array(512)));
+ * let refused = false;
+ * try {
+ *   loadMeasureSnapshot(node, { key: "1" });
+ * } catch {
+ *   refused = true;
+ * }
+ * if (!refused) throw new Error("raw has no snapshots");
+ * ```
+ */
+export function loadMeasureSnapshot(node: BlockNode, spec: MeasureSnapshot): void {
+  if (!(node instanceof Qcow2Node)) {
+    throw new BlockError(
+      "unsupported",
+      `Failed to load snapshot: Block format '${node.format}' does not support temporarily loading internal snapshots`,
+      { path: node.filename },
+    );
+  }
+  const entries = node.snapshots.entries;
+  const entry = "key" in spec
+    ? entries.find((e) => e.id === spec.key) ?? entries.find((e) => e.name === spec.key)
+    : spec.id === undefined && spec.name === undefined
+    ? undefined
+    : entries.find((e) =>
+      (spec.id === undefined || e.id === spec.id) &&
+      (spec.name === undefined || e.name === spec.name)
+    );
+  if (entry === undefined) {
+    throw new BlockError("not-found", "Failed to load snapshot: Can't find snapshot", {
+      path: node.filename,
+    });
+  }
+  node.loadSnapshotForReading(entry.id);
+}
+
 /** Target formats vstor can measure. */
 export const MEASURE_FORMATS: readonly string[] = ["raw", "qcow2"];
 

@@ -9,11 +9,12 @@ import type { BlockNode } from "../block/node.ts";
 import { BlockError, isBlockError } from "../errors.ts";
 import {
   checkMeasureOptions,
+  loadMeasureSnapshot,
   measureImage,
   type MeasureInfo,
   type MeasureOptions,
+  type MeasureSnapshot,
 } from "../../formats/measure.ts";
-import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { parseSize } from "./size.ts";
 import { openVerbImage, parseVerbArgs } from "./args.ts";
@@ -213,10 +214,8 @@ function parseMeasureSize(text: string): bigint {
   return parsed.value;
 }
 
-/** An internal snapshot to measure: an ID or name, or qemu's `snapshot.id=…,snapshot.name=…`. */
-type SnapshotSpec = { key: string } | { id?: string; name?: string };
-
-function parseSnapshotSpec(text: string): SnapshotSpec {
+/** -l's argument: an ID or name, or qemu's `snapshot.id=…,snapshot.name=…`. */
+function parseSnapshotSpec(text: string): MeasureSnapshot {
   if (!text.startsWith("snapshot.")) return { key: text };
   const spec: { id?: string; name?: string } = {};
   for (const [key, value] of splitOptionList(text)) {
@@ -227,32 +226,6 @@ function parseSnapshotSpec(text: string): SnapshotSpec {
       );}
   }
   return spec;
-}
-
-/** Show an internal snapshot instead of the active state, as QEMU's bdrv_snapshot_load_tmp. */
-function loadSnapshot(node: BlockNode, spec: SnapshotSpec): void {
-  if (!(node instanceof Qcow2Node)) {
-    throw new BlockError(
-      "unsupported",
-      `Failed to load snapshot: Block format '${node.format}' does not support temporarily loading internal snapshots`,
-      { path: node.filename },
-    );
-  }
-  const entries = node.snapshots.entries;
-  const entry = "key" in spec
-    ? entries.find((e) => e.id === spec.key) ?? entries.find((e) => e.name === spec.key)
-    : spec.id === undefined && spec.name === undefined
-    ? undefined
-    : entries.find((e) =>
-      (spec.id === undefined || e.id === spec.id) &&
-      (spec.name === undefined || e.name === spec.name)
-    );
-  if (entry === undefined) {
-    throw new BlockError("not-found", "Failed to load snapshot: Can't find snapshot", {
-      path: node.filename,
-    });
-  }
-  node.loadSnapshotForReading(entry.id);
 }
 
 /** qemu-img measure's human output. */
@@ -340,7 +313,7 @@ export async function measureMain(args: string[], io: CliIo): Promise<number> {
       });
       // QEMU keeps the image's current length while a snapshot is loaded.
       sourceSize = node.size;
-      if (snapshot !== undefined) loadSnapshot(node, snapshot);
+      if (snapshot !== undefined) loadMeasureSnapshot(node, snapshot);
     }
     const target = values["target-format"];
     if (TARGET_OPTIONS[target] === undefined) {
