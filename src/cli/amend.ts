@@ -9,12 +9,12 @@ import { formatNames } from "../../formats/open.ts";
 import { amendQcow2, type Qcow2AmendOptions } from "../../formats/qcow2/amend.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
-import { probedRawWarning } from "./messages.ts";
+import { probedRawWarning } from "./text/messages.ts";
 import { progressBar } from "./progress.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";
-import { parseSize } from "./size.ts";
+import { parseSize } from "./text/size.ts";
 
 /** The usage line of the amend verb. */
 export const AMEND_USAGE = "vstor amend [-f FMT] -o OPTIONS [-p] [-q] [--force] FILE";

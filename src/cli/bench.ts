@@ -16,8 +16,8 @@ import { BlockError } from "../errors.ts";
 import { openVerbImage } from "./args.ts";
 import type { VerbHelp } from "./help.ts";
 import { type CliIo, errorLine, EXIT_OK, UsageError } from "./cli_io.ts";
-import { probedRawWarning } from "./messages.ts";
-import { parseSize } from "./size.ts";
+import { probedRawWarning } from "./text/messages.ts";
+import { parseSize } from "./text/size.ts";
 
 /** Cache modes qemu-img's `-t` accepts (`bdrv_parse_cache_mode`). */
 export type CacheMode = "none" | "off" | "directsync" | "writeback" | "writethrough" | "unsafe";

@@ -13,8 +13,8 @@ import { type DirtyBitmap, inconsistentError } from "../../formats/qcow2/bitmap.
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./cli_io.ts";
 import type { VerbHelp } from "./help.ts";
 import { openVerbImage } from "./args.ts";
-import { probedRawWarning } from "./messages.ts";
-import { parseSize } from "./size.ts";
+import { probedRawWarning } from "./text/messages.ts";
+import { parseSize } from "./text/size.ts";
 
 export const BITMAP_USAGE =
   "vstor bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... " +

@@ -8,8 +8,8 @@
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { checkImage, type CheckReport } from "../../formats/qcow2/check.ts";
 import { type CliIo, errorLine, EXIT_OK, UsageError } from "./cli_io.ts";
-import { probedRawWarning } from "./messages.ts";
-import { formatFixed } from "./human.ts";
+import { probedRawWarning } from "./text/messages.ts";
+import { formatFixed } from "./text/human.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";

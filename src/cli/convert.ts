@@ -9,7 +9,7 @@ import { createImage, formatNames } from "../../formats/open.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { createOptionsHelp, parseCreateOptions } from "./create.ts";
 import { progressBar } from "./progress.ts";
-import { parseSize } from "./size.ts";
+import { parseSize } from "./text/size.ts";
 import { hostPath, parseVerbArgs, refuseDirectory } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";

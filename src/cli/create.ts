@@ -14,7 +14,7 @@ import {
   resolveBacking,
 } from "../../formats/open.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, programName, UsageError } from "./cli_io.ts";
-import { parseSize } from "./size.ts";
+import { parseSize } from "./text/size.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";
 import { hostPath, parseVerbArgs } from "./args.ts";

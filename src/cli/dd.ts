@@ -13,7 +13,7 @@ import { createImage, formatNames } from "../../formats/open.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, UsageError } from "./cli_io.ts";
 import type { VerbHelp } from "./help.ts";
 import { openVerbImage } from "./args.ts";
-import { parseSize } from "./size.ts";
+import { parseSize } from "./text/size.ts";
 
 export const DD_USAGE =
   "vstor dd [-f FMT] [-O OUTPUT_FMT] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS] if=INPUT of=OUTPUT";

@@ -8,7 +8,7 @@ import { BlockError } from "../errors.ts";
 import { MAX_CHAIN_DEPTH, resolveBacking } from "../../formats/open.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
-import { sizeToStr } from "./human.ts";
+import { sizeToStr } from "./text/human.ts";
 import { snapshotTable } from "./snapshot.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";

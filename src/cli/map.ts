@@ -11,7 +11,7 @@ import { imageClusterMap } from "../../formats/cluster_map.ts";
 import { type CliIo, EXIT_OK, programName, UsageError } from "./cli_io.ts";
 import { renderMapPage } from "./html/map_page.ts";
 import { writePage } from "./html/page.ts";
-import { parseSize } from "./size.ts";
+import { parseSize } from "./text/size.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 
 export const MAP_USAGE =

@@ -16,7 +16,7 @@ import {
   type MeasureSnapshot,
 } from "../../formats/measure.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
-import { parseSize } from "./size.ts";
+import { parseSize } from "./text/size.ts";
 import { openVerbImage, parseVerbArgs } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";

@@ -6,7 +6,7 @@
  * @module
  */
 import { type CliIo, programName } from "./cli_io.ts";
-import { formatFixed } from "./human.ts";
+import { formatFixed } from "./text/human.ts";
 
 /** A progress reporter for `done` of `total` units; call `end()` when the work is over. */
 export interface ProgressBar {

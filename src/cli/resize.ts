@@ -5,7 +5,7 @@
  */
 import { BlockError } from "../errors.ts";
 import { type CliIo, errorLine, EXIT_ERROR, EXIT_OK, reportError, UsageError } from "./cli_io.ts";
-import { parseSize } from "./size.ts";
+import { parseSize } from "./text/size.ts";
 import { openVerbImage, parseVerbArgs } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";

@@ -8,7 +8,7 @@ import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { applySnapshot, createSnapshot, deleteSnapshot } from "../../formats/qcow2/snapshot_ops.ts";
 import { listedNames, type SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
-import { localDate, sizeToStr, vmClock } from "./human.ts";
+import { localDate, sizeToStr, vmClock } from "./text/human.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";

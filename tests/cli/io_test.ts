@@ -8,7 +8,7 @@ import {
   runIoCommands,
 } from "../../src/cli/io.ts";
 import { createImage } from "../../formats/open.ts";
-import { parseSize } from "../../src/cli/size.ts";
+import { parseSize } from "../../src/cli/text/size.ts";
 import type { BlockNode, Extent, WriteZeroesOptions } from "../../src/block/node.ts";
 import { checkRequest } from "../../src/block/request.ts";
 import { BlockError } from "../../src/errors.ts";
