@@ -26,6 +26,7 @@ export interface BenchParams {
   offset: number;
   /** Byte the request buffers are filled with (what write tests write). */
   pattern: number;
+  /** Write requests (qemu-img bench -w) instead of reads. */
   write: boolean;
   /** Flush after every this many requests (write tests); 0 never flushes. */
   flushInterval: number;

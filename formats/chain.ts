@@ -36,6 +36,7 @@ export interface CommitOptions {
   base?: string;
   /** Keep the overlay's data (qemu-img -d); implied by an explicit base. */
   keepOverlay?: boolean;
+  /** Called as the commit copies: bytes done out of total. */
   onProgress?: Progress;
   /** Opens every image of the chain (default {@linkcode openImage}). */
   open?: ImageOpener;
@@ -165,9 +166,11 @@ function sameFile(a: string, b: string): boolean {
 export interface RebaseOptions {
   /** New backing file name as it will be stored ("" for none), relative to the overlay's directory. */
   backing: string;
+  /** Format of the new backing file (default: probed). */
   backingFormat?: string;
   /** Only change the name in the header (qemu-img -u). */
   unsafe?: boolean;
+  /** Called as the rebase copies: bytes done out of total. */
   onProgress?: Progress;
   /** Opens the overlay and the new backing file (default {@linkcode openImage}). */
   open?: ImageOpener;

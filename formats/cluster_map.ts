@@ -46,9 +46,11 @@ export interface CellGrid {
   unit: number;
   /** Clusters in all. */
   units: number;
+  /** Number of cells. */
   cells: number;
   /** Classes per cell. */
   classes: number;
+  /** Clusters of each class per cell: `counts[cell * classes + class]`. */
   counts: Uint32Array;
 }
 
@@ -98,7 +100,9 @@ export function cellRange(grid: CellGrid, cell: number): { first: number; count:
 export interface LayerInfo {
   /** 0 for the image itself, 1 for its backing file, … */
   depth: number;
+  /** The layer's file. */
   filename: string;
+  /** The layer's format (`raw`, `qcow2`). */
   format: string;
   /** Virtual size in bytes. */
   size: number;
@@ -123,9 +127,11 @@ export interface Fragmentation {
 
 /** The guest view: every cluster of the virtual disk by class. */
 export interface GuestClusterMap {
+  /** Bytes per cluster (the top layer's cluster size; 64 KiB for raw). */
   clusterSize: number;
   /** Virtual size in bytes. */
   size: number;
+  /** Clusters of the virtual disk. */
   clusters: number;
   /** The chain, top first. */
   layers: LayerInfo[];
@@ -133,18 +139,27 @@ export interface GuestClusterMap {
   classes: string[];
   /** Clusters per class (a cluster split between classes counts as the one with most bytes). */
   counts: number[];
+  /** The clusters summed into cells, for drawing. */
   cells: CellGrid;
+  /** How scattered the top layer's data is on its host file. */
   fragmentation: Fragmentation;
 }
 
 /** The host view of a qcow2 top image: every cluster of its file by {@linkcode HOST_CLASSES}. */
 export interface HostView {
+  /** The image file. */
   filename: string;
+  /** The image's cluster size in bytes. */
   clusterSize: number;
+  /** Bytes of the file. */
   fileSize: number;
+  /** Clusters of the file (the last one may be partial). */
   clusters: number;
+  /** Class names, in the order of the cells' class index. */
   classes: readonly HostClass[];
+  /** Host clusters per class. */
   counts: Record<HostClass, number>;
+  /** The host clusters summed into cells, for drawing. */
   cells: CellGrid;
   /** Host clusters met under two roles (corruption). */
   conflicts: number;
@@ -154,7 +169,9 @@ export interface HostView {
 
 /** Both views of an image. `host` is there for qcow2 (a raw file is the guest disk itself). */
 export interface ImageClusterMap {
+  /** The guest view: every cluster of the virtual disk by class. */
   guest: GuestClusterMap;
+  /** The host view (qcow2 only). */
   host?: HostView;
 }
 

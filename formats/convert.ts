@@ -29,8 +29,9 @@ export interface ConvertOptions {
   forceShare?: boolean;
   /** -c: compress the target's clusters (qcow2). */
   compress?: boolean;
-  /** -B/-F: the target gets this backing file; only what the source's top layer holds is copied. */
+  /** -B: the target gets this backing file; only what the source's top layer holds is copied. */
   backingFile?: string;
+  /** -F: the format of the `backingFile`. */
   backingFormat?: string;
   /** -S: runs of zeroes at least this long are not written (default 4096; 0 writes everything). */
   sparseSize?: number;
@@ -47,6 +48,7 @@ export interface ConvertOptions {
   cache?: "writeback" | "unsafe";
   /** Workers for compression (default: one per core). */
   workers?: number;
+  /** Progress reports: bytes done out of total (qemu-img -p). */
   onProgress?: (done: number, total: number) => void;
   /**
    * Runs on the open target once the data is copied (convert --bitmaps adds the bitmaps there,

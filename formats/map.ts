@@ -32,13 +32,17 @@ export function hostStatusUnder(
 
 /** One run of the map, with qemu-img map's fields. */
 export interface MapEntry {
+  /** Guest offset where the run starts. */
   start: number;
+  /** Bytes in the run. */
   length: number;
   /** 0 for the image itself, 1 for its backing file, … */
   depth: number;
   /** Allocated in the layer at `depth` (not inferred from the end of the chain). */
   present: boolean;
+  /** The run reads as zeroes. */
   zero: boolean;
+  /** The run has data in the layer at `depth` (qemu-img map's `data`). */
   data: boolean;
   /** Host offset in the layer's file, when the data maps 1:1 (not for compressed clusters). */
   offset?: number;
@@ -104,6 +108,25 @@ function mergeable(a: MapEntry, b: MapEntry): boolean {
 
 /**
  * Map `[start, start+length)` of `top` (its backing chain attached), merging runs as qemu-img does.
+ *
+ * @example
+ * ```ts
+ * import { MemoryFile } from "../src/host/memory.ts";
+ * import { mapImage } from "./map.ts";
+ * import { createQcow2 } from "./qcow2/create.ts";
+ * import { Qcow2Node } from "./qcow2/qcow2.ts";
+ *
+ * const file = new MemoryFile("disk.qcow2");
+ * await createQcow2(file, 1 << 20);
+ * const node = await Qcow2Node.open(file);
+ * await node.write(65536, new Uint8Array(65536).fill(1));
+ * const map = await mapImage(node);
+ * const data = map.filter((e) => e.data);
+ * if (data.length !== 1 || data[0]!.start !== 65536 || data[0]!.length !== 65536) {
+ *   throw new Error("one data run");
+ * }
+ * await node.close();
+ * ```
  */
 export async function mapImage(
   top: BlockNode,

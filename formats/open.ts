@@ -18,15 +18,19 @@ import { createQcow2, type Qcow2CreateOptions } from "./qcow2/create.ts";
 export interface OpenOptions {
   /** Format name; probed from the first sector when absent. */
   format?: string;
+  /** Open read-only (shared lock, no writes). */
   readOnly?: boolean;
   /** Share the image with writers (qemu-img -U); only with `readOnly`. */
   forceShare?: boolean;
   /** raw only: a window into the file. */
   offset?: number;
+  /** raw only: length of the window (default: to the end of the file). */
   size?: number;
-  /** qcow2 only: QEMU's `l2-cache-size`, `refcount-cache-size` (bytes), `cache-clean-interval` (s). */
+  /** qcow2 only: QEMU's `l2-cache-size` in bytes. */
   l2CacheSize?: number;
+  /** qcow2 only: QEMU's `refcount-cache-size` in bytes. */
   refcountCacheSize?: number;
+  /** qcow2 only: QEMU's `cache-clean-interval` in seconds (0 never cleans). */
   cacheCleanInterval?: number;
   /** `unsafe` skips the flushes that order metadata updates (QEMU's cache=unsafe). */
   cache?: "writeback" | "unsafe";
@@ -147,6 +151,27 @@ function driverFor(name: string, path: string): FormatDriver {
  *
  * @throws {BlockError} `not-found`, `busy` (another process holds it), `invalid-format`,
  *   `unsupported`, `invalid-argument`
+ *
+ * @example A backing chain in a temporary directory (needs `--allow-read --allow-write --allow-ffi`)
+ * ```ts
+ * import { createImage, openImage } from "./open.ts";
+ *
+ * const dir = await Deno.makeTempDir();
+ * await createImage(`${dir}/base.qcow2`, "qcow2", 1 << 20);
+ * const base = await openImage(`${dir}/base.qcow2`);
+ * await base.write(0, new TextEncoder().encode("base"));
+ * await base.close();
+ * await createImage(`${dir}/top.qcow2`, "qcow2", 1 << 20, {
+ *   backingFile: "base.qcow2",
+ *   backingFormat: "qcow2",
+ * });
+ * const top = await openImage(`${dir}/top.qcow2`); // format probed, backing chain opened
+ * const head = new Uint8Array(4);
+ * await top.read(0, head);
+ * if (new TextDecoder().decode(head) !== "base" || top.backing === undefined) throw new Error();
+ * await top.close();
+ * await Deno.remove(dir, { recursive: true });
+ * ```
  */
 export async function openImage(path: string, opts: OpenOptions = {}): Promise<BlockNode> {
   return await openChain(path, opts, []);

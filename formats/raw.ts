@@ -17,6 +17,7 @@ import { PROBE_BYTES, probeFormat } from "./probe.ts";
 
 /** Options of {@linkcode RawNode.open}. */
 export interface RawOptions {
+  /** Refuse writes (default false). */
   readOnly?: boolean;
   /** The format was guessed, not given: refuse writes that would make sector 0 look like another format. */
   probed?: boolean;
@@ -34,6 +35,7 @@ const ZERO_CHUNK = 1 << 20;
 export class RawNode implements BlockNode {
   readonly format = "raw";
   readonly requestAlignment = 1;
+  /** True when the node refuses modification. */
   readonly readOnly: boolean;
   readonly #file: HostFile;
   readonly #probed: boolean;

@@ -18,14 +18,19 @@ export type BlockErrorKind =
 
 /** Where it went wrong. */
 export interface BlockErrorContext {
+  /** The image or file the error is about. */
   path?: string;
+  /** Byte offset of the failed access (guest or host, as the message says). */
   offset?: number;
+  /** Length in bytes of the failed access. */
   length?: number;
+  /** The host errno, when a system call failed. */
   errno?: number;
 }
 
 /** Options of {@linkcode BlockError}. */
 export interface BlockErrorOptions extends BlockErrorContext {
+  /** The underlying error, kept as the standard `cause`. */
   cause?: unknown;
 }
 
@@ -41,10 +46,20 @@ export interface BlockErrorOptions extends BlockErrorContext {
  * ```
  */
 export class BlockError extends Error {
+  /** Always `BlockError`. */
   override readonly name = "BlockError";
+  /** What went wrong, for callers to match on. */
   readonly kind: BlockErrorKind;
+  /** Where it went wrong (path, offset, length, errno), as far as known. */
   readonly context: BlockErrorContext;
 
+  /**
+   * Makes an error of `kind` with `message` and the context in `options`.
+   *
+   * @param kind what went wrong
+   * @param message what is wrong, in sentence case without a final period
+   * @param options context and cause
+   */
   constructor(kind: BlockErrorKind, message: string, options: BlockErrorOptions = {}) {
     const { cause, ...context } = options;
     super(message, cause === undefined ? undefined : { cause });

@@ -35,8 +35,9 @@ export interface Qcow2AmendOptions {
   compat?: string;
   /** `size`: the new virtual size in bytes; 0 means unchanged (as QEMU). */
   size?: number;
-  /** `backing_file` and `backing_fmt`: accepted only when equal to what the header records. */
+  /** `backing_file`: accepted only when equal to what the header records. */
   backingFile?: string;
+  /** `backing_fmt`: accepted only when equal to what the header records. */
   backingFormat?: string;
   /** `lazy_refcounts`. */
   lazyRefcounts?: boolean;

@@ -313,9 +313,11 @@ function onesChunk(clusterSize: number): Uint8Array {
  * ```
  */
 export class DirtyBitmap {
+  /** The bitmap's name, unique in the image. */
   readonly name: string;
   /** Bytes of the name as the image stores it (up to a NUL). */
   readonly nameLength: number;
+  /** log2 of the granularity: one bit covers this many guest bytes. */
   granularityBits: number;
   /** Tracks writes (the AUTO flag). */
   enabled: boolean;
@@ -328,6 +330,13 @@ export class DirtyBitmap {
   /** The shared all-ones chunk, once one is used (compared by identity, never written). */
   #ones: Uint8Array | undefined;
 
+  /**
+   * Makes an empty bitmap (no bit set) of the given geometry.
+   *
+   * @param name the bitmap's name
+   * @param opts granularity, AUTO flag, whether it was found inconsistent, the image's cluster size
+   *   (the chunk size of the bit store), the guest size covered and the stored name length
+   */
   constructor(
     name: string,
     opts: {
@@ -349,6 +358,7 @@ export class DirtyBitmap {
     this.#size = opts.size;
   }
 
+  /** Guest bytes one bit covers (`2 ** granularityBits`). */
   get granularity(): number {
     return 2 ** this.granularityBits;
   }
@@ -439,6 +449,7 @@ export class DirtyBitmap {
     return n;
   }
 
+  /** Clears every bit. */
   clear(): void {
     this.#chunks = [];
   }
@@ -650,6 +661,7 @@ export class Qcow2Bitmaps {
     return [...this.#list].reverse();
   }
 
+  /** The bitmap called `name`, if any. */
   find(name: string): DirtyBitmap | undefined {
     return this.#list.find((b) => b.name === name);
   }

@@ -33,50 +33,105 @@ import { BlockError } from "../../src/errors.ts";
  * when it opens a dirty image, so the check names this shape instead of the node's class.
  */
 export interface CheckHost {
+  /** The image file the check reads and repairs. */
   readonly file: HostFile;
+  /** Named in the report lines. */
   readonly filename: string;
+  /**
+   * The parsed header.
+   *
+   * @internal
+   */
   readonly header: Qcow2Header;
+  /** Cluster size in bytes. */
   readonly clusterSize: number;
+  /** log2 of the cluster size. */
   readonly clusterBits: number;
+  /** True with extended L2 entries. */
   readonly extendedL2: boolean;
+  /** True when opened read-only (repairs need a writable image). */
   readonly readOnly: boolean;
   /** Guest size of the image. */
   readonly size: number;
-  /** The active L1 table as cached in memory. */
+  /**
+   * The active L1 table as cached in memory.
+   *
+   * @internal
+   */
   readonly l1Table: Uint8Array;
+  /**
+   * The L2 table cache.
+   *
+   * @internal
+   */
   readonly l2Cache: TableCache;
+  /**
+   * The refcount structure as loaded.
+   *
+   * @internal
+   */
   readonly refcounts: Refcounts;
+  /** The internal snapshots (their L1 tables are counted too). */
   readonly snapshots: SnapshotTable;
-  /** Adopt a snapshot table the check rewrote or dropped. */
+  /**
+   * Adopt a snapshot table the check rewrote or dropped.
+   *
+   * @internal
+   */
   setSnapshots(table: SnapshotTable): void;
-  /** Read the refcount structure again after the check rebuilt it. */
+  /**
+   * Read the refcount structure again after the check rebuilt it.
+   *
+   * @internal
+   */
   reloadRefcounts(): void;
-  /** Write the header (with its extensions) as it is now, and make it durable. */
+  /**
+   * Write the header (with its extensions) as it is now, and make it durable.
+   *
+   * @internal
+   */
   writeHeader(): void;
-  /** Write cached tables and apply deferred frees. */
+  /**
+   * Write cached tables and apply deferred frees.
+   *
+   * @internal
+   */
   flushMetadata(): void;
-  /** Make what was written durable (fdatasync unless cache=unsafe). */
+  /**
+   * Make what was written durable (fdatasync unless cache=unsafe).
+   *
+   * @internal
+   */
   barrier(): void;
 }
 
 /** What to repair (qemu-img check -r leaks / -r all). */
 export interface CheckFix {
+  /** Free leaked clusters (`-r leaks`). */
   leaks?: boolean;
+  /** Also fix refcount and COPIED-flag errors (`-r all`, with `leaks`). */
   errors?: boolean;
 }
 
 /** What a check found, with qemu-img check's fields. */
 export interface CheckReport {
+  /** Errors found that are corruptions (refcount too low, bad tables), before fixing. */
   corruptions: number;
+  /** Leaked clusters found (refcount above the references), before fixing. */
   leaks: number;
+  /** Errors that stopped part of the check (e.g. unreadable tables). */
   checkErrors: number;
+  /** Corruptions the repair fixed. */
   corruptionsFixed: number;
+  /** Leaks the repair freed. */
   leaksFixed: number;
   /** Guest clusters of the virtual disk. */
   totalClusters: number;
   /** Guest clusters the active L1 maps to host clusters (normal, preallocated zero, compressed). */
   allocatedClusters: number;
+  /** Allocated guest clusters not host-contiguous with the previous one. */
   fragmentedClusters: number;
+  /** Allocated guest clusters stored compressed. */
   compressedClusters: number;
   /** One past the highest cluster in use or counted. */
   imageEndOffset: number;
@@ -885,6 +940,27 @@ export function visitReferences(
 /**
  * Check the image as qemu-img check does, repairing what `fix` allows. Caches are written out
  * first. With a repair, qemu-img then checks again without one; so do callers.
+ *
+ * @param node the image: a {@linkcode Qcow2Node}
+ * @param fix what to repair (nothing by default)
+ * @returns the counts and messages of qemu-img check
+ *
+ * @example
+ * ```ts
+ * import { MemoryFile } from "../../src/host/memory.ts";
+ * import { checkImage } from "./check.ts";
+ * import { createQcow2 } from "./create.ts";
+ * import { Qcow2Node } from "./qcow2.ts";
+ *
+ * const file = new MemoryFile("disk.qcow2");
+ * await createQcow2(file, 1 << 20);
+ * const node = await Qcow2Node.open(file);
+ * await node.write(0, new Uint8Array(4096).fill(1));
+ * const report = checkImage(node);
+ * if (report.corruptions + report.leaks + report.checkErrors !== 0) throw new Error("clean");
+ * if (report.allocatedClusters !== 1) throw new Error("one cluster");
+ * await node.close();
+ * ```
  */
 export function checkImage(node: CheckHost, fix: CheckFix = {}): CheckReport {
   node.flushMetadata();

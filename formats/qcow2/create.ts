@@ -36,8 +36,9 @@ export interface Qcow2CreateOptions {
   compressionType?: "zlib" | "zstd";
   /** `preallocation`: off, metadata, falloc, full. */
   preallocation?: "off" | "metadata" | "falloc" | "full";
-  /** `backing_file` and `backing_fmt`: recorded in the header (the chain is opened by the opener). */
+  /** `backing_file`: recorded in the header (the chain is opened by the opener). */
   backingFile?: string;
+  /** `backing_fmt`: the backing file's format, recorded in the header. */
   backingFormat?: string;
 }
 

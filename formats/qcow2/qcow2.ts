@@ -61,6 +61,7 @@ import { discardClusters, emptyActiveState, readsZero, zeroRange } from "./zero.
 
 /** Open options, with QEMU's names where QEMU has them. */
 export interface Qcow2OpenOptions {
+  /** Open read-only (default false). */
   readOnly?: boolean;
   /** L2 table cache budget in bytes (QEMU `l2-cache-size`); default covers the image up to 32 MiB. */
   l2CacheSize?: number;
@@ -120,14 +121,41 @@ class Mutex {
   }
 }
 
-/** A qcow2 image. */
+/**
+ * A qcow2 image: a {@linkcode BlockNode} over a host file, bit-compatible with QEMU's.
+ *
+ * @example Create an image in memory, write, and see where the data lives
+ * ```ts
+ * import { MemoryFile } from "../../src/host/memory.ts";
+ * import { createQcow2 } from "./create.ts";
+ * import { Qcow2Node } from "./qcow2.ts";
+ *
+ * const file = new MemoryFile("disk.qcow2");
+ * await createQcow2(file, 16 << 20, { clusterSize: 65536 });
+ * const node = await Qcow2Node.open(file);
+ * await node.write(1 << 20, new Uint8Array(65536).fill(7));
+ * const extent = await node.blockStatus(1 << 20, 1 << 20);
+ * if (extent.kind !== "data" || extent.length !== 65536) throw new Error("one data cluster");
+ * if ((await node.blockStatus(0, 1 << 20)).kind !== "unallocated") throw new Error("a hole");
+ * await node.close();
+ * ```
+ */
 export class Qcow2Node implements BlockNode {
   readonly format = "qcow2";
   readonly requestAlignment = 1;
+  /** The host file the image lives in. */
   readonly file: HostFile;
+  /**
+   * The parsed header as it is now (the check, snapshot and amend code update it).
+   *
+   * @internal
+   */
   readonly header: Qcow2Header;
+  /** Cluster size in bytes (512 to 2 MiB). */
   readonly clusterSize: number;
+  /** log2 of the cluster size. */
   readonly clusterBits: number;
+  /** True for an image with extended L2 entries (32 subclusters per cluster). */
   readonly extendedL2: boolean;
   /** The driver state the concern files share (mapping.ts, allocation.ts, …). */
   readonly #s: Qcow2State;
@@ -184,17 +212,29 @@ export class Qcow2Node implements BlockNode {
     Deno.unrefTimer(this.#cleanTimer);
   }
 
-  /** The L2 table cache (check and snapshot code read and drop tables through it). */
+  /**
+   * The L2 table cache (check and snapshot code read and drop tables through it).
+   *
+   * @internal
+   */
   get l2Cache(): TableCache {
     return this.#s.l2Cache;
   }
 
-  /** The refcount structure as loaded (replaced by runtime settings and repair). */
+  /**
+   * The refcount structure as loaded (replaced by runtime settings and repair).
+   *
+   * @internal
+   */
   get refcounts(): Refcounts {
     return this.#s.refcounts;
   }
 
-  /** What resolveQcow2Options needs to know of this image. */
+  /**
+   * What resolveQcow2Options needs to know of this image.
+   *
+   * @internal
+   */
   optionContext(unmap: boolean): Qcow2OptionContext {
     return {
       clusterSize: this.clusterSize,
@@ -211,6 +251,8 @@ export class Qcow2Node implements BlockNode {
    * Run with new runtime settings (QEMU's qcow2_update_options_commit): the caches are written
    * out and rebuilt with the new budgets, the cleaning interval restarts, lazy refcounts and
    * discard passthrough change. Settings come from resolveQcow2Options, which did the checks.
+   *
+   * @internal
    */
   async applyRuntimeSettings(settings: Qcow2RuntimeSettings): Promise<void> {
     this.#live();
@@ -260,12 +302,20 @@ export class Qcow2Node implements BlockNode {
     });
   }
 
-  /** Reload the refcount structure after repair replaced it (header already points at it). */
+  /**
+   * Reload the refcount structure after repair replaced it (header already points at it).
+   *
+   * @internal
+   */
   reloadRefcounts(): void {
     this.#s.refcounts = makeRefcounts(this.#s);
   }
 
-  /** Write every cached table and apply deferred frees (before check or repair reads the file). */
+  /**
+   * Write every cached table and apply deferred frees (before check or repair reads the file).
+   *
+   * @internal
+   */
   flushMetadata(): void {
     flushAll(this.#s, true);
   }
@@ -431,6 +481,7 @@ export class Qcow2Node implements BlockNode {
     return this.header.size;
   }
 
+  /** True when opened read-only (a corrupt image also refuses writes: see `corrupt`). */
   get readOnly(): boolean {
     return this.#s.readOnly;
   }
@@ -497,7 +548,11 @@ export class Qcow2Node implements BlockNode {
     return this.write(offset, src, { compressed: true });
   }
 
-  /** Bytes of the active L1 table. */
+  /**
+   * Bytes of the active L1 table.
+   *
+   * @internal
+   */
   get l1Table(): Uint8Array {
     return this.#s.l1;
   }
@@ -713,17 +768,29 @@ export class Qcow2Node implements BlockNode {
     this.#lastCleanClock = [s.l2Cache.clock, s.refcounts.cache.clock];
   }
 
-  /** Make completed writes durable unless opened with cache=unsafe (snapshot and repair code). */
+  /**
+   * Make completed writes durable unless opened with cache=unsafe (snapshot and repair code).
+   *
+   * @internal
+   */
   barrier(): void {
     barrier(this.#s);
   }
 
-  /** Replace the in-memory snapshot table after the header was switched to a new one. */
+  /**
+   * Replace the in-memory snapshot table after the header was switched to a new one.
+   *
+   * @internal
+   */
   setSnapshots(table: SnapshotTable): void {
     this.#s.snapshots = table;
   }
 
-  /** Run `fn` with the node's metadata lock held (snapshot operations). */
+  /**
+   * Run `fn` with the node's metadata lock held (snapshot operations).
+   *
+   * @internal
+   */
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
     this.#live();
     this.#writable();
@@ -735,12 +802,20 @@ export class Qcow2Node implements BlockNode {
     return this.#mutex.run(fn);
   }
 
-  /** Replace the in-memory active L1 table (its contents are already on disk). */
+  /**
+   * Replace the in-memory active L1 table (its contents are already on disk).
+   *
+   * @internal
+   */
   replaceL1(l1: Uint8Array): void {
     setL1(this.#s, l1);
   }
 
-  /** Write the header as it is now (used by repair). */
+  /**
+   * Write the header as it is now (used by repair).
+   *
+   * @internal
+   */
   writeHeader(): void {
     writeHeader(this.#s);
     barrier(this.#s);

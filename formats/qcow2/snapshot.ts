@@ -14,13 +14,21 @@ export const MAX_EXTRA_DATA = 1024;
 
 /** One snapshot table entry. */
 export interface SnapshotEntry {
+  /** Host offset of the snapshot's L1 table. */
   l1TableOffset: number;
+  /** Entries in the snapshot's L1 table. */
   l1Size: number;
+  /** The snapshot's ID (qemu-img snapshot -l's first column; `1`, `2`, …). */
   id: string;
+  /** The snapshot's name (tag). */
   name: string;
+  /** When it was taken: seconds since the epoch. */
   dateSec: number;
+  /** Nanoseconds within `dateSec`. */
   dateNsec: number;
+  /** The guest clock when it was taken, in nanoseconds (0 for disk-only snapshots). */
   vmClockNsec: bigint;
+  /** Bytes of VM state saved with it (0 for disk-only snapshots). */
   vmStateSize: number;
   /** Extra data as stored (QEMU 7.2 writes 24 bytes: vm_state_size_large, disk_size, icount). */
   extra: Uint8Array;
@@ -30,6 +38,7 @@ export interface SnapshotEntry {
 
 /** The table's entries and its on-disk size. */
 export interface SnapshotTable {
+  /** The entries in table order. */
   entries: SnapshotEntry[];
   /**
    * Bytes from the table's offset to the end of its last entry, as QEMU counts them

@@ -19,7 +19,9 @@ export type ExtentKind = "data" | "zero" | "unallocated" | "compressed" | "eof";
 
 /** One run of same-status guest bytes starting at `offset`. */
 export interface Extent {
+  /** The status of the run (see {@linkcode ExtentKind}). */
   readonly kind: ExtentKind;
+  /** Guest byte offset where the run starts (the asked offset). */
   readonly offset: number;
   /** Bytes from `offset` with this status; ≥ 1 unless `kind` is `eof`. */
   readonly length: number;
@@ -37,6 +39,7 @@ export interface WriteOptions {
 export interface WriteZeroesOptions {
   /** The node may free the storage behind the range (reads still return zeroes). */
   unmap?: boolean;
+  /** Force unit access: the zeroes are on stable storage when the write resolves. */
   fua?: boolean;
 }
 
@@ -57,6 +60,7 @@ export interface BlockNode {
   readonly filename: string;
   /** Virtual size in bytes. */
   readonly size: number;
+  /** True when the node refuses writes, zero writes, discards and resizes. */
   readonly readOnly: boolean;
   /** The node reads fall through to where this layer is unallocated. */
   readonly backing?: BlockNode | undefined;

@@ -13,8 +13,11 @@ export type RequestOp = "read" | "write" | "write-zeroes" | "discard" | "block-s
 
 /** What `checkRequest` needs to know of a node. */
 export interface RequestTarget {
+  /** Virtual size in bytes. */
   readonly size: number;
+  /** True when modifications are refused. */
   readonly readOnly: boolean;
+  /** Named in error messages. */
   readonly filename: string;
 }
 

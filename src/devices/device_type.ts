@@ -30,6 +30,7 @@ export interface DriveSpec {
   readonly file: string;
   /** Image format; probed when absent. */
   readonly format?: string | undefined;
+  /** Open the image read-only; the device then refuses writes. */
   readonly readOnly: boolean;
   /**
    * `unsafe` skips the format's metadata flushes (applied when opening); `writeback` versus
@@ -70,14 +71,17 @@ export interface DeviceSpec {
 
 /** What the iothread learned opening a drive. */
 export interface DriveInfo {
+  /** Path of the image. */
   readonly file: string;
   /** Format as opened (probed or given). */
   readonly format: string;
   /** Virtual size in bytes. */
   readonly size: number;
+  /** True when opened read-only. */
   readonly readOnly: boolean;
   /** Alignment below which requests need read-modify-write. */
   readonly requestAlignment: number;
+  /** The cache mode it was opened with. */
   readonly cache: DriveCache;
 }
 
@@ -91,6 +95,7 @@ export interface DeviceInfo {
 
 /** What a back-end factory receives, in the iothread. */
 export interface BackendInit {
+  /** The device as configured. */
   readonly spec: DeviceSpec;
   /**
    * The opened drives, one per {@linkcode DeviceSpec.drives} entry. The iothread flushes and
@@ -101,6 +106,7 @@ export interface BackendInit {
 
 /** What a back-end factory returns. */
 export interface BackendReady {
+  /** The back-end the iothread drives. */
   readonly backend: DeviceBackend;
   /** Structured-cloneable facts for the model (e.g. a geometry); becomes {@linkcode DeviceInfo.backend}. */
   readonly info?: unknown;
@@ -111,6 +117,7 @@ export type CreateBackend = (init: BackendInit) => BackendReady | Promise<Backen
 
 /** Something with zod's `safeParse` (kept structural so this layer needs no zod types). */
 export interface OptionsSchema {
+  /** Validates `value`: the parsed options, or the issues with their paths. */
   safeParse(value: unknown):
     | { success: true; data: unknown }
     | {

@@ -68,11 +68,17 @@ const ZERO_OPTIONS: readonly WriteZeroesOptions[] = [
 export interface VirtioBlkStats {
   /** Requests completed (any status). */
   requests: number;
+  /** VIRTIO_BLK_T_IN requests completed. */
   reads: number;
+  /** VIRTIO_BLK_T_OUT requests completed. */
   writes: number;
+  /** VIRTIO_BLK_T_FLUSH requests completed. */
   flushes: number;
+  /** VIRTIO_BLK_T_DISCARD requests completed. */
   discards: number;
+  /** VIRTIO_BLK_T_WRITE_ZEROES requests completed. */
   writeZeroes: number;
+  /** VIRTIO_BLK_T_GET_ID requests completed. */
   getIds: number;
   /** Completions with VIRTIO_BLK_S_IOERR. */
   ioErrors: number;
@@ -248,6 +254,8 @@ export class VirtioBlkBackend implements DeviceBackend {
   lastError: unknown = undefined;
 
   /**
+   * Builds the back-end over `node`; it serves no queue until {@linkcode activate}.
+   *
    * @param node the disk; the caller keeps ownership (the back-end never closes it)
    * @param options the same options the model was built with
    * @param shared the model's shared state (`model.shared`, or `new VirtioBlkShared(buffer)` in

@@ -79,12 +79,15 @@ export interface VirtioBlkModelHooks {
  * ```
  */
 export class VirtioBlkModel implements VirtioDeviceModel {
-  readonly deviceId = VIRTIO_ID_BLOCK;
+  /** Virtio device id: `VIRTIO_ID_BLOCK`. */
+  readonly deviceId: number = VIRTIO_ID_BLOCK;
   readonly deviceFeatures: bigint;
   readonly numQueues: number;
   readonly configSize: number;
-  readonly pciClass = PCI_CLASS_STORAGE_SCSI;
-  readonly subsystemId = PCI_SUBDEVICE_ID_QEMU;
+  /** PCI class: mass storage, SCSI (as QEMU gives virtio-blk and virtio-scsi). */
+  readonly pciClass: number = PCI_CLASS_STORAGE_SCSI;
+  /** PCI subsystem id: QEMU's. */
+  readonly subsystemId: number = PCI_SUBDEVICE_ID_QEMU;
   /** The resolved options; send the original options object (or this one) to the iothread. */
   readonly options: ResolvedVirtioBlkOptions;
   /** Shared with the back-end: `writeback` and the capacity. */
@@ -98,6 +101,8 @@ export class VirtioBlkModel implements VirtioDeviceModel {
   #driverFeatures = 0n;
 
   /**
+   * Builds the model for a disk of `disk.size` bytes.
+   *
    * @param options device options (validated; see {@linkcode resolveVirtioBlkOptions})
    * @param disk the disk's size in bytes and whether it is read-only
    * @param shared the back-end's shared state when it was built first (the machine's order); a

@@ -256,6 +256,8 @@ export class VirtioBlkShared {
   readonly #capacity: BigInt64Array;
 
   /**
+   * Wraps the shared words of `buffer`, or makes fresh ones.
+   *
    * @param buffer an existing shared buffer (from the other thread); a fresh zeroed one if absent
    * @throws {RangeError} when `buffer` is not {@linkcode VIRTIO_BLK_SHARED_BYTES} long
    */

@@ -74,9 +74,11 @@ export interface VirtioScsiBackendOptions {
 export class VirtioScsiBackend implements DeviceBackend {
   /** The logical units, by target and LUN. */
   readonly bus: ScsiBus;
+  /** The config words the model shares (sense and CDB sizes, address limits). */
   readonly config: VirtioScsiSharedConfig;
   /** Hooks for work outside `processQueue`; set them before the device is activated. */
   hooks: VirtioScsiHooks | null;
+  /** What the device has done: commands, control requests, events. */
   readonly stats: VirtioScsiStats = { commands: 0, controls: 0, events: 0, eventsDropped: 0 };
   readonly #lent = new WeakSet<BlockNode>();
 
@@ -98,6 +100,7 @@ export class VirtioScsiBackend implements DeviceBackend {
   /** The event queue's interrupt outside processQueue: through the hooks. */
   readonly #hookInterrupt = () => this.hooks?.interrupt(VIRTIO_SCSI_VQ_EVENT);
 
+  /** Builds the back-end with an empty bus; add disks to {@linkcode bus}. */
   constructor(options: VirtioScsiBackendOptions = {}) {
     const shared = options.shared;
     this.config = shared instanceof VirtioScsiSharedConfig

@@ -80,23 +80,34 @@ const MAX_QUEUES = 1024;
  * driver-writable fields, and the lifecycle calls. It keeps no data-path state.
  */
 export class VirtioScsiModel implements VirtioDeviceModel {
-  readonly deviceId = VIRTIO_ID_SCSI;
+  /** Virtio device id: `VIRTIO_ID_SCSI`. */
+  readonly deviceId: number = VIRTIO_ID_SCSI;
   readonly deviceFeatures: bigint;
   readonly numQueues: number;
-  readonly configSize = VIRTIO_SCSI_CONFIG_SIZE;
-  readonly pciClass = PCI_CLASS_STORAGE_SCSI;
-  readonly subsystemId = PCI_SUBDEVICE_ID_QEMU;
+  /** Bytes of the device configuration (`struct virtio_scsi_config`). */
+  readonly configSize: number = VIRTIO_SCSI_CONFIG_SIZE;
+  /** PCI class: mass storage, SCSI (as QEMU gives virtio-blk and virtio-scsi). */
+  readonly pciClass: number = PCI_CLASS_STORAGE_SCSI;
+  /** PCI subsystem id: QEMU's. */
+  readonly subsystemId: number = PCI_SUBDEVICE_ID_QEMU;
   /** Hand `shared.buffer` to the iothread's {@linkcode VirtioScsiBackend}. */
   readonly shared: VirtioScsiSharedConfig;
   /** Request queues (`num_queues`). */
   readonly requestQueues: number;
+  /** Largest size of every virtqueue. */
   readonly queueSize: number;
+  /** `max_sectors` in the config space. */
   readonly maxSectors: number;
+  /** `cmd_per_lun` in the config space. */
   readonly cmdPerLun: number;
   #features = 0n;
   #epoch = 0;
 
-  /** @throws {RangeError} for options outside what the spec or the transport allow */
+  /**
+   * Builds the model from `options` (defaults as QEMU's).
+   *
+   * @throws {RangeError} for options outside what the spec or the transport allow
+   */
   constructor(options: VirtioScsiOptions = {}) {
     const requestQueues = options.numQueues ?? 1;
     if (!Number.isInteger(requestQueues) || requestQueues < 1 || requestQueues > MAX_QUEUES - 2) {

@@ -31,10 +31,13 @@ const SHARED_WORDS = 4;
 export class VirtioScsiSharedConfig {
   /** Bytes the shared buffer needs. */
   static readonly BYTES = SHARED_WORDS * 4;
+  /** The shared words: pass it to the other thread's instance. */
   readonly buffer: SharedArrayBuffer;
   readonly #w: Int32Array;
 
   /**
+   * Wraps the words of `buffer`, or makes fresh ones with the defaults and `limits`.
+   *
    * @param buffer an existing buffer (from the other thread's instance); a fresh one holds the
    *   defaults (sense 96, CDB 32, target 255, LUN 16383)
    * @throws {RangeError} for a buffer of the wrong size
@@ -72,10 +75,12 @@ export class VirtioScsiSharedConfig {
     return Atomics.load(this.#w, W_CDB_SIZE);
   }
 
+  /** `max_target`: the largest target number. */
   get maxTarget(): number {
     return Atomics.load(this.#w, W_MAX_TARGET);
   }
 
+  /** `max_lun`: the largest LUN. */
   get maxLun(): number {
     return Atomics.load(this.#w, W_MAX_LUN);
   }

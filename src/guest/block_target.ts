@@ -24,6 +24,7 @@ export type IoStatus = "pending" | "ok" | "ioerr" | "unsupp";
 export interface IoRequest {
   /** Index among the target's requests, 0..depth-1: stable, usable to index per-request state. */
   readonly index: number;
+  /** What the request does. */
   op: IoOp;
   /** Byte offset on the device (a multiple of 512). */
   offset: number;

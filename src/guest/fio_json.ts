@@ -24,6 +24,7 @@ export const FIO_JSON_VERSION = "fio-3.33 (vstor)";
 
 /** What else the JSON needs besides the workload result. */
 export interface FioJsonInput {
+  /** What the workload engine produced. */
   readonly result: WorkloadResult;
   /** Per disk (run): its jobs, in the order of `result.jobs`. */
   readonly runs?: readonly RunReport[];
@@ -39,7 +40,8 @@ export interface FioJsonInput {
   readonly extra?: Record<string, unknown>;
 }
 
-type Json = Record<string, unknown>;
+/** A JSON object as fio writes it. */
+export type Json = Record<string, unknown>;
 
 function stat(lat: LatencySummary): Json {
   return {

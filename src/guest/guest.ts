@@ -69,15 +69,21 @@ import { runWorkload, type WorkloadResult, type WorkloadTotal } from "./workload
 
 /** A device as the firmware describes it (the machine's `BootDevice`). */
 export interface GuestDevice {
+  /** The device's id in the machine configuration. */
   readonly id: string;
+  /** Its device type (`virtio-blk`, `virtio-scsi`). */
   readonly type: string;
+  /** Its PCI slot on bus 0. */
   readonly slot: number;
 }
 
 /** Where the guest runs. */
 export interface GuestEnv {
+  /** Config and MMIO accesses: the exit bus in a vCPU Worker, the VMM's `PciBus` in one thread. */
   readonly bus: GuestBus;
+  /** Guest RAM. */
   readonly mem: GuestMemory;
+  /** The vCPU's interrupt inputs (MSI-X vectors and INTx). */
   readonly vcpu: VcpuInterrupts;
   /** The idle step (default: {@linkcode haltIdle} on `vcpu`). */
   readonly idle?: IdleFn;
@@ -142,28 +148,39 @@ export interface GuestRequest extends GuestRun {
 
 /** A disk behind a virtio-scsi device. */
 export interface GuestLunInfo {
+  /** SCSI target number. */
   readonly target: number;
+  /** Logical unit number. */
   readonly lun: number;
+  /** Bytes of the disk (READ CAPACITY). */
   readonly capacity: number;
+  /** Logical block size in bytes. */
   readonly blockSize: number;
+  /** Write-protected (MODE SENSE's WP bit). */
   readonly readOnly: boolean;
+  /** INQUIRY vendor identification. */
   readonly vendor: string;
+  /** INQUIRY product identification. */
   readonly product: string;
 }
 
 /** What the guest set up on one device. */
 export interface GuestDeviceInfo {
+  /** PCI slot on bus 0. */
   readonly slot: number;
   /** The firmware device id, or `slot N`. */
   readonly label: string;
+  /** Which driver brought it up. */
   readonly kind: "virtio-blk" | "virtio-scsi";
   /** Negotiated features, hex. */
   readonly features: string;
   /** Request queues set up. */
   readonly queues: number;
+  /** How its interrupts arrive (`msix-per-queue`, `msix-shared`, `intx`; `none` before setup). */
   readonly interruptMode: string;
   /** virtio-blk: the disk's bytes; virtio-scsi: the first run's LUN's (0 without one). */
   readonly capacity: number;
+  /** Logical block size in bytes of the disk (or the first run's LUN). */
   readonly blockSize: number;
   /** virtio-scsi: the disks the scan (and events) found, at the end of the run. */
   readonly luns?: readonly GuestLunInfo[];
@@ -177,6 +194,7 @@ export interface GuestRunSection extends RunReport {
   readonly index: number;
   /** Bytes of the device (or LUN) the run used. */
   readonly capacity: number;
+  /** Logical block size in bytes of the device (or LUN). */
   readonly blockSize: number;
 }
 
@@ -184,6 +202,7 @@ export interface GuestRunSection extends RunReport {
 export interface GuestDeviceSection extends GuestDeviceInfo {
   /** Its request queues (differences over the run) and the exits its accesses caused. */
   readonly virtio: VirtioNumbers;
+  /** Per-request figures of those numbers (kicks, interrupts, exits per request). */
   readonly summary: VirtioSummary;
 }
 
@@ -195,6 +214,7 @@ export interface GuestRunResult {
   readonly virtio: VirtioNumbers;
   /** The fio-like text report (sectioned per run and device for a `runs` request). */
   readonly report: string;
+  /** The report as JSON (what `--output-format=json` builds on). */
   readonly json: ReportJson;
   /** The first run's device (the only one for an inline run). */
   readonly device: GuestDeviceInfo;
@@ -206,6 +226,7 @@ export interface GuestRunResult {
 
 /** Slots and problems found while looking for the devices, or a request that makes no sense. */
 export class GuestSetupError extends Error {
+  /** Always `GuestSetupError`. */
   override readonly name = "GuestSetupError";
 }
 

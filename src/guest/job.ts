@@ -37,14 +37,19 @@ export type RwMode =
 
 /** A validated job, fio's options in camelCase; sizes in bytes, times in milliseconds. */
 export interface JobSpec {
+  /** The job's name (fio's `name`), shown in the report. */
   readonly name: string;
+  /** The I/O pattern (fio's `rw`). */
   readonly rw: RwMode;
+  /** Bytes per request (fio's `bs`). */
   readonly bs: number;
+  /** Requests in flight at once per clone (fio's `iodepth`). */
   readonly iodepth: number;
   /** Requests submitted before a commit (kick): fio's iodepth_batch_submit, 1 by default. */
   readonly iodepthBatch: number;
   /** Bytes of the region a job works in; null: from `offset` to the end of the device. */
   readonly size: number | null;
+  /** Where the job's region starts, in bytes (fio's `offset`). */
   readonly offset: number;
   /** Added to `offset` for each clone (numjobs > 1). */
   readonly offsetIncrement: number;
@@ -54,10 +59,13 @@ export interface JobSpec {
   readonly runtimeMs: number | null;
   /** Keep going (looping over the region) until runtime passes. */
   readonly timeBased: boolean;
+  /** Clones of the job, each with its own region offset and queue (fio's `numjobs`). */
   readonly numjobs: number;
   /** Percentage of reads in rw/randrw. */
   readonly rwmixread: number;
+  /** How written blocks are stamped and checked (fio's `verify`). */
   readonly verify: "none" | "pattern" | "crc32c";
+  /** The bytes `verify=pattern` writes (fio's `verify_pattern`). */
   readonly verifyPattern: readonly number[];
   /** Do not run the workload: read back what it would have written and check it. */
   readonly verifyOnly: boolean;
@@ -65,6 +73,7 @@ export interface JobSpec {
   readonly doVerify: boolean;
   /** Stop the job at the first verify failure. */
   readonly verifyFatal: boolean;
+  /** Seed of the random offsets and data (fio's `randseed`). */
   readonly seed: number;
   /** Random offsets may repeat (no full pass per loop). */
   readonly norandommap: boolean;
@@ -77,15 +86,20 @@ export interface JobSpec {
 
 /** One bad option: where (`jobs[0].bs`, `--bs`) and what. */
 export interface JobIssue {
+  /** Where: `jobs[0].bs`, `--bs`, or a job file line. */
   readonly path: string;
+  /** What is wrong. */
   readonly message: string;
 }
 
 /** A job definition that does not validate; the message lists each issue on its own line. */
 export class JobError extends Error {
+  /** Always `JobError`. */
   override readonly name = "JobError";
+  /** Every issue found. */
   readonly issues: readonly JobIssue[];
 
+  /** Makes the error listing `issues`. */
   constructor(issues: readonly JobIssue[]) {
     super(issues.map((i) => `${i.path}: ${i.message}`).join("\n"));
     this.issues = issues;

@@ -57,14 +57,21 @@ export const FIO_PERCENTILES = [
 
 /** Summary of a latency distribution, in nanoseconds. */
 export interface LatencySummary {
+  /** Samples. */
   readonly count: number;
+  /** Smallest sample. */
   readonly min: number;
+  /** Mean. */
   readonly avg: number;
   /** Standard deviation (population, as fio's). */
   readonly stddev: number;
+  /** Median (50th percentile). */
   readonly p50: number;
+  /** 99th percentile. */
   readonly p99: number;
+  /** 99.9th percentile. */
   readonly p999: number;
+  /** Largest sample. */
   readonly max: number;
   /** {@linkcode FIO_PERCENTILES} in order: `[percent, ns]`. */
   readonly percentiles: ReadonlyArray<readonly [number, number]>;

@@ -17,6 +17,7 @@ import type { DirectionResult, JobResult, WorkloadResult, WorkloadTotal } from "
 export interface QueueNumbers {
   /** Device label (machine id or `slot N`). */
   readonly device: string;
+  /** The queue's index on its device. */
   readonly queue: number;
   /** Requests the device completed on this queue. */
   readonly requests: number;
@@ -46,6 +47,7 @@ export interface ExitNumbers {
 
 /** What the report shows besides the workload. */
 export interface VirtioNumbers {
+  /** Every request queue of every device the run used. */
   readonly queues: readonly QueueNumbers[];
   /** Exits during the run; absent when nobody counted them. */
   readonly exits?: ExitNumbers;
@@ -53,19 +55,27 @@ export interface VirtioNumbers {
 
 /** Derived virtio figures. */
 export interface VirtioSummary {
+  /** Requests completed on all queues. */
   readonly requests: number;
+  /** Doorbell writes. */
   readonly kicks: number;
+  /** Kicks made unnecessary by the device. */
   readonly suppressedKicks: number;
+  /** Interrupts taken. */
   readonly interrupts: number;
+  /** Interrupts the device did not send. */
   readonly suppressedInterrupts: number;
   /** Average batch per notification: requests completed ÷ doorbell writes (requests per kick). */
   readonly averageBatch: number;
   /** Average batch per interrupt: requests completed ÷ interrupts taken. */
   readonly requestsPerInterrupt: number;
+  /** Doorbell writes per request. */
   readonly kicksPerRequest: number;
+  /** Interrupts per request. */
   readonly interruptsPerRequest: number;
   /** Exits (config + MMIO) per request; null without exit numbers. */
   readonly exitsPerRequest: number | null;
+  /** The exits; null when nobody counted them. */
   readonly exits: ExitNumbers | null;
 }
 
@@ -94,10 +104,13 @@ export interface RunReport {
   readonly device: string;
   /** `virtio-blk` or `virtio-scsi`. */
   readonly kind: string;
+  /** The device's PCI slot. */
   readonly slot: number;
   /** The SCSI LUN the run used, or null. */
   readonly lun: { readonly target: number; readonly lun: number } | null;
+  /** The run's clones. */
   readonly jobs: readonly JobResult[];
+  /** Its clones summed. */
   readonly total: WorkloadTotal;
 }
 
@@ -125,9 +138,13 @@ export type RunReportJson = RunReport;
 
 /** {@linkcode DeviceReport} in JSON: the figures derived too. */
 export interface DeviceReportJson {
+  /** The device label (machine id or `slot N`). */
   readonly device: string;
+  /** `virtio-blk` or `virtio-scsi`. */
   readonly kind: string;
+  /** Its PCI slot. */
   readonly slot: number;
+  /** Its queues and figures, with the exits its accesses caused. */
   readonly virtio: VirtioJson;
 }
 

@@ -30,7 +30,11 @@ export class RunControl {
   readonly #flag: Int32Array;
   readonly #counts: Float64Array;
 
-  /** @param buffer an existing control's buffer, or none for a new one */
+  /**
+   * Wraps the words of another control's `buffer`, or makes fresh ones.
+   *
+   * @param buffer an existing control's buffer, or none for a new one
+   */
   constructor(buffer?: SharedArrayBuffer) {
     if (buffer !== undefined && buffer.byteLength < BYTES) {
       throw new RangeError(`A run control needs ${BYTES} bytes, got ${buffer.byteLength}`);

@@ -44,7 +44,9 @@ export const COMMAND_BUFFER_BYTES = 16384;
 
 /** A target:LUN address. */
 export interface ScsiAddress {
+  /** SCSI target number. */
   readonly target: number;
+  /** Logical unit number. */
   readonly lun: number;
 }
 

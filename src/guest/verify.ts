@@ -69,14 +69,17 @@ export interface VerifyFailure {
   readonly blockOffset: number;
   /** Block length. */
   readonly length: number;
+  /** Which check failed. */
   readonly reason: VerifyReason;
   /** The failing field's expected and found value (a byte for `data`). */
   readonly expected: number;
+  /** The failing field's value as read. */
   readonly found: number;
   /** Device offset of the first byte that differs from the rebuilt block (−1 if none differs). */
   readonly offset: number;
   /** That byte, expected and found. */
   readonly expectedByte: number;
+  /** That byte as read. */
   readonly foundByte: number;
 }
 

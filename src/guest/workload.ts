@@ -36,8 +36,11 @@ export const MAX_REPORTED_FAILURES = 16;
 
 /** One direction's results. */
 export interface DirectionResult {
+  /** Requests completed. */
   readonly ops: number;
+  /** Bytes moved by them. */
   readonly bytes: number;
+  /** Of those, requests that failed. */
   readonly errors: number;
   /** Operations per second over the job's run time. */
   readonly iops: number;
@@ -59,25 +62,37 @@ export interface VerifyResult {
 
 /** The first request a job saw fail. */
 export interface IoFailure {
+  /** The request's operation (`read`, `write`, …). */
   readonly op: string;
+  /** Its byte offset on the disk. */
   readonly offset: number;
+  /** Its length in bytes. */
   readonly length: number;
+  /** How it ended (`ioerr`, `unsupp`). */
   readonly status: string;
+  /** What the driver said about it. */
   readonly detail: string;
 }
 
 /** One clone's results. */
 export interface JobResult {
+  /** The job's name. */
   readonly name: string;
   /** Clone number, 0..numjobs-1. */
   readonly clone: number;
+  /** The job's I/O pattern. */
   readonly rw: string;
+  /** Bytes per request. */
   readonly bs: number;
+  /** Requests in flight at once. */
   readonly iodepth: number;
   /** Wall time from the first submission to the last completion, ms. */
   readonly elapsedMs: number;
+  /** Reads (verify reads included). */
   readonly read: DirectionResult;
+  /** Writes. */
   readonly write: DirectionResult;
+  /** Discards. */
   readonly trim: DirectionResult;
   /** Null when the job did not verify. */
   readonly verify: VerifyResult | null;
@@ -89,8 +104,11 @@ export interface JobResult {
 export interface WorkloadTotal {
   /** From the common start to the last of the clones' completions, ms. */
   readonly elapsedMs: number;
+  /** Reads of all clones. */
   readonly read: DirectionResult;
+  /** Writes of all clones. */
   readonly write: DirectionResult;
+  /** Discards of all clones. */
   readonly trim: DirectionResult;
 }
 
@@ -100,6 +118,7 @@ export interface WorkloadGroup {
   readonly group: number;
   /** Its clones, in job order. */
   readonly jobs: readonly JobResult[];
+  /** Its clones summed. */
   readonly total: WorkloadTotal;
 }
 
@@ -108,6 +127,7 @@ export interface WorkloadGroup {
  * `intervalMs` (the interval doubles as a long run fills the sample budget).
  */
 export interface WorkloadTimeline {
+  /** The sampling interval at the end of the run, ms. */
   readonly intervalMs: number;
   /** Sample times, ms since the start. */
   readonly atMs: readonly number[];
@@ -119,6 +139,7 @@ export interface WorkloadTimeline {
 
 /** Everything a run produced. */
 export interface WorkloadResult {
+  /** Every clone of every job, in job order. */
   readonly jobs: readonly JobResult[];
   /** All clones together over the whole run. */
   readonly total: WorkloadTotal;

@@ -29,9 +29,11 @@ import { applyImageLocks, permsFor, releaseImageLocks } from "./lock.ts";
 
 /** Options of {@linkcode openHostFile}. */
 export interface HostFileOptions {
+  /** Open for reading only (default false). */
   readOnly?: boolean;
   /** Create the file (it must not exist when `exclusive`). */
   create?: boolean;
+  /** With `create`: fail when the file exists (O_EXCL). */
   exclusive?: boolean;
   /** Take QEMU-compatible image locks (default true). */
   lock?: boolean;
@@ -212,6 +214,19 @@ class FileHost implements HostFile {
  * Open a host file or block device, taking QEMU-compatible locks unless `lock` is false.
  *
  * @throws {BlockError} `not-found`, `busy` (locked by another process), `io`
+ *
+ * @example (needs `--allow-read --allow-write --allow-ffi`)
+ * ```ts
+ * import { openHostFile } from "./file.ts";
+ *
+ * const path = await Deno.makeTempFile();
+ * const file = openHostFile(path);
+ * file.writeAt(4096, new Uint8Array([1, 2, 3]));
+ * if (file.size() !== 4099) throw new Error("size");
+ * if (file.dataStatus(0, 4096).data) throw new Error("the first block is a hole (on most file systems)");
+ * file.close();
+ * await Deno.remove(path);
+ * ```
  */
 export function openHostFile(path: string, opts: HostFileOptions = {}): HostFile {
   const readOnly = opts.readOnly ?? false;

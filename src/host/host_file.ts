@@ -18,7 +18,9 @@ export interface HostExtent {
  * (page-cache I/O is fastest that way), so callers may skip awaiting when nothing is returned.
  */
 export interface HostFile {
+  /** The path it was opened with (named in errors). */
   readonly path: string;
+  /** True when opened read-only: writes, truncates and punches throw. */
   readonly readOnly: boolean;
   /** Current size in bytes. */
   size(): number;

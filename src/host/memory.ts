@@ -21,12 +21,21 @@ export const MAX_MEMORY_FILE = 4 * 1024 ** 3;
  * ```
  */
 export class MemoryFile implements HostFile {
+  /** The name given at construction (used in error messages). */
   readonly path: string;
+  /** True when writes, truncates and punches throw. */
   readonly readOnly: boolean;
   #bytes: Uint8Array;
   #size: number;
   #closed = false;
 
+  /**
+   * Makes a memory file holding a copy of `bytes` (empty by default).
+   *
+   * @param path a name for error messages
+   * @param bytes initial contents (copied)
+   * @param opts `readOnly` to refuse modification
+   */
   constructor(path = "memory", bytes?: Uint8Array, opts: { readOnly?: boolean } = {}) {
     this.path = path;
     this.readOnly = opts.readOnly ?? false;

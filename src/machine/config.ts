@@ -138,6 +138,7 @@ export type MachineConfigInput = z.input<typeof machineConfigSchema>;
 
 /** A device as configured, defaults applied and `drive` folded into `drives`. */
 export interface DeviceConfig extends DeviceSpec {
+  /** The images, in order (`drive` becomes the only entry). */
   readonly drives: readonly DriveSpec[];
   /** MSI-X table size, when configured. */
   readonly msixVectors?: number | undefined;
@@ -147,24 +148,34 @@ export interface DeviceConfig extends DeviceSpec {
 
 /** A validated machine configuration with defaults applied. */
 export interface MachineConfig {
+  /** Guest RAM in MiB; above 3 GiB the rest is mapped from 4 GiB, as on a PC. */
   readonly memoryMiB: number;
+  /** vCPUs: one for now. */
   readonly vcpus: 1;
+  /** The devices, in order. */
   readonly devices: readonly DeviceConfig[];
+  /** How long a vCPU waits for the VMM to answer one exit. */
   readonly exitTimeoutMs: number;
+  /** How long the VMM waits for an iothread to start, quiesce, pause or shut down. */
   readonly controlTimeoutMs: number;
 }
 
 /** One problem with a configuration: where (`devices[1].numQueues`) and what. */
 export interface ConfigIssue {
+  /** Where: `devices[1].numQueues`; empty for the whole configuration. */
   readonly path: string;
+  /** What is wrong. */
   readonly message: string;
 }
 
 /** A configuration that does not validate; the message lists every issue, one per line. */
 export class MachineConfigError extends Error {
+  /** Always `MachineConfigError`. */
   override readonly name = "MachineConfigError";
+  /** Every issue found. */
   readonly issues: readonly ConfigIssue[];
 
+  /** Makes the error listing `issues`. */
   constructor(issues: readonly ConfigIssue[]) {
     super(
       issues.length === 1

@@ -32,6 +32,7 @@ export interface DeviceFault {
   readonly queue: number;
   /** The `VirtqueueFault`, or `backend`. */
   readonly fault: string;
+  /** What went wrong. */
   readonly message: string;
 }
 

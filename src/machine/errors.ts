@@ -16,10 +16,12 @@
  * ```
  */
 export class MachineError extends Error {
+  /** Always `MachineError`. */
   override readonly name = "MachineError";
   /** The device at fault, if any. */
   readonly deviceId: string | undefined;
 
+  /** Makes the error; the message names the device when there is one. */
   constructor(deviceId: string | undefined, message: string, options?: { cause?: unknown }) {
     super(deviceId === undefined ? message : `Device "${deviceId}": ${message}`, options);
     this.deviceId = deviceId;

@@ -65,6 +65,7 @@ export interface MachineOptions {
 
 /** Counters of one queue, gathered from the doorbells, the iothread and the guest's report. */
 export interface QueueCounters extends DeviceQueueCounters {
+  /** The queue's index on its device. */
   readonly index: number;
   /** Doorbell rings the device saw (ioeventfd and trapped). */
   readonly kicks: number;
@@ -78,14 +79,19 @@ export interface QueueCounters extends DeviceQueueCounters {
 
 /** Counters and state of one device. */
 export interface DeviceStats {
+  /** The device's id in the configuration. */
   readonly id: string;
+  /** The device type (`virtio-blk`, `virtio-scsi`, …). */
   readonly type: string;
+  /** Its PCI slot on bus 0. */
   readonly slot: number;
   /** `device_status` now. */
   readonly status: number;
   /** Device resets so far. */
   readonly epoch: number;
+  /** True when its doorbells are ioeventfds (else trapped exits). */
   readonly ioeventfd: boolean;
+  /** Counters per virtqueue. */
   readonly queues: readonly QueueCounters[];
   /** MSI-X/INTx counters of the function. */
   readonly interrupts: InterruptStats;
@@ -97,31 +103,47 @@ export interface DeviceStats {
 
 /** Everything {@linkcode Machine.stats} gathers. */
 export interface MachineStats {
+  /** The vCPU's exits by kind. */
   readonly exits: ExitCounters & {
     /** MMIO exits no BAR claimed. */
     readonly unclaimed: number;
   };
+  /** Every device, in configuration order. */
   readonly devices: readonly DeviceStats[];
 }
 
-type MachineState = "created" | "running" | "paused" | "shut down";
+/** What a machine is doing: see {@linkcode Machine.state}. */
+export type MachineState = "created" | "running" | "paused" | "shut down";
 
 /**
  * A virtual machine without a CPU model: the VMM side of vstor's storage demo.
  *
- * @example
- * ```ts ignore
+ * @example A guest runs a verified fio-like job on a qcow2 disk (needs `-A`: Workers, files, FFI)
+ * ```ts
+ * import { createImage, GUEST_VCPU_MODULE, type GuestRunResult, Machine } from "../../mod.ts";
+ *
+ * const image = await Deno.makeTempFile({ suffix: ".qcow2" });
+ * await createImage(image, "qcow2", 4 << 20);
  * const machine = await Machine.create({
  *   memoryMiB: 64,
- *   devices: [{ type: "virtio-blk", id: "disk0", drive: { file: "disk.qcow2" } }],
+ *   devices: [{ type: "virtio-blk", id: "disk0", drive: { file: image } }],
  * });
- * machine.start();
- * const vcpu = await machine.startVcpu(new URL("./src/guest/vcpu.ts", import.meta.url), { job });
- * console.log(await vcpu.result, machine.stats());
- * await machine.shutdown();
+ * try {
+ *   machine.start();
+ *   const vcpu = await machine.startVcpu(GUEST_VCPU_MODULE, {
+ *     args: ["--name=w", "--rw=randwrite", "--bs=4k", "--size=1m", "--verify=crc32c"],
+ *   });
+ *   const run = await vcpu.result as GuestRunResult;
+ *   if (run.result.jobs[0]!.verify?.failed !== 0) throw new Error("verified");
+ *   if (machine.stats().devices[0]!.thread.drains === 0) throw new Error("the iothread served");
+ * } finally {
+ *   await machine.shutdown();
+ *   await Deno.remove(image);
+ * }
  * ```
  */
 export class Machine implements ExitHandler {
+  /** The validated configuration, defaults applied. */
   readonly config: MachineConfig;
   /** Guest RAM (shared with every Worker). */
   readonly memory: GuestMemory;
@@ -129,7 +151,11 @@ export class Machine implements ExitHandler {
   readonly bus: PciBus = new PciBus();
   /** The vCPU's interrupt inputs. */
   readonly vcpu: VcpuInterrupts = new VcpuInterrupts();
-  /** The vCPU's exit channel. */
+  /**
+   * The vCPU's exit channel.
+   *
+   * @internal
+   */
   readonly exits: ExitChannel = new ExitChannel();
   readonly #devices: DeviceHost[] = [];
   readonly #options: MachineOptions;

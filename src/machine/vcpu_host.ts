@@ -132,9 +132,12 @@ export class VcpuHandle {
  * name (`JobError`, `GuestSetupError`, `VirtioDriverError`…), for callers that word it for users.
  */
 export class GuestProgramError extends Error {
+  /** Always `GuestProgramError`. */
   override readonly name = "GuestProgramError";
+  /** The class name of the guest's error (`JobError`, `GuestSetupError`, …). */
   readonly guestError: string;
 
+  /** Makes the error from the guest's message and error class name. */
   constructor(message: string, guestError: string) {
     super(message);
     this.guestError = guestError;

@@ -54,11 +54,17 @@ export interface ScsiBusOptions {
 
 /** A single-channel SCSI bus of disks. */
 export class ScsiBus {
+  /** Largest target number. */
   readonly maxTarget: number;
+  /** Largest LUN. */
   readonly maxLun: number;
   readonly #targets = new Map<number, Map<number, ScsiDisk>>();
 
-  /** @throws {RangeError} for limits outside what the addressing allows */
+  /**
+   * Makes an empty bus with the given address limits.
+   *
+   * @throws {RangeError} for limits outside what the addressing allows
+   */
   constructor(options: ScsiBusOptions = {}) {
     const maxTarget = options.maxTarget ?? SCSI_MAX_TARGET;
     const maxLun = options.maxLun ?? SCSI_MAX_LUN;

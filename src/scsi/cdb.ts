@@ -64,7 +64,7 @@ export interface CdbContext {
 }
 
 /** Fields every decoded CDB has. */
-interface CdbCommon {
+export interface CdbCommon {
   /** Operation code (byte 0). */
   readonly opcode: number;
   /** Direction of the data phase the CDB implies. */
@@ -80,8 +80,11 @@ interface CdbCommon {
 
 /** A decoded logical-block transfer: READ, WRITE. */
 export interface BlockTransfer {
+  /** First logical block. */
   readonly lba: number;
+  /** Logical blocks to transfer. */
   readonly blocks: number;
+  /** Force unit access: the data is on stable storage before the command completes. */
   readonly fua: boolean;
 }
 

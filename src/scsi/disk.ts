@@ -67,8 +67,35 @@ const DEFAULT_MAX_UNMAP_DESCRIPTORS = 255;
 /** QEMU's DEFAULT_DISCARD_GRANULARITY: 4 KiB. */
 const DEFAULT_DISCARD_GRANULARITY = 4096;
 
-/** A SCSI disk logical unit. */
+/**
+ * A SCSI disk logical unit over a block node, as QEMU's `scsi-hd`: commands are decoded with
+ * {@linkcode ScsiDisk.decode} and run with {@linkcode ScsiDisk.execute}, which never throws for
+ * anything the initiator controls.
+ *
+ * @example READ CAPACITY (10) after the power-on unit attention
+ * ```ts
+ * import { RawNode } from "../../formats/raw.ts";
+ * import { MemoryFile } from "../host/memory.ts";
+ * import { ScsiBuffer } from "./buffer.ts";
+ * import { CHECK_CONDITION, GOOD } from "./constants.ts";
+ * import { ScsiDisk } from "./disk.ts";
+ *
+ * const node = await RawNode.open(new MemoryFile("disk", new Uint8Array(1 << 20)));
+ * const disk = new ScsiDisk(node);
+ * const readCapacity = new Uint8Array([0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+ * const data = new Uint8Array(8);
+ * const io = { dataIn: ScsiBuffer.of(data), dataOut: new ScsiBuffer() };
+ * const first = await disk.execute(disk.decode(readCapacity), io);
+ * if (first.status !== CHECK_CONDITION) throw new Error("unit attention first");
+ * const second = await disk.execute(disk.decode(readCapacity), io);
+ * const view = new DataView(data.buffer);
+ * if (second.status !== GOOD || view.getUint32(0) !== 2047 || view.getUint32(4) !== 512) {
+ *   throw new Error("last LBA 2047, 512-byte blocks");
+ * }
+ * ```
+ */
 export class ScsiDisk implements IoDisk, CdbContext {
+  /** The block node holding the medium (the disk never closes it). */
   readonly node: BlockNode;
   readonly blockSize: number;
   readonly readOnly: boolean;
@@ -105,6 +132,8 @@ export class ScsiDisk implements IoDisk, CdbContext {
   );
 
   /**
+   * Makes a unit over `node`; it starts with a power-on unit attention, as a real disk.
+   *
    * @throws {RangeError} for a block size that is not a power of 2 from 512 to 65536, or a bad
    *   maximum transfer length
    */

@@ -15,6 +15,7 @@ import type { DiskProfile } from "./profile.ts";
 
 /** The disk as the I/O commands see it. */
 export interface IoDisk extends DiskProfile {
+  /** The block node holding the medium. */
   readonly node: BlockNode;
 }
 

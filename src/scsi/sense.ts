@@ -30,13 +30,17 @@ export const SCSI_SENSE_DESC_INFO_LEN = 20;
 
 /** A sense key with its additional sense code and qualifier. */
 export interface SenseCode {
+  /** Sense key (SPC-4 4.5.6). */
   readonly key: number;
+  /** Additional sense code. */
   readonly asc: number;
+  /** Additional sense code qualifier. */
   readonly ascq: number;
 }
 
 /** Sense data to report: a code, and the INFORMATION field where the command defines one. */
 export interface SenseData {
+  /** Key, code and qualifier. */
   readonly code: SenseCode;
   /** INFORMATION field (VALID bit set), e.g. the offset of the first miscompared byte. */
   readonly information?: number;

@@ -16,15 +16,21 @@ export type AccessSize = 1 | 2 | 4;
  * `slot` 0..31. Reads of an empty slot return all-ones, as on real hardware.
  */
 export interface GuestBus {
+  /** Reads `size` bytes at `offset` of the config space of the function in `slot`. */
   configRead(slot: number, offset: number, size: AccessSize): number;
+  /** Writes `value` (`size` bytes) at `offset` of the config space of the function in `slot`. */
   configWrite(slot: number, offset: number, size: AccessSize, value: number): void;
+  /** Reads `size` bytes at guest-physical `gpa` (a BAR of some function). */
   mmioRead(gpa: number, size: AccessSize): number;
+  /** Writes `value` (`size` bytes) at guest-physical `gpa` (a BAR of some function). */
   mmioWrite(gpa: number, size: AccessSize, value: number): void;
 }
 
 /** Where the firmware places BARs: a window of guest-physical addresses outside RAM. */
 export interface MmioWindow {
+  /** First guest-physical address of the window. */
   readonly base: number;
+  /** Bytes in the window. */
   readonly size: number;
 }
 
@@ -72,11 +78,13 @@ export class PciBus implements GuestBus {
     return this.#slots.flatMap((fn, slot) => fn === undefined ? [] : [slot]);
   }
 
+  /** Reads the config space of the function in `slot`; an empty slot reads all-ones. */
   configRead(slot: number, offset: number, size: AccessSize): number {
     const fn = this.function(slot);
     return fn === undefined ? allOnes(size) : fn.configRead(offset, size);
   }
 
+  /** Writes the config space of the function in `slot`; an empty slot drops the write. */
   configWrite(slot: number, offset: number, size: AccessSize, value: number): void {
     this.function(slot)?.configWrite(offset, size, value);
   }
@@ -91,6 +99,7 @@ export class PciBus implements GuestBus {
     return null;
   }
 
+  /** Reads the BAR that decodes `gpa`; unclaimed addresses read all-ones (and are counted). */
   mmioRead(gpa: number, size: AccessSize): number {
     const hit = this.route(gpa);
     if (hit === null) {
@@ -100,6 +109,7 @@ export class PciBus implements GuestBus {
     return hit.fn.mmioRead(hit.bar, hit.offset, size);
   }
 
+  /** Writes the BAR that decodes `gpa`; unclaimed writes are dropped (and counted). */
   mmioWrite(gpa: number, size: AccessSize, value: number): void {
     const hit = this.route(gpa);
     if (hit === null) {

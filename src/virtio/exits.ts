@@ -580,14 +580,18 @@ function writeError(w: Int32Array, message: string): void {
  * or rejection fails the exit: the vCPU throws {@linkcode ExitError} with the message.
  */
 export interface ExitHandler {
+  /** A config space read of the function in `slot`. */
   configRead(slot: number, offset: number, size: AccessSize): number | Promise<number>;
+  /** A config space write to the function in `slot`. */
   configWrite(
     slot: number,
     offset: number,
     size: AccessSize,
     value: number,
   ): void | Promise<void>;
+  /** An MMIO read at guest-physical `gpa`. */
   mmioRead(gpa: number, size: AccessSize): number | Promise<number>;
+  /** An MMIO write at guest-physical `gpa`. */
   mmioWrite(gpa: number, size: AccessSize, value: number): void | Promise<void>;
 }
 

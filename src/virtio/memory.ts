@@ -11,16 +11,28 @@
 
 /** One region of guest RAM: `size` bytes at guest-physical address `gpa`. */
 export interface GuestRegion {
+  /** Guest-physical address of the first byte (4096-aligned). */
   readonly gpa: number;
+  /** Bytes in the region (a multiple of 4096). */
   readonly size: number;
 }
 
 /** A guest-physical range the device may not touch: outside RAM, or across a region boundary. */
 export class GuestMemoryError extends Error {
+  /** Always `GuestMemoryError`. */
   override readonly name = "GuestMemoryError";
+  /** Guest-physical address of the refused range. */
   readonly gpa: number;
+  /** Length in bytes of the refused range. */
   readonly length: number;
 
+  /**
+   * Makes the error for the range `[gpa, gpa + length)`.
+   *
+   * @param gpa start of the refused range
+   * @param length its length in bytes
+   * @param why what is wrong with it, completing "Guest range 0x… +N …"
+   */
   constructor(gpa: number, length: number, why: string) {
     super(`Guest range 0x${hex(gpa)}+${length} ${why}`);
     this.gpa = gpa;
@@ -65,6 +77,7 @@ interface Placed {
 export class GuestMemory {
   /** The shared bytes; pass it with {@linkcode regions} to another Worker's {@linkcode GuestMemory}. */
   readonly buffer: SharedArrayBuffer;
+  /** The RAM regions, sorted by address. */
   readonly regions: readonly GuestRegion[];
   readonly #placed: Placed[];
   readonly #bytes: Uint8Array;
@@ -74,6 +87,8 @@ export class GuestMemory {
   #last: Placed;
 
   /**
+   * Lays out guest RAM as `regions` in one shared buffer.
+   *
    * @param regions RAM regions, sorted, non-overlapping, each a positive multiple of 4096 bytes at a
    *   4096-aligned address
    * @param buffer an existing buffer from another thread's {@linkcode GuestMemory} (same regions);
@@ -191,27 +206,35 @@ export class GuestMemory {
     this.#bytes.fill(value, at, at + length);
   }
 
+  /** Reads the byte at `gpa`. */
   u8(gpa: number): number {
     return this.#bytes[this.translate(gpa, 1)]!;
   }
+  /** Writes the byte `v` at `gpa`. */
   setU8(gpa: number, v: number): void {
     this.#bytes[this.translate(gpa, 1)] = v;
   }
+  /** Reads the little-endian u16 at `gpa`. */
   u16(gpa: number): number {
     return this.#view.getUint16(this.translate(gpa, 2), true);
   }
+  /** Writes `v` as a little-endian u16 at `gpa`. */
   setU16(gpa: number, v: number): void {
     this.#view.setUint16(this.translate(gpa, 2), v, true);
   }
+  /** Reads the little-endian u32 at `gpa`. */
   u32(gpa: number): number {
     return this.#view.getUint32(this.translate(gpa, 4), true);
   }
+  /** Writes `v` as a little-endian u32 at `gpa`. */
   setU32(gpa: number, v: number): void {
     this.#view.setUint32(this.translate(gpa, 4), v, true);
   }
+  /** Reads the little-endian u64 at `gpa`. */
   u64(gpa: number): bigint {
     return this.#view.getBigUint64(this.translate(gpa, 8), true);
   }
+  /** Writes `v` as a little-endian u64 at `gpa`. */
   setU64(gpa: number, v: bigint): void {
     this.#view.setBigUint64(this.translate(gpa, 8), v, true);
   }

@@ -198,8 +198,11 @@ function checkLayout(mem: GuestMemory, index: number, layout: QueueLayout): void
  * still in flight, or more ring slots than N in flight, faults with `too-many-in-flight`.
  */
 export class PackedDeviceQueue implements DeviceQueue {
+  /** The queue's index on its device. */
   readonly index: number;
+  /** Where the driver put the ring and event structures. */
   readonly layout: QueueLayout;
+  /** Device-side counters. */
   readonly stats: QueueStats = newQueueStats();
 
   readonly #mem: GuestMemory;
@@ -241,6 +244,8 @@ export class PackedDeviceQueue implements DeviceQueue {
   #writableLength = 0;
 
   /**
+   * Takes over a packed ring the driver laid out (device side), checking its layout.
+   *
    * @param mem guest RAM
    * @param index the queue's index on its device (for errors)
    * @param layout where the driver put the ring (from the transport's queue_desc/driver/device)
@@ -586,6 +591,7 @@ export class PackedDeviceQueue implements DeviceQueue {
  * as the spec requires of a fresh queue.
  */
 export class PackedDriverQueue<T> implements DriverQueue<T> {
+  /** Where the ring and event structures are. */
   readonly layout: QueueLayout;
   readonly stats: QueueStats = newQueueStats();
 
@@ -616,6 +622,8 @@ export class PackedDriverQueue<T> implements DriverQueue<T> {
   #interrupts = true;
 
   /**
+   * Initialises a packed ring in guest memory (driver side).
+   *
    * @param mem guest RAM
    * @param layout where to put the ring (see {@linkcode packedRingLayout})
    * @param features negotiated INDIRECT_DESC and EVENT_IDX

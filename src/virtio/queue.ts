@@ -31,10 +31,20 @@ export type VirtqueueFault =
 
 /** A driver broke the virtqueue rules; the device must stop the queue and ask for a reset. */
 export class VirtqueueError extends Error {
+  /** Always `VirtqueueError`. */
   override readonly name = "VirtqueueError";
+  /** Which rule the driver broke. */
   readonly fault: VirtqueueFault;
+  /** The queue index (-1 when not tied to one queue). */
   readonly queue: number;
 
+  /**
+   * Makes the error for `fault` on `queue`.
+   *
+   * @param fault which rule the driver broke
+   * @param queue the queue index
+   * @param detail what was found, for the message
+   */
   constructor(fault: VirtqueueFault, queue: number, detail: string) {
     super(`Virtqueue ${queue}: ${detail} (${fault})`);
     this.fault = fault;
@@ -78,9 +88,13 @@ export interface DescriptorChain {
   readonly id: number;
   /** Ring slots the chain took (packed rings skip ahead by this many; split: descriptors walked). */
   readonly slots: number;
+  /** The device-readable buffers, as views of guest memory. */
   readonly readable: Uint8Array[];
+  /** The device-writable buffers, as views of guest memory. */
   readonly writable: Uint8Array[];
+  /** Bytes in all readable buffers. */
   readonly readableLength: number;
+  /** Bytes in all writable buffers. */
   readonly writableLength: number;
 }
 
@@ -98,7 +112,9 @@ export interface QueueLayout {
 
 /** Negotiated features that change ring behaviour. */
 export interface QueueFeatures {
+  /** VIRTIO_RING_F_INDIRECT_DESC was negotiated: chains may use indirect tables. */
   readonly indirect: boolean;
+  /** VIRTIO_RING_F_EVENT_IDX was negotiated: notifications use the event indexes. */
   readonly eventIdx: boolean;
 }
 
@@ -142,8 +158,11 @@ export function newQueueStats(): QueueStats {
  * that the queue is broken until {@linkcode reset}.
  */
 export interface DeviceQueue {
+  /** The queue's index in its device. */
   readonly index: number;
+  /** Where the rings are in guest memory. */
   readonly layout: QueueLayout;
+  /** Device-side counters: chains, interrupts raised and suppressed, batches. */
   readonly stats: QueueStats;
   /** Chains popped and not yet pushed. */
   readonly inFlight: number;
@@ -181,13 +200,17 @@ export interface DeviceQueue {
 
 /** A buffer the driver offers: `length` bytes at guest-physical `addr`. */
 export interface DriverBuffer {
+  /** Guest-physical address of the buffer. */
   addr: number;
+  /** Bytes in the buffer (≥ 1). */
   length: number;
 }
 
 /** A completion the driver reaps: the token given to `add`, and the bytes the device wrote. */
 export interface UsedElement<T> {
+  /** What the driver passed to `add` with the chain. */
   token: T;
+  /** Bytes the device wrote into the chain's writable buffers. */
   written: number;
 }
 
@@ -198,6 +221,7 @@ export interface UsedElement<T> {
  * whether the device asked to be notified (the caller then writes the doorbell).
  */
 export interface DriverQueue<T> {
+  /** Where the rings are in guest memory. */
   readonly layout: QueueLayout;
   /** Driver-side counters: kicks sent and suppressed, completions reaped. */
   readonly stats: QueueStats;

@@ -218,8 +218,11 @@ class SplitChain implements DescriptorChain {
  * ```
  */
 export class SplitDeviceQueue implements DeviceQueue {
+  /** The queue's index on its device. */
   readonly index: number;
+  /** Where the driver put the rings. */
   readonly layout: QueueLayout;
+  /** Device-side counters. */
   readonly stats: QueueStats = newQueueStats();
   readonly #mem: GuestMemory;
   readonly #size: number;
@@ -260,6 +263,8 @@ export class SplitDeviceQueue implements DeviceQueue {
   #fault: VirtqueueError | null = null;
 
   /**
+   * Takes over a split ring the driver laid out (device side), checking its layout.
+   *
    * @param mem guest memory holding the rings and buffers
    * @param index the queue's index on its device (for error messages)
    * @param layout where the driver placed the three areas
@@ -610,6 +615,7 @@ const NO_DESC = 0xffff;
  * completions reaped, `stats.largestBatch` the most chains one kick published.
  */
 export class SplitDriverQueue<T> implements DriverQueue<T> {
+  /** Where the rings are. */
   readonly layout: QueueLayout;
   readonly stats: QueueStats = newQueueStats();
   readonly #mem: GuestMemory;

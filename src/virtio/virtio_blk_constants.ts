@@ -29,24 +29,33 @@ export const VIRTIO_BLK_F_BARRIER = 0;
 export const VIRTIO_BLK_F_SCSI = 7;
 
 // Request types (5.2.6).
+/** Request type: read sectors into the writable buffers. */
 export const VIRTIO_BLK_T_IN = 0;
+/** Request type: write the readable buffers' sectors. */
 export const VIRTIO_BLK_T_OUT = 1;
 /** Legacy SCSI passthrough; a VERSION_1 device answers UNSUPP. */
 export const VIRTIO_BLK_T_SCSI_CMD = 2;
+/** Request type: make completed writes durable. */
 export const VIRTIO_BLK_T_FLUSH = 4;
 /** Legacy synonym of VIRTIO_BLK_T_FLUSH. */
 export const VIRTIO_BLK_T_FLUSH_OUT = 5;
+/** Request type: read the device's serial number (20 bytes, NUL-padded). */
 export const VIRTIO_BLK_T_GET_ID = 8;
 export const VIRTIO_BLK_T_GET_LIFETIME = 10;
+/** Request type: discard the ranges of 16-byte segments. */
 export const VIRTIO_BLK_T_DISCARD = 11;
+/** Request type: write zeroes to the ranges of 16-byte segments. */
 export const VIRTIO_BLK_T_WRITE_ZEROES = 13;
 export const VIRTIO_BLK_T_SECURE_ERASE = 14;
 /** Legacy barrier flag in the type's top bit; QEMU ignores it, and so does vstor. */
 export const VIRTIO_BLK_T_BARRIER = 0x8000_0000;
 
 // Status byte values (5.2.6).
+/** Status byte: the request succeeded. */
 export const VIRTIO_BLK_S_OK = 0;
+/** Status byte: the request failed (I/O error or an invalid request). */
 export const VIRTIO_BLK_S_IOERR = 1;
+/** Status byte: the request type is not supported. */
 export const VIRTIO_BLK_S_UNSUPP = 2;
 
 /** `flags.unmap` of a discard / write-zeroes segment. */
