@@ -51,6 +51,10 @@ export const SKIPS: { pattern: RegExp; reason: string }[] = [
     pattern: /^\.ci\/run$/,
     reason: "runs the whole check and test suite (minutes; includes this)",
   },
+  {
+    pattern: /tests\/stress_suite\.sh /,
+    reason: "runs the test suite many times beside CPU hogs (tens of minutes; includes this)",
+  },
 ];
 
 const FENCE_OPEN = /^```sh\s*$/;
