@@ -297,6 +297,47 @@ async function readView(
   dst.fill(0, inside);
 }
 
+/**
+ * Whether `node`'s view of [offset, offset+length) reads as zeroes, known from block status alone
+ * (zero extents, unallocated down the chain, past the end): no data is read.
+ */
+async function readsAsZeroes(
+  node: BlockNode | undefined,
+  offset: number,
+  length: number,
+): Promise<boolean> {
+  const end = offset + length;
+  for (let pos = offset; pos < end;) {
+    if (node === undefined || pos >= node.size) return true;
+    const st = await node.blockStatus(pos, Math.min(end, node.size) - pos);
+    if (st.kind === "eof") return true;
+    const step = Math.max(1, st.length);
+    if (st.kind === "unallocated") {
+      if (!(await readsAsZeroes(node.backing, pos, step))) return false;
+    } else if (st.kind !== "zero") {
+      return false;
+    }
+    pos += step;
+  }
+  return true;
+}
+
+/** Whether the 512-byte sectors at `at` of `a` and `b` differ (word by word; `n` bytes in all). */
+function sectorDiffers(
+  a: Uint8Array,
+  b: Uint8Array,
+  wa: Int32Array,
+  wb: Int32Array,
+  at: number,
+  n: number,
+): boolean {
+  const end = Math.min(at + 512, n);
+  let i = at;
+  for (; i + 4 <= end; i += 4) if (wa[i >> 2] !== wb[i >> 2]) return true;
+  for (; i < end; i++) if (a[i] !== b[i]) return true;
+  return false;
+}
+
 /** Copy the old backing view into the overlay wherever it differs from the new one (by sectors). */
 async function copyDifferences(
   overlay: Qcow2Node,
@@ -306,6 +347,7 @@ async function copyDifferences(
   const oldBase = overlay.backing;
   const oldEnd = oldBase?.size ?? 0;
   const a = new Uint8Array(CHUNK), b = new Uint8Array(CHUNK);
+  const wa = new Int32Array(a.buffer), wb = new Int32Array(b.buffer);
   for (let pos = 0; pos < overlay.size;) {
     let [here, n] = await allocatedIn(overlay, pos, Math.min(CHUNK, overlay.size - pos));
     // As qemu-img rebase: a piece lies wholly below or wholly past the old backing file's end;
@@ -314,23 +356,18 @@ async function copyDifferences(
     // (v2 has no zero flag: a zero write there could deallocate, and the new backing file would
     // show through — QEMU 7.2 loses data that way; vstor writes the zeroes as data.)
     const oldIsZero = pos >= oldEnd && overlay.header.version === 3;
-    if (!here) {
+    // Where both backing views read as zeroes (holes, zero clusters, past their ends) nothing
+    // can differ: block status says so without reading a byte (an empty 10 GiB chain in ms).
+    const same = !here && await readsAsZeroes(oldBase, pos, n) &&
+      await readsAsZeroes(newBase, pos, n);
+    if (!here && !same) {
       const oldPart = a.subarray(0, n), newPart = b.subarray(0, n);
       await readView(oldBase, pos, oldPart);
       await readView(newBase, pos, newPart);
       // Runs of differing 512-byte sectors go into the overlay.
       let runStart = -1;
       for (let s = 0; s <= n; s += 512) {
-        const end = Math.min(s + 512, n);
-        let differs = false;
-        if (s < n) {
-          for (let i = s; i < end; i++) {
-            if (oldPart[i] !== newPart[i]) {
-              differs = true;
-              break;
-            }
-          }
-        }
+        const differs = s < n && sectorDiffers(a, b, wa, wb, s, n);
         if (differs && runStart < 0) runStart = s;
         if (!differs && runStart >= 0) {
           if (oldIsZero) await overlay.writeZeroes(pos + runStart, s - runStart);
