@@ -9,7 +9,7 @@
  * @module
  */
 import type { GuestRequest, GuestRunResult } from "../guest/guest.ts";
-import { fioJson } from "../guest/fio_json.ts";
+import { fioJson, fioJsonText } from "../guest/fio_json.ts";
 import {
   catchSignals,
   EXIT_INTERRUPTED,
@@ -435,23 +435,17 @@ async function compareModes(
   if (opts.output === "normal") {
     io.stdout(compareTable(rows.map((r) => ({ label: r.label, run: r.run.run }))));
   } else {
-    io.stdout(
-      JSON.stringify(
-        rows.map((r) => ({
-          mode: r.label,
-          ...fioJson({
-            result: r.run.run.result,
-            runs: r.run.run.runs,
-            virtio: r.run.run.json.virtio,
-            devices: r.run.run.json.devices ?? [],
-            startedAt: r.run.startedAt,
-            plus: opts.output === "json+",
-          }),
-        })),
-        null,
-        2,
-      ) + "\n",
-    );
+    io.stdout(fioJsonText(rows.map((r) => ({
+      mode: r.label,
+      ...fioJson({
+        result: r.run.run.result,
+        runs: r.run.run.runs,
+        virtio: r.run.run.json.virtio,
+        devices: r.run.run.json.devices ?? [],
+        startedAt: r.run.startedAt,
+        plus: opts.output === "json+",
+      }),
+    }))));
   }
   if (opts.html !== undefined) {
     writePage(

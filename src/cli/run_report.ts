@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { fioJson } from "../guest/fio_json.ts";
+import { fioJson, fioJsonText } from "../guest/fio_json.ts";
 import type { RunControl } from "../guest/run_control.ts";
 import { GuestProgramError } from "../machine/vcpu_host.ts";
 import type { CliIo } from "./cli_io.ts";
@@ -44,7 +44,7 @@ export function reportRun(io: CliIo, run: MachineRun, opts: RunReportOptions): v
       plus: opts.output === "json+",
       ...(opts.extra === undefined ? {} : { extra: opts.extra }),
     });
-    io.stdout(JSON.stringify(json, null, 2) + "\n");
+    io.stdout(fioJsonText(json));
   }
   if (opts.html !== undefined) {
     writePage(

@@ -43,12 +43,38 @@ export interface FioJsonInput {
 /** A JSON object as fio writes it. */
 export type Json = Record<string, unknown>;
 
+/**
+ * A number fio prints as a float (`0.000000`, not `0`): JSON.stringify cannot tell them apart, so
+ * such fields carry this wrapper and {@linkcode fioJsonText} writes them with six decimals.
+ */
+export class FioFloat {
+  /** The value (a non-finite one prints as 0). */
+  readonly value: number;
+  constructor(value: number) {
+    this.value = Number.isFinite(value) ? value : 0;
+  }
+  /** A marker {@linkcode fioJsonText} replaces by the bare number. */
+  toJSON(): string {
+    return `\u0000F${this.value.toFixed(6)}`;
+  }
+}
+
+const f = (value: number) => new FioFloat(value);
+
+/**
+ * The JSON text of a report from {@linkcode fioJson}, as fio writes it: two-space indentation,
+ * floats with six decimals where fio has floats, integers where it has integers.
+ */
+export function fioJsonText(json: unknown): string {
+  return JSON.stringify(json, null, 2).replace(/"\\u0000F(-?\d+\.\d+)"/g, "$1") + "\n";
+}
+
 function stat(lat: LatencySummary): Json {
   return {
     min: Math.round(lat.min),
     max: Math.round(lat.max),
-    mean: lat.avg,
-    stddev: lat.stddev,
+    mean: f(lat.avg),
+    stddev: f(lat.stddev),
     N: lat.count,
   };
 }
@@ -93,7 +119,8 @@ function direction(
   groupBw: number,
 ): Json {
   const clat: Json = { ...stat(d.latency), percentile: percentiles(d.latency) };
-  if (plus) {
+  if (plus && d.latency.count > 0) {
+    // As fio: a direction without samples has no bins (its tools read a present map as non-empty).
     const bins: Json = {};
     for (const [ns, n] of d.latency.bins) bins[String(Math.round(ns))] = n;
     clat.bins = bins;
@@ -108,24 +135,24 @@ function direction(
     io_kbytes: Math.round(d.bytes / 1024),
     bw_bytes: Math.round(d.bandwidth),
     bw: kib,
-    iops: d.iops,
+    iops: f(d.iops),
     runtime: d.ops > 0 ? Math.round(runtimeMs) : 0,
     total_ios: d.ops,
     short_ios: 0,
     drop_ios: 0,
-    slat_ns: { min: 0, max: 0, mean: 0, stddev: 0, N: 0 },
+    slat_ns: { min: 0, max: 0, mean: f(0), stddev: f(0), N: 0 },
     clat_ns: clat,
     lat_ns: stat(d.latency),
     bw_min: d.ops > 0 ? bw?.min ?? kib : 0,
     bw_max: d.ops > 0 ? bw?.max ?? kib : 0,
-    bw_agg: d.ops > 0 && groupBw > 0 ? (100 * d.bandwidth) / groupBw : 0,
-    bw_mean: d.ops > 0 ? bw?.mean ?? kib : 0,
-    bw_dev: d.ops > 0 ? bw?.dev ?? 0 : 0,
+    bw_agg: f(d.ops > 0 && groupBw > 0 ? (100 * d.bandwidth) / groupBw : 0),
+    bw_mean: f(d.ops > 0 ? bw?.mean ?? kib : 0),
+    bw_dev: f(d.ops > 0 ? bw?.dev ?? 0 : 0),
     bw_samples: d.ops > 0 ? bw?.samples ?? 0 : 0,
     iops_min: d.ops > 0 ? iops?.min ?? Math.round(d.iops) : 0,
     iops_max: d.ops > 0 ? iops?.max ?? Math.round(d.iops) : 0,
-    iops_mean: d.ops > 0 ? iops?.mean ?? d.iops : 0,
-    iops_stddev: d.ops > 0 ? iops?.dev ?? 0 : 0,
+    iops_mean: f(d.ops > 0 ? iops?.mean ?? d.iops : 0),
+    iops_stddev: f(d.ops > 0 ? iops?.dev ?? 0 : 0),
     iops_samples: d.ops > 0 ? iops?.samples ?? 0 : 0,
   };
 }
@@ -161,13 +188,13 @@ function latencyBuckets(lats: readonly LatencySummary[]): { ns: Json; us: Json; 
       const hi = edge * unit;
       let n = 0;
       for (const [ns, count] of all) if (ns > lo && ns <= hi) n += count;
-      out[String(edge)] = total > 0 ? (100 * n) / total : 0;
+      out[String(edge)] = f(total > 0 ? (100 * n) / total : 0);
     });
     if (over) {
       let n = 0;
       const top = list.at(-1)! * unit;
       for (const [ns, count] of all) if (ns > top) n += count;
-      out[`>=${list.at(-1)}`] = total > 0 ? (100 * n) / total : 0;
+      out[`>=${list.at(-1)}`] = f(total > 0 ? (100 * n) / total : 0);
     }
     return out;
   };
@@ -181,10 +208,20 @@ function latencyBuckets(lats: readonly LatencySummary[]): { ns: Json; us: Json; 
 function iodepthLevels(iodepth: number): Json {
   const out: Json = {};
   const levels = [1, 2, 4, 8, 16, 32];
-  for (const level of levels) out[String(level)] = 0;
-  out[">=64"] = 0;
+  for (const level of levels) out[String(level)] = f(0);
+  out[">=64"] = f(0);
   const key = iodepth >= 64 ? ">=64" : String(levels.filter((l) => l <= iodepth).at(-1) ?? 1);
-  out[key] = 100;
+  out[key] = f(100);
+  return out;
+}
+
+/**
+ * fio's submit/complete distribution (requests per call): the guest's driver adds requests to the
+ * ring one call each, which is fio's 1–4 bucket.
+ */
+function submitLevels(): Json {
+  const out: Json = {};
+  for (const key of ["0", "4", "8", "16", "32", "64", ">=64"]) out[key] = f(key === "4" ? 100 : 0);
   return out;
 }
 
@@ -246,22 +283,22 @@ export function fioJson(input: FioJsonInput): Json {
       read: dirJson("read"),
       write: dirJson("write"),
       trim: dirJson("trim"),
-      sync: { total_ios: 0, lat_ns: { min: 0, max: 0, mean: 0, stddev: 0, N: 0 } },
+      sync: { total_ios: 0, lat_ns: { min: 0, max: 0, mean: f(0), stddev: f(0), N: 0 } },
       job_runtime: Math.round(job.elapsedMs),
-      usr_cpu: 0,
-      sys_cpu: 0,
+      usr_cpu: f(0),
+      sys_cpu: f(0),
       ctx: 0,
       majf: 0,
       minf: 0,
       iodepth_level: iodepthLevels(job.iodepth),
-      iodepth_submit: iodepthLevels(job.iodepth),
-      iodepth_complete: iodepthLevels(job.iodepth),
+      iodepth_submit: submitLevels(),
+      iodepth_complete: submitLevels(),
       latency_ns: buckets.ns,
       latency_us: buckets.us,
       latency_ms: buckets.ms,
       latency_depth: job.iodepth,
       latency_target: 0,
-      latency_percentile: 100,
+      latency_percentile: f(100),
       latency_window: 0,
       vstor: {
         clone: job.clone,
@@ -281,6 +318,7 @@ export function fioJson(input: FioJsonInput): Json {
     time: started.toString().slice(0, 24),
     "global options": {},
     jobs,
+    disk_util: [],
     vstor: {
       stopped: result.stopped ?? false,
       elapsed_ms: result.total.elapsedMs,

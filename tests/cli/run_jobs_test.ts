@@ -11,6 +11,21 @@ import { JOB_OPTIONS } from "../../src/guest/job.ts";
 import { ignoreWithout, runTool } from "../interop/qemu.ts";
 import { ignoreWithoutChromium, inspectPage } from "../html/browser.ts";
 
+/** fio's tests run when fio is installed, and must when VSTOR_REQUIRE_FIO=1 (CI sets it). */
+function ignoreWithoutFio(): boolean {
+  try {
+    if (new Deno.Command("fio", { args: ["--version"], stdout: "null" }).outputSync().success) {
+      return false;
+    }
+  } catch {
+    // not installed
+  }
+  if (Deno.env.get("VSTOR_REQUIRE_FIO") === "1") {
+    throw new Error("VSTOR_REQUIRE_FIO=1 but fio is not installed");
+  }
+  return true;
+}
+
 const MiB = 1024 * 1024;
 const MOD = resolve(import.meta.dirname!, "../../mod.ts");
 
@@ -345,3 +360,124 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "fio's JSON: every field real fio writes is there with fio's type, and fio's json+ tool reads the bins",
+  ignore: ignoreWithoutFio(),
+  async fn() {
+    await withDir(async (dir) => {
+      const data = join(dir, "fio.dat");
+      const fio = await runTool("fio", [
+        "--name=r",
+        `--filename=${data}`,
+        "--size=4m",
+        "--rw=randrw",
+        "--bs=4k",
+        "--ioengine=psync",
+        "--output-format=json+",
+      ]);
+      assert.equal(fio.code, 0, fio.stderr);
+      const ours = await vstor(
+        "run",
+        "--drive",
+        `file=${data},format=raw,id=d0`,
+        "--device",
+        "virtio-blk,drive=d0",
+        "--name=r",
+        "--rw=randrw",
+        "--bs=4k",
+        "--size=4m",
+        "--output-format=json+",
+      );
+      assert.equal(ours.code, EXIT_OK, ours.stderr);
+      // Types as Python's json (and fio's consumers) see them: 0.000000 is a float, 0 an int.
+      const shapes = (text: string) => {
+        const out = new Map<string, string>();
+        const literals = numberLiterals(text);
+        const json = JSON.parse(text);
+        const walk = (value: unknown, path: string) => {
+          if (value !== null && typeof value === "object" && !Array.isArray(value)) {
+            for (const [k, v] of Object.entries(value)) {
+              if (["job options", "bins", "percentile", "vstor"].includes(k)) continue;
+              walk(v, `${path}.${k}`);
+            }
+            return;
+          }
+          const literal = literals.get(path);
+          out.set(
+            path,
+            literal === undefined ? typeof value : /^-?\d+$/.test(literal) ? "int" : "float",
+          );
+        };
+        walk(json.jobs[0], "jobs[0]");
+        return { out, top: Object.keys(json) };
+      };
+      const theirs = shapes(fio.stdout), mine = shapes(ours.stdout);
+      for (const key of theirs.top) assert.ok(mine.top.includes(key), `top-level ${key}`);
+      for (const [path, type] of theirs.out) {
+        assert.ok(mine.out.has(path), `${path} is missing`);
+        if (type === "int" || type === "float") {
+          assert.equal(mine.out.get(path), type, `${path}: fio writes a ${type}`);
+        }
+      }
+      // fio's own json+ tool turns our bins into CSV and validates them.
+      const report = join(dir, "vstor.json");
+      await Deno.writeTextFile(report, ours.stdout);
+      const csv = await runTool("fio_jsonplus_clat2csv", [report, join(dir, "lat.csv")]);
+      assert.equal(csv.code, 0, csv.stdout + csv.stderr);
+      const check = await runTool("fio_jsonplus_clat2csv", [
+        "--validate",
+        report,
+        join(dir, "lat.csv"),
+      ]);
+      assert.equal(check.code, 0, check.stdout + check.stderr);
+      assert.match(check.stdout, /validated/);
+    });
+  },
+});
+
+/** Every number literal of a JSON text, as written, by path (`jobs[0].read.iops`). */
+function numberLiterals(text: string): Map<string, string> {
+  const out = new Map<string, string>();
+  let at = 0;
+  const space = () => {
+    while (/\s/.test(text[at] ?? "")) at++;
+  };
+  const string = (): string => {
+    const start = at++;
+    while (text[at] !== '"') at += text[at] === "\\" ? 2 : 1;
+    return JSON.parse(text.slice(start, ++at));
+  };
+  const value = (path: string): void => {
+    space();
+    const c = text[at];
+    if (c === "{" || c === "[") {
+      const close = c === "{" ? "}" : "]";
+      at++;
+      for (let i = 0;; i++) {
+        space();
+        if (text[at] === close) break;
+        if (c === "{") {
+          const key = string();
+          space();
+          at++; // :
+          value(path === "" ? key : `${path}.${key}`);
+        } else {
+          value(`${path}[${i}]`);
+        }
+        space();
+        if (text[at] === ",") at++;
+      }
+      at++;
+    } else if (c === '"') {
+      string();
+    } else {
+      const m = /^[^,\s}\]]+/.exec(text.slice(at, at + 64))!;
+      out.set(path, m[0]);
+      at += m[0].length;
+    }
+  };
+  value("");
+  return out;
+}
