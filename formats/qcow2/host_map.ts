@@ -7,7 +7,7 @@
  * @module
  */
 import type { Qcow2Node } from "./qcow2.ts";
-import { type HostReference, visitReferences } from "./check.ts";
+import { type HostReference, visitReferences } from "./check_references.ts";
 
 /**
  * What a host cluster holds. Metadata first; a cluster met under several roles (a corrupt image)
