@@ -24,7 +24,7 @@ import {
   BME_FLAG_IN_USE,
   parseBitmapsExtension,
   readBitmapDirectory,
-} from "./qcow2/bitmap.ts";
+} from "./qcow2/bitmap_format.ts";
 
 /** qemu-img's JSON snapshot object. */
 export function snapshotJson(e: SnapshotEntry): Record<string, unknown> {

@@ -8,7 +8,7 @@
  * @module
  */
 import { MAX_L1_BYTES } from "./header.ts";
-import { countBitmapClusters } from "./bitmap.ts";
+import { countBitmapClusters } from "./bitmap_format.ts";
 import { type CheckFix, type CheckHost, type CheckReport, newReport } from "./check_host.ts";
 
 /** The L2 table offset of an L1 entry. */
