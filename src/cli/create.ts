@@ -4,7 +4,7 @@
  * @module
  */
 import { BlockError } from "../errors.ts";
-import { EFBIG, ENOSPC } from "../host/libc.ts";
+import { EFBIG, ENOSPC } from "../sys/libc.ts";
 import { validateQcow2Options } from "../../formats/qcow2/create.ts";
 import {
   createImage,

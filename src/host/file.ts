@@ -17,6 +17,8 @@ import {
   MAX_IO_CHUNK,
   O_CLOEXEC,
   O_CREAT,
+  O_DIRECT,
+  O_DSYNC,
   O_EXCL,
   O_RDONLY,
   O_RDWR,
@@ -24,7 +26,8 @@ import {
   SEEK_END,
   SEEK_HOLE,
   strerror,
-} from "./libc.ts";
+} from "../sys/libc.ts";
+import { AlignedBuffer, type DioAlignment, dioAlignment } from "../sys/direct.ts";
 import { applyImageLocks, permsFor, releaseImageLocks } from "./lock.ts";
 
 /** Options of {@linkcode openHostFile}. */
@@ -39,9 +42,18 @@ export interface HostFileOptions {
   lock?: boolean;
   /** Read-only opens share the write permission with others (qemu-img -U). */
   forceShare?: boolean;
+  /**
+   * Bypass the page cache (O_DIRECT, QEMU's `cache.direct=on`): requests that are not aligned to
+   * what the file needs go through a page-aligned bounce buffer, partial blocks read-modify-write.
+   */
+  direct?: boolean;
+  /** Every write durable when it returns (O_DSYNC; QEMU's cache=directsync with `direct`). */
+  dsync?: boolean;
 }
 
 const ZERO_CHUNK = 1 << 20;
+/** Bytes of the O_DIRECT bounce buffer: longer requests go through it in windows. */
+const DIRECT_BOUNCE = 1 << 20;
 
 /** A file or block device on the host. */
 class FileHost implements HostFile {
@@ -52,10 +64,20 @@ class FileHost implements HostFile {
   /** Size as we last set or saw it: a writable file is ours alone (we hold the write lock). */
   #cachedSize = -1;
 
-  constructor(path: string, fd: number, readOnly: boolean) {
+  /** O_DIRECT: the alignment the file needs, and the bounce buffer (made on first use). */
+  readonly #direct: DioAlignment | undefined;
+  #bounce: AlignedBuffer | undefined;
+
+  constructor(path: string, fd: number, readOnly: boolean, direct?: DioAlignment) {
     this.path = path;
     this.#fd = fd;
     this.readOnly = readOnly;
+    this.#direct = direct;
+  }
+
+  /** The alignment O_DIRECT requests need here, or undefined for a page-cached file. */
+  get directAlignment(): DioAlignment | undefined {
+    return this.#direct;
   }
 
   #fail(what: string, offset?: number, code = errno()): BlockError {
@@ -87,6 +109,7 @@ class FileHost implements HostFile {
 
   readAt(offset: number, dst: Uint8Array): void {
     const fd = this.#checkOpen();
+    if (this.#direct !== undefined) return this.#directRead(fd, offset, dst);
     const c = libc();
     let done = 0;
     while (done < dst.length) {
@@ -109,6 +132,7 @@ class FileHost implements HostFile {
   writeAt(offset: number, src: Uint8Array): void {
     const fd = this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
+    if (this.#direct !== undefined) return this.#directWrite(fd, offset, src);
     const c = libc();
     let done = 0;
     while (done < src.length) {
@@ -124,6 +148,111 @@ class FileHost implements HostFile {
       done += n;
     }
     this.#grew(offset + src.length);
+  }
+
+  // ---- O_DIRECT: aligned windows through the bounce buffer ----
+
+  #bounceBuffer(): Uint8Array<ArrayBuffer> {
+    this.#bounce ??= new AlignedBuffer(DIRECT_BOUNCE);
+    return this.#bounce.bytes;
+  }
+
+  /**
+   * Read aligned `[start, start+length)` into the bounce buffer at `into`; what lies past the end
+   * of the file reads as zeroes (a direct read there comes back short).
+   */
+  #readAligned(fd: number, start: number, length: number, into: number, what: string): void {
+    const bounce = this.#bounceBuffer();
+    const c = libc();
+    let done = 0;
+    while (done < length) {
+      const n = c.pread(
+        fd,
+        bounce.subarray(into + done, into + length),
+        BigInt(length - done),
+        BigInt(start + done),
+      );
+      if (n < 0) {
+        const code = errno();
+        if (code === EINTR) continue;
+        throw this.#fail(what, start + done, code);
+      }
+      // Short: the end of the file (a direct read cannot go on from an unaligned offset).
+      if (n < length - done) {
+        bounce.fill(0, into + done + n, into + length);
+        return;
+      }
+      done += n;
+    }
+  }
+
+  #directRead(fd: number, offset: number, dst: Uint8Array): void {
+    const align = this.#direct!.offset;
+    const bounce = this.#bounceBuffer();
+    const end = offset + dst.length;
+    for (let pos = offset; pos < end;) {
+      const start = pos - (pos % align);
+      const stop = Math.min(Math.ceil(end / align) * align, start + DIRECT_BOUNCE);
+      this.#readAligned(fd, start, stop - start, 0, "Read");
+      const upto = Math.min(stop, end);
+      dst.set(bounce.subarray(pos - start, upto - start), pos - offset);
+      pos = upto;
+    }
+  }
+
+  /**
+   * Write through aligned windows: a partial first or last block is read first (read-modify-write).
+   * One thread does it all, so no other write can land between the read and the write. A write
+   * that ends past the end of the file in a partial block leaves the file as long as a cached
+   * write would (the padding is cut off again).
+   */
+  #directWrite(fd: number, offset: number, src: Uint8Array): void {
+    const align = this.#direct!.offset;
+    const bounce = this.#bounceBuffer();
+    const c = libc();
+    const end = offset + src.length;
+    const sizeBefore = this.size();
+    for (let pos = offset; pos < end;) {
+      const start = pos - (pos % align);
+      const stop = Math.min(Math.ceil(end / align) * align, start + DIRECT_BOUNCE);
+      const upto = Math.min(stop, end);
+      const head = pos > start, tail = upto < stop;
+      const rmw = "Read (read-modify-write)";
+      if (head) this.#readAligned(fd, start, align, 0, rmw);
+      if (tail && (stop - align > start || !head)) {
+        this.#readAligned(fd, stop - align, align, stop - align - start, rmw);
+      }
+      bounce.set(src.subarray(pos - offset, upto - offset), pos - start);
+      let done = 0;
+      const length = stop - start;
+      while (done < length) {
+        const n = c.pwrite(
+          fd,
+          bounce.subarray(done, length),
+          BigInt(length - done),
+          BigInt(start + done),
+        );
+        if (n < 0) {
+          const code = errno();
+          if (code === EINTR) continue;
+          throw this.#fail("Write", start + done, code);
+        }
+        // A short direct write cannot be continued from an unaligned offset: the disk is full.
+        if (n === 0 || (n < length - done && n % align !== 0)) {
+          throw this.#fail("Write", start + done + n, n === 0 ? 5 : 28);
+        }
+        done += n;
+      }
+      pos = upto;
+    }
+    const newSize = Math.max(sizeBefore, end);
+    const padded = Math.ceil(end / align) * align;
+    if (padded > newSize) {
+      // The last block was written whole: cut the file back to where a cached write ends it.
+      this.#cachedSize = -1;
+      if (libc().ftruncate(fd, BigInt(newSize)) !== 0) throw this.#fail("Truncate", newSize);
+    }
+    this.#cachedSize = this.readOnly ? -1 : newSize;
   }
 
   truncate(size: number): void {
@@ -207,6 +336,8 @@ class FileHost implements HostFile {
     releaseImageLocks(this.#fd);
     libc().close(this.#fd);
     this.#fd = -1;
+    this.#bounce?.free();
+    this.#bounce = undefined;
   }
 }
 
@@ -232,6 +363,8 @@ export function openHostFile(path: string, opts: HostFileOptions = {}): HostFile
   const readOnly = opts.readOnly ?? false;
   let flags = (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
   if (opts.create) flags |= O_CREAT | (opts.exclusive ? O_EXCL : 0);
+  if (opts.direct) flags |= O_DIRECT;
+  if (opts.dsync) flags |= O_DSYNC;
   const fd = libc().open(cPath(path), flags, 0o644);
   if (fd < 0) {
     const code = errno();
@@ -248,5 +381,5 @@ export function openHostFile(path: string, opts: HostFileOptions = {}): HostFile
     libc().close(fd);
     throw e;
   }
-  return new FileHost(path, fd, readOnly);
+  return new FileHost(path, fd, readOnly, opts.direct ? dioAlignment(fd) : undefined);
 }

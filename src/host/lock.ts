@@ -18,7 +18,7 @@ import {
   F_WRLCK,
   libc,
   strerror,
-} from "./libc.ts";
+} from "../sys/libc.ts";
 
 const PERM_BASE = 100;
 const SHARED_BASE = 200;

@@ -12,6 +12,7 @@ let serial = 0;
 function subjects(): Array<[string, () => HostFile]> {
   return [
     ["file", () => openHostFile(join(dir, `f${serial++}`), { create: true })],
+    ["direct file", () => openHostFile(join(dir, `f${serial++}`), { create: true, direct: true })],
     ["memory", () => new MemoryFile("mem")],
   ];
 }

@@ -1,5 +1,6 @@
 /**
- * The few libc calls the host adapters need, through Deno's FFI (Linux, x86_64/aarch64 glibc).
+ * libc through Deno's FFI, once (Linux, x86_64 glibc): the project's single `Deno.dlopen`. Every
+ * caller above `src/sys/` gets typed functions and errno; nothing there sees a raw symbol table.
  *
  * @module
  */
@@ -19,6 +20,19 @@ const symbols = {
   __errno_location: { parameters: [], result: "pointer" },
   strerror: { parameters: ["i32"], result: "pointer" },
   signal: { parameters: ["i32", "pointer"], result: "pointer" },
+  // statx(2) for STATX_DIOALIGN (O_DIRECT alignment); ioctl(2) for BLKSSZGET.
+  statx: { parameters: ["i32", "buffer", "i32", "u32", "buffer"], result: "i32" },
+  ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
+  // Aligned memory for O_DIRECT buffers and mapped rings.
+  mmap: { parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], result: "pointer" },
+  munmap: { parameters: ["pointer", "usize"], result: "i32" },
+  // io_uring has no libc wrapper: syscall(2) with its number (x86_64: 425 setup, 426 enter,
+  // 427 register). i32 arguments keep the call on the fast path (FFI costs in host-io.md).
+  syscall6: {
+    name: "syscall",
+    parameters: ["i64", "i32", "i32", "i32", "i32", "pointer", "i32"],
+    result: "i32",
+  },
 } as const;
 
 /**
@@ -38,6 +52,33 @@ interface Libc {
   __errno_location(): Deno.PointerValue;
   strerror(code: number): Deno.PointerValue;
   signal(signum: number, handler: Deno.PointerValue): Deno.PointerValue;
+  statx(
+    dirfd: number,
+    path: Uint8Array<ArrayBuffer>,
+    flags: number,
+    mask: number,
+    buf: Uint8Array<ArrayBuffer>,
+  ): number;
+  ioctl(fd: number, request: bigint, arg: Uint8Array<ArrayBuffer>): number;
+  mmap(
+    addr: Deno.PointerValue,
+    length: bigint,
+    prot: number,
+    flags: number,
+    fd: number,
+    offset: bigint,
+  ): Deno.PointerValue;
+  munmap(addr: Deno.PointerValue, length: bigint): number;
+  /** syscall(2) with up to six arguments, the fifth a pointer (io_uring_enter's sigset, NULL). */
+  syscall6(
+    number: bigint,
+    a: number,
+    b: number,
+    c: number,
+    d: number,
+    e: Deno.PointerValue,
+    f: number,
+  ): number;
 }
 
 /** Largest single pread/pwrite; longer transfers loop. */
@@ -48,6 +89,9 @@ export const O_RDWR = 2;
 export const O_CREAT = 0o100;
 export const O_EXCL = 0o200;
 export const O_DIRECT = 0o40000;
+/** O_DSYNC: each write is durable (data and what is needed to read it back) when it returns. */
+export const O_DSYNC = 0o10000;
+export const EINVAL = 22;
 export const O_CLOEXEC = 0o2000000;
 export const SEEK_SET = 0;
 export const SEEK_END = 2;
