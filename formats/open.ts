@@ -14,6 +14,38 @@ import { RawNode } from "./raw.ts";
 import { Qcow2Node } from "./qcow2/qcow2.ts";
 import { createQcow2, type Qcow2CreateOptions } from "./qcow2/create.ts";
 
+/** QEMU's cache modes (`bdrv_parse_cache_mode`; `off` is an old spelling of `none`). */
+export type CacheMode = "writeback" | "writethrough" | "unsafe" | "none" | "directsync";
+
+/** What a cache mode sets (QEMU's BDRV_O_NOCACHE, write cache off, BDRV_O_NO_FLUSH). */
+export interface CacheFlags {
+  /** O_DIRECT on the host files (`cache.direct`). */
+  readonly direct: boolean;
+  /** The write cache is off: every write is durable when it completes. */
+  readonly writethrough: boolean;
+  /** Flushes are skipped (`cache.no-flush`). */
+  readonly noFlush: boolean;
+}
+
+const CACHE_FLAGS: Readonly<Record<CacheMode, CacheFlags>> = {
+  writeback: { direct: false, writethrough: false, noFlush: false },
+  writethrough: { direct: false, writethrough: true, noFlush: false },
+  unsafe: { direct: false, writethrough: false, noFlush: true },
+  none: { direct: true, writethrough: false, noFlush: false },
+  directsync: { direct: true, writethrough: true, noFlush: false },
+};
+
+/** The flags of a cache mode. */
+export function cacheFlags(mode: CacheMode): CacheFlags {
+  return CACHE_FLAGS[mode];
+}
+
+/** A cache mode as qemu-img's `-t`/`-T` spell it, or undefined for an unknown one. */
+export function parseCacheMode(text: string): CacheMode | undefined {
+  if (text === "off") return "none";
+  return Object.hasOwn(CACHE_FLAGS, text) ? text as CacheMode : undefined;
+}
+
 /** Options of {@linkcode openImage}. */
 export interface OpenOptions {
   /** Format name; probed from the first sector when absent. */
@@ -32,8 +64,13 @@ export interface OpenOptions {
   refcountCacheSize?: number;
   /** qcow2 only: QEMU's `cache-clean-interval` in seconds (0 never cleans). */
   cacheCleanInterval?: number;
-  /** `unsafe` skips the flushes that order metadata updates (QEMU's cache=unsafe). */
-  cache?: "writeback" | "unsafe";
+  /**
+   * QEMU's cache mode for the image and its backing chain: `writeback` (default, the page cache
+   * and flushes), `writethrough` (every write durable when it completes: O_DSYNC), `none`
+   * (O_DIRECT, flushes as writeback), `directsync` (O_DIRECT and O_DSYNC), `unsafe` (flushes are
+   * skipped, including the ones that order metadata updates).
+   */
+  cache?: CacheMode;
   /** Open this image alone, without its backing chain (qemu-img info, rebase -u). */
   noBacking?: boolean;
   /** The backing file's format, instead of the one the image records (QEMU's `backing.driver`). */
@@ -49,10 +86,15 @@ export interface OpenOptions {
 
 /** What the opener hands a driver. */
 export type DriverOpenOptions =
-  & Omit<OpenOptions, "format" | "forceShare" | "readOnly" | "noBacking" | "backingFormat">
+  & Omit<
+    OpenOptions,
+    "format" | "forceShare" | "readOnly" | "noBacking" | "backingFormat" | "cache"
+  >
   & {
     readOnly: boolean;
     probed: boolean;
+    /** `unsafe` skips the flushes that order metadata updates (the opener's cache=unsafe). */
+    cache?: "writeback" | "unsafe";
   };
 
 /** What a format driver offers the opener and the CLI. */
@@ -192,7 +234,13 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
     );
   }
   if (opts.format !== undefined) driverFor(opts.format, path);
-  const file = openHostFile(path, { readOnly, forceShare: opts.forceShare ?? false });
+  const flags = cacheFlags(opts.cache ?? "writeback");
+  const file = openHostFile(path, {
+    readOnly,
+    forceShare: opts.forceShare ?? false,
+    direct: flags.direct,
+    dsync: flags.writethrough,
+  });
   let node: BlockNode | undefined;
   try {
     let format = opts.format;
@@ -209,9 +257,15 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
       readOnly: _ro,
       noBacking: _nb,
       backingFormat: _bf,
+      cache: _cache,
       ...rest
     } = opts;
-    node = await driver.open(file, { ...rest, readOnly, probed });
+    node = await driver.open(file, {
+      ...rest,
+      ...(flags.noFlush ? { cache: "unsafe" as const } : {}),
+      readOnly,
+      probed,
+    });
   } catch (e) {
     file.close();
     throw e;
@@ -247,6 +301,8 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
           ? {}
           : { format: opts.backingFormat ?? name.format }),
         ...(opts.onWarning === undefined ? {} : { onWarning: opts.onWarning }),
+        // The chain inherits the cache mode, as QEMU's children inherit cache.direct/no-flush.
+        ...(opts.cache === undefined ? {} : { cache: opts.cache }),
       }, seen);
     } catch (e) {
       if (e instanceof BlockError && e.message.startsWith("Backing chain")) throw e;

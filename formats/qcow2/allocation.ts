@@ -217,8 +217,14 @@ async function writeClusters(s: Qcow2State, guestOffset: number, src: Uint8Array
   const data = src.subarray(0, consumed);
   if ((headLen > 0 && !writeHead) || (tailLen > 0 && !writeTail)) {
     // As QEMU's handle_alloc_space: new clusters whose copied parts would be zeroes are
-    // allocated whole on the host (no holes inside them), then only the data is written.
-    s.file.preallocate(host, count * cs);
+    // allocated on the host (no holes inside them), then only the data is written. It zeroes
+    // the copy-on-write span: whole clusters, or with extended L2 just the touched subclusters
+    // (so a fresh file ends where they end, as QEMU's does).
+    if (s.extendedL2) {
+      s.file.preallocate(host + (headStart - first * cs), tailEnd - headStart);
+    } else {
+      s.file.preallocate(host, count * cs);
+    }
   }
   if (!writeHead && !writeTail) {
     s.file.writeAt(hostData, data);

@@ -766,6 +766,58 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "qemu-io drop-in: cache=none and directsync (O_DIRECT) write, flush and read back what qemu-io does, unaligned too",
+  ignore,
+  async fn() {
+    const script = cmds(
+      "write -P 0x11 0 64k",
+      "write -P 0x22 100 1000",
+      "write -P 0x33 4095 2",
+      "writev -P 0x44 65000 300 700 5",
+      "flush",
+      "read -P 0x22 100 1000",
+      "read -P 0x33 4095 2",
+      "readv -P 0x44 65000 1005",
+      "read -v 96 8",
+      "write -z 200k 3k",
+      "discard 300k 64k",
+      "aio_write -P 0x55 1M 4k",
+      "aio_flush",
+      "read -P 0x55 1M 4k",
+      "map",
+    );
+    for (const mode of ["none", "directsync"]) {
+      await dropIn({ args: ["-t", mode, "-f", "raw", "IMAGE", ...script], sameBytes: true });
+      await dropIn({ args: ["-t", mode, "IMAGE", ...script], image: qcow2(), sameBytes: true });
+      await dropIn({
+        args: ["-t", mode, "IMAGE", ...script],
+        image: qcow2("cluster_size=16k", "extended_l2=on"),
+        sameBytes: true,
+      });
+    }
+    await dropIn({ args: ["-n", "-f", "raw", "IMAGE", ...script], sameBytes: true });
+    // Switching O_DIRECT on and off on an open image.
+    await dropIn({
+      args: [
+        "IMAGE",
+        ...cmds(
+          "write -P 1 0 4k",
+          "reopen -c none",
+          "write -P 2 512 100",
+          "reopen -o cache.direct=off",
+          "read -P 2 512 100",
+          "reopen -c directsync",
+          "read -P 1 0 512",
+        ),
+      ],
+      image: qcow2(),
+      sameBytes: true,
+    });
+  },
+});
+
+Deno.test({
   name: "qemu-io drop-in: -s writes to a temporary overlay; the image file stays as it was",
   ignore,
   async fn() {

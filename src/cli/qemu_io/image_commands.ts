@@ -390,10 +390,6 @@ export const reopenCommand: Command = {
       else if (key === "cache.direct") cache = { ...cache, direct: on };
       else cache = { ...cache, noFlush: on };
     }
-    if (cache.direct) {
-      s.report("Cannot reopen with cache.direct=on: vstor does not support O_DIRECT yet");
-      return false;
-    }
     // qcow2's options join those of earlier opens and reopens (QEMU's qcow2_join_options) and
     // are all checked before any takes effect.
     const retained = image.request.options.filter(([key]) => QCOW2_KEYS.has(key));
@@ -411,7 +407,8 @@ export const reopenCommand: Command = {
     }
     s.drain();
     const request: OpenRequest = { ...image.request, cache, readOnly, options: formatOptions };
-    if (readOnly === image.readOnly || image.request.snapshot) {
+    const sameFile = readOnly === image.readOnly && cache.direct === image.request.cache.direct;
+    if (sameFile || image.request.snapshot) {
       // Same node: the temporary overlay of -s stays (it is writable underneath).
       if (!readOnly && image.node.readOnly) {
         s.report(`Cannot make '${image.name}' writable: it was opened read-only`);
@@ -421,7 +418,7 @@ export const reopenCommand: Command = {
       s.image = { ...image, readOnly, request };
       return true;
     }
-    // The read-only flag of an image file changes by opening it again (QEMU reopens its fd).
+    // The read-only flag and O_DIRECT change by opening the file again (QEMU reopens its fd).
     await image.node.close();
     s.image = undefined;
     try {

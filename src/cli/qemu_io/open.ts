@@ -485,16 +485,12 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
     r.format = "raw"; // a protocol driver alone shows the file's bytes, as raw does
   }
   if (r.format !== undefined) checkDriver(r.format);
-  if (r.cache.direct) {
-    throw new OpenError(
-      "cache.direct=on (cache mode none or directsync) needs O_DIRECT, which vstor does not support yet",
-    );
-  }
-  if (r.aio === "native") {
+  if (r.aio === "native" && !r.cache.direct) {
     throw new OpenError(
       "aio=native was specified, but it requires cache.direct=on, which was not specified.",
     );
   }
+  if (r.aio === "native") throw new OpenError("aio=native is not supported by vstor yet");
   if (r.aio === "io_uring") throw new OpenError("aio=io_uring is not supported by vstor yet");
   if (r.format !== undefined) {
     const bad = unsupportedKey(r.format, formatKeys);
@@ -503,10 +499,12 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
     }
   }
   if (r.copyOnRead && r.readOnly) throw new OpenError("Can't use copy-on-read on read-only device");
+  // Writethrough is the session's (FUA writes); the host files see O_DIRECT and no-flush.
+  const cache = r.cache.direct ? "none" as const : r.cache.noFlush ? "unsafe" as const : undefined;
   const base: OpenOptions = {
     ...open,
     ...(r.format === undefined ? {} : { format: r.format }),
-    ...(r.cache.noFlush ? { cache: "unsafe" as const } : {}),
+    ...(cache === undefined ? {} : { cache }),
   };
   const readOnly = r.readOnly || r.snapshot;
   const node = await openImage(path, { ...base, readOnly, forceShare: r.forceShare });
