@@ -59,7 +59,8 @@ DEPTH at a time, reads unless -w.
   -q                   quiet: no probing warning (the result lines are printed regardless)
   -s BUFFER_SIZE       bytes per request (default 4096)
   -S STEP_SIZE         bytes between request offsets (default: the buffer size)
-  -t CACHE             writeback (default), writethrough (FUA writes) or unsafe (no flushes)
+  -t CACHE             writeback (default), writethrough (FUA writes), unsafe (no flushes),
+                       none (O_DIRECT) or directsync (O_DIRECT and FUA writes)
   -w                   write instead of read
   -U                   open read-only while others may write (force share)
   --image-opts         not supported (give the image file name)
@@ -350,22 +351,27 @@ export function parseBenchArgs(
   return { ...o, filename };
 }
 
-/** Refuse what qemu-img accepts but vstor cannot do yet, before opening anything. */
-function checkSupported(opts: BenchOptions): SupportedCacheMode {
+/**
+ * Refuse what qemu-img accepts but vstor cannot do yet, before opening anything; otherwise how
+ * the bench runs (FUA writes, skipped flushes) and whether the file is opened with O_DIRECT.
+ */
+function checkSupported(opts: BenchOptions): { cache: SupportedCacheMode; direct: boolean } {
   if (opts.aio !== "threads") {
     throw new BlockError(
       "unsupported",
-      `aio=${opts.aio} is not supported yet: vstor has only the synchronous page-cache adapter ` +
+      `aio=${opts.aio} is not supported yet: vstor has only the synchronous host adapter ` +
         "(use -i threads)",
     );
   }
-  const cache = opts.cache;
-  if (cache === "writeback" || cache === "writethrough" || cache === "unsafe") return cache;
-  throw new BlockError(
-    "unsupported",
-    `Cache mode '${cache}' needs O_DIRECT, which vstor does not support yet ` +
-      "(use writeback, writethrough or unsafe)",
-  );
+  switch (opts.cache) {
+    case "none":
+    case "off":
+      return { cache: "writeback", direct: true };
+    case "directsync":
+      return { cache: "writethrough", direct: true };
+    default:
+      return { cache: opts.cache, direct: false };
+  }
 }
 
 /**
@@ -380,11 +386,12 @@ export async function benchMain(args: string[], io: CliIo): Promise<number> {
     io.stdout(benchHelp.text);
     return EXIT_OK;
   }
-  const cache = checkSupported(opts);
+  const { cache, direct } = checkSupported(opts);
   const node = await openVerbImage(io, opts.filename, {
     ...(opts.format === undefined ? {} : { format: opts.format }),
     readOnly: !opts.write,
     forceShare: opts.forceShare,
+    ...(direct ? { cache: "none" as const } : {}),
   });
   try {
     if (opts.write && opts.format === undefined && node.format === "raw" && !opts.quiet) {
