@@ -74,7 +74,7 @@ interface Drive {
   file: string;
   format?: string;
   readOnly: boolean;
-  cache: "writeback" | "writethrough" | "unsafe";
+  cache: "writeback" | "writethrough" | "unsafe" | "none" | "directsync";
   used: boolean;
 }
 
@@ -97,8 +97,13 @@ export function machineFromArgs(
     const id = p.get("id") ?? `drive${i}`;
     if (byId.has(id)) throw new UsageError(`${what}: drive id '${id}' is used twice`);
     const cache = p.get("cache") ?? "writeback";
-    if (cache !== "writeback" && cache !== "writethrough" && cache !== "unsafe") {
-      throw new UsageError(`${what}: cache must be writeback, writethrough or unsafe`);
+    if (
+      cache !== "writeback" && cache !== "writethrough" && cache !== "unsafe" &&
+      cache !== "none" && cache !== "directsync"
+    ) {
+      throw new UsageError(
+        `${what}: cache must be writeback, writethrough, unsafe, none or directsync`,
+      );
     }
     const format = p.get("format");
     const readonly = p.get("readonly");

@@ -21,8 +21,8 @@ import {
 } from "../virtio/features.ts";
 import type { DeviceBackend } from "./backend.ts";
 
-/** How writes reach the image, as QEMU's `cache=` (only the modes vstor implements). */
-export type DriveCache = "writeback" | "writethrough" | "unsafe";
+/** How writes reach the image, as QEMU's `cache=`. */
+export type DriveCache = "writeback" | "writethrough" | "unsafe" | "none" | "directsync";
 
 /** One image a device uses, as the machine configuration gives it (after defaults). */
 export interface DriveSpec {
@@ -33,9 +33,10 @@ export interface DriveSpec {
   /** Open the image read-only; the device then refuses writes. */
   readonly readOnly: boolean;
   /**
-   * `unsafe` skips the format's metadata flushes (applied when opening); `writeback` versus
-   * `writethrough` is the device's initial write-cache mode (it implements it, since the guest
-   * may switch it).
+   * `unsafe` skips the format's metadata flushes and `none`/`directsync` open the image with
+   * O_DIRECT (applied when opening); the write cache — on for `writeback`, `none` and `unsafe`,
+   * off for `writethrough` and `directsync` — is the device's initial write-cache mode (it
+   * implements it, since the guest may switch it).
    */
   readonly cache: DriveCache;
 }

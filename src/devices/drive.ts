@@ -11,7 +11,8 @@ import type { DriveInfo, DriveSpec } from "./device_type.ts";
 
 /**
  * Opens `spec` as a block node (probing the format when not given). `cache=unsafe` reaches the
- * format (no metadata flushes); writeback versus writethrough is the device's business, since the
+ * format (no metadata flushes) and `none`/`directsync` the host file (O_DIRECT); whether the write
+ * cache is on is the device's business, since the
  * guest may switch it (virtio-blk CONFIG_WCE, the SCSI WCE bit): the device reads `cache` from
  * the spec and adds FUA or flushes itself.
  *
@@ -20,7 +21,12 @@ import type { DriveInfo, DriveSpec } from "./device_type.ts";
 export async function openDrive(spec: DriveSpec): Promise<BlockNode> {
   return await openImage(spec.file, {
     readOnly: spec.readOnly,
-    cache: spec.cache === "unsafe" ? "unsafe" : "writeback",
+    // O_DIRECT and no-flush reach the host file and the format; the write cache is the device's.
+    cache: spec.cache === "unsafe"
+      ? "unsafe"
+      : spec.cache === "none" || spec.cache === "directsync"
+      ? "none"
+      : "writeback",
     ...(spec.format === undefined ? {} : { format: spec.format }),
   });
 }

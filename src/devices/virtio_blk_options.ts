@@ -310,6 +310,6 @@ export function virtioBlkOptionsFromSpec(spec: DeviceSpec): VirtioBlkOptions {
     indirect: spec.indirect,
     packed: spec.packed,
     readOnly: drive?.readOnly ?? false,
-    writeback: drive?.cache !== "writethrough",
+    writeback: drive?.cache !== "writethrough" && drive?.cache !== "directsync",
   };
 }

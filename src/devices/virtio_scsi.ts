@@ -97,7 +97,8 @@ export interface VirtioScsiBackendInfo {
 /**
  * The machine's back-end factory (`DeviceType.backendModule` is this module), run in the iothread:
  * a {@linkcode VirtioScsiBackend} with drive i plugged in as a disk at `options.luns[i]` (default
- * target 0, LUN i), read-only as its drive, WCE off for `cache: writethrough` (as QEMU).
+ * target 0, LUN i), read-only as its drive, WCE off for `cache: writethrough` or `directsync` (as
+ * QEMU).
  *
  * The iothread should also set `backend.hooks` so that events delivered outside a kick
  * (capacity changes, run-time hotplug) raise the event queue's interrupt.
@@ -122,7 +123,7 @@ export function createBackend(init: BackendInit): BackendReady {
     const drive = spec.drives[i];
     const disk: ScsiDiskOptions = {
       readOnly: drive?.readOnly ?? node.readOnly,
-      writeCache: drive?.cache !== "writethrough",
+      writeCache: drive?.cache !== "writethrough" && drive?.cache !== "directsync",
     };
     if (place.serial !== undefined) disk.serial = place.serial;
     if (place.blockSize !== undefined) disk.blockSize = place.blockSize;

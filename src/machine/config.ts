@@ -40,7 +40,7 @@ const driveSchema = z.strictObject({
   file: z.string().min(1),
   format: z.string().min(1).optional(),
   readOnly: z.boolean().default(false),
-  cache: z.enum(["writeback", "writethrough", "unsafe"]).default("writeback"),
+  cache: z.enum(["writeback", "writethrough", "unsafe", "none", "directsync"]).default("writeback"),
 });
 
 const deviceSchema = z.strictObject({

@@ -481,3 +481,44 @@ function numberLiterals(text: string): Map<string, string> {
   value("");
   return out;
 }
+
+Deno.test("a guest writes through cache=none (O_DIRECT) and verifies through directsync, on raw and qcow2", async () => {
+  await withDir(async (dir) => {
+    for (const format of ["raw", "qcow2"] as const) {
+      const image = join(dir, `direct.${format}`);
+      await createImage(image, format, 8 * MiB);
+      const job = [
+        "--name=w",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=8",
+        "--size=2m",
+        "--verify=crc32c",
+        "--seed=16",
+      ];
+      const written = await vstor(
+        "run",
+        "--drive",
+        `file=${image},format=${format},id=d0,cache=none`,
+        "--device",
+        "virtio-blk,drive=d0",
+        ...job,
+      );
+      assert.equal(written.code, EXIT_OK, written.stderr + written.stdout);
+      assert.match(written.stdout, /verify: 512 blocks checked, 0 failed/);
+      const again = await vstor(
+        "run",
+        "--drive",
+        `file=${image},format=${format},id=d0,cache=directsync,readonly=on`,
+        "--device",
+        "virtio-scsi,id=s0",
+        "--device",
+        "scsi-hd,bus=s0,drive=d0",
+        ...job,
+        "--verify_only",
+      );
+      assert.equal(again.code, EXIT_OK, again.stderr + again.stdout);
+      assert.match(again.stdout, /verify: 512 blocks checked, 0 failed/);
+    }
+  });
+});

@@ -73,7 +73,7 @@ Deno.test("machineFromArgs names what is wrong", () => {
   const cases: Array<[string[], string[], RegExp]> = [
     [["format=raw"], [], /--drive 1: file= is required/],
     [["file=a,id=x", "file=b,id=x"], [], /drive id 'x' is used twice/],
-    [["file=a,cache=none"], ["virtio-blk,drive=drive0"], /cache must be/],
+    [["file=a,cache=nocache"], ["virtio-blk,drive=drive0"], /cache must be/],
     [["file=a,readonly=maybe"], [], /'maybe' is not on or off/],
     [["file=a,id=d"], ["virtio-blk,drive=e"], /no --drive with id 'e'/],
     [["file=a,id=d"], ["virtio-blk,drive=d", "virtio-blk,drive=d"], /attached twice/],
