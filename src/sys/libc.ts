@@ -33,6 +33,14 @@ const symbols = {
     parameters: ["i64", "i32", "i32", "i32", "i32", "pointer", "i32"],
     result: "i32",
   },
+  // The same syscall(2) with the pointer where io_uring_setup(entries, params) and
+  // io_uring_register(fd, opcode, arg, nr_args) take it.
+  syscall2: { name: "syscall", parameters: ["i64", "i32", "buffer"], result: "i32" },
+  syscall4: {
+    name: "syscall",
+    parameters: ["i64", "i32", "i32", "buffer", "i32"],
+    result: "i32",
+  },
 } as const;
 
 /**
@@ -78,6 +86,16 @@ interface Libc {
     d: number,
     e: Deno.PointerValue,
     f: number,
+  ): number;
+  /** syscall(2) with an int and a pointer (io_uring_setup). */
+  syscall2(number: bigint, a: number, b: Uint8Array<ArrayBuffer>): number;
+  /** syscall(2) with two ints, a pointer and an int (io_uring_register). */
+  syscall4(
+    number: bigint,
+    a: number,
+    b: number,
+    c: Uint8Array<ArrayBuffer>,
+    d: number,
   ): number;
 }
 
