@@ -218,8 +218,11 @@ const CASES: Case[] = [
       ["qemu-io", "-c", "write -P 1 0 64k", "@b.qcow2"],
     ],
     steps: [
-      // Cluster 0 fails: clusters 1..8 were already started, 9 and later are not.
-      ["qemu-io", "-c", "write -c -P 2 0 64k", "@a.qcow2"],
+      // Clusters 0 and 4 fail; the other six of these eight are written: QEMU starts eight
+      // compression tasks at once, so all of them run whatever fails. (With more clusters than
+      // tasks, whether QEMU starts a ninth depends on which task its thread pool finishes first:
+      // under load it sometimes writes cluster 8 or 9 too, so that is not a fact to test.)
+      ["qemu-io", "-c", "write -c -P 2 0 32k", "@a.qcow2"],
       ["qemu-io", "-c", "write -c -P 2 0 128k", "@b.qcow2"],
     ],
     images: ["a.qcow2", "b.qcow2"],
