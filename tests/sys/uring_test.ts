@@ -562,3 +562,36 @@ Deno.test("an impossible ring size is refused before the kernel sees it", () => 
   assert.throws(() => new Uring(0), RangeError);
   assert.throws(() => new Uring(65536), RangeError);
 });
+
+Deno.test({
+  name: "a failed io_uring_setup throws naming the call and the errno (EMFILE under ulimit -n 64)",
+  ignore,
+  async fn() {
+    const script = join(dir, "emfile.ts");
+    const module = new URL("../../src/sys/uring.ts", import.meta.url).href;
+    Deno.writeTextFileSync(
+      script,
+      `import { Uring } from ${JSON.stringify(module)};
+new Uring(1).close(); // libc loaded while descriptors are left
+const held = [];
+try { for (;;) held.push(Deno.openSync("/dev/null")); } catch { /* EMFILE: none left */ }
+try {
+  new Uring(4);
+  console.log("no error");
+} catch (e) {
+  console.log(JSON.stringify({ kind: e.kind, errno: e.context.errno, message: e.message }));
+}
+`,
+    );
+    const out = await new Deno.Command("bash", {
+      args: ["-c", 'ulimit -n 64 && exec "$0" run -A --no-lock "$1"', Deno.execPath(), script],
+    }).output();
+    const text = new TextDecoder().decode(out.stdout).trim();
+    assert.ok(out.success, new TextDecoder().decode(out.stderr));
+    assert.deepEqual(JSON.parse(text), {
+      kind: "io",
+      errno: 24,
+      message: "io_uring_setup: EMFILE (Too many open files)",
+    });
+  },
+});
