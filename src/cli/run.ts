@@ -53,7 +53,7 @@ temporary directory, the clone on virtio-blk and the base (read-only) on virtio-
 verified mixed workload.
 
 Attaching images:
-  --drive file=F[,format=raw|qcow2][,id=ID][,readonly=on|off][,cache=writeback|writethrough|unsafe]
+  --drive file=F[,format=raw|qcow2][,id=ID][,readonly=on|off][,cache=writeback|writethrough|unsafe|none|directsync]
   --device virtio-blk,drive=ID[,id=DEV][,num-queues=N][,queue-size=N][,event-idx=on|off]
                      [,indirect=on|off][,packed=on|off][,ioeventfd=on|off][,poll=on|off]
                      [,serial=S][,discard=on|off]
