@@ -105,7 +105,8 @@ const verbs: Record<string, Verb> = {
       "map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename",
     summary: "show where each guest range lives in the backing chain (qemu-img map)",
     usage:
-      "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE",
+      "vstor map [-f FMT] [--output=human|json] [--start-offset=OFFSET] [--max-length=LENGTH] [-U] FILE | " +
+      "vstor map --html PAGE [-f FMT] [-U] FILE",
     run: async (args, io) => (await import("./map.ts")).mapMain(args, io),
   },
   compare: {
@@ -185,8 +186,9 @@ const verbs: Record<string, Verb> = {
   },
   run: {
     summary: "run a simulated guest on images through virtio-blk/virtio-scsi (no args: main job)",
-    usage: "vstor run [--drive SPEC]... [--device SPEC]... [--machine FILE] [job options] " +
-      "[--output=json] [--compare-notifications]",
+    usage:
+      "vstor run [--drive SPEC]... [--device SPEC]... [--machine FILE] [--job FILE | job options] " +
+      "[--output-format=normal|json|json+] [--html FILE] [--compare-notifications] [--schema] [-q]",
     run: async (args, io) => (await import("./run.ts")).runMain(args, io),
   },
   demo: {

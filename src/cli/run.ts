@@ -348,6 +348,8 @@ export async function runMain(args: string[], io: CliIo): Promise<number> {
   }
   const attached = opts.drives.length > 0 || opts.devices.length > 0 || opts.machine !== undefined;
   if (!attached) {
+    // A misspelt option is named as such before the missing attachment is.
+    if (opts.jobArgs.length > 0) parseJobArgs(opts.jobArgs);
     if (opts.jobArgs.length > 0 || opts.jobFile !== undefined || opts.compare) {
       throw new UsageError("Attach an image (--drive and --device, or --machine) to run a job");
     }
