@@ -14,8 +14,9 @@ export interface HostExtent {
 
 /**
  * Bytes on the host: a file, a block device, or memory. Positional and never short; failures
- * throw `BlockError("io")` with the path and offset. Adapters finish synchronously underneath
- * (page-cache I/O is fastest that way), so callers may skip awaiting when nothing is returned.
+ * throw `BlockError("io")` with the path and offset. The synchronous calls finish before they
+ * return (page-cache I/O is fastest that way); `readAtAsync`/`writeAtAsync`, where an adapter has
+ * them, let requests overlap in the host.
  */
 export interface HostFile {
   /** The path it was opened with (named in errors). */
@@ -28,6 +29,19 @@ export interface HostFile {
   readAt(offset: number, dst: Uint8Array): void;
   /** Write all of `src` at `offset`, extending the file when needed. */
   writeAt(offset: number, src: Uint8Array): void;
+  /**
+   * As {@linkcode readAt}, without holding the thread while the host reads: many may be in flight
+   * at once (`aio=io_uring`). `dst` must stay untouched until the promise settles. Optional:
+   * callers use `readAt` when it is absent.
+   */
+  readAtAsync?(offset: number, dst: Uint8Array): Promise<void>;
+  /**
+   * As {@linkcode writeAt}, with many in flight at once; `src` must stay untouched until the
+   * promise settles. Writes in flight are unordered among themselves (overlapping ones land in
+   * either order, as on a disk); every synchronous call that writes (`writeAt`, `truncate`,
+   * `flush`, `punchHole`, `preallocate`) waits for them first, so `flush` covers them.
+   */
+  writeAtAsync?(offset: number, src: Uint8Array): Promise<void>;
   /** Set the size; growing adds a hole (zeroes). */
   truncate(size: number): void;
   /** Make completed writes durable (fdatasync). */
@@ -52,6 +66,12 @@ export function borrowFile(file: HostFile): HostFile {
     size: () => file.size(),
     readAt: (offset, dst) => file.readAt(offset, dst),
     writeAt: (offset, src) => file.writeAt(offset, src),
+    ...(file.readAtAsync === undefined
+      ? {}
+      : { readAtAsync: (offset: number, dst: Uint8Array) => file.readAtAsync!(offset, dst) }),
+    ...(file.writeAtAsync === undefined
+      ? {}
+      : { writeAtAsync: (offset: number, src: Uint8Array) => file.writeAtAsync!(offset, src) }),
     truncate: (size) => file.truncate(size),
     flush: () => file.flush(),
     punchHole: (offset, length) => file.punchHole(offset, length),

@@ -87,6 +87,16 @@ export class MemoryFile implements HostFile {
     if (end > this.#size) this.#size = end;
   }
 
+  /** {@linkcode readAt}, settled at once. */
+  async readAtAsync(offset: number, dst: Uint8Array): Promise<void> {
+    this.readAt(offset, dst);
+  }
+
+  /** {@linkcode writeAt}, settled at once. */
+  async writeAtAsync(offset: number, src: Uint8Array): Promise<void> {
+    this.writeAt(offset, src);
+  }
+
   truncate(size: number): void {
     this.#check(true);
     this.#reserve(size);
