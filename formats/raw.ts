@@ -107,7 +107,10 @@ export class RawNode implements BlockNode {
   async read(offset: number, dst: Uint8Array): Promise<void> {
     this.#live();
     checkRequest(this, "read", offset, dst.length);
-    this.#file.readAt(this.#base + offset, dst);
+    const file = this.#file;
+    // With aio=io_uring many reads are in flight at once; otherwise this finishes synchronously.
+    if (file.readAtAsync !== undefined) return await file.readAtAsync(this.#base + offset, dst);
+    file.readAt(this.#base + offset, dst);
   }
 
   async write(offset: number, src: Uint8Array, opts?: WriteOptions): Promise<void> {
@@ -115,7 +118,9 @@ export class RawNode implements BlockNode {
     checkRequest(this, "write", offset, src.length);
     if (this.#probed && offset < PROBE_BYTES && src.length > 0) this.#guardFirstSector(offset, src);
     this.#unflushed = true;
-    this.#file.writeAt(this.#base + offset, src);
+    const file = this.#file;
+    if (file.writeAtAsync !== undefined) await file.writeAtAsync(this.#base + offset, src);
+    else file.writeAt(this.#base + offset, src);
     if (opts?.fua) this.#flushFile();
   }
 
