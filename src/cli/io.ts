@@ -16,8 +16,9 @@
  *
  * Differences from qemu-io 7.2: sizes are exact bytes (QEMU rounds a raw image's length up to a
  * multiple of 512); VM state (`-b`) is never supported; `truncate -m falloc|full` grows by writing
- * zeroes; cache modes needing O_DIRECT (`none`, `directsync`, `-n`) and `aio=io_uring` fail to
- * open with "not supported yet"; aio requests run when submitted and their completions print, in
+ * zeroes; `aio=native` runs on io_uring (vstor has no linux-aio; QEMU's rule that it needs
+ * `cache.direct=on` holds), and `Unable to use io_uring:` names io_uring_setup's errno where QEMU
+ * names none; aio requests run when submitted and their completions print, in
  * submission order, when qemu-io's event loop would run (`aio_flush`, `flush`, `sleep`, `close`,
  * after a synchronous I/O command's own output, at exit), where qemu-io's order depends on thread
  * timing; `reopen -o` changes only `read-only`, `cache.direct` and `cache.no-flush`; blkdebug

@@ -1246,9 +1246,17 @@ Deno.test("info prints qcow2's format specific block", async () => {
   });
 });
 
-Deno.test("cache, aio and discard modes: checked as qemu-io; O_DIRECT works, native and io_uring not yet", async () => {
+Deno.test("cache, aio and discard modes: checked as qemu-io; O_DIRECT, io_uring and native (as io_uring) work", async () => {
   await withImage(1 << 20, async (path) => {
-    for (const flags of [["-t", "none"], ["-t", "directsync"], ["-n"]]) {
+    const runs = [
+      ["-t", "none"],
+      ["-t", "directsync"],
+      ["-n"],
+      ["-i", "io_uring"],
+      ["-t", "none", "-i", "native"],
+      ["-n", "-k"],
+    ];
+    for (const flags of runs) {
       const r = await entry("qemu-io", [
         ...flags,
         "-f",
@@ -1268,8 +1276,6 @@ Deno.test("cache, aio and discard modes: checked as qemu-io; O_DIRECT works, nat
     const cases: Array<[string[], string]> = [
       [["-i", "native"], "aio=native was specified, but it requires cache.direct=on"],
       [["-k"], "aio=native was specified, but it requires cache.direct=on"],
-      [["-t", "none", "-i", "native"], "aio=native is not supported by vstor yet"],
-      [["-i", "io_uring"], "aio=io_uring is not supported by vstor yet"],
     ];
     for (const [flags, message] of cases) {
       const r = await entry("qemu-io", [...flags, "-f", "raw", path, "-c", "length"]);

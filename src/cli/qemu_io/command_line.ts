@@ -71,12 +71,14 @@ Run qemu-io 7.2 commands on an image: each -c CMD in order, or one command per l
                          offset=N, size=N ...)
   -r, --read-only        open the image read-only
   -s, --snapshot         write to a temporary qcow2 overlay deleted at exit: FILE never changes
-  -t, --cache=MODE       writethrough (default), writeback, unsafe; none and directsync need
-                         O_DIRECT, which vstor does not support yet
-  -n, --nocache          -t none (not supported yet)
+  -t, --cache=MODE       writethrough (default), writeback, unsafe, none (O_DIRECT) or
+                         directsync (O_DIRECT, writes durable when they complete)
+  -n, --nocache          -t none
   -d, --discard=MODE     unmap/on (default), ignore/off
-  -i, --aio=MODE         threads (io_uring and native are not supported yet)
-  -k, --native-aio       -i native (not supported yet)
+  -i, --aio=MODE         threads (default), io_uring (raw images keep requests in flight
+                         through io_uring), native (QEMU's linux-aio, which vstor maps to
+                         io_uring; needs -t none or directsync, as in QEMU)
+  -k, --native-aio       -i native
   -C, --copy-on-read     copy data read from the backing file into the image
   -m, --misalign         misalign buffers (accepted; vstor buffers need no alignment)
   -T, --trace OPTS       tracing options (accepted and ignored)

@@ -490,8 +490,6 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
       "aio=native was specified, but it requires cache.direct=on, which was not specified.",
     );
   }
-  if (r.aio === "native") throw new OpenError("aio=native is not supported by vstor yet");
-  if (r.aio === "io_uring") throw new OpenError("aio=io_uring is not supported by vstor yet");
   if (r.format !== undefined) {
     const bad = unsupportedKey(r.format, formatKeys);
     if (bad !== undefined) {
@@ -507,7 +505,9 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
     ...(cache === undefined ? {} : { cache }),
   };
   const readOnly = r.readOnly || r.snapshot;
-  const node = await openImage(path, { ...base, readOnly, forceShare: r.forceShare });
+  // vstor has no linux-aio: aio=native (O_DIRECT only, checked above) runs on io_uring.
+  const aio = r.aio === "threads" ? {} : { aio: "io_uring" as const };
+  const node = await openImage(path, { ...base, ...aio, readOnly, forceShare: r.forceShare });
   if (r.format === undefined) {
     const bad = unsupportedKey(node.format, formatKeys);
     if (bad !== undefined) {
