@@ -116,11 +116,15 @@ export { MemoryFile } from "./src/host/memory.ts";
 
 // ── Formats: images as block nodes, and what qemu-img's verbs do to them ──────────────────────
 export {
+  type CacheFlags,
+  cacheFlags,
+  type CacheMode,
   createImage,
   type CreateOptions,
   formatNames,
   openImage,
   type OpenOptions,
+  parseCacheMode,
 } from "./formats/open.ts";
 export { type ProbedFormat, probeFormat } from "./formats/probe.ts";
 export { RawNode, type RawOptions } from "./formats/raw.ts";
