@@ -265,8 +265,15 @@ Deno.test("an iothread Worker raising while the VMM unmasks never strands a PBA 
       Atomics.store(control, 0, round); // let the worker raise ...
       for (let i = (round * 7) % 2003; i > 0; i--) sink += i; // ... after a varying head start
       irq.msixTableWrite(12, 4, 0); // unmask, racing the raise
-      if (Atomics.wait(control, 1, round - 1, 10_000) === "timed-out") {
-        assert.fail(`the worker never raised in round ${round}`);
+      // Wait until the worker says this round is done. A wake-up alone proves nothing: the
+      // worker's notify for the previous round can land late, after its store was already seen
+      // (found under load: the round was then checked before this raise had delivered).
+      const deadline = performance.now() + 10_000;
+      while (Atomics.load(control, 1) !== round) {
+        const left = deadline - performance.now();
+        if (left <= 0 || Atomics.wait(control, 1, round - 1, left) === "timed-out") {
+          assert.fail(`the worker never raised in round ${round}`);
+        }
       }
       // No unmask follows the raise: a PBA bit set now would be an interrupt lost for good.
       assert.equal(irq.isPending(0), false, `PBA bit stranded in round ${round}`);
