@@ -269,6 +269,7 @@ export {
 export type { BackendHooks, DeviceBackend } from "./src/devices/backend.ts";
 export type { DeviceQueueCounters, DeviceThreadCounters } from "./src/devices/iothread_protocol.ts";
 export { openDrive } from "./src/devices/drive.ts";
+export type { BlockErrorAction, ErrorDecision } from "./src/devices/error_policy.ts";
 export {
   deviceType as virtioBlkDeviceType,
   type ResolvedVirtioBlkOptions,

@@ -54,6 +54,9 @@ verified mixed workload.
 
 Attaching images:
   --drive file=F[,format=raw|qcow2][,id=ID][,readonly=on|off][,cache=writeback|writethrough|unsafe|none|directsync]
+                     [,werror=report|ignore|stop|enospc][,rerror=report|ignore|stop|enospc]
+                      what a failed write/read does (QEMU's; default werror=enospc, rerror=report):
+                      stop ends the run with "the VM stopped: …", exit 1
   --device virtio-blk,drive=ID[,id=DEV][,num-queues=N][,queue-size=N][,event-idx=on|off]
                      [,indirect=on|off][,packed=on|off][,ioeventfd=on|off][,poll=on|off]
                      [,serial=S][,discard=on|off]

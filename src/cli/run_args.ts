@@ -1,6 +1,7 @@
 /**
  * QEMU-style `--drive` and `--device` options for `vstor run`, turned into a machine
- * configuration: `--drive file=disk.qcow2,format=qcow2,id=d0,readonly=off,cache=writeback`,
+ * configuration: `--drive file=disk.qcow2,format=qcow2,id=d0,readonly=off,cache=writeback`
+ * (and QEMU's `werror=`/`rerror=` `report|ignore|stop|enospc`),
  * `--device virtio-blk,drive=d0,num-queues=2,event-idx=on,indirect=on,packed=off,ioeventfd=on`,
  * `--device virtio-scsi,id=s0` with `--device scsi-hd,bus=s0,drive=d1,lun=0`.
  *
@@ -75,7 +76,20 @@ interface Drive {
   format?: string;
   readOnly: boolean;
   cache: "writeback" | "writethrough" | "unsafe" | "none" | "directsync";
+  werror?: ErrorAction;
+  rerror?: ErrorAction;
   used: boolean;
+}
+
+type ErrorAction = "report" | "ignore" | "stop" | "enospc";
+
+/** `werror=`/`rerror=` as QEMU takes them. */
+function errorAction(value: string | undefined, what: string): ErrorAction | undefined {
+  if (value === undefined) return undefined;
+  if (value === "report" || value === "ignore" || value === "stop" || value === "enospc") {
+    return value;
+  }
+  throw new UsageError(`${what}: '${value}' is not report, ignore, stop or enospc`);
 }
 
 /**
@@ -107,6 +121,8 @@ export function machineFromArgs(
     }
     const format = p.get("format");
     const readonly = p.get("readonly");
+    const werror = errorAction(p.get("werror"), `${what} werror`);
+    const rerror = errorAction(p.get("rerror"), `${what} rerror`);
     const ifValue = p.get("if");
     if (ifValue !== undefined && ifValue !== "none") {
       throw new UsageError(`${what}: only if=none is supported (attach it with --device)`);
@@ -118,6 +134,8 @@ export function machineFromArgs(
       ...(format === undefined ? {} : { format }),
       readOnly: readonly === undefined ? false : onOff(readonly, `${what} readonly`),
       cache,
+      ...(werror === undefined ? {} : { werror }),
+      ...(rerror === undefined ? {} : { rerror }),
       used: false,
     });
   }

@@ -54,6 +54,23 @@ export interface RunMachineOptions {
   readonly sampleMs?: number;
 }
 
+/**
+ * The machine stopped on an I/O error (a drive's `werror`/`rerror` `stop`, or `enospc` on
+ * ENOSPC): the run ended there, the machine was shut down (images flushed and closed; the held
+ * requests were never acknowledged to the guest).
+ */
+export class VmStoppedError extends Error {
+  override readonly name = "VmStoppedError";
+  /** Why, as the machine gave it: `io error on drive d0 (write): No space left on device`. */
+  readonly reason: string;
+
+  /** @param reason {@linkcode Machine.stopReason} */
+  constructor(reason: string) {
+    super(`the VM stopped: ${reason}`);
+    this.reason = reason;
+  }
+}
+
 /** How long a whole run may take before it is called stuck. */
 const RUN_LIMIT_MS = 15 * 60_000;
 /** Samples kept before the timeline halves its resolution. */
@@ -125,7 +142,10 @@ export async function runMachine(
         report(p.ops, p.bytes, performance.now() - started);
       }, 250));
     }
-    const run = await vcpu.result as GuestRunResult;
+    // A device stopped on an I/O error holds the request the guest waits for: end the run.
+    const stopped = machine.stopped.then((reason) => Promise.reject(new VmStoppedError(reason)));
+    stopped.catch(() => {});
+    const run = await Promise.race([vcpu.result, stopped]) as GuestRunResult;
     sample(true);
     await machine.sync();
     return { run, stats: machine.stats(), timeline, startedAt };

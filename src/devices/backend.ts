@@ -19,6 +19,12 @@ export interface BackendHooks {
   interrupt(queue: number): void;
   /** The driver broke the ring rules outside a kick: DEVICE_NEEDS_RESET. */
   needsReset(error: Error): void;
+  /**
+   * The device stopped on a failed request (`werror`/`rerror` `stop`, or `enospc` on ENOSPC): it
+   * holds the request and takes no more until reset; the VMM learns `reason` (QEMU's
+   * BLOCK_IO_ERROR event and the `io-error` run state).
+   */
+  stop?(reason: string): void;
 }
 
 /**

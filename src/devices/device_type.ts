@@ -20,12 +20,15 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../virtio/features.ts";
 import type { DeviceBackend } from "./backend.ts";
+import type { BlockErrorAction } from "./error_policy.ts";
 
 /** How writes reach the image, as QEMU's `cache=`. */
 export type DriveCache = "writeback" | "writethrough" | "unsafe" | "none" | "directsync";
 
 /** One image a device uses, as the machine configuration gives it (after defaults). */
 export interface DriveSpec {
+  /** The drive's name in the configuration, for messages (the device id when absent). */
+  readonly id?: string | undefined;
   /** Path of the image. */
   readonly file: string;
   /** Image format; probed when absent. */
@@ -39,6 +42,10 @@ export interface DriveSpec {
    * implements it, since the guest may switch it).
    */
   readonly cache: DriveCache;
+  /** What a failed write does (QEMU `werror`); `enospc` when absent. */
+  readonly werror?: BlockErrorAction | undefined;
+  /** What a failed read does (QEMU `rerror`); `report` when absent. */
+  readonly rerror?: BlockErrorAction | undefined;
 }
 
 /** One device of the machine configuration (after defaults), as the device type sees it. */

@@ -313,6 +313,7 @@ class Iothread {
       this.#backend.hooks = {
         interrupt: (queue) => served.find((s) => s.index === queue)?.interrupt(),
         needsReset: (error) => this.#fault(epoch, -1, error),
+        stop: (reason) => post({ kind: "stopped", reason }),
       };
     } catch (error) {
       this.#fault(epoch, -1, error);

@@ -77,6 +77,8 @@ export type IothreadReply =
     readonly fault: string;
     readonly message: string;
   }
+  /** The device stopped on a failed request and holds it (`werror`/`rerror` `stop`). */
+  | { readonly kind: "stopped"; readonly reason: string }
   /** The iothread cannot go on (startup failure, a bug); the VMM terminates it. */
   | { readonly kind: "failed"; readonly message: string; readonly stack?: string };
 

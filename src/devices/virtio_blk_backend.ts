@@ -9,6 +9,7 @@
 
 import type { BlockNode, WriteOptions, WriteZeroesOptions } from "../block/node.ts";
 import { BlockError } from "../errors.ts";
+import { errorDecision, stopReason } from "./error_policy.ts";
 import { hasFeature } from "../virtio/features.ts";
 import type { GuestMemory } from "../virtio/memory.ts";
 import {
@@ -17,7 +18,7 @@ import {
   ringFault,
   VirtqueueError,
 } from "../virtio/queue.ts";
-import type { DeviceBackend } from "./backend.ts";
+import type { BackendHooks, DeviceBackend } from "./backend.ts";
 import {
   BDRV_REQUEST_MAX_SECTORS,
   VIRTIO_BLK_F_DISCARD,
@@ -88,6 +89,10 @@ export interface VirtioBlkStats {
   merges: number;
   /** Guest requests that went out as part of a merged node request. */
   mergedRequests: number;
+  /** Failed requests completed as successes (`werror`/`rerror` `ignore`). */
+  ignoredErrors: number;
+  /** Failed requests held, not completed, since the device stopped (`stop`, `enospc`). */
+  heldRequests: number;
 }
 
 function newStats(): VirtioBlkStats {
@@ -103,8 +108,13 @@ function newStats(): VirtioBlkStats {
     unsupported: 0,
     merges: 0,
     mergedRequests: 0,
+    ignoredErrors: 0,
+    heldRequests: 0,
   };
 }
+
+/** Not a status: the request is held (the device stopped on it). */
+const HELD = -1;
 
 /** Little-endian u32 at `at` of a view (the header may be in any view, so no shared DataView). */
 function le32(v: Uint8Array, at: number): number {
@@ -250,8 +260,14 @@ export class VirtioBlkBackend implements DeviceBackend {
   // Read once per drain: the cache mode and the disk's size in sectors.
   #writeback = true;
   #totalSectors = 0;
+  /** Why the device stopped (a failed request under `stop`/`enospc`), until reset. */
+  #stopReason: string | null = null;
+  /** The requests held since the stop: never completed (QEMU would retry them on `cont`). */
+  #held: DescriptorChain[] = [];
   /** The last error a node threw (it became IOERR), for diagnostics. */
   lastError: unknown = undefined;
+  /** Set by the iothread: `stop` tells the VMM why the device stopped. */
+  hooks: BackendHooks | null = null;
 
   /**
    * Builds the back-end over `node`; it serves no queue until {@linkcode activate}.
@@ -276,6 +292,21 @@ export class VirtioBlkBackend implements DeviceBackend {
     this.#blockSize = o.logicalBlockSize;
     this.#sectorMask = o.logicalBlockSize / VIRTIO_BLK_SECTOR_SIZE - 1;
     this.#serial = new TextEncoder().encode(o.serial);
+  }
+
+  /**
+   * Why the device stopped taking requests — `io error on drive d0 (write): No space left on
+   * device` — after a failed request under `werror`/`rerror` `stop` (or `enospc` on ENOSPC), until
+   * {@linkcode reset}; else null. The failed request and any failing after it are held, never
+   * completed, so the guest sees no acknowledgement of data that did not reach the image.
+   */
+  get stopReason(): string | null {
+    return this.#stopReason;
+  }
+
+  /** Requests held since the stop (not completed). */
+  get held(): number {
+    return this.#held.length;
   }
 
   /** True after a device error, until {@linkcode reset}: the driver must reset the device. */
@@ -317,7 +348,7 @@ export class VirtioBlkBackend implements DeviceBackend {
    */
   async processQueue(index: number, interrupt: () => void): Promise<void> {
     const q = this.#queues[index];
-    if (q === undefined || q.running || this.#broken) return;
+    if (q === undefined || q.running || this.#broken || this.#stopReason !== null) return;
     q.running = true;
     const queue = q.queue;
     try {
@@ -325,7 +356,12 @@ export class VirtioBlkBackend implements DeviceBackend {
         queue.disableNotifications();
         this.#writeback = this.#shared.writeback;
         this.#totalSectors = capacitySectors(this.#node.size);
-        for (let chain = queue.pop(); chain !== null; chain = queue.pop()) {
+        // A stopped device takes no new request; what it popped already still runs.
+        for (
+          let chain = queue.pop();
+          chain !== null;
+          chain = this.#stopReason === null ? queue.pop() : null
+        ) {
           const pending = this.#handle(q, chain);
           if (pending !== null) {
             await pending;
@@ -337,7 +373,7 @@ export class VirtioBlkBackend implements DeviceBackend {
           if (q.dead) return;
         }
         if (queue.publish()) interrupt();
-      } while (queue.enableNotifications());
+      } while (this.#stopReason === null && queue.enableNotifications());
     } catch (e) {
       // A GuestMemoryError is a ring fault too (outside-ram), whoever let it through.
       if (ringFault(e, index) !== null) {
@@ -361,6 +397,8 @@ export class VirtioBlkBackend implements DeviceBackend {
     }
     this.#queues = [];
     this.#broken = false;
+    this.#stopReason = null;
+    this.#held = [];
   }
 
   /**
@@ -555,11 +593,10 @@ export class VirtioBlkBackend implements DeviceBackend {
           if (isWrite) await this.#node.write(offset, view, this.#writeback ? undefined : FUA);
           else await this.#node.read(offset, view);
         } catch (e) {
-          this.lastError = e;
-          status = VIRTIO_BLK_S_IOERR;
+          status = this.#failed(e, isWrite);
         }
         if (q.dead) return;
-        this.#complete(q, chain, status);
+        this.#completeOrHold(q, chain, status);
       } else {
         await this.#run(q, start, end, total, isWrite);
         if (q.dead) return;
@@ -584,11 +621,10 @@ export class VirtioBlkBackend implements DeviceBackend {
         await this.#transferMerged(q, start, end, offset, total, isWrite);
       }
     } catch (e) {
-      this.lastError = e;
-      status = VIRTIO_BLK_S_IOERR;
+      status = this.#failed(e, isWrite);
     }
     if (q.dead) return;
-    for (let k = start; k < end; k++) this.#complete(q, q.mrbChains[slotAt(q, k)]!, status);
+    for (let k = start; k < end; k++) this.#completeOrHold(q, q.mrbChains[slotAt(q, k)]!, status);
   }
 
   /**
@@ -714,10 +750,10 @@ export class VirtioBlkBackend implements DeviceBackend {
     try {
       await this.#node.flush();
     } catch (e) {
-      this.lastError = e;
-      status = VIRTIO_BLK_S_IOERR;
+      // QEMU takes a failed flush for a failed write (werror).
+      status = this.#failed(e, true);
     }
-    if (!q.dead) this.#complete(q, chain, status);
+    if (!q.dead) this.#completeOrHold(q, chain, status);
   }
 
   /**
@@ -820,10 +856,39 @@ export class VirtioBlkBackend implements DeviceBackend {
         }
       }
     } catch (e) {
-      this.lastError = e;
-      status = VIRTIO_BLK_S_IOERR;
+      status = this.#failed(e, true);
     }
-    if (!q.dead) this.#complete(q, chain, status);
+    if (!q.dead) this.#completeOrHold(q, chain, status);
+  }
+
+  /**
+   * The status of a request the node failed, under the drive's policy (QEMU's
+   * virtio_blk_handle_rw_error): IOERR (`report`), OK (`ignore`), or -1 when the request is to be
+   * held and the device stops (`stop`, `enospc` on ENOSPC).
+   */
+  #failed(e: unknown, isWrite: boolean): number {
+    this.lastError = e;
+    const o = this.options;
+    const decision = errorDecision(isWrite ? o.werror : o.rerror, e);
+    if (decision === "report") return VIRTIO_BLK_S_IOERR;
+    if (decision === "ignore") {
+      this.stats.ignoredErrors++;
+      return VIRTIO_BLK_S_OK;
+    }
+    if (this.#stopReason === null) {
+      this.#stopReason = stopReason(o.driveName, isWrite, e);
+      this.hooks?.stop?.(this.#stopReason);
+    }
+    return HELD;
+  }
+
+  #completeOrHold(q: BlkQueue, chain: DescriptorChain, status: number): void {
+    if (status !== HELD) {
+      this.#complete(q, chain, status);
+      return;
+    }
+    this.#held.push(chain);
+    this.stats.heldRequests++;
   }
 
   /** Writes the status byte (the chain's last writable byte) and stages the completion. */

@@ -16,6 +16,12 @@ import {
 import { VIRTIO_QUEUE_MAX } from "../virtio/interrupts.ts";
 import type { DeviceSpec } from "./device_type.ts";
 import {
+  BLOCK_ERROR_ACTIONS,
+  type BlockErrorAction,
+  DEFAULT_RERROR,
+  DEFAULT_WERROR,
+} from "./error_policy.ts";
+import {
   BDRV_REQUEST_MAX_SECTORS,
   VIRTIO_BLK_F_BLK_SIZE,
   VIRTIO_BLK_F_CONFIG_WCE,
@@ -82,6 +88,12 @@ export interface VirtioBlkOptions {
   requestMerging?: boolean;
   /** Largest merged request in bytes (QEMU: the node's max transfer). Default 1 MiB. */
   maxMergeBytes?: number;
+  /** A failed write (QEMU `werror`). Default `enospc`. */
+  werror?: BlockErrorAction;
+  /** A failed read (QEMU `rerror`). Default `report`. */
+  rerror?: BlockErrorAction;
+  /** The drive's name in a stop reason. Default `virtio-blk`. */
+  driveName?: string;
 }
 
 /** {@linkcode VirtioBlkOptions} with every default filled in and every value checked. */
@@ -210,7 +222,19 @@ export function resolveVirtioBlkOptions(options: VirtioBlkOptions = {}): Resolve
       VIRTIO_BLK_SECTOR_SIZE,
       BDRV_REQUEST_MAX_SECTORS * VIRTIO_BLK_SECTOR_SIZE,
     ),
+    werror: checkAction("werror", options.werror ?? DEFAULT_WERROR),
+    rerror: checkAction("rerror", options.rerror ?? DEFAULT_RERROR),
+    driveName: options.driveName ?? "virtio-blk",
   };
+}
+
+function checkAction(name: string, value: BlockErrorAction): BlockErrorAction {
+  if (!BLOCK_ERROR_ACTIONS.includes(value)) {
+    throw new RangeError(
+      `virtio-blk ${name} ${JSON.stringify(value)} is not one of ${BLOCK_ERROR_ACTIONS.join(", ")}`,
+    );
+  }
+  return value;
 }
 
 /**
@@ -292,7 +316,16 @@ export class VirtioBlkShared {
 /** The options of a device as the machine configures it (`DeviceSpec`): its device options. */
 export type VirtioBlkDeviceOptions = Omit<
   VirtioBlkOptions,
-  "numQueues" | "queueSize" | "eventIdx" | "indirect" | "packed" | "readOnly" | "writeback"
+  | "numQueues"
+  | "queueSize"
+  | "eventIdx"
+  | "indirect"
+  | "packed"
+  | "readOnly"
+  | "writeback"
+  | "werror"
+  | "rerror"
+  | "driveName"
 >;
 
 /**
@@ -311,5 +344,8 @@ export function virtioBlkOptionsFromSpec(spec: DeviceSpec): VirtioBlkOptions {
     packed: spec.packed,
     readOnly: drive?.readOnly ?? false,
     writeback: drive?.cache !== "writethrough" && drive?.cache !== "directsync",
+    werror: drive?.werror ?? DEFAULT_WERROR,
+    rerror: drive?.rerror ?? DEFAULT_RERROR,
+    driveName: drive?.id ?? spec.id,
   };
 }

@@ -41,6 +41,10 @@ const driveSchema = z.strictObject({
   format: z.string().min(1).optional(),
   readOnly: z.boolean().default(false),
   cache: z.enum(["writeback", "writethrough", "unsafe", "none", "directsync"]).default("writeback"),
+  /** A failed write: tell the guest, ignore it, stop the VM, or stop on ENOSPC only (QEMU's). */
+  werror: z.enum(["report", "ignore", "stop", "enospc"]).default("enospc"),
+  /** A failed read, as `werror` (QEMU's default: report). */
+  rerror: z.enum(["report", "ignore", "stop", "enospc"]).default("report"),
 });
 
 const deviceSchema = z.strictObject({
@@ -292,10 +296,13 @@ export function parseMachineConfig(input: unknown): MachineConfig {
       type: d.type,
       id: d.id,
       drives: (d.drives ?? (d.drive === undefined ? [] : [d.drive])).map((drive) => ({
+        id: drive.id,
         file: drive.file,
         format: drive.format,
         readOnly: drive.readOnly,
         cache: drive.cache,
+        werror: drive.werror,
+        rerror: drive.rerror,
       })),
       numQueues: d.numQueues,
       queueSize: d.queueSize,

@@ -49,6 +49,8 @@ export interface DeviceHostOptions {
   readonly onFatal: (error: MachineError) => void;
   /** A reset the vCPU's exit must wait for (the iothread quiescing). */
   readonly onBarrier: (done: Promise<void>) => void;
+  /** The device stopped on a failed request (`werror`/`rerror` `stop`): why. */
+  readonly onStop?: (reason: string) => void;
 }
 
 type Control =
@@ -87,6 +89,8 @@ export class DeviceHost {
   readonly control: ControlWord = new ControlWord();
   /** Recent faults the iothread reported (at most 32, oldest dropped). */
   readonly faults: DeviceFault[] = [];
+  /** Why the device stopped on a failed request (`werror`/`rerror` `stop`), else null. */
+  stopReason: string | null = null;
   readonly #opts: DeviceHostOptions;
   readonly #worker: Worker;
   readonly #pending = new Map<number, Pending>();
@@ -331,6 +335,10 @@ export class DeviceHost {
       case "fault":
         this.faults.push({ queue: reply.queue, fault: reply.fault, message: reply.message });
         if (this.faults.length > MAX_FAULTS) this.faults.shift();
+        return;
+      case "stopped":
+        this.stopReason ??= reply.reason;
+        this.#opts.onStop?.(reply.reason);
         return;
       case "failed":
         this.#die(new MachineError(this.spec.id, reply.message));

@@ -99,6 +99,8 @@ export interface DeviceStats {
   readonly thread: DeviceThreadCounters;
   /** Recent ring faults the iothread reported. */
   readonly faults: readonly DeviceFault[];
+  /** Why the device stopped on a failed request (`werror`/`rerror` `stop`), else null. */
+  readonly stopReason: string | null;
 }
 
 /** Everything {@linkcode Machine.stats} gathers. */
@@ -165,11 +167,15 @@ export class Machine implements ExitHandler {
   #state: MachineState = "created";
   #error: MachineError | null = null;
   #closing: Promise<void> | null = null;
+  #stopReason: string | null = null;
+  readonly #stopped: Promise<string>;
+  #resolveStopped: (reason: string) => void = () => {};
 
   private constructor(config: MachineConfig, options: MachineOptions) {
     this.config = config;
     this.#options = options;
     this.memory = new GuestMemory(ramRegions(config.memoryMiB));
+    this.#stopped = new Promise((resolve) => this.#resolveStopped = resolve);
   }
 
   /**
@@ -205,6 +211,7 @@ export class Machine implements ExitHandler {
         controlTimeoutMs: config.controlTimeoutMs,
         onFatal: (error) => this.#fatal(error),
         onBarrier: (done) => this.#barriers.push(done),
+        onStop: (reason) => this.#ioErrorStop(reason),
       })
     ));
     for (const s of started) if (s.status === "fulfilled") this.#devices.push(s.value);
@@ -224,6 +231,21 @@ export class Machine implements ExitHandler {
     }
     this.bus.assignBars(MMIO_WINDOW);
     this.#refreshDoorbells();
+  }
+
+  /**
+   * Why the machine stopped on an I/O error — a device failed a request under a drive's
+   * `werror`/`rerror` `stop` (or `enospc` on ENOSPC) and holds it: `io error on drive d0 (write):
+   * No space left on device` — else null. QEMU's `io-error` run state: the guest waits on the held
+   * requests; the VMM decides (shut down, or reset the device).
+   */
+  get stopReason(): string | null {
+    return this.#stopReason;
+  }
+
+  /** Settles with {@linkcode stopReason} when the machine first stops on an I/O error. */
+  get stopped(): Promise<string> {
+    return this.#stopped;
   }
 
   /** The first fatal error (a device's iothread died), if any. */
@@ -469,6 +491,7 @@ export class Machine implements ExitHandler {
       interrupts: fn.interrupts.stats,
       thread: d.counters.thread,
       faults: [...d.faults],
+      stopReason: d.stopReason,
     };
   }
 
@@ -485,6 +508,12 @@ export class Machine implements ExitHandler {
   #checkAlive(): void {
     if (this.#error !== null) throw this.#error;
     if (this.#state === "shut down") throw new MachineError(undefined, "The machine is shut down");
+  }
+
+  #ioErrorStop(reason: string): void {
+    if (this.#stopReason !== null) return;
+    this.#stopReason = reason;
+    this.#resolveStopped(reason);
   }
 
   /** A device's iothread died: the vCPU cannot go on (it would wait for it for ever). */

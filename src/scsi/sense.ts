@@ -25,6 +25,9 @@ export const SENSE_FIXED_CURRENT = 0x70;
 export const SENSE_DESCRIPTOR_CURRENT = 0x72;
 /** Bytes of fixed-format sense data without additional bytes (additional length 10). */
 export const SCSI_SENSE_LEN = 18;
+
+/** Linux's ENOSPC (the host errno a full file system fails a write with). */
+const ENOSPC = 28;
 /** Bytes of descriptor-format sense data with one information descriptor. */
 export const SCSI_SENSE_DESC_INFO_LEN = 20;
 
@@ -60,6 +63,8 @@ export const SENSE_CODE = Object.freeze({
   LUN_NOT_READY: code(NOT_READY, 0x04, 0x03),
   /** WRITE ERROR. */
   WRITE_ERROR: code(MEDIUM_ERROR, 0x0c, 0x00),
+  /** SPACE ALLOCATION FAILED WRITE PROTECT (QEMU's sense for ENOSPC). */
+  SPACE_ALLOC_FAILED: code(DATA_PROTECT, 0x27, 0x07),
   /** UNRECOVERED READ ERROR. */
   READ_ERROR: code(MEDIUM_ERROR, 0x11, 0x00),
   /** INTERNAL TARGET FAILURE. */
@@ -184,9 +189,11 @@ export function senseForReadError(e: unknown): SenseCode {
 
 /**
  * The sense code a failed block-layer write, zero-write, discard or flush becomes: a read-only (or
- * corrupt, hence read-only) node is WRITE PROTECTED, everything else a WRITE ERROR.
+ * corrupt, hence read-only) node is WRITE PROTECTED, a host out of space (ENOSPC) SPACE ALLOCATION
+ * FAILED as QEMU's `scsi_sense_from_errno`, everything else a WRITE ERROR.
  */
 export function senseForWriteError(e: unknown): SenseCode {
+  if (isBlockError(e) && e.context.errno === ENOSPC) return SENSE_CODE.SPACE_ALLOC_FAILED;
   if (isBlockError(e, "read-only") || isBlockError(e, "corrupt")) {
     return SENSE_CODE.WRITE_PROTECTED;
   }

@@ -81,6 +81,8 @@ export class CountingNode implements BlockNode {
   readonly calls: NodeCall[] = [];
   record = true;
   failAt: number | null = null;
+  /** What an access over `failAt` throws (default a plain media error). */
+  failWith: (() => Error) | null = null;
   reads = 0;
   writes = 0;
   fuaWrites = 0;
@@ -126,7 +128,7 @@ export class CountingNode implements BlockNode {
 
   #check(offset: number, length: number): void {
     if (this.failAt !== null && offset <= this.failAt && this.failAt < offset + length) {
-      throw new Error(`Simulated media error at ${this.failAt}`);
+      throw this.failWith?.() ?? new Error(`Simulated media error at ${this.failAt}`);
     }
   }
 

@@ -30,7 +30,15 @@ Deno.test("parseMachineConfig applies defaults and folds drive into drives", () 
     devices: [{
       type: "virtio-blk",
       id: "disk0",
-      drives: [{ file: "a.qcow2", format: undefined, readOnly: false, cache: "writeback" }],
+      drives: [{
+        id: undefined,
+        file: "a.qcow2",
+        format: undefined,
+        readOnly: false,
+        cache: "writeback",
+        werror: "enospc",
+        rerror: "report",
+      }],
       numQueues: 1,
       queueSize: 256,
       eventIdx: true,

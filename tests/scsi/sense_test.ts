@@ -61,6 +61,7 @@ Deno.test("the sense table has the SPC key/ASC/ASCQ values", () => {
     ["WRITE_PROTECTED", 7, 0x27, 0],
     ["READ_ERROR", 3, 0x11, 0],
     ["WRITE_ERROR", 3, 0x0c, 0],
+    ["SPACE_ALLOC_FAILED", 7, 0x27, 7],
     ["RESET", 6, 0x29, 0],
     ["CAPACITY_CHANGED", 6, 0x2a, 9],
     ["REPORTED_LUNS_CHANGED", 6, 0x3f, 0x0e],
@@ -89,6 +90,10 @@ Deno.test("block-layer errors map to read and write sense codes", () => {
     SENSE_CODE.LBA_OUT_OF_RANGE,
   );
   assert.deepEqual(senseForWriteError(new BlockError("io", "x")), SENSE_CODE.WRITE_ERROR);
+  assert.deepEqual(
+    senseForWriteError(new BlockError("io", "x", { errno: 28 })),
+    SENSE_CODE.SPACE_ALLOC_FAILED,
+  );
   assert.deepEqual(
     senseForWriteError(new BlockError("read-only", "x")),
     SENSE_CODE.WRITE_PROTECTED,
