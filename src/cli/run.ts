@@ -9,13 +9,14 @@
  * @module
  */
 import type { GuestRequest, GuestRunResult } from "../guest/guest.ts";
-import { fioJson, fioJsonText } from "../guest/fio_json.ts";
+import { fioJsonText } from "../guest/fio_json.ts";
 import {
   catchSignals,
   EXIT_INTERRUPTED,
   guestFailure,
   type OutputFormat,
   reportRun,
+  runFioJson,
 } from "./run_report.ts";
 import {
   JobError,
@@ -442,14 +443,7 @@ async function compareModes(
   } else {
     io.stdout(fioJsonText(rows.map((r) => ({
       mode: r.label,
-      ...fioJson({
-        result: r.run.run.result,
-        runs: r.run.run.runs,
-        virtio: r.run.run.json.virtio,
-        devices: r.run.run.json.devices ?? [],
-        startedAt: r.run.startedAt,
-        plus: opts.output === "json+",
-      }),
+      ...runFioJson(r.run, opts.output === "json+"),
     }))));
   }
   if (opts.html !== undefined) {

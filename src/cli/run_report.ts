@@ -29,21 +29,30 @@ export interface RunReportOptions {
   readonly extra?: Record<string, unknown>;
 }
 
+/** A machine run as fio's JSON (`plus`: json+ with latency bins), vstor's figures under `vstor`. */
+export function runFioJson(
+  run: MachineRun,
+  plus: boolean,
+  extra?: Record<string, unknown>,
+): Record<string, unknown> {
+  return fioJson({
+    result: run.run.result,
+    runs: run.run.runs,
+    virtio: run.run.json.virtio,
+    devices: run.run.json.devices ?? [],
+    startedAt: run.startedAt,
+    plus,
+    ...(extra === undefined ? {} : { extra }),
+  });
+}
+
 /** Print a run's report as asked (text or fio JSON) and write its HTML page. */
 export function reportRun(io: CliIo, run: MachineRun, opts: RunReportOptions): void {
   if (opts.output === "normal") {
     io.stdout(run.run.report);
     if (run.run.result.stopped) io.stdout("(stopped early: the figures cover what ran)\n");
   } else {
-    const json = fioJson({
-      result: run.run.result,
-      runs: run.run.runs,
-      virtio: run.run.json.virtio,
-      devices: run.run.json.devices ?? [],
-      startedAt: run.startedAt,
-      plus: opts.output === "json+",
-      ...(opts.extra === undefined ? {} : { extra: opts.extra }),
-    });
+    const json = runFioJson(run, opts.output === "json+", opts.extra);
     io.stdout(fioJsonText(json));
   }
   if (opts.html !== undefined) {

@@ -11,23 +11,11 @@ import { isBlockError } from "../../src/errors.ts";
 import { openHostFile } from "../../src/host/file.ts";
 import type { HostFile } from "../../src/host/host_file.ts";
 import { AlignedBuffer } from "../../src/sys/direct.ts";
-import { ENOSYS, EPERM, Uring } from "../../src/sys/uring.ts";
 import { RawNode } from "../../formats/raw.ts";
 import { mulberry32 } from "../prng.ts";
+import { ignoreWithoutUring } from "../sys/uring_available.ts";
 
-function unavailable(): string | undefined {
-  try {
-    new Uring(1).close();
-    return undefined;
-  } catch (e) {
-    const code = isBlockError(e) ? e.context.errno : undefined;
-    if (code === ENOSYS || code === EPERM) return (e as Error).message;
-    throw e;
-  }
-}
-const reason = unavailable();
-if (reason !== undefined) console.log(`io_uring tests skipped: ${reason}`);
-const ignore = reason !== undefined;
+const ignore = ignoreWithoutUring;
 
 /** On the root ext4 disk: tmpfs may refuse O_DIRECT. */
 const dir = Deno.makeTempDirSync({ dir: "/var/tmp", prefix: "vstor_uring_file_" });

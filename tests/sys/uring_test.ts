@@ -7,7 +7,6 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { isBlockError } from "../../src/errors.ts";
 import { AlignedBuffer } from "../../src/sys/direct.ts";
 import { cPath, libc, O_CLOEXEC, O_CREAT, O_DIRECT, O_RDONLY, O_RDWR } from "../../src/sys/libc.ts";
 import {
@@ -22,8 +21,6 @@ import {
   CQE_res,
   CQE_user_data,
   EBADF,
-  ENOSYS,
-  EPERM,
   errnoText,
   IO_URING_CQE_SIZE,
   IO_URING_PARAMS_SIZE,
@@ -53,21 +50,9 @@ import {
   Uring,
 } from "../../src/sys/uring.ts";
 import { mulberry32 } from "../prng.ts";
+import { ignoreWithoutUring } from "./uring_available.ts";
 
-/** Why io_uring cannot be tested here, or undefined when a ring can be set up. */
-function unavailable(): string | undefined {
-  try {
-    new Uring(1).close();
-    return undefined;
-  } catch (e) {
-    const code = isBlockError(e) ? e.context.errno : undefined;
-    if (code === ENOSYS || code === EPERM) return (e as Error).message;
-    throw e;
-  }
-}
-const reason = unavailable();
-if (reason !== undefined) console.log(`io_uring tests skipped: ${reason}`);
-const ignore = reason !== undefined;
+const ignore = ignoreWithoutUring;
 
 function isFile(path: string): boolean {
   try {
