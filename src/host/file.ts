@@ -451,6 +451,17 @@ export function openHostFile(path: string, opts: HostFileOptions = {}): HostFile
     throw e;
   }
   const direct = opts.direct ? dioAlignment(fd) : undefined;
+  if (direct !== undefined && !validAlignment(direct)) {
+    // The bounce windows are whole multiples of the alignment: refuse what they cannot serve.
+    releaseImageLocks(fd);
+    libc().close(fd);
+    throw new BlockError(
+      "unsupported",
+      `Could not open '${path}': O_DIRECT alignment ${direct.offset} (memory ${direct.memory}) ` +
+        `is not a power of two up to ${DIRECT_BOUNCE} bytes`,
+      { path },
+    );
+  }
   let uring: UringQueue | undefined;
   try {
     if (opts.aio === "io_uring") uring = new UringQueue(fd, { path, direct });
@@ -466,4 +477,10 @@ export function openHostFile(path: string, opts: HostFileOptions = {}): HostFile
     });
   }
   return new FileHost(path, fd, readOnly, direct, uring);
+}
+
+/** An alignment the page-aligned bounce windows serve: powers of two up to the window size. */
+function validAlignment(a: { readonly offset: number; readonly memory: number }): boolean {
+  const pow2 = (n: number) => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+  return pow2(a.offset) && pow2(a.memory) && a.offset <= DIRECT_BOUNCE && a.memory <= 4096;
 }
