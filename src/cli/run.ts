@@ -56,6 +56,10 @@ verified mixed workload.
 Attaching images:
   --drive file=F[,format=raw|qcow2][,id=ID][,readonly=on|off][,cache=writeback|writethrough|unsafe|none|directsync]
                      [,werror=report|ignore|stop|enospc][,rerror=report|ignore|stop|enospc]
+                     [,aio=threads|io_uring|native]
+                      aio: requests through a pool of Workers, or many in flight through
+                      io_uring (native = io_uring; needs cache=none or directsync);
+                      default: synchronous calls on the device's iothread
                       what a failed write/read does (QEMU's; default werror=enospc, rerror=report):
                       stop ends the run with "the VM stopped: …", exit 1
   --device virtio-blk,drive=ID[,id=DEV][,num-queues=N][,queue-size=N][,event-idx=on|off]

@@ -78,6 +78,7 @@ interface Drive {
   cache: "writeback" | "writethrough" | "unsafe" | "none" | "directsync";
   werror?: ErrorAction;
   rerror?: ErrorAction;
+  aio?: "threads" | "io_uring" | "native";
   used: boolean;
 }
 
@@ -123,6 +124,15 @@ export function machineFromArgs(
     const readonly = p.get("readonly");
     const werror = errorAction(p.get("werror"), `${what} werror`);
     const rerror = errorAction(p.get("rerror"), `${what} rerror`);
+    const aio = p.get("aio");
+    if (aio !== undefined && aio !== "threads" && aio !== "io_uring" && aio !== "native") {
+      throw new UsageError(`${what}: aio must be threads, io_uring or native`);
+    }
+    if (aio === "native" && cache !== "none" && cache !== "directsync") {
+      throw new UsageError(
+        `${what}: aio=native was specified, but it requires cache=none or directsync`,
+      );
+    }
     const ifValue = p.get("if");
     if (ifValue !== undefined && ifValue !== "none") {
       throw new UsageError(`${what}: only if=none is supported (attach it with --device)`);
@@ -136,6 +146,7 @@ export function machineFromArgs(
       cache,
       ...(werror === undefined ? {} : { werror }),
       ...(rerror === undefined ? {} : { rerror }),
+      ...(aio === undefined ? {} : { aio }),
       used: false,
     });
   }

@@ -65,6 +65,15 @@ export interface DeviceBackend {
    * back-end raises events of its own. Back-ends without events ignore it.
    */
   hooks?: BackendHooks | null;
+  /**
+   * Node requests started and not yet completed (absent: the back-end completes every request
+   * within its drain). While there are any, the runtime keeps its event loop turning instead of
+   * sleeping on the doorbells, so that completions arrive; they are published and interrupt on
+   * their own.
+   */
+  readonly inflight?: number;
+  /** Resolves when no node request is in flight (absent: never any after a drain). */
+  drained?(): Promise<void>;
   /** Device reset: forget queues and in-flight state; images stay open. */
   reset(): void;
   /** Flush and close what the back-end owns. */

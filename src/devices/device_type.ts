@@ -46,7 +46,15 @@ export interface DriveSpec {
   readonly werror?: BlockErrorAction | undefined;
   /** What a failed read does (QEMU `rerror`); `report` when absent. */
   readonly rerror?: BlockErrorAction | undefined;
+  /**
+   * QEMU's `aio`: absent, synchronous host calls on the iothread; `io_uring` (`native` maps to
+   * it) keeps many requests in flight; `threads` runs them on a pool of Workers.
+   */
+  readonly aio?: DriveAio | undefined;
 }
+
+/** How a drive's requests reach the host, as QEMU's `aio=`. */
+export type DriveAio = "threads" | "io_uring" | "native";
 
 /** One device of the machine configuration (after defaults), as the device type sees it. */
 export interface DeviceSpec {

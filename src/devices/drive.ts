@@ -28,6 +28,8 @@ export async function openDrive(spec: DriveSpec): Promise<BlockNode> {
       ? "none"
       : "writeback",
     ...(spec.format === undefined ? {} : { format: spec.format }),
+    // QEMU's aio=native is Linux AIO; vstor's kernel interface for it is io_uring.
+    ...(spec.aio === undefined ? {} : { aio: spec.aio === "native" ? "io_uring" : spec.aio }),
   });
 }
 

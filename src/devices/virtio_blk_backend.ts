@@ -55,6 +55,12 @@ const TWO_32 = 0x1_0000_0000;
 const MAX_USED_LEN = 0xffff_ffff;
 /** Sector high words from here up put the sector at or past 2^53: beyond any capacity. */
 const SECTOR_HI_LIMIT = 0x20_0000;
+/**
+ * How many microtask turns a drain waits for the requests it started before it publishes: enough
+ * for a node that completes at once (a page-cached file) to have its completions in the drain's
+ * batch; requests still in flight after them complete later, published on their own.
+ */
+const SETTLE_TURNS = 8;
 
 // Options objects handed to the node: frozen and shared, so no request allocates one.
 const FUA: WriteOptions = Object.freeze({ fua: true });
@@ -175,6 +181,14 @@ class BlkQueue {
   running = false;
   /** Set by reset: completions of I/O still under way go nowhere. */
   dead = false;
+  /** Node requests started from this queue and not yet completed. */
+  inflight = 0;
+  /** The interrupt callback of the latest drain: completions after it use it too. */
+  interrupt: (() => void) | null = null;
+  /** A publish of completions that came outside a drain is scheduled. */
+  publishScheduled = false;
+  /** The bounce buffer serves a merged request in flight: another takes its own. */
+  bounceBusy = false;
 
   // QEMU's MultiReqBuffer: reads or writes waiting to be merged and submitted.
   readonly mrbChains: (DescriptorChain | null)[] = new Array(VIRTIO_BLK_MAX_MERGE_REQS).fill(null);
@@ -268,6 +282,8 @@ export class VirtioBlkBackend implements DeviceBackend {
   lastError: unknown = undefined;
   /** Set by the iothread: `stop` tells the VMM why the device stopped. */
   hooks: BackendHooks | null = null;
+  #inflight = 0;
+  #idle: (() => void)[] = [];
 
   /**
    * Builds the back-end over `node`; it serves no queue until {@linkcode activate}.
@@ -350,6 +366,7 @@ export class VirtioBlkBackend implements DeviceBackend {
     const q = this.#queues[index];
     if (q === undefined || q.running || this.#broken || this.#stopReason !== null) return;
     q.running = true;
+    q.interrupt = interrupt;
     const queue = q.queue;
     try {
       do {
@@ -368,10 +385,10 @@ export class VirtioBlkBackend implements DeviceBackend {
             if (q.dead) return;
           }
         }
-        if (q.mrbCount > 0) {
-          await this.#submit(q);
-          if (q.dead) return;
-        }
+        if (q.mrbCount > 0) this.#submit(q);
+        // Requests that complete at once join this batch; the rest complete on their own.
+        for (let turn = 0; turn < SETTLE_TURNS && q.inflight > 0; turn++) await null;
+        if (q.dead) return;
         if (queue.publish()) interrupt();
       } while (this.#stopReason === null && queue.enableNotifications());
     } catch (e) {
@@ -379,7 +396,7 @@ export class VirtioBlkBackend implements DeviceBackend {
       if (ringFault(e, index) !== null) {
         this.#broken = true;
         // As QEMU, what was already merged is still submitted; its completions go nowhere.
-        if (!q.dead && q.mrbCount > 0) await this.#submit(q);
+        if (!q.dead && q.mrbCount > 0) this.#submit(q);
       }
       throw e;
     } finally {
@@ -402,11 +419,52 @@ export class VirtioBlkBackend implements DeviceBackend {
   }
 
   /**
+   * Node requests started and not yet completed, over all queues (including those of queues a
+   * reset dropped): while there are any, the runtime must keep the event loop turning.
+   */
+  get inflight(): number {
+    return this.#inflight;
+  }
+
+  /** Resolves when no node request is in flight. */
+  drained(): Promise<void> {
+    if (this.#inflight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idle.push(resolve));
+  }
+
+  #began(q: BlkQueue): void {
+    q.inflight++;
+    this.#inflight++;
+  }
+
+  /** A node request of `q` is over (its chains completed or held). */
+  #ended(q: BlkQueue): void {
+    q.inflight--;
+    if (!q.running && !q.dead && !q.publishScheduled) {
+      // Outside a drain: publish once, after the other completions of the same reap (their
+      // callbacks are queued ahead of this one), and before whoever waits for `drained`.
+      q.publishScheduled = true;
+      queueMicrotask(() => {
+        q.publishScheduled = false;
+        // A broken device publishes nothing more (QEMU: vdev->broken).
+        if (q.running || q.dead || this.#broken) return;
+        if (q.queue.publish()) q.interrupt?.();
+      });
+    }
+    if (--this.#inflight === 0 && this.#idle.length > 0) {
+      const idle = this.#idle;
+      this.#idle = [];
+      for (const resolve of idle) resolve();
+    }
+  }
+
+  /**
    * Resets and flushes the node. The node stays open: whoever opened it closes it (the machine's
    * iothread closes its drives after this; a caller that built the back-end itself does so too).
    */
   async close(): Promise<void> {
     this.reset();
+    await this.drained();
     await this.#node.flush();
   }
 
@@ -513,21 +571,10 @@ export class VirtioBlkBackend implements DeviceBackend {
       (q.mrbCount === VIRTIO_BLK_MAX_MERGE_REQS || isWrite !== q.mrbWrite ||
         !this.options.requestMerging)
     ) {
-      return this.#submitThenQueue(q, chain, isWrite, sector, bytes);
+      this.#submit(q);
     }
     this.#queueForMerge(q, chain, isWrite, sector, bytes);
     return null;
-  }
-
-  async #submitThenQueue(
-    q: BlkQueue,
-    chain: DescriptorChain,
-    isWrite: boolean,
-    sector: number,
-    bytes: number,
-  ): Promise<void> {
-    await this.#submit(q);
-    if (!q.dead) this.#queueForMerge(q, chain, isWrite, sector, bytes);
   }
 
   #queueForMerge(
@@ -546,9 +593,11 @@ export class VirtioBlkBackend implements DeviceBackend {
 
   /**
    * Submits the merge buffer: sorted by sector (insertion sort: at most 32), runs of adjacent
-   * requests within maxMergeBytes go to the node as one request. Never throws for I/O errors.
+   * requests within maxMergeBytes go to the node as one request. Every run is started at once and
+   * completes on its own (a node with requests in flight, such as io_uring, serves them
+   * together); the merge buffer is free again when this returns. Never throws for I/O errors.
    */
-  async #submit(q: BlkQueue): Promise<void> {
+  #submit(q: BlkQueue): void {
     const n = q.mrbCount;
     if (n === 0) return;
     const isWrite = q.mrbWrite;
@@ -584,22 +633,21 @@ export class VirtioBlkBackend implements DeviceBackend {
       }
       const slot = slotAt(q, start);
       const chain = q.mrbChains[slot]!;
+      const offset = q.mrbSector[slot]! * VIRTIO_BLK_SECTOR_SIZE;
       const view = end - start === 1 ? dataView(chain, isWrite, total) : null;
       if (view !== null) {
         // The common case (Linux's layout: header, one data buffer, status) without the layers.
-        let status = VIRTIO_BLK_S_OK;
-        try {
-          const offset = q.mrbSector[slot]! * VIRTIO_BLK_SECTOR_SIZE;
-          if (isWrite) await this.#node.write(offset, view, this.#writeback ? undefined : FUA);
-          else await this.#node.read(offset, view);
-        } catch (e) {
-          status = this.#failed(e, isWrite);
-        }
-        if (q.dead) return;
-        this.#completeOrHold(q, chain, status);
+        this.#startOne(q, chain, offset, view, isWrite);
       } else {
-        await this.#run(q, start, end, total, isWrite);
-        if (q.dead) return;
+        const chains: DescriptorChain[] = [];
+        const lengths: number[] = [];
+        for (let k = start; k < end; k++) {
+          const at = slotAt(q, k);
+          chains.push(q.mrbChains[at]!);
+          lengths.push(q.mrbBytes[at]!);
+        }
+        this.#began(q);
+        this.#run(q, chains, lengths, offset, total, isWrite).finally(() => this.#ended(q));
       }
       start = end;
     }
@@ -607,24 +655,58 @@ export class VirtioBlkBackend implements DeviceBackend {
     q.mrbChains.fill(null, 0, n);
   }
 
-  /** One node request for merge-buffer slots `order[start..end)`, then their completions. */
-  async #run(q: BlkQueue, start: number, end: number, total: number, isWrite: boolean) {
-    const first = slotAt(q, start);
-    const offset = q.mrbSector[first]! * VIRTIO_BLK_SECTOR_SIZE;
+  /** One request whose data is one guest view: straight to the node, completed when it is done. */
+  #startOne(
+    q: BlkQueue,
+    chain: DescriptorChain,
+    offset: number,
+    view: Uint8Array,
+    isWrite: boolean,
+  ): void {
+    const node = this.#node;
+    let io: Promise<void>;
+    try {
+      io = isWrite
+        ? node.write(offset, view, this.#writeback ? undefined : FUA)
+        : node.read(offset, view);
+    } catch (e) {
+      io = Promise.reject(e);
+    }
+    this.#began(q);
+    io.then(
+      () => this.#finishOne(q, chain, VIRTIO_BLK_S_OK),
+      (e) => this.#finishOne(q, chain, this.#failed(e, isWrite)),
+    );
+  }
+
+  #finishOne(q: BlkQueue, chain: DescriptorChain, status: number): void {
+    if (!q.dead) this.#completeOrHold(q, chain, status);
+    this.#ended(q);
+  }
+
+  /** One node request for a merged run of `chains` (or one chain in pieces), then completions. */
+  async #run(
+    q: BlkQueue,
+    chains: readonly DescriptorChain[],
+    lengths: readonly number[],
+    offset: number,
+    total: number,
+    isWrite: boolean,
+  ): Promise<void> {
     let status = VIRTIO_BLK_S_OK;
     try {
-      if (end - start === 1) {
-        await this.#transfer(q.mrbChains[first]!, isWrite, offset, total);
+      if (chains.length === 1) {
+        await this.#transfer(chains[0]!, isWrite, offset, total);
       } else {
         this.stats.merges++;
-        this.stats.mergedRequests += end - start;
-        await this.#transferMerged(q, start, end, offset, total, isWrite);
+        this.stats.mergedRequests += chains.length;
+        await this.#transferMerged(q, chains, lengths, offset, total, isWrite);
       }
     } catch (e) {
       status = this.#failed(e, isWrite);
     }
     if (q.dead) return;
-    for (let k = start; k < end; k++) this.#completeOrHold(q, q.mrbChains[slotAt(q, k)]!, status);
+    for (const chain of chains) this.#completeOrHold(q, chain, status);
   }
 
   /**
@@ -660,11 +742,14 @@ export class VirtioBlkBackend implements DeviceBackend {
     if (isWrite && writethrough && pieces > 1) await node.flush();
   }
 
-  /** A merged run: one view when its pieces are back to back in guest RAM, else the bounce buffer. */
+  /**
+   * A merged run: one view when its pieces are back to back in guest RAM, else a bounce buffer
+   * (the queue's own, or one of its own while that one serves another run in flight).
+   */
   async #transferMerged(
     q: BlkQueue,
-    start: number,
-    end: number,
+    chains: readonly DescriptorChain[],
+    lengths: readonly number[],
     offset: number,
     total: number,
     isWrite: boolean,
@@ -674,14 +759,13 @@ export class VirtioBlkBackend implements DeviceBackend {
     const skip = isWrite ? VIRTIO_BLK_OUTHDR_SIZE : 0;
     q.spanBuffer = null;
     let contiguous = true;
-    for (let k = start; k < end && contiguous; k++) {
-      const slot = slotAt(q, k);
-      const chain = q.mrbChains[slot]!;
+    for (let k = 0; k < chains.length && contiguous; k++) {
+      const chain = chains[k]!;
       contiguous = this.#extendSpan(
         q,
         isWrite ? chain.readable : chain.writable,
         skip,
-        q.mrbBytes[slot]!,
+        lengths[k]!,
       );
     }
     if (contiguous && q.spanBuffer !== null) {
@@ -692,27 +776,34 @@ export class VirtioBlkBackend implements DeviceBackend {
       return;
     }
     q.spanBuffer = null;
-    if (q.bounce.length < total) q.bounce = new Uint8Array(this.options.maxMergeBytes);
-    const buf = q.bounce.subarray(0, total);
-    if (isWrite) {
-      let at = 0;
-      for (let k = start; k < end; k++) {
-        const slot = slotAt(q, k);
-        const size = q.mrbBytes[slot]!;
-        gather(q.mrbChains[slot]!.readable, skip, buf, at, size);
-        at += size;
-      }
-      await node.write(offset, buf, fua);
+    const own = !q.bounceBusy;
+    let buf: Uint8Array;
+    if (own) {
+      if (q.bounce.length < total) q.bounce = new Uint8Array(this.options.maxMergeBytes);
+      buf = q.bounce.subarray(0, total);
+      q.bounceBusy = true;
     } else {
-      await node.read(offset, buf);
-      if (q.dead) return;
-      let at = 0;
-      for (let k = start; k < end; k++) {
-        const slot = slotAt(q, k);
-        const size = q.mrbBytes[slot]!;
-        scatter(q.mrbChains[slot]!.writable, 0, buf, at, size);
-        at += size;
+      buf = new Uint8Array(total);
+    }
+    try {
+      if (isWrite) {
+        let at = 0;
+        for (let k = 0; k < chains.length; k++) {
+          gather(chains[k]!.readable, skip, buf, at, lengths[k]!);
+          at += lengths[k]!;
+        }
+        await node.write(offset, buf, fua);
+      } else {
+        await node.read(offset, buf);
+        if (q.dead) return;
+        let at = 0;
+        for (let k = 0; k < chains.length; k++) {
+          scatter(chains[k]!.writable, 0, buf, at, lengths[k]!);
+          at += lengths[k]!;
+        }
       }
+    } finally {
+      if (own) q.bounceBusy = false;
     }
   }
 
@@ -739,13 +830,16 @@ export class VirtioBlkBackend implements DeviceBackend {
     return true;
   }
 
-  /** VIRTIO_BLK_T_FLUSH: pending merged writes go first (QEMU), then the node's flush. */
+  /**
+   * VIRTIO_BLK_T_FLUSH: pending merged writes go first (QEMU), every request in flight completes,
+   * then the node's flush.
+   */
   async #flush(q: BlkQueue, chain: DescriptorChain): Promise<void> {
     this.stats.flushes++;
-    if (q.mrbCount > 0 && q.mrbWrite) {
-      await this.#submit(q);
-      if (q.dead) return;
-    }
+    if (q.mrbCount > 0 && q.mrbWrite) this.#submit(q);
+    // Every write in flight (from any queue) is complete before the node syncs.
+    await this.drained();
+    if (q.dead) return;
     let status = VIRTIO_BLK_S_OK;
     try {
       await this.#node.flush();
@@ -835,10 +929,9 @@ export class VirtioBlkBackend implements DeviceBackend {
     segments: number,
   ): Promise<void> {
     // Reads and writes popped before stay ahead of this request.
-    if (q.mrbCount > 0) {
-      await this.#submit(q);
-      if (q.dead) return;
-    }
+    if (q.mrbCount > 0) this.#submit(q);
+    await this.drained();
+    if (q.dead) return;
     const node = this.#node;
     const seg = q.scratch;
     const fua = this.#writeback ? 0 : 2;

@@ -21,6 +21,28 @@ const POOL_SLOTS = 64;
 const EIO = 5;
 const EBUSY = 16;
 
+/**
+ * This thread's idle poller (see {@linkcode setUringIdlePoll}), asked before a pump blocks in the
+ * kernel waiting for a completion.
+ */
+let idlePoll: ((ready: () => boolean) => boolean) | null = null;
+
+/**
+ * Lets the thread's event loop owner (a device's iothread) run between submitting and blocking:
+ * before a ring's pump waits in the kernel for a completion, it calls `poll` with a cheap check
+ * for completions (no system call). `poll` may spin a while — watching its own work (doorbells)
+ * and `ready` — and returns true when the thread has something else to do (the pump then reaps
+ * what is there and comes back on the next turn instead of blocking), false to let it block. As
+ * QEMU's iothread polling: a guest that submits again within the window needs no wake-up, and
+ * its requests reach the ring without waiting for the next completion. `null` removes it.
+ */
+export function setUringIdlePoll(poll: ((ready: () => boolean) => boolean) | null): void {
+  idlePoll = poll;
+}
+
+/** With an idle poller, the longest a pump blocks in the kernel before its owner looks again. */
+const OWNER_WAIT_MICROS = 100;
+
 /** One read or write, split into chunks that are in flight at once. */
 interface Op {
   readonly write: boolean;
@@ -230,7 +252,18 @@ export class UringQueue {
     const ring = this.#ring;
     if (ring.inFlight === 0) return;
     try {
-      ring.submit(block && ring.ready === 0 ? 1 : 0);
+      let wait = block && ring.ready === 0;
+      if (wait && idlePoll !== null) {
+        // Submit first, then let the thread's owner poll before deciding to block.
+        if (ring.pending > 0) ring.submit(0);
+        wait = !idlePoll(this.#ready) && ring.ready === 0;
+        // Still bounded: the owner's work (a kick) does not wake the kernel wait.
+        if (wait) {
+          ring.submit(1, OWNER_WAIT_MICROS);
+          wait = false;
+        }
+      }
+      ring.submit(wait ? 1 : 0);
     } catch (e) {
       const code = e instanceof BlockError ? e.context.errno : undefined;
       // No kernel memory for now, or completions to reap first: the next round retries.
@@ -239,6 +272,8 @@ export class UringQueue {
     ring.reap(this.#onComplete);
     this.#issue();
   }
+
+  readonly #ready = (): boolean => this.#ring.ready > 0;
 
   /** Low bits of `user[at]`'s address are a multiple of the memory alignment (no bounce). */
   #aligned(user: Uint8Array, at: number): boolean {

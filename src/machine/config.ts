@@ -45,6 +45,12 @@ const driveSchema = z.strictObject({
   werror: z.enum(["report", "ignore", "stop", "enospc"]).default("enospc"),
   /** A failed read, as `werror` (QEMU's default: report). */
   rerror: z.enum(["report", "ignore", "stop", "enospc"]).default("report"),
+  /**
+   * How requests reach the host file (QEMU's `aio`): absent, synchronously on the iothread;
+   * `io_uring` (or `native`, which needs cache none/directsync) with many in flight at once;
+   * `threads` through a pool of Workers.
+   */
+  aio: z.enum(["threads", "io_uring", "native"]).optional(),
 });
 
 const deviceSchema = z.strictObject({
@@ -303,6 +309,7 @@ export function parseMachineConfig(input: unknown): MachineConfig {
         cache: drive.cache,
         werror: drive.werror,
         rerror: drive.rerror,
+        ...(drive.aio === undefined ? {} : { aio: drive.aio }),
       })),
       numQueues: d.numQueues,
       queueSize: d.queueSize,

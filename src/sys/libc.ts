@@ -30,7 +30,9 @@ const symbols = {
   // 427 register). i32 arguments keep the call on the fast path (FFI costs in host-io.md).
   syscall6: {
     name: "syscall",
-    parameters: ["i64", "i32", "i32", "i32", "i32", "pointer", "i32"],
+    // The last argument is a size_t the kernel reads whole (io_uring_enter's argsz): an i32 would
+    // leave the register's upper half undefined, so it goes as a pointer-sized value.
+    parameters: ["i64", "i32", "i32", "i32", "i32", "pointer", "pointer"],
     result: "i32",
   },
   // The same syscall(2) with the pointer where io_uring_setup(entries, params) and
@@ -85,7 +87,7 @@ interface Libc {
     c: number,
     d: number,
     e: Deno.PointerValue,
-    f: number,
+    f: Deno.PointerValue,
   ): number;
   /** syscall(2) with an int and a pointer (io_uring_setup). */
   syscall2(number: bigint, a: number, b: Uint8Array<ArrayBuffer>): number;

@@ -84,6 +84,12 @@ export const IORING_FEAT_NODROP = 1 << 1;
 
 /** io_uring_enter flags. */
 const IORING_ENTER_GETEVENTS = 1 << 0;
+const IORING_ENTER_EXT_ARG = 1 << 3;
+/** struct io_uring_getevents_arg: sigmask u64, sigmask_sz u32, pad u32, ts u64 (a pointer). */
+const GETEVENTS_ARG_BYTES = 24;
+const ETIME = 62;
+/** The argument's size as io_uring_enter's size_t argument (a pointer-sized FFI value). */
+const GETEVENTS_ARG_SIZE = Deno.UnsafePointer.create(BigInt(GETEVENTS_ARG_BYTES));
 
 /** Opcodes (enum io_uring_op). */
 export const IORING_OP_NOP = 0;
@@ -248,6 +254,10 @@ export class Uring {
   /** Registered buffers (IORING_REGISTER_BUFFERS), kept referenced while registered. */
   #registered: Uint8Array[] = [];
   #closed = false;
+  /** The io_uring_getevents_arg and timespec of timed waits (made on first use). */
+  #waitArg:
+    | { bytes: Uint8Array; view: DataView; pointer: Deno.PointerValue; micros: number }
+    | undefined;
 
   /**
    * Sets up a ring of `entries` submission slots and maps it.
@@ -531,17 +541,40 @@ export class Uring {
     return w;
   }
 
+  /** The getevents argument with a timespec of `micros`, in memory kept for the ring's life. */
+  #timeoutArg(micros: number): Deno.PointerValue {
+    if (this.#waitArg === undefined) {
+      // An ArrayBuffer of its own lives outside V8's heap and never moves (a small typed array
+      // made by length may live in the heap, where a GC moves it): the ts pointer stays valid.
+      const bytes = new Uint8Array(new ArrayBuffer(GETEVENTS_ARG_BYTES + 16));
+      const view = new DataView(bytes.buffer);
+      const base = Deno.UnsafePointer.value(Deno.UnsafePointer.of(bytes));
+      view.setBigUint64(16, BigInt(base) + BigInt(GETEVENTS_ARG_BYTES), true);
+      this.#waitArg = { bytes, view, pointer: Deno.UnsafePointer.of(bytes), micros: -1 };
+    }
+    const w = this.#waitArg;
+    if (w.micros !== micros) {
+      const whole = Math.max(0, Math.floor(micros));
+      w.view.setBigInt64(GETEVENTS_ARG_BYTES, BigInt(Math.floor(whole / 1e6)), true);
+      w.view.setBigInt64(GETEVENTS_ARG_BYTES + 8, BigInt((whole % 1e6) * 1000), true);
+      w.micros = micros;
+    }
+    return w.pointer;
+  }
+
   /**
    * Hands prepared requests to the kernel and, with `waitFor`, blocks the calling thread until that
-   * many completions are ready. Makes no system call when nothing is prepared and enough
+   * many completions are ready, or `timeoutMicros` passed when given (IORING_ENTER_EXT_ARG: then
+   * fewer may be ready on return). Makes no system call when nothing is prepared and enough
    * completions are already there.
    *
    * @param waitFor completions to wait for, at most {@linkcode inFlight}
+   * @param timeoutMicros the longest wait, when waiting
    * @returns how many requests the kernel took
    * @throws {RangeError} when waiting for more than are in flight (it would never return)
    * @throws {BlockError} when io_uring_enter fails, naming the errno
    */
-  submit(waitFor = 0): number {
+  submit(waitFor = 0, timeoutMicros?: number): number {
     if (this.#closed) throw new BlockError("io", "io_uring is closed");
     if (waitFor > this.inFlight) {
       throw new RangeError(`Waiting for ${waitFor} completions with ${this.inFlight} in flight`);
@@ -550,12 +583,21 @@ export class Uring {
     Atomics.store(this.#sq, this.#sqTail, this.#sqTailLocal);
     const toSubmit = this.pending;
     if (toSubmit === 0 && this.ready >= waitFor) return 0;
-    const flags = waitFor > 0 ? IORING_ENTER_GETEVENTS : 0;
+    let flags = waitFor > 0 ? IORING_ENTER_GETEVENTS : 0;
+    let arg: Deno.PointerValue = null;
+    let argBytes: Deno.PointerValue = null;
+    if (waitFor > 0 && timeoutMicros !== undefined) {
+      arg = this.#timeoutArg(timeoutMicros);
+      argBytes = GETEVENTS_ARG_SIZE;
+      flags |= IORING_ENTER_EXT_ARG;
+    }
     const c = libc();
     for (;;) {
-      const n = c.syscall6(SYS_io_uring_enter, this.#fd, toSubmit, waitFor, flags, null, 0);
+      const n = c.syscall6(SYS_io_uring_enter, this.#fd, toSubmit, waitFor, flags, arg, argBytes);
       if (n >= 0) return n;
       const code = errno();
+      // The timeout passed: the submissions were made (the kernel counts them before waiting).
+      if (code === ETIME) return toSubmit - this.pending;
       // Interrupted while waiting: the submissions (if any) were made; wait again.
       if (code !== EINTR) throw callFailed("io_uring_enter", code);
       if (this.pending !== toSubmit || this.ready >= waitFor) return toSubmit - this.pending;

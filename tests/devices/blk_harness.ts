@@ -488,9 +488,13 @@ export class BlkRig {
     return wanted;
   }
 
-  /** Runs the back-end on queue `q` once, counting the interrupts it asks for. */
-  process(q = 0): Promise<void> {
-    return this.backend.processQueue(q, () => this.interrupts[q]!++);
+  /**
+   * Runs the back-end on queue `q` once, counting the interrupts it asks for, and waits until the
+   * requests it started have completed (they may complete after the drain, published on their own).
+   */
+  async process(q = 0): Promise<void> {
+    await this.backend.processQueue(q, () => this.interrupts[q]!++);
+    await this.backend.drained();
   }
 
   /** Every completion waiting on queue `q`, in used-ring order. */
