@@ -46,7 +46,8 @@ import { ownedAt, writeCompressed, writeSlow } from "./allocation.ts";
 import { flushAll, makeL2Cache, makeRefcounts } from "./flush.ts";
 import { checkOverlap } from "./integrity.ts";
 import { mapRun, runExtent } from "./mapping.ts";
-import { readAt } from "./read.ts";
+import { IoGate } from "./io_gate.ts";
+import { readAt, readAtAsync } from "./read.ts";
 import {
   checkResizable,
   growImage,
@@ -163,6 +164,8 @@ export class Qcow2Node implements BlockNode {
   #cleanTimer: ReturnType<typeof setInterval> | undefined;
   #lastCleanClock = [0, 0];
   readonly #mutex = new Mutex();
+  /** Data transfers in flight (async host I/O) against metadata changes that move clusters. */
+  readonly #gate = new IoGate();
   /** Persistent dirty bitmaps (formats/qcow2/bitmap.ts): writes mark them, close stores them. */
   #bitmaps: Qcow2Bitmaps | undefined;
 
@@ -257,7 +260,7 @@ export class Qcow2Node implements BlockNode {
   async applyRuntimeSettings(settings: Qcow2RuntimeSettings): Promise<void> {
     this.#live();
     await this.setLazyRefcounts(settings.lazyRefcounts);
-    await this.#mutex.run(() => {
+    await this.#locked(() => {
       const s = this.#s;
       // Refcounts kept in memory by lazy refcounts are written too: the new cache starts empty.
       if (!s.readOnly) flushAll(s, true);
@@ -289,7 +292,7 @@ export class Qcow2Node implements BlockNode {
       );
     }
     if (on === s.lazy) return;
-    await this.#mutex.run(() => {
+    await this.#locked(() => {
       if (!on && s.dirtyMarked) {
         flushAll(s, true);
         this.header.incompatibleFeatures &= ~BigInt(INCOMPAT_DIRTY);
@@ -431,7 +434,7 @@ export class Qcow2Node implements BlockNode {
     if (this.#s.readOnly) {
       throw new BlockError("read-only", "Image is read-only", { path: this.filename });
     }
-    await this.#mutex.run(() => {
+    await this.#locked(() => {
       const h = this.header;
       const before = { file: h.backingFile, format: h.backingFormat };
       if (file === "") {
@@ -471,7 +474,7 @@ export class Qcow2Node implements BlockNode {
     // (a crash leaks, never corrupts). With them, it discards every cluster and keeps the tables.
     const dropTables = this.#s.v3 && this.header.nbSnapshots === 0 &&
       (this.#bitmaps?.list.length ?? 0) === 0;
-    await this.#mutex.run(() => {
+    await this.#locked(() => {
       emptyActiveState(this.#s, dropTables);
       return Promise.resolve();
     });
@@ -557,6 +560,14 @@ export class Qcow2Node implements BlockNode {
     return this.#s.l1;
   }
 
+  /**
+   * Runs `fn` under the metadata lock with no data transfer in flight (see {@linkcode IoGate}):
+   * every metadata change but allocating writes and flushes, since it may free or move clusters.
+   */
+  #locked<T>(fn: () => Promise<T>): Promise<T> {
+    return this.#mutex.run(() => this.#gate.exclusive(fn));
+  }
+
   #live(): void {
     if (this.#closed) throw new BlockError("io", "Image is closed", { path: this.filename });
     if (this.#s.unusable) {
@@ -577,7 +588,16 @@ export class Qcow2Node implements BlockNode {
   async read(offset: number, dst: Uint8Array): Promise<void> {
     this.#live();
     checkRequest(this, "read", offset, dst.length);
-    await readAt(this.#s, offset, dst);
+    if (this.file.readAtAsync === undefined) return await readAt(this.#s, offset, dst);
+    // Host reads in flight: the clusters they read must stay put until they are done.
+    const gate = this.#gate;
+    if (!gate.tryEnter()) await gate.enter();
+    try {
+      this.#live();
+      await readAtAsync(this.#s, offset, dst);
+    } finally {
+      gate.leave();
+    }
   }
 
   async blockStatus(offset: number, max: number): Promise<Extent> {
@@ -599,19 +619,46 @@ export class Qcow2Node implements BlockNode {
     this.#bitmaps?.mark(offset, src.length);
     const s = this.#s;
     if (opts?.compressed) {
-      await this.#mutex.run(() => writeCompressed(s, offset, src, opts.precompressed));
+      await this.#locked(() => writeCompressed(s, offset, src, opts.precompressed));
     } else {
       // Fast path: the whole request lands in clusters this image owns (COPIED) and whose units
       // already hold data: write in place, no metadata change.
-      const run = mapRun(s, offset, src.length, "write");
-      if (run.length === src.length && run.kind === "normal" && ownedAt(s, offset)) {
-        checkOverlap(s, run.hostOffset, src.length);
-        this.file.writeAt(run.hostOffset, src);
-      } else {
+      const file = this.file;
+      if (file.writeAtAsync === undefined) {
+        const run = mapRun(s, offset, src.length, "write");
+        if (run.length === src.length && run.kind === "normal" && ownedAt(s, offset)) {
+          checkOverlap(s, run.hostOffset, src.length);
+          file.writeAt(run.hostOffset, src);
+        } else {
+          await this.#mutex.run(() => writeSlow(s, offset, src));
+        }
+      } else if (!(await this.#writeInPlaceAsync(offset, src))) {
         await this.#mutex.run(() => writeSlow(s, offset, src));
       }
     }
     if (opts?.fua) await this.flush();
+  }
+
+  /**
+   * The fast path with host writes in flight: the whole request lands in clusters this image owns
+   * and whose units hold data, written in place while the gate keeps them there. False when the
+   * request needs the allocating path.
+   */
+  async #writeInPlaceAsync(offset: number, src: Uint8Array): Promise<boolean> {
+    const gate = this.#gate;
+    if (!gate.tryEnter()) await gate.enter();
+    try {
+      this.#live();
+      this.#writable();
+      const s = this.#s;
+      const run = mapRun(s, offset, src.length, "write");
+      if (run.length !== src.length || run.kind !== "normal" || !ownedAt(s, offset)) return false;
+      checkOverlap(s, run.hostOffset, src.length);
+      await this.file.writeAtAsync!(run.hostOffset, src);
+      return true;
+    } finally {
+      gate.leave();
+    }
   }
 
   /**
@@ -628,7 +675,7 @@ export class Qcow2Node implements BlockNode {
     this.#bitmaps?.mark(offset, length);
     // v2 takes no flags (QEMU's supported_zero_flags): zeroes never unmap there.
     const unmap = (opts?.unmap ?? false) && this.#s.v3;
-    await this.#mutex.run(() => zeroRange(this.#s, offset, length, unmap));
+    await this.#locked(() => zeroRange(this.#s, offset, length, unmap));
     if (opts?.fua) await this.flush();
   }
 
@@ -645,7 +692,7 @@ export class Qcow2Node implements BlockNode {
     const start = Math.ceil(offset / cs) * cs;
     const end = offset + length === this.size ? this.size : Math.floor((offset + length) / cs) * cs;
     if (end <= start) return;
-    await this.#mutex.run(() => {
+    await this.#locked(() => {
       discardClusters(this.#s, start, end);
       return Promise.resolve();
     });
@@ -658,7 +705,7 @@ export class Qcow2Node implements BlockNode {
   async alignFileEnd(alignment: number): Promise<void> {
     this.#live();
     this.#writable();
-    await this.#mutex.run(async () => {
+    await this.#locked(async () => {
       const size = this.file.size();
       const aligned = Math.ceil(size / alignment) * alignment;
       if (aligned !== size) await this.file.truncate(aligned);
@@ -689,7 +736,7 @@ export class Qcow2Node implements BlockNode {
     const old = this.size;
     const mode = opts?.preallocation ?? "off";
     const zeroNewRange = planResize(s, size, mode);
-    await this.#mutex.run(() => {
+    await this.#locked(() => {
       if (size > this.size) growImage(s, size);
       else if (size < this.size) shrinkImage(s, size);
       return Promise.resolve();
@@ -700,7 +747,7 @@ export class Qcow2Node implements BlockNode {
     if (size <= old) return;
     if (mode === "falloc" || mode === "full") {
       // New data clusters hold the new range (the old last cluster copied into one of them).
-      await this.#mutex.run(() => preallocateData(s, mode, old, size, zeroNewRange));
+      await this.#locked(() => preallocateData(s, mode, old, size, zeroNewRange));
       return;
     }
     if (mode === "metadata") await this.preallocate(mode, old);
@@ -752,7 +799,7 @@ export class Qcow2Node implements BlockNode {
   async preallocate(mode: "metadata" | "falloc" | "full", from = 0): Promise<void> {
     this.#live();
     this.#writable();
-    await this.#mutex.run(() => {
+    await this.#locked(() => {
       preallocateClusters(this.#s, mode, from);
       return Promise.resolve();
     });
@@ -799,7 +846,7 @@ export class Qcow2Node implements BlockNode {
         new BlockError("read-only", "Image is read-only", { path: this.filename }),
       );
     }
-    return this.#mutex.run(fn);
+    return this.#locked(fn);
   }
 
   /**
@@ -828,8 +875,8 @@ export class Qcow2Node implements BlockNode {
       if (!s.readOnly && !s.corrupt) {
         // Bitmaps are stored first, as QEMU's qcow2_inactivate does.
         const bitmaps = this.#bitmaps;
-        if (bitmaps !== undefined) await this.#mutex.run(() => Promise.resolve(bitmaps.store()));
-        await this.#mutex.run(() => Promise.resolve(flushAll(s, true)));
+        if (bitmaps !== undefined) await this.#locked(() => Promise.resolve(bitmaps.store()));
+        await this.#locked(() => Promise.resolve(flushAll(s, true)));
         if (s.dirtyMarked) {
           this.header.incompatibleFeatures &= ~BigInt(INCOMPAT_DIRTY);
           writeHeader(s);

@@ -40,6 +40,59 @@ export async function readAt(s: Qcow2State, offset: number, dst: Uint8Array): Pr
   }
 }
 
+/**
+ * {@linkcode readAt} with the data clusters read through the file's asynchronous path, all runs of
+ * the request in flight at once (the caller keeps the clusters in place meanwhile: the node's
+ * IoGate). Zero, backing and compressed runs are served as by readAt.
+ */
+export async function readAtAsync(s: Qcow2State, offset: number, dst: Uint8Array): Promise<void> {
+  const file = s.file;
+  let first: Promise<void> | undefined;
+  let more: Promise<void>[] | undefined;
+  try {
+    let pos = 0;
+    while (pos < dst.length) {
+      const run = mapRun(s, offset + pos, dst.length - pos);
+      const part = dst.subarray(pos, pos + run.length);
+      switch (run.kind) {
+        case "normal": {
+          const io = file.readAtAsync!(run.hostOffset, part);
+          if (first === undefined) first = io;
+          else (more ??= []).push(io);
+          break;
+        }
+        case "zero-plain":
+        case "zero-alloc":
+          part.fill(0);
+          break;
+        case "unallocated":
+        case "unallocated-alloc":
+          await readBacking(s, offset + pos, part);
+          break;
+        case "compressed":
+          readCompressed(s, offset + pos, part);
+          break;
+        default:
+          throw signalCorruption(
+            s,
+            `Invalid mapping at guest offset ${offset + pos}`,
+            offset + pos,
+          );
+      }
+      pos += run.length;
+    }
+  } catch (e) {
+    // Reads already started still write into dst: let them finish before the caller moves on.
+    if (first !== undefined) await Promise.allSettled([first, ...(more ?? [])]);
+    throw e;
+  }
+  if (more === undefined) {
+    if (first !== undefined) await first;
+  } else {
+    await Promise.all([first!, ...more]);
+  }
+}
+
 async function readBacking(s: Qcow2State, guestOffset: number, dst: Uint8Array): Promise<void> {
   const backing = s.backing;
   if (backing === undefined || guestOffset >= backing.size) {

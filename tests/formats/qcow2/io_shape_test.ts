@@ -23,6 +23,17 @@ function recording(file: HostFile) {
       writes.push([offset, src.length]);
       file.writeAt(offset, src);
     },
+    // Data through the asynchronous path is recorded the same way.
+    readAtAsync: (offset, dst) => {
+      reads.push([offset, dst.length]);
+      file.readAt(offset, dst);
+      return Promise.resolve();
+    },
+    writeAtAsync: (offset, src) => {
+      writes.push([offset, src.length]);
+      file.writeAt(offset, src);
+      return Promise.resolve();
+    },
   };
   return { host, reads, writes };
 }
