@@ -44,6 +44,9 @@ import type { VirtioScsiStats } from "./virtio_scsi_framing.ts";
 import { VirtioScsiCommands } from "./virtio_scsi_request.ts";
 import { VirtioScsiSharedConfig } from "./virtio_scsi_shared.ts";
 
+/** Microtask turns a drain waits for its requests before publishing (see virtio-blk's). */
+const SETTLE_TURNS = 8;
+
 /**
  * How the back-end reaches the machine outside {@linkcode VirtioScsiBackend.processQueue}: events
  * (hotplug, unplug, capacity change) complete buffers on the event queue at any time.
@@ -93,6 +96,13 @@ export class VirtioScsiBackend implements DeviceBackend {
   /** Inside processQueue: a broken event ring is thrown from there, not sent to the hooks. */
   #inProcessQueue = false;
   readonly #waiters: Array<() => void> = [];
+  /** Command requests in flight, and who waits for none. */
+  #inflight = 0;
+  #idle: Array<() => void> = [];
+  /** Queues being drained, queues with a publish scheduled, each queue's interrupt callback. */
+  readonly #draining = new Set<number>();
+  readonly #publishing = new Set<number>();
+  readonly #interrupts = new Map<number, () => void>();
   // The three kinds of queue: requests (2..), control (0), events (1).
   readonly #commands: VirtioScsiCommands;
   readonly #control: VirtioScsiControl;
@@ -153,6 +163,7 @@ export class VirtioScsiBackend implements DeviceBackend {
   async close(): Promise<void> {
     await this.#lock();
     try {
+      await this.drained();
       this.#epoch++;
       this.#activated = false;
       const units = [...this.bus.all()];
@@ -201,6 +212,8 @@ export class VirtioScsiBackend implements DeviceBackend {
   async unplug(target: number, lun: number): Promise<BlockNode> {
     await this.#lock();
     try {
+      // Its requests in flight finish first: the node goes back to the caller idle.
+      await this.drained();
       const disk = this.bus.detach(target, lun);
       disk.onChange = null;
       if (this.#activated && hasFeature(this.#features, VIRTIO_SCSI_F_HOTPLUG)) {
@@ -278,15 +291,34 @@ export class VirtioScsiBackend implements DeviceBackend {
   async #drain(dq: DeviceQueue, queue: number, interrupt: () => void): Promise<void> {
     const epoch = this.#epoch;
     const control = queue === VIRTIO_SCSI_VQ_CONTROL;
+    this.#interrupts.set(queue, interrupt);
+    // Task management sees no command in flight (QEMU drains before a TMF takes effect).
+    if (control && this.#inflight > 0) {
+      await this.drained();
+      if (epoch !== this.#epoch) return;
+    }
+    this.#draining.add(queue);
+    try {
+      await this.#drainLoop(dq, queue, interrupt, epoch, control);
+    } finally {
+      this.#draining.delete(queue);
+    }
+  }
+
+  async #drainLoop(
+    dq: DeviceQueue,
+    queue: number,
+    interrupt: () => void,
+    epoch: number,
+    control: boolean,
+  ): Promise<void> {
     do {
       dq.disableNotifications();
       let chain: DescriptorChain | null;
       while ((chain = dq.pop()) !== null) {
-        let written: number;
+        let written: number | Promise<number>;
         try {
-          written = control
-            ? this.#control.handle(chain, queue)
-            : await this.#commands.run(chain, queue);
+          written = control ? this.#control.handle(chain, queue) : this.#commands.run(chain, queue);
         } catch (e) {
           // A framing error: QEMU drops the element and marks the device broken; what completed
           // before it is still published (unless a reset took the ring away meanwhile).
@@ -296,8 +328,11 @@ export class VirtioScsiBackend implements DeviceBackend {
           }
           throw e;
         }
-        // The device was reset while this request awaited its I/O: the ring is gone.
-        if (epoch !== this.#epoch) return;
+        if (typeof written !== "number") {
+          // I/O: in flight while the drain goes on; it completes (and publishes) on its own.
+          this.#track(dq, queue, chain, written, epoch);
+          continue;
+        }
         dq.push(chain, written);
         // An event delivery inside the command (capacity change) may have broken the device.
         if (this.#broken !== null) {
@@ -305,8 +340,70 @@ export class VirtioScsiBackend implements DeviceBackend {
           throw this.#broken;
         }
       }
+      // Requests that complete at once join this batch; the rest complete on their own.
+      for (let turn = 0; turn < SETTLE_TURNS && this.#inflight > 0; turn++) await null;
+      // The device was reset meanwhile: the ring is gone.
+      if (epoch !== this.#epoch) return;
       if (dq.publish()) interrupt();
     } while (dq.enableNotifications());
+  }
+
+  /** Command requests in flight (over all queues): the runtime keeps its event loop turning. */
+  get inflight(): number {
+    return this.#inflight;
+  }
+
+  /** Resolves when no command request is in flight. */
+  drained(): Promise<void> {
+    if (this.#inflight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#idle.push(resolve));
+  }
+
+  /** A command doing I/O: completed into its ring when done, unless a reset came first. */
+  #track(
+    dq: DeviceQueue,
+    queue: number,
+    chain: DescriptorChain,
+    written: Promise<number>,
+    epoch: number,
+  ): void {
+    this.#inflight++;
+    written.then((n) => {
+      if (epoch === this.#epoch && this.#broken === null) {
+        dq.push(chain, n);
+        this.#publishLater(dq, queue, epoch);
+      }
+      this.#ended();
+    }, (e) => {
+      // Not a guest's doing (units turn I/O errors into sense data): the device needs a reset.
+      if (epoch === this.#epoch && this.#broken === null) {
+        this.#broken = e instanceof Error ? e : new Error(String(e));
+        this.hooks?.needsReset(this.#broken);
+      }
+      this.#ended();
+    });
+  }
+
+  #ended(): void {
+    if (--this.#inflight === 0 && this.#idle.length > 0) {
+      const idle = this.#idle;
+      this.#idle = [];
+      for (const resolve of idle) resolve();
+    }
+  }
+
+  /**
+   * Outside a drain, completions are published once per batch: a microtask queued behind the
+   * other completions of the same reap. Inside one, the drain publishes them.
+   */
+  #publishLater(dq: DeviceQueue, queue: number, epoch: number): void {
+    if (this.#draining.has(queue) || this.#publishing.has(queue)) return;
+    this.#publishing.add(queue);
+    queueMicrotask(() => {
+      this.#publishing.delete(queue);
+      if (this.#draining.has(queue) || epoch !== this.#epoch || this.#broken !== null) return;
+      if (dq.publish()) this.#interrupts.get(queue)?.();
+    });
   }
 
   /**

@@ -249,6 +249,8 @@ export class ScsiHarness {
     assert.ok(driver.add(readable, writable, token, table), "ring has room");
     driver.kick();
     await this.backend.processQueue(queue, () => this.interrupts[queue]!++);
+    // A command doing I/O completes after the drain, published on its own.
+    await this.backend.drained();
     const used = driver.getUsed();
     assert.ok(used !== null, "the request completed");
     assert.equal(used.token, token);
