@@ -261,6 +261,7 @@ export {
   type DeviceInfo,
   type DeviceSpec,
   type DeviceType,
+  type DriveAio,
   type DriveCache,
   type DriveInfo,
   type DriveSpec,
@@ -295,7 +296,7 @@ export {
 // ── SCSI: a disk target over a block node ─────────────────────────────────────────────────────
 export { ScsiDisk, type ScsiDiskOptions } from "./src/scsi/disk.ts";
 export { ScsiBus, type ScsiBusOptions } from "./src/scsi/bus.ts";
-export type { ScsiIo, ScsiOutcome } from "./src/scsi/request.ts";
+export type { IoErrorDecision, IoErrorPolicy, ScsiIo, ScsiOutcome } from "./src/scsi/request.ts";
 export type { DiskProfile } from "./src/scsi/profile.ts";
 export type { IoDisk } from "./src/scsi/medium_access.ts";
 export {

@@ -27,6 +27,7 @@
  *
  * @module
  */
+import { DEFAULT_RERROR, DEFAULT_WERROR, errorDecision } from "./error_policy.ts";
 import { z } from "zod";
 import type { ScsiDiskOptions } from "../scsi/disk.ts";
 import { VIRTIO_SCSI_MAX_LUN, VIRTIO_SCSI_MAX_TARGET } from "../virtio/virtio_scsi_constants.ts";
@@ -121,15 +122,19 @@ export function createBackend(init: BackendInit): BackendReady {
   drives.forEach((node, i) => {
     const place = options.luns?.[i] ?? { target: 0, lun: i };
     const drive = spec.drives[i];
+    const werror = drive?.werror ?? DEFAULT_WERROR;
+    const rerror = drive?.rerror ?? DEFAULT_RERROR;
     const disk: ScsiDiskOptions = {
       readOnly: drive?.readOnly ?? node.readOnly,
       writeCache: drive?.cache !== "writethrough" && drive?.cache !== "directsync",
+      // QEMU's scsi-disk honours the drive's werror/rerror as virtio-blk does.
+      errorPolicy: (error, write) => errorDecision(write ? werror : rerror, error),
     };
     if (place.serial !== undefined) disk.serial = place.serial;
     if (place.blockSize !== undefined) disk.blockSize = place.blockSize;
     if (place.discard !== undefined) disk.discard = place.discard;
     if (place.rotationRate !== undefined) disk.rotationRate = place.rotationRate;
-    backend.lend(place.target, place.lun, node, disk);
+    backend.lend(place.target, place.lun, node, disk, drive?.id ?? `${spec.id}/${place.lun}`);
   });
   const info: VirtioScsiBackendInfo = { shared: shared.buffer };
   return { backend, info };

@@ -41,7 +41,8 @@ import type { DeviceBackend } from "./backend.ts";
 import { VirtioScsiControl } from "./virtio_scsi_control.ts";
 import { VirtioScsiEvents } from "./virtio_scsi_events.ts";
 import type { VirtioScsiStats } from "./virtio_scsi_framing.ts";
-import { VirtioScsiCommands } from "./virtio_scsi_request.ts";
+import { HELD, type HeldCommand, VirtioScsiCommands } from "./virtio_scsi_request.ts";
+import { stopReason } from "./error_policy.ts";
 import { VirtioScsiSharedConfig } from "./virtio_scsi_shared.ts";
 
 /** Microtask turns a drain waits for its requests before publishing (see virtio-blk's). */
@@ -56,6 +57,11 @@ export interface VirtioScsiHooks {
   interrupt(queue: number): void;
   /** The device must be reset (a malformed event buffer or ring met while delivering an event). */
   needsReset(error: Error): void;
+  /**
+   * A command failed under a `stop` policy (werror/rerror): the device holds it and takes no more
+   * commands until reset; the VMM learns `reason` (QEMU's BLOCK_IO_ERROR and `io-error` state).
+   */
+  stop?(reason: string): void;
 }
 
 /** Options of {@linkcode VirtioScsiBackend}. */
@@ -103,6 +109,12 @@ export class VirtioScsiBackend implements DeviceBackend {
   readonly #draining = new Set<number>();
   readonly #publishing = new Set<number>();
   readonly #interrupts = new Map<number, () => void>();
+  /** Why the device stopped (a command held under a `stop` policy), until reset. */
+  #stopReason: string | null = null;
+  /** Commands held since the stop: never completed. */
+  #held: DescriptorChain[] = [];
+  /** Drive names by `target:lun`, for the stop reason. */
+  readonly #names = new Map<string, string>();
   // The three kinds of queue: requests (2..), control (0), events (1).
   readonly #commands: VirtioScsiCommands;
   readonly #control: VirtioScsiControl;
@@ -119,6 +131,7 @@ export class VirtioScsiBackend implements DeviceBackend {
     this.bus = new ScsiBus({ maxTarget: this.config.maxTarget, maxLun: this.config.maxLun });
     this.hooks = options.hooks ?? null;
     this.#commands = new VirtioScsiCommands(this.bus, this.config, this.stats);
+    this.#commands.onHeld = (held) => this.#stopOn(held);
     this.#control = new VirtioScsiControl(this.bus, this.stats);
     this.#events = new VirtioScsiEvents(this.stats);
   }
@@ -151,6 +164,8 @@ export class VirtioScsiBackend implements DeviceBackend {
    */
   reset(): void {
     this.#epoch++;
+    this.#stopReason = null;
+    this.#held = [];
     this.#queues = [];
     this.#features = 0n;
     this.#activated = false;
@@ -179,10 +194,38 @@ export class VirtioScsiBackend implements DeviceBackend {
    * Like {@linkcode hotplug}, for a node the caller keeps owning: {@linkcode close} leaves it open
    * (the iothread flushes and closes its drives itself).
    */
-  lend(target: number, lun: number, node: BlockNode, options?: ScsiDiskOptions): ScsiDisk {
+  lend(
+    target: number,
+    lun: number,
+    node: BlockNode,
+    options?: ScsiDiskOptions,
+    driveName?: string,
+  ): ScsiDisk {
     const disk = this.hotplug(target, lun, node, options);
     this.#lent.add(node);
+    if (driveName !== undefined) this.#names.set(`${target}:${lun}`, driveName);
     return disk;
+  }
+
+  /**
+   * Why the device stopped taking commands — `io error on drive d1 (write): No space left on
+   * device` — after one failed under its drive's `stop` policy (werror/rerror), until reset; else
+   * null. The command is held, never completed.
+   */
+  get stopReason(): string | null {
+    return this.#stopReason;
+  }
+
+  /** Commands held since the stop. */
+  get held(): number {
+    return this.#held.length;
+  }
+
+  #stopOn(held: HeldCommand): void {
+    if (this.#stopReason !== null) return;
+    const name = this.#names.get(`${held.target}:${held.lun}`) ?? `${held.target}:${held.lun}`;
+    this.#stopReason = stopReason(name, held.write, held.error);
+    this.hooks?.stop?.(this.#stopReason);
   }
 
   /**
@@ -315,7 +358,8 @@ export class VirtioScsiBackend implements DeviceBackend {
     do {
       dq.disableNotifications();
       let chain: DescriptorChain | null;
-      while ((chain = dq.pop()) !== null) {
+      // A stopped device takes no new command; the control queue still answers.
+      while ((control || this.#stopReason === null) && (chain = dq.pop()) !== null) {
         let written: number | Promise<number>;
         try {
           written = control ? this.#control.handle(chain, queue) : this.#commands.run(chain, queue);
@@ -333,6 +377,10 @@ export class VirtioScsiBackend implements DeviceBackend {
           this.#track(dq, queue, chain, written, epoch);
           continue;
         }
+        if (written === HELD) {
+          this.#held.push(chain);
+          continue;
+        }
         dq.push(chain, written);
         // An event delivery inside the command (capacity change) may have broken the device.
         if (this.#broken !== null) {
@@ -345,7 +393,7 @@ export class VirtioScsiBackend implements DeviceBackend {
       // The device was reset meanwhile: the ring is gone.
       if (epoch !== this.#epoch) return;
       if (dq.publish()) interrupt();
-    } while (dq.enableNotifications());
+    } while (dq.enableNotifications() && (control || this.#stopReason === null));
   }
 
   /** Command requests in flight (over all queues): the runtime keeps its event loop turning. */
@@ -370,8 +418,12 @@ export class VirtioScsiBackend implements DeviceBackend {
     this.#inflight++;
     written.then((n) => {
       if (epoch === this.#epoch && this.#broken === null) {
-        dq.push(chain, n);
-        this.#publishLater(dq, queue, epoch);
+        if (n === HELD) {
+          this.#held.push(chain);
+        } else {
+          dq.push(chain, n);
+          this.#publishLater(dq, queue, epoch);
+        }
       }
       this.#ended();
     }, (e) => {

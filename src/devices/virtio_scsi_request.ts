@@ -55,6 +55,20 @@ class Slot {
   cdbView = this.req.subarray(VIRTIO_SCSI_CMD_REQ_HEADER, VIRTIO_SCSI_CMD_REQ_HEADER);
 }
 
+/**
+ * What {@linkcode VirtioScsiCommands.run} gives for a command the unit's error policy holds
+ * (werror/rerror `stop`): no response is written and the chain is not to be completed.
+ */
+export const HELD = -1;
+
+/** A held command: the failed request, and the unit it was for. */
+export interface HeldCommand {
+  readonly error: unknown;
+  readonly write: boolean;
+  readonly target: number;
+  readonly lun: number;
+}
+
 /** Spare slots kept for reuse (more requests in flight allocate, and the extras are dropped). */
 const SPARE_SLOTS = 64;
 
@@ -69,6 +83,8 @@ export class VirtioScsiCommands {
   readonly #config: VirtioScsiSharedConfig;
   readonly #stats: VirtioScsiStats;
   readonly #spare: Slot[] = [];
+  /** Told of each command the error policy holds, before run gives {@linkcode HELD}. */
+  onHeld: ((held: HeldCommand) => void) | null = null;
 
   /** `config` gives the sizes the driver last wrote; `stats.commands` counts the requests. */
   constructor(bus: ScsiBus, config: VirtioScsiSharedConfig, stats: VirtioScsiStats) {
@@ -79,7 +95,7 @@ export class VirtioScsiCommands {
 
   /**
    * One command request: the bytes written to its writable part, or the promise of them when
-   * the command does I/O.
+   * the command does I/O; {@linkcode HELD} when the unit's error policy holds it.
    *
    * @throws {VirtioScsiError} (synchronously) when the headers do not fit the chain's buffers
    */
@@ -143,7 +159,7 @@ export class VirtioScsiCommands {
       if (disk === undefined) {
         pending = true;
         const outcome = this.#bus.execute(addr.target, addr.lun, cmd, slot.io);
-        return this.#later(slot, chain, respSize, senseSize, outcome);
+        return this.#later(slot, chain, respSize, senseSize, addr, outcome);
       }
       // The unit's two halves rather than execute(): no promise at all for emulated commands.
       const started = disk.begin(cmd, slot.io);
@@ -154,6 +170,7 @@ export class VirtioScsiCommands {
           chain,
           respSize,
           senseSize,
+          addr,
           started.then((outcome) => {
             disk.complete(cmd, outcome);
             return outcome;
@@ -161,6 +178,7 @@ export class VirtioScsiCommands {
         );
       }
       disk.complete(cmd, started);
+      if (started.held !== undefined) return this.#held(started.held, addr);
       return finish(slot, chain, respSize, senseSize, started);
     } finally {
       if (!pending) this.#release(slot);
@@ -173,13 +191,21 @@ export class VirtioScsiCommands {
     chain: DescriptorChain,
     respSize: number,
     senseSize: number,
+    addr: { target: number; lun: number },
     outcome: Promise<ScsiOutcome>,
   ): Promise<number> {
     try {
-      return finish(slot, chain, respSize, senseSize, await outcome);
+      const done = await outcome;
+      if (done.held !== undefined) return this.#held(done.held, addr);
+      return finish(slot, chain, respSize, senseSize, done);
     } finally {
       this.#release(slot);
     }
+  }
+
+  #held(held: { error: unknown; write: boolean }, addr: { target: number; lun: number }): number {
+    this.onHeld?.({ error: held.error, write: held.write, target: addr.target, lun: addr.lun });
+    return HELD;
   }
 
   #release(slot: Slot): void {

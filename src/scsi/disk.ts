@@ -19,7 +19,14 @@ import { read, synchronizeCache, unmap, verify, write, writeSame } from "./mediu
 import type { IoDisk } from "./medium_access.ts";
 import { MODE_SENSE_MAX_LEN, modeSelect, modeSense } from "./mode.ts";
 import { reportLunsData } from "./report_luns.ts";
-import { checkCondition, good, GOOD_NO_DATA, type ScsiIo, type ScsiOutcome } from "./request.ts";
+import {
+  checkCondition,
+  good,
+  GOOD_NO_DATA,
+  type IoErrorPolicy,
+  type ScsiIo,
+  type ScsiOutcome,
+} from "./request.ts";
 import {
   SENSE_CODE,
   type SenseCode,
@@ -56,6 +63,11 @@ export interface ScsiDiskOptions {
   rotationRate?: number;
   /** VPD B0h MAXIMUM TRANSFER LENGTH in blocks (default QEMU's: 2^31−1 bytes' worth). */
   maxTransferBlocks?: number;
+  /**
+   * What a failed node request does (QEMU's werror/rerror, decided per error): `report` (CHECK
+   * CONDITION, the default), `ignore` (GOOD), or `stop` (the outcome is marked held).
+   */
+  errorPolicy?: IoErrorPolicy;
 }
 
 /** QEMU's DEFAULT_MAX_IO_SIZE: INT_MAX bytes. */
@@ -107,6 +119,8 @@ export class ScsiDisk implements IoDisk, CdbContext {
   readonly deviceId: string | undefined;
   readonly wwn: bigint | undefined;
   readonly rotationRate: number;
+  /** The failed-request policy (see {@linkcode ScsiDiskOptions.errorPolicy}). */
+  readonly errorPolicy: IoErrorPolicy | undefined;
   readonly maxTransferBlocks: number;
   readonly maxUnmapBlocks: number;
   readonly maxUnmapDescriptors: number;
@@ -158,6 +172,7 @@ export class ScsiDisk implements IoDisk, CdbContext {
       (node.filename.length > 0 ? node.filename : undefined);
     this.wwn = options.wwn;
     this.rotationRate = options.rotationRate ?? 1;
+    this.errorPolicy = options.errorPolicy;
     this.maxTransferBlocks = maxTransfer;
     this.maxUnmapBlocks = Math.floor(DEFAULT_MAX_UNMAP_BYTES / bs);
     this.maxUnmapDescriptors = DEFAULT_MAX_UNMAP_DESCRIPTORS;

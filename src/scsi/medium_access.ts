@@ -9,7 +9,14 @@
 import type { BlockNode } from "../block/node.ts";
 import { isBlockError } from "../errors.ts";
 import type { Cdb } from "./cdb.ts";
-import { checkCondition, good, GOOD_NO_DATA, type ScsiIo, type ScsiOutcome } from "./request.ts";
+import {
+  checkCondition,
+  good,
+  GOOD_NO_DATA,
+  type IoErrorPolicy,
+  type ScsiIo,
+  type ScsiOutcome,
+} from "./request.ts";
 import { SENSE_CODE, senseForReadError, senseForWriteError } from "./sense.ts";
 import type { DiskProfile } from "./profile.ts";
 
@@ -17,6 +24,27 @@ import type { DiskProfile } from "./profile.ts";
 export interface IoDisk extends DiskProfile {
   /** The block node holding the medium. */
   readonly node: BlockNode;
+  /** What a failed node request does (absent: `report`, as CHECK CONDITION). */
+  readonly errorPolicy?: IoErrorPolicy | undefined;
+}
+
+/**
+ * The outcome of a command whose node request failed with `error`, under the disk's policy:
+ * CHECK CONDITION with the error's sense (`report`), `ignored` (`ignore`), or that CHECK CONDITION
+ * marked held (`stop`).
+ */
+function failed(
+  disk: IoDisk,
+  error: unknown,
+  write: boolean,
+  ignored: ScsiOutcome,
+  moved?: { dataIn?: number; dataOut?: number },
+): ScsiOutcome {
+  const decision = disk.errorPolicy?.(error, write) ?? "report";
+  if (decision === "ignore") return ignored;
+  const sense = write ? senseForWriteError(error) : senseForReadError(error);
+  const outcome = checkCondition(sense, undefined, moved);
+  return decision === "stop" ? { ...outcome, held: { error, write } } : outcome;
 }
 
 type CdbOf<K extends Cdb["kind"]> = Extract<Cdb, { kind: K }>;
@@ -48,7 +76,7 @@ export async function read(disk: IoDisk, cmd: CdbOf<"read">, io: ScsiIo): Promis
     await io.dataIn.readFrom(disk.node, cmd.lba * bs, 0, length);
     return good(Math.min(length, io.dataIn.length));
   } catch (e) {
-    return checkCondition(senseForReadError(e));
+    return failed(disk, e, false, good(Math.min(cmd.blocks * bs, io.dataIn.length)));
   }
 }
 
@@ -67,7 +95,7 @@ export async function write(
     const n = await io.dataOut.writeTo(disk.node, cmd.lba * bs, 0, cmd.blocks * bs, fua);
     return good(0, n);
   } catch (e) {
-    return checkCondition(senseForWriteError(e));
+    return failed(disk, e, true, good(0, Math.min(cmd.blocks * bs, io.dataOut.length)));
   }
 }
 
@@ -100,7 +128,7 @@ export async function verify(
     try {
       await disk.node.read(cmd.lba * bs + done, medium.subarray(0, n));
     } catch (e) {
-      return checkCondition(senseForReadError(e));
+      return failed(disk, e, false, good(0, cmd.length));
     }
     if (cmd.bytchk === 1) io.dataOut.copyOut(expected.subarray(0, n), done);
     for (let i = 0; i < n; i++) {
@@ -148,7 +176,7 @@ export async function writeSame(
     if (fua) await disk.node.flush();
     return good(0, consumed);
   } catch (e) {
-    return checkCondition(senseForWriteError(e));
+    return failed(disk, e, true, good(0, consumed));
   }
 }
 
@@ -216,7 +244,7 @@ export async function unmap(
       await disk.node.discard(lba * bs, blocks * bs);
     } catch (e) {
       if (isBlockError(e, "unsupported")) continue;
-      return checkCondition(senseForWriteError(e), undefined, { dataOut: len });
+      return failed(disk, e, true, good(0, len), { dataOut: len });
     }
   }
   return good(0, len);
@@ -232,6 +260,6 @@ export async function synchronizeCache(
     await disk.node.flush();
     return GOOD_NO_DATA;
   } catch (e) {
-    return checkCondition(senseForWriteError(e));
+    return failed(disk, e, true, GOOD_NO_DATA);
   }
 }

@@ -27,7 +27,19 @@ export interface ScsiOutcome {
   readonly dataIn: number;
   /** Bytes taken from the data-out buffer. */
   readonly dataOut: number;
+  /**
+   * Set when the unit's error policy holds the command (QEMU's werror/rerror `stop`): the
+   * transport must not complete it and stops taking commands; the rest of the outcome is what
+   * `report` would have said.
+   */
+  readonly held?: { readonly error: unknown; readonly write: boolean };
 }
+
+/** What a unit does with a failed block-layer request (QEMU's werror/rerror, decided). */
+export type IoErrorDecision = "report" | "ignore" | "stop";
+
+/** Decides a failed request's fate: `write` is true for writes, flushes and discards. */
+export type IoErrorPolicy = (error: unknown, write: boolean) => IoErrorDecision;
 
 /** The outcome of a command that moved nothing. */
 export const GOOD_NO_DATA: ScsiOutcome = Object.freeze({

@@ -41,13 +41,14 @@ async function onSmallTmpfs(
 }
 
 /** A sequential writer over the whole disk, one request at a time: it fills the tmpfs. */
-function fill(image: string, format: string, driveOptions: string): string[] {
+function fill(image: string, format: string, driveOptions: string, scsi = false): string[] {
   return [
     "run",
     "--drive",
     `file=${image},format=${format},id=d0${driveOptions}`,
-    "--device",
-    "virtio-blk,drive=d0",
+    ...(scsi
+      ? ["--device", "virtio-scsi,id=s0", "--device", "scsi-hd,bus=s0,drive=d0"]
+      : ["--device", "virtio-blk,drive=d0"]),
     "--name=fill",
     "--rw=write",
     "--bs=64k",
@@ -147,6 +148,35 @@ Deno.test({
       // 0: clean; 3: leaked clusters only (QEMU leaves them too when a write fails on ENOSPC).
       assert.ok(check.code === 0 || check.code === 3, check.stdout + check.stderr);
       assert.doesNotMatch(check.stdout + check.stderr, /ERROR|corrupt/i);
+    });
+  },
+});
+
+Deno.test({
+  name:
+    "vstor run on a virtio-scsi disk: werror=report gives the guest CHECK CONDITION, werror=stop stops the VM and says why",
+  ignore,
+  async fn() {
+    await onSmallTmpfs("raw", async (image) => {
+      const report = await vstor(...fill(image, "raw", ",werror=report", true));
+      assert.equal(report.code, EXIT_ERROR, report.stderr + report.stdout);
+      assert.doesNotMatch(report.stderr, /the VM stopped/);
+      assert.match(report.stdout, /errors=[1-9]/);
+    });
+    await onSmallTmpfs("raw", async (image) => {
+      const r = await vstor(...fill(image, "raw", ",werror=stop", true));
+      assert.equal(r.code, EXIT_ERROR, r.stderr + r.stdout);
+      assert.match(
+        r.stderr,
+        /the VM stopped: io error on drive d0 \(write\): No space left on device/,
+      );
+      const again = await vstor(
+        ...fill(image, "raw", ",readonly=on", true),
+        "--verify_only",
+        "--size=1m",
+      );
+      assert.equal(again.code, EXIT_OK, again.stderr + again.stdout);
+      assert.match(again.stdout, /16 blocks checked, 0 failed/);
     });
   },
 });

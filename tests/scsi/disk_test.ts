@@ -466,6 +466,34 @@ Deno.test("ScsiDisk: block-layer errors become MEDIUM ERROR sense", async () => 
   );
 });
 
+Deno.test("ScsiDisk: the error policy reports, ignores, or holds a failed command (werror/rerror)", async () => {
+  const { node } = await makeDisk();
+  const seen: Array<[boolean, string]> = [];
+  const disk = (decision: "report" | "ignore" | "stop") =>
+    new ScsiDisk(failingNode(node), {
+      errorPolicy: (e, write) => {
+        seen.push([write, e instanceof Error ? e.message : String(e)]);
+        return decision;
+      },
+    });
+  const report = disk("report");
+  await clearUa(report);
+  assertCheck((await run(report, read10(0, 1), { dataIn: 512 })).outcome, SENSE_CODE.READ_ERROR);
+  const ignore = disk("ignore");
+  await clearUa(ignore);
+  assertGood((await run(ignore, read10(0, 1), { dataIn: 512 })).outcome);
+  assertGood((await run(ignore, write10(0, 1), { dataOut: new Uint8Array(512) })).outcome);
+  const stop = disk("stop");
+  await clearUa(stop);
+  const held = (await run(stop, write10(0, 1), { dataOut: new Uint8Array(512) })).outcome;
+  assertCheck(held, SENSE_CODE.WRITE_ERROR);
+  assert.equal(held.held?.write, true);
+  assert.ok(held.held?.error instanceof Error);
+  assert.equal((await run(stop, sync16())).outcome.held?.write, true, "a failed flush is a write");
+  assert.equal((await run(stop, read10(0, 1), { dataIn: 512 })).outcome.held?.write, false);
+  assert.deepEqual(seen.map(([write]) => write), [false, false, true, true, true, false]);
+});
+
 Deno.test("ScsiDisk: with WCE off every write is forced to the medium", async () => {
   const { node } = await makeDisk();
   let fuaWrites = 0;
