@@ -483,6 +483,25 @@ export class SplitDeviceQueue implements DeviceQueue {
     return this.#mem.atomicU16(this.#availIdx) !== this.#lastAvail;
   }
 
+  /**
+   * The index of the next avail entry the device will read (vhost-user's GET_VRING_BASE answer).
+   */
+  get lastAvailIndex(): number {
+    return this.#lastAvail;
+  }
+
+  /**
+   * Takes over a ring already in use (vhost-user's SET_VRING_BASE after a stop or a reconnect):
+   * the next avail entry to read is `lastAvail`, and the used index continues from what the ring
+   * shows. Nothing is in flight.
+   */
+  resume(lastAvail: number): void {
+    this.reset();
+    this.#lastAvail = lastAvail & 0xffff;
+    this.#shadowAvail = this.#lastAvail;
+    this.#used = this.#mem.atomicU16(this.#usedIdx);
+  }
+
   /** Forgets all ring state (device or queue reset); keeps the counters. Writes no guest memory. */
   reset(): void {
     this.#lastAvail = 0;

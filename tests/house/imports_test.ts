@@ -109,6 +109,21 @@ const LAYERS: readonly Layer[] = [
       "never devices, machine, formats, block, host or cli",
   },
   {
+    prefix: "src/serve/",
+    may: [
+      ...GROUND,
+      "src/host/",
+      "src/block/",
+      "formats/",
+      "src/scsi/",
+      "src/virtio/",
+      "src/devices/",
+      "src/serve/",
+    ],
+    rule: "src/serve/ (daemons: vhost-user, NBD) imports the layers below it and src/devices/: " +
+      "never guest, machine or cli",
+  },
+  {
     prefix: "src/cli/",
     may: ["src/", "formats/"],
     rule: "src/cli/ sits on top and may import all of src/ and formats/",

@@ -1,0 +1,562 @@
+/**
+ * One vhost-user connection, back-end side: the state a front-end (QEMU) builds with its messages —
+ * features, memory table, rings, notification fds — and the device that serves the rings. Pure
+ * logic over a {@linkcode SessionPlatform} (what maps memory, watches kick fds, signals call fds,
+ * closes fds), so that it runs the same under the real socket loop and in tests.
+ *
+ * The device is vstor's own: a {@linkcode VirtioDeviceModel} (features, config space) and the
+ * {@linkcode DeviceBackend} that serves its queues (VirtioBlkBackend, VirtioScsiBackend), as the
+ * simulated machine uses them; here the rings live in the front-end's memory.
+ *
+ * Rings follow the spec's states: stopped until their kick fd arrives (SET_VRING_KICK), started
+ * then, stopped again by GET_VRING_BASE (which answers once the requests of the ring in flight
+ * have completed, with the next avail index). With protocol features negotiated a ring also waits
+ * for SET_VRING_ENABLE 1 before it is served.
+ *
+ * @module
+ */
+import type { DeviceBackend } from "../../devices/backend.ts";
+import { queueFeaturesOf } from "../../virtio/device.ts";
+import type { VirtioDeviceModel } from "../../virtio/device.ts";
+import { hasFeature, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1 } from "../../virtio/features.ts";
+import type { GuestMemory } from "../../virtio/memory.ts";
+import type { DeviceQueue } from "../../virtio/queue.ts";
+import { SplitDeviceQueue } from "../../virtio/split_queue.ts";
+import {
+  F_PROTOCOL_FEATURES,
+  FLAG_NEED_REPLY,
+  type Header,
+  MAX_MEM_SLOTS,
+  type MemoryRegion,
+  PF,
+  replyConfig,
+  replyState,
+  replyU64,
+  REQ,
+  type Request,
+  VhostUserProtocolError,
+} from "./protocol.ts";
+
+/** A memory region with the fd it is mapped from. */
+export interface MappedRegion extends MemoryRegion {
+  readonly fd: number;
+}
+
+/** What the session needs from its surroundings. */
+export interface SessionPlatform {
+  /**
+   * Guest memory over `regions` (each mapped from its fd at its mmap offset), laid out by guest
+   * address. Called for every change of the table; the previous memory is released afterwards.
+   *
+   * @throws when a region cannot be mapped (the message fails)
+   */
+  mapMemory(regions: readonly MappedRegion[]): GuestMemory;
+  /** Releases memory a new table replaced (or the session's end). */
+  unmapMemory(mem: GuestMemory): void;
+  /** Starts (fd ≥ 0) or stops (-1) watching ring `index`'s kick fd. */
+  watchKick(index: number, fd: number): void;
+  /** Signals an eventfd (a ring's call fd). */
+  signal(fd: number): void;
+  /** Closes an fd the session no longer needs. */
+  closeFd(fd: number): void;
+  /** A line for the log. */
+  log(line: string): void;
+}
+
+/** The protocol features this back-end implements. */
+export const SUPPORTED_PROTOCOL_FEATURES = (1n << BigInt(PF.MQ)) |
+  (1n << BigInt(PF.REPLY_ACK)) |
+  (1n << BigInt(PF.CONFIG)) |
+  (1n << BigInt(PF.RESET_DEVICE)) |
+  (1n << BigInt(PF.CONFIGURE_MEM_SLOTS)) |
+  (1n << BigInt(PF.STATUS));
+
+/** One ring's state as the front-end set it. */
+interface Ring {
+  num: number;
+  /** Front-end virtual addresses (SET_VRING_ADDR); -1 until given. */
+  desc: number;
+  avail: number;
+  used: number;
+  base: number;
+  kick: number;
+  call: number;
+  err: number;
+  enabled: boolean;
+  started: boolean;
+  queue: DeviceQueue | null;
+}
+
+function newRing(): Ring {
+  return {
+    num: 0,
+    desc: -1,
+    avail: -1,
+    used: -1,
+    base: 0,
+    kick: -1,
+    call: -1,
+    err: -1,
+    enabled: false,
+    started: false,
+    queue: null,
+  };
+}
+
+/** What a handled message sends back: a reply message (and fds with it), or nothing. */
+export interface Outcome {
+  readonly reply?: Uint8Array;
+}
+
+/**
+ * A vhost-user connection's state machine. {@linkcode handle} takes each decoded request (and the
+ * header, for NEED_REPLY) and resolves with what to send back; {@linkcode kick} serves a ring whose
+ * kick fd became readable; {@linkcode close} releases everything when the connection ends.
+ */
+export class VhostUserSession {
+  readonly #model: VirtioDeviceModel;
+  readonly #backend: DeviceBackend;
+  readonly #platform: SessionPlatform;
+  readonly #rings: Ring[] = [];
+  /** Virtio features the device offers here (packed rings are not served over vhost-user yet). */
+  readonly #offered: bigint;
+  #features = 0n;
+  #protocolFeatures = 0n;
+  #regions: MappedRegion[] = [];
+  #mem: GuestMemory | null = null;
+  #status = 0;
+  /** The set of started rings the back-end was activated with (to re-activate on change). */
+  #active = "";
+  #closed = false;
+
+  constructor(model: VirtioDeviceModel, backend: DeviceBackend, platform: SessionPlatform) {
+    this.#model = model;
+    this.#backend = backend;
+    this.#platform = platform;
+    this.#offered = (model.deviceFeatures | (1n << BigInt(VIRTIO_F_VERSION_1))) &
+      ~(1n << BigInt(VIRTIO_F_RING_PACKED));
+    for (let i = 0; i < model.numQueues; i++) this.#rings.push(newRing());
+  }
+
+  /** Features negotiated with SET_FEATURES (the guest's and vhost-user's). */
+  get features(): bigint {
+    return this.#features;
+  }
+
+  /** Rings served now (started, and enabled where that applies). */
+  get servedRings(): number[] {
+    return this.#rings.flatMap((r, i) => this.#served(r) ? [i] : []);
+  }
+
+  #has(pf: number): boolean {
+    return (this.#protocolFeatures & (1n << BigInt(pf))) !== 0n;
+  }
+
+  #ring(request: number, index: number): Ring {
+    const ring = this.#rings[index];
+    if (ring === undefined) {
+      throw new VhostUserProtocolError(
+        request,
+        `ring ${index} does not exist (the device has ${this.#rings.length})`,
+      );
+    }
+    return ring;
+  }
+
+  #served(r: Ring): boolean {
+    return r.started && (r.enabled || !hasFeature(this.#features, F_PROTOCOL_FEATURES));
+  }
+
+  /**
+   * Handles one request. Fds the request carries become the session's (it closes them when they
+   * are replaced or at the end), unless it throws: then they are the caller's to close, and the
+   * caller drops the connection.
+   *
+   * @throws {VhostUserProtocolError} for a request that breaks the protocol or this back-end's limits
+   */
+  async handle(header: Header, req: Request): Promise<Outcome> {
+    if (this.#closed) throw new VhostUserProtocolError(req.request, "the session is closed");
+    const reply = await this.#dispatch(req);
+    if (reply !== undefined) return { reply };
+    // REPLY_ACK: a request that has no reply of its own is acknowledged when asked to be.
+    if ((header.flags & FLAG_NEED_REPLY) !== 0 && this.#has(PF.REPLY_ACK)) {
+      return { reply: replyU64(req.request, 0) };
+    }
+    return {};
+  }
+
+  async #dispatch(req: Request): Promise<Uint8Array | undefined> {
+    switch (req.kind) {
+      case "none":
+        return this.#plain(req.request);
+      case "u64":
+        return this.#u64(req.request, req.value);
+      case "state":
+        return await this.#state(req.request, req.index, req.num);
+      case "addr": {
+        const ring = this.#ring(req.request, req.index);
+        ring.desc = req.descriptor;
+        ring.avail = req.available;
+        ring.used = req.used;
+        return undefined;
+      }
+      case "vring-fd":
+        this.#vringFd(req.request, req.index, req.fd);
+        return undefined;
+      case "mem-table":
+        this.#setTable(req.regions.map((r, i) => ({ ...r, fd: req.fds[i]! })));
+        return undefined;
+      case "mem-reg":
+        if (req.request === REQ.ADD_MEM_REG) this.#addRegion({ ...req.region, fd: req.fd });
+        else this.#removeRegion(req.region, req.fd);
+        return undefined;
+      case "config":
+        return this.#config(req.request, req.offset, req.size, req.flags, req.payload);
+      case "inflight":
+        throw new VhostUserProtocolError(req.request, "INFLIGHT_SHMFD was not offered");
+    }
+  }
+
+  #plain(request: number): Uint8Array | undefined {
+    switch (request) {
+      case REQ.GET_FEATURES:
+        return replyU64(request, this.#offered | (1n << BigInt(F_PROTOCOL_FEATURES)));
+      case REQ.GET_PROTOCOL_FEATURES:
+        return replyU64(request, SUPPORTED_PROTOCOL_FEATURES);
+      case REQ.GET_QUEUE_NUM:
+        return replyU64(request, this.#rings.length);
+      case REQ.GET_MAX_MEM_SLOTS:
+        return replyU64(request, MAX_MEM_SLOTS);
+      case REQ.GET_STATUS:
+        return replyU64(request, this.#status);
+      case REQ.SET_OWNER:
+        return undefined;
+      case REQ.RESET_OWNER:
+      case REQ.RESET_DEVICE:
+        this.#resetDevice();
+        return undefined;
+    }
+    throw new VhostUserProtocolError(request, "not expected without a payload");
+  }
+
+  #u64(request: number, value: bigint): Uint8Array | undefined {
+    switch (request) {
+      case REQ.SET_FEATURES: {
+        const allowed = this.#offered | (1n << BigInt(F_PROTOCOL_FEATURES));
+        const extra = value & ~allowed;
+        if (extra !== 0n) {
+          throw new VhostUserProtocolError(request, `features 0x${extra.toString(16)} not offered`);
+        }
+        this.#features = value;
+        // The model sees the guest's features as at FEATURES_OK (cache mode and the like).
+        this.#model.validateFeatures(value & ~(1n << BigInt(F_PROTOCOL_FEATURES)));
+        return undefined;
+      }
+      case REQ.SET_PROTOCOL_FEATURES: {
+        const extra = value & ~SUPPORTED_PROTOCOL_FEATURES;
+        if (extra !== 0n) {
+          throw new VhostUserProtocolError(
+            request,
+            `protocol features 0x${extra.toString(16)} not offered`,
+          );
+        }
+        this.#protocolFeatures = value;
+        return undefined;
+      }
+      case REQ.SET_STATUS: {
+        if (value > 0xffn) throw new VhostUserProtocolError(request, `status ${value} past 8 bits`);
+        this.#status = Number(value);
+        if (this.#status === 0) this.#resetDevice();
+        return undefined;
+      }
+    }
+    throw new VhostUserProtocolError(request, "unexpected u64 request");
+  }
+
+  async #state(request: number, index: number, num: number): Promise<Uint8Array | undefined> {
+    const ring = this.#ring(request, index);
+    switch (request) {
+      case REQ.SET_VRING_NUM: {
+        const max = this.#model.queueMaxSize(index);
+        if (num === 0 || num > max || (num & (num - 1)) !== 0) {
+          throw new VhostUserProtocolError(
+            request,
+            `ring ${index} size ${num} (a power of 2 up to ${max})`,
+          );
+        }
+        ring.num = num;
+        return undefined;
+      }
+      case REQ.SET_VRING_BASE:
+        if (num > 0xffff) {
+          throw new VhostUserProtocolError(request, `ring ${index} base ${num} past 16 bits`);
+        }
+        ring.base = num;
+        return undefined;
+      case REQ.GET_VRING_BASE: {
+        // Stop the ring: what it has in flight completes first, then the next avail index.
+        const base = await this.#stopRing(index);
+        return replyState(request, index, base);
+      }
+      case REQ.SET_VRING_ENABLE:
+        if (num > 1) throw new VhostUserProtocolError(request, `enable value ${num}`);
+        ring.enabled = num === 1;
+        this.#reactivate();
+        return undefined;
+      case REQ.VRING_KICK:
+        throw new VhostUserProtocolError(request, "in-band notifications were not offered");
+    }
+    throw new VhostUserProtocolError(request, "unexpected vring state request");
+  }
+
+  #vringFd(request: number, index: number, fd: number): void {
+    const ring = this.#ring(request, index);
+    if (request === REQ.SET_VRING_CALL) {
+      if (ring.call >= 0) this.#platform.closeFd(ring.call);
+      ring.call = fd;
+      return;
+    }
+    if (request === REQ.SET_VRING_ERR) {
+      if (ring.err >= 0) this.#platform.closeFd(ring.err);
+      ring.err = fd;
+      return;
+    }
+    // SET_VRING_KICK: the ring starts (QEMU sends it after NUM, BASE and ADDR). On a failure the
+    // new fd stays the caller's to close.
+    if (fd < 0) throw new VhostUserProtocolError(request, "polled rings were not offered");
+    if (ring.kick >= 0) {
+      this.#platform.watchKick(index, -1);
+      this.#platform.closeFd(ring.kick);
+      ring.kick = -1;
+    }
+    this.#startRing(index);
+    ring.kick = fd;
+    this.#platform.watchKick(index, fd);
+  }
+
+  #startRing(index: number): void {
+    const ring = this.#rings[index]!;
+    const request = REQ.SET_VRING_KICK;
+    if (this.#mem === null) {
+      throw new VhostUserProtocolError(request, `ring ${index} started before SET_MEM_TABLE`);
+    }
+    if (ring.num === 0 || ring.desc < 0) {
+      throw new VhostUserProtocolError(request, `ring ${index} started without a size or address`);
+    }
+    ring.queue = this.#makeQueue(index, ring, this.#mem);
+    ring.started = true;
+    this.#reactivate();
+  }
+
+  /** The device queue over ring `index`, its addresses translated to guest-physical. */
+  #makeQueue(index: number, ring: Ring, mem: GuestMemory): DeviceQueue {
+    const layout = {
+      size: ring.num,
+      desc: this.#translate(index, "descriptor table", ring.desc),
+      driver: this.#translate(index, "available ring", ring.avail),
+      device: this.#translate(index, "used ring", ring.used),
+    };
+    let queue: SplitDeviceQueue;
+    try {
+      queue = new SplitDeviceQueue(mem, index, layout, queueFeaturesOf(this.#features));
+    } catch (e) {
+      throw new VhostUserProtocolError(
+        REQ.SET_VRING_KICK,
+        `ring ${index}: ${e instanceof Error ? e.message : String(e)}`,
+      );
+    }
+    queue.resume(ring.base);
+    return queue;
+  }
+
+  /** A front-end virtual address as a guest-physical one, through the region that holds it. */
+  #translate(index: number, what: string, va: number): number {
+    for (const r of this.#regions) {
+      if (va >= r.userAddress && va < r.userAddress + r.size) {
+        return r.guestAddress + (va - r.userAddress);
+      }
+    }
+    throw new VhostUserProtocolError(
+      REQ.SET_VRING_KICK,
+      `ring ${index}'s ${what} at 0x${va.toString(16)} is in no memory region`,
+    );
+  }
+
+  async #stopRing(index: number): Promise<number> {
+    const ring = this.#rings[index]!;
+    if (ring.kick >= 0) {
+      this.#platform.watchKick(index, -1);
+      this.#platform.closeFd(ring.kick);
+      ring.kick = -1;
+    }
+    const queue = ring.queue;
+    if (!ring.started || queue === null) return ring.base;
+    await this.#backend.drained?.();
+    const base = queue instanceof SplitDeviceQueue ? queue.lastAvailIndex : ring.base;
+    ring.started = false;
+    ring.queue = null;
+    ring.base = base;
+    this.#reactivate();
+    return base;
+  }
+
+  /** Hands the back-end the rings served now, when that set changed. */
+  #reactivate(): void {
+    const served = this.#rings.map((r) => this.#served(r) ? "1" : "0").join("");
+    if (served === this.#active) return;
+    this.#active = served;
+    if (!served.includes("1")) {
+      this.#backend.reset();
+      return;
+    }
+    const queues = this.#rings.map((r) => this.#served(r) ? r.queue! : undefined);
+    this.#backend.activate(this.#mem!, this.#features, queues);
+  }
+
+  /** A kick on ring `index`: serve it (a stopped or disabled ring's kick is consumed and ignored). */
+  async kick(index: number): Promise<void> {
+    const ring = this.#rings[index];
+    if (ring === undefined || !this.#served(ring)) return;
+    await this.#backend.processQueue(index, () => {
+      if (ring.call >= 0) this.#platform.signal(ring.call);
+    });
+  }
+
+  #setTable(regions: MappedRegion[]): void {
+    this.#replaceRegions(regions, REQ.SET_MEM_TABLE);
+  }
+
+  #addRegion(region: MappedRegion): void {
+    if (!this.#has(PF.CONFIGURE_MEM_SLOTS)) {
+      throw new VhostUserProtocolError(REQ.ADD_MEM_REG, "CONFIGURE_MEM_SLOTS was not negotiated");
+    }
+    if (this.#regions.length >= MAX_MEM_SLOTS) {
+      throw new VhostUserProtocolError(REQ.ADD_MEM_REG, `more than ${MAX_MEM_SLOTS} regions`);
+    }
+    this.#replaceRegions([...this.#regions, region], REQ.ADD_MEM_REG);
+  }
+
+  #removeRegion(region: MemoryRegion, fd: number): void {
+    const at = this.#regions.findIndex((r) =>
+      r.guestAddress === region.guestAddress && r.size === region.size &&
+      r.userAddress === region.userAddress
+    );
+    if (at < 0) {
+      throw new VhostUserProtocolError(
+        REQ.REM_MEM_REG,
+        `no region at guest address 0x${region.guestAddress.toString(16)}`,
+      );
+    }
+    const removed = this.#regions[at]!;
+    this.#replaceRegions(this.#regions.filter((_, i) => i !== at), REQ.REM_MEM_REG);
+    this.#platform.closeFd(removed.fd);
+    // QEMU may send the region's fd along: the session keeps none of it.
+    if (fd >= 0) this.#platform.closeFd(fd);
+  }
+
+  /**
+   * A new memory layout: checked (no overlap in guest or front-end addresses), mapped, and the
+   * started rings rebuilt over it. The old regions' fds are closed, except those kept. On a failure
+   * nothing changes.
+   */
+  #replaceRegions(regions: MappedRegion[], request: number): void {
+    let mem: GuestMemory;
+    try {
+      checkOverlaps(regions, request);
+      mem = this.#platform.mapMemory(regions);
+    } catch (e) {
+      // The request's fds stay the caller's to close.
+      if (e instanceof VhostUserProtocolError) throw e;
+      throw new VhostUserProtocolError(request, e instanceof Error ? e.message : String(e));
+    }
+    const old = this.#mem;
+    const oldRegions = this.#regions;
+    this.#mem = mem;
+    this.#regions = regions;
+    if (request === REQ.SET_MEM_TABLE) {
+      for (const r of oldRegions) this.#platform.closeFd(r.fd);
+    }
+    // Started rings move to the new memory at the index they reached.
+    for (const [i, ring] of this.#rings.entries()) {
+      if (!ring.started || ring.queue === null) continue;
+      if (ring.queue instanceof SplitDeviceQueue) ring.base = ring.queue.lastAvailIndex;
+      ring.queue = this.#makeQueue(i, ring, mem);
+    }
+    if (this.#active.includes("1")) {
+      this.#active = "";
+      this.#reactivate();
+    }
+    if (old !== null) this.#platform.unmapMemory(old);
+  }
+
+  #config(
+    request: number,
+    offset: number,
+    size: number,
+    flags: number,
+    payload: Uint8Array,
+  ): Uint8Array | undefined {
+    if (!this.#has(PF.CONFIG)) {
+      throw new VhostUserProtocolError(request, "CONFIG was not negotiated");
+    }
+    const space = this.#model.configSize;
+    if (request === REQ.GET_CONFIG) {
+      // Past the device's config the bytes read as zero (QEMU fills its buffer the same way).
+      const out = new Uint8Array(size);
+      const inside = Math.max(0, Math.min(size, space - offset));
+      if (inside > 0) this.#model.readConfig(offset, out.subarray(0, inside));
+      return replyConfig(request, offset, flags, out);
+    }
+    const inside = Math.max(0, Math.min(size, space - offset));
+    if (inside > 0) this.#model.writeConfig(offset, payload.subarray(0, inside));
+    return undefined;
+  }
+
+  #resetDevice(): void {
+    for (const [i, ring] of this.#rings.entries()) {
+      if (ring.kick >= 0) {
+        this.#platform.watchKick(i, -1);
+        this.#platform.closeFd(ring.kick);
+      }
+      if (ring.call >= 0) this.#platform.closeFd(ring.call);
+      if (ring.err >= 0) this.#platform.closeFd(ring.err);
+      this.#rings[i] = newRing();
+    }
+    this.#active = "";
+    this.#backend.reset();
+    this.#model.reset();
+    this.#features &= 1n << BigInt(F_PROTOCOL_FEATURES);
+  }
+
+  /**
+   * The connection ended: rings stop (what is in flight completes first), fds are closed and the
+   * memory released. The device's node stays open for the next connection.
+   */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.#backend.drained?.();
+    this.#resetDevice();
+    for (const r of this.#regions) this.#platform.closeFd(r.fd);
+    this.#regions = [];
+    if (this.#mem !== null) this.#platform.unmapMemory(this.#mem);
+    this.#mem = null;
+  }
+}
+
+function checkOverlaps(regions: readonly MappedRegion[], request: number): void {
+  const by = (key: "guestAddress" | "userAddress") =>
+    [...regions].sort((a, b) => a[key] - b[key]).forEach((r, i, all) => {
+      const next = all[i + 1];
+      if (next !== undefined && r[key] + r.size > next[key]) {
+        throw new VhostUserProtocolError(
+          request,
+          `regions overlap at ${key === "guestAddress" ? "guest" : "user"} address 0x${
+            next[key].toString(16)
+          }`,
+        );
+      }
+    });
+  by("guestAddress");
+  by("userAddress");
+}

@@ -1,0 +1,350 @@
+/**
+ * The vhost-user session (src/serve/vhost_user/session.ts) driven message by message as QEMU
+ * drives it, through the wire codec (encode → parseHeader → decodeRequest), with a platform that
+ * hands the session the test's own guest memory: feature and protocol-feature negotiation, the
+ * memory table with front-end virtual addresses, ring setup, GET_CONFIG, I/O through virtio-blk
+ * with the call fd signalled, GET_VRING_BASE, a new memory table under started rings, reset; and
+ * the hostile cases — short payloads, wrong fd counts, unknown requests, features not offered,
+ * rings outside memory, overlapping regions — each a VhostUserProtocolError naming the request.
+ */
+import assert from "node:assert/strict";
+import { RawNode } from "../../formats/raw.ts";
+import { VirtioBlkBackend } from "../../src/devices/virtio_blk_backend.ts";
+import { VirtioBlkModel } from "../../src/devices/virtio_blk_model.ts";
+import { MemoryFile } from "../../src/host/memory.ts";
+import {
+  decodeRequest,
+  encodeRegion,
+  encodeRequest,
+  F_PROTOCOL_FEATURES,
+  HEADER_BYTES,
+  type MemoryRegion,
+  parseHeader,
+  PF,
+  REQ,
+  VhostUserProtocolError,
+} from "../../src/serve/vhost_user/protocol.ts";
+import {
+  type MappedRegion,
+  SUPPORTED_PROTOCOL_FEATURES,
+  VhostUserSession,
+} from "../../src/serve/vhost_user/session.ts";
+import {
+  hasFeature,
+  VIRTIO_F_VERSION_1,
+  VIRTIO_RING_F_EVENT_IDX,
+} from "../../src/virtio/features.ts";
+import { queueFeaturesOf } from "../../src/virtio/device.ts";
+import { GuestMemory } from "../../src/virtio/memory.ts";
+import { SplitDriverQueue, splitRingLayout } from "../../src/virtio/split_queue.ts";
+import {
+  VIRTIO_BLK_S_OK,
+  VIRTIO_BLK_T_IN,
+  VIRTIO_BLK_T_OUT,
+} from "../../src/virtio/virtio_blk_constants.ts";
+
+/** QEMU maps guest RAM somewhere high in its own address space. */
+const VA = 0x7f12_3400_0000;
+const RAM: MemoryRegion[] = [
+  { guestAddress: 0, size: 1 << 20, userAddress: VA, mmapOffset: 0 },
+  { guestAddress: 1 << 20, size: 4 << 20, userAddress: VA + (8 << 20), mmapOffset: 1 << 20 },
+];
+
+/** A platform over the test's own memory: records what the session asks of it. */
+class FakePlatform {
+  readonly mem = new GuestMemory(RAM.map((r) => ({ gpa: r.guestAddress, size: r.size })));
+  readonly mapped: MappedRegion[][] = [];
+  readonly unmapped: GuestMemory[] = [];
+  readonly closed: number[] = [];
+  readonly watched = new Map<number, number>();
+  readonly signals: number[] = [];
+  readonly logs: string[] = [];
+  mapMemory(regions: readonly MappedRegion[]): GuestMemory {
+    this.mapped.push([...regions]);
+    return this.mem;
+  }
+  unmapMemory(mem: GuestMemory): void {
+    this.unmapped.push(mem);
+  }
+  watchKick(index: number, fd: number): void {
+    if (fd < 0) this.watched.delete(index);
+    else this.watched.set(index, fd);
+  }
+  signal(fd: number): void {
+    this.signals.push(fd);
+  }
+  closeFd(fd: number): void {
+    this.closed.push(fd);
+  }
+  log(line: string): void {
+    this.logs.push(line);
+  }
+}
+
+function u64(value: bigint | number): Uint8Array {
+  const b = new Uint8Array(8);
+  new DataView(b.buffer).setBigUint64(0, BigInt(value), true);
+  return b;
+}
+
+function state(index: number, num: number): Uint8Array {
+  const b = new Uint8Array(8);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, index, true);
+  v.setUint32(4, num, true);
+  return b;
+}
+
+function vringAddr(index: number, desc: number, used: number, avail: number): Uint8Array {
+  const b = new Uint8Array(40);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, index, true);
+  v.setBigUint64(8, BigInt(desc), true);
+  v.setBigUint64(16, BigInt(used), true);
+  v.setBigUint64(24, BigInt(avail), true);
+  return b;
+}
+
+function memTable(regions: readonly MemoryRegion[]): Uint8Array {
+  const b = new Uint8Array(8 + 32 * regions.length);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, regions.length, true);
+  regions.forEach((r, i) => b.set(encodeRegion(r).subarray(8), 8 + 32 * i));
+  return b;
+}
+
+function config(offset: number, size: number): Uint8Array {
+  const b = new Uint8Array(12 + size);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, offset, true);
+  v.setUint32(4, size, true);
+  return b;
+}
+
+/** Sends one request through the codec; the reply payload (after its header), if any. */
+async function send(
+  s: VhostUserSession,
+  request: number,
+  payload: Uint8Array = new Uint8Array(0),
+  fds: number[] = [],
+  needReply = false,
+): Promise<Uint8Array | undefined> {
+  const wire = encodeRequest(request, payload, needReply);
+  const header = parseHeader(wire);
+  const req = decodeRequest(header, wire.subarray(HEADER_BYTES, HEADER_BYTES + header.size), fds);
+  const out = await s.handle(header, req);
+  if (out.reply === undefined) return undefined;
+  const back = new DataView(out.reply.buffer);
+  assert.equal(back.getUint32(0, true), request, "the reply names the request");
+  assert.equal(back.getUint32(4, true), 0x5, "version 1 with the reply flag");
+  return out.reply.subarray(HEADER_BYTES);
+}
+
+async function blkSession(numQueues = 1) {
+  const bytes = new Uint8Array(1 << 20).map((_, i) => (i * 7 + 1) & 0xff);
+  const node = await RawNode.open(new MemoryFile("disk", bytes));
+  const model = new VirtioBlkModel({ numQueues }, node);
+  const backend = new VirtioBlkBackend(node, model.options, model.shared);
+  const platform = new FakePlatform();
+  const session = new VhostUserSession(model, backend, platform);
+  return { session, platform, node, bytes };
+}
+
+/** QEMU's start sequence for ring 0 (size 128) at guest address 0x1000; the driver side. */
+async function startRing(s: VhostUserSession, p: FakePlatform, features: bigint) {
+  const layout = splitRingLayout(128, 0x1000);
+  await send(s, REQ.SET_VRING_NUM, state(0, 128));
+  await send(s, REQ.SET_VRING_BASE, state(0, 0));
+  await send(
+    s,
+    REQ.SET_VRING_ADDR,
+    vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
+  );
+  await send(s, REQ.SET_VRING_CALL, u64(0), [21]);
+  await send(s, REQ.SET_VRING_KICK, u64(0), [20]);
+  await send(s, REQ.SET_VRING_ENABLE, state(0, 1));
+  return new SplitDriverQueue<number>(p.mem, layout, queueFeaturesOf(features));
+}
+
+async function negotiate(s: VhostUserSession): Promise<bigint> {
+  const offered = new DataView((await send(s, REQ.GET_FEATURES))!.slice().buffer).getBigUint64(
+    0,
+    true,
+  );
+  assert.ok(hasFeature(offered, F_PROTOCOL_FEATURES));
+  assert.ok(hasFeature(offered, VIRTIO_F_VERSION_1));
+  await send(s, REQ.SET_FEATURES, u64(offered));
+  const pf = new DataView((await send(s, REQ.GET_PROTOCOL_FEATURES))!.slice().buffer).getBigUint64(
+    0,
+    true,
+  );
+  assert.equal(pf, SUPPORTED_PROTOCOL_FEATURES);
+  await send(s, REQ.SET_PROTOCOL_FEATURES, u64(pf));
+  await send(s, REQ.SET_OWNER);
+  await send(s, REQ.SET_MEM_TABLE, memTable(RAM), [10, 11]);
+  return offered;
+}
+
+Deno.test("vhost-user session: QEMU's start sequence, a write and a read through virtio-blk, GET_VRING_BASE", async () => {
+  const { session, platform, bytes, node } = await blkSession();
+  const features = await negotiate(session);
+  assert.deepEqual(platform.mapped[0]!.map((r) => r.fd), [10, 11]);
+  // GET_CONFIG: virtio-blk's capacity in sectors.
+  const cfg = (await send(session, REQ.GET_CONFIG, config(0, 8)))!;
+  assert.equal(new DataView(cfg.buffer, cfg.byteOffset).getBigUint64(12, true), 2048n);
+  const driver = await startRing(session, platform, features);
+  assert.equal(platform.watched.get(0), 20);
+  assert.deepEqual(session.servedRings, [0]);
+  const mem = platform.mem;
+  // A write of 4 KiB at sector 8, then a read of it back, at guest addresses above 1 MiB.
+  const hdr = 0x10_0000, data = 0x10_1000, status = 0x10_3000, readBuf = 0x10_4000;
+  mem.setU32(hdr, VIRTIO_BLK_T_OUT);
+  mem.setU32(hdr + 8, 8);
+  mem.write(data, new Uint8Array(4096).fill(0x5a));
+  driver.add([{ addr: hdr, length: 16 }, { addr: data, length: 4096 }], [{
+    addr: status,
+    length: 1,
+  }], 1);
+  mem.setU32(hdr + 16, VIRTIO_BLK_T_IN);
+  mem.setU32(hdr + 24, 8);
+  driver.add([{ addr: hdr + 16, length: 16 }], [{ addr: readBuf, length: 4096 }, {
+    addr: status + 1,
+    length: 1,
+  }], 2);
+  driver.kick();
+  await session.kick(0);
+  const used: number[] = [];
+  for (let u = driver.getUsed(); u !== null; u = driver.getUsed()) used.push(u.token);
+  assert.deepEqual(used.sort(), [1, 2]);
+  assert.equal(mem.u8(status), VIRTIO_BLK_S_OK);
+  assert.equal(mem.u8(status + 1), VIRTIO_BLK_S_OK);
+  assert.deepEqual(mem.slice(readBuf, 4096), new Uint8Array(4096).fill(0x5a));
+  assert.ok(platform.signals.length >= 1 && platform.signals.every((fd) => fd === 21));
+  const onDisk = new Uint8Array(4096);
+  await node.read(8 * 512, onDisk);
+  assert.deepEqual(onDisk, new Uint8Array(4096).fill(0x5a), "the write reached the image");
+  // Stopping the ring answers the next avail index, closes the kick fd and stops serving.
+  const base = (await send(session, REQ.GET_VRING_BASE, state(0, 0)))!;
+  assert.deepEqual([...base], [...state(0, 2)]);
+  assert.ok(platform.closed.includes(20));
+  assert.equal(platform.watched.has(0), false);
+  assert.deepEqual(session.servedRings, []);
+  // Restarted from that base (SeaBIOS → Linux does this), the ring serves the next request.
+  await send(session, REQ.SET_VRING_BASE, state(0, 2));
+  await send(session, REQ.SET_VRING_KICK, u64(0), [22]);
+  mem.setU32(hdr + 32, VIRTIO_BLK_T_IN);
+  mem.setU32(hdr + 40, 0);
+  driver.add([{ addr: hdr + 32, length: 16 }], [{ addr: readBuf, length: 512 }, {
+    addr: status + 2,
+    length: 1,
+  }], 3);
+  driver.kick();
+  await session.kick(0);
+  assert.equal(driver.getUsed()?.token, 3);
+  assert.deepEqual(mem.slice(readBuf, 512), bytes.subarray(0, 512));
+  await session.close();
+  assert.ok(
+    platform.closed.includes(10) && platform.closed.includes(11) && platform.closed.includes(21),
+  );
+});
+
+Deno.test("vhost-user session: REPLY_ACK acknowledges requests that asked for it", async () => {
+  const { session } = await blkSession();
+  await negotiate(session);
+  const ack = await send(session, REQ.SET_VRING_NUM, state(0, 64), [], true);
+  assert.deepEqual([...ack!], [...u64(0)]);
+  assert.equal(await send(session, REQ.SET_VRING_NUM, state(0, 64)), undefined);
+});
+
+Deno.test("vhost-user session: GET_QUEUE_NUM, GET_MAX_MEM_SLOTS and ADD/REM_MEM_REG", async () => {
+  const { session, platform } = await blkSession(2);
+  await negotiate(session);
+  const queues = (await send(session, REQ.GET_QUEUE_NUM))!;
+  assert.equal(new DataView(queues.slice().buffer).getBigUint64(0, true), 2n);
+  const slots = (await send(session, REQ.GET_MAX_MEM_SLOTS))!;
+  assert.ok(new DataView(slots.slice().buffer).getBigUint64(0, true) >= 8n);
+  const extra = {
+    guestAddress: 16 << 20,
+    size: 1 << 20,
+    userAddress: VA + (64 << 20),
+    mmapOffset: 0,
+  };
+  await send(session, REQ.ADD_MEM_REG, encodeRegion(extra), [30]);
+  assert.deepEqual(platform.mapped.at(-1)!.map((r) => r.fd), [10, 11, 30]);
+  await send(session, REQ.REM_MEM_REG, encodeRegion(extra));
+  assert.deepEqual(platform.mapped.at(-1)!.map((r) => r.fd), [10, 11]);
+  assert.ok(platform.closed.includes(30));
+  await assert.rejects(
+    send(session, REQ.REM_MEM_REG, encodeRegion(extra)),
+    /REM_MEM_REG: no region at guest address 0x1000000/,
+  );
+});
+
+Deno.test("vhost-user session: hostile front-ends get a protocol error naming the request", async () => {
+  const { session, platform } = await blkSession();
+  const bad = (p: Promise<unknown>, re: RegExp) =>
+    assert.rejects(p, (e) => e instanceof VhostUserProtocolError && re.test(e.message));
+  // Codec: short payloads, fd counts, unknown requests, a reply flag, a huge size.
+  await bad(
+    send(session, REQ.SET_FEATURES, new Uint8Array(4)),
+    /SET_FEATURES: its u64 needs 8 bytes, got 4/,
+  );
+  await bad(
+    send(session, REQ.SET_VRING_KICK, u64(0)),
+    /SET_VRING_KICK: needs one file descriptor, got 0/,
+  );
+  await bad(
+    send(session, REQ.SET_MEM_TABLE, memTable(RAM), [10]),
+    /2 regions but 1 file descriptor/,
+  );
+  await bad(send(session, REQ.SET_MEM_TABLE, memTable([]), []), /0 regions \(1 to 8\)/);
+  await bad(send(session, 99), /request 99: not supported/);
+  await bad(send(session, REQ.GET_FEATURES, new Uint8Array(0), [5]), /unexpected file descriptor/);
+  const reply = encodeRequest(REQ.GET_FEATURES, new Uint8Array(0));
+  reply[4] = 0x5;
+  assert.throws(() => parseHeader(reply), /reply flag/);
+  const huge = encodeRequest(REQ.GET_FEATURES, new Uint8Array(0));
+  new DataView(huge.buffer).setUint32(8, 1 << 20, true);
+  assert.throws(() => parseHeader(huge), /payload of 1048576 bytes/);
+  const badVersion = encodeRequest(REQ.GET_FEATURES, new Uint8Array(0));
+  badVersion[4] = 0x2;
+  assert.throws(() => parseHeader(badVersion), /unsupported protocol version 2/);
+  // Session: features not offered, rings that do not exist or sit outside memory, overlaps.
+  await bad(
+    send(session, REQ.SET_FEATURES, u64(1n << 60n)),
+    /features 0x1000000000000000 not offered/,
+  );
+  await bad(
+    send(session, REQ.SET_PROTOCOL_FEATURES, u64(1n << BigInt(PF.INFLIGHT_SHMFD))),
+    /protocol features 0x1000 not offered/,
+  );
+  await bad(send(session, REQ.SET_VRING_NUM, state(3, 64)), /ring 3 does not exist/);
+  await bad(send(session, REQ.SET_VRING_NUM, state(0, 100)), /size 100 \(a power of 2 up to/);
+  await bad(send(session, REQ.SET_VRING_KICK, u64(0), [40]), /started before SET_MEM_TABLE/);
+  assert.equal(platform.closed.includes(40), false, "a refused request's fd is the caller's");
+  await bad(
+    send(session, REQ.SET_MEM_TABLE, memTable([RAM[0]!, { ...RAM[1]!, guestAddress: 4096 }]), [
+      1,
+      2,
+    ]),
+    /regions overlap at guest address 0x1000/,
+  );
+  assert.ok(!platform.closed.includes(1) && !platform.closed.includes(2), "the caller's to close");
+  await send(session, REQ.SET_MEM_TABLE, memTable(RAM), [10, 11]);
+  await send(session, REQ.SET_VRING_NUM, state(0, 64));
+  await send(session, REQ.SET_VRING_ADDR, vringAddr(0, 0x1000, 0x3000, 0x2000));
+  await bad(
+    send(session, REQ.SET_VRING_KICK, u64(0), [41]),
+    /ring 0's descriptor table at 0x1000 is in no memory region/,
+  );
+  // A ring that straddles two regions (guest-physically adjacent, apart in the front-end).
+  await send(
+    session,
+    REQ.SET_VRING_ADDR,
+    vringAddr(0, VA + (1 << 20) - 512, VA + 0x3000, VA + 0x2000),
+  );
+  await bad(send(session, REQ.SET_VRING_KICK, u64(0), [42]), /ring 0/);
+  await bad(send(session, REQ.GET_CONFIG, config(0, 8)), /CONFIG was not negotiated/);
+  await bad(send(session, REQ.GET_CONFIG, config(250, 10)), /config access of 10 bytes at 250/);
+  assert.equal(hasFeature(session.features, VIRTIO_RING_F_EVENT_IDX), false);
+});
