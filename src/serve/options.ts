@@ -1,0 +1,486 @@
+/**
+ * `vstor serve`'s command line, as qemu-storage-daemon takes it: `--blockdev` and `--export` in
+ * QEMU's keyval syntax (`key=value,...` with `,,` for a comma, dotted keys for nested options, an
+ * implied first key — `driver` for blockdevs, `type` for exports — or a JSON object), `--pidfile`,
+ * `--daemonize`; plus the short form for people (`vstor serve IMAGE --vhost-user-blk SOCK`).
+ * Parsing only: the daemon opens what it describes.
+ *
+ * @module
+ */
+
+/** A command line that cannot be served: the message names the option and the key. */
+export class ServeUsageError extends Error {
+  /** Always `ServeUsageError`. */
+  override readonly name = "ServeUsageError";
+}
+
+/** A nested option tree as keyval or JSON gives it (leaves are strings, numbers or booleans). */
+export type OptionTree = { [key: string]: OptionValue };
+type OptionValue = string | number | boolean | null | OptionTree;
+
+/**
+ * QEMU's keyval_parse: `a=1,b.c=2` → `{ a: "1", b: { c: "2" } }`; a first item without `=` is the
+ * value of `implied` (when given); `,,` is a literal comma.
+ *
+ * @throws {ServeUsageError} for an empty key, a key given twice, a missing value, or a key that is
+ *   both a value and a group
+ */
+export function parseKeyval(text: string, implied: string | null, what: string): OptionTree {
+  const root: OptionTree = {};
+  const items: string[] = [];
+  let current = "";
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i]!;
+    if (c === ",") {
+      if (text[i + 1] === ",") {
+        current += ",";
+        i++;
+        continue;
+      }
+      items.push(current);
+      current = "";
+      continue;
+    }
+    current += c;
+  }
+  items.push(current);
+  items.forEach((item, index) => {
+    const eq = item.indexOf("=");
+    let key: string, value: string;
+    if (eq < 0) {
+      if (index !== 0 || implied === null) {
+        throw new ServeUsageError(`${what}: expected key=value, got '${item}'`);
+      }
+      key = implied;
+      value = item;
+    } else {
+      key = item.slice(0, eq);
+      value = item.slice(eq + 1);
+    }
+    const parts = key.split(".");
+    if (parts.some((p) => p === "")) throw new ServeUsageError(`${what}: invalid key '${key}'`);
+    let node = root;
+    for (let p = 0; p < parts.length - 1; p++) {
+      const part = parts[p]!;
+      const next = node[part];
+      if (next === undefined) node = node[part] = {};
+      else if (typeof next === "object" && next !== null) node = next;
+      else {
+        throw new ServeUsageError(
+          `${what}: '${parts.slice(0, p + 1).join(".")}' is both a value and a group`,
+        );
+      }
+    }
+    const leaf = parts[parts.length - 1]!;
+    if (node[leaf] !== undefined) {
+      throw new ServeUsageError(`${what}: parameter '${key}' is set more than once`);
+    }
+    node[leaf] = value;
+  });
+  return root;
+}
+
+/** An option given as keyval or as a JSON object (`{...}`), as qsd's visitors take them. */
+export function parseOptionArg(text: string, implied: string | null, what: string): OptionTree {
+  if (text.trimStart().startsWith("{")) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(text);
+    } catch (e) {
+      throw new ServeUsageError(`${what}: ${e instanceof Error ? e.message : String(e)}`);
+    }
+    if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
+      throw new ServeUsageError(`${what}: JSON must be an object`);
+    }
+    return parsed as OptionTree;
+  }
+  return parseKeyval(text, implied, what);
+}
+
+/** Reads typed values out of one option tree, and names what is left over. */
+class Fields {
+  readonly #tree: OptionTree;
+  readonly #what: string;
+  readonly #prefix: string;
+  readonly #used = new Set<string>();
+
+  constructor(tree: OptionTree, what: string, prefix = "") {
+    this.#tree = tree;
+    this.#what = what;
+    this.#prefix = prefix;
+  }
+
+  #name(key: string): string {
+    return this.#prefix + key;
+  }
+
+  has(key: string): boolean {
+    return this.#tree[key] !== undefined;
+  }
+
+  raw(key: string): OptionValue | undefined {
+    this.#used.add(key);
+    return this.#tree[key];
+  }
+
+  string(key: string): string | undefined {
+    const v = this.raw(key);
+    if (v === undefined) return undefined;
+    if (typeof v === "string") return v;
+    if (typeof v === "number") return String(v);
+    throw new ServeUsageError(
+      `${this.#what}: parameter '${this.#name(key)}' expects a string`,
+    );
+  }
+
+  required(key: string): string {
+    const v = this.string(key);
+    if (v === undefined || v === "") {
+      throw new ServeUsageError(`${this.#what}: parameter '${this.#name(key)}' is missing`);
+    }
+    return v;
+  }
+
+  bool(key: string, fallback: boolean): boolean {
+    const v = this.raw(key);
+    if (v === undefined) return fallback;
+    if (v === true || v === "on" || v === "true" || v === "yes") return true;
+    if (v === false || v === "off" || v === "false" || v === "no") return false;
+    throw new ServeUsageError(
+      `${this.#what}: parameter '${this.#name(key)}' expects 'on' or 'off'`,
+    );
+  }
+
+  int(key: string, fallback: number, min: number, max: number): number {
+    const v = this.raw(key);
+    if (v === undefined) return fallback;
+    const n = typeof v === "number"
+      ? v
+      : typeof v === "string" && /^\d+$/.test(v)
+      ? Number(v)
+      : NaN;
+    if (!Number.isSafeInteger(n) || n < min || n > max) {
+      throw new ServeUsageError(
+        `${this.#what}: parameter '${this.#name(key)}' expects a number from ${min} to ${max}`,
+      );
+    }
+    return n;
+  }
+
+  oneOf<T extends string>(key: string, choices: readonly T[], fallback: T): T {
+    const v = this.string(key);
+    if (v === undefined) return fallback;
+    if (!(choices as readonly string[]).includes(v)) {
+      throw new ServeUsageError(
+        `${this.#what}: parameter '${this.#name(key)}' expects ${choices.join(", ")}`,
+      );
+    }
+    return v as T;
+  }
+
+  group(key: string): Fields | undefined {
+    const v = this.raw(key);
+    if (v === undefined) return undefined;
+    if (typeof v !== "object" || v === null) {
+      throw new ServeUsageError(`${this.#what}: parameter '${this.#name(key)}' expects options`);
+    }
+    return new Fields(v, this.#what, `${this.#name(key)}.`);
+  }
+
+  /** Every key must have been read: QEMU's "Invalid parameter". */
+  done(): void {
+    for (const key of Object.keys(this.#tree)) {
+      if (!this.#used.has(key)) {
+        throw new ServeUsageError(`${this.#what}: invalid parameter '${this.#name(key)}'`);
+      }
+    }
+  }
+}
+
+/** One `--blockdev`: a format node over a file, or a file node. */
+export interface BlockdevSpec {
+  readonly nodeName: string;
+  readonly driver: "file" | "raw" | "qcow2";
+  /** driver=file: the path. */
+  readonly filename?: string;
+  /** Format drivers: the file under them, nested or by node name. */
+  readonly file?: BlockdevSpec | string;
+  /** qcow2: the backing node by name, null for none, absent to open the image's own. */
+  readonly backing?: string | null;
+  readonly readOnly: boolean;
+  /** cache.direct: O_DIRECT. */
+  readonly cacheDirect: boolean;
+  /** cache.no-flush: flushes are dropped (cache=unsafe). */
+  readonly cacheNoFlush: boolean;
+  readonly aio?: "threads" | "io_uring" | "native";
+  readonly discard: "ignore" | "unmap";
+  readonly detectZeroes: "off" | "on" | "unmap";
+  /** The short form without -f: the image's format is probed (qsd never probes). */
+  readonly probe?: boolean;
+}
+
+/** One `--export`. */
+export interface ExportSpec {
+  readonly type: "vhost-user-blk" | "vhost-user-scsi";
+  readonly id: string;
+  readonly nodeName: string;
+  readonly writable: boolean;
+  /** The unix socket path to listen on. */
+  readonly socket: string;
+  readonly numQueues: number;
+  readonly logicalBlockSize: number;
+}
+
+/** What `vstor serve` was asked to do. */
+export interface ServeConfig {
+  readonly blockdevs: readonly BlockdevSpec[];
+  readonly exports: readonly ExportSpec[];
+  readonly pidfile?: string;
+  readonly daemonize: boolean;
+}
+
+let anonymous = 0;
+
+function blockdev(f: Fields, what: string, nested: boolean): BlockdevSpec {
+  const driver = f.oneOf("driver", ["file", "raw", "qcow2"] as const, "raw");
+  if (!f.has("driver")) f.required("driver");
+  const nodeName = nested
+    ? (f.string("node-name") ?? `#node${anonymous++}`)
+    : f.required("node-name");
+  const cache = f.group("cache");
+  const spec: {
+    -readonly [K in keyof BlockdevSpec]: BlockdevSpec[K];
+  } = {
+    nodeName,
+    driver,
+    readOnly: f.bool("read-only", false),
+    cacheDirect: cache?.bool("direct", false) ?? false,
+    cacheNoFlush: cache?.bool("no-flush", false) ?? false,
+    discard: f.oneOf("discard", ["ignore", "unmap"] as const, "ignore"),
+    detectZeroes: f.oneOf("detect-zeroes", ["off", "on", "unmap"] as const, "off"),
+  };
+  cache?.done();
+  const aio = f.string("aio");
+  if (aio !== undefined) {
+    if (aio !== "threads" && aio !== "io_uring" && aio !== "native") {
+      throw new ServeUsageError(`${what}: parameter 'aio' expects threads, native, io_uring`);
+    }
+    if (driver !== "file") {
+      throw new ServeUsageError(`${what}: invalid parameter 'aio' (driver '${driver}')`);
+    }
+    if (aio === "native" && !spec.cacheDirect) {
+      throw new ServeUsageError(
+        `${what}: aio=native was specified, but it requires cache.direct=on`,
+      );
+    }
+    spec.aio = aio;
+  }
+  if (driver === "file") {
+    spec.filename = f.required("filename");
+    f.raw("locking"); // accepted and ignored: vstor always takes QEMU's image locks
+  } else {
+    const file = f.raw("file");
+    if (file === undefined) throw new ServeUsageError(`${what}: parameter 'file' is missing`);
+    spec.file = typeof file === "string"
+      ? file
+      : blockdev(new Fields(file as OptionTree, what, "file."), what, true);
+    if (driver === "qcow2") {
+      const backing = f.raw("backing");
+      if (backing === null || backing === "null" || backing === "") spec.backing = null;
+      else if (typeof backing === "string") spec.backing = backing;
+      else if (backing !== undefined) {
+        throw new ServeUsageError(`${what}: parameter 'backing' expects a node name or null`);
+      }
+    }
+  }
+  f.done();
+  return spec;
+}
+
+function exportSpec(f: Fields, what: string): ExportSpec {
+  const type = f.string("type");
+  if (type === undefined) throw new ServeUsageError(`${what}: parameter 'type' is missing`);
+  if (type !== "vhost-user-blk" && type !== "vhost-user-scsi") {
+    throw new ServeUsageError(
+      `${what}: export type '${type}' is not supported (vhost-user-blk, vhost-user-scsi)`,
+    );
+  }
+  const id = f.required("id");
+  const nodeName = f.required("node-name");
+  const addr = f.group("addr");
+  if (addr === undefined) throw new ServeUsageError(`${what}: parameter 'addr' is missing`);
+  const addrType = addr.oneOf("type", ["unix", "fd"] as const, "unix");
+  if (addrType !== "unix") {
+    throw new ServeUsageError(`${what}: addr.type=fd is not supported (use addr.type=unix)`);
+  }
+  const socket = addr.required("path");
+  addr.done();
+  const spec: ExportSpec = {
+    type,
+    id,
+    nodeName,
+    writable: f.bool("writable", false),
+    socket,
+    numQueues: f.int("num-queues", 1, 1, 256),
+    logicalBlockSize: f.int("logical-block-size", 512, 512, 65536),
+  };
+  if ((spec.logicalBlockSize & (spec.logicalBlockSize - 1)) !== 0) {
+    throw new ServeUsageError(`${what}: parameter 'logical-block-size' must be a power of 2`);
+  }
+  f.raw("iothread"); // qsd's iothread name: every export has its own Worker here
+  f.done();
+  return spec;
+}
+
+/**
+ * Parses `vstor serve`'s arguments (after `serve`).
+ *
+ * @throws {ServeUsageError} naming the option and what is wrong
+ */
+export function parseServeArgs(args: readonly string[]): ServeConfig {
+  const blockdevs: BlockdevSpec[] = [];
+  const exports: ExportSpec[] = [];
+  let pidfile: string | undefined;
+  let daemonize = false;
+  const positional: string[] = [];
+  const short: { blk?: string; scsi?: string; writable?: boolean; format?: string } = {};
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i]!;
+    const eq = arg.startsWith("--") ? arg.indexOf("=") : -1;
+    const name = eq > 0 ? arg.slice(0, eq) : arg;
+    const value = (): string => {
+      if (eq > 0) return arg.slice(eq + 1);
+      const next = args[++i];
+      if (next === undefined) throw new ServeUsageError(`${name} needs an argument`);
+      return next;
+    };
+    switch (name) {
+      case "--blockdev": {
+        const what = `--blockdev ${blockdevs.length + 1}`;
+        blockdevs.push(
+          blockdev(new Fields(parseOptionArg(value(), "driver", what), what), what, false),
+        );
+        break;
+      }
+      case "--export": {
+        const what = `--export ${exports.length + 1}`;
+        exports.push(exportSpec(new Fields(parseOptionArg(value(), "type", what), what), what));
+        break;
+      }
+      case "--pidfile":
+        pidfile = value();
+        break;
+      case "--daemonize":
+        daemonize = true;
+        break;
+      case "--vhost-user-blk":
+        short.blk = value();
+        break;
+      case "--vhost-user-scsi":
+        short.scsi = value();
+        break;
+      case "--writable":
+        short.writable = true;
+        break;
+      case "-f":
+      case "--format":
+        short.format = value();
+        break;
+      default:
+        if (arg.startsWith("-")) throw new ServeUsageError(`unknown option '${arg}'`);
+        positional.push(arg);
+    }
+  }
+  if (positional.length > 0 || short.blk !== undefined || short.scsi !== undefined) {
+    shortForm(positional, short, blockdevs, exports);
+  }
+  checkGraph(blockdevs, exports);
+  if (exports.length === 0) {
+    throw new ServeUsageError("nothing to serve: give --export (or IMAGE --vhost-user-blk SOCK)");
+  }
+  return { blockdevs, exports, ...(pidfile === undefined ? {} : { pidfile }), daemonize };
+}
+
+function shortForm(
+  positional: readonly string[],
+  short: { blk?: string; scsi?: string; writable?: boolean; format?: string },
+  blockdevs: BlockdevSpec[],
+  exports: ExportSpec[],
+): void {
+  if (positional.length !== 1) {
+    throw new ServeUsageError(`the short form serves one IMAGE (got ${positional.length})`);
+  }
+  if (short.blk === undefined && short.scsi === undefined) {
+    throw new ServeUsageError("IMAGE needs --vhost-user-blk SOCK or --vhost-user-scsi SOCK");
+  }
+  const format = short.format;
+  if (format !== undefined && format !== "raw" && format !== "qcow2") {
+    throw new ServeUsageError(`-f: format '${format}' is not raw or qcow2`);
+  }
+  const image = positional[0]!;
+  const base = {
+    readOnly: !short.writable,
+    cacheDirect: false,
+    cacheNoFlush: false,
+    discard: "unmap",
+    detectZeroes: "off",
+  } as const;
+  blockdevs.push({
+    ...base,
+    nodeName: "image",
+    driver: format === "qcow2" ? "qcow2" : "raw",
+    file: { ...base, nodeName: "image-file", driver: "file", filename: image },
+    // The format is probed when not given, as qemu-img's verbs do.
+    ...(format === undefined ? { probe: true } : {}),
+  });
+  for (
+    const [type, socket] of [["vhost-user-blk", short.blk], [
+      "vhost-user-scsi",
+      short.scsi,
+    ]] as const
+  ) {
+    if (socket === undefined) continue;
+    exports.push({
+      type,
+      id: type,
+      nodeName: "image",
+      writable: short.writable === true,
+      socket,
+      numQueues: 1,
+      logicalBlockSize: 512,
+    });
+  }
+}
+
+/** Node names are unique, exports name existing nodes, sockets are not shared. */
+function checkGraph(blockdevs: readonly BlockdevSpec[], exports: readonly ExportSpec[]): void {
+  const names = new Set<string>();
+  const add = (b: BlockdevSpec) => {
+    if (names.has(b.nodeName)) {
+      throw new ServeUsageError(`duplicate node name '${b.nodeName}'`);
+    }
+    names.add(b.nodeName);
+    if (typeof b.file === "object") add(b.file);
+  };
+  blockdevs.forEach(add);
+  for (const b of blockdevs) {
+    if (typeof b.file === "string" && !names.has(b.file)) {
+      throw new ServeUsageError(`node '${b.nodeName}': no node named '${b.file}' for its file`);
+    }
+    if (typeof b.backing === "string" && !names.has(b.backing)) {
+      throw new ServeUsageError(
+        `node '${b.nodeName}': no node named '${b.backing}' for its backing`,
+      );
+    }
+  }
+  const ids = new Set<string>(), sockets = new Set<string>();
+  for (const e of exports) {
+    if (!names.has(e.nodeName)) {
+      throw new ServeUsageError(`export '${e.id}': no node named '${e.nodeName}'`);
+    }
+    if (ids.has(e.id)) throw new ServeUsageError(`duplicate export id '${e.id}'`);
+    if (sockets.has(e.socket)) throw new ServeUsageError(`two exports on socket '${e.socket}'`);
+    ids.add(e.id);
+    sockets.add(e.socket);
+  }
+}

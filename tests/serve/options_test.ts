@@ -1,0 +1,163 @@
+/**
+ * `vstor serve`'s command line (src/serve/options.ts): qemu-storage-daemon's `--blockdev` and
+ * `--export` in keyval (implied keys, dotted keys, `,,`) and JSON, `--pidfile`, `--daemonize`, the
+ * short form, and the errors a qsd user would expect, each naming the option and the key.
+ */
+import assert from "node:assert/strict";
+import { parseKeyval, parseServeArgs, ServeUsageError } from "../../src/serve/options.ts";
+
+Deno.test("parseKeyval: implied first key, dotted keys as groups, ,, as a comma", () => {
+  assert.deepEqual(
+    parseKeyval("qcow2,node-name=n0,file.driver=file,file.filename=a,,b", "driver", "x"),
+    {
+      driver: "qcow2",
+      "node-name": "n0",
+      file: { driver: "file", filename: "a,b" },
+    },
+  );
+  assert.throws(
+    () => parseKeyval("a=1,a=2", null, "--blockdev 1"),
+    /--blockdev 1: parameter 'a' is set more than once/,
+  );
+  assert.throws(() => parseKeyval("a=1,b", null, "x"), /expected key=value, got 'b'/);
+  assert.throws(
+    () => parseKeyval("file=x,file.driver=file", null, "x"),
+    /'file' is both a value and a group/,
+  );
+  assert.throws(() => parseKeyval("a..b=1", null, "x"), /invalid key 'a..b'/);
+});
+
+Deno.test("qsd's vhost-user-blk command line: qcow2 over a file node, with O_DIRECT and io_uring", () => {
+  const config = parseServeArgs([
+    "--blockdev",
+    "driver=file,node-name=f0,filename=/images/disk.qcow2,cache.direct=on,aio=io_uring",
+    "--blockdev",
+    "qcow2,node-name=n0,file=f0,backing=null",
+    "--export",
+    "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=/run/vhost.sock,writable=on,num-queues=4,logical-block-size=4096",
+    "--pidfile",
+    "/run/vstor.pid",
+    "--daemonize",
+  ]);
+  assert.deepEqual(config.blockdevs[0], {
+    nodeName: "f0",
+    driver: "file",
+    filename: "/images/disk.qcow2",
+    readOnly: false,
+    cacheDirect: true,
+    cacheNoFlush: false,
+    discard: "ignore",
+    detectZeroes: "off",
+    aio: "io_uring",
+  });
+  assert.equal(config.blockdevs[1]!.file, "f0");
+  assert.equal(config.blockdevs[1]!.backing, null);
+  assert.deepEqual(config.exports[0], {
+    type: "vhost-user-blk",
+    id: "e0",
+    nodeName: "n0",
+    writable: true,
+    socket: "/run/vhost.sock",
+    numQueues: 4,
+    logicalBlockSize: 4096,
+  });
+  assert.equal(config.pidfile, "/run/vstor.pid");
+  assert.equal(config.daemonize, true);
+});
+
+Deno.test("--blockdev and --export as JSON, and a nested file node", () => {
+  const config = parseServeArgs([
+    "--blockdev",
+    JSON.stringify({
+      driver: "qcow2",
+      "node-name": "n0",
+      "read-only": true,
+      file: { driver: "file", filename: "/x.qcow2" },
+    }),
+    "--export",
+    JSON.stringify({
+      type: "vhost-user-scsi",
+      id: "s",
+      "node-name": "n0",
+      addr: { type: "unix", path: "/s.sock" },
+      "num-queues": 2,
+    }),
+  ]);
+  const file = config.blockdevs[0]!.file;
+  assert.ok(typeof file === "object" && file.filename === "/x.qcow2" && file.driver === "file");
+  assert.equal(config.blockdevs[0]!.readOnly, true);
+  assert.equal(config.exports[0]!.type, "vhost-user-scsi");
+  assert.equal(config.exports[0]!.numQueues, 2);
+  assert.equal(config.exports[0]!.writable, false, "qsd's default: read-only exports");
+});
+
+Deno.test("the short form: IMAGE --vhost-user-blk SOCK [--writable] [-f FMT]", () => {
+  const config = parseServeArgs(["disk.qcow2", "--vhost-user-blk", "/tmp/v.sock", "--writable"]);
+  assert.equal(config.exports.length, 1);
+  assert.equal(config.exports[0]!.writable, true);
+  assert.equal(config.exports[0]!.socket, "/tmp/v.sock");
+  assert.equal(config.blockdevs[0]!.probe, true, "the format is probed");
+  const file = config.blockdevs[0]!.file;
+  assert.ok(typeof file === "object" && file.filename === "disk.qcow2");
+  const raw = parseServeArgs(["-f", "raw", "x.img", "--vhost-user-scsi=/tmp/s.sock"]);
+  assert.equal(raw.blockdevs[0]!.driver, "raw");
+  assert.equal(raw.blockdevs[0]!.probe, undefined);
+  assert.equal(raw.exports[0]!.writable, false);
+});
+
+Deno.test("qsd users' mistakes are named", () => {
+  const bad = (args: string[], re: RegExp) =>
+    assert.throws(
+      () => parseServeArgs(args),
+      (e) => e instanceof ServeUsageError && re.test(e.message),
+    );
+  const file = "--blockdev=driver=file,node-name=f,filename=/x";
+  bad([], /nothing to serve/);
+  bad(["--blockdev", "driver=file,filename=/x"], /--blockdev 1: parameter 'node-name' is missing/);
+  bad(
+    ["--blockdev", "driver=vmdk,node-name=a,file=b"],
+    /parameter 'driver' expects file, raw, qcow2/,
+  );
+  bad([file, "--blockdev", "qcow2,node-name=q"], /--blockdev 2: parameter 'file' is missing/);
+  bad([file, "--blockdev", "qcow2,node-name=q,file=nope"], /no node named 'nope' for its file/);
+  bad(["--blockdev", "driver=file,node-name=f,filename=/x,bogus=1"], /invalid parameter 'bogus'/);
+  bad(
+    ["--blockdev", "driver=file,node-name=f,filename=/x,cache.direct=maybe"],
+    /'cache.direct' expects 'on' or 'off'/,
+  );
+  bad(
+    ["--blockdev", "driver=file,node-name=f,filename=/x,aio=native"],
+    /aio=native was specified, but it requires cache.direct=on/,
+  );
+  bad([file, file], /duplicate node name 'f'/);
+  bad([file, "--export", "type=nbd,id=e,node-name=f"], /export type 'nbd' is not supported/);
+  bad([file, "--export", "vhost-user-blk,id=e,node-name=f"], /parameter 'addr' is missing/);
+  bad(
+    [file, "--export", "vhost-user-blk,id=e,node-name=g,addr.path=/s"],
+    /export 'e': no node named 'g'/,
+  );
+  bad(
+    [file, "--export", "vhost-user-blk,id=e,node-name=f,addr.path=/s,num-queues=0"],
+    /'num-queues' expects a number from 1 to 256/,
+  );
+  bad(
+    [file, "--export", "vhost-user-blk,id=e,node-name=f,addr.path=/s,logical-block-size=1000"],
+    /'logical-block-size'/,
+  );
+  bad(
+    [file, "--export", "vhost-user-blk,id=e,node-name=f,addr.type=fd,addr.str=3"],
+    /addr.type=fd is not supported/,
+  );
+  bad([
+    file,
+    "--export",
+    "vhost-user-blk,id=e,node-name=f,addr.path=/s",
+    "--export",
+    "vhost-user-blk,id=e2,node-name=f,addr.path=/s",
+  ], /two exports on socket '\/s'/);
+  bad(["--export", "{not json"], /--export 1: /);
+  bad(["a.img", "b.img", "--vhost-user-blk", "/s"], /serves one IMAGE \(got 2\)/);
+  bad(["a.img"], /needs --vhost-user-blk SOCK/);
+  bad(["--frobnicate"], /unknown option '--frobnicate'/);
+  bad(["--pidfile"], /--pidfile needs an argument/);
+});
