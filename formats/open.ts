@@ -73,9 +73,9 @@ export interface OpenOptions {
   cache?: CacheMode;
   /**
    * QEMU's `aio` for the image and its backing chain: `threads` (default; the synchronous host
-   * calls) or `io_uring` (raw images keep many requests in flight through one io_uring per file;
-   * other formats still read and write synchronously). Fails with `Unable to use io_uring: ...`
-   * where the kernel refuses io_uring.
+   * calls) or `io_uring` (many requests in flight through one io_uring per file: raw passes them
+   * straight down, qcow2 keeps its data reads and in-place writes in flight together). Fails with
+   * `Unable to use io_uring: ...` where the kernel refuses io_uring.
    */
   aio?: "threads" | "io_uring";
   /** Open this image alone, without its backing chain (qemu-img info, rebase -u). */
