@@ -4,6 +4,7 @@
  * short form, and the errors a qsd user would expect, each naming the option and the key.
  */
 import assert from "node:assert/strict";
+import { resolveNode } from "../../src/serve/blockdev.ts";
 import { parseKeyval, parseServeArgs, ServeUsageError } from "../../src/serve/options.ts";
 
 Deno.test("parseKeyval: implied first key, dotted keys as groups, ,, as a comma", () => {
@@ -160,4 +161,37 @@ Deno.test("qsd users' mistakes are named", () => {
   bad(["a.img"], /needs --vhost-user-blk SOCK/);
   bad(["--frobnicate"], /unknown option '--frobnicate'/);
   bad(["--pidfile"], /--pidfile needs an argument/);
+});
+
+Deno.test("resolveNode: an export's node as the opener takes it", () => {
+  const config = parseServeArgs([
+    "--blockdev",
+    "driver=file,node-name=f0,filename=/img/a.qcow2,cache.direct=on,aio=native",
+    "--blockdev",
+    "qcow2,node-name=n0,file=f0,backing=null",
+    "--blockdev",
+    "driver=file,node-name=f1,filename=/img/b.raw,cache.no-flush=on",
+    "--blockdev",
+    "driver=raw,node-name=r1,file=f1,read-only=on",
+    "--export",
+    "vhost-user-blk,id=e0,node-name=n0,addr.path=/s0,writable=on",
+  ]);
+  assert.deepEqual(resolveNode(config.blockdevs, "n0", true), {
+    path: "/img/a.qcow2",
+    options: { readOnly: false, cache: "none", format: "qcow2", aio: "io_uring", noBacking: true },
+  });
+  assert.deepEqual(resolveNode(config.blockdevs, "f1", false), {
+    path: "/img/b.raw",
+    options: { readOnly: true, cache: "unsafe", format: "raw" },
+  });
+  assert.throws(
+    () => resolveNode(config.blockdevs, "r1", true),
+    /'r1' is read-only but the export is writable=on/,
+  );
+  assert.throws(() => resolveNode(config.blockdevs, "zz", false), /no node named 'zz'/);
+  const short = parseServeArgs(["x.img", "--vhost-user-blk", "/s"]);
+  assert.deepEqual(resolveNode(short.blockdevs, "image", false).options, {
+    readOnly: true,
+    cache: "writeback",
+  });
 });
