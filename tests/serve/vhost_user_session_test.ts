@@ -73,6 +73,10 @@ class FakePlatform {
   signal(fd: number): void {
     this.signals.push(fd);
   }
+  readonly drains: number[] = [];
+  drainSoon(index: number): void {
+    this.drains.push(index);
+  }
   closeFd(fd: number): void {
     this.closed.push(fd);
   }
@@ -195,6 +199,7 @@ Deno.test("vhost-user session: QEMU's start sequence, a write and a read through
   const driver = await startRing(session, platform, features);
   assert.equal(platform.watched.get(0), 20);
   assert.deepEqual(session.servedRings, [0]);
+  assert.deepEqual(platform.drains, [0], "a ring that becomes served is drained once");
   const mem = platform.mem;
   // A write of 4 KiB at sector 8, then a read of it back, at guest addresses above 1 MiB.
   const hdr = 0x10_0000, data = 0x10_1000, status = 0x10_3000, readBuf = 0x10_4000;

@@ -57,6 +57,11 @@ export interface SessionPlatform {
   watchKick(index: number, fd: number): void;
   /** Signals an eventfd (a ring's call fd). */
   signal(fd: number): void;
+  /**
+   * Ring `index` became served: drain it soon, as after a kick (the driver may have queued work
+   * and kicked while it was still disabled — SeaBIOS does, while QEMU is still enabling rings).
+   */
+  drainSoon(index: number): void;
   /** Closes an fd the session no longer needs. */
   closeFd(fd: number): void;
   /** A line for the log. */
@@ -404,13 +409,18 @@ export class VhostUserSession {
   #reactivate(): void {
     const served = this.#rings.map((r) => this.#served(r) ? "1" : "0").join("");
     if (served === this.#active) return;
+    const previous = this.#active;
     this.#active = served;
     if (!served.includes("1")) {
       this.#backend.reset();
       return;
     }
+    const before = previous;
     const queues = this.#rings.map((r) => this.#served(r) ? r.queue! : undefined);
     this.#backend.activate(this.#mem!, this.#features, queues);
+    for (let i = 0; i < served.length; i++) {
+      if (served[i] === "1" && before[i] !== "1") this.#platform.drainSoon(i);
+    }
   }
 
   /** A kick on ring `index`: serve it (a stopped or disabled ring's kick is consumed and ignored). */
