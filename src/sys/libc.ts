@@ -43,6 +43,34 @@ const symbols = {
     parameters: ["i64", "i32", "i32", "buffer", "i32"],
     result: "i32",
   },
+  // AF_UNIX sockets with SCM_RIGHTS (unix_socket.ts). socklen_t is 32-bit; sendmsg/recvmsg
+  // results are ssize_t read as i32 (messages are far below 2 GiB, and -1 survives).
+  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
+  socketpair: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  bind: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  listen: { parameters: ["i32", "i32"], result: "i32" },
+  accept4: { parameters: ["i32", "pointer", "pointer", "i32"], result: "i32" },
+  connect: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  sendmsg: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  recvmsg: { parameters: ["i32", "buffer", "i32"], result: "i32" },
+  shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  // nfds_t is unsigned long: passed pointer-sized (usize), never as an i32.
+  poll: { parameters: ["buffer", "usize", "i32"], result: "i32" },
+  // The same poll(2) on Deno's blocking pool, for the main thread: errno is not readable after it.
+  poll_async: {
+    name: "poll",
+    parameters: ["buffer", "usize", "i32"],
+    result: "i32",
+    nonblocking: true,
+  },
+  // read(2)/write(2) of eventfd counters: the size_t count goes pointer-sized (usize).
+  read: { parameters: ["i32", "buffer", "usize"], result: "i32" },
+  write: { parameters: ["i32", "buffer", "usize"], result: "i32" },
+  eventfd: { parameters: ["u32", "i32"], result: "i32" },
+  epoll_create1: { parameters: ["i32"], result: "i32" },
+  epoll_ctl: { parameters: ["i32", "i32", "i32", "buffer"], result: "i32" },
+  epoll_wait: { parameters: ["i32", "buffer", "i32", "i32"], result: "i32" },
+  memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
 } as const;
 
 /**
@@ -99,6 +127,29 @@ interface Libc {
     c: Uint8Array<ArrayBuffer>,
     d: number,
   ): number;
+  socket(domain: number, type: number, protocol: number): number;
+  socketpair(domain: number, type: number, protocol: number, sv: Uint8Array<ArrayBuffer>): number;
+  bind(fd: number, addr: Uint8Array<ArrayBuffer>, addrlen: number): number;
+  listen(fd: number, backlog: number): number;
+  accept4(fd: number, addr: null, addrlen: null, flags: number): number;
+  connect(fd: number, addr: Uint8Array<ArrayBuffer>, addrlen: number): number;
+  sendmsg(fd: number, msg: Uint8Array<ArrayBuffer>, flags: number): number;
+  recvmsg(fd: number, msg: Uint8Array<ArrayBuffer>, flags: number): number;
+  shutdown(fd: number, how: number): number;
+  poll(fds: Uint8Array<ArrayBuffer>, nfds: bigint, timeout: number): number;
+  poll_async(fds: Uint8Array<ArrayBuffer>, nfds: bigint, timeout: number): Promise<number>;
+  read(fd: number, buf: Uint8Array<ArrayBuffer>, count: bigint): number;
+  write(fd: number, buf: Uint8Array<ArrayBuffer>, count: bigint): number;
+  eventfd(initval: number, flags: number): number;
+  epoll_create1(flags: number): number;
+  epoll_ctl(epfd: number, op: number, fd: number, event: Uint8Array<ArrayBuffer>): number;
+  epoll_wait(
+    epfd: number,
+    events: Uint8Array<ArrayBuffer>,
+    maxevents: number,
+    timeout: number,
+  ): number;
+  memfd_create(name: Uint8Array<ArrayBuffer>, flags: number): number;
 }
 
 /** Largest single pread/pwrite; longer transfers loop. */
