@@ -18,6 +18,7 @@ const MAP_SHARED = 0x01;
 const MAP_PRIVATE = 0x02;
 const MAP_FIXED = 0x10;
 const MAP_ANONYMOUS = 0x20;
+const MAP_NORESERVE = 0x4000;
 /** The page size mappings are aligned to (x86_64). */
 export const PAGE_SIZE = 4096;
 const MAP_FAILED = 0xffff_ffff_ffff_ffffn;
@@ -188,7 +189,8 @@ function overFds(total: number, regions: readonly FdRegion[]): SharedFdBuffer {
   const release = () => {
     while (mapped.length > 0) {
       const r = mapped.pop()!;
-      mapFixed(base + r.at, r.length, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0n);
+      // As V8 reserved it: private, anonymous, no swap reserved (no commit charge for GiBs of RAM).
+      mapFixed(base + r.at, r.length, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0n);
     }
   };
   try {
