@@ -71,6 +71,17 @@ export function eventfd(initval = 0, flags = EFD_CLOEXEC): number {
  * otherwise). Counters above 2^53 lose precision (they never get there from writes of 1).
  *
  * @returns the counter's value before the read, or 0 for "nothing yet" on a non-blocking fd
+ *
+ * @example (needs `--allow-ffi`)
+ * ```ts
+ * import { EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfdRead, eventfdWrite } from "./eventfd.ts";
+ * import { close } from "./unix_socket.ts";
+ * const fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+ * eventfdWrite(fd, 2);
+ * eventfdWrite(fd, 3);
+ * if (eventfdRead(fd) !== 5 || eventfdRead(fd) !== 0) throw new Error("counter");
+ * close(fd);
+ * ```
  */
 export function eventfdRead(fd: number): number {
   const c = libc();

@@ -250,6 +250,21 @@ export function sharedBufferAliasWorks(): boolean {
  * @throws {BlockError} `unsupported` when {@linkcode sharedBufferAliasWorks} is false here;
  *   `io` naming mmap's errno when a region cannot be mapped (none stays mapped then)
  * @throws {RangeError} for sizes or offsets not page-aligned, or regions outside or overlapping
+ *
+ * @example (needs `--allow-ffi`)
+ * ```ts
+ * import { ftruncate, memfdCreate, mmapShared, sharedBufferOverFds } from "./shared_memory.ts";
+ * import { close } from "./unix_socket.ts";
+ * const fd = memfdCreate("guest-ram");
+ * ftruncate(fd, 65536);
+ * const ram = sharedBufferOverFds(65536, [{ fd, offset: 0, length: 65536, at: 0 }]);
+ * const other = mmapShared(fd, 4096);
+ * other.bytes[0] = 42;
+ * if (new Uint8Array(ram.buffer, ram.offset, 65536)[0] !== 42) throw new Error("no alias");
+ * ram.release();
+ * other.unmap();
+ * close(fd);
+ * ```
  */
 export function sharedBufferOverFds(total: number, regions: readonly FdRegion[]): SharedFdBuffer {
   checkPages("A shared buffer's size", total);

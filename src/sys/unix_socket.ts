@@ -294,6 +294,18 @@ function prepare(bytes: Uint8Array, controlBytes: number): void {
  * sendmsg(2) with MSG_NOSIGNAL, so a closed peer is an EPIPE error, not a signal. A short send
  * continues without the fds, waiting with poll(2) if a non-blocking socket fills up midway.
  *
+ * @example (needs `--allow-ffi`)
+ * ```ts
+ * import { close, recvMsg, sendMsg, socketPair } from "./unix_socket.ts";
+ * import { eventfd } from "./eventfd.ts";
+ * const [a, b] = socketPair();
+ * const kick = eventfd();
+ * sendMsg(a, new Uint8Array([1, 2, 3]), [kick]);
+ * const got = recvMsg(b, new Uint8Array(64), 8);
+ * if (got === null || got.bytes !== 3 || got.fds.length !== 1 || got.truncated) throw new Error();
+ * for (const fd of [...got.fds, kick, a, b]) close(fd);
+ * ```
+ *
  * @returns `bytes.length`, or `null` when `fd` is non-blocking and nothing could be sent
  * @throws {BlockError} `io` with the errno (EPIPE/ECONNRESET: the peer is gone)
  */
