@@ -191,6 +191,12 @@ const verbs: Record<string, Verb> = {
       "[--output-format=normal|json|json+] [--html FILE] [--compare-notifications] [--schema] [-q]",
     run: async (args, io) => (await import("./run.ts")).runMain(args, io),
   },
+  serve: {
+    summary: "serve images to VMs over vhost-user-blk/-scsi, as qemu-storage-daemon",
+    usage: "vstor serve [--blockdev SPEC]... --export SPEC... [--pidfile PATH] | " +
+      "vstor serve IMAGE --vhost-user-blk SOCK [--writable]",
+    run: async (args, io) => (await import("./serve.ts")).serveMain(args, io),
+  },
   demo: {
     summary: "the main job (same as `vstor run` with no arguments)",
     usage: "vstor demo [--output=json] [-q]",
