@@ -52,6 +52,14 @@ export const SKIPS: { pattern: RegExp; reason: string }[] = [
     reason: "runs the whole check and test suite (minutes; includes this)",
   },
   {
+    pattern: /^vstor serve /,
+    reason: "starts a daemon that runs until SIGTERM (tests/serve/ and the real-guest test run it)",
+  },
+  {
+    pattern: /^qemu-system-x86_64 /,
+    reason: "boots a VM (tests/interop/vhost_user_guest_test.ts does, with the guest recipe)",
+  },
+  {
     pattern: /tests\/stress_suite\.sh /,
     reason: "runs the test suite many times beside CPU hogs (tens of minutes; includes this)",
   },
