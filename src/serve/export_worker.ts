@@ -34,7 +34,7 @@ import {
   eventfdRead,
   eventfdWrite,
 } from "../sys/eventfd.ts";
-import { sharedBufferOverFds, type SharedFdBuffer } from "../sys/shared_memory.ts";
+import { fdSize, sharedBufferOverFds, type SharedFdBuffer } from "../sys/shared_memory.ts";
 import { accept, close, listenUnix } from "../sys/unix_socket.ts";
 import type { VirtioDeviceModel } from "../virtio/device.ts";
 import { GuestMemory } from "../virtio/memory.ts";
@@ -278,6 +278,16 @@ class ExportServer {
   readonly #platform: SessionPlatform = {
     mapMemory: (regions: readonly MappedRegion[]) => {
       const sorted = [...regions].sort((a, b) => a.guestAddress - b.guestAddress);
+      for (const r of sorted) {
+        // A mapping past the end of its file would SIGBUS the daemon on the first access.
+        const size = fdSize(r.fd);
+        if (r.mmapOffset + r.size > size) {
+          throw new Error(
+            `a memory region of ${r.size} bytes at offset ${r.mmapOffset} of its fd goes past ` +
+              `the fd's ${size} bytes`,
+          );
+        }
+      }
       let total = 0;
       const layout = sorted.map((r) => {
         const at = total;

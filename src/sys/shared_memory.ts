@@ -110,6 +110,27 @@ export function mmapShared(fd: number, length: number, offset: number | bigint =
   };
 }
 
+const AT_EMPTY_PATH = 0x1000;
+/** statx's STATX_SIZE mask bit; `stx_size` is the u64 at byte 40 of the 256-byte struct statx. */
+const STATX_SIZE_BIT = 0x200;
+const STX_SIZE = 40;
+const EMPTY_PATH = new Uint8Array(1);
+
+/**
+ * The size in bytes of what `fd` refers to (statx on the fd): a mapping must stay inside it, since
+ * touching a page past the end of a file is a SIGBUS, not an error.
+ *
+ * @throws {BlockError} `io` naming statx's errno
+ */
+export function fdSize(fd: number): number {
+  const buf = new Uint8Array(256);
+  if (libc().statx(fd, EMPTY_PATH, AT_EMPTY_PATH, STATX_SIZE_BIT, buf) !== 0) {
+    const code = errno();
+    throw new BlockError("io", `statx of fd ${fd}: ${errnoText(code)}`, { errno: code });
+  }
+  return Number(new DataView(buf.buffer).getBigUint64(STX_SIZE, true));
+}
+
 /** One fd mapped into a {@linkcode sharedBufferOverFds} buffer. */
 export interface FdRegion {
   readonly fd: number;

@@ -17,7 +17,7 @@ import {
   VIRTIO_BLK_T_OUT,
 } from "../../src/virtio/virtio_blk_constants.ts";
 import { ignoreWithout, runTool } from "../interop/qemu.ts";
-import { Frontend, state, u64 } from "./frontend.ts";
+import { Frontend, FRONTEND_VA, memTable, state, u64 } from "./frontend.ts";
 
 async function withDaemon(
   format: "raw" | "qcow2",
@@ -142,6 +142,16 @@ Deno.test({
       outside.request(REQ.SET_VRING_KICK, u64(0), [outside.ramFd]);
       assert.ok(outside.closedByPeer(), "dropped");
       outside.close();
+      // A memory region larger than its memfd (mapping it would SIGBUS the daemon on access).
+      const past = new Frontend(socket);
+      past.request(REQ.GET_FEATURES, undefined, [], true);
+      past.request(
+        REQ.SET_MEM_TABLE,
+        memTable([{ guestAddress: 0, size: 64 << 20, userAddress: FRONTEND_VA, mmapOffset: 0 }]),
+        [past.ramFd],
+      );
+      assert.ok(past.closedByPeer(), "dropped");
+      past.close();
       // A front-end that vanishes with requests in flight.
       const gone = new Frontend(socket);
       gone.start(1, 64);
@@ -176,6 +186,7 @@ Deno.test({
       assert.match(joined, /unsupported protocol version 2/);
       assert.match(joined, /started before SET_MEM_TABLE|in no memory region/);
       assert.match(joined, /front-end dropped: the front-end disconnected/);
+      assert.match(joined, /goes past the fd's 16777216 bytes/);
     });
   },
 });
