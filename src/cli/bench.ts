@@ -90,6 +90,8 @@ export interface BenchOptions extends Omit<BenchParams, "cache"> {
   format?: string;
   cache: CacheMode;
   aio: AioMode;
+  /** `-i` was given: `-i threads` runs on a pool of Workers, the default on synchronous calls. */
+  aioGiven?: boolean;
   quiet: boolean;
   forceShare: boolean;
 }
@@ -295,6 +297,7 @@ export function parseBenchArgs(
           });
         }
         o.aio = aio;
+        o.aioGiven = true;
         break;
       }
       case "o":
@@ -400,7 +403,11 @@ export async function benchMain(args: string[], io: CliIo): Promise<number> {
     forceShare: opts.forceShare,
     ...(direct ? { cache: "none" as const } : {}),
     // vstor has no linux-aio: native runs on io_uring, as the kernel's newer interface.
-    ...(opts.aio === "threads" ? {} : { aio: "io_uring" as const }),
+    ...(opts.aio !== "threads"
+      ? { aio: "io_uring" as const }
+      : opts.aioGiven
+      ? { aio: "threads" as const }
+      : {}),
   });
   try {
     if (opts.write && opts.format === undefined && node.format === "raw" && !opts.quiet) {

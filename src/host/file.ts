@@ -30,6 +30,7 @@ import {
 import { AlignedBuffer, type DioAlignment, dioAlignment } from "../sys/direct.ts";
 import { applyImageLocks, permsFor, releaseImageLocks } from "./lock.ts";
 import { UringQueue } from "./uring_queue.ts";
+import { ThreadPool } from "./thread_pool.ts";
 
 /** Options of {@linkcode openHostFile}. */
 export interface HostFileOptions {
@@ -51,9 +52,12 @@ export interface HostFileOptions {
   /** Every write durable when it returns (O_DSYNC; QEMU's cache=directsync with `direct`). */
   dsync?: boolean;
   /**
-   * How `readAtAsync`/`writeAtAsync` run (QEMU's `aio`): `threads` (default) as the synchronous
-   * calls; `io_uring` with many requests in flight through one io_uring per file (unaligned
-   * O_DIRECT requests still go the synchronous read-modify-write way).
+   * How `readAtAsync`/`writeAtAsync` run (QEMU's `aio`). Not given: as the synchronous calls, one
+   * request at a time (fastest on the page cache). `threads` given explicitly: a pool of Workers
+   * (4 at most, started as requests need them) runs synchronous pread/pwrite on this file, so as
+   * many requests as Workers reach the disk at once. `io_uring`: many requests in flight through
+   * one io_uring per file. With either, unaligned O_DIRECT writes still go the synchronous
+   * read-modify-write way (unaligned O_DIRECT reads go through the pool, not the ring).
    */
   aio?: "threads" | "io_uring";
 }
@@ -74,21 +78,24 @@ class FileHost implements HostFile {
   /** O_DIRECT: the alignment the file needs, and the bounce buffer (made on first use). */
   readonly #direct: DioAlignment | undefined;
   #bounce: AlignedBuffer | undefined;
-  /** aio=io_uring: the ring requests go through; undefined for aio=threads. */
-  readonly #uring: UringQueue | undefined;
+  /**
+   * What `readAtAsync`/`writeAtAsync` go through: the ring (aio=io_uring), the Workers (aio=threads
+   * given explicitly), or nothing (the synchronous calls).
+   */
+  readonly #engine: UringQueue | ThreadPool | undefined;
 
   constructor(
     path: string,
     fd: number,
     readOnly: boolean,
     direct: DioAlignment | undefined,
-    uring: UringQueue | undefined,
+    uring: UringQueue | ThreadPool | undefined,
   ) {
     this.path = path;
     this.#fd = fd;
     this.readOnly = readOnly;
     this.#direct = direct;
-    this.#uring = uring;
+    this.#engine = uring;
   }
 
   /** The alignment O_DIRECT requests need here, or undefined for a page-cached file. */
@@ -125,6 +132,10 @@ class FileHost implements HostFile {
 
   readAt(offset: number, dst: Uint8Array): void {
     const fd = this.#checkOpen();
+    // A synchronous read sees the writes in flight that it overlaps, as it would after them.
+    if (this.#engine?.writeOverlapping(offset, offset + dst.length) !== undefined) {
+      this.#engine.drainSync();
+    }
     if (this.#direct !== undefined) return this.#directRead(fd, offset, dst);
     const c = libc();
     let done = 0;
@@ -148,7 +159,7 @@ class FileHost implements HostFile {
   writeAt(offset: number, src: Uint8Array): void {
     const fd = this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
-    this.#uring?.drainSync(); // a synchronous write never overtakes requests in flight
+    this.#engine?.drainSync(); // a synchronous write never overtakes requests in flight
     if (this.#direct !== undefined) return this.#directWrite(fd, offset, src);
     const c = libc();
     let done = 0;
@@ -167,9 +178,9 @@ class FileHost implements HostFile {
     this.#grew(offset + src.length);
   }
 
-  // ---- aio=io_uring: requests in flight ----
+  // ---- aio=io_uring and aio=threads: requests in flight ----
 
-  /** True when `[offset, offset+length)` suits the ring as it is (O_DIRECT: aligned). */
+  /** True when `[offset, offset+length)` suits the ring or pool as it is (O_DIRECT: aligned). */
   #ringFits(offset: number, length: number): boolean {
     const align = this.#direct?.offset;
     return align === undefined || (offset % align === 0 && length % align === 0);
@@ -177,15 +188,19 @@ class FileHost implements HostFile {
 
   async readAtAsync(offset: number, dst: Uint8Array): Promise<void> {
     this.#checkOpen();
-    const uring = this.#uring;
-    if (uring === undefined || !this.#ringFits(offset, dst.length)) return this.readAt(offset, dst);
+    const uring = this.#engine;
+    if (uring === undefined) return this.readAt(offset, dst);
+    // The pool's Workers read unaligned O_DIRECT ranges through their own bounce windows.
+    if (!(uring instanceof ThreadPool) && !this.#ringFits(offset, dst.length)) {
+      return this.readAt(offset, dst);
+    }
     await uring.read(offset, dst);
   }
 
   async writeAtAsync(offset: number, src: Uint8Array): Promise<void> {
     this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
-    const uring = this.#uring;
+    const uring = this.#engine;
     if (uring === undefined) return this.writeAt(offset, src);
     if (!this.#ringFits(offset, src.length)) {
       // Read-modify-write of partial blocks: no write in flight may touch those blocks meanwhile.
@@ -318,14 +333,14 @@ class FileHost implements HostFile {
   truncate(size: number): void {
     const fd = this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
-    this.#uring?.drainSync();
+    this.#engine?.drainSync();
     this.#cachedSize = -1;
     if (libc().ftruncate(fd, BigInt(size)) !== 0) throw this.#fail("Truncate", size);
   }
 
   flush(): void {
     const fd = this.#checkOpen();
-    this.#uring?.drainSync(); // every write in flight completes before the fdatasync
+    this.#engine?.drainSync(); // every write in flight completes before the fdatasync
     if (libc().fdatasync(fd) !== 0) throw this.#fail("Flush");
   }
 
@@ -333,7 +348,7 @@ class FileHost implements HostFile {
     const fd = this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
     if (length === 0) return;
-    this.#uring?.drainSync();
+    this.#engine?.drainSync();
     if (this.#punchHoleWorks) {
       const mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
       if (libc().fallocate(fd, mode, BigInt(offset), BigInt(length)) === 0) return;
@@ -355,7 +370,7 @@ class FileHost implements HostFile {
     const fd = this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
     if (length === 0) return;
-    this.#uring?.drainSync();
+    this.#engine?.drainSync();
     if (libc().fallocate(fd, 0, BigInt(offset), BigInt(length)) === 0) {
       this.#grew(offset + length);
       return;
@@ -398,7 +413,7 @@ class FileHost implements HostFile {
   close(): void {
     if (this.#fd < 0) return;
     try {
-      this.#uring?.close();
+      this.#engine?.close();
     } catch {
       // Requests in flight fail with the error; the file closes regardless.
     }
@@ -462,9 +477,10 @@ export function openHostFile(path: string, opts: HostFileOptions = {}): HostFile
       { path },
     );
   }
-  let uring: UringQueue | undefined;
+  let uring: UringQueue | ThreadPool | undefined;
   try {
     if (opts.aio === "io_uring") uring = new UringQueue(fd, { path, direct });
+    else if (opts.aio === "threads") uring = new ThreadPool(fd, { path, direct });
   } catch (e) {
     releaseImageLocks(fd);
     libc().close(fd);

@@ -69,7 +69,8 @@ export interface OpenRequest {
   forceShare: boolean;
   copyOnRead: boolean;
   cache: CacheFlags;
-  aio: AioMode;
+  /** Absent: qemu-io's default, threads, run as synchronous calls; given: a pool or a ring. */
+  aio?: AioMode;
   discard: DiscardMode;
   /** `-o` options in the order given (later ones win). */
   options: Array<[string, string]>;
@@ -84,7 +85,6 @@ export function defaultRequest(): OpenRequest {
     forceShare: false,
     copyOnRead: false,
     cache: CACHE_MODES["writethrough"]!,
-    aio: "threads",
     discard: "unmap",
     options: [],
   };
@@ -505,8 +505,9 @@ export async function openRequest(request: OpenRequest): Promise<OpenedImage> {
     ...(cache === undefined ? {} : { cache }),
   };
   const readOnly = r.readOnly || r.snapshot;
-  // vstor has no linux-aio: aio=native (O_DIRECT only, checked above) runs on io_uring.
-  const aio = r.aio === "threads" ? {} : { aio: "io_uring" as const };
+  // vstor has no linux-aio: aio=native (O_DIRECT only, checked above) runs on io_uring; threads
+  // given explicitly runs on a pool of Workers, the default on synchronous calls.
+  const aio = r.aio === undefined ? {} : { aio: r.aio === "threads" ? r.aio : "io_uring" as const };
   const node = await openImage(path, { ...base, ...aio, readOnly, forceShare: r.forceShare });
   if (r.format === undefined) {
     const bad = unsupportedKey(node.format, formatKeys);
