@@ -72,9 +72,10 @@ export interface OpenOptions {
    */
   cache?: CacheMode;
   /**
-   * QEMU's `aio` for the image and its backing chain: `threads` (default; the synchronous host
-   * calls) or `io_uring` (many requests in flight through one io_uring per file: raw passes them
-   * straight down, qcow2 keeps its data reads and in-place writes in flight together). Fails with
+   * QEMU's `aio` for the image and its backing chain. Absent: the synchronous host calls (QEMU's
+   * default, threads, one request at a time). `threads` given: many requests in flight through a
+   * pool of Workers per file; `io_uring`: through one io_uring per file (raw passes them straight
+   * down, qcow2 keeps its data reads and in-place writes in flight together). Fails with
    * `Unable to use io_uring: ...` where the kernel refuses io_uring.
    */
   aio?: "threads" | "io_uring";
