@@ -196,6 +196,7 @@ const verbs: Record<string, Verb> = {
     usage: "vstor serve [--blockdev SPEC]... --export SPEC... [--pidfile PATH] | " +
       "vstor serve IMAGE --vhost-user-blk SOCK [--writable]",
     run: async (args, io) => (await import("./serve.ts")).serveMain(args, io),
+    help: async () => (await import("./serve.ts")).serveHelp,
   },
   demo: {
     summary: "the main job (same as `vstor run` with no arguments)",

@@ -7,35 +7,53 @@
 import { Daemon } from "../serve/daemon.ts";
 import { parseServeArgs, ServeUsageError } from "../serve/options.ts";
 import { type CliIo, EXIT_ERROR, EXIT_OK, UsageError } from "./cli_io.ts";
+import type { VerbHelp } from "./help.ts";
 
 /** `vstor serve --help`. */
-export const serveHelp = {
-  summary: "serve images to VMs over vhost-user-blk/-scsi, as qemu-storage-daemon",
-  text: `usage: vstor serve [--blockdev SPEC]... [--export SPEC]... [--pidfile PATH]
+export const serveHelp: VerbHelp = {
+  text: `usage: vstor serve [--blockdev SPEC]... --export SPEC... [--pidfile PATH]
        vstor serve IMAGE --vhost-user-blk SOCK [--vhost-user-scsi SOCK] [--writable] [-f FMT]
 
-Exports block nodes to a running VM (QEMU's vhost-user-blk-pci, vhost-user-scsi-pci) through the
-same virtio-blk and virtio-scsi back-ends the simulated guest uses. Options as qemu-storage-daemon
-takes them, in QEMU's key=value syntax or as JSON:
+Exports images to running VMs (QEMU's vhost-user-blk-pci, vhost-user-scsi-pci) through the same
+virtio-blk and virtio-scsi back-ends the simulated guest uses. Options as qemu-storage-daemon
+takes them, in QEMU's key=value syntax (implied driver=/type=, dotted keys, ",," for a comma) or
+as JSON objects:
 
   --blockdev driver=file,node-name=N,filename=PATH[,cache.direct=on|off][,cache.no-flush=on|off]
              [,aio=threads|io_uring|native][,read-only=on|off]
   --blockdev driver=qcow2|raw,node-name=N,file=FILE_NODE[,backing=null][,read-only=on|off]
+                      a block node: a file, or a format over a file node (by name or nested)
   --export type=vhost-user-blk,id=ID,node-name=N,addr.type=unix,addr.path=SOCK
            [,writable=on|off][,num-queues=N][,logical-block-size=N]
-  --export type=vhost-user-scsi,...   (as vhost-user-blk; the node is LUN 0 of target 0)
-  --pidfile PATH    written once every export listens, removed at the end
+  --export type=vhost-user-scsi,...
+                      an export (read-only unless writable=on; for SCSI the node is LUN 0 of
+                      target 0, and QEMU picks the request queues, up to 16)
+  --pidfile PATH      written once every export listens, removed at the end
+  --daemonize         not supported yet (run vstor serve under a service manager)
+The short form serves one image:
+  IMAGE               the image (its format probed unless -f)
+  --vhost-user-blk SOCK, --vhost-user-scsi SOCK
+                      export it on this socket
+  --writable          writable (default read-only)
+  -f, --format FMT    raw or qcow2
+  -h, --help          print this help
 
-SIGTERM or SIGINT stop it: requests in flight finish, images are flushed and closed clean, sockets
-removed. Exports are read-only unless writable=on (--writable in the short form).
+SIGTERM or SIGINT stop it: requests in flight finish, images are flushed and closed clean,
+sockets and the pid file removed.
 
-Example:
-  vstor serve --blockdev driver=file,node-name=f,filename=disk.qcow2 \\
-    --blockdev driver=qcow2,node-name=d,file=f \\
-    --export type=vhost-user-blk,id=e0,node-name=d,addr.type=unix,addr.path=/tmp/vhost.sock,writable=on
-  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\
-    -chardev socket,id=c0,path=/tmp/vhost.sock -device vhost-user-blk-pci,chardev=c0
+Example: vstor serve disk.qcow2 --vhost-user-blk /tmp/vhost.sock --writable
 `,
+  options: [
+    "--blockdev",
+    "--export",
+    "--pidfile",
+    "--daemonize",
+    "--vhost-user-blk",
+    "--vhost-user-scsi",
+    "--writable",
+    "-f",
+    "-h",
+  ],
 };
 
 /**

@@ -340,12 +340,7 @@ export class VirtioScsiBackend implements DeviceBackend {
       await this.drained();
       if (epoch !== this.#epoch) return;
     }
-    this.#draining.add(queue);
-    try {
-      await this.#drainLoop(dq, queue, interrupt, epoch, control);
-    } finally {
-      this.#draining.delete(queue);
-    }
+    await this.#drainLoop(dq, queue, interrupt, epoch, control);
   }
 
   async #drainLoop(
@@ -355,45 +350,54 @@ export class VirtioScsiBackend implements DeviceBackend {
     epoch: number,
     control: boolean,
   ): Promise<void> {
-    do {
-      dq.disableNotifications();
-      let chain: DescriptorChain | null;
-      // A stopped device takes no new command; the control queue still answers.
-      while ((control || this.#stopReason === null) && (chain = dq.pop()) !== null) {
-        let written: number | Promise<number>;
-        try {
-          written = control ? this.#control.handle(chain, queue) : this.#commands.run(chain, queue);
-        } catch (e) {
-          // A framing error: QEMU drops the element and marks the device broken; what completed
-          // before it is still published (unless a reset took the ring away meanwhile).
-          if (epoch === this.#epoch) {
-            this.#broken = e instanceof Error ? e : new Error(String(e));
-            if (dq.publish()) interrupt();
+    // Cleared in this function's own finally, with no await after the last publish: a completion
+    // that comes once the drain is over must see it gone and publish itself.
+    this.#draining.add(queue);
+    try {
+      do {
+        dq.disableNotifications();
+        let chain: DescriptorChain | null;
+        // A stopped device takes no new command; the control queue still answers.
+        while ((control || this.#stopReason === null) && (chain = dq.pop()) !== null) {
+          let written: number | Promise<number>;
+          try {
+            written = control
+              ? this.#control.handle(chain, queue)
+              : this.#commands.run(chain, queue);
+          } catch (e) {
+            // A framing error: QEMU drops the element and marks the device broken; what completed
+            // before it is still published (unless a reset took the ring away meanwhile).
+            if (epoch === this.#epoch) {
+              this.#broken = e instanceof Error ? e : new Error(String(e));
+              if (dq.publish()) interrupt();
+            }
+            throw e;
           }
-          throw e;
+          if (typeof written !== "number") {
+            // I/O: in flight while the drain goes on; it completes (and publishes) on its own.
+            this.#track(dq, queue, chain, written, epoch);
+            continue;
+          }
+          if (written === HELD) {
+            this.#held.push(chain);
+            continue;
+          }
+          dq.push(chain, written);
+          // An event delivery inside the command (capacity change) may have broken the device.
+          if (this.#broken !== null) {
+            if (dq.publish()) interrupt();
+            throw this.#broken;
+          }
         }
-        if (typeof written !== "number") {
-          // I/O: in flight while the drain goes on; it completes (and publishes) on its own.
-          this.#track(dq, queue, chain, written, epoch);
-          continue;
-        }
-        if (written === HELD) {
-          this.#held.push(chain);
-          continue;
-        }
-        dq.push(chain, written);
-        // An event delivery inside the command (capacity change) may have broken the device.
-        if (this.#broken !== null) {
-          if (dq.publish()) interrupt();
-          throw this.#broken;
-        }
-      }
-      // Requests that complete at once join this batch; the rest complete on their own.
-      for (let turn = 0; turn < SETTLE_TURNS && this.#inflight > 0; turn++) await null;
-      // The device was reset meanwhile: the ring is gone.
-      if (epoch !== this.#epoch) return;
-      if (dq.publish()) interrupt();
-    } while (dq.enableNotifications() && (control || this.#stopReason === null));
+        // Requests that complete at once join this batch; the rest complete on their own.
+        for (let turn = 0; turn < SETTLE_TURNS && this.#inflight > 0; turn++) await null;
+        // The device was reset meanwhile: the ring is gone.
+        if (epoch !== this.#epoch) return;
+        if (dq.publish()) interrupt();
+      } while (dq.enableNotifications() && (control || this.#stopReason === null));
+    } finally {
+      this.#draining.delete(queue);
+    }
   }
 
   /** Command requests in flight (over all queues): the runtime keeps its event loop turning. */
