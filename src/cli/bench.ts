@@ -52,7 +52,8 @@ DEPTH at a time, reads unless -w.
   -f FMT               image format (probed when absent)
   --flush-interval=N   write tests: flush every N requests (N >= DEPTH; 0 = never)
   --no-drain           with --flush-interval: flush without waiting for requests in flight
-  -i AIO               threads (default: one request at a time, synchronously), io_uring
+  -i AIO               threads (default: one request at a time, synchronously; -i threads
+                       given: a pool of 4 Workers, 4 requests at the disk at once), io_uring
                        (raw images: DEPTH requests in flight through io_uring), or native
                        (QEMU's linux-aio, which vstor maps to io_uring; needs -t none or
                        directsync, as QEMU's aio=native needs cache.direct=on)

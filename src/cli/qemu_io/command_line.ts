@@ -75,7 +75,8 @@ Run qemu-io 7.2 commands on an image: each -c CMD in order, or one command per l
                          directsync (O_DIRECT, writes durable when they complete)
   -n, --nocache          -t none
   -d, --discard=MODE     unmap/on (default), ignore/off
-  -i, --aio=MODE         threads (default), io_uring (raw images keep requests in flight
+  -i, --aio=MODE         threads (default: synchronous calls; given: a pool of Workers keeps
+                         requests in flight), io_uring (raw images keep requests in flight
                          through io_uring), native (QEMU's linux-aio, which vstor maps to
                          io_uring; needs -t none or directsync, as in QEMU)
   -k, --native-aio       -i native
