@@ -12,32 +12,9 @@ import { l2Table, mapRun } from "./mapping.ts";
 import type { Qcow2State } from "./state.ts";
 import { compressedLocation } from "./tables.ts";
 
-/** Read guest bytes from `offset` into `dst`, run by run. */
-export async function readAt(s: Qcow2State, offset: number, dst: Uint8Array): Promise<void> {
-  let pos = 0;
-  while (pos < dst.length) {
-    const run = mapRun(s, offset + pos, dst.length - pos);
-    const part = dst.subarray(pos, pos + run.length);
-    switch (run.kind) {
-      case "normal":
-        s.file.readAt(run.hostOffset, part);
-        break;
-      case "zero-plain":
-      case "zero-alloc":
-        part.fill(0);
-        break;
-      case "unallocated":
-      case "unallocated-alloc":
-        await readBacking(s, offset + pos, part);
-        break;
-      case "compressed":
-        readCompressed(s, offset + pos, part);
-        break;
-      default:
-        throw signalCorruption(s, `Invalid mapping at guest offset ${offset + pos}`, offset + pos);
-    }
-    pos += run.length;
-  }
+/** Read guest bytes from `offset` into `dst`, run by run (data clusters synchronously). */
+export function readAt(s: Qcow2State, offset: number, dst: Uint8Array): Promise<void> {
+  return readRuns(s, offset, dst, false);
 }
 
 /**
@@ -45,7 +22,16 @@ export async function readAt(s: Qcow2State, offset: number, dst: Uint8Array): Pr
  * the request in flight at once (the caller keeps the clusters in place meanwhile: the node's
  * IoGate). Zero, backing and compressed runs are served as by readAt.
  */
-export async function readAtAsync(s: Qcow2State, offset: number, dst: Uint8Array): Promise<void> {
+export function readAtAsync(s: Qcow2State, offset: number, dst: Uint8Array): Promise<void> {
+  return readRuns(s, offset, dst, true);
+}
+
+async function readRuns(
+  s: Qcow2State,
+  offset: number,
+  dst: Uint8Array,
+  inFlight: boolean,
+): Promise<void> {
   const file = s.file;
   let first: Promise<void> | undefined;
   let more: Promise<void>[] | undefined;
@@ -56,6 +42,10 @@ export async function readAtAsync(s: Qcow2State, offset: number, dst: Uint8Array
       const part = dst.subarray(pos, pos + run.length);
       switch (run.kind) {
         case "normal": {
+          if (!inFlight) {
+            file.readAt(run.hostOffset, part);
+            break;
+          }
           const io = file.readAtAsync!(run.hostOffset, part);
           if (first === undefined) first = io;
           else (more ??= []).push(io);

@@ -22,50 +22,16 @@ import { queueFeaturesOf } from "../../src/virtio/device.ts";
 import { GuestMemory } from "../../src/virtio/memory.ts";
 import type { DriverBuffer } from "../../src/virtio/queue.ts";
 import { SplitDriverQueue, splitRingLayout } from "../../src/virtio/split_queue.ts";
-import {
-  encodeRegion,
-  encodeRequest,
-  HEADER_BYTES,
-  type MemoryRegion,
-  REQ,
-} from "../../src/serve/vhost_user/protocol.ts";
+import { encodeRequest, HEADER_BYTES, REQ } from "../../src/serve/vhost_user/protocol.ts";
+import { memTable, state, u64, vringAddr } from "./payloads.ts";
+
+export { memTable, state, u64 } from "./payloads.ts";
 
 /** QEMU's address for guest RAM in its own space (ring addresses are given in it). */
 export const FRONTEND_VA = 0x7f00_1000_0000;
 /** Guest RAM: 16 MiB at guest-physical 0; rings in the first MiB, buffers above. */
 export const RAM_BYTES = 16 << 20;
 export const BUFFERS = 1 << 20;
-
-export function u64(value: bigint | number): Uint8Array {
-  const b = new Uint8Array(8);
-  new DataView(b.buffer).setBigUint64(0, BigInt(value), true);
-  return b;
-}
-
-export function state(index: number, num: number): Uint8Array {
-  const b = new Uint8Array(8);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, index, true);
-  v.setUint32(4, num, true);
-  return b;
-}
-
-function vringAddr(index: number, desc: number, used: number, avail: number): Uint8Array {
-  const b = new Uint8Array(40);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, index, true);
-  v.setBigUint64(8, BigInt(desc), true);
-  v.setBigUint64(16, BigInt(used), true);
-  v.setBigUint64(24, BigInt(avail), true);
-  return b;
-}
-
-export function memTable(regions: readonly MemoryRegion[]): Uint8Array {
-  const b = new Uint8Array(8 + 32 * regions.length);
-  new DataView(b.buffer).setUint32(0, regions.length, true);
-  regions.forEach((r, i) => b.set(encodeRegion(r).subarray(8), 8 + 32 * i));
-  return b;
-}
 
 /** One ring as the front-end drives it. */
 export interface FrontRing {

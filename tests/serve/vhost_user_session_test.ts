@@ -37,6 +37,7 @@ import {
 import { queueFeaturesOf } from "../../src/virtio/device.ts";
 import { GuestMemory } from "../../src/virtio/memory.ts";
 import { SplitDriverQueue, splitRingLayout } from "../../src/virtio/split_queue.ts";
+import { config, memTable, state, u64, vringAddr } from "./payloads.ts";
 import {
   VIRTIO_BLK_S_OK,
   VIRTIO_BLK_T_IN,
@@ -83,46 +84,6 @@ class FakePlatform {
   log(line: string): void {
     this.logs.push(line);
   }
-}
-
-function u64(value: bigint | number): Uint8Array {
-  const b = new Uint8Array(8);
-  new DataView(b.buffer).setBigUint64(0, BigInt(value), true);
-  return b;
-}
-
-function state(index: number, num: number): Uint8Array {
-  const b = new Uint8Array(8);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, index, true);
-  v.setUint32(4, num, true);
-  return b;
-}
-
-function vringAddr(index: number, desc: number, used: number, avail: number): Uint8Array {
-  const b = new Uint8Array(40);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, index, true);
-  v.setBigUint64(8, BigInt(desc), true);
-  v.setBigUint64(16, BigInt(used), true);
-  v.setBigUint64(24, BigInt(avail), true);
-  return b;
-}
-
-function memTable(regions: readonly MemoryRegion[]): Uint8Array {
-  const b = new Uint8Array(8 + 32 * regions.length);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, regions.length, true);
-  regions.forEach((r, i) => b.set(encodeRegion(r).subarray(8), 8 + 32 * i));
-  return b;
-}
-
-function config(offset: number, size: number): Uint8Array {
-  const b = new Uint8Array(12 + size);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, offset, true);
-  v.setUint32(4, size, true);
-  return b;
 }
 
 /** Sends one request through the codec; the reply payload (after its header), if any. */
