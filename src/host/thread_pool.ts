@@ -31,10 +31,13 @@ import {
   SHUTDOWN,
   SLOTS,
   SQ_TAIL,
+  STARTED,
 } from "./thread_pool_layout.ts";
 
 /** QEMU's thread pool grows on demand; ours stops at this many Workers unless told otherwise. */
 export const DEFAULT_WORKERS = 4;
+/** How long a blocking drain waits for the first Worker to start before failing the requests. */
+const START_TIMEOUT_MS = 60_000;
 /** The most Workers a pool may have (the slots bound it anyway). */
 export const MAX_WORKERS = 16;
 
@@ -148,10 +151,15 @@ export class ThreadPool {
    */
   drainSync(): void {
     const header = this.#memory.header;
+    let idle = 0;
     for (;;) {
       this.#reap();
       if (!this.busy || this.#closed) return;
-      Atomics.wait(header, DONE_SEQ, this.#seenSeq);
+      if (Atomics.wait(header, DONE_SEQ, this.#seenSeq, 1000) !== "timed-out") continue;
+      // A Worker that died before its loop cannot say so while this thread blocks: give up.
+      if (Atomics.load(header, STARTED) === 0 && ++idle * 1000 >= START_TIMEOUT_MS) {
+        return this.#failStart();
+      }
     }
   }
 

@@ -28,6 +28,8 @@ export const ALIGN = 5;
 export const MEM_ALIGN = 6;
 /** Set by a Worker that could not start (FFI refused, no memory): the errno, or -1. */
 export const FAILED = 7;
+/** Workers that have loaded libc and entered their loop. */
+export const STARTED = 8;
 const HEADER_WORDS = 16;
 
 /** Slot states (Int32, one per slot). */

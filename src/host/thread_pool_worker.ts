@@ -25,6 +25,7 @@ import {
   SHUTDOWN,
   SQ_HEAD,
   SQ_TAIL,
+  STARTED,
 } from "./thread_pool_layout.ts";
 
 const EIO = 5;
@@ -154,4 +155,7 @@ try {
   Atomics.add(header, DONE_SEQ, 1);
   Atomics.notify(header, DONE_SEQ);
 }
-if (Atomics.load(header, FAILED) === 0) loop();
+if (Atomics.load(header, FAILED) === 0) {
+  Atomics.add(header, STARTED, 1);
+  loop();
+}
