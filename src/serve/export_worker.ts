@@ -34,7 +34,14 @@ import {
   eventfdRead,
   eventfdWrite,
 } from "../sys/eventfd.ts";
-import { fdSize, sharedBufferOverFds, type SharedFdBuffer } from "../sys/shared_memory.ts";
+import {
+  fdSize,
+  ftruncate,
+  memfdCreate,
+  mmapShared,
+  sharedBufferOverFds,
+  type SharedFdBuffer,
+} from "../sys/shared_memory.ts";
 import { accept, close, listenUnix } from "../sys/unix_socket.ts";
 import type { VirtioDeviceModel } from "../virtio/device.ts";
 import { GuestMemory } from "../virtio/memory.ts";
@@ -228,7 +235,7 @@ class ExportServer {
     }
     try {
       const out = await session.handle(header, request);
-      if (out.reply !== undefined) client.send(out.reply);
+      if (out.reply !== undefined) client.send(out.reply, out.fds ?? []);
     } catch (e) {
       // The request's fds were not taken over by the session.
       if (request.kind === "vring-fd" && request.fd >= 0) close(request.fd);
@@ -333,6 +340,28 @@ class ExportServer {
       queueMicrotask(() => this.#drain(index));
     },
     closeFd: (fd: number) => close(fd),
+    inflightMemory: (size: number, fd?: number, offset = 0) => {
+      if (fd === undefined) {
+        const made = memfdCreate("vstor-inflight");
+        try {
+          ftruncate(made, size);
+          const map = mmapShared(made, size, 0);
+          return { fd: made, bytes: map.bytes, release: () => map.unmap() };
+        } catch (e) {
+          close(made);
+          throw e;
+        }
+      }
+      // The front-end's area: it must hold what is mapped (a page past its end would SIGBUS).
+      const have = fdSize(fd);
+      if (offset + size > have) {
+        throw new Error(
+          `an inflight area of ${size} bytes at ${offset} past the fd's ${have} bytes`,
+        );
+      }
+      const map = mmapShared(fd, size, offset);
+      return { fd, bytes: map.bytes, release: () => map.unmap() };
+    },
     log: (line: string) => this.#log(line),
   };
 

@@ -47,6 +47,20 @@ export { SplitDriverQueue } from "./split_driver.ts";
 const MAX_INDIRECT_ENTRIES = VIRTQ_MAX_SIZE;
 
 /** A chain popped from a split ring. `slots` counts descriptor-table entries the chain occupies. */
+/**
+ * Where a device records which chains are in flight, so that another process can resubmit them
+ * after a crash (vhost-user's INFLIGHT_SHMFD): told of each head popped, each head pushed, and
+ * each used.idx published.
+ */
+export interface InflightLog {
+  /** Chain `head` was popped (it is in flight now). */
+  popped(head: number): void;
+  /** Chain `head`'s used element was written (staged). */
+  pushed(head: number): void;
+  /** used.idx is `usedIdx` now: the chains pushed since the last publish are done. */
+  published(usedIdx: number): void;
+}
+
 class SplitChain implements DescriptorChain {
   readonly id: number;
   readonly slots: number;
@@ -167,6 +181,10 @@ export class SplitDeviceQueue implements DeviceQueue {
   #draining = false;
   #batch = 0;
   #fault: VirtqueueError | null = null;
+  /** Heads to pop again before the avail ring (resume after a crash), in order. */
+  #resubmit: number[] = [];
+  /** Set by the device's runtime: records what is in flight (vhost-user INFLIGHT_SHMFD). */
+  inflightLog: InflightLog | null = null;
 
   /**
    * Takes over a split ring the driver laid out (device side), checking its layout.
@@ -228,6 +246,7 @@ export class SplitDeviceQueue implements DeviceQueue {
    */
   pop(): DescriptorChain | null {
     if (this.#fault !== null) return null;
+    if (this.#resubmit.length > 0) return this.#popResubmitted(this.#resubmit.shift()!);
     if (this.#lastAvail === this.#shadowAvail && !this.#refreshAvail()) {
       if (!this.#draining) this.#batch = 0;
       return null;
@@ -251,6 +270,25 @@ export class SplitDeviceQueue implements DeviceQueue {
     this.#headInFlight[head]!++;
     this.#inFlight++;
     if (++this.#batch > this.stats.largestBatch) this.stats.largestBatch = this.#batch;
+    this.inflightLog?.popped(head);
+    return chain;
+  }
+
+  /** A chain from the resubmit list (its avail entry was consumed before the crash). */
+  #popResubmitted(head: number): DescriptorChain {
+    if (head >= this.#size) {
+      this.#fail("head-out-of-range", `resubmitted head ${head} of ${this.#size}`);
+    }
+    let chain: SplitChain;
+    try {
+      chain = this.#walk(head);
+    } catch (e) {
+      if (e instanceof GuestMemoryError) this.#fail("outside-ram", e.message);
+      throw e;
+    }
+    this.#headInFlight[head]!++;
+    this.#inFlight++;
+    this.inflightLog?.popped(head);
     return chain;
   }
 
@@ -389,6 +427,7 @@ export class SplitDeviceQueue implements DeviceQueue {
     this.#ram.setUint32(at, id, true);
     this.#ram.setUint32(at + 4, written, true);
     this.#staged++;
+    this.inflightLog?.pushed(id);
   }
 
   /**
@@ -409,6 +448,7 @@ export class SplitDeviceQueue implements DeviceQueue {
     mem.atomicSetU16(this.#usedIdx, now);
     this.#used = now;
     this.#staged = 0;
+    this.inflightLog?.published(now);
     // QEMU: a last-signalled index inside the window just published (or ahead of it) is from an
     // earlier lap of the u16 index and cannot stand for "old" in vring_need_event: notify.
     if (((now - this.#signalledUsed) << 16 >> 16) < ((now - old) & 0xffff)) {
@@ -479,6 +519,7 @@ export class SplitDeviceQueue implements DeviceQueue {
 
   hasAvailable(): boolean {
     if (this.#fault !== null) return false;
+    if (this.#resubmit.length > 0) return true;
     // No checks here: a jump shows as "available", and the pop that follows reports the fault.
     return this.#mem.atomicU16(this.#availIdx) !== this.#lastAvail;
   }
@@ -493,13 +534,21 @@ export class SplitDeviceQueue implements DeviceQueue {
   /**
    * Takes over a ring already in use (vhost-user's SET_VRING_BASE after a stop or a reconnect):
    * the next avail entry to read is `lastAvail`, and the used index continues from what the ring
-   * shows. Nothing is in flight.
+   * shows. Nothing is in flight, except `resubmit`: heads whose avail entries were consumed before
+   * a crash and that were never completed (vhost-user's inflight tracking); they are popped first,
+   * in this order.
    */
-  resume(lastAvail: number): void {
+  resume(lastAvail: number, resubmit: readonly number[] = []): void {
     this.reset();
     this.#lastAvail = lastAvail & 0xffff;
     this.#shadowAvail = this.#lastAvail;
     this.#used = this.#mem.atomicU16(this.#usedIdx);
+    this.#resubmit = [...resubmit];
+  }
+
+  /** The ring's used.idx as it is in guest memory now. */
+  get usedIndex(): number {
+    return this.#mem.atomicU16(this.#usedIdx);
   }
 
   /** Forgets all ring state (device or queue reset); keeps the counters. Writes no guest memory. */
@@ -515,6 +564,7 @@ export class SplitDeviceQueue implements DeviceQueue {
     this.#draining = false;
     this.#batch = 0;
     this.#fault = null;
+    this.#resubmit = [];
   }
 
   /** Stops the queue and throws the fault. */

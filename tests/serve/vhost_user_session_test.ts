@@ -9,6 +9,8 @@
  */
 import assert from "node:assert/strict";
 import { RawNode } from "../../formats/raw.ts";
+import type { WriteOptions } from "../../src/block/node.ts";
+import { CountingNode } from "../devices/blk_harness.ts";
 import { VirtioBlkBackend } from "../../src/devices/virtio_blk_backend.ts";
 import { VirtioBlkModel } from "../../src/devices/virtio_blk_model.ts";
 import { MemoryFile } from "../../src/host/memory.ts";
@@ -77,6 +79,22 @@ class FakePlatform {
   readonly drains: number[] = [];
   drainSoon(index: number): void {
     this.drains.push(index);
+  }
+  /** Inflight areas by fd (the fake fds start at 500). */
+  readonly areas = new Map<number, Uint8Array>();
+  #nextFd = 500;
+  inflightMemory(size: number, fd?: number, offset = 0) {
+    let bytes: Uint8Array;
+    if (fd === undefined) {
+      fd = this.#nextFd++;
+      bytes = new Uint8Array(size);
+      this.areas.set(fd, bytes);
+    } else {
+      const area = this.areas.get(fd);
+      if (area === undefined || offset + size > area.length) throw new Error(`no area ${fd}`);
+      bytes = area.subarray(offset, offset + size);
+    }
+    return { fd, bytes, release: () => {} };
   }
   closeFd(fd: number): void {
     this.closed.push(fd);
@@ -281,8 +299,8 @@ Deno.test("vhost-user session: hostile front-ends get a protocol error naming th
     /features 0x1000000000000000 not offered/,
   );
   await bad(
-    send(session, REQ.SET_PROTOCOL_FEATURES, u64(1n << BigInt(PF.INFLIGHT_SHMFD))),
-    /protocol features 0x1000 not offered/,
+    send(session, REQ.SET_PROTOCOL_FEATURES, u64(1n << BigInt(PF.PAGEFAULT))),
+    /protocol features 0x100 not offered/,
   );
   await bad(send(session, REQ.SET_VRING_NUM, state(3, 64)), /ring 3 does not exist/);
   await bad(send(session, REQ.SET_VRING_NUM, state(0, 100)), /size 100 \(a power of 2 up to/);
@@ -313,4 +331,129 @@ Deno.test("vhost-user session: hostile front-ends get a protocol error naming th
   await bad(send(session, REQ.GET_CONFIG, config(0, 8)), /CONFIG was not negotiated/);
   await bad(send(session, REQ.GET_CONFIG, config(250, 10)), /config access of 10 bytes at 250/);
   assert.equal(hasFeature(session.features, VIRTIO_RING_F_EVENT_IDX), false);
+});
+
+/** A node whose writes hang for ever while `hold` is set (a back-end that dies mid-request). */
+class HoldingNode extends CountingNode {
+  hold = false;
+  started = 0;
+  override write(offset: number, src: Uint8Array, opts?: WriteOptions): Promise<void> {
+    this.started++;
+    if (this.hold) return new Promise<void>(() => {});
+    return super.write(offset, src, opts);
+  }
+}
+
+function holdingNode(inner: RawNode) {
+  const node = new HoldingNode(inner);
+  return { node, control: node };
+}
+
+function inflightDesc(numQueues: number, queueSize: number): Uint8Array {
+  const b = new Uint8Array(20);
+  const v = new DataView(b.buffer);
+  v.setUint16(16, numQueues, true);
+  v.setUint16(18, queueSize, true);
+  return b;
+}
+
+Deno.test("vhost-user inflight tracking: after a back-end dies mid-I/O, the next one resubmits exactly what never completed", async () => {
+  const platform = new FakePlatform();
+  const disk = await RawNode.open(new MemoryFile("disk", new Uint8Array(1 << 20)));
+  const layout = splitRingLayout(128, 0x1000);
+  const mem = platform.mem;
+  const hdr = 0x10_0000, status = 0x10_8000;
+  /** A 4 KiB write of `fill` at sector `sector`, with token `token`. */
+  const write = (driver: SplitDriverQueue<number>, token: number, sector: number, fill: number) => {
+    const h = hdr + 16 * token, data = 0x20_0000 + 4096 * token;
+    mem.setU32(h, VIRTIO_BLK_T_OUT);
+    mem.setU32(h + 8, sector);
+    mem.fill(data, 4096, fill);
+    driver.add([{ addr: h, length: 16 }, { addr: data, length: 4096 }], [{
+      addr: status + token,
+      length: 1,
+    }], token);
+  };
+  const start = async (s: VhostUserSession, inflightFd: number | null) => {
+    await send(s, REQ.GET_FEATURES);
+    await send(s, REQ.SET_FEATURES, u64(1n << 32n | 1n << 30n));
+    await send(s, REQ.SET_PROTOCOL_FEATURES, u64(SUPPORTED_PROTOCOL_FEATURES));
+    let fd: number;
+    if (inflightFd === null) {
+      const reply = await s.handle(
+        parseHeader(encodeRequest(REQ.GET_INFLIGHT_FD, inflightDesc(1, 128))),
+        decodeRequest(
+          parseHeader(encodeRequest(REQ.GET_INFLIGHT_FD, inflightDesc(1, 128))),
+          inflightDesc(1, 128),
+          [],
+        ),
+      );
+      fd = reply.fds![0]!;
+      const v = new DataView(reply.reply!.buffer, reply.reply!.byteOffset + HEADER_BYTES);
+      assert.equal(Number(v.getBigUint64(0, true)), 128 * 16 + 64, "libvhost-user's size");
+    } else {
+      fd = inflightFd;
+      const desc = inflightDesc(1, 128);
+      new DataView(desc.buffer).setBigUint64(0, BigInt(128 * 16 + 64), true);
+      await send(s, REQ.SET_INFLIGHT_FD, desc, [fd]);
+    }
+    await send(s, REQ.SET_MEM_TABLE, memTable(RAM), [10, 11]);
+    await send(s, REQ.SET_VRING_NUM, state(0, 128));
+    await send(s, REQ.SET_VRING_BASE, state(0, 0));
+    await send(
+      s,
+      REQ.SET_VRING_ADDR,
+      vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
+    );
+    await send(s, REQ.SET_VRING_KICK, u64(0), [20]);
+    await send(s, REQ.SET_VRING_ENABLE, state(0, 1));
+    return fd;
+  };
+  const driver = new SplitDriverQueue<number>(mem, layout, { indirect: false, eventIdx: false });
+  // The first back-end: request 1 completes, then 2 and 3 hang at the disk and it dies.
+  const first = holdingNode(disk);
+  const model1 = new VirtioBlkModel({}, first.node);
+  const session1 = new VhostUserSession(
+    model1,
+    new VirtioBlkBackend(first.node, model1.options, model1.shared),
+    platform,
+  );
+  const fd = await start(session1, null);
+  write(driver, 1, 0, 0x11);
+  driver.kick();
+  await session1.kick(0);
+  assert.deepEqual([driver.getUsed()?.token], [1]);
+  first.control.hold = true;
+  // Far apart: virtio-blk would merge adjacent writes into one node request.
+  write(driver, 2, 40, 0x22);
+  write(driver, 3, 80, 0x33);
+  driver.kick();
+  await session1.kick(0);
+  assert.equal(first.control.started, 3);
+  assert.equal(driver.getUsed(), null, "2 and 3 never complete: the back-end is gone");
+  // The next back-end takes the front-end's inflight area back and resubmits 2 and 3 only.
+  const second = holdingNode(disk);
+  const model2 = new VirtioBlkModel({}, second.node);
+  const session2 = new VhostUserSession(
+    model2,
+    new VirtioBlkBackend(second.node, model2.options, model2.shared),
+    platform,
+  );
+  await start(session2, fd);
+  assert.ok(platform.logs.some((l) => /ring 0: resubmitting 2 request\(s\)/.test(l)));
+  await session2.kick(0);
+  const used: number[] = [];
+  for (let u = driver.getUsed(); u !== null; u = driver.getUsed()) used.push(u.token);
+  assert.deepEqual(used.sort(), [2, 3]);
+  assert.equal(second.control.started, 2, "nothing written twice");
+  // New requests go on from where the ring is.
+  write(driver, 4, 120, 0x44);
+  driver.kick();
+  await session2.kick(0);
+  assert.equal(driver.getUsed()?.token, 4);
+  for (const [sector, fill] of [[0, 0x11], [40, 0x22], [80, 0x33], [120, 0x44]]) {
+    const got = new Uint8Array(4096);
+    await disk.read(sector! * 512, got);
+    assert.deepEqual(got, new Uint8Array(4096).fill(fill!), `sector ${sector}`);
+  }
 });

@@ -28,6 +28,8 @@ export const MAX_FDS = 8;
 export const MAX_TABLE_REGIONS = 8;
 /** Memory slots with CONFIGURE_MEM_SLOTS (what GET_MAX_MEM_SLOTS answers; QEMU's own limit). */
 export const MAX_MEM_SLOTS = 509;
+/** sizeof(VhostUserInflight): u64, u64, u16, u16 and padding to 8. */
+export const INFLIGHT_BYTES = 24;
 /** The largest config space access (QEMU's VHOST_USER_MAX_CONFIG_SIZE). */
 export const MAX_CONFIG_SIZE = 256;
 
@@ -479,7 +481,8 @@ export function replyInflight(
   numQueues: number,
   queueSize: number,
 ): Uint8Array {
-  const payload = new Uint8Array(20);
+  // struct VhostUserInflight is 24 bytes in C (two u64 and two u16, padded to 8): QEMU checks it.
+  const payload = new Uint8Array(INFLIGHT_BYTES);
   const v = new DataView(payload.buffer);
   v.setBigUint64(0, BigInt(mmapSize), true);
   v.setBigUint64(8, BigInt(mmapOffset), true);

@@ -22,6 +22,10 @@ import { hasFeature, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1 } from "../../virt
 import type { GuestMemory } from "../../virtio/memory.ts";
 import type { DeviceQueue } from "../../virtio/queue.ts";
 import { SplitDeviceQueue } from "../../virtio/split_queue.ts";
+import { inflightQueueBytes, InflightRegion } from "./inflight.ts";
+
+/** The largest ring inflight tracking takes (QEMU's queue-size limit). */
+const MAX_INFLIGHT_QUEUE = 1024;
 import {
   F_PROTOCOL_FEATURES,
   FLAG_NEED_REPLY,
@@ -30,6 +34,7 @@ import {
   type MemoryRegion,
   PF,
   replyConfig,
+  replyInflight,
   replyState,
   replyU64,
   REQ,
@@ -64,8 +69,22 @@ export interface SessionPlatform {
   drainSoon(index: number): void;
   /** Closes an fd the session no longer needs. */
   closeFd(fd: number): void;
+  /**
+   * Shared memory for inflight tracking: a new memfd of `size` bytes (fd absent), or `size` bytes
+   * of `fd` from `offset` (the front-end's, after a reconnect). Its `fd` is the session's to close.
+   *
+   * @throws when it cannot be made or mapped
+   */
+  inflightMemory(size: number, fd?: number, offset?: number): SharedRegion;
   /** A line for the log. */
   log(line: string): void;
+}
+
+/** Shared memory the session maps: its bytes, the fd behind them, and how to unmap them. */
+export interface SharedRegion {
+  readonly fd: number;
+  readonly bytes: Uint8Array;
+  release(): void;
 }
 
 /** The protocol features this back-end implements. */
@@ -74,7 +93,8 @@ export const SUPPORTED_PROTOCOL_FEATURES = (1n << BigInt(PF.MQ)) |
   (1n << BigInt(PF.CONFIG)) |
   (1n << BigInt(PF.RESET_DEVICE)) |
   (1n << BigInt(PF.CONFIGURE_MEM_SLOTS)) |
-  (1n << BigInt(PF.STATUS));
+  (1n << BigInt(PF.STATUS)) |
+  (1n << BigInt(PF.INFLIGHT_SHMFD));
 
 /** One ring's state as the front-end set it. */
 interface Ring {
@@ -111,6 +131,8 @@ function newRing(): Ring {
 /** What a handled message sends back: a reply message (and fds with it), or nothing. */
 export interface Outcome {
   readonly reply?: Uint8Array;
+  /** Fds that go with the reply (the session keeps its own: sending duplicates them). */
+  readonly fds?: readonly number[];
 }
 
 /**
@@ -130,6 +152,10 @@ export class VhostUserSession {
   #regions: MappedRegion[] = [];
   #mem: GuestMemory | null = null;
   #status = 0;
+  /** The inflight tracking memory and its per-queue regions, once the front-end set it up. */
+  #inflight: { region: SharedRegion; queues: InflightRegion[] } | null = null;
+  /** The reply fds of the request being handled. */
+  #replyFds: number[] | undefined;
   /** The set of started rings the back-end was activated with (to re-activate on change). */
   #active = "";
   #closed = false;
@@ -181,8 +207,11 @@ export class VhostUserSession {
    */
   async handle(header: Header, req: Request): Promise<Outcome> {
     if (this.#closed) throw new VhostUserProtocolError(req.request, "the session is closed");
+    this.#replyFds = undefined;
     const reply = await this.#dispatch(req);
-    if (reply !== undefined) return { reply };
+    if (reply !== undefined) {
+      return this.#replyFds === undefined ? { reply } : { reply, fds: this.#replyFds };
+    }
     // REPLY_ACK: a request that has no reply of its own is acknowledged when asked to be.
     if ((header.flags & FLAG_NEED_REPLY) !== 0 && this.#has(PF.REPLY_ACK)) {
       return { reply: replyU64(req.request, 0) };
@@ -218,8 +247,62 @@ export class VhostUserSession {
       case "config":
         return this.#config(req.request, req.offset, req.size, req.flags, req.payload);
       case "inflight":
-        throw new VhostUserProtocolError(req.request, "INFLIGHT_SHMFD was not offered");
+        return this.#inflightFd(req);
     }
+  }
+
+  /** GET_INFLIGHT_FD makes the tracking memory; SET_INFLIGHT_FD takes the front-end's back. */
+  #inflightFd(req: Request & { kind: "inflight" }): Uint8Array | undefined {
+    const request = req.request;
+    if (!this.#has(PF.INFLIGHT_SHMFD)) {
+      throw new VhostUserProtocolError(request, "INFLIGHT_SHMFD was not negotiated");
+    }
+    const { numQueues, queueSize } = req;
+    if (numQueues === 0 || numQueues > this.#rings.length) {
+      throw new VhostUserProtocolError(
+        request,
+        `${numQueues} queues (the device has ${this.#rings.length})`,
+      );
+    }
+    if (queueSize === 0 || queueSize > MAX_INFLIGHT_QUEUE) {
+      throw new VhostUserProtocolError(request, `queue size ${queueSize}`);
+    }
+    const per = inflightQueueBytes(queueSize);
+    const size = per * numQueues;
+    let region: SharedRegion;
+    if (request === REQ.GET_INFLIGHT_FD) {
+      region = this.#platform.inflightMemory(size);
+      this.#replyFds = [region.fd];
+    } else {
+      if (req.mmapSize < size) {
+        throw new VhostUserProtocolError(
+          request,
+          `an inflight area of ${req.mmapSize} bytes for ${numQueues} queues of ${queueSize}`,
+        );
+      }
+      try {
+        region = this.#platform.inflightMemory(size, req.fd, req.mmapOffset);
+      } catch (e) {
+        throw new VhostUserProtocolError(request, e instanceof Error ? e.message : String(e));
+      }
+    }
+    this.#dropInflight();
+    const queues: InflightRegion[] = [];
+    for (let i = 0; i < numQueues; i++) {
+      queues.push(new InflightRegion(region.bytes.subarray(i * per, (i + 1) * per), queueSize));
+    }
+    this.#inflight = { region, queues };
+    return request === REQ.GET_INFLIGHT_FD
+      ? replyInflight(request, size, 0, numQueues, queueSize)
+      : undefined;
+  }
+
+  #dropInflight(): void {
+    const old = this.#inflight;
+    if (old === null) return;
+    this.#inflight = null;
+    old.region.release();
+    this.#platform.closeFd(old.region.fd);
   }
 
   #plain(request: number): Uint8Array | undefined {
@@ -348,13 +431,25 @@ export class VhostUserSession {
     if (ring.num === 0 || ring.desc < 0) {
       throw new VhostUserProtocolError(request, `ring ${index} started without a size or address`);
     }
-    ring.queue = this.#makeQueue(index, ring, this.#mem);
+    const queue = this.#makeQueue(index, ring, this.#mem);
+    // Inflight tracking: what an earlier back-end left in flight is resubmitted first.
+    const log = this.#inflight?.queues[index];
+    if (log !== undefined) {
+      const recovery = log.recover(queue.usedIndex);
+      if (recovery !== null) queue.resume(recovery.lastAvail, recovery.resubmit);
+      if (recovery !== null && recovery.resubmit.length > 0) {
+        this.#platform.log(`ring ${index}: resubmitting ${recovery.resubmit.length} request(s)`);
+      }
+    }
+    ring.queue = queue;
     ring.started = true;
     this.#reactivate();
+    // As libvhost-user after recovery: drain at once (the front-end kicked the old back-end).
+    if (log !== undefined && this.#served(ring)) this.#platform.drainSoon(index);
   }
 
   /** The device queue over ring `index`, its addresses translated to guest-physical. */
-  #makeQueue(index: number, ring: Ring, mem: GuestMemory): DeviceQueue {
+  #makeQueue(index: number, ring: Ring, mem: GuestMemory): SplitDeviceQueue {
     const layout = {
       size: ring.num,
       desc: this.#translate(index, "descriptor table", ring.desc),
@@ -371,6 +466,7 @@ export class VhostUserSession {
       );
     }
     queue.resume(ring.base);
+    queue.inflightLog = this.#inflight?.queues[index] ?? null;
     return queue;
   }
 
@@ -549,6 +645,7 @@ export class VhostUserSession {
     this.#resetDevice();
     for (const r of this.#regions) this.#platform.closeFd(r.fd);
     this.#regions = [];
+    this.#dropInflight();
     if (this.#mem !== null) this.#platform.unmapMemory(this.#mem);
     this.#mem = null;
   }
