@@ -29,7 +29,8 @@ as JSON objects:
                       an export (read-only unless writable=on; for SCSI the node is LUN 0 of
                       target 0, and QEMU picks the request queues, up to 16)
   --pidfile PATH      written once every export listens, removed at the end
-  --daemonize         not supported yet (run vstor serve under a service manager)
+  --daemonize         run in the background, detached (setsid); the command returns once every
+                      export listens (exit 0), or with the daemon's error (exit 1)
 The short form serves one image:
   IMAGE               the image (its format probed unless -f)
   --vhost-user-blk SOCK, --vhost-user-scsi SOCK
@@ -56,6 +57,54 @@ Example: vstor serve disk.qcow2 --vhost-user-blk /tmp/vhost.sock --writable
   ],
 };
 
+/** Set in the daemon's environment by the parent of --daemonize. */
+const DAEMON_ENV = "VSTOR_SERVE_DAEMONIZED";
+/** What the daemon writes on stdout once every export listens (and the pid file is written). */
+const READY_LINE = "vstor serve: ready\n";
+
+/**
+ * qemu-storage-daemon's --daemonize: the daemon runs in a new session (setsid), detached from the
+ * terminal; the parent exits 0 once it says every export listens, or 1 with its error when it
+ * could not start.
+ */
+async function daemonize(args: string[], io: CliIo): Promise<number> {
+  const mod = new URL("../../mod.ts", import.meta.url).pathname;
+  const config = new URL("../../deno.json", import.meta.url).pathname;
+  const child = new Deno.Command("setsid", {
+    args: [
+      Deno.execPath(),
+      "run",
+      "-A",
+      "--config",
+      config,
+      mod,
+      "serve",
+      ...args.filter((a) => a !== "--daemonize"),
+    ],
+    env: { [DAEMON_ENV]: "1" },
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const errors = new Response(child.stderr).text();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let seen = "";
+  while (!seen.includes(READY_LINE)) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    seen += value;
+  }
+  if (seen.includes(READY_LINE)) {
+    reader.releaseLock();
+    child.unref();
+    return EXIT_OK;
+  }
+  const status = await child.status;
+  io.stderr(await errors);
+  if (status.success) io.stderr("vstor serve: the daemon exited before it was ready\n");
+  return EXIT_ERROR;
+}
+
 /**
  * Runs the daemon until SIGTERM/SIGINT.
  *
@@ -73,16 +122,23 @@ export async function serveMain(args: string[], io: CliIo): Promise<number> {
     if (e instanceof ServeUsageError) throw new UsageError(e.message);
     throw e;
   }
-  if (config.daemonize) {
-    throw new UsageError("--daemonize is not supported yet: run it under your service manager");
-  }
-  const log = (line: string) => io.stderr(`vstor serve: ${line}\n`);
+  const inDaemon = Deno.env.get(DAEMON_ENV) === "1";
+  if (config.daemonize && !inDaemon) return await daemonize(args, io);
+  let quiet = false;
+  const log = (line: string) => {
+    if (!quiet) io.stderr(`vstor serve: ${line}\n`);
+  };
   let daemon: Daemon;
   try {
     daemon = await Daemon.start(config, { log });
   } catch (e) {
     log(e instanceof Error ? e.message : String(e));
     return EXIT_ERROR;
+  }
+  if (inDaemon) {
+    // The parent is waiting for this line; once it has exited nobody reads stdout or stderr.
+    await Deno.stdout.write(new TextEncoder().encode(READY_LINE));
+    quiet = true;
   }
   const stop = () => {
     log("stopping");
