@@ -78,6 +78,8 @@ const TAG_CONTROL = 0x1_0000;
 const TAG_LISTEN = 0x2_0000;
 const TAG_CLIENT = 0x3_0000;
 const TAG_KICK = 0x4_0000; // + ring index
+/** Looks at the rings after a drain before sleeping (about 100 µs; see Iothread's POLL_ROUNDS). */
+const POLL_ROUNDS = 4096;
 /** Longest sleep in epoll_wait (the control eventfd wakes it sooner). */
 const IDLE_WAIT_MS = 1000;
 /** Request queues a vhost-user-scsi export accepts (libvhost-user's scsi example has 8). */
@@ -176,6 +178,11 @@ class ExportServer {
       }
       // Let promises and the ring's pump run (completions, their interrupts).
       await new Promise((resolve) => setImmediate(resolve));
+      // Before sleeping in epoll_wait, look at the rings a while with kicks off (QEMU's iothread
+      // polling): a front-end that submits again soon needs no kick, the loop no wake-up.
+      if (n > 0 && !inflight && this.#session !== null) {
+        for (const index of this.#session.poll(POLL_ROUNDS)) this.#drain(index);
+      }
     }
     setUringIdlePoll(null);
     await this.#dropClient("the daemon is shutting down");

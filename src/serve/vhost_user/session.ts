@@ -519,6 +519,26 @@ export class VhostUserSession {
     }
   }
 
+  /**
+   * Looks at the served rings `rounds` times with their notifications off (the front-end need not
+   * kick meanwhile), as QEMU's iothread polling: the indices of rings with work, which the caller
+   * drains. Notifications are on again when it returns (that re-check finds late work too).
+   */
+  poll(rounds: number): number[] {
+    const served: Array<[number, DeviceQueue]> = [];
+    for (const [i, r] of this.#rings.entries()) {
+      if (this.#served(r) && r.queue !== null) served.push([i, r.queue]);
+    }
+    if (served.length === 0) return [];
+    for (const [, q] of served) q.disableNotifications();
+    const found = new Set<number>();
+    for (let round = 0; round < rounds && found.size === 0; round++) {
+      for (const [i, q] of served) if (q.hasAvailable()) found.add(i);
+    }
+    for (const [i, q] of served) if (q.enableNotifications()) found.add(i);
+    return [...found];
+  }
+
   /** A kick on ring `index`: serve it (a stopped or disabled ring's kick is consumed and ignored). */
   async kick(index: number): Promise<void> {
     const ring = this.#rings[index];
