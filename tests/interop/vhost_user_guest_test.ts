@@ -2,10 +2,10 @@
  * A real Linux guest on `vstor serve` (issue #17): QEMU 7.2 (`qemu-system-x86_64 -accel tcg`)
  * boots a Debian cloud kernel with a busybox initramfs (../shared/guest/recipe.sh) whose disks are
  * vhost-user-blk-pci (a qcow2 with two queues through O_DIRECT and io_uring) and
- * vhost-user-scsi-pci (a raw image) served by vstor. One boot runs every check: block data
+ * vhost-user-scsi-pci (a qcow2 over a raw backing file) served by vstor. One boot runs every check: block data
  * written and read back with dd on both disks, fio with crc32c verification at depth 16 on the
- * qcow2; afterwards `qemu-img check` finds the qcow2 clean and qemu-io reads in the raw image what
- * the guest wrote there. Skipped without QEMU's system emulator, a cloud kernel and busybox, unless
+ * qcow2; afterwards `qemu-img check` finds both qcow2 images clean and `qemu-img compare` finds the
+ * SCSI overlay equal to its backing file's bytes with what the guest wrote on top. Skipped without QEMU's system emulator, a cloud kernel and busybox, unless
  * VSTOR_REQUIRE_GUEST=1 (which .ci/run sets after installing them).
  */
 import assert from "node:assert/strict";
@@ -47,6 +47,9 @@ if (missing !== null && Deno.env.get("VSTOR_REQUIRE_GUEST") === "1") {
   throw new Error(`VSTOR_REQUIRE_GUEST=1 but the guest needs: ${missing}`);
 }
 
+/** The line the guest repeats (with `yes`) into the SCSI disk: the host rebuilds the same bytes. */
+const PATTERN_LINE = "vstor-guest-pattern-0123456789";
+
 /** What the guest runs (busybox sh): each check prints CHECK <name> OK, or something else. */
 const GUEST_SCRIPT = `
 check() { if "$@" >/tmp/out 2>&1; then echo "CHECK $NAME OK"; else echo "CHECK $NAME FAIL"; cat /tmp/out; fi; }
@@ -56,7 +59,8 @@ NAME=scsi-model; check grep -q "QEMU HARDDISK" /sys/block/sda/device/model
 dd if=/dev/urandom of=/tmp/pat bs=4k count=512 2>/dev/null
 NAME=blk-dd; check sh -c 'dd if=/tmp/pat of=/dev/vda bs=4k count=512 oflag=direct && dd if=/dev/vda of=/tmp/b bs=4k count=512 iflag=direct && cmp /tmp/pat /tmp/b'
 printf 'vstor-scsi-%04d' 7 | dd of=/tmp/s bs=512 conv=sync 2>/dev/null
-NAME=scsi-dd; check sh -c 'dd if=/tmp/pat of=/dev/sda bs=4k count=512 oflag=direct seek=1 && dd if=/tmp/s of=/dev/sda bs=512 count=1 oflag=direct && dd if=/dev/sda of=/tmp/c bs=4k count=512 skip=1 iflag=direct && cmp /tmp/pat /tmp/c'
+yes ${PATTERN_LINE} | head -c 2097152 > /tmp/det
+NAME=scsi-dd; check sh -c 'dd if=/tmp/det of=/dev/sda bs=4k count=512 oflag=direct seek=1 && dd if=/tmp/s of=/dev/sda bs=512 count=1 oflag=direct && dd if=/dev/sda of=/tmp/c bs=4k count=512 skip=1 iflag=direct && cmp /tmp/det /tmp/c'
 NAME=blk-fio; check fio --name=v --filename=/dev/vda --direct=1 --rw=randwrite --bs=4k --offset=4m --size=16m --iodepth=16 --ioengine=libaio --verify=crc32c --do_verify=1
 sync
 `;
@@ -67,12 +71,17 @@ Deno.test({
   ignore: missing !== null,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "vstor_guest_" });
-    const qcow2 = join(dir, "blk.qcow2"), raw = join(dir, "scsi.raw");
-    assert.equal(
-      (await runTool("qemu-img", ["create", "-q", "-f", "qcow2", qcow2, "64M"])).code,
-      0,
-    );
-    assert.equal((await runTool("qemu-img", ["create", "-q", "-f", "raw", raw, "32M"])).code, 0);
+    // The SCSI disk is a qcow2 over a raw backing file full of 0x5a.
+    const qcow2 = join(dir, "blk.qcow2"), base = join(dir, "base.raw");
+    const overlay = join(dir, "scsi.qcow2");
+    const tool = async (name: string, args: string[]) => {
+      const r = await runTool(name, args);
+      assert.equal(r.code, 0, `${name} ${args.join(" ")}: ${r.stdout}${r.stderr}`);
+    };
+    await tool("qemu-img", ["create", "-q", "-f", "qcow2", qcow2, "64M"]);
+    await tool("qemu-img", ["create", "-q", "-f", "raw", base, "32M"]);
+    await tool("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 32M", base]);
+    await tool("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay]);
     const blkSock = join(dir, "blk.sock"), scsiSock = join(dir, "scsi.sock");
     const logs: string[] = [];
     const daemon = await Daemon.start(
@@ -82,9 +91,9 @@ Deno.test({
         "--blockdev",
         "driver=qcow2,node-name=q0,file=f0",
         "--blockdev",
-        `driver=file,node-name=f1,filename=${raw}`,
+        `driver=file,node-name=f1,filename=${overlay}`,
         "--blockdev",
-        "driver=raw,node-name=r1,file=f1",
+        "driver=qcow2,node-name=r1,file=f1",
         "--export",
         `type=vhost-user-blk,id=blk,node-name=q0,addr.type=unix,addr.path=${blkSock},writable=on,num-queues=2`,
         "--export",
@@ -145,11 +154,18 @@ Deno.test({
         `${name}:\n${output}\n${logs.join("\n")}`,
       );
     }
-    const check = await runTool("qemu-img", ["check", qcow2]);
-    assert.equal(check.code, 0, check.stdout + check.stderr);
-    const io = await runTool("qemu-io", ["-f", "raw", "-r", "-c", "read -v 0 16", raw]);
-    // qemu-io's dump shows '-' as '.': the hex says it.
-    assert.match(io.stdout, /76 73 74 6f 72 2d 73 63 73 69 2d 30 30 30 37 00/, io.stdout);
+    await tool("qemu-img", ["check", qcow2]);
+    await tool("qemu-img", ["check", overlay]);
+    // What the guest wrote on the SCSI disk, over the backing file's bytes: qemu-img compares.
+    const expected = new Uint8Array(32 << 20).fill(0x5a);
+    const marker = new TextEncoder().encode("vstor-scsi-0007");
+    expected.fill(0, 0, 512);
+    expected.set(marker, 0);
+    const line = new TextEncoder().encode(PATTERN_LINE + "\n");
+    for (let i = 0; i < 2 << 20; i++) expected[4096 + i] = line[i % line.length]!;
+    const wanted = join(dir, "expected.raw");
+    await Deno.writeFile(wanted, expected);
+    await tool("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", overlay, wanted]);
     await Deno.remove(dir, { recursive: true });
   },
 });
