@@ -108,6 +108,8 @@ function makeDevice(spec: ExportSpec, node: BlockNode): {
       readOnly: !spec.writable,
       serial: spec.id.slice(0, 20),
       driveName: spec.id,
+      // Offered; the front-end keeps it only when its device says packed=on.
+      packed: true,
     }, node);
     return { model, backend: new VirtioBlkBackend(node, model.options, model.shared) };
   }
@@ -116,6 +118,7 @@ function makeDevice(spec: ExportSpec, node: BlockNode): {
   const model = new VirtioScsiModel({
     numQueues: Math.max(spec.numQueues, SCSI_MAX_REQUEST_QUEUES),
     queueSize: MAX_QUEUE_SIZE,
+    packed: true,
   });
   const backend = new VirtioScsiBackend({ shared: model.shared });
   backend.lend(0, 0, node, { readOnly: !spec.writable, serial: spec.id.slice(0, 20) }, spec.id);

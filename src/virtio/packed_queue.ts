@@ -556,6 +556,37 @@ export class PackedDeviceQueue implements DeviceQueue {
   }
 
   /**
+   * Where the ring stands, as vhost-user's GET_VRING_BASE gives it for a packed ring (QEMU's
+   * virtio_queue_get_last_avail_idx): the next avail slot with its wrap counter in bit 15, and in
+   * the high 16 bits the next used slot with its wrap counter.
+   */
+  get ringState(): number {
+    const avail = this.#availIdx | (this.#availWrap ? 0x8000 : 0);
+    const used = this.#usedIdx | (this.#usedWrap ? 0x8000 : 0);
+    return (used * 0x1_0000 + avail) >>> 0;
+  }
+
+  /**
+   * Takes over a ring already in use from `state` ({@linkcode ringState}'s format, vhost-user's
+   * SET_VRING_BASE): nothing is in flight.
+   *
+   * @throws {RangeError} for an index past the ring
+   */
+  resume(state: number): void {
+    const availIdx = state & 0x7fff, usedIdx = (state >>> 16) & 0x7fff;
+    if (availIdx >= this.#size || usedIdx >= this.#size) {
+      throw new RangeError(
+        `Packed ring state 0x${state.toString(16)} names a slot past the ring of ${this.#size}`,
+      );
+    }
+    this.reset();
+    this.#availIdx = availIdx;
+    this.#availWrap = (state & 0x8000) !== 0;
+    this.#usedIdx = usedIdx;
+    this.#usedWrap = (state & 0x8000_0000) !== 0;
+  }
+
+  /**
    * Forgets the ring state (after a device or queue reset): indexes to 0, wrap counters to 1, no
    * chain in flight, not broken. Counters in {@linkcode stats} are kept; guest memory is not touched.
    */

@@ -1,7 +1,7 @@
 /**
  * A real Linux guest on `vstor serve` (issue #17): QEMU 7.2 (`qemu-system-x86_64 -accel tcg`)
  * boots a Debian cloud kernel with a busybox initramfs (../shared/guest/recipe.sh) whose disks are
- * vhost-user-blk-pci (a qcow2 with two queues through O_DIRECT and io_uring) and
+ * vhost-user-blk-pci (a qcow2 with two packed queues through O_DIRECT and io_uring) and
  * vhost-user-scsi-pci (a qcow2 over a raw backing file) served by vstor. One boot runs every check: block data
  * written and read back with dd on both disks, fio with crc32c verification at depth 16 on the
  * qcow2; afterwards `qemu-img check` finds both qcow2 images clean and `qemu-img compare` finds the
@@ -131,7 +131,7 @@ Deno.test({
           "-chardev",
           `socket,id=c0,path=${blkSock}`,
           "-device",
-          "vhost-user-blk-pci,chardev=c0,num-queues=2",
+          "vhost-user-blk-pci,chardev=c0,num-queues=2,packed=on",
           "-chardev",
           `socket,id=c1,path=${scsiSock}`,
           "-device",

@@ -109,7 +109,8 @@ export class Frontend {
       this.request(REQ.GET_FEATURES, undefined, [], true)!.slice().buffer,
     )
       .getBigUint64(0, true);
-    this.features = features ?? offered;
+    // Split rings (the driver queue this front-end builds) unless the caller says otherwise.
+    this.features = features ?? (offered & ~(1n << 34n));
     this.request(REQ.SET_FEATURES, u64(this.features));
     const pf = new DataView(
       this.request(REQ.GET_PROTOCOL_FEATURES, undefined, [], true)!.slice().buffer,

@@ -33,12 +33,14 @@ import {
 } from "../../src/serve/vhost_user/session.ts";
 import {
   hasFeature,
+  VIRTIO_F_RING_PACKED,
   VIRTIO_F_VERSION_1,
   VIRTIO_RING_F_EVENT_IDX,
 } from "../../src/virtio/features.ts";
 import { queueFeaturesOf } from "../../src/virtio/device.ts";
 import { GuestMemory } from "../../src/virtio/memory.ts";
 import { SplitDriverQueue, splitRingLayout } from "../../src/virtio/split_queue.ts";
+import { PackedDriverQueue, packedRingLayout } from "../../src/virtio/packed_queue.ts";
 import { config, memTable, state, u64, vringAddr } from "./payloads.ts";
 import {
   VIRTIO_BLK_S_OK,
@@ -456,4 +458,51 @@ Deno.test("vhost-user inflight tracking: after a back-end dies mid-I/O, the next
     await disk.read(sector! * 512, got);
     assert.deepEqual(got, new Uint8Array(4096).fill(fill!), `sector ${sector}`);
   }
+});
+
+Deno.test("vhost-user session: packed rings — the base carries both wrap counters, GET_VRING_BASE answers where the ring stands", async () => {
+  const bytes = new Uint8Array(1 << 20).map((_, i) => (i * 5 + 3) & 0xff);
+  const node = await RawNode.open(new MemoryFile("disk", bytes));
+  const model = new VirtioBlkModel({ packed: true }, node);
+  const platform = new FakePlatform();
+  const session = new VhostUserSession(
+    model,
+    new VirtioBlkBackend(node, model.options, model.shared),
+    platform,
+  );
+  const offered = await negotiate(session);
+  assert.ok(hasFeature(offered, VIRTIO_F_RING_PACKED), "offered when the device has it");
+  const layout = packedRingLayout(64, 0x1000);
+  await send(session, REQ.SET_VRING_NUM, state(0, 64));
+  // QEMU's encoding: avail index 0 with wrap 1, used index 0 with wrap 1.
+  await send(session, REQ.SET_VRING_BASE, state(0, 0x8000_8000));
+  await send(
+    session,
+    REQ.SET_VRING_ADDR,
+    vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
+  );
+  await send(session, REQ.SET_VRING_KICK, u64(0), [20]);
+  await send(session, REQ.SET_VRING_ENABLE, state(0, 1));
+  const driver = new PackedDriverQueue<number>(platform.mem, layout, queueFeaturesOf(offered));
+  const mem = platform.mem;
+  const hdr = 0x10_0000, buf = 0x10_1000, status = 0x10_8000;
+  for (let i = 0; i < 3; i++) {
+    mem.setU32(hdr + 16 * i, VIRTIO_BLK_T_IN);
+    mem.setU32(hdr + 16 * i + 8, i * 8);
+    driver.add([{ addr: hdr + 16 * i, length: 16 }], [{ addr: buf + 4096 * i, length: 4096 }, {
+      addr: status + i,
+      length: 1,
+    }], i);
+  }
+  driver.kick();
+  await session.kick(0);
+  const used: number[] = [];
+  for (let u = driver.getUsed(); u !== null; u = driver.getUsed()) used.push(u.token);
+  assert.deepEqual(used.sort(), [0, 1, 2]);
+  for (let i = 0; i < 3; i++) {
+    assert.deepEqual(mem.slice(buf + 4096 * i, 4096), bytes.subarray(4096 * i, 4096 * (i + 1)));
+  }
+  const base = (await send(session, REQ.GET_VRING_BASE, state(0, 0)))!;
+  // Packed indices count descriptor slots: three chains of three descriptors each.
+  assert.equal(new DataView(base.slice().buffer).getUint32(4, true), 0x8009_8009);
 });

@@ -16,9 +16,10 @@
  * @module
  */
 import type { DeviceBackend } from "../../devices/backend.ts";
-import { queueFeaturesOf } from "../../virtio/device.ts";
+import { isPackedRing, queueFeaturesOf } from "../../virtio/device.ts";
 import type { VirtioDeviceModel } from "../../virtio/device.ts";
-import { hasFeature, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1 } from "../../virtio/features.ts";
+import { hasFeature, VIRTIO_F_VERSION_1 } from "../../virtio/features.ts";
+import { PackedDeviceQueue } from "../../virtio/packed_queue.ts";
 import type { GuestMemory } from "../../virtio/memory.ts";
 import type { DeviceQueue } from "../../virtio/queue.ts";
 import { SplitDeviceQueue } from "../../virtio/split_queue.ts";
@@ -109,7 +110,7 @@ interface Ring {
   err: number;
   enabled: boolean;
   started: boolean;
-  queue: DeviceQueue | null;
+  queue: SplitDeviceQueue | PackedDeviceQueue | null;
 }
 
 function newRing(): Ring {
@@ -145,7 +146,7 @@ export class VhostUserSession {
   readonly #backend: DeviceBackend;
   readonly #platform: SessionPlatform;
   readonly #rings: Ring[] = [];
-  /** Virtio features the device offers here (packed rings are not served over vhost-user yet). */
+  /** Virtio features the device offers here. */
   readonly #offered: bigint;
   #features = 0n;
   #protocolFeatures = 0n;
@@ -164,8 +165,7 @@ export class VhostUserSession {
     this.#model = model;
     this.#backend = backend;
     this.#platform = platform;
-    this.#offered = (model.deviceFeatures | (1n << BigInt(VIRTIO_F_VERSION_1))) &
-      ~(1n << BigInt(VIRTIO_F_RING_PACKED));
+    this.#offered = model.deviceFeatures | (1n << BigInt(VIRTIO_F_VERSION_1));
     for (let i = 0; i < model.numQueues; i++) this.#rings.push(newRing());
   }
 
@@ -376,7 +376,9 @@ export class VhostUserSession {
         return undefined;
       }
       case REQ.SET_VRING_BASE:
-        if (num > 0xffff) {
+        // Split rings: the next avail index. Packed: that with its wrap counter in bit 15, and
+        // the used index and counter in the high half (QEMU's last_avail_idx encoding).
+        if (!isPackedRing(this.#features) && num > 0xffff) {
           throw new VhostUserProtocolError(request, `ring ${index} base ${num} past 16 bits`);
         }
         ring.base = num;
@@ -432,9 +434,9 @@ export class VhostUserSession {
       throw new VhostUserProtocolError(request, `ring ${index} started without a size or address`);
     }
     const queue = this.#makeQueue(index, ring, this.#mem);
-    // Inflight tracking: what an earlier back-end left in flight is resubmitted first.
-    const log = this.#inflight?.queues[index];
-    if (log !== undefined) {
+    // Inflight tracking (split rings): what an earlier back-end left in flight goes first.
+    const log = queue instanceof SplitDeviceQueue ? this.#inflight?.queues[index] : undefined;
+    if (log !== undefined && queue instanceof SplitDeviceQueue) {
       const recovery = log.recover(queue.usedIndex);
       if (recovery !== null) queue.resume(recovery.lastAvail, recovery.resubmit);
       if (recovery !== null && recovery.resubmit.length > 0) {
@@ -449,24 +451,31 @@ export class VhostUserSession {
   }
 
   /** The device queue over ring `index`, its addresses translated to guest-physical. */
-  #makeQueue(index: number, ring: Ring, mem: GuestMemory): SplitDeviceQueue {
+  #makeQueue(index: number, ring: Ring, mem: GuestMemory): SplitDeviceQueue | PackedDeviceQueue {
     const layout = {
       size: ring.num,
       desc: this.#translate(index, "descriptor table", ring.desc),
       driver: this.#translate(index, "available ring", ring.avail),
       device: this.#translate(index, "used ring", ring.used),
     };
-    let queue: SplitDeviceQueue;
+    const packed = isPackedRing(this.#features);
+    let queue: SplitDeviceQueue | PackedDeviceQueue;
     try {
-      queue = new SplitDeviceQueue(mem, index, layout, queueFeaturesOf(this.#features));
+      const qf = queueFeaturesOf(this.#features);
+      queue = packed
+        ? new PackedDeviceQueue(mem, index, layout, qf)
+        : new SplitDeviceQueue(mem, index, layout, qf);
+      if (queue instanceof PackedDeviceQueue) queue.resume(ring.base);
     } catch (e) {
       throw new VhostUserProtocolError(
         REQ.SET_VRING_KICK,
         `ring ${index}: ${e instanceof Error ? e.message : String(e)}`,
       );
     }
-    queue.resume(ring.base);
-    queue.inflightLog = this.#inflight?.queues[index] ?? null;
+    if (queue instanceof SplitDeviceQueue) {
+      queue.resume(ring.base);
+      queue.inflightLog = this.#inflight?.queues[index] ?? null;
+    }
     return queue;
   }
 
@@ -493,7 +502,7 @@ export class VhostUserSession {
     const queue = ring.queue;
     if (!ring.started || queue === null) return ring.base;
     await this.#backend.drained?.();
-    const base = queue instanceof SplitDeviceQueue ? queue.lastAvailIndex : ring.base;
+    const base = queue instanceof SplitDeviceQueue ? queue.lastAvailIndex : queue.ringState;
     ring.started = false;
     ring.queue = null;
     ring.base = base;
@@ -605,7 +614,9 @@ export class VhostUserSession {
     // Started rings move to the new memory at the index they reached.
     for (const [i, ring] of this.#rings.entries()) {
       if (!ring.started || ring.queue === null) continue;
-      if (ring.queue instanceof SplitDeviceQueue) ring.base = ring.queue.lastAvailIndex;
+      ring.base = ring.queue instanceof SplitDeviceQueue
+        ? ring.queue.lastAvailIndex
+        : ring.queue.ringState;
       ring.queue = this.#makeQueue(i, ring, mem);
     }
     if (this.#active.includes("1")) {
