@@ -138,6 +138,9 @@ class ExportServer {
   readonly #buffers = new Map<GuestMemory, SharedFdBuffer>();
   readonly #kicks = new Map<number, number>();
   readonly #stop: Int32Array;
+  /** This front-end's kicks received and interrupts (call signals) sent. */
+  #kicksSeen = 0;
+  #callsSent = 0;
   /** Messages are handled one at a time, in order (a GET_VRING_BASE waits for its ring). */
   #busy: Promise<void> = Promise.resolve();
 
@@ -259,6 +262,7 @@ class ExportServer {
     const fd = this.#kicks.get(index);
     if (fd === undefined) return;
     eventfdRead(fd);
+    this.#kicksSeen++;
     if (DEBUG) this.#log(`kick ring ${index}`);
     this.#drain(index);
   }
@@ -272,11 +276,26 @@ class ExportServer {
     });
   }
 
+  /** ` (N requests, K kicks and I interrupts per request)` for the log, or nothing. */
+  #served(): string {
+    const backend = this.#device?.backend;
+    const requests = backend instanceof VirtioBlkBackend
+      ? backend.stats.requests
+      : backend instanceof VirtioScsiBackend
+      ? backend.stats.commands
+      : 0;
+    const kicks = this.#kicksSeen, calls = this.#callsSent;
+    this.#kicksSeen = this.#callsSent = 0;
+    if (requests === 0) return "";
+    return ` (${requests} requests, ${(kicks / requests).toFixed(3)} kicks and ` +
+      `${(calls / requests).toFixed(3)} interrupts per request)`;
+  }
+
   async #dropClient(why: string): Promise<void> {
     const client = this.#client;
     if (client === null) return;
     this.#client = null;
-    this.#log(`front-end dropped: ${why}`);
+    this.#log(`front-end dropped: ${why}${this.#served()}`);
     try {
       epollDel(this.#epoll, client.fd);
     } catch {
@@ -343,6 +362,7 @@ class ExportServer {
       }
     },
     signal: (fd: number) => {
+      this.#callsSent++;
       eventfdWrite(fd, 1);
     },
     drainSoon: (index: number) => {

@@ -190,3 +190,57 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name: "vstor serve: a front-end dropped on one export leaves the daemon's other exports serving",
+  ignore,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vstor_serve_two_" });
+    const logs: string[] = [];
+    const a = join(dir, "a.raw"), b = join(dir, "b.raw");
+    for (const image of [a, b]) {
+      assert.equal((await runTool("qemu-img", ["create", "-q", "-f", "raw", image, "8M"])).code, 0);
+    }
+    const sockA = join(dir, "a.sock"), sockB = join(dir, "b.sock");
+    const daemon = await Daemon.start(
+      parseServeArgs([
+        "--blockdev",
+        `driver=file,node-name=fa,filename=${a}`,
+        "--blockdev",
+        `driver=file,node-name=fb,filename=${b}`,
+        "--export",
+        `type=vhost-user-blk,id=ea,node-name=fa,addr.type=unix,addr.path=${sockA},writable=on`,
+        "--export",
+        `type=vhost-user-blk,id=eb,node-name=fb,addr.type=unix,addr.path=${sockB},writable=on`,
+      ]),
+      { log: (line) => logs.push(line) },
+    );
+    const good = new Frontend(sockB);
+    try {
+      good.start(1, 128);
+      writeAndRead(good, 4);
+      // An oversized message on the other export: its front-end is dropped.
+      const bad = new Frontend(sockA);
+      const wire = new Uint8Array(12);
+      const v = new DataView(wire.buffer);
+      v.setUint32(0, REQ.SET_MEM_TABLE, true);
+      v.setUint32(4, 0x1, true);
+      v.setUint32(8, 1 << 20, true);
+      sendMsg(bad.socket, wire);
+      assert.ok(bad.closedByPeer(), "dropped");
+      bad.close();
+      // The good one goes on.
+      writeAndRead(good, 4);
+    } finally {
+      good.close();
+      assert.deepEqual(await daemon.stop(), []);
+      await Deno.remove(dir, { recursive: true });
+    }
+    const joined = logs.join("\n");
+    assert.match(joined, /ea: front-end dropped: SET_MEM_TABLE: payload of 1048576 bytes/);
+    assert.match(
+      joined,
+      /eb: front-end dropped: .*\(16 requests, [0-9.]+ kicks and [0-9.]+ interrupts per request\)/,
+    );
+  },
+});
