@@ -125,10 +125,12 @@ export class GuestMemory {
     this.regions = regions.map((r) => ({ gpa: r.gpa, size: r.size }));
     this.#placed = placed;
     this.#last = placed[0]!;
-    this.#bytes = new Uint8Array(this.buffer);
-    this.#view = new DataView(this.buffer);
-    this.#u16 = new Uint16Array(this.buffer);
-    this.#u32 = new Int32Array(this.buffer);
+    // Fixed-length views: over a growable SharedArrayBuffer (vhost-user's guest RAM, mapped from
+    // the front-end's fds) a view without a length tracks the buffer's, at ~20× the cost per access.
+    this.#bytes = new Uint8Array(this.buffer, 0, total);
+    this.#view = new DataView(this.buffer, 0, total);
+    this.#u16 = new Uint16Array(this.buffer, 0, Math.floor(total / 2));
+    this.#u32 = new Int32Array(this.buffer, 0, Math.floor(total / 4));
   }
 
   /** Total bytes of RAM (the holes not counted). */
