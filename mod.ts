@@ -193,7 +193,12 @@ export {
   VirtqueueError,
   type VirtqueueFault,
 } from "./src/virtio/queue.ts";
-export { SplitDeviceQueue, SplitDriverQueue, splitRingLayout } from "./src/virtio/split_queue.ts";
+export {
+  type InflightLog,
+  SplitDeviceQueue,
+  SplitDriverQueue,
+  splitRingLayout,
+} from "./src/virtio/split_queue.ts";
 export {
   PackedDeviceQueue,
   PackedDriverQueue,

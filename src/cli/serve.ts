@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { join } from "node:path";
 import { Daemon } from "../serve/daemon.ts";
 import { parseServeArgs, ServeUsageError } from "../serve/options.ts";
 import { type CliIo, EXIT_ERROR, EXIT_OK, UsageError } from "./cli_io.ts";
@@ -68,8 +69,10 @@ const READY_LINE = "vstor serve: ready\n";
  * could not start.
  */
 async function daemonize(args: string[], io: CliIo): Promise<number> {
-  const mod = new URL("../../mod.ts", import.meta.url).pathname;
-  const config = new URL("../../deno.json", import.meta.url).pathname;
+  // The repository's root, then its files by name (not module references: mod.ts imports this).
+  const root = join(import.meta.dirname!, "..", "..");
+  const mod = join(root, "mod.ts");
+  const config = join(root, "deno.json");
   const child = new Deno.Command("setsid", {
     args: [
       Deno.execPath(),
