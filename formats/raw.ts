@@ -174,7 +174,16 @@ export class RawNode implements BlockNode {
 
   async flush(): Promise<void> {
     this.#live();
-    if (!this.readOnly && !this.#unsafe && this.#unflushed) this.#flushFile();
+    if (this.readOnly || this.#unsafe || !this.#unflushed) return;
+    const file = this.#file;
+    if (file.flushAsync === undefined) return this.#flushFile();
+    this.#unflushed = false;
+    try {
+      await file.flushAsync();
+    } catch (e) {
+      this.#unflushed = true;
+      throw e;
+    }
   }
 
   async blockStatus(offset: number, max: number): Promise<Extent> {

@@ -344,6 +344,14 @@ class FileHost implements HostFile {
     if (libc().fdatasync(fd) !== 0) throw this.#fail("Flush");
   }
 
+  async flushAsync(): Promise<void> {
+    this.#checkOpen();
+    const engine = this.#engine;
+    // Through the ring: the thread serves other requests while the disk flushes.
+    if (engine instanceof UringQueue) return await engine.datasync();
+    this.flush();
+  }
+
   punchHole(offset: number, length: number): void {
     const fd = this.#checkOpen();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });

@@ -46,6 +46,11 @@ export interface HostFile {
   truncate(size: number): void;
   /** Make completed writes durable (fdatasync). */
   flush(): void;
+  /**
+   * As {@linkcode flush}, without holding the thread while the disk flushes (`aio=io_uring`):
+   * writes accepted before the call complete first. Optional: callers use `flush` when absent.
+   */
+  flushAsync?(): Promise<void>;
   /** Free `[offset, offset+length)` so it reads as zeroes; falls back to writing zeroes. */
   punchHole(offset: number, length: number): void;
   /** Reserve host storage for `[offset, offset+length)` (fallocate), extending the file; falls back to writing zeroes. */
@@ -69,6 +74,7 @@ export function borrowFile(file: HostFile): HostFile {
     ...(file.readAtAsync === undefined
       ? {}
       : { readAtAsync: (offset: number, dst: Uint8Array) => file.readAtAsync!(offset, dst) }),
+    ...(file.flushAsync === undefined ? {} : { flushAsync: () => file.flushAsync!() }),
     ...(file.writeAtAsync === undefined
       ? {}
       : { writeAtAsync: (offset: number, src: Uint8Array) => file.writeAtAsync!(offset, src) }),

@@ -92,6 +92,9 @@ export class UringQueue {
   #waitHead = 0;
   /** Writes not yet settled (for {@linkcode writeOverlapping}). */
   readonly #writes = new Set<Op>();
+  /** fdatasyncs waiting for room in the ring, then in flight by chunk id. */
+  #syncsWaiting: PromiseWithResolvers<void>[] = [];
+  readonly #syncInFlight = new Map<number, PromiseWithResolvers<void>>();
   /** Chunk state by chunk id (the ring's user data). */
   readonly #chunkOp: (Op | undefined)[];
   readonly #chunkOffset: Float64Array;
@@ -139,7 +142,28 @@ export class UringQueue {
   /** Requests (reads and writes) accepted and not yet settled, chunk by chunk in the ring. */
   get busy(): boolean {
     return this.#ring.inFlight > 0 || this.#waitHead < this.#waiting.length ||
-      this.#retry.length > 0;
+      this.#retry.length > 0 || this.#syncsWaiting.length > 0;
+  }
+
+  /**
+   * fdatasync through the ring (IORING_OP_FSYNC with DATASYNC), once every write accepted before
+   * the call has completed: the thread goes on serving other requests meanwhile, where a
+   * synchronous fdatasync would block it for the disk's whole flush.
+   *
+   * @throws {BlockError} `io` with the errno when the sync fails
+   */
+  async datasync(): Promise<void> {
+    if (this.#closed) throw new BlockError("io", "File is closed", { path: this.#path });
+    // Writes accepted so far complete first (a failed one is its own caller's error).
+    if (this.#writes.size > 0) {
+      await Promise.allSettled([...this.#writes].map((op) => op.promise));
+    }
+    const waiter = Promise.withResolvers<void>();
+    this.#syncsWaiting.push(waiter);
+    this.#issue();
+    this.#submitNow();
+    this.#schedule();
+    return await waiter.promise;
   }
 
   /** Fill `dst` from file `offset` (past the end of the file: zeroes). */
@@ -255,6 +279,9 @@ export class UringQueue {
       op.outstanding = 0;
       this.#maybeSettle(op);
     }
+    for (const sync of [...this.#syncsWaiting, ...this.#syncInFlight.values()]) sync.reject(error);
+    this.#syncsWaiting = [];
+    this.#syncInFlight.clear();
   }
 
   /**
@@ -317,6 +344,11 @@ export class UringQueue {
     const ring = this.#ring;
     while (this.#retry.length > 0 && ring.space > 0) this.#prep(this.#retry.shift()!);
     if (this.#retry.length > 0) return;
+    while (this.#syncsWaiting.length > 0 && ring.space > 0 && this.#freeChunkCount > 0) {
+      const id = this.#freeChunks[--this.#freeChunkCount]!;
+      this.#syncInFlight.set(id, this.#syncsWaiting.shift()!);
+      ring.prepFsync(this.#fd, true, id);
+    }
     const waiting = this.#waiting;
     while (this.#waitHead < waiting.length) {
       const op = waiting[this.#waitHead]!;
@@ -380,6 +412,23 @@ export class UringQueue {
   }
 
   readonly #onComplete = (id: number, result: number): void => {
+    const sync = this.#syncInFlight.get(id);
+    if (sync !== undefined) {
+      if (result === -EINTR || result === -EAGAIN) return this.#ring.prepFsync(this.#fd, true, id);
+      this.#syncInFlight.delete(id);
+      this.#freeChunks[this.#freeChunkCount++] = id;
+      if (result < 0) {
+        sync.reject(
+          new BlockError("io", `Flush failed: ${strerror(-result)}`, {
+            path: this.#path,
+            errno: -result,
+          }),
+        );
+      } else {
+        sync.resolve();
+      }
+      return;
+    }
     const op = this.#chunkOp[id]!;
     if (result === -EINTR || result === -EAGAIN) return this.#prep(id);
     const length = this.#chunkLength[id]!;

@@ -151,6 +151,40 @@ Deno.test({
 });
 
 Deno.test({
+  name:
+    "flushAsync syncs through the ring after the writes accepted before it, without blocking the thread",
+  ignore,
+  async fn() {
+    const path = join(dir, "flush_async.img");
+    Deno.writeFileSync(path, new Uint8Array(1 << 20));
+    const file = openHostFile(path, { direct: true, aio: "io_uring", lock: false });
+    try {
+      const done = new Array<boolean>(64).fill(false);
+      const writes: Promise<void>[] = [];
+      for (let i = 0; i < 64; i++) {
+        writes.push(
+          file.writeAtAsync!(i * 8192, new Uint8Array(8192).fill(i + 1)).then(() => {
+            done[i] = true;
+          }),
+        );
+      }
+      await file.flushAsync!();
+      assert.ok(done.every((d) => d), "every earlier write completed before the sync");
+      const seen = Deno.readFileSync(path);
+      for (let i = 0; i < 64; i++) assert.equal(seen[i * 8192 + 100], i + 1, `write ${i}`);
+      await Promise.all(writes);
+      // Through a raw node: its flush takes the same path.
+      const node = await RawNode.open(file);
+      await node.write(0, new Uint8Array(4096).fill(0xee));
+      await node.flush();
+      assert.equal(Deno.readFileSync(path)[10], 0xee);
+    } finally {
+      file.close();
+    }
+  },
+});
+
+Deno.test({
   name: "flush waits for the writes in flight before fdatasync",
   ignore,
   async fn() {
