@@ -506,3 +506,47 @@ Deno.test("vhost-user session: packed rings — the base carries both wrap count
   // Packed indices count descriptor slots: three chains of three descriptors each.
   assert.equal(new DataView(base.slice().buffer).getUint32(4, true), 0x8009_8009);
 });
+
+/** A node whose reads wait until `open()`. */
+class GatedNode extends CountingNode {
+  #gate = Promise.withResolvers<void>();
+  open(): void {
+    this.#gate.resolve();
+  }
+  override async read(offset: number, dst: Uint8Array): Promise<void> {
+    await this.#gate.promise;
+    return await super.read(offset, dst);
+  }
+}
+
+Deno.test("vhost-user session: enabling another ring waits for the requests in flight, which complete (SeaBIOS's race)", async () => {
+  const disk = await RawNode.open(new MemoryFile("disk", new Uint8Array(1 << 20).fill(9)));
+  const node = new GatedNode(disk);
+  const model = new VirtioBlkModel({ numQueues: 2 }, node);
+  const platform = new FakePlatform();
+  const session = new VhostUserSession(
+    model,
+    new VirtioBlkBackend(node, model.options, model.shared),
+    platform,
+  );
+  const features = await negotiate(session);
+  const driver = await startRing(session, platform, features);
+  const mem = platform.mem;
+  mem.setU32(0x10_0000, VIRTIO_BLK_T_IN);
+  driver.add([{ addr: 0x10_0000, length: 16 }], [{ addr: 0x10_1000, length: 512 }, {
+    addr: 0x10_2000,
+    length: 1,
+  }], 7);
+  driver.kick();
+  await session.kick(0);
+  // Ring 1 is enabled while ring 0's read waits at the disk.
+  let enabled = false;
+  const enable = send(session, REQ.SET_VRING_ENABLE, state(1, 1)).then(() => enabled = true);
+  await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.equal(enabled, false, "the message waits for the request in flight");
+  node.open();
+  await enable;
+  assert.equal(driver.getUsed()?.token, 7, "the read completed, not dropped by the re-activation");
+  assert.equal(mem.u8(0x10_2000), VIRTIO_BLK_S_OK);
+  assert.deepEqual(mem.slice(0x10_1000, 512), new Uint8Array(512).fill(9));
+});

@@ -235,12 +235,16 @@ export class VhostUserSession {
         return undefined;
       }
       case "vring-fd":
+        // A ring that starts changes what the back-end serves: requests in flight finish first.
+        if (req.request === REQ.SET_VRING_KICK) await this.#quiesce();
         this.#vringFd(req.request, req.index, req.fd);
         return undefined;
       case "mem-table":
+        await this.#quiesce();
         this.#setTable(req.regions.map((r, i) => ({ ...r, fd: req.fds[i]! })));
         return undefined;
       case "mem-reg":
+        await this.#quiesce();
         if (req.request === REQ.ADD_MEM_REG) this.#addRegion({ ...req.region, fd: req.fd });
         else this.#removeRegion(req.region, req.fd);
         return undefined;
@@ -390,6 +394,7 @@ export class VhostUserSession {
       }
       case REQ.SET_VRING_ENABLE:
         if (num > 1) throw new VhostUserProtocolError(request, `enable value ${num}`);
+        await this.#quiesce();
         ring.enabled = num === 1;
         this.#reactivate();
         return undefined;
@@ -501,13 +506,23 @@ export class VhostUserSession {
     }
     const queue = ring.queue;
     if (!ring.started || queue === null) return ring.base;
-    await this.#backend.drained?.();
+    await this.#quiesce();
     const base = queue instanceof SplitDeviceQueue ? queue.lastAvailIndex : queue.ringState;
     ring.started = false;
     ring.queue = null;
     ring.base = base;
     this.#reactivate();
     return base;
+  }
+
+  /**
+   * Waits until no request is in flight anywhere in the device (and stays so up to the caller's
+   * next synchronous step): re-activating the back-end resets its queues, and requests still in
+   * flight on them would complete into nothing — a guest (SeaBIOS between two SET_VRING_ENABLEs)
+   * would wait for them for ever.
+   */
+  async #quiesce(): Promise<void> {
+    while ((this.#backend.inflight ?? 0) > 0) await this.#backend.drained?.();
   }
 
   /** Hands the back-end the rings served now, when that set changed. */
