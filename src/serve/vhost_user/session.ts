@@ -111,6 +111,8 @@ interface Ring {
   enabled: boolean;
   started: boolean;
   queue: SplitDeviceQueue | PackedDeviceQueue | null;
+  /** An interrupt was due while the ring had no call fd: signalled when one comes. */
+  missed: boolean;
 }
 
 function newRing(): Ring {
@@ -126,6 +128,7 @@ function newRing(): Ring {
     enabled: false,
     started: false,
     queue: null,
+    missed: false,
   };
 }
 
@@ -409,6 +412,12 @@ export class VhostUserSession {
     if (request === REQ.SET_VRING_CALL) {
       if (ring.call >= 0) this.#platform.closeFd(ring.call);
       ring.call = fd;
+      // QEMU may send the call fd after the ring is served (after a reset, after enabling): an
+      // interrupt due meanwhile is delivered now (a spurious one is harmless to a driver).
+      if (fd >= 0 && ring.missed) {
+        ring.missed = false;
+        this.#platform.signal(fd);
+      }
       return;
     }
     if (request === REQ.SET_VRING_ERR) {
@@ -567,9 +576,13 @@ export class VhostUserSession {
   async kick(index: number): Promise<void> {
     const ring = this.#rings[index];
     if (ring === undefined || !this.#served(ring)) return;
-    await this.#backend.processQueue(index, () => {
-      if (ring.call >= 0) this.#platform.signal(ring.call);
-    });
+    await this.#backend.processQueue(index, () => this.#signal(ring));
+  }
+
+  /** The ring's interrupt: its call fd, or remembered until it has one. */
+  #signal(ring: Ring): void {
+    if (ring.call >= 0) this.#platform.signal(ring.call);
+    else ring.missed = true;
   }
 
   #setTable(regions: MappedRegion[]): void {
@@ -664,15 +677,28 @@ export class VhostUserSession {
     return undefined;
   }
 
-  #resetDevice(): void {
+  /**
+   * A device reset (RESET_DEVICE, RESET_OWNER, status 0): rings stop and forget their layout.
+   * Their call and err fds stay, as libvhost-user keeps them (QEMU does not always send them
+   * again before the driver's first request); `close` drops them too. Ring objects stay the same
+   * ones: completions still under way hold them.
+   */
+  #resetDevice(notifiers: "keep" | "close" = "keep"): void {
     for (const [i, ring] of this.#rings.entries()) {
       if (ring.kick >= 0) {
         this.#platform.watchKick(i, -1);
         this.#platform.closeFd(ring.kick);
       }
-      if (ring.call >= 0) this.#platform.closeFd(ring.call);
-      if (ring.err >= 0) this.#platform.closeFd(ring.err);
-      this.#rings[i] = newRing();
+      const fresh = newRing();
+      if (notifiers === "close") {
+        if (ring.call >= 0) this.#platform.closeFd(ring.call);
+        if (ring.err >= 0) this.#platform.closeFd(ring.err);
+      } else {
+        fresh.call = ring.call;
+        fresh.err = ring.err;
+        fresh.missed = ring.missed;
+      }
+      Object.assign(ring, fresh);
     }
     this.#active = "";
     this.#backend.reset();
@@ -688,7 +714,7 @@ export class VhostUserSession {
     if (this.#closed) return;
     this.#closed = true;
     await this.#backend.drained?.();
-    this.#resetDevice();
+    this.#resetDevice("close");
     for (const r of this.#regions) this.#platform.closeFd(r.fd);
     this.#regions = [];
     this.#dropInflight();
