@@ -22,6 +22,7 @@ import { VirtioBlkModel } from "../devices/virtio_blk_model.ts";
 import { VirtioScsiBackend } from "../devices/virtio_scsi_backend.ts";
 import { VirtioScsiModel } from "../devices/virtio_scsi_model.ts";
 import { setUringIdlePoll } from "../host/uring_queue.ts";
+import { AdaptivePoll } from "./adaptive_poll.ts";
 import {
   EFD_CLOEXEC,
   EFD_NONBLOCK,
@@ -78,8 +79,6 @@ const TAG_CONTROL = 0x1_0000;
 const TAG_LISTEN = 0x2_0000;
 const TAG_CLIENT = 0x3_0000;
 const TAG_KICK = 0x4_0000; // + ring index
-/** Looks at the rings after a drain before sleeping (about 100 µs; see Iothread's POLL_ROUNDS). */
-const POLL_ROUNDS = 4096;
 /** Longest sleep in epoll_wait (the control eventfd wakes it sooner). */
 const IDLE_WAIT_MS = 1000;
 /** Request queues a vhost-user-scsi export accepts (libvhost-user's scsi example has 8). */
@@ -140,6 +139,10 @@ class ExportServer {
   readonly #stop: Int32Array;
   /** This front-end's kicks received and interrupts (call signals) sent. */
   #kicksSeen = 0;
+  /** How long the loop polls its rings before sleeping. */
+  readonly #poll: AdaptivePoll;
+  /** Counts kick fd changes (a wake-up's kick events are stale once it moved). */
+  #kickChanges = 0;
   #callsSent = 0;
   /** Messages are handled one at a time, in order (a GET_VRING_BASE waits for its ring). */
   #busy: Promise<void> = Promise.resolve();
@@ -148,6 +151,7 @@ class ExportServer {
     this.#spec = spec;
     this.#node = node;
     this.#stop = new Int32Array(stop);
+    this.#poll = new AdaptivePoll(spec.poll);
     this.#epoll = epollCreate();
     this.#control = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     this.#listen = listenUnix(spec.socket, { unlinkStale: true, nonBlocking: true });
@@ -168,27 +172,50 @@ class ExportServer {
   }
 
   async run(): Promise<void> {
-    // With requests in flight the ring's pump waits in the kernel a bounded time, then this loop
-    // looks at epoll again: kicks and messages are never held up for long.
-    setUringIdlePoll(() => false);
+    // With requests in flight the ring's pump polls the rings (the adaptive window) and then
+    // waits in the kernel a bounded time, then this loop looks at epoll again: kicks and messages
+    // are never held up for long.
+    setUringIdlePoll((ready) => this.#pollWhileInFlight(ready));
     const events = this.#events;
+    let worked = false;
     while (!this.#stopping) {
       const inflight = (this.#device?.backend.inflight ?? 0) > 0;
+      const from = performance.now();
+      // Before sleeping, look at the rings a while with kicks off (QEMU's iothread polling): a
+      // front-end that submits again soon needs no kick, the loop no wake-up.
+      if (worked && !inflight && this.#poll.windowNs > 0 && this.#session !== null) {
+        const found = this.#session.poll(from + this.#poll.windowNs / 1e6);
+        if (found.length > 0) {
+          this.#poll.record((performance.now() - from) * 1e6);
+          for (const index of found) this.#drain(index);
+          await new Promise((resolve) => setImmediate(resolve));
+          continue;
+        }
+      }
       const n = epollWaitInto(this.#epoll, events, inflight ? 0 : IDLE_WAIT_MS);
+      worked = false;
+      // Messages before kicks: QEMU does not wait for an answer to SET_VRING_CALL before the
+      // guest runs on, so a kick may be seen in the same wake-up as the call fd its completion
+      // is for — the message goes first, then the ring.
+      const kicksBefore = this.#kickChanges;
       for (let i = 0; i < n && !this.#stopping; i++) {
         const data = events[2 * i + 1]!;
         if (data === TAG_CONTROL) eventfdRead(this.#control);
         else if (data === TAG_LISTEN) this.#accept();
-        else if (data === TAG_CLIENT) await this.#onMessage();
-        else if (data >= TAG_KICK) this.#onKick(data - TAG_KICK);
+        else if (data === TAG_CLIENT) await this.#onMessages();
       }
+      for (let i = 0; i < n && !this.#stopping; i++) {
+        const data = events[2 * i + 1]!;
+        if (data < TAG_KICK) continue;
+        worked = true;
+        // A message replaced kick fds meanwhile: the event may be the old fd's (reading the new
+        // one could block), so the ring is drained without reading; epoll reports the new fd.
+        if (this.#kickChanges === kicksBefore) this.#onKick(data - TAG_KICK);
+        else this.#drain(data - TAG_KICK);
+      }
+      if (worked && !inflight) this.#poll.record((performance.now() - from) * 1e6);
       // Let promises and the ring's pump run (completions, their interrupts).
       await new Promise((resolve) => setImmediate(resolve));
-      // Before sleeping in epoll_wait, look at the rings a while with kicks off (QEMU's iothread
-      // polling): a front-end that submits again soon needs no kick, the loop no wake-up.
-      if (n > 0 && !inflight && this.#session !== null) {
-        for (const index of this.#session.poll(POLL_ROUNDS)) this.#drain(index);
-      }
     }
     setUringIdlePoll(null);
     await this.#dropClient("the daemon is shutting down");
@@ -218,20 +245,26 @@ class ExportServer {
     this.#log("front-end connected");
   }
 
-  async #onMessage(): Promise<void> {
+  /** Every message the socket holds now, in order. */
+  async #onMessages(): Promise<void> {
+    while (await this.#onMessage() && this.#client?.pending() === true);
+  }
+
+  /** One message; false when there was none (or the front-end was dropped). */
+  async #onMessage(): Promise<boolean> {
     const client = this.#client, session = this.#session;
-    if (client === null || session === null) return;
+    if (client === null || session === null) return false;
     let incoming;
     try {
       incoming = client.receive();
     } catch (e) {
       await this.#dropClient(describe(e));
-      return;
+      return false;
     }
-    if (incoming === null) return;
+    if (incoming === null) return false;
     if (incoming.kind === "closed") {
       await this.#dropClient("the front-end disconnected");
-      return;
+      return false;
     }
     const { header, request } = incoming;
     if (DEBUG) {
@@ -255,7 +288,22 @@ class ExportServer {
       if (request.kind === "mem-table") { for (const fd of request.fds) close(fd); }
       if (request.kind === "mem-reg" && request.fd >= 0) close(request.fd);
       await this.#dropClient(e instanceof VhostUserProtocolError ? e.message : describe(e));
+      return false;
     }
+    return true;
+  }
+
+  /**
+   * The ring pump's idle step while requests are in flight: look at the rings for the polling
+   * window or until a completion is ready. True when the thread has work (rings found with
+   * requests are drained next), false to let the pump wait in the kernel.
+   */
+  #pollWhileInFlight(ready: () => boolean): boolean {
+    const session = this.#session, window = this.#poll.windowNs;
+    if (session === null || window === 0) return ready();
+    const found = session.poll(performance.now() + window / 1e6, ready);
+    for (const index of found) queueMicrotask(() => this.#drain(index));
+    return found.length > 0 || ready();
   }
 
   #onKick(index: number): void {
@@ -347,6 +395,7 @@ class ExportServer {
       this.#buffers.delete(mem);
     },
     watchKick: (index: number, fd: number) => {
+      this.#kickChanges++;
       const old = this.#kicks.get(index);
       if (old !== undefined) {
         try {
@@ -363,10 +412,12 @@ class ExportServer {
     },
     signal: (fd: number) => {
       this.#callsSent++;
+      if (DEBUG) this.#log(`call fd ${fd}`);
       eventfdWrite(fd, 1);
     },
     drainSoon: (index: number) => {
       // After the message that enabled the ring has been answered.
+      if (DEBUG) this.#log(`drain soon ${index}`);
       queueMicrotask(() => this.#drain(index));
     },
     closeFd: (fd: number) => close(fd),

@@ -1,12 +1,14 @@
 /**
  * `vstor serve`'s command line, as qemu-storage-daemon takes it: `--blockdev` and `--export` in
  * QEMU's keyval syntax (`key=value,...` with `,,` for a comma, dotted keys for nested options, an
- * implied first key — `driver` for blockdevs, `type` for exports — or a JSON object), `--pidfile`,
- * `--daemonize`; plus the short form for people (`vstor serve IMAGE --vhost-user-blk SOCK`).
+ * implied first key — `driver` for blockdevs, `type` for exports — or a JSON object), `--object
+ * iothread,…` (its polling parameters), `--pidfile`, `--daemonize`; plus the short form for people (`vstor serve IMAGE --vhost-user-blk SOCK`).
  * Parsing only: the daemon opens what it describes.
  *
  * @module
  */
+
+import { DEFAULT_POLL, type PollParams } from "./adaptive_poll.ts";
 
 /** A command line that cannot be served: the message names the option and the key. */
 export class ServeUsageError extends Error {
@@ -229,6 +231,14 @@ export interface ExportSpec {
   readonly socket: string;
   readonly numQueues: number;
   readonly logicalBlockSize: number;
+  /** How the export's thread polls its rings (its iothread's parameters, or the defaults). */
+  readonly poll: PollParams;
+}
+
+/** One `--object iothread,id=ID,…`: an export's thread and how it polls. */
+interface IothreadSpec {
+  readonly id: string;
+  readonly poll: PollParams;
 }
 
 /** What `vstor serve` was asked to do. */
@@ -297,7 +307,33 @@ function blockdev(f: Fields, what: string, nested: boolean): BlockdevSpec {
   return spec;
 }
 
-function exportSpec(f: Fields, what: string): ExportSpec {
+function iothreadSpec(f: Fields, what: string): IothreadSpec {
+  const type = f.string("qom-type");
+  if (type !== "iothread") {
+    throw new ServeUsageError(
+      type === undefined
+        ? `${what}: parameter 'qom-type' is missing`
+        : `${what}: object type '${type}' is not supported (iothread)`,
+    );
+  }
+  const id = f.required("id");
+  const limit = 2 ** 31 - 1;
+  const poll = {
+    maxNs: f.int("poll-max-ns", DEFAULT_POLL.maxNs, 0, limit),
+    grow: f.int("poll-grow", DEFAULT_POLL.grow, 0, limit),
+    shrink: f.int("poll-shrink", DEFAULT_POLL.shrink, 0, limit),
+  };
+  // Accepted for qsd's command lines: submissions are not batched by count here.
+  f.int("aio-max-batch", 0, 0, limit);
+  f.done();
+  return { id, poll };
+}
+
+function exportSpec(
+  f: Fields,
+  what: string,
+  iothreads: ReadonlyMap<string, IothreadSpec>,
+): ExportSpec {
   const type = f.string("type");
   if (type === undefined) throw new ServeUsageError(`${what}: parameter 'type' is missing`);
   if (type !== "vhost-user-blk" && type !== "vhost-user-scsi") {
@@ -315,6 +351,12 @@ function exportSpec(f: Fields, what: string): ExportSpec {
   }
   const socket = addr.required("path");
   addr.done();
+  // qsd's iothread: the export's Worker polls as it says (each export has its own Worker here).
+  const iothread = f.string("iothread");
+  const thread = iothread === undefined ? undefined : iothreads.get(iothread);
+  if (iothread !== undefined && thread === undefined) {
+    throw new ServeUsageError(`${what}: no iothread named '${iothread}' (give --object first)`);
+  }
   const spec: ExportSpec = {
     type,
     id,
@@ -323,11 +365,11 @@ function exportSpec(f: Fields, what: string): ExportSpec {
     socket,
     numQueues: f.int("num-queues", 1, 1, 256),
     logicalBlockSize: f.int("logical-block-size", 512, 512, 65536),
+    poll: thread?.poll ?? DEFAULT_POLL,
   };
   if ((spec.logicalBlockSize & (spec.logicalBlockSize - 1)) !== 0) {
     throw new ServeUsageError(`${what}: parameter 'logical-block-size' must be a power of 2`);
   }
-  f.raw("iothread"); // qsd's iothread name: every export has its own Worker here
   f.done();
   return spec;
 }
@@ -340,6 +382,7 @@ function exportSpec(f: Fields, what: string): ExportSpec {
 export function parseServeArgs(args: readonly string[]): ServeConfig {
   const blockdevs: BlockdevSpec[] = [];
   const exports: ExportSpec[] = [];
+  const iothreads = new Map<string, IothreadSpec>();
   let pidfile: string | undefined;
   let daemonize = false;
   const positional: string[] = [];
@@ -364,7 +407,21 @@ export function parseServeArgs(args: readonly string[]): ServeConfig {
       }
       case "--export": {
         const what = `--export ${exports.length + 1}`;
-        exports.push(exportSpec(new Fields(parseOptionArg(value(), "type", what), what), what));
+        exports.push(
+          exportSpec(new Fields(parseOptionArg(value(), "type", what), what), what, iothreads),
+        );
+        break;
+      }
+      case "--object": {
+        const what = `--object ${iothreads.size + 1}`;
+        const thread = iothreadSpec(
+          new Fields(parseOptionArg(value(), "qom-type", what), what),
+          what,
+        );
+        if (iothreads.has(thread.id)) {
+          throw new ServeUsageError(`${what}: duplicate object id '${thread.id}'`);
+        }
+        iothreads.set(thread.id, thread);
         break;
       }
       case "--pidfile":
@@ -448,6 +505,7 @@ function shortForm(
       socket,
       numQueues: 1,
       logicalBlockSize: 512,
+      poll: DEFAULT_POLL,
     });
   }
 }

@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { resolveNode } from "../../src/serve/blockdev.ts";
+import { DEFAULT_POLL } from "../../src/serve/adaptive_poll.ts";
 import { parseKeyval, parseServeArgs, ServeUsageError } from "../../src/serve/options.ts";
 
 Deno.test("parseKeyval: implied first key, dotted keys as groups, ,, as a comma", () => {
@@ -61,6 +62,7 @@ Deno.test("qsd's vhost-user-blk command line: qcow2 over a file node, with O_DIR
     socket: "/run/vhost.sock",
     numQueues: 4,
     logicalBlockSize: 4096,
+    poll: DEFAULT_POLL,
   });
   assert.equal(config.pidfile, "/run/vstor.pid");
   assert.equal(config.daemonize, true);
@@ -104,6 +106,41 @@ Deno.test("the short form: IMAGE --vhost-user-blk SOCK [--writable] [-f FMT]", (
   assert.equal(raw.blockdevs[0]!.driver, "raw");
   assert.equal(raw.blockdevs[0]!.probe, undefined);
   assert.equal(raw.exports[0]!.writable, false);
+});
+
+Deno.test("--object iothread: an export's polling parameters, as qsd's iothreads take them", () => {
+  const file = "--blockdev=driver=file,node-name=f,filename=/x";
+  const config = parseServeArgs([
+    file,
+    "--object",
+    "iothread,id=t0,poll-max-ns=0",
+    "--object",
+    '{"qom-type":"iothread","id":"t1","poll-max-ns":65536,"poll-grow":4,"poll-shrink":2,"aio-max-batch":16}',
+    "--export",
+    "vhost-user-blk,id=a,node-name=f,addr.path=/a,iothread=t0",
+    "--export",
+    "vhost-user-blk,id=b,node-name=f,addr.path=/b,iothread=t1",
+    "--export",
+    "vhost-user-blk,id=c,node-name=f,addr.path=/c",
+  ]);
+  assert.deepEqual(config.exports.map((e) => e.poll), [
+    { maxNs: 0, grow: 0, shrink: 0 },
+    { maxNs: 65536, grow: 4, shrink: 2 },
+    DEFAULT_POLL,
+  ]);
+  const bad = (args: string[], re: RegExp) =>
+    assert.throws(
+      () => parseServeArgs([file, ...args]),
+      (e) => e instanceof ServeUsageError && re.test(e.message),
+    );
+  bad(
+    ["--export", "vhost-user-blk,id=a,node-name=f,addr.path=/a,iothread=t9"],
+    /no iothread named 't9'/,
+  );
+  bad(["--object", "secret,id=s0,data=x"], /--object 1: object type 'secret' is not supported/);
+  bad(["--object", "iothread,id=t0,poll-max-ns=-1"], /'poll-max-ns' expects a number/);
+  bad(["--object", "iothread,id=t0,bogus=1"], /invalid parameter 'bogus'/);
+  bad(["--object", "iothread,id=t0", "--object", "iothread,id=t0"], /duplicate object id 't0'/);
 });
 
 Deno.test("qsd users' mistakes are named", () => {

@@ -182,6 +182,14 @@ Deno.test({
       } finally {
         next.close();
       }
+      // The export's log lines come through the Worker's messages: give them time to arrive.
+      for (
+        let i = 0;
+        i < 100 && !/front-end dropped: the front-end disconnected/.test(logs.join("\n"));
+        i++
+      ) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
       const joined = logs.join("\n");
       assert.match(joined, /unsupported protocol version 2/);
       assert.match(joined, /started before SET_MEM_TABLE|in no memory region/);

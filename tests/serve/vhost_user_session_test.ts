@@ -551,7 +551,7 @@ Deno.test("vhost-user session: enabling another ring waits for the requests in f
   assert.deepEqual(mem.slice(0x10_1000, 512), new Uint8Array(512).fill(9));
 });
 
-Deno.test("vhost-user session: an interrupt due before the ring has a call fd is delivered when one comes; a reset keeps call fds", async () => {
+Deno.test("vhost-user session: an interrupt due before the ring has a call fd is delivered when one comes; one due on a call fd kept over a reset is delivered again on the next", async () => {
   const { session, platform } = await blkSession();
   const features = await negotiate(session);
   const layout = splitRingLayout(128, 0x1000);
@@ -592,6 +592,22 @@ Deno.test("vhost-user session: an interrupt due before the ring has a call fd is
   await session.kick(0);
   assert.equal(driver.getUsed()?.token, 1);
   assert.deepEqual(platform.signals, [30], "the kept call fd gets the interrupt");
+  // QEMU sends the ring's call fd again after enabling it, and no longer reads the old one: the
+  // interrupt due since the reset goes to the new fd too; the next one only to the new fd.
+  await send(session, REQ.SET_VRING_CALL, u64(0), [32]);
+  assert.deepEqual(
+    platform.signals,
+    [30, 32],
+    "the new call fd gets the interrupt a stale one had",
+  );
+  driver.add([{ addr: 0x10_0000, length: 16 }], [{ addr: 0x10_1000, length: 512 }, {
+    addr: 0x10_2000,
+    length: 1,
+  }], 3);
+  driver.kick();
+  await session.kick(0);
+  assert.equal(driver.getUsed()?.token, 3);
+  assert.deepEqual(platform.signals, [30, 32, 32]);
   // A ring that never had a call fd: the interrupt waits for the first one.
   const fresh = await blkSession();
   const f2 = await negotiate(fresh.session);

@@ -38,6 +38,11 @@ export class VhostUserConnection {
     this.fd = fd;
   }
 
+  /** Whether the socket has something to read now (a message, or the peer's hang-up). */
+  pending(): boolean {
+    return waitReadable([this.fd], 0).length > 0;
+  }
+
   /**
    * Reads the next message once the socket is readable. Fds that came with a message that fails
    * to decode are closed here.

@@ -111,7 +111,12 @@ interface Ring {
   enabled: boolean;
   started: boolean;
   queue: SplitDeviceQueue | PackedDeviceQueue | null;
-  /** An interrupt was due while the ring had no call fd: signalled when one comes. */
+  /**
+   * The call fd is from before a reset: QEMU usually sends a new one once the ring runs again
+   * (after SET_VRING_ENABLE), and may have stopped reading the old one.
+   */
+  callStale: boolean;
+  /** An interrupt was due while the ring had no (current) call fd: signalled when one comes. */
   missed: boolean;
 }
 
@@ -128,6 +133,7 @@ function newRing(): Ring {
     enabled: false,
     started: false,
     queue: null,
+    callStale: false,
     missed: false,
   };
 }
@@ -412,6 +418,7 @@ export class VhostUserSession {
     if (request === REQ.SET_VRING_CALL) {
       if (ring.call >= 0) this.#platform.closeFd(ring.call);
       ring.call = fd;
+      ring.callStale = false;
       // QEMU may send the call fd after the ring is served (after a reset, after enabling): an
       // interrupt due meanwhile is delivered now (a spurious one is harmless to a driver).
       if (fd >= 0 && ring.missed) {
@@ -553,20 +560,25 @@ export class VhostUserSession {
   }
 
   /**
-   * Looks at the served rings `rounds` times with their notifications off (the front-end need not
-   * kick meanwhile), as QEMU's iothread polling: the indices of rings with work, which the caller
-   * drains. Notifications are on again when it returns (that re-check finds late work too).
+   * Looks at the served rings until `until` (a `performance.now()` time) with their notifications
+   * off (the front-end need not kick meanwhile), as QEMU's iothread polling, or until `done` says
+   * the thread has other work: the indices of rings with work, which the caller drains.
+   * Notifications are on again when it returns (that re-check finds late work too).
    */
-  poll(rounds: number): number[] {
+  poll(until: number, done?: () => boolean): number[] {
     const served: Array<[number, DeviceQueue]> = [];
     for (const [i, r] of this.#rings.entries()) {
-      if (this.#served(r) && r.queue !== null) served.push([i, r.queue]);
+      if (this.#served(r) && r.queue !== null && this.#backend.pollable?.(i) !== false) {
+        served.push([i, r.queue]);
+      }
     }
     if (served.length === 0) return [];
     for (const [, q] of served) q.disableNotifications();
     const found = new Set<number>();
-    for (let round = 0; round < rounds && found.size === 0; round++) {
+    for (let round = 0; found.size === 0; round++) {
       for (const [i, q] of served) if (q.hasAvailable()) found.add(i);
+      // The clock is read every few rounds (a look at a ring is cheaper than a clock read).
+      if ((round & 15) === 15 && (performance.now() >= until || done?.() === true)) break;
     }
     for (const [i, q] of served) if (q.enableNotifications()) found.add(i);
     return [...found];
@@ -579,10 +591,13 @@ export class VhostUserSession {
     await this.#backend.processQueue(index, () => this.#signal(ring));
   }
 
-  /** The ring's interrupt: its call fd, or remembered until it has one. */
+  /**
+   * The ring's interrupt: its call fd; remembered until the next SET_VRING_CALL when it has none
+   * or only one from before a reset (signalled too, in case the front-end keeps it).
+   */
   #signal(ring: Ring): void {
     if (ring.call >= 0) this.#platform.signal(ring.call);
-    else ring.missed = true;
+    if (ring.call < 0 || ring.callStale) ring.missed = true;
   }
 
   #setTable(regions: MappedRegion[]): void {
@@ -679,8 +694,9 @@ export class VhostUserSession {
 
   /**
    * A device reset (RESET_DEVICE, RESET_OWNER, status 0): rings stop and forget their layout.
-   * Their call and err fds stay, as libvhost-user keeps them (QEMU does not always send them
-   * again before the driver's first request); `close` drops them too. Ring objects stay the same
+   * Their call and err fds stay, as libvhost-user keeps them, but a call fd is stale until the
+   * front-end sends one again: QEMU sends it only after enabling the rings, and the guest may
+   * have a request done before it comes (interrupts meanwhile go to both). `close` drops them. Ring objects stay the same
    * ones: completions still under way hold them.
    */
   #resetDevice(notifiers: "keep" | "close" = "keep"): void {
@@ -696,6 +712,7 @@ export class VhostUserSession {
       } else {
         fresh.call = ring.call;
         fresh.err = ring.err;
+        fresh.callStale = ring.call >= 0;
         fresh.missed = ring.missed;
       }
       Object.assign(ring, fresh);
