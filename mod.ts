@@ -200,8 +200,10 @@ export {
   splitRingLayout,
 } from "./src/virtio/split_queue.ts";
 export {
+  type PackedDescriptor,
   PackedDeviceQueue,
   PackedDriverQueue,
+  type PackedInflightLog,
   packedRingLayout,
 } from "./src/virtio/packed_queue.ts";
 export {

@@ -185,6 +185,35 @@ function checkLayout(mem: GuestMemory, index: number, layout: QueueLayout): void
   }
 }
 
+/** A ring descriptor as the driver wrote it (what inflight tracking keeps of a chain). */
+export interface PackedDescriptor {
+  /** The buffer's guest address. */
+  readonly addr: number;
+  /** Its length in bytes. */
+  readonly len: number;
+  /** NEXT, WRITE, INDIRECT (and the AVAIL/USED bits as written). */
+  readonly flags: number;
+  /** The buffer id. */
+  readonly id: number;
+}
+
+/**
+ * Where a packed device queue records which chains are in flight (vhost-user's inflight tracking,
+ * QueueRegionPacked), so that another process can resubmit them: the ring's own slots cannot say,
+ * since used descriptors overwrite them out of order.
+ */
+export interface PackedInflightLog {
+  /** A chain left the ring: its ring descriptors in order (one for an indirect chain). */
+  popped(descs: readonly PackedDescriptor[]): void;
+  /**
+   * The used descriptors of buffers `ids[0..count)` are about to be written; the used slot and
+   * wrap counter will be `usedIdx`/`usedWrap` after them.
+   */
+  publishing(ids: Uint16Array, count: number, usedIdx: number, usedWrap: boolean): void;
+  /** They are visible to the driver now. */
+  published(): void;
+}
+
 /**
  * The device side of a packed virtqueue.
  *
@@ -236,6 +265,13 @@ export class PackedDeviceQueue implements DeviceQueue {
   #notify = true;
   /** Chains popped since the ring was last found empty. */
   #batch = 0;
+
+  /** Where chains in flight are recorded (vhost-user), or null. */
+  inflightLog: PackedInflightLog | null = null;
+  /** Chains to pop again before the ring (resume after a crash), as their descriptors. */
+  #resubmit: PackedDescriptor[][] = [];
+  /** The chain's ring descriptors, kept while a log is set. */
+  #copies: PackedDescriptor[] = [];
 
   // Scratch for the chain being walked: pop() is not re-entrant.
   #readable: Uint8Array[] = [];
@@ -295,6 +331,7 @@ export class PackedDeviceQueue implements DeviceQueue {
    */
   pop(): DescriptorChain | null {
     if (this.#broken) return null;
+    if (this.#resubmit.length > 0) return this.#popResubmitted(this.#resubmit.shift()!);
     const mem = this.#mem;
     const headFlags = mem.atomicU16(this.#desc + this.#availIdx * DESC_SIZE + DESC_FLAGS);
     if (!isAvail(headFlags, this.#availWrap)) {
@@ -324,6 +361,8 @@ export class PackedDeviceQueue implements DeviceQueue {
     let flags = headFlags;
     let count = 0;
     let id = 0;
+    const log = this.inflightLog;
+    if (log !== null) this.#copies = [];
     for (;;) {
       // A chain may not be longer than the ring: this also stops a driver that sets NEXT everywhere.
       if (++count > size) {
@@ -336,6 +375,7 @@ export class PackedDeviceQueue implements DeviceQueue {
       // Spec 2.8.6: the buffer id is in the last descriptor of the list.
       id = mem.u16(at + DESC_ID);
       if (++slot === size) slot = 0;
+      if (log !== null) this.#copies.push({ addr, len, flags, id });
 
       if ((flags & VIRTQ_DESC_F_INDIRECT) !== 0) {
         if (!this.#indirect) {
@@ -352,6 +392,20 @@ export class PackedDeviceQueue implements DeviceQueue {
       if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
     }
 
+    const chain = this.#account(id, count);
+    if (slot < this.#availIdx || count === size) this.#availWrap = !this.#availWrap;
+    this.#availIdx = slot;
+    if (++this.#batch > this.stats.largestBatch) this.stats.largestBatch = this.#batch;
+    // With kicks enabled in DESC mode, keep the event at the next slot (QEMU does so for split
+    // rings on every pop) so that a driver adding there now still kicks.
+    if (this.#notify && this.#eventIdx) this.#writeKickEvent();
+    log?.popped(this.#copies);
+    return chain;
+  }
+
+  /** Checks buffer `id` of `count` slots out and returns the walked chain as in flight. */
+  #account(id: number, count: number): DescriptorChain {
+    const size = this.#size;
     if (id >= size) {
       throw this.#fault("head-out-of-range", `buffer id ${id} is not below the queue size ${size}`);
     }
@@ -361,18 +415,10 @@ export class PackedDeviceQueue implements DeviceQueue {
     if (this.#heldSlots + count > size) {
       throw this.#fault("too-many-in-flight", `more than ${size} ring slots in flight`);
     }
-
     this.#idState[id] = ID_POPPED;
     this.#idSlots[id] = count;
     this.#inFlight++;
     this.#heldSlots += count;
-    if (slot < this.#availIdx || count === size) this.#availWrap = !this.#availWrap;
-    this.#availIdx = slot;
-    if (++this.#batch > this.stats.largestBatch) this.stats.largestBatch = this.#batch;
-    // With kicks enabled in DESC mode, keep the event at the next slot (QEMU does so for split
-    // rings on every pop) so that a driver adding there now still kicks.
-    if (this.#notify && this.#eventIdx) this.#writeKickEvent();
-
     return {
       id,
       slots: count,
@@ -381,6 +427,45 @@ export class PackedDeviceQueue implements DeviceQueue {
       readableLength: this.#readableLength,
       writableLength: this.#writableLength,
     };
+  }
+
+  /**
+   * A chain resubmitted from its recorded descriptors (the ring's slots may hold other things by
+   * now), checked as a chain from the ring is; its slots were consumed before the crash.
+   */
+  #popResubmitted(descs: PackedDescriptor[]): DescriptorChain {
+    this.#readable = [];
+    this.#writable = [];
+    this.#readableLength = 0;
+    this.#writableLength = 0;
+    try {
+      if (descs.length === 0 || descs.length > this.#size) {
+        throw this.#fault("chain-too-long", `a resubmitted chain of ${descs.length} descriptors`);
+      }
+      for (const [i, d] of descs.entries()) {
+        const last = i === descs.length - 1;
+        if ((d.flags & VIRTQ_DESC_F_INDIRECT) !== 0) {
+          if (!this.#indirect) {
+            throw this.#fault("indirect-not-negotiated", "INDIRECT flag without INDIRECT_DESC");
+          }
+          if (i > 0 || !last) {
+            throw this.#fault("indirect-with-next", "indirect descriptor in a NEXT-linked list");
+          }
+          this.#walkIndirect(d.addr, d.len);
+          break;
+        }
+        if (((d.flags & VIRTQ_DESC_F_NEXT) === 0) !== last) {
+          throw this.#fault("chain-too-long", "a resubmitted chain's NEXT flags do not match it");
+        }
+        this.#take(d.addr, d.len, (d.flags & VIRTQ_DESC_F_WRITE) !== 0);
+      }
+    } catch (e) {
+      if (e instanceof GuestMemoryError) {
+        throw this.#fault("outside-ram", `buffer ${e.message.toLowerCase()}`);
+      }
+      throw e;
+    }
+    return this.#account(descs[descs.length - 1]!.id, descs.length);
   }
 
   /** Collects the buffers of an indirect table: `len / 16` descriptors at `addr`. */
@@ -473,6 +558,13 @@ export class PackedDeviceQueue implements DeviceQueue {
     let slot = this.#usedIdx;
     let wrap = this.#usedWrap;
     let total = 0;
+    const log = this.inflightLog;
+    if (log !== null) {
+      for (let i = 0; i < n; i++) total += this.#idSlots[this.#stagedId[i]!]!;
+      const end = this.#usedIdx + total;
+      log.publishing(this.#stagedId, n, end % size, end >= size ? !wrap : wrap);
+      total = 0;
+    }
     for (let i = 0; i < n; i++) {
       const id = this.#stagedId[i]!;
       if (i > 0) this.#writeUsed(slot, wrap, id, this.#stagedLen[i]!);
@@ -486,6 +578,7 @@ export class PackedDeviceQueue implements DeviceQueue {
       }
     }
     this.#writeUsed(this.#usedIdx, this.#usedWrap, this.#stagedId[0]!, this.#stagedLen[0]!);
+    log?.published();
     this.#usedIdx = slot;
     this.#usedWrap = wrap;
     this.#heldSlots -= total;
@@ -538,12 +631,14 @@ export class PackedDeviceQueue implements DeviceQueue {
     // The event store must be visible before we look at the ring again, or a driver that added
     // just before it and read the old DISABLE would never kick.
     mem.fence();
+    if (this.#resubmit.length > 0) return true;
     const flags = mem.atomicU16(this.#desc + this.#availIdx * DESC_SIZE + DESC_FLAGS);
     return isAvail(flags, this.#availWrap);
   }
 
   hasAvailable(): boolean {
     if (this.#broken) return false;
+    if (this.#resubmit.length > 0) return true;
     const flags = this.#mem.atomicU16(this.#desc + this.#availIdx * DESC_SIZE + DESC_FLAGS);
     return isAvail(flags, this.#availWrap);
   }
@@ -568,11 +663,12 @@ export class PackedDeviceQueue implements DeviceQueue {
 
   /**
    * Takes over a ring already in use from `state` ({@linkcode ringState}'s format, vhost-user's
-   * SET_VRING_BASE): nothing is in flight.
+   * SET_VRING_BASE): nothing is in flight, except `resubmit` — chains whose slots were consumed
+   * before a crash, popped again first (as recorded by a {@linkcode PackedInflightLog}).
    *
    * @throws {RangeError} for an index past the ring
    */
-  resume(state: number): void {
+  resume(state: number, resubmit: readonly (readonly PackedDescriptor[])[] = []): void {
     const availIdx = state & 0x7fff, usedIdx = (state >>> 16) & 0x7fff;
     if (availIdx >= this.#size || usedIdx >= this.#size) {
       throw new RangeError(
@@ -584,6 +680,7 @@ export class PackedDeviceQueue implements DeviceQueue {
     this.#availWrap = (state & 0x8000) !== 0;
     this.#usedIdx = usedIdx;
     this.#usedWrap = (state & 0x8000_0000) !== 0;
+    this.#resubmit = resubmit.map((chain) => [...chain]);
   }
 
   /**
@@ -604,6 +701,7 @@ export class PackedDeviceQueue implements DeviceQueue {
     this.#batch = 0;
     this.#readable = [];
     this.#writable = [];
+    this.#resubmit = [];
   }
 
   /** Marks the queue broken and returns the error to throw. */

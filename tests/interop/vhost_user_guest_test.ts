@@ -176,96 +176,98 @@ echo START
 fio --name=v --filename=/dev/vda --direct=1 --rw=randwrite --bs=4k --size=96m --iodepth=8 --ioengine=libaio --verify=crc32c --do_verify=1 --verify_fatal=1 2>&1 | grep -E "err=|verify:" | head -5
 `;
 
-Deno.test({
-  name:
-    "vstor serve killed mid-I/O and started again: QEMU reconnects and the guest's verified writes all land",
-  ignore: missing !== null,
-  async fn() {
-    const dir = await Deno.makeTempDir({ prefix: "vstor_restart_" });
-    const raw = join(dir, "disk.raw"), sock = join(dir, "blk.sock");
-    assert.equal((await runTool("qemu-img", ["create", "-q", "-f", "raw", raw, "64M"])).code, 0);
-    const mod = new URL("../../mod.ts", import.meta.url).pathname;
-    // O_DIRECT through io_uring: requests stay at the disk long enough to be in flight at the kill.
-    const serve = () =>
-      new Deno.Command(Deno.execPath(), {
+for (const ring of ["split", "packed"] as const) {
+  Deno.test({
+    name:
+      `vstor serve killed mid-I/O and started again: QEMU reconnects and the guest's verified writes all land (${ring} ring)`,
+    ignore: missing !== null,
+    async fn() {
+      const dir = await Deno.makeTempDir({ prefix: "vstor_restart_" });
+      const raw = join(dir, "disk.raw"), sock = join(dir, "blk.sock");
+      assert.equal((await runTool("qemu-img", ["create", "-q", "-f", "raw", raw, "64M"])).code, 0);
+      const mod = new URL("../../mod.ts", import.meta.url).pathname;
+      // O_DIRECT through io_uring: requests stay at the disk long enough to be in flight at the kill.
+      const serve = () =>
+        new Deno.Command(Deno.execPath(), {
+          args: [
+            "run",
+            "-A",
+            mod,
+            "serve",
+            "--blockdev",
+            `driver=file,node-name=f,filename=${raw},cache.direct=on,aio=io_uring`,
+            "--blockdev",
+            "driver=raw,node-name=r,file=f",
+            "--export",
+            `type=vhost-user-blk,id=e0,node-name=r,addr.type=unix,addr.path=${sock},writable=on`,
+          ],
+          stdout: "null",
+          stderr: "piped",
+        }).spawn();
+      const listening = async () => {
+        for (let i = 0; i < 200; i++) {
+          try {
+            if (Deno.statSync(sock).isSocket) return;
+          } catch {
+            // Not yet.
+          }
+          await new Promise((r) => setTimeout(r, 50));
+        }
+        throw new Error("vstor serve did not listen");
+      };
+      let daemon = serve();
+      await listening();
+      const script = join(dir, "test.sh");
+      await Deno.writeTextFile(script, RESTART_SCRIPT);
+      const env = { W: join(dir, "guest"), ACCEL: "tcg", VHOST: "1", INITRD: "initramfs-fio.img" };
+      const build = await new Deno.Command("bash", { args: [RECIPE, "build"], env }).output();
+      assert.ok(build.success);
+      const guest = new Deno.Command("timeout", {
         args: [
-          "run",
-          "-A",
-          mod,
-          "serve",
-          "--blockdev",
-          `driver=file,node-name=f,filename=${raw},cache.direct=on,aio=io_uring`,
-          "--blockdev",
-          "driver=raw,node-name=r,file=f",
-          "--export",
-          `type=vhost-user-blk,id=e0,node-name=r,addr.type=unix,addr.path=${sock},writable=on`,
+          "180",
+          "bash",
+          RECIPE,
+          "boot",
+          script,
+          "-chardev",
+          `socket,id=c0,path=${sock},reconnect=1`,
+          "-device",
+          `vhost-user-blk-pci,chardev=c0${ring === "packed" ? ",packed=on" : ""}`,
         ],
-        stdout: "null",
+        env,
+        stdout: "piped",
         stderr: "piped",
       }).spawn();
-    const listening = async () => {
-      for (let i = 0; i < 200; i++) {
-        try {
-          if (Deno.statSync(sock).isSocket) return;
-        } catch {
-          // Not yet.
+      // Watch the console for fio's start, then kill the daemon outright and start another.
+      const out: string[] = [];
+      const reader = guest.stdout.pipeThrough(new TextDecoderStream()).getReader();
+      const readAll = (async () => {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) return;
+          out.push(value);
         }
+      })();
+      for (let i = 0; i < 600 && !out.join("").includes("START"); i++) {
         await new Promise((r) => setTimeout(r, 50));
       }
-      throw new Error("vstor serve did not listen");
-    };
-    let daemon = serve();
-    await listening();
-    const script = join(dir, "test.sh");
-    await Deno.writeTextFile(script, RESTART_SCRIPT);
-    const env = { W: join(dir, "guest"), ACCEL: "tcg", VHOST: "1", INITRD: "initramfs-fio.img" };
-    const build = await new Deno.Command("bash", { args: [RECIPE, "build"], env }).output();
-    assert.ok(build.success);
-    const guest = new Deno.Command("timeout", {
-      args: [
-        "180",
-        "bash",
-        RECIPE,
-        "boot",
-        script,
-        "-chardev",
-        `socket,id=c0,path=${sock},reconnect=1`,
-        "-device",
-        "vhost-user-blk-pci,chardev=c0",
-      ],
-      env,
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    // Watch the console for fio's start, then kill the daemon outright and start another.
-    const out: string[] = [];
-    const reader = guest.stdout.pipeThrough(new TextDecoderStream()).getReader();
-    const readAll = (async () => {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) return;
-        out.push(value);
-      }
-    })();
-    for (let i = 0; i < 600 && !out.join("").includes("START"); i++) {
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    await new Promise((r) => setTimeout(r, 1500));
-    daemon.kill("SIGKILL");
-    await daemon.status;
-    await daemon.stderr.cancel();
-    Deno.removeSync(sock);
-    daemon = serve();
-    const [status] = await Promise.all([guest.status, readAll]);
-    await guest.stderr.cancel();
-    daemon.kill("SIGTERM");
-    await daemon.status;
-    const log = new TextDecoder().decode(await new Response(daemon.stderr).arrayBuffer());
-    assert.match(log, /front-end connected/, "QEMU reconnected to the new daemon");
-    const text = out.join("");
-    assert.ok(status.success, text);
-    assert.match(text, /err= 0/, text);
-    assert.doesNotMatch(text, /verify:/, text);
-    await Deno.remove(dir, { recursive: true });
-  },
-});
+      await new Promise((r) => setTimeout(r, 1500));
+      daemon.kill("SIGKILL");
+      await daemon.status;
+      await daemon.stderr.cancel();
+      Deno.removeSync(sock);
+      daemon = serve();
+      const [status] = await Promise.all([guest.status, readAll]);
+      await guest.stderr.cancel();
+      daemon.kill("SIGTERM");
+      await daemon.status;
+      const log = new TextDecoder().decode(await new Response(daemon.stderr).arrayBuffer());
+      assert.match(log, /front-end connected/, "QEMU reconnected to the new daemon");
+      const text = out.join("");
+      assert.ok(status.success, text);
+      assert.match(text, /err= 0/, text);
+      assert.doesNotMatch(text, /verify:/, text);
+      await Deno.remove(dir, { recursive: true });
+    },
+  });
+}

@@ -339,9 +339,11 @@ Deno.test("vhost-user session: hostile front-ends get a protocol error naming th
 class HoldingNode extends CountingNode {
   hold = false;
   started = 0;
+  /** Sectors whose writes hang even while `hold` is off. */
+  readonly holdSectors = new Set<number>();
   override write(offset: number, src: Uint8Array, opts?: WriteOptions): Promise<void> {
     this.started++;
-    if (this.hold) return new Promise<void>(() => {});
+    if (this.hold || this.holdSectors.has(offset / 512)) return new Promise<void>(() => {});
     return super.write(offset, src, opts);
   }
 }
@@ -392,11 +394,12 @@ Deno.test("vhost-user inflight tracking: after a back-end dies mid-I/O, the next
       );
       fd = reply.fds![0]!;
       const v = new DataView(reply.reply!.buffer, reply.reply!.byteOffset + HEADER_BYTES);
-      assert.equal(Number(v.getBigUint64(0, true)), 128 * 16 + 64, "libvhost-user's size");
+      // Room for a packed ring's region (QEMU may ask before SET_FEATURES tells which it is).
+      assert.equal(Number(v.getBigUint64(0, true)), 32 + 128 * 32 + 32, "the packed layout's size");
     } else {
       fd = inflightFd;
       const desc = inflightDesc(1, 128);
-      new DataView(desc.buffer).setBigUint64(0, BigInt(128 * 16 + 64), true);
+      new DataView(desc.buffer).setBigUint64(0, BigInt(32 + 128 * 32 + 32), true);
       await send(s, REQ.SET_INFLIGHT_FD, desc, [fd]);
     }
     await send(s, REQ.SET_MEM_TABLE, memTable(RAM), [10, 11]);
@@ -453,6 +456,113 @@ Deno.test("vhost-user inflight tracking: after a back-end dies mid-I/O, the next
   driver.kick();
   await session2.kick(0);
   assert.equal(driver.getUsed()?.token, 4);
+  for (const [sector, fill] of [[0, 0x11], [40, 0x22], [80, 0x33], [120, 0x44]]) {
+    const got = new Uint8Array(4096);
+    await disk.read(sector! * 512, got);
+    assert.deepEqual(got, new Uint8Array(4096).fill(fill!), `sector ${sector}`);
+  }
+});
+
+Deno.test("vhost-user inflight tracking, packed ring: a chain whose slot a later completion overwrote is resubmitted from the area, and the ring's position comes from it, not from QEMU's stale base", async () => {
+  const platform = new FakePlatform();
+  const disk = await RawNode.open(new MemoryFile("disk", new Uint8Array(1 << 20)));
+  const layout = packedRingLayout(8, 0x1000);
+  const mem = platform.mem;
+  const features = 1n << 34n | 1n << 32n | 1n << 30n | 1n << 28n; // packed, v1, protocol, indirect
+  const write = (
+    driver: PackedDriverQueue<number>,
+    token: number,
+    sector: number,
+    fill: number,
+  ) => {
+    const h = 0x10_0000 + 16 * token, data = 0x20_0000 + 4096 * token, status = 0x10_8000 + token;
+    mem.setU32(h, VIRTIO_BLK_T_OUT);
+    mem.setU32(h + 8, sector);
+    mem.fill(data, 4096, fill);
+    // Token 2 goes through an indirect table: one ring slot.
+    const table = token === 2 ? 0x30_0000 : undefined;
+    driver.add(
+      [{ addr: h, length: 16 }, { addr: data, length: 4096 }],
+      [{
+        addr: status,
+        length: 1,
+      }],
+      token,
+      table,
+    );
+  };
+  const start = async (s: VhostUserSession, inflightFd: number | null) => {
+    await send(s, REQ.GET_FEATURES);
+    await send(s, REQ.SET_FEATURES, u64(features));
+    await send(s, REQ.SET_PROTOCOL_FEATURES, u64(SUPPORTED_PROTOCOL_FEATURES));
+    const desc = inflightDesc(1, 8);
+    let fd: number;
+    if (inflightFd === null) {
+      const header = parseHeader(encodeRequest(REQ.GET_INFLIGHT_FD, desc));
+      fd = (await s.handle(header, decodeRequest(header, desc, []))).fds![0]!;
+    } else {
+      fd = inflightFd;
+      new DataView(desc.buffer).setBigUint64(0, BigInt(32 + 8 * 32 + 32), true);
+      await send(s, REQ.SET_INFLIGHT_FD, desc, [fd]);
+    }
+    await send(s, REQ.SET_MEM_TABLE, memTable(RAM), [10, 11]);
+    await send(s, REQ.SET_VRING_NUM, state(0, 8));
+    // After a crash QEMU has no better base for a packed ring than the one it had at the start.
+    await send(s, REQ.SET_VRING_BASE, state(0, 0x8000_8000));
+    await send(
+      s,
+      REQ.SET_VRING_ADDR,
+      vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
+    );
+    await send(s, REQ.SET_VRING_KICK, u64(0), [20]);
+    await send(s, REQ.SET_VRING_ENABLE, state(0, 1));
+    return fd;
+  };
+  const driver = new PackedDriverQueue<number>(mem, layout, queueFeaturesOf(features));
+  const session = (node: HoldingNode) => {
+    const model = new VirtioBlkModel({ packed: true }, node);
+    return new VhostUserSession(
+      model,
+      new VirtioBlkBackend(node, model.options, model.shared),
+      platform,
+    );
+  };
+  const first = new HoldingNode(disk);
+  const session1 = session(first);
+  const fd = await start(session1, null);
+  // Token 1 (slots 0–2) completes. Token 2 (slot 3, indirect) hangs at the disk; token 3
+  // (slots 4–6) completes, and its used descriptor goes to slot 3, over token 2's.
+  write(driver, 1, 0, 0x11);
+  driver.kick();
+  await session1.kick(0);
+  assert.equal(driver.getUsed()?.token, 1);
+  first.holdSectors.add(40);
+  write(driver, 2, 40, 0x22);
+  write(driver, 3, 80, 0x33);
+  driver.kick();
+  await session1.kick(0);
+  assert.equal(driver.getUsed()?.token, 3);
+  assert.equal(driver.getUsed(), null, "2 never completes: the back-end is gone");
+  // The next back-end: token 2 again, from the area, and the ring goes on at slot 7.
+  const second = new HoldingNode(disk);
+  const session2 = session(second);
+  await start(session2, fd);
+  assert.ok(platform.logs.some((l) => /ring 0: resubmitting 1 request\(s\)/.test(l)));
+  await session2.kick(0);
+  assert.equal(driver.getUsed()?.token, 2);
+  assert.equal(second.started, 1, "nothing written twice");
+  // A new request takes slots 7, 0 and 1: the ring wraps where the area said it stood.
+  write(driver, 4, 120, 0x44);
+  driver.kick();
+  await session2.kick(0);
+  assert.equal(driver.getUsed()?.token, 4);
+  const base = await session2.handle(
+    parseHeader(encodeRequest(REQ.GET_VRING_BASE, state(0, 0))),
+    decodeRequest(parseHeader(encodeRequest(REQ.GET_VRING_BASE, state(0, 0))), state(0, 0), []),
+  );
+  const v = new DataView(base.reply!.buffer, base.reply!.byteOffset + HEADER_BYTES);
+  // Avail and used both at slot 2 of the next lap: wrap counters 0.
+  assert.equal(v.getUint32(4, true), 2 | (2 << 16), "GET_VRING_BASE: where the ring stands");
   for (const [sector, fill] of [[0, 0x11], [40, 0x22], [80, 0x33], [120, 0x44]]) {
     const got = new Uint8Array(4096);
     await disk.read(sector! * 512, got);

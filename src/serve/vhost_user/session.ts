@@ -24,6 +24,7 @@ import type { GuestMemory } from "../../virtio/memory.ts";
 import type { DeviceQueue } from "../../virtio/queue.ts";
 import { SplitDeviceQueue } from "../../virtio/split_queue.ts";
 import { inflightQueueBytes, InflightRegion } from "./inflight.ts";
+import { inflightPackedQueueBytes, PackedInflightRegion } from "./inflight_packed.ts";
 
 /** The largest ring inflight tracking takes (QEMU's queue-size limit). */
 const MAX_INFLIGHT_QUEUE = 1024;
@@ -118,6 +119,8 @@ interface Ring {
   callStale: boolean;
   /** An interrupt was due while the ring had no (current) call fd: signalled when one comes. */
   missed: boolean;
+  /** The ring's inflight tracking, while it runs over the front-end's inflight area. */
+  log: InflightRegion | PackedInflightRegion | null;
 }
 
 function newRing(): Ring {
@@ -135,6 +138,7 @@ function newRing(): Ring {
     queue: null,
     callStale: false,
     missed: false,
+    log: null,
   };
 }
 
@@ -163,7 +167,7 @@ export class VhostUserSession {
   #mem: GuestMemory | null = null;
   #status = 0;
   /** The inflight tracking memory and its per-queue regions, once the front-end set it up. */
-  #inflight: { region: SharedRegion; queues: InflightRegion[] } | null = null;
+  #inflight: { region: SharedRegion; queues: Uint8Array[]; queueSize: number } | null = null;
   /** The reply fds of the request being handled. */
   #replyFds: number[] | undefined;
   /** The set of started rings the back-end was activated with (to re-activate on change). */
@@ -280,7 +284,8 @@ export class VhostUserSession {
     if (queueSize === 0 || queueSize > MAX_INFLIGHT_QUEUE) {
       throw new VhostUserProtocolError(request, `queue size ${queueSize}`);
     }
-    const per = inflightQueueBytes(queueSize);
+    // Room for either ring layout: QEMU may ask before SET_FEATURES says which one it is.
+    const per = Math.max(inflightQueueBytes(queueSize), inflightPackedQueueBytes(queueSize));
     const size = per * numQueues;
     let region: SharedRegion;
     if (request === REQ.GET_INFLIGHT_FD) {
@@ -300,11 +305,9 @@ export class VhostUserSession {
       }
     }
     this.#dropInflight();
-    const queues: InflightRegion[] = [];
-    for (let i = 0; i < numQueues; i++) {
-      queues.push(new InflightRegion(region.bytes.subarray(i * per, (i + 1) * per), queueSize));
-    }
-    this.#inflight = { region, queues };
+    const queues: Uint8Array[] = [];
+    for (let i = 0; i < numQueues; i++) queues.push(region.bytes.subarray(i * per, (i + 1) * per));
+    this.#inflight = { region, queues, queueSize };
     return request === REQ.GET_INFLIGHT_FD
       ? replyInflight(request, size, 0, numQueues, queueSize)
       : undefined;
@@ -454,21 +457,62 @@ export class VhostUserSession {
     if (ring.num === 0 || ring.desc < 0) {
       throw new VhostUserProtocolError(request, `ring ${index} started without a size or address`);
     }
+    ring.log = this.#newLog(index, ring.num);
     const queue = this.#makeQueue(index, ring, this.#mem);
-    // Inflight tracking (split rings): what an earlier back-end left in flight goes first.
-    const log = queue instanceof SplitDeviceQueue ? this.#inflight?.queues[index] : undefined;
-    if (log !== undefined && queue instanceof SplitDeviceQueue) {
-      const recovery = log.recover(queue.usedIndex);
-      if (recovery !== null) queue.resume(recovery.lastAvail, recovery.resubmit);
-      if (recovery !== null && recovery.resubmit.length > 0) {
-        this.#platform.log(`ring ${index}: resubmitting ${recovery.resubmit.length} request(s)`);
-      }
+    // Inflight tracking: what an earlier back-end left in flight goes first.
+    const resubmitted = this.#recoverInflight(index, ring, queue);
+    if (resubmitted > 0) {
+      this.#platform.log(`ring ${index}: resubmitting ${resubmitted} request(s)`);
     }
     ring.queue = queue;
     ring.started = true;
     this.#reactivate();
     // As libvhost-user after recovery: drain at once (the front-end kicked the old back-end).
-    if (log !== undefined && this.#served(ring)) this.#platform.drainSoon(index);
+    if (ring.log !== null && this.#served(ring)) this.#platform.drainSoon(index);
+  }
+
+  /** Ring `index`'s inflight tracking over the front-end's area, for its negotiated layout. */
+  #newLog(index: number, num: number): InflightRegion | PackedInflightRegion | null {
+    const area = this.#inflight;
+    const bytes = area?.queues[index];
+    if (area === null || bytes === undefined) return null;
+    if (num > area.queueSize) {
+      this.#platform.log(
+        `ring ${index}: ${num} entries, more than the inflight area's ${area.queueSize}: untracked`,
+      );
+      return null;
+    }
+    return isPackedRing(this.#features)
+      ? new PackedInflightRegion(bytes, num)
+      : new InflightRegion(bytes, num);
+  }
+
+  /** Takes the inflight area over for a starting ring: the number of chains resubmitted. */
+  #recoverInflight(index: number, ring: Ring, queue: SplitDeviceQueue | PackedDeviceQueue): number {
+    const log = ring.log;
+    if (log instanceof InflightRegion && queue instanceof SplitDeviceQueue) {
+      const recovery = log.recover(queue.usedIndex);
+      if (recovery === null) return 0;
+      queue.resume(recovery.lastAvail, recovery.resubmit);
+      return recovery.resubmit.length;
+    }
+    if (log instanceof PackedInflightRegion && queue instanceof PackedDeviceQueue) {
+      const mem = this.#mem!, desc = queue.layout.desc;
+      try {
+        // QEMU cannot tell a packed ring's position after a crash: the area can.
+        const recovery = log.recover(ring.base, (slot) => mem.u16(desc + 16 * slot + 14));
+        if (recovery === null) return 0;
+        queue.resume(recovery.state, recovery.resubmit);
+        return recovery.resubmit.length;
+      } catch (e) {
+        this.#platform.log(
+          `ring ${index}: the inflight area cannot be right (${
+            e instanceof Error ? e.message : String(e)
+          }): started afresh, nothing resubmitted`,
+        );
+      }
+    }
+    return 0;
   }
 
   /** The device queue over ring `index`, its addresses translated to guest-physical. */
@@ -495,7 +539,9 @@ export class VhostUserSession {
     }
     if (queue instanceof SplitDeviceQueue) {
       queue.resume(ring.base);
-      queue.inflightLog = this.#inflight?.queues[index] ?? null;
+      queue.inflightLog = ring.log instanceof InflightRegion ? ring.log : null;
+    } else {
+      queue.inflightLog = ring.log instanceof PackedInflightRegion ? ring.log : null;
     }
     return queue;
   }
