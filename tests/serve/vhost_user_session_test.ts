@@ -361,6 +361,47 @@ function inflightDesc(numQueues: number, queueSize: number): Uint8Array {
   return b;
 }
 
+/**
+ * QEMU starting ring 0 with inflight tracking: a new area (GET_INFLIGHT_FD: its fd and size) or
+ * the one it kept from an earlier back-end (SET_INFLIGHT_FD), then the ring at `base`.
+ */
+async function startTracked(s: VhostUserSession, o: {
+  features: bigint;
+  size: number;
+  base: number;
+  layout: { desc: number; driver: number; device: number };
+  inflightFd: number | null;
+}): Promise<{ fd: number; mmapSize?: number }> {
+  await send(s, REQ.GET_FEATURES);
+  await send(s, REQ.SET_FEATURES, u64(o.features));
+  await send(s, REQ.SET_PROTOCOL_FEATURES, u64(SUPPORTED_PROTOCOL_FEATURES));
+  const desc = inflightDesc(1, o.size);
+  let fd: number, mmapSize: number | undefined;
+  if (o.inflightFd === null) {
+    const header = parseHeader(encodeRequest(REQ.GET_INFLIGHT_FD, desc));
+    const reply = await s.handle(header, decodeRequest(header, desc, []));
+    fd = reply.fds![0]!;
+    const v = new DataView(reply.reply!.buffer, reply.reply!.byteOffset + HEADER_BYTES);
+    mmapSize = Number(v.getBigUint64(0, true));
+  } else {
+    fd = o.inflightFd;
+    new DataView(desc.buffer).setBigUint64(0, BigInt(32 + o.size * 32 + 32), true);
+    await send(s, REQ.SET_INFLIGHT_FD, desc, [fd]);
+  }
+  await send(s, REQ.SET_MEM_TABLE, memTable(RAM), [10, 11]);
+  await send(s, REQ.SET_VRING_NUM, state(0, o.size));
+  await send(s, REQ.SET_VRING_BASE, state(0, o.base));
+  const { layout } = o;
+  await send(
+    s,
+    REQ.SET_VRING_ADDR,
+    vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
+  );
+  await send(s, REQ.SET_VRING_KICK, u64(0), [20]);
+  await send(s, REQ.SET_VRING_ENABLE, state(0, 1));
+  return mmapSize === undefined ? { fd } : { fd, mmapSize };
+}
+
 Deno.test("vhost-user inflight tracking: after a back-end dies mid-I/O, the next one resubmits exactly what never completed", async () => {
   const platform = new FakePlatform();
   const disk = await RawNode.open(new MemoryFile("disk", new Uint8Array(1 << 20)));
@@ -379,40 +420,16 @@ Deno.test("vhost-user inflight tracking: after a back-end dies mid-I/O, the next
     }], token);
   };
   const start = async (s: VhostUserSession, inflightFd: number | null) => {
-    await send(s, REQ.GET_FEATURES);
-    await send(s, REQ.SET_FEATURES, u64(1n << 32n | 1n << 30n));
-    await send(s, REQ.SET_PROTOCOL_FEATURES, u64(SUPPORTED_PROTOCOL_FEATURES));
-    let fd: number;
-    if (inflightFd === null) {
-      const reply = await s.handle(
-        parseHeader(encodeRequest(REQ.GET_INFLIGHT_FD, inflightDesc(1, 128))),
-        decodeRequest(
-          parseHeader(encodeRequest(REQ.GET_INFLIGHT_FD, inflightDesc(1, 128))),
-          inflightDesc(1, 128),
-          [],
-        ),
-      );
-      fd = reply.fds![0]!;
-      const v = new DataView(reply.reply!.buffer, reply.reply!.byteOffset + HEADER_BYTES);
-      // Room for a packed ring's region (QEMU may ask before SET_FEATURES tells which it is).
-      assert.equal(Number(v.getBigUint64(0, true)), 32 + 128 * 32 + 32, "the packed layout's size");
-    } else {
-      fd = inflightFd;
-      const desc = inflightDesc(1, 128);
-      new DataView(desc.buffer).setBigUint64(0, BigInt(32 + 128 * 32 + 32), true);
-      await send(s, REQ.SET_INFLIGHT_FD, desc, [fd]);
-    }
-    await send(s, REQ.SET_MEM_TABLE, memTable(RAM), [10, 11]);
-    await send(s, REQ.SET_VRING_NUM, state(0, 128));
-    await send(s, REQ.SET_VRING_BASE, state(0, 0));
-    await send(
-      s,
-      REQ.SET_VRING_ADDR,
-      vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
-    );
-    await send(s, REQ.SET_VRING_KICK, u64(0), [20]);
-    await send(s, REQ.SET_VRING_ENABLE, state(0, 1));
-    return fd;
+    const r = await startTracked(s, {
+      features: 1n << 32n | 1n << 30n,
+      size: 128,
+      base: 0,
+      layout,
+      inflightFd,
+    });
+    // Room for a packed ring's region (QEMU may ask before SET_FEATURES tells which it is).
+    if (inflightFd === null) assert.equal(r.mmapSize, 32 + 128 * 32 + 32, "the packed size");
+    return r.fd;
   };
   const driver = new SplitDriverQueue<number>(mem, layout, { indirect: false, eventIdx: false });
   // The first back-end: request 1 completes, then 2 and 3 hang at the disk and it dies.
@@ -491,33 +508,9 @@ Deno.test("vhost-user inflight tracking, packed ring: a chain whose slot a later
       table,
     );
   };
-  const start = async (s: VhostUserSession, inflightFd: number | null) => {
-    await send(s, REQ.GET_FEATURES);
-    await send(s, REQ.SET_FEATURES, u64(features));
-    await send(s, REQ.SET_PROTOCOL_FEATURES, u64(SUPPORTED_PROTOCOL_FEATURES));
-    const desc = inflightDesc(1, 8);
-    let fd: number;
-    if (inflightFd === null) {
-      const header = parseHeader(encodeRequest(REQ.GET_INFLIGHT_FD, desc));
-      fd = (await s.handle(header, decodeRequest(header, desc, []))).fds![0]!;
-    } else {
-      fd = inflightFd;
-      new DataView(desc.buffer).setBigUint64(0, BigInt(32 + 8 * 32 + 32), true);
-      await send(s, REQ.SET_INFLIGHT_FD, desc, [fd]);
-    }
-    await send(s, REQ.SET_MEM_TABLE, memTable(RAM), [10, 11]);
-    await send(s, REQ.SET_VRING_NUM, state(0, 8));
-    // After a crash QEMU has no better base for a packed ring than the one it had at the start.
-    await send(s, REQ.SET_VRING_BASE, state(0, 0x8000_8000));
-    await send(
-      s,
-      REQ.SET_VRING_ADDR,
-      vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
-    );
-    await send(s, REQ.SET_VRING_KICK, u64(0), [20]);
-    await send(s, REQ.SET_VRING_ENABLE, state(0, 1));
-    return fd;
-  };
+  // After a crash QEMU has no better base for a packed ring than the one it had at the start.
+  const start = async (s: VhostUserSession, inflightFd: number | null) =>
+    (await startTracked(s, { features, size: 8, base: 0x8000_8000, layout, inflightFd })).fd;
   const driver = new PackedDriverQueue<number>(mem, layout, queueFeaturesOf(features));
   const session = (node: HoldingNode) => {
     const model = new VirtioBlkModel({ packed: true }, node);
@@ -661,6 +654,29 @@ Deno.test("vhost-user session: enabling another ring waits for the requests in f
   assert.deepEqual(mem.slice(0x10_1000, 512), new Uint8Array(512).fill(9));
 });
 
+/** QEMU setting ring 0 up again after a reset: features, size, addresses (no kick yet). */
+async function ringAfterReset(
+  session: VhostUserSession,
+  features: bigint,
+  layout: { desc: number; driver: number; device: number },
+): Promise<void> {
+  await send(session, REQ.SET_FEATURES, u64(features));
+  await send(session, REQ.SET_VRING_NUM, state(0, 128));
+  await send(
+    session,
+    REQ.SET_VRING_ADDR,
+    vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
+  );
+}
+
+/** A 512-byte read of sector 0 (the header at 0x10_0000 says VIRTIO_BLK_T_IN), token `token`. */
+function readSector0(driver: SplitDriverQueue<number>, token: number): void {
+  driver.add([{ addr: 0x10_0000, length: 16 }], [{ addr: 0x10_1000, length: 512 }, {
+    addr: 0x10_2000,
+    length: 1,
+  }], token);
+}
+
 Deno.test("vhost-user session: an interrupt due before the ring has a call fd is delivered when one comes; one due on a call fd kept over a reset is delivered again on the next", async () => {
   const { session, platform } = await blkSession();
   const features = await negotiate(session);
@@ -669,35 +685,20 @@ Deno.test("vhost-user session: an interrupt due before the ring has a call fd is
   await send(session, REQ.SET_VRING_CALL, u64(0), [21]);
   await send(session, REQ.RESET_DEVICE);
   assert.equal(platform.closed.includes(21), false, "RESET_DEVICE keeps the call fd");
-  await send(session, REQ.SET_FEATURES, u64(features));
-  await send(session, REQ.SET_VRING_NUM, state(0, 128));
-  await send(
-    session,
-    REQ.SET_VRING_ADDR,
-    vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
-  );
+  await ringAfterReset(session, features, layout);
   await send(session, REQ.SET_VRING_CALL, u64(0), [30]);
   assert.ok(platform.closed.includes(21), "replaced by the new call fd");
   // A ring whose call fd is closed by the front-end (-1 is not allowed: take it away by reset
   // and re-setup with none): model it by a call fd set only after the I/O.
   await send(session, REQ.RESET_DEVICE);
   const driver = new SplitDriverQueue<number>(platform.mem, layout, queueFeaturesOf(features));
-  await send(session, REQ.SET_FEATURES, u64(features));
-  await send(session, REQ.SET_VRING_NUM, state(0, 128));
-  await send(
-    session,
-    REQ.SET_VRING_ADDR,
-    vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
-  );
+  await ringAfterReset(session, features, layout);
   await send(session, REQ.SET_VRING_KICK, u64(0), [31]);
   await send(session, REQ.SET_VRING_ENABLE, state(0, 1));
   platform.signals.length = 0;
   const mem = platform.mem;
   mem.setU32(0x10_0000, VIRTIO_BLK_T_IN);
-  driver.add([{ addr: 0x10_0000, length: 16 }], [{ addr: 0x10_1000, length: 512 }, {
-    addr: 0x10_2000,
-    length: 1,
-  }], 1);
+  readSector0(driver, 1);
   driver.kick();
   await session.kick(0);
   assert.equal(driver.getUsed()?.token, 1);
@@ -710,10 +711,7 @@ Deno.test("vhost-user session: an interrupt due before the ring has a call fd is
     [30, 32],
     "the new call fd gets the interrupt a stale one had",
   );
-  driver.add([{ addr: 0x10_0000, length: 16 }], [{ addr: 0x10_1000, length: 512 }, {
-    addr: 0x10_2000,
-    length: 1,
-  }], 3);
+  readSector0(driver, 3);
   driver.kick();
   await session.kick(0);
   assert.equal(driver.getUsed()?.token, 3);
@@ -721,20 +719,12 @@ Deno.test("vhost-user session: an interrupt due before the ring has a call fd is
   // A ring that never had a call fd: the interrupt waits for the first one.
   const fresh = await blkSession();
   const f2 = await negotiate(fresh.session);
-  await send(fresh.session, REQ.SET_VRING_NUM, state(0, 128));
-  await send(
-    fresh.session,
-    REQ.SET_VRING_ADDR,
-    vringAddr(0, VA + layout.desc, VA + layout.device, VA + layout.driver),
-  );
+  await ringAfterReset(fresh.session, f2, layout);
   await send(fresh.session, REQ.SET_VRING_KICK, u64(0), [41]);
   await send(fresh.session, REQ.SET_VRING_ENABLE, state(0, 1));
   const d2 = new SplitDriverQueue<number>(fresh.platform.mem, layout, queueFeaturesOf(f2));
   fresh.platform.mem.setU32(0x10_0000, VIRTIO_BLK_T_IN);
-  d2.add([{ addr: 0x10_0000, length: 16 }], [{ addr: 0x10_1000, length: 512 }, {
-    addr: 0x10_2000,
-    length: 1,
-  }], 2);
+  readSector0(d2, 2);
   d2.kick();
   await fresh.session.kick(0);
   assert.equal(d2.getUsed()?.token, 2);

@@ -27,6 +27,20 @@ export function inflightQueueBytes(queueSize: number): number {
   return Math.ceil((DESC * queueSize + 2) / INFLIGHT_ALIGNMENT) * INFLIGHT_ALIGNMENT;
 }
 
+/**
+ * A view of one queue's region of the inflight area, which must hold `need` bytes.
+ *
+ * @throws {RangeError} when the region is too small for `queueSize` descriptors
+ */
+export function regionView(bytes: Uint8Array, need: number, queueSize: number): DataView {
+  if (bytes.length < need) {
+    throw new RangeError(
+      `An inflight region of ${bytes.length} bytes is too small for ${queueSize} descriptors`,
+    );
+  }
+  return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
 /** What a ring resumes with after a crash. */
 export interface Recovery {
   /** The avail index to read next: the chains in flight plus used.idx. */
@@ -49,12 +63,7 @@ export class InflightRegion implements InflightLog {
    * @throws {RangeError} when the region is too small
    */
   constructor(bytes: Uint8Array, queueSize: number) {
-    if (bytes.length < HEADER + DESC * queueSize) {
-      throw new RangeError(
-        `An inflight region of ${bytes.length} bytes is too small for ${queueSize} descriptors`,
-      );
-    }
-    this.#view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    this.#view = regionView(bytes, HEADER + DESC * queueSize, queueSize);
     this.#size = queueSize;
   }
 

@@ -17,6 +17,7 @@
  * @module
  */
 import type { PackedDescriptor, PackedInflightLog } from "../../virtio/packed_queue.ts";
+import { regionView } from "./inflight.ts";
 
 const INFLIGHT_VERSION = 1;
 const INFLIGHT_ALIGNMENT = 64;
@@ -64,12 +65,7 @@ export class PackedInflightRegion implements PackedInflightLog {
    * @throws {RangeError} when the region is too small
    */
   constructor(bytes: Uint8Array, queueSize: number) {
-    if (bytes.length < HEADER + DESC * queueSize) {
-      throw new RangeError(
-        `An inflight region of ${bytes.length} bytes is too small for ${queueSize} descriptors`,
-      );
-    }
-    this.#view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    this.#view = regionView(bytes, HEADER + DESC * queueSize, queueSize);
     this.#size = queueSize;
     this.#headOf = new Uint16Array(queueSize);
     this.#batch = new Uint16Array(queueSize);
