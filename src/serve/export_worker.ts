@@ -172,10 +172,12 @@ class ExportServer {
   }
 
   async run(): Promise<void> {
-    // With requests in flight the ring's pump polls the rings (the adaptive window) and then
-    // waits in the kernel a bounded time, then this loop looks at epoll again: kicks and messages
-    // are never held up for long.
-    setUringIdlePoll((ready) => this.#pollWhileInFlight(ready));
+    // With requests in flight the ring's pump waits in the kernel a bounded time, then this loop
+    // looks at epoll again: kicks and messages are never held up for long. No polling then: under
+    // a guest in QEMU TCG, looking at the rings while the disk worked found a request in 22% of
+    // the windows and cost 1.6 µs of CPU per request; without it, CPU per request went from
+    // 27.6–28.0 µs to 25.6 µs and kicks per request from 0.22–0.24 to 0.15.
+    setUringIdlePoll(() => false);
     const events = this.#events;
     let worked = false;
     while (!this.#stopping) {
@@ -291,19 +293,6 @@ class ExportServer {
       return false;
     }
     return true;
-  }
-
-  /**
-   * The ring pump's idle step while requests are in flight: look at the rings for the polling
-   * window or until a completion is ready. True when the thread has work (rings found with
-   * requests are drained next), false to let the pump wait in the kernel.
-   */
-  #pollWhileInFlight(ready: () => boolean): boolean {
-    const session = this.#session, window = this.#poll.windowNs;
-    if (session === null || window === 0) return ready();
-    const found = session.poll(performance.now() + window / 1e6, ready);
-    for (const index of found) queueMicrotask(() => this.#drain(index));
-    return found.length > 0 || ready();
   }
 
   #onKick(index: number): void {
