@@ -40,6 +40,56 @@ export function setUringIdlePoll(poll: ((ready: () => boolean) => boolean) | nul
   idlePoll = poll;
 }
 
+/** Every open queue on this thread, for {@linkcode setUringEventfd}. */
+const threadQueues = new Set<UringQueue>();
+/** The eventfd this thread's rings signal, or -1 (each ring's pump waits for itself). */
+let threadEventfd = -1;
+/** The owner awaits something other than its wait loop: the rings pump themselves meanwhile. */
+let ownerAway = false;
+/** UringQueue's private hooks for the functions below. */
+let follow: (q: UringQueue, fd: number) => void;
+let pumpIfNotifying: (q: UringQueue) => void;
+let pumpItself: (q: UringQueue) => void;
+let inFlightNotifying: (q: UringQueue) => boolean;
+
+/**
+ * Lets the thread's event loop owner wait for io_uring completions among its own fds, as QEMU's
+ * AioContext waits for block/io_uring's eventfd: every ring on this thread, open now or later,
+ * signals eventfd `fd` when the kernel posts a completion, and its pump no longer waits in the
+ * kernel nor turns while requests are only in flight. The owner waits (epoll) with `fd` among
+ * its other fds; when `fd` is readable it reads it first, then calls
+ * {@linkcode pumpUringQueues}. `null` gives each ring its own waiting pump again. A ring that
+ * cannot register the eventfd keeps its own pump.
+ */
+export function setUringEventfd(fd: number | null): void {
+  threadEventfd = fd ?? -1;
+  for (const q of threadQueues) follow(q, threadEventfd);
+}
+
+/**
+ * While `away`, the rings of {@linkcode setUringEventfd} pump themselves again (waiting in the
+ * kernel as without an eventfd): for an owner that awaits, outside its wait loop, something that
+ * may need their completions (a message answered once the requests in flight are done).
+ */
+export function setUringOwnerAway(away: boolean): void {
+  ownerAway = away;
+  if (away) { for (const q of threadQueues) pumpItself(q); }
+}
+
+/** Reaps every ring on this thread that signals the eventfd of {@linkcode setUringEventfd}. */
+export function pumpUringQueues(): void {
+  for (const q of threadQueues) pumpIfNotifying(q);
+}
+
+/**
+ * Whether requests are in flight on this thread's rings that signal the eventfd of
+ * {@linkcode setUringEventfd}: then a wait on that eventfd ends when one completes.
+ */
+export function uringInFlight(): boolean {
+  for (const q of threadQueues) if (inFlightNotifying(q)) return true;
+  return false;
+}
+
 /** With an idle poller, the longest a pump blocks in the kernel before its owner looks again. */
 const OWNER_WAIT_MICROS = 100;
 
@@ -115,6 +165,19 @@ export class UringQueue {
   readonly #addressLow = new WeakMap<ArrayBufferLike, number>();
   #scheduled = false;
   #closed = false;
+  /** The ring signals the thread's eventfd: the owner pumps it ({@linkcode setUringEventfd}). */
+  #notifying = false;
+
+  static {
+    follow = (q, fd) => q.#follow(fd);
+    pumpIfNotifying = (q) => {
+      if (q.#notifying) q.#pump();
+    };
+    inFlightNotifying = (q) => q.#notifying && q.#ring.inFlight > 0;
+    pumpItself = (q) => {
+      if (q.busy) q.#schedule();
+    };
+  }
 
   /**
    * Sets up the ring.
@@ -137,6 +200,23 @@ export class UringQueue {
     this.#freeChunks = new Int32Array(n);
     for (let i = 0; i < n; i++) this.#freeChunks[i] = n - 1 - i;
     this.#freeChunkCount = n;
+    threadQueues.add(this);
+    if (threadEventfd >= 0) this.#follow(threadEventfd);
+  }
+
+  /** Signals eventfd `fd` on completions from now on (-1: none, the pump waits for itself). */
+  #follow(fd: number): void {
+    if (this.#closed) return;
+    const ring = this.#ring;
+    try {
+      if (ring.eventfd >= 0) ring.unregisterEventfd();
+      if (fd >= 0) ring.registerEventfd(fd);
+      this.#notifying = fd >= 0;
+    } catch {
+      // The ring keeps (or goes back to) its own pump.
+      this.#notifying = false;
+    }
+    if (!this.#notifying && this.busy) this.#schedule();
   }
 
   /** Requests (reads and writes) accepted and not yet settled, chunk by chunk in the ring. */
@@ -204,6 +284,7 @@ export class UringQueue {
       this.drainSync();
     } finally {
       this.#closed = true;
+      threadQueues.delete(this);
       this.#ring.close();
       this.#pool?.free();
       this.#pool = undefined;
@@ -259,12 +340,15 @@ export class UringQueue {
   readonly #pump = (): void => {
     this.#scheduled = false;
     if (this.#closed) return;
+    const notifying = this.#notifying && !ownerAway;
     try {
-      this.#turn(true);
+      this.#turn(!notifying);
     } catch (e) {
       return this.#failAll(e);
     }
-    if (this.busy) this.#schedule();
+    // A ring that signals the owner's eventfd turns again when a completion is posted; only
+    // requests it could not hand to the kernel (EAGAIN) need a turn of their own.
+    if (this.busy && (!notifying || this.#ring.pending > 0)) this.#schedule();
   };
 
   /** io_uring_enter itself failed: every request not yet settled fails with its error. */

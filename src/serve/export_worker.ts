@@ -4,8 +4,9 @@
  * the export's unix socket, and serves one front-end at a time — the socket's messages, the rings'
  * kick eventfds and a control eventfd in one epoll set. Kicks drain the rings through the device's
  * back-end (virtio-blk or virtio-scsi, the same code the simulated machine runs) and completions
- * signal the call eventfds. While requests are in flight (io_uring) the loop looks at epoll without
- * blocking and lets the event loop turn, so completions arrive; otherwise it sleeps in epoll_wait.
+ * signal the call eventfds. The thread's io_uring rings signal one more eventfd in the set when they
+ * post a completion (QEMU's AioContext does the same), so the loop sleeps in epoll_wait whether
+ * the disk works or not and wakes for whichever comes first.
  *
  * Protocol from the VMM thread: `init` → `ready` (or `failed`); to stop, the VMM sets the shared
  * stop word and writes the control eventfd → the client is dropped once its requests in flight
@@ -21,7 +22,12 @@ import { VirtioBlkBackend } from "../devices/virtio_blk_backend.ts";
 import { VirtioBlkModel } from "../devices/virtio_blk_model.ts";
 import { VirtioScsiBackend } from "../devices/virtio_scsi_backend.ts";
 import { VirtioScsiModel } from "../devices/virtio_scsi_model.ts";
-import { setUringIdlePoll } from "../host/uring_queue.ts";
+import {
+  pumpUringQueues,
+  setUringEventfd,
+  setUringOwnerAway,
+  uringInFlight,
+} from "../host/uring_queue.ts";
 import { AdaptivePoll } from "./adaptive_poll.ts";
 import {
   EFD_CLOEXEC,
@@ -78,9 +84,15 @@ export type ExportReply =
 const TAG_CONTROL = 0x1_0000;
 const TAG_LISTEN = 0x2_0000;
 const TAG_CLIENT = 0x3_0000;
+const TAG_URING = 0x5_0000;
 const TAG_KICK = 0x4_0000; // + ring index
 /** Longest sleep in epoll_wait (the control eventfd wakes it sooner). */
 const IDLE_WAIT_MS = 1000;
+/**
+ * Longest sleep in epoll_wait while requests are in flight and some are on io_uring (its
+ * completions wake the loop sooner): a bound for whatever else they may wait for.
+ */
+const INFLIGHT_WAIT_MS = 5;
 /** Request queues a vhost-user-scsi export accepts (libvhost-user's scsi example has 8). */
 const SCSI_MAX_REQUEST_QUEUES = 16;
 /** Queue size the devices accept (QEMU's vhost-user-blk-pci default is 128, its limit 1024). */
@@ -130,6 +142,8 @@ class ExportServer {
   readonly #epoll: number;
   readonly #control: number;
   readonly #listen: number;
+  /** Signalled by the thread's io_uring rings when they post a completion. */
+  readonly #uring: number;
   readonly #events = new Uint32Array(2 * 64);
   #client: VhostUserConnection | null = null;
   #session: VhostUserSession | null = null;
@@ -157,6 +171,8 @@ class ExportServer {
     this.#listen = listenUnix(spec.socket, { unlinkStale: true, nonBlocking: true });
     epollAdd(this.#epoll, this.#control, EPOLLIN, TAG_CONTROL);
     epollAdd(this.#epoll, this.#listen, EPOLLIN, TAG_LISTEN);
+    this.#uring = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    epollAdd(this.#epoll, this.#uring, EPOLLIN, TAG_URING);
   }
 
   get controlFd(): number {
@@ -172,12 +188,13 @@ class ExportServer {
   }
 
   async run(): Promise<void> {
-    // With requests in flight the ring's pump waits in the kernel a bounded time, then this loop
-    // looks at epoll again: kicks and messages are never held up for long. No polling then: under
-    // a guest in QEMU TCG, looking at the rings while the disk worked found a request in 22% of
-    // the windows and cost 1.6 µs of CPU per request; without it, CPU per request went from
-    // 27.6–28.0 µs to 25.6 µs and kicks per request from 0.22–0.24 to 0.15.
-    setUringIdlePoll(() => false);
+    // One wait for everything, as QEMU's iothread: the rings' completions signal an eventfd in
+    // this epoll set, so a kick or a message is seen while the disk works, and a completion ends
+    // the wait without polling. (Before, the ring's pump waited in the kernel up to 100 µs at a
+    // time and this loop looked at epoll between its waits.) No polling while requests are in
+    // flight: under a guest in QEMU TCG, looking at the rings while the disk worked found a
+    // request in 22% of the windows and cost 1.6 µs of CPU per request.
+    setUringEventfd(this.#uring);
     const events = this.#events;
     let worked = false;
     while (!this.#stopping) {
@@ -194,7 +211,10 @@ class ExportServer {
           continue;
         }
       }
-      const n = epollWaitInto(this.#epoll, events, inflight ? 0 : IDLE_WAIT_MS);
+      // In flight on io_uring: its eventfd ends the wait. In flight elsewhere (a thread pool's
+      // Workers answer by message): the event loop must turn, so no wait.
+      const timeout = !inflight ? IDLE_WAIT_MS : uringInFlight() ? INFLIGHT_WAIT_MS : 0;
+      const n = epollWaitInto(this.#epoll, events, timeout);
       worked = false;
       // Messages before kicks: QEMU does not wait for an answer to SET_VRING_CALL before the
       // guest runs on, so a kick may be seen in the same wake-up as the call fd its completion
@@ -204,11 +224,16 @@ class ExportServer {
         const data = events[2 * i + 1]!;
         if (data === TAG_CONTROL) eventfdRead(this.#control);
         else if (data === TAG_LISTEN) this.#accept();
-        else if (data === TAG_CLIENT) await this.#onMessages();
+        else if (data === TAG_CLIENT) await this.#away(() => this.#onMessages());
+        else if (data === TAG_URING) {
+          // Read before reaping: a completion posted meanwhile signals again.
+          eventfdRead(this.#uring);
+          pumpUringQueues();
+        }
       }
       for (let i = 0; i < n && !this.#stopping; i++) {
         const data = events[2 * i + 1]!;
-        if (data < TAG_KICK) continue;
+        if (data < TAG_KICK || data >= TAG_URING) continue;
         worked = true;
         // A message replaced kick fds meanwhile: the event may be the old fd's (reading the new
         // one could block), so the ring is drained without reading; epoll reports the new fd.
@@ -216,18 +241,32 @@ class ExportServer {
         else this.#drain(data - TAG_KICK);
       }
       if (worked && !inflight) this.#poll.record((performance.now() - from) * 1e6);
-      // Let promises and the ring's pump run (completions, their interrupts).
+      // Let promises and the rings' pumps run (completions, their interrupts).
       await new Promise((resolve) => setImmediate(resolve));
     }
-    setUringIdlePoll(null);
+    setUringEventfd(null);
     await this.#dropClient("the daemon is shutting down");
     close(this.#listen);
+    close(this.#uring);
     close(this.#control);
     close(this.#epoll);
     try {
       Deno.removeSync(this.#spec.socket);
     } catch {
       // Gone already.
+    }
+  }
+
+  /**
+   * Runs `work` out of the wait loop: a message may wait for the rings' requests in flight
+   * (GET_VRING_BASE, a dropped front-end), so their pumps reap by themselves meanwhile.
+   */
+  async #away(work: () => Promise<void>): Promise<void> {
+    setUringOwnerAway(true);
+    try {
+      await work();
+    } finally {
+      setUringOwnerAway(false);
     }
   }
 

@@ -103,6 +103,8 @@ export const IORING_FSYNC_DATASYNC = 1 << 0;
 
 /** io_uring_register opcodes. */
 const IORING_REGISTER_BUFFERS = 0;
+const IORING_REGISTER_EVENTFD = 4;
+const IORING_UNREGISTER_EVENTFD = 5;
 const IORING_UNREGISTER_BUFFERS = 1;
 
 const PROT_READ = 1;
@@ -253,6 +255,7 @@ export class Uring {
   readonly #addresses = new WeakMap<ArrayBuffer, [number, number]>();
   /** Registered buffers (IORING_REGISTER_BUFFERS), kept referenced while registered. */
   #registered: Uint8Array[] = [];
+  #eventfd = -1;
   #closed = false;
   /** The io_uring_getevents_arg and timespec of timed waits (made on first use). */
   #waitArg:
@@ -674,6 +677,42 @@ export class Uring {
     );
     if (r < 0) throw callFailed("io_uring_register IORING_UNREGISTER_BUFFERS", errno());
     this.#registered = [];
+  }
+
+  /**
+   * Has the kernel signal eventfd `fd` each time it posts a completion (IORING_REGISTER_EVENTFD),
+   * so a thread can wait for completions with the rest of its fds in one epoll set, as QEMU's
+   * AioContext does. Completions posted while the eventfd is read are still in the ring: read the
+   * eventfd before reaping, never after, and no completion goes unnoticed.
+   *
+   * @throws {BlockError} when io_uring_register fails (EBUSY: one is registered already)
+   */
+  registerEventfd(fd: number): void {
+    if (this.#closed) throw new BlockError("io", "io_uring is closed");
+    const arg = new Uint8Array(4);
+    new DataView(arg.buffer).setInt32(0, fd, true);
+    const r = libc().syscall4(SYS_io_uring_register, this.#fd, IORING_REGISTER_EVENTFD, arg, 1);
+    if (r < 0) throw callFailed("io_uring_register IORING_REGISTER_EVENTFD", errno());
+    this.#eventfd = fd;
+  }
+
+  /** Stops signalling the eventfd of {@linkcode registerEventfd}; nothing when none is. */
+  unregisterEventfd(): void {
+    if (this.#closed || this.#eventfd < 0) return;
+    const r = libc().syscall4(
+      SYS_io_uring_register,
+      this.#fd,
+      IORING_UNREGISTER_EVENTFD,
+      new Uint8Array(0),
+      0,
+    );
+    if (r < 0) throw callFailed("io_uring_register IORING_UNREGISTER_EVENTFD", errno());
+    this.#eventfd = -1;
+  }
+
+  /** The eventfd completions signal ({@linkcode registerEventfd}), or -1. */
+  get eventfd(): number {
+    return this.#eventfd;
   }
 
   /**
