@@ -192,9 +192,9 @@ const verbs: Record<string, Verb> = {
     run: async (args, io) => (await import("./run.ts")).runMain(args, io),
   },
   serve: {
-    summary: "serve images to VMs over vhost-user-blk/-scsi, as qemu-storage-daemon",
-    usage: "vstor serve [--blockdev SPEC]... --export SPEC... [--pidfile PATH] | " +
-      "vstor serve IMAGE --vhost-user-blk SOCK [--writable]",
+    summary: "serve images over vhost-user-blk/-scsi and NBD, as qemu-storage-daemon",
+    usage: "vstor serve [--blockdev SPEC]... --export SPEC... [--nbd-server SPEC] " +
+      "[--pidfile PATH] | vstor serve IMAGE --vhost-user-blk SOCK|--nbd ADDR [--writable]",
     run: async (args, io) => (await import("./serve.ts")).serveMain(args, io),
     help: async () => (await import("./serve.ts")).serveHelp,
   },

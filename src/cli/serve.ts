@@ -1,5 +1,6 @@
 /**
- * `vstor serve`: exports images to real VMs over vhost-user-blk and vhost-user-scsi, with
+ * `vstor serve`: exports images to real VMs over vhost-user-blk and vhost-user-scsi, and to NBD
+ * clients, with
  * qemu-storage-daemon's command line (see `src/serve/options.ts`) and a short form.
  *
  * @module
@@ -12,11 +13,14 @@ import type { VerbHelp } from "./help.ts";
 
 /** `vstor serve --help`. */
 export const serveHelp: VerbHelp = {
-  text: `usage: vstor serve [--blockdev SPEC]... --export SPEC... [--pidfile PATH]
+  text:
+    `usage: vstor serve [--blockdev SPEC]... --export SPEC... [--nbd-server SPEC] [--pidfile PATH]
        vstor serve IMAGE --vhost-user-blk SOCK [--vhost-user-scsi SOCK] [--writable] [-f FMT]
+       vstor serve IMAGE --nbd unix:PATH|tcp:HOST:PORT [--export-name NAME] [--writable]
 
 Exports images to running VMs (QEMU's vhost-user-blk-pci, vhost-user-scsi-pci) through the same
-virtio-blk and virtio-scsi back-ends the simulated guest uses. Options as qemu-storage-daemon
+virtio-blk and virtio-scsi back-ends the simulated guest uses, and to NBD clients (qemu-img,
+qemu-io, QEMU's nbd driver, nbdkit's and libnbd's tools, the kernel). Options as qemu-storage-daemon
 takes them, in QEMU's key=value syntax (implied driver=/type=, dotted keys, ",," for a comma) or
 as JSON objects:
 
@@ -29,6 +33,13 @@ as JSON objects:
   --export type=vhost-user-scsi,...
                       an export (read-only unless writable=on; for SCSI the node is LUN 0 of
                       target 0, and QEMU picks the request queues, up to 16)
+  --export type=nbd,id=ID,node-name=N[,name=NAME][,description=TEXT][,writable=on|off]
+           [,allocation-depth=on|off]
+                      an NBD export named NAME (default: the node name) on the NBD server
+  --nbd-server addr.type=inet,addr.host=HOST,addr.port=PORT[,max-connections=N]
+  --nbd-server addr.type=unix,addr.path=SOCK[,max-connections=N]
+                      the NBD server every NBD export is on (at most N clients at once,
+                      default 100, 0 for no limit; 1 also withdraws multi-conn)
   --pidfile PATH      written once every export listens, removed at the end
   --daemonize         run in the background, detached (setsid); the command returns once every
                       export listens (exit 0), or with the daemon's error (exit 1)
@@ -36,6 +47,9 @@ The short form serves one image:
   IMAGE               the image (its format probed unless -f)
   --vhost-user-blk SOCK, --vhost-user-scsi SOCK
                       export it on this socket
+  --nbd unix:PATH|tcp:HOST:PORT
+                      export it over NBD, as qemu-nbd does (with qemu:allocation-depth)
+  --export-name NAME  the NBD export's name (default: empty, as qemu-nbd)
   --writable          writable (default read-only)
   -f, --format FMT    raw or qcow2
   -h, --help          print this help
@@ -52,6 +66,9 @@ Example: vstor serve disk.qcow2 --vhost-user-blk /tmp/vhost.sock --writable
     "--daemonize",
     "--vhost-user-blk",
     "--vhost-user-scsi",
+    "--nbd-server",
+    "--nbd",
+    "--export-name",
     "--writable",
     "-f",
     "-h",

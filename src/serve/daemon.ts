@@ -10,8 +10,10 @@ import { eventfdWrite } from "../sys/eventfd.ts";
 import { resolveNode } from "./blockdev.ts";
 import type { ServeConfig } from "./options.ts";
 import type { ExportReply, ExportRequest } from "./export_worker.ts";
+import type { NbdReply, NbdRequest } from "./nbd_worker.ts";
 
 const EXPORT_WORKER = new URL("./export_worker.ts", import.meta.url);
+const NBD_WORKER = new URL("./nbd_worker.ts", import.meta.url);
 /** How long an export may take to open its image and listen. */
 const START_TIMEOUT_MS = 30_000;
 /** How long an export may take to finish its requests and close its image at shutdown. */
@@ -25,9 +27,8 @@ export interface DaemonIo {
 interface Running {
   readonly id: string;
   readonly worker: Worker;
-  /** The export's stop word (see ExportRequest). */
-  readonly stop: Int32Array;
-  controlFd: number;
+  /** Asks the Worker to stop (it answers `closed`). */
+  signalStop(): void;
   closed: Promise<string | undefined>;
 }
 
@@ -55,6 +56,18 @@ export class Daemon {
         const stop = new SharedArrayBuffer(4);
         started.push(await startExport({ kind: "init", spec, open, stop }, io));
         io.log(`export ${spec.id}: ${spec.type} on ${spec.socket}`);
+      }
+      if (config.nbdServer !== undefined && config.nbdExports.length > 0) {
+        const exports = config.nbdExports.map((spec) => ({
+          spec,
+          open: resolveNode(config.blockdevs, spec.nodeName, spec.writable),
+        }));
+        const nbd = await startNbd({ kind: "init", server: config.nbdServer, exports }, io);
+        started.push(nbd.running);
+        io.log(`NBD server on ${nbd.address}`);
+        for (const e of config.nbdExports) {
+          io.log(`export ${e.id}: nbd export '${e.name}'${e.writable ? " (writable)" : ""}`);
+        }
       }
     } catch (e) {
       await new Daemon(started, undefined).stop();
@@ -85,18 +98,7 @@ export class Daemon {
   stop(): Promise<string[]> {
     if (this.#stopping !== null) return this.#stopping;
     this.#stopping = (async () => {
-      for (const e of this.#exports) {
-        Atomics.store(e.stop, 0, 1);
-        // The Worker may be asleep in epoll_wait: its control eventfd wakes it (unless the export
-        // ended on its own and closed it).
-        if (e.controlFd >= 0) {
-          try {
-            eventfdWrite(e.controlFd, 1);
-          } catch {
-            // Closed already: the export is over.
-          }
-        }
-      }
+      for (const e of this.#exports) e.signalStop();
       const errors: string[] = [];
       for (const e of this.#exports) {
         const timeout = new Promise<string>((resolve) =>
@@ -128,11 +130,22 @@ function startExport(init: ExportRequest, io: DaemonIo): Promise<Running> {
       worker.terminate();
       reject(new Error(`export ${init.spec.id} did not start in ${START_TIMEOUT_MS / 1000} s`));
     }, START_TIMEOUT_MS);
+    const stop = new Int32Array(init.stop);
+    let controlFd = -1;
     const running: Running = {
       id: init.spec.id,
       worker,
-      stop: new Int32Array(init.stop),
-      controlFd: -1,
+      signalStop: () => {
+        Atomics.store(stop, 0, 1);
+        // The Worker may be asleep in epoll_wait: its control eventfd wakes it (unless the export
+        // ended on its own and closed it).
+        if (controlFd < 0) return;
+        try {
+          eventfdWrite(controlFd, 1);
+        } catch {
+          // Closed already: the export is over.
+        }
+      },
       closed,
     };
     worker.onmessage = (event: MessageEvent<ExportReply>) => {
@@ -140,7 +153,7 @@ function startExport(init: ExportRequest, io: DaemonIo): Promise<Running> {
       switch (msg.kind) {
         case "ready":
           clearTimeout(timer);
-          running.controlFd = msg.controlFd;
+          controlFd = msg.controlFd;
           resolve(running);
           break;
         case "failed":
@@ -161,6 +174,56 @@ function startExport(init: ExportRequest, io: DaemonIo): Promise<Running> {
       event.preventDefault();
       clearTimeout(timer);
       const message = `export ${init.spec.id}: ${event.message}`;
+      closedResolve(message);
+      reject(new Error(message));
+    };
+    worker.postMessage(init);
+  });
+}
+
+function startNbd(
+  init: Extract<NbdRequest, { kind: "init" }>,
+  io: DaemonIo,
+): Promise<{ running: Running; address: string }> {
+  const worker = new Worker(NBD_WORKER, { type: "module", name: "nbd server" });
+  let closedResolve!: (error: string | undefined) => void;
+  const closed = new Promise<string | undefined>((resolve) => closedResolve = resolve);
+  const running: Running = {
+    id: "nbd server",
+    worker,
+    signalStop: () => worker.postMessage({ kind: "stop" } satisfies NbdRequest),
+    closed,
+  };
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      worker.terminate();
+      reject(new Error(`the NBD server did not start in ${START_TIMEOUT_MS / 1000} s`));
+    }, START_TIMEOUT_MS);
+    worker.onmessage = (event: MessageEvent<NbdReply>) => {
+      const msg = event.data;
+      switch (msg.kind) {
+        case "ready":
+          clearTimeout(timer);
+          resolve({ running, address: msg.address });
+          break;
+        case "failed":
+          clearTimeout(timer);
+          worker.terminate();
+          closedResolve(msg.message);
+          reject(new Error(msg.message));
+          break;
+        case "log":
+          io.log(msg.line);
+          break;
+        case "closed":
+          closedResolve(msg.error);
+          break;
+      }
+    };
+    worker.onerror = (event) => {
+      event.preventDefault();
+      clearTimeout(timer);
+      const message = `nbd server: ${event.message}`;
       closedResolve(message);
       reject(new Error(message));
     };

@@ -235,6 +235,31 @@ export interface ExportSpec {
   readonly poll: PollParams;
 }
 
+/** One `--export type=nbd`: a node served by the NBD server under a name. */
+export interface NbdExportSpec {
+  readonly type: "nbd";
+  readonly id: string;
+  readonly nodeName: string;
+  /** The export name clients ask for (default: the node name, as QEMU). */
+  readonly name: string;
+  readonly description?: string;
+  readonly writable: boolean;
+  /** Offer the `qemu:allocation-depth` metadata context. */
+  readonly allocationDepth: boolean;
+}
+
+/** Where `--nbd-server` listens. */
+export type NbdAddress =
+  | { readonly type: "unix"; readonly path: string }
+  | { readonly type: "inet"; readonly host: string; readonly port: number };
+
+/** `--nbd-server`: the one NBD server all NBD exports are served by. */
+export interface NbdServerSpec {
+  readonly addr: NbdAddress;
+  /** Clients at once; 0 for no limit (QEMU's default: 100). */
+  readonly maxConnections: number;
+}
+
 /** One `--object iothread,id=ID,…`: an export's thread and how it polls. */
 interface IothreadSpec {
   readonly id: string;
@@ -245,6 +270,8 @@ interface IothreadSpec {
 export interface ServeConfig {
   readonly blockdevs: readonly BlockdevSpec[];
   readonly exports: readonly ExportSpec[];
+  readonly nbdExports: readonly NbdExportSpec[];
+  readonly nbdServer?: NbdServerSpec;
   readonly pidfile?: string;
   readonly daemonize: boolean;
 }
@@ -329,16 +356,72 @@ function iothreadSpec(f: Fields, what: string): IothreadSpec {
   return { id, poll };
 }
 
+function nbdExportSpec(f: Fields, what: string): NbdExportSpec {
+  const id = f.required("id");
+  const nodeName = f.required("node-name");
+  const name = f.string("name") ?? nodeName;
+  const description = f.string("description");
+  const utf8 = (s: string) => new TextEncoder().encode(s).length;
+  if (utf8(name) > 4096) throw new ServeUsageError(`${what}: name is longer than 4096 bytes`);
+  if (description !== undefined && utf8(description) > 4096) {
+    throw new ServeUsageError(`${what}: description is longer than 4096 bytes`);
+  }
+  if (f.has("bitmaps") || f.has("bitmap")) {
+    throw new ServeUsageError(`${what}: exporting dirty bitmaps over NBD is not supported yet`);
+  }
+  const spec: NbdExportSpec = {
+    type: "nbd",
+    id,
+    nodeName,
+    name,
+    ...(description === undefined ? {} : { description }),
+    writable: f.bool("writable", false),
+    allocationDepth: f.bool("allocation-depth", false),
+  };
+  f.done();
+  return spec;
+}
+
+function nbdServerSpec(f: Fields, what: string): NbdServerSpec {
+  const addr = f.group("addr");
+  if (addr === undefined) throw new ServeUsageError(`${what}: parameter 'addr' is missing`);
+  const type = addr.oneOf("type", ["unix", "inet", "fd"] as const, "inet");
+  let address: NbdAddress;
+  if (type === "unix") {
+    address = { type, path: addr.required("path") };
+  } else if (type === "inet") {
+    const host = addr.required("host");
+    const portText = addr.required("port");
+    const port = Number(portText);
+    if (!/^[0-9]+$/.test(portText) || port > 65535) {
+      throw new ServeUsageError(`${what}: addr.port '${portText}' is not a port number`);
+    }
+    // QEMU's inet keys that change nothing here.
+    for (const key of ["ipv4", "ipv6", "numeric", "keep-alive"]) addr.raw(key);
+    address = { type, host, port };
+  } else {
+    throw new ServeUsageError(`${what}: addr.type=fd is not supported (use unix or inet)`);
+  }
+  addr.done();
+  if (f.has("tls-creds") || f.has("tls-authz")) {
+    throw new ServeUsageError(`${what}: TLS is not supported yet`);
+  }
+  const spec = { addr: address, maxConnections: f.int("max-connections", 100, 0, 2 ** 32 - 1) };
+  f.done();
+  return spec;
+}
+
 function exportSpec(
   f: Fields,
   what: string,
   iothreads: ReadonlyMap<string, IothreadSpec>,
-): ExportSpec {
+): ExportSpec | NbdExportSpec {
   const type = f.string("type");
   if (type === undefined) throw new ServeUsageError(`${what}: parameter 'type' is missing`);
+  if (type === "nbd") return nbdExportSpec(f, what);
   if (type !== "vhost-user-blk" && type !== "vhost-user-scsi") {
     throw new ServeUsageError(
-      `${what}: export type '${type}' is not supported (vhost-user-blk, vhost-user-scsi)`,
+      `${what}: export type '${type}' is not supported (vhost-user-blk, vhost-user-scsi, nbd)`,
     );
   }
   const id = f.required("id");
@@ -382,11 +465,13 @@ function exportSpec(
 export function parseServeArgs(args: readonly string[]): ServeConfig {
   const blockdevs: BlockdevSpec[] = [];
   const exports: ExportSpec[] = [];
+  const nbdExports: NbdExportSpec[] = [];
+  let nbdServer: NbdServerSpec | undefined;
   const iothreads = new Map<string, IothreadSpec>();
   let pidfile: string | undefined;
   let daemonize = false;
   const positional: string[] = [];
-  const short: { blk?: string; scsi?: string; writable?: boolean; format?: string } = {};
+  const short: ShortForm = {};
   for (let i = 0; i < args.length; i++) {
     const arg = args[i]!;
     const eq = arg.startsWith("--") ? arg.indexOf("=") : -1;
@@ -406,12 +491,32 @@ export function parseServeArgs(args: readonly string[]): ServeConfig {
         break;
       }
       case "--export": {
-        const what = `--export ${exports.length + 1}`;
-        exports.push(
-          exportSpec(new Fields(parseOptionArg(value(), "type", what), what), what, iothreads),
+        const what = `--export ${exports.length + nbdExports.length + 1}`;
+        const spec = exportSpec(
+          new Fields(parseOptionArg(value(), "type", what), what),
+          what,
+          iothreads,
+        );
+        if (spec.type === "nbd") nbdExports.push(spec);
+        else exports.push(spec);
+        break;
+      }
+      case "--nbd-server": {
+        if (nbdServer !== undefined) {
+          throw new ServeUsageError("--nbd-server: an NBD server is already given");
+        }
+        nbdServer = nbdServerSpec(
+          new Fields(parseOptionArg(value(), null, "--nbd-server"), "--nbd-server"),
+          "--nbd-server",
         );
         break;
       }
+      case "--nbd":
+        short.nbd = value();
+        break;
+      case "--export-name":
+        short.exportName = value();
+        break;
       case "--object": {
         const what = `--object ${iothreads.size + 1}`;
         const thread = iothreadSpec(
@@ -448,27 +553,74 @@ export function parseServeArgs(args: readonly string[]): ServeConfig {
         positional.push(arg);
     }
   }
-  if (positional.length > 0 || short.blk !== undefined || short.scsi !== undefined) {
-    shortForm(positional, short, blockdevs, exports);
+  if (
+    positional.length > 0 || short.blk !== undefined || short.scsi !== undefined ||
+    short.nbd !== undefined
+  ) {
+    if (short.nbd !== undefined) {
+      if (nbdServer !== undefined) {
+        throw new ServeUsageError("--nbd: an NBD server is already given (--nbd-server)");
+      }
+      nbdServer = { addr: shortNbdAddress(short.nbd), maxConnections: 100 };
+    }
+    shortForm(positional, short, blockdevs, exports, nbdExports);
   }
-  checkGraph(blockdevs, exports);
-  if (exports.length === 0) {
-    throw new ServeUsageError("nothing to serve: give --export (or IMAGE --vhost-user-blk SOCK)");
+  checkGraph(blockdevs, exports, nbdExports);
+  if (nbdExports.length > 0 && nbdServer === undefined) {
+    throw new ServeUsageError(
+      `export '${nbdExports[0]!.id}': the NBD server is not running (give --nbd-server)`,
+    );
   }
-  return { blockdevs, exports, ...(pidfile === undefined ? {} : { pidfile }), daemonize };
+  if (exports.length === 0 && nbdExports.length === 0) {
+    throw new ServeUsageError(
+      "nothing to serve: give --export (or IMAGE --vhost-user-blk SOCK or IMAGE --nbd ADDR)",
+    );
+  }
+  return {
+    blockdevs,
+    exports,
+    nbdExports,
+    ...(nbdServer === undefined ? {} : { nbdServer }),
+    ...(pidfile === undefined ? {} : { pidfile }),
+    daemonize,
+  };
+}
+
+/** The short form's options. */
+interface ShortForm {
+  blk?: string;
+  scsi?: string;
+  nbd?: string;
+  exportName?: string;
+  writable?: boolean;
+  format?: string;
+}
+
+/** `--nbd unix:PATH` or `--nbd tcp:HOST:PORT` (`tcp::PORT` for every address). */
+function shortNbdAddress(text: string): NbdAddress {
+  if (text.startsWith("unix:") && text.length > 5) return { type: "unix", path: text.slice(5) };
+  const m = /^tcp:(.*):([0-9]+)$/.exec(text);
+  if (m !== null && Number(m[2]) <= 65535) {
+    const host = m[1]!.replace(/^\[(.*)\]$/, "$1");
+    return { type: "inet", host: host === "" ? "0.0.0.0" : host, port: Number(m[2]) };
+  }
+  throw new ServeUsageError(`--nbd: '${text}' is neither unix:PATH nor tcp:HOST:PORT`);
 }
 
 function shortForm(
   positional: readonly string[],
-  short: { blk?: string; scsi?: string; writable?: boolean; format?: string },
+  short: ShortForm,
   blockdevs: BlockdevSpec[],
   exports: ExportSpec[],
+  nbdExports: NbdExportSpec[],
 ): void {
   if (positional.length !== 1) {
     throw new ServeUsageError(`the short form serves one IMAGE (got ${positional.length})`);
   }
-  if (short.blk === undefined && short.scsi === undefined) {
-    throw new ServeUsageError("IMAGE needs --vhost-user-blk SOCK or --vhost-user-scsi SOCK");
+  if (short.blk === undefined && short.scsi === undefined && short.nbd === undefined) {
+    throw new ServeUsageError(
+      "IMAGE needs --vhost-user-blk SOCK, --vhost-user-scsi SOCK or --nbd ADDR",
+    );
   }
   const format = short.format;
   if (format !== undefined && format !== "raw" && format !== "qcow2") {
@@ -508,10 +660,25 @@ function shortForm(
       poll: DEFAULT_POLL,
     });
   }
+  if (short.nbd !== undefined) {
+    // qemu-nbd's default export name is the empty one.
+    nbdExports.push({
+      type: "nbd",
+      id: "nbd",
+      nodeName: "image",
+      name: short.exportName ?? "",
+      writable: short.writable === true,
+      allocationDepth: true,
+    });
+  }
 }
 
 /** Node names are unique, exports name existing nodes, sockets are not shared. */
-function checkGraph(blockdevs: readonly BlockdevSpec[], exports: readonly ExportSpec[]): void {
+function checkGraph(
+  blockdevs: readonly BlockdevSpec[],
+  exports: readonly ExportSpec[],
+  nbdExports: readonly NbdExportSpec[],
+): void {
   const names = new Set<string>();
   const add = (b: BlockdevSpec) => {
     if (names.has(b.nodeName)) {
@@ -540,5 +707,15 @@ function checkGraph(blockdevs: readonly BlockdevSpec[], exports: readonly Export
     if (sockets.has(e.socket)) throw new ServeUsageError(`two exports on socket '${e.socket}'`);
     ids.add(e.id);
     sockets.add(e.socket);
+  }
+  const exportNames = new Set<string>();
+  for (const e of nbdExports) {
+    if (!names.has(e.nodeName)) {
+      throw new ServeUsageError(`export '${e.id}': no node named '${e.nodeName}'`);
+    }
+    if (ids.has(e.id)) throw new ServeUsageError(`duplicate export id '${e.id}'`);
+    if (exportNames.has(e.name)) throw new ServeUsageError(`two NBD exports named '${e.name}'`);
+    ids.add(e.id);
+    exportNames.add(e.name);
   }
 }

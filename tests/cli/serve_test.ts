@@ -83,10 +83,10 @@ Deno.test("vstor serve --daemonize fails with the daemon's error when it cannot 
 
 Deno.test("vstor serve usage mistakes exit 2 naming the option", async () => {
   let stderr = "";
-  const code = await main(["serve", "--export", "type=nbd,id=e,node-name=n"], {
+  const code = await main(["serve", "--export", "type=fuse,id=e,node-name=n"], {
     stdout: () => {},
     stderr: (t) => stderr += t,
   });
   assert.equal(code, EXIT_USAGE);
-  assert.match(stderr, /export type 'nbd' is not supported/);
+  assert.match(stderr, /export type 'fuse' is not supported/);
 });

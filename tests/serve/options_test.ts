@@ -168,7 +168,7 @@ Deno.test("qsd users' mistakes are named", () => {
     /aio=native was specified, but it requires cache.direct=on/,
   );
   bad([file, file], /duplicate node name 'f'/);
-  bad([file, "--export", "type=nbd,id=e,node-name=f"], /export type 'nbd' is not supported/);
+  bad([file, "--export", "type=fuse,id=e,node-name=f"], /export type 'fuse' is not supported/);
   bad([file, "--export", "vhost-user-blk,id=e,node-name=f"], /parameter 'addr' is missing/);
   bad(
     [file, "--export", "vhost-user-blk,id=e,node-name=g,addr.path=/s"],
@@ -231,4 +231,111 @@ Deno.test("resolveNode: an export's node as the opener takes it", () => {
     readOnly: true,
     cache: "writeback",
   });
+});
+
+Deno.test("qsd's NBD command line: --nbd-server (unix, inet) and --export type=nbd", () => {
+  const config = parseServeArgs([
+    "--blockdev",
+    "driver=file,node-name=f0,filename=/images/a.qcow2",
+    "--blockdev",
+    "qcow2,node-name=n0,file=f0",
+    "--nbd-server",
+    "addr.type=inet,addr.host=::,addr.port=10809,max-connections=4",
+    "--export",
+    "type=nbd,id=e0,node-name=n0,writable=on,allocation-depth=on",
+    "--export",
+    "nbd,id=e1,node-name=f0,name=raw view,description=the file",
+  ]);
+  assert.deepEqual(config.exports, []);
+  assert.deepEqual(config.nbdServer, {
+    addr: { type: "inet", host: "::", port: 10809 },
+    maxConnections: 4,
+  });
+  assert.deepEqual(config.nbdExports, [
+    {
+      type: "nbd",
+      id: "e0",
+      nodeName: "n0",
+      name: "n0",
+      writable: true,
+      allocationDepth: true,
+    },
+    {
+      type: "nbd",
+      id: "e1",
+      nodeName: "f0",
+      name: "raw view",
+      description: "the file",
+      writable: false,
+      allocationDepth: false,
+    },
+  ]);
+  const unix = parseServeArgs([
+    "--blockdev",
+    "driver=file,node-name=f0,filename=/images/a.raw",
+    "--nbd-server",
+    "addr.type=unix,addr.path=/run/nbd.sock",
+    "--export",
+    "type=nbd,id=e0,node-name=f0",
+  ]);
+  assert.deepEqual(unix.nbdServer, {
+    addr: { type: "unix", path: "/run/nbd.sock" },
+    maxConnections: 100,
+  });
+});
+
+Deno.test("the NBD short form: IMAGE --nbd unix:PATH|tcp:HOST:PORT [--export-name NAME]", () => {
+  const config = parseServeArgs(["disk.qcow2", "--nbd", "tcp::10810", "--writable"]);
+  assert.deepEqual(config.nbdServer, {
+    addr: { type: "inet", host: "0.0.0.0", port: 10810 },
+    maxConnections: 100,
+  });
+  assert.equal(config.nbdExports[0]!.name, "");
+  assert.equal(config.nbdExports[0]!.writable, true);
+  const named = parseServeArgs(["disk.raw", "--nbd", "unix:/tmp/n.sock", "--export-name", "d"]);
+  assert.deepEqual(named.nbdServer!.addr, { type: "unix", path: "/tmp/n.sock" });
+  assert.equal(named.nbdExports[0]!.name, "d");
+  assert.equal(named.nbdExports[0]!.writable, false);
+});
+
+Deno.test("NBD mistakes are named", () => {
+  const file = ["--blockdev", "driver=file,node-name=f0,filename=/a.raw"];
+  const server = ["--nbd-server", "addr.type=unix,addr.path=/n.sock"];
+  for (
+    const [args, message] of [
+      [[...file, "--export", "type=nbd,id=e0,node-name=f0"], /the NBD server is not running/],
+      [[...file, ...server, "--export", "type=nbd,id=e0,node-name=f0,bitmaps.0=b"], /bitmaps/],
+      [
+        [...file, "--nbd-server", "addr.type=unix,addr.path=/n,tls-creds=t"],
+        /TLS is not supported/,
+      ],
+      [[...file, "--nbd-server", "addr.type=inet,addr.host=h,addr.port=http"], /not a port number/],
+      [[...file, "--nbd-server", "addr.type=inet,addr.host=h,addr.port=70000"], /not a port/],
+      [[...file, "--nbd-server", "addr.type=fd,addr.str=3"], /addr.type=fd is not supported/],
+      [[...file, ...server, ...server], /already given/],
+      [
+        [
+          ...file,
+          ...server,
+          "--export",
+          "type=nbd,id=e0,node-name=f0,name=x",
+          "--export",
+          "type=nbd,id=e1,node-name=f0,name=x",
+        ],
+        /two NBD exports named 'x'/,
+      ],
+      [[...file, ...server, "--export", "type=nbd,id=e0,node-name=zz"], /no node named 'zz'/],
+      [["a.raw", "--nbd", "udp:x"], /neither unix:PATH nor tcp:HOST:PORT/],
+      [
+        [...file, ...server, "--export", "type=nbd,id=e0,node-name=f0,bogus=1"],
+        /invalid parameter 'bogus'/,
+      ],
+    ] as const
+  ) {
+    assert.throws(() => parseServeArgs([...args]), (e: unknown) => {
+      assert.ok(e instanceof ServeUsageError, String(e));
+      assert.match(e.message, message);
+      return true;
+    });
+  }
 });
