@@ -54,7 +54,9 @@ export function imageInfo(node: BlockNode, filename: string): Record<string, unk
   out["filename"] = filename;
   if (q) out["cluster-size"] = q.clusterSize;
   out["format"] = node.format;
-  out["actual-size"] = node.allocatedSize?.() ?? 0;
+  // Unknown for a file on a server (NBD): qemu-img leaves the key out.
+  const actual = node.allocatedSize?.() ?? 0;
+  if (actual >= 0) out["actual-size"] = actual;
   if (q) {
     const h = q.header;
     const data: Record<string, unknown> = {

@@ -9,6 +9,7 @@ import type { BlockNode } from "../src/block/node.ts";
 import { checkSize } from "../src/block/request.ts";
 import type { HostFile } from "../src/host/host_file.ts";
 import { openHostFile } from "../src/host/file.ts";
+import { isNbdUri, NbdFile } from "../src/host/nbd.ts";
 import { PROBE_BYTES, probeFormat } from "./probe.ts";
 import { RawNode } from "./raw.ts";
 import { Qcow2Node } from "./qcow2/qcow2.ts";
@@ -243,7 +244,8 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
   }
   if (opts.format !== undefined) driverFor(opts.format, path);
   const flags = cacheFlags(opts.cache ?? "writeback");
-  const file = openHostFile(path, {
+  // An NBD export is a file on a server: its cache and aio modes are the server's.
+  const file = isNbdUri(path) ? NbdFile.open(path, { readOnly }) : openHostFile(path, {
     readOnly,
     forceShare: opts.forceShare ?? false,
     direct: flags.direct,
@@ -336,12 +338,20 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
  * directory, joined as QEMU's path_combine does (no normalisation: `sub/../b.raw`).
  */
 export function resolveBacking(overlay: string, name: string): string {
-  if (isAbsolute(name)) return name;
+  if (isAbsolute(name) || isNbdUri(name)) return name;
+  if (isNbdUri(overlay)) {
+    throw new BlockError(
+      "unsupported",
+      `Backing file '${name}' is named relative to an NBD export: give an absolute name or a URI`,
+      { path: overlay },
+    );
+  }
   const slash = overlay.lastIndexOf("/");
   return slash < 0 ? name : overlay.slice(0, slash + 1) + name;
 }
 
 function realPath(path: string): string {
+  if (isNbdUri(path)) return path;
   try {
     return Deno.realPathSync(path);
   } catch {
@@ -362,6 +372,12 @@ export async function createImage(
 ): Promise<void> {
   checkSize(size);
   const driver = driverFor(format, path);
+  if (isNbdUri(path)) {
+    // As qemu-img: an export exists on its server; write into it with convert -n.
+    throw new BlockError("unsupported", "Protocol driver 'nbd' does not support image creation", {
+      path,
+    });
+  }
   const file = openHostFile(path, { create: true });
   try {
     await driver.create(file, size, opts);

@@ -24,7 +24,9 @@ export function infoHuman(info: Record<string, unknown>, node: BlockNode): strin
     `image: ${info["filename"]}`,
     `file format: ${info["format"]}`,
     `virtual size: ${sizeToStr(node.size)} (${node.size} bytes)`,
-    `disk size: ${sizeToStr(info["actual-size"] as number)}`,
+    `disk size: ${
+      info["actual-size"] === undefined ? "unavailable" : sizeToStr(info["actual-size"] as number)
+    }`,
   ];
   if (info["cluster-size"] !== undefined) lines.push(`cluster_size: ${info["cluster-size"]}`);
   if (info["backing-filename"] !== undefined) {

@@ -54,6 +54,15 @@ const symbols = {
   sendmsg: { parameters: ["i32", "buffer", "i32"], result: "i32" },
   recvmsg: { parameters: ["i32", "buffer", "i32"], result: "i32" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  // TCP clients (inet_socket.ts): send/recv's size_t goes pointer-sized, their ssize_t results
+  // are read as i32 (one call moves far less than 2 GiB).
+  send: { parameters: ["i32", "buffer", "usize", "i32"], result: "i32" },
+  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "i32" },
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  getaddrinfo: { parameters: ["buffer", "buffer", "buffer", "buffer"], result: "i32" },
+  freeaddrinfo: { parameters: ["pointer"], result: "void" },
+  gai_strerror: { parameters: ["i32"], result: "pointer" },
   // nfds_t is unsigned long: passed pointer-sized (usize), never as an i32.
   poll: { parameters: ["buffer", "usize", "i32"], result: "i32" },
   // The same poll(2) on Deno's blocking pool, for the main thread: errno is not readable after it.
@@ -136,6 +145,30 @@ interface Libc {
   sendmsg(fd: number, msg: Uint8Array<ArrayBuffer>, flags: number): number;
   recvmsg(fd: number, msg: Uint8Array<ArrayBuffer>, flags: number): number;
   shutdown(fd: number, how: number): number;
+  send(fd: number, buf: Uint8Array<ArrayBuffer>, len: bigint, flags: number): number;
+  recv(fd: number, buf: Uint8Array<ArrayBuffer>, len: bigint, flags: number): number;
+  getsockopt(
+    fd: number,
+    level: number,
+    name: number,
+    value: Uint8Array<ArrayBuffer>,
+    length: Uint8Array<ArrayBuffer>,
+  ): number;
+  setsockopt(
+    fd: number,
+    level: number,
+    name: number,
+    value: Uint8Array<ArrayBuffer>,
+    length: number,
+  ): number;
+  getaddrinfo(
+    node: Uint8Array<ArrayBuffer>,
+    service: Uint8Array<ArrayBuffer>,
+    hints: Uint8Array<ArrayBuffer>,
+    result: Uint8Array<ArrayBuffer>,
+  ): number;
+  freeaddrinfo(list: Deno.PointerValue): void;
+  gai_strerror(code: number): Deno.PointerValue;
   poll(fds: Uint8Array<ArrayBuffer>, nfds: bigint, timeout: number): number;
   poll_async(fds: Uint8Array<ArrayBuffer>, nfds: bigint, timeout: number): Promise<number>;
   read(fd: number, buf: Uint8Array<ArrayBuffer>, count: bigint): number;

@@ -1,10 +1,12 @@
 /**
- * The struct layouts and flag values of src/sys/unix_socket.ts, eventfd.ts and shared_memory.ts
+ * The struct layouts and flag values of src/sys/unix_socket.ts, inet_socket.ts, eventfd.ts and
+ * shared_memory.ts
  * agree with the C headers, compiled by gcc where it is at hand (skipped, said so, otherwise).
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import * as ev from "../../src/sys/eventfd.ts";
+import * as inet from "../../src/sys/inet_socket.ts";
 import * as shm from "../../src/sys/shared_memory.ts";
 import * as us from "../../src/sys/unix_socket.ts";
 
@@ -53,6 +55,16 @@ const expected: Record<string, number> = {
   EPOLLHUP: ev.EPOLLHUP,
   EPOLLRDHUP: ev.EPOLLRDHUP,
   "(unsigned)EPOLLET": ev.EPOLLET,
+  "sizeof(struct addrinfo)": inet.ADDRINFO_SIZE,
+  "offsetof(struct addrinfo, ai_flags)": inet.ADDRINFO_flags,
+  "offsetof(struct addrinfo, ai_family)": inet.ADDRINFO_family,
+  "offsetof(struct addrinfo, ai_socktype)": inet.ADDRINFO_socktype,
+  "offsetof(struct addrinfo, ai_protocol)": inet.ADDRINFO_protocol,
+  "offsetof(struct addrinfo, ai_addrlen)": inet.ADDRINFO_addrlen,
+  "offsetof(struct addrinfo, ai_addr)": inet.ADDRINFO_addr,
+  "offsetof(struct addrinfo, ai_next)": inet.ADDRINFO_next,
+  AF_INET: inet.AF_INET,
+  AF_INET6: inet.AF_INET6,
   MFD_CLOEXEC: shm.MFD_CLOEXEC,
   MFD_ALLOW_SEALING: shm.MFD_ALLOW_SEALING,
 };
@@ -74,6 +86,7 @@ Deno.test("socket, epoll, eventfd and memfd layouts and flags agree with the C h
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <netdb.h>
 int main(void) {
 ${lines.join("\n")}
   return 0;
