@@ -76,10 +76,17 @@ export function imageInfo(node: BlockNode, filename: string): Record<string, unk
     out["format-specific"] = { type: "qcow2", data };
   }
   if (backing !== undefined) {
-    out["full-backing-filename"] = resolveBacking(filename, backing.file);
+    try {
+      out["full-backing-filename"] = resolveBacking(filename, backing.file);
+    } catch {
+      // A relative name under an NBD export: there is no full name to give.
+    }
     out["backing-filename"] = backing.file;
   }
-  out["dirty-flag"] = q ? hasFeature(q.header.incompatibleFeatures, INCOMPAT_DIRTY) : false;
+  // Raw over a host without its own info (NBD): qemu-img has no dirty flag to show.
+  if (q || actual >= 0) {
+    out["dirty-flag"] = q ? hasFeature(q.header.incompatibleFeatures, INCOMPAT_DIRTY) : false;
+  }
   return out;
 }
 

@@ -67,7 +67,7 @@ export async function entryAt(top: BlockNode, pos: number, max: number): Promise
         length,
         depth,
         present: true,
-        zero: st.kind === "zero" || (host !== undefined && !host.data),
+        zero: st.kind === "zero" || st.readsZero === true || (host !== undefined && !host.data),
         data: st.kind === "data" || st.kind === "compressed",
         filename: layer.filename,
       };

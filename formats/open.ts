@@ -360,6 +360,43 @@ function realPath(path: string): string {
 }
 
 /**
+ * qemu-img create -f raw on an NBD export (QEMU's bdrv_co_create_opts_simple): the export must
+ * exist and be large enough (it cannot grow); its first sector is zeroed so no old header is
+ * probed.
+ */
+function createOnNbd(path: string, format: string, size: number): void {
+  driverFor(format, path);
+  if (format !== "raw") {
+    throw new BlockError(
+      "unsupported",
+      `Creating a ${format} image inside an NBD export is not supported: create it locally and ` +
+        "copy it in with convert -n",
+      { path },
+    );
+  }
+  let file: NbdFile;
+  try {
+    file = NbdFile.open(path);
+  } catch (e) {
+    throw new BlockError(
+      e instanceof BlockError ? e.kind : "io",
+      `Protocol driver 'nbd' does not support image creation, and opening the image failed: ${
+        (e as Error).message
+      }`,
+      { path, cause: e },
+    );
+  }
+  try {
+    if (size > file.size()) throw new BlockError("unsupported", "Cannot grow NBD nodes", { path });
+    // A raw image is the export itself, its first sector zeroed (no old header to probe).
+    file.writeAt(0, new Uint8Array(Math.min(512, file.size())));
+    file.flush();
+  } finally {
+    file.close();
+  }
+}
+
+/**
  * Create an image file of `size` bytes (truncating an existing file, as qemu-img does).
  *
  * @throws {BlockError} `invalid-argument` for an unknown format or a bad size
@@ -372,12 +409,7 @@ export async function createImage(
 ): Promise<void> {
   checkSize(size);
   const driver = driverFor(format, path);
-  if (isNbdUri(path)) {
-    // As qemu-img: an export exists on its server; write into it with convert -n.
-    throw new BlockError("unsupported", "Protocol driver 'nbd' does not support image creation", {
-      path,
-    });
-  }
+  if (isNbdUri(path)) return createOnNbd(path, format, size);
   const file = openHostFile(path, { create: true });
   try {
     await driver.create(file, size, opts);

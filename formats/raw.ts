@@ -146,6 +146,8 @@ export class RawNode implements BlockNode {
     this.#unflushed = true;
     if (opts?.unmap && this.#base + offset + length <= this.#file.size()) {
       this.#file.punchHole(this.#base + offset, length);
+    } else if (this.#file.zeroRange !== undefined) {
+      this.#file.zeroRange(this.#base + offset, length);
     } else {
       const zeroes = new Uint8Array(Math.min(ZERO_CHUNK, length));
       for (let at = 0; at < length; at += zeroes.length) {
@@ -163,7 +165,9 @@ export class RawNode implements BlockNode {
     const end = Math.min(this.#base + offset + length, fileSize);
     if (end > this.#base + offset) {
       this.#unflushed = true;
-      this.#file.punchHole(this.#base + offset, end - this.#base - offset);
+      const file = this.#file;
+      if (file.discard !== undefined) file.discard(this.#base + offset, end - this.#base - offset);
+      else file.punchHole(this.#base + offset, end - this.#base - offset);
     }
   }
 
@@ -196,7 +200,13 @@ export class RawNode implements BlockNode {
     const hostOffset = this.#base + offset;
     const st = this.#file.dataStatus(hostOffset, want);
     const length = Math.max(1, Math.min(want, st.length));
-    return { kind: st.data ? "data" : "zero", offset, length, hostOffset };
+    return {
+      kind: st.data ? "data" : "zero",
+      offset,
+      length,
+      hostOffset,
+      ...(st.data && st.zero === true ? { readsZero: true } : {}),
+    };
   }
 
   async truncate(size: number, opts?: TruncateOptions): Promise<void> {

@@ -296,6 +296,8 @@ export function bitmapsSize(
  * file whether data clusters are holes, which makes them read as zeroes.
  */
 export function detectMetadataPreallocation(node: Qcow2Node): boolean {
+  // A host that cannot say what it allocated (NBD): QEMU's check fails and assumes none.
+  if (node.file.knowsAllocation === false) return false;
   const cs = node.clusterSize;
   const realClusters = Math.floor(node.file.allocatedSize() / cs);
   const threshold = Math.max(Math.floor(realClusters * 10 / 9), realClusters + 2);

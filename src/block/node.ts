@@ -27,6 +27,8 @@ export interface Extent {
   readonly length: number;
   /** Host byte offset of `offset` in this layer's file, where known. */
   readonly hostOffset?: number;
+  /** `data` that reads as zeroes, where the host says so (an NBD export's ZERO flag). */
+  readonly readsZero?: boolean;
 }
 
 /** Options of a write. */

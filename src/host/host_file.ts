@@ -10,6 +10,8 @@ export interface HostExtent {
   readonly data: boolean;
   /** Bytes from the asked offset with this status; ≥ 1. */
   readonly length: number;
+  /** Data (allocated) that reads as zeroes, where the host knows it (NBD's NBD_STATE_ZERO). */
+  readonly zero?: boolean;
 }
 
 /**
@@ -53,6 +55,18 @@ export interface HostFile {
   flushAsync?(): Promise<void>;
   /** Free `[offset, offset+length)` so it reads as zeroes; falls back to writing zeroes. */
   punchHole(offset: number, length: number): void;
+  /**
+   * Make `[offset, offset+length)` read as zeroes and stay allocated, without sending the zeroes
+   * (NBD's WRITE_ZEROES with NO_HOLE). Optional: callers write zero buffers when it is absent.
+   */
+  zeroRange?(offset: number, length: number): void;
+  /**
+   * Tell the host the range is no longer needed (NBD's TRIM): what it reads afterwards is the
+   * host's choice. Optional: callers punch a hole when it is absent.
+   */
+  discard?(offset: number, length: number): void;
+  /** False when the host cannot say how much storage the file takes (see allocatedSize). */
+  readonly knowsAllocation?: boolean;
   /** Reserve host storage for `[offset, offset+length)` (fallocate), extending the file; falls back to writing zeroes. */
   preallocate(offset: number, length: number): void;
   /** Data or hole at `offset` (SEEK_DATA/SEEK_HOLE); `length` is capped at `max`. */
@@ -81,6 +95,13 @@ export function borrowFile(file: HostFile): HostFile {
     truncate: (size) => file.truncate(size),
     flush: () => file.flush(),
     punchHole: (offset, length) => file.punchHole(offset, length),
+    ...(file.zeroRange === undefined
+      ? {}
+      : { zeroRange: (offset: number, length: number) => file.zeroRange!(offset, length) }),
+    ...(file.discard === undefined
+      ? {}
+      : { discard: (offset: number, length: number) => file.discard!(offset, length) }),
+    ...(file.knowsAllocation === undefined ? {} : { knowsAllocation: file.knowsAllocation }),
     preallocate: (offset, length) => file.preallocate(offset, length),
     dataStatus: (offset, max) => file.dataStatus(offset, max),
     allocatedSize: () => file.allocatedSize(),

@@ -119,6 +119,8 @@ const OLDSTYLE_MAGIC = 0x00420281861253n;
 export class NbdFile implements HostFile {
   readonly path: string;
   readonly readOnly: boolean;
+  /** The server's storage is its own business: allocatedSize() cannot say. */
+  readonly knowsAllocation = false;
   readonly #socket: StreamSocket;
   #size = 0;
   #flags = 0;
@@ -511,17 +513,45 @@ export class NbdFile implements HostFile {
 
   punchHole(offset: number, length: number): void {
     this.#writable(offset, length);
-    const min = this.#minBlock;
-    // Whole blocks as zeroes the server may unmap; the partial ones around them written.
-    const start = Math.ceil(offset / min) * min;
-    const end = Math.floor((offset + length) / min) * min;
-    if ((this.#flags & P.NBD_FLAG_SEND_WRITE_ZEROES) === 0 || end <= start) {
+    // Zeroes the server may unmap.
+    if ((this.#flags & P.NBD_FLAG_SEND_WRITE_ZEROES) === 0) {
       return this.#writeZeroBytes(offset, length);
     }
+    this.#zeroes(offset, length, 0);
+  }
+
+  zeroRange(offset: number, length: number): void {
+    this.#writable(offset, length);
+    if ((this.#flags & P.NBD_FLAG_SEND_WRITE_ZEROES) === 0) {
+      return this.#writeZeroBytes(offset, length);
+    }
+    this.#zeroes(offset, length, P.NBD_CMD_FLAG_NO_HOLE);
+  }
+
+  discard(offset: number, length: number): void {
+    this.#writable(offset, length);
+    // Without TRIM nothing needs doing: a discard is only a hint.
+    if ((this.#flags & P.NBD_FLAG_SEND_TRIM) === 0) return;
+    const min = this.#minBlock;
+    const start = Math.ceil(offset / min) * min;
+    const end = Math.floor((offset + length) / min) * min;
+    for (let pos = start; pos < end;) {
+      const n = Math.min(end - pos, 2 ** 31);
+      this.#request(P.NBD_CMD_TRIM, 0, pos, n);
+      pos += n;
+    }
+  }
+
+  /** WRITE_ZEROES over whole blocks, the partial ones around them written as zero bytes. */
+  #zeroes(offset: number, length: number, flags: number): void {
+    const min = this.#minBlock;
+    const start = Math.ceil(offset / min) * min;
+    const end = Math.floor((offset + length) / min) * min;
+    if (end <= start) return this.#writeZeroBytes(offset, length);
     if (start > offset) this.#writeZeroBytes(offset, start - offset);
     for (let pos = start; pos < end;) {
       const n = Math.min(end - pos, 2 ** 31);
-      this.#request(P.NBD_CMD_WRITE_ZEROES, 0, pos, n);
+      this.#request(P.NBD_CMD_WRITE_ZEROES, flags, pos, n);
       pos += n;
     }
     if (end < offset + length) this.#writeZeroBytes(end, offset + length - end);
@@ -547,7 +577,9 @@ export class NbdFile implements HostFile {
     let first: HostExtent | undefined;
     this.#request(P.NBD_CMD_BLOCK_STATUS, 0, offset, length, undefined, undefined, (n, flags) => {
       if (first === undefined && n > 0) {
-        first = { data: (flags & P.NBD_STATE_HOLE) === 0, length: Math.min(n, length) };
+        const data = (flags & P.NBD_STATE_HOLE) === 0;
+        const zero = (flags & P.NBD_STATE_ZERO) !== 0;
+        first = { data, length: Math.min(n, length), ...(data && zero ? { zero } : {}) };
       }
     });
     if (first === undefined) throw this.#fail("BLOCK_STATUS answered without an extent");
