@@ -2,10 +2,12 @@
  * A real Linux guest on `vstor serve` (issue #17): QEMU 7.2 (`qemu-system-x86_64 -accel tcg`)
  * boots a Debian cloud kernel with a busybox initramfs (../shared/guest/recipe.sh) whose disks are
  * vhost-user-blk-pci (a qcow2 with two packed queues through O_DIRECT and io_uring) and
- * vhost-user-scsi-pci (a qcow2 over a raw backing file) served by vstor. One boot runs every check: block data
- * written and read back with dd on both disks, fio with crc32c verification at depth 16 on the
- * qcow2; afterwards `qemu-img check` finds both qcow2 images clean and `qemu-img compare` finds the
- * SCSI overlay equal to its backing file's bytes with what the guest wrote on top. Skipped without QEMU's system emulator, a cloud kernel and busybox, unless
+ * vhost-user-scsi-pci (a qcow2 over a raw backing file) served by vstor, and a virtio-blk-pci disk
+ * whose drive is QEMU's NBD client on vstor's NBD export of a third qcow2 (issue #18). One boot
+ * runs every check: block data written and read back with dd on each disk, fio with crc32c
+ * verification at depth 16 on the vhost-user and NBD qcow2s; afterwards `qemu-img check` finds
+ * the qcow2 images clean and `qemu-img compare` finds the SCSI overlay equal to its backing
+ * file's bytes with what the guest wrote on top. Skipped without QEMU's system emulator, a cloud kernel and busybox, unless
  * VSTOR_REQUIRE_GUEST=1 (which .ci/run sets after installing them).
  */
 import assert from "node:assert/strict";
@@ -62,12 +64,15 @@ printf 'vstor-scsi-%04d' 7 | dd of=/tmp/s bs=512 conv=sync 2>/dev/null
 yes ${PATTERN_LINE} | head -c 2097152 > /tmp/det
 NAME=scsi-dd; check sh -c 'dd if=/tmp/det of=/dev/sda bs=4k count=512 oflag=direct seek=1 && dd if=/tmp/s of=/dev/sda bs=512 count=1 oflag=direct && dd if=/dev/sda of=/tmp/c bs=4k count=512 skip=1 iflag=direct && cmp /tmp/det /tmp/c'
 NAME=blk-fio; check fio --name=v --filename=/dev/vda --direct=1 --rw=randwrite --bs=4k --offset=4m --size=16m --iodepth=16 --ioengine=libaio --verify=crc32c --do_verify=1
+NAME=nbd-dd; check sh -c 'dd if=/tmp/pat of=/dev/vdb bs=4k count=512 oflag=direct && dd if=/dev/vdb of=/tmp/n bs=4k count=512 iflag=direct && cmp /tmp/pat /tmp/n'
+NAME=nbd-fio; check fio --name=n --filename=/dev/vdb --direct=1 --rw=randrw --bs=4k --offset=4m --size=16m --iodepth=16 --ioengine=libaio --verify=crc32c --do_verify=1
+NAME=nbd-fio-1m; check fio --name=m --filename=/dev/vdb --direct=1 --rw=write --bs=1m --offset=24m --size=16m --iodepth=4 --ioengine=libaio --verify=crc32c --do_verify=1
 sync
 `;
 
 Deno.test({
   name:
-    "a Linux guest under QEMU reads and writes through vstor serve's vhost-user-blk and vhost-user-scsi",
+    "a Linux guest under QEMU reads and writes through vstor serve's vhost-user-blk, vhost-user-scsi and NBD exports",
   ignore: missing !== null,
   async fn() {
     const dir = await Deno.makeTempDir({ prefix: "vstor_guest_" });
@@ -82,7 +87,10 @@ Deno.test({
     await tool("qemu-img", ["create", "-q", "-f", "raw", base, "32M"]);
     await tool("qemu-io", ["-f", "raw", "-c", "write -P 0x5a 0 32M", base]);
     await tool("qemu-img", ["create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay]);
+    const nbdImage = join(dir, "nbd.qcow2");
+    await tool("qemu-img", ["create", "-q", "-f", "qcow2", nbdImage, "64M"]);
     const blkSock = join(dir, "blk.sock"), scsiSock = join(dir, "scsi.sock");
+    const nbdSock = join(dir, "nbd.sock");
     const logs: string[] = [];
     const daemon = await Daemon.start(
       parseServeArgs([
@@ -98,6 +106,14 @@ Deno.test({
         `type=vhost-user-blk,id=blk,node-name=q0,addr.type=unix,addr.path=${blkSock},writable=on,num-queues=2`,
         "--export",
         `type=vhost-user-scsi,id=scsi,node-name=r1,addr.type=unix,addr.path=${scsiSock},writable=on`,
+        "--blockdev",
+        `driver=file,node-name=f2,filename=${nbdImage}`,
+        "--blockdev",
+        "driver=qcow2,node-name=n2,file=f2",
+        "--nbd-server",
+        `addr.type=unix,addr.path=${nbdSock}`,
+        "--export",
+        "type=nbd,id=nbd,node-name=n2,name=disk,writable=on",
       ]),
       { log: (line) => logs.push(line) },
     );
@@ -136,6 +152,10 @@ Deno.test({
           `socket,id=c1,path=${scsiSock}`,
           "-device",
           "vhost-user-scsi-pci,chardev=c1",
+          "-drive",
+          `file=nbd+unix:///disk?socket=${nbdSock},format=raw,if=none,id=n0,cache=none`,
+          "-device",
+          "virtio-blk-pci,drive=n0",
         ],
         env,
         stdout: "piped",
@@ -147,7 +167,18 @@ Deno.test({
       const errors = await daemon.stop();
       assert.deepEqual(errors, [], logs.join("\n"));
     }
-    for (const name of ["blk-queues", "scsi-model", "blk-dd", "scsi-dd", "blk-fio"]) {
+    for (
+      const name of [
+        "blk-queues",
+        "scsi-model",
+        "blk-dd",
+        "scsi-dd",
+        "blk-fio",
+        "nbd-dd",
+        "nbd-fio",
+        "nbd-fio-1m",
+      ]
+    ) {
       assert.match(
         output,
         new RegExp(`CHECK ${name} OK`),
@@ -156,6 +187,7 @@ Deno.test({
     }
     await tool("qemu-img", ["check", qcow2]);
     await tool("qemu-img", ["check", overlay]);
+    await tool("qemu-img", ["check", nbdImage]);
     // What the guest wrote on the SCSI disk, over the backing file's bytes: qemu-img compares.
     const expected = new Uint8Array(32 << 20).fill(0x5a);
     const marker = new TextEncoder().encode("vstor-scsi-0007");
