@@ -58,6 +58,8 @@ export interface ConvertOptions {
 }
 
 const CHUNK = 2 << 20;
+/** Data chunks read ahead of the one being written (qemu-img convert keeps 8 requests going). */
+const READ_AHEAD = 4;
 /** Longest status run asked for at once (QEMU's BDRV_REQUEST_MAX_BYTES is just under 2 GiB). */
 const MAX_STATUS = 1 << 30;
 /** Zeroes in the target may drop its allocation, as qemu-img's BDRV_REQ_MAY_UNMAP. */
@@ -352,6 +354,9 @@ export async function convertImages(
     // Compressed chunks in flight, oldest first; bounded so reading does not run far ahead.
     const inflight: Array<Promise<void>> = [];
     const spare: Array<Uint8Array<ArrayBuffer>> = [];
+    // Data chunks read ahead of the writes, by guest offset, and their reusable buffers.
+    const ahead = new Map<number, { n: number; buf: Uint8Array<ArrayBuffer>; io: Promise<void> }>();
+    const spareReads: Array<Uint8Array<ArrayBuffer>> = [];
     let lastWrite: Promise<void> = Promise.resolve();
     // Progress counts what will be copied (data, and zero runs under -S 0) out of all of it,
     // found by one pass over the source's status first, as qemu-img's convert_do_copy does.
@@ -457,13 +462,40 @@ export async function convertImages(
       const status = runStatus;
       if (status === "data" || (status === "zero" && sparse === 0)) {
         n = Math.min(n, chunk);
-        const buf = scratch.subarray(0, n);
-        if (status === "data") await concat.read(pos, buf);
-        else buf.fill(0);
+        let buf: Uint8Array<ArrayBuffer>;
+        let own: Uint8Array<ArrayBuffer> | undefined;
+        const early = ahead.get(pos);
+        if (status === "data" && early !== undefined && early.n === n) {
+          ahead.delete(pos);
+          own = early.buf;
+          buf = own.subarray(0, n);
+          await early.io;
+        } else {
+          buf = scratch.subarray(0, n);
+          if (status === "data") await concat.read(pos, buf);
+          else buf.fill(0);
+        }
+        // The next chunks of this data run are read while this one is written (qemu-img keeps
+        // several requests in flight too): a source with requests in flight (io_uring, NBD)
+        // serves them together.
+        if (status === "data") {
+          let at = pos + n;
+          for (const p of ahead.keys()) at = Math.max(at, p + ahead.get(p)!.n);
+          const runEnd = Math.min(statusEnd, total);
+          while (ahead.size < READ_AHEAD && at < runEnd) {
+            const m = Math.min(chunk, runEnd - at);
+            const b = spareReads.pop() ?? new Uint8Array(chunk);
+            const io = concat.read(at, b.subarray(0, m));
+            io.catch(() => {}); // surfaced where it is awaited; dropped if the copy fails first
+            ahead.set(at, { n: m, buf: b, io });
+            at += m;
+          }
+        }
         for (const [a, b, data] of sparseRuns(buf, pos, sparse, alignment)) {
           if (data) await out.write(pos + a, buf.subarray(a, b));
           else if (!zeroInit) await out.writeZeroes(pos + a, b - a, UNMAP);
         }
+        if (own !== undefined) spareReads.push(own);
       } else if (status === "zero" && !zeroInit) {
         await out.writeZeroes(pos, n, UNMAP);
       }

@@ -109,6 +109,26 @@ export interface NbdOpenOptions {
   readonly timeoutMs?: number;
 }
 
+/** A request sent and not yet answered in full. */
+interface Pending {
+  readonly what: string;
+  readonly offset: number;
+  /** A READ's buffer. */
+  readonly into: Uint8Array | undefined;
+  /** A BLOCK_STATUS's extents of base:allocation. */
+  readonly extent: ((length: number, flags: number) => void) | undefined;
+  /** Bytes of `into` the reply has filled. */
+  covered: number;
+  failure: BlockError | undefined;
+  done: boolean;
+  /** An async request's waiter. */
+  settle: (() => void) | undefined;
+}
+
+/** How long the async reply pump looks at the socket at a time. */
+const PUMP_LOOK_MS = 200;
+/** Requests outstanding at once (QEMU's client and server both keep to 16). */
+const MAX_IN_FLIGHT = 16;
 /** Replies larger than this are a broken server (the largest request is 32 MiB). */
 const MAX_CHUNK_PAYLOAD = P.NBD_MAX_BUFFER_SIZE + 1024;
 /** Option replies larger than this are a broken server. */
@@ -131,6 +151,16 @@ export class NbdFile implements HostFile {
   #maxBlock = P.NBD_MAX_BUFFER_SIZE;
   #cookie = 1n;
   #closed = false;
+  /** Requests sent and not yet answered in full, by cookie. */
+  readonly #pending = new Map<bigint, Pending>();
+  /** Async requests waiting for room (MAX_IN_FLIGHT). */
+  #roomWaiters: (() => void)[] = [];
+  /** A reader of replies for async requests is running. */
+  #pumping = false;
+  /** Why the connection can no longer be used. */
+  #broken: BlockError | undefined;
+  /** Async writes not yet answered (flushAsync waits for them). */
+  readonly #writesInFlight = new Set<Promise<void>>();
 
   private constructor(path: string, socket: StreamSocket, readOnly: boolean) {
     this.path = path;
@@ -324,12 +354,56 @@ export class NbdFile implements HostFile {
 
   #live(): void {
     if (this.#closed) throw this.#fail("the export is closed");
+    if (this.#broken !== undefined) throw this.#broken;
+  }
+
+  /** Reads replies until nothing is in flight (what a synchronous call that writes waits for). */
+  #drain(): void {
+    while (this.#pending.size > 0) this.#readMessage();
   }
 
   /**
-   * Sends one request and reads its reply. `into` receives a READ's data (at its offset within
-   * the request); `extent` receives BLOCK_STATUS extents of base:allocation.
+   * Sends one request, registered by its cookie so that whoever reads the socket next can hand
+   * its reply over (replies come in any order, chunks of different replies interleaved). At most
+   * MAX_IN_FLIGHT are outstanding: a synchronous caller reads replies until there is room.
    */
+  #start(
+    type: number,
+    flags: number,
+    offset: number,
+    length: number,
+    payload?: Uint8Array,
+    into?: Uint8Array,
+    extent?: (length: number, flags: number) => void,
+  ): Pending {
+    this.#live();
+    while (this.#pending.size >= MAX_IN_FLIGHT) this.#readMessage();
+    const cookie = this.#cookie++;
+    const p: Pending = {
+      what: `${P.commandName(type)} of ${length} bytes at ${offset}`,
+      offset,
+      into,
+      extent,
+      covered: 0,
+      failure: undefined,
+      done: false,
+      settle: undefined,
+    };
+    this.#pending.set(cookie, p);
+    const header = P.encodeRequest(type, flags, cookie, offset, length);
+    try {
+      this.#socket.sendAll(
+        payload === undefined ? [header] : [header, payload],
+        () => this.#readMessage(),
+      );
+    } catch (e) {
+      this.#breakAll(e);
+      throw e;
+    }
+    return p;
+  }
+
+  /** A request, its reply read before this returns. */
   #request(
     type: number,
     flags: number,
@@ -339,77 +413,171 @@ export class NbdFile implements HostFile {
     into?: Uint8Array,
     extent?: (length: number, flags: number) => void,
   ): void {
-    this.#live();
-    const cookie = this.#cookie++;
-    const header = P.encodeRequest(type, flags, cookie, offset, length);
-    this.#socket.sendAll(payload === undefined ? [header] : [header, payload]);
-    const first = this.#recv(4);
-    const magic = new DataView(first.buffer).getUint32(0);
-    const what = `${P.commandName(type)} of ${length} bytes at ${offset}`;
+    const p = this.#start(type, flags, offset, length, payload, into, extent);
+    while (!p.done) this.#readMessage();
+    this.#finish(p);
+  }
+
+  /** A request whose reply the socket's pump hands over, many in flight at once. */
+  async #requestAsync(
+    type: number,
+    offset: number,
+    length: number,
+    payload?: Uint8Array,
+    into?: Uint8Array,
+  ): Promise<void> {
+    while (this.#pending.size >= MAX_IN_FLIGHT) {
+      await new Promise<void>((resolve) => this.#roomWaiters.push(resolve));
+      this.#live();
+    }
+    const p = this.#start(type, 0, offset, length, payload, into);
+    const settled = new Promise<void>((resolve, reject) => {
+      p.settle = () => {
+        try {
+          this.#finish(p);
+          resolve();
+        } catch (e) {
+          reject(e);
+        }
+      };
+    });
+    if (p.done) p.settle!();
+    else this.#pump();
+    return await settled;
+  }
+
+  /** While async requests wait, reads replies as they come, without holding the thread. */
+  #pump(): void {
+    if (this.#pumping) return;
+    this.#pumping = true;
+    (async () => {
+      try {
+        // Short looks, so a pump with nothing left to wait for ends soon (a synchronous call may
+        // have read the replies meanwhile); a server silent for the whole timeout is dead.
+        let heard = performance.now();
+        while (this.#pending.size > 0 && !this.#closed) {
+          if (!await this.#socket.waitReadable(PUMP_LOOK_MS)) {
+            if (this.#pending.size > 0 && performance.now() - heard > this.#socket.timeoutMs) {
+              throw this.#fail(
+                `no answer in ${this.#socket.timeoutMs / 1000} s while waiting for a reply`,
+              );
+            }
+            continue;
+          }
+          heard = performance.now();
+          while (this.#pending.size > 0 && !this.#closed && this.#socket.readable()) {
+            this.#readMessage();
+          }
+        }
+      } catch (e) {
+        this.#breakAll(e);
+      } finally {
+        this.#pumping = false;
+      }
+    })();
+  }
+
+  /** The request's outcome: its error, or a READ the reply did not cover. */
+  #finish(p: Pending): void {
+    if (p.failure !== undefined) throw p.failure;
+    if (p.into !== undefined && p.covered !== p.into.length) {
+      throw this.#fail(`a READ reply covering ${p.covered} of ${p.into.length} bytes`);
+    }
+  }
+
+  /** Request `p` is answered: off the books, its waiter told, room made. */
+  #done(cookie: bigint, p: Pending): void {
+    p.done = true;
+    this.#pending.delete(cookie);
+    p.settle?.();
+    const waiters = this.#roomWaiters;
+    this.#roomWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  /** The connection cannot go on (a broken reply, a dead socket): every request fails with `e`. */
+  #breakAll(e: unknown): void {
+    const error = e instanceof BlockError ? e : this.#fail(String(e));
+    this.#broken ??= error;
+    for (const [cookie, p] of [...this.#pending]) {
+      p.failure ??= error;
+      this.#done(cookie, p);
+    }
+  }
+
+  /** Reads one simple reply or one structured chunk and hands it to its request. */
+  #readMessage(): void {
+    if (this.#broken !== undefined) throw this.#broken;
+    try {
+      this.#dispatch();
+    } catch (e) {
+      this.#breakAll(e);
+      throw e;
+    }
+  }
+
+  #dispatch(): void {
+    const magic = new DataView(this.#recv(4).buffer).getUint32(0);
     if (magic === P.NBD_SIMPLE_REPLY_MAGIC) {
       const rest = new DataView(this.#recv(12).buffer);
-      if (rest.getBigUint64(4) !== cookie) throw this.#fail(`a reply for another request`);
+      const cookie = rest.getBigUint64(4);
+      const p = this.#pending.get(cookie);
+      if (p === undefined) throw this.#fail("a reply for no request in flight");
       const error = rest.getUint32(0);
-      if (error !== 0) throw this.#requestFailed(what, error, "");
-      if (into !== undefined) this.#socket.recvExact(into);
-      return;
+      if (error !== 0) p.failure = this.#requestFailed(p.what, error, "");
+      else if (p.into !== undefined) {
+        this.#socket.recvExact(p.into);
+        p.covered = p.into.length;
+      }
+      return this.#done(cookie, p);
     }
     if (magic !== P.NBD_STRUCTURED_REPLY_MAGIC || !this.#structured) {
       throw this.#fail(`bad reply magic 0x${magic.toString(16)}`);
     }
-    let covered = 0;
-    let failure: BlockError | undefined;
-    for (let chunk = 0;; chunk++) {
-      // Every chunk has its magic; the first one's was read above.
-      if (chunk > 0 && new DataView(this.#recv(4).buffer).getUint32(0) !== magic) {
-        throw this.#fail("bad reply chunk magic");
+    const h = new DataView(this.#recv(16).buffer);
+    const chunkFlags = h.getUint16(0);
+    const chunkType = h.getUint16(2);
+    const cookie = h.getBigUint64(4);
+    const p = this.#pending.get(cookie);
+    if (p === undefined) throw this.#fail("a reply chunk for no request in flight");
+    const size = h.getUint32(12);
+    if (size > MAX_CHUNK_PAYLOAD) throw this.#fail(`a reply chunk of ${size} bytes`);
+    const done = (chunkFlags & P.NBD_REPLY_FLAG_DONE) !== 0;
+    const into = p.into;
+    if (chunkType === P.NBD_REPLY_TYPE_OFFSET_DATA && into !== undefined) {
+      if (size < 8) throw this.#fail("a short OFFSET_DATA chunk");
+      const at = Number(new DataView(this.#recv(8).buffer).getBigUint64(0)) - p.offset;
+      const n = size - 8;
+      if (at < 0 || at + n > into.length) throw this.#fail("data outside the read");
+      this.#socket.recvExact(into.subarray(at, at + n));
+      p.covered += n;
+    } else if (chunkType === P.NBD_REPLY_TYPE_OFFSET_HOLE && into !== undefined) {
+      if (size !== 12) throw this.#fail("a malformed OFFSET_HOLE chunk");
+      const v = new DataView(this.#recv(12).buffer);
+      const at = Number(v.getBigUint64(0)) - p.offset;
+      const n = v.getUint32(8);
+      if (at < 0 || at + n > into.length) throw this.#fail("a hole outside the read");
+      into.fill(0, at, at + n);
+      p.covered += n;
+    } else if (chunkType === P.NBD_REPLY_TYPE_BLOCK_STATUS && p.extent !== undefined) {
+      if (size < 4 || (size - 4) % 8 !== 0) throw this.#fail("a malformed BLOCK_STATUS chunk");
+      const v = new DataView(this.#recv(size).buffer);
+      if (v.getUint32(0) === this.#allocationId) {
+        for (let at = 4; at < size; at += 8) p.extent(v.getUint32(at), v.getUint32(at + 4));
       }
-      const h = new DataView(this.#recv(16).buffer);
-      const chunkFlags = h.getUint16(0);
-      const chunkType = h.getUint16(2);
-      if (h.getBigUint64(4) !== cookie) throw this.#fail("a reply chunk for another request");
-      const size = h.getUint32(12);
-      if (size > MAX_CHUNK_PAYLOAD) throw this.#fail(`a reply chunk of ${size} bytes`);
-      const done = (chunkFlags & P.NBD_REPLY_FLAG_DONE) !== 0;
-      if (chunkType === P.NBD_REPLY_TYPE_OFFSET_DATA && into !== undefined) {
-        if (size < 8) throw this.#fail("a short OFFSET_DATA chunk");
-        const at = Number(new DataView(this.#recv(8).buffer).getBigUint64(0)) - offset;
-        const n = size - 8;
-        if (at < 0 || at + n > into.length) throw this.#fail("data outside the read");
-        this.#socket.recvExact(into.subarray(at, at + n));
-        covered += n;
-      } else if (chunkType === P.NBD_REPLY_TYPE_OFFSET_HOLE && into !== undefined) {
-        if (size !== 12) throw this.#fail("a malformed OFFSET_HOLE chunk");
-        const v = new DataView(this.#recv(12).buffer);
-        const at = Number(v.getBigUint64(0)) - offset;
-        const n = v.getUint32(8);
-        if (at < 0 || at + n > into.length) throw this.#fail("a hole outside the read");
-        into.fill(0, at, at + n);
-        covered += n;
-      } else if (chunkType === P.NBD_REPLY_TYPE_BLOCK_STATUS && extent !== undefined) {
-        if (size < 4 || (size - 4) % 8 !== 0) throw this.#fail("a malformed BLOCK_STATUS chunk");
-        const v = new DataView(this.#recv(size).buffer);
-        if (v.getUint32(0) === this.#allocationId) {
-          for (let at = 4; at < size; at += 8) extent(v.getUint32(at), v.getUint32(at + 4));
-        }
-      } else if ((chunkType & (1 << 15)) !== 0) {
-        if (size < 6) throw this.#fail("a malformed error chunk");
-        const v = new DataView(this.#recv(size).buffer);
-        const textLength = v.getUint16(4);
-        if (6 + textLength > size) throw this.#fail("a malformed error chunk");
-        const text = new TextDecoder().decode(new Uint8Array(v.buffer, 6, textLength));
-        failure ??= this.#requestFailed(what, v.getUint32(0), text);
-      } else if (chunkType === P.NBD_REPLY_TYPE_NONE) {
-        if (size !== 0 || !done) throw this.#fail("a malformed NONE chunk");
-      } else {
-        throw this.#fail(`an unexpected reply chunk of type ${chunkType} for a ${what}`);
-      }
-      if (done) break;
+    } else if ((chunkType & (1 << 15)) !== 0) {
+      if (size < 6) throw this.#fail("a malformed error chunk");
+      const v = new DataView(this.#recv(size).buffer);
+      const textLength = v.getUint16(4);
+      if (6 + textLength > size) throw this.#fail("a malformed error chunk");
+      const text = new TextDecoder().decode(new Uint8Array(v.buffer, 6, textLength));
+      p.failure ??= this.#requestFailed(p.what, v.getUint32(0), text);
+    } else if (chunkType === P.NBD_REPLY_TYPE_NONE) {
+      if (size !== 0 || !done) throw this.#fail("a malformed NONE chunk");
+    } else {
+      throw this.#fail(`an unexpected reply chunk of type ${chunkType} for a ${p.what}`);
     }
-    if (failure !== undefined) throw failure;
-    if (into !== undefined && covered !== into.length) {
-      throw this.#fail(`a READ reply covering ${covered} of ${into.length} bytes`);
-    }
+    if (done) this.#done(cookie, p);
   }
 
   #requestFailed(what: string, error: number, text: string): BlockError {
@@ -455,6 +623,59 @@ export class NbdFile implements HostFile {
     dst.set(wide.subarray(offset - start, offset - start + inside));
   }
 
+  /** As readAt, with the request's pieces in flight at once and the thread free meanwhile. */
+  async readAtAsync(offset: number, dst: Uint8Array): Promise<void> {
+    this.#live();
+    const inside = Math.max(0, Math.min(dst.length, this.#size - offset));
+    const min = this.#minBlock;
+    if (
+      inside > 0 && (offset % min !== 0 || (inside % min !== 0 && offset + inside < this.#size))
+    ) {
+      return this.readAt(offset, dst);
+    }
+    if (inside < dst.length) dst.fill(0, inside);
+    const parts: Promise<void>[] = [];
+    for (let pos = 0; pos < inside;) {
+      const n = Math.min(this.#maxBlock, inside - pos);
+      parts.push(
+        this.#requestAsync(P.NBD_CMD_READ, offset + pos, n, undefined, dst.subarray(pos, pos + n)),
+      );
+      pos += n;
+    }
+    await settleAll(parts);
+  }
+
+  /** As writeAt, with the request's pieces in flight at once; flushAsync waits for it. */
+  async writeAtAsync(offset: number, src: Uint8Array): Promise<void> {
+    this.#writable(offset, src.length);
+    const min = this.#minBlock;
+    if (src.length > 0 && (offset % min !== 0 || src.length % min !== 0)) {
+      return this.writeAt(offset, src);
+    }
+    const parts: Promise<void>[] = [];
+    for (let pos = 0; pos < src.length;) {
+      const n = Math.min(this.#maxBlock, src.length - pos);
+      parts.push(this.#requestAsync(P.NBD_CMD_WRITE, offset + pos, n, src.subarray(pos, pos + n)));
+      pos += n;
+    }
+    const all = settleAll(parts);
+    const tracked = all.catch(() => {});
+    this.#writesInFlight.add(tracked);
+    try {
+      await all;
+    } finally {
+      this.#writesInFlight.delete(tracked);
+    }
+  }
+
+  /** FLUSH once the writes accepted before it are answered (the spec: it covers completed ones). */
+  async flushAsync(): Promise<void> {
+    this.#live();
+    if (this.readOnly || (this.#flags & P.NBD_FLAG_SEND_FLUSH) === 0) return;
+    await Promise.all([...this.#writesInFlight]);
+    await this.#requestAsync(P.NBD_CMD_FLUSH, 0, 0);
+  }
+
   #readAligned(offset: number, dst: Uint8Array): void {
     for (let pos = 0; pos < dst.length;) {
       const n = Math.min(this.#maxBlock, dst.length - pos);
@@ -465,6 +686,8 @@ export class NbdFile implements HostFile {
 
   #writable(offset: number, length: number): void {
     this.#live();
+    // Synchronous calls that write come after the async ones already sent.
+    this.#drain();
     if (this.readOnly) throw this.#fail("opened read-only", "read-only");
     if (offset + length > this.#size) {
       throw this.#fail(
@@ -507,6 +730,7 @@ export class NbdFile implements HostFile {
 
   flush(): void {
     this.#live();
+    this.#drain();
     if (this.readOnly || (this.#flags & P.NBD_FLAG_SEND_FLUSH) === 0) return;
     this.#request(P.NBD_CMD_FLUSH, 0, 0, 0);
   }
@@ -593,6 +817,12 @@ export class NbdFile implements HostFile {
 
   close(): void {
     if (this.#closed) return;
+    try {
+      // Requests in flight are answered first (their callers are told).
+      this.#drain();
+    } catch {
+      // Broken: they have failed already.
+    }
     this.#closed = true;
     try {
       // DISC has no reply; the server closes its side.
@@ -603,4 +833,10 @@ export class NbdFile implements HostFile {
       this.#socket.close();
     }
   }
+}
+
+/** Waits for every piece; the first failure is thrown once none is still running. */
+async function settleAll(parts: Promise<void>[]): Promise<void> {
+  const results = await Promise.allSettled(parts);
+  for (const r of results) if (r.status === "rejected") throw r.reason;
 }

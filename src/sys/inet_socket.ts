@@ -195,8 +195,12 @@ export class StreamSocket {
     }
   }
 
-  /** Sends every byte of each part, in order. */
-  sendAll(parts: readonly Uint8Array[]): void {
+  /**
+   * Sends every byte of each part, in order. While the peer is not taking more, `onReadable`
+   * (when given) is called each time there is something to receive: a peer that answers earlier
+   * requests before it reads on must have its answers read, or both sides would wait for ever.
+   */
+  sendAll(parts: readonly Uint8Array[], onReadable?: () => void): void {
     const fd = this.#live();
     const c = libc();
     for (const part of parts) {
@@ -209,10 +213,39 @@ export class StreamSocket {
           continue;
         }
         const code = errno();
-        if (code === EAGAIN) this.#wait(POLLOUT, "sending");
-        else if (code !== EINTR) throw failed("send", code, this.#what);
+        if (code === EINTR) continue;
+        if (code !== EAGAIN) throw failed("send", code, this.#what);
+        if (onReadable === undefined) {
+          this.#wait(POLLOUT, "sending");
+          continue;
+        }
+        const got = pollOne(fd, POLLOUT | POLLIN, this.timeoutMs);
+        if (got === 0) {
+          throw new BlockError(
+            "io",
+            `${this.#what}: no answer in ${this.timeoutMs / 1000} s while sending`,
+          );
+        }
+        if ((got & POLLIN) !== 0) onReadable();
       }
     }
+  }
+
+  /** Whether something can be received now (or the peer closed: a receive says so). */
+  readable(): boolean {
+    return (pollOne(this.#live(), POLLIN, 0) & (POLLIN | POLLHUP | POLLERR)) !== 0;
+  }
+
+  /**
+   * Whether something can be received within `ms`, found without holding the thread (poll on
+   * Deno's blocking pool: tens of µs, so for waits, not per message).
+   */
+  async waitReadable(ms: number): Promise<boolean> {
+    const table = new Uint8Array(8);
+    const v = new DataView(table.buffer);
+    v.setInt32(0, this.#live(), true);
+    v.setInt16(4, POLLIN, true);
+    return await libc().poll_async(table, 1n, ms) !== 0;
   }
 
   /**

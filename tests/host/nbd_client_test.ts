@@ -273,3 +273,42 @@ Deno.test("NbdFile against servers that misbehave: each a BlockError naming the 
     Deno.removeSync(dir, { recursive: true });
   }
 });
+
+Deno.test("NbdFile's async reads and writes: many in flight, replies in any order, sync calls between them", async () => {
+  await withServer(async (uri, image) => {
+    const f = NbdFile.open(uri("disk"));
+    try {
+      // 48 writes of 64 KiB at once (more than the 16 in flight: the rest wait their turn).
+      const writes: Promise<void>[] = [];
+      for (let i = 0; i < 48; i++) {
+        writes.push(f.writeAtAsync!(i * 65536, new Uint8Array(65536).fill(100 + i)));
+      }
+      // A synchronous read in the middle: it hands over the replies it meets.
+      const mid = new Uint8Array(512);
+      f.readAt(3 << 20, mid);
+      await Promise.all(writes);
+      await f.flushAsync!();
+      const reads = Array.from({ length: 48 }, () => new Uint8Array(65536));
+      await Promise.all(reads.map((b, i) => f.readAtAsync!(i * 65536, b)));
+      reads.forEach((b, i) =>
+        assert.deepEqual(b, new Uint8Array(65536).fill(100 + i), `block ${i}`)
+      );
+      // One read past the end: the part inside from the server, the rest zeroes.
+      const tail = new Uint8Array(4096).fill(9);
+      await f.readAtAsync!((4 << 20) - 2048, tail);
+      assert.deepEqual(tail.subarray(2048), new Uint8Array(2048));
+      // A failed async request (past the end) fails alone; the connection goes on.
+      await assert.rejects(
+        () => f.writeAtAsync!((4 << 20) - 512, new Uint8Array(1024)),
+        /past the end/,
+      );
+      const again = new Uint8Array(65536);
+      await f.readAtAsync!(0, again);
+      assert.equal(again[0], 100);
+    } finally {
+      f.close();
+    }
+    const disk = await Deno.readFile(image);
+    for (let i = 0; i < 48; i++) assert.equal(disk[i * 65536 + 100], 100 + i, `block ${i} on disk`);
+  });
+});
