@@ -43,13 +43,13 @@ export function resolveNode(
   const node = byName.get(name);
   if (node === undefined) throw new ServeUsageError(`no node named '${name}'`);
   let file: BlockdevSpec;
-  if (node.driver === "file") {
+  if (node.driver === "file" || node.driver === "nbd") {
     file = node;
   } else {
     const ref = node.file!;
     const found = typeof ref === "string" ? byName.get(ref) : ref;
     if (found === undefined) throw new ServeUsageError(`node '${name}': no file node '${ref}'`);
-    if (found.driver !== "file") {
+    if (found.driver !== "file" && found.driver !== "nbd") {
       throw new ServeUsageError(
         `node '${name}': its file '${found.nodeName}' is a ${found.driver} node (a format over a ` +
           "format is not supported; give a driver=file node)",
@@ -70,7 +70,9 @@ export function resolveNode(
   const options: OpenOptions = {
     readOnly: !writable,
     cache: cacheMode(file),
-    ...(node.probe === true ? {} : { format: node.driver === "file" ? "raw" : node.driver }),
+    ...(node.probe === true
+      ? {}
+      : { format: node.driver === "file" || node.driver === "nbd" ? "raw" : node.driver }),
     ...(file.aio === undefined ? {} : { aio: file.aio === "native" ? "io_uring" : file.aio }),
     ...(node.backing === null ? { noBacking: true } : {}),
   };

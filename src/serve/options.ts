@@ -202,8 +202,8 @@ class Fields {
 /** One `--blockdev`: a format node over a file, or a file node. */
 export interface BlockdevSpec {
   readonly nodeName: string;
-  readonly driver: "file" | "raw" | "qcow2";
-  /** driver=file: the path. */
+  readonly driver: "file" | "nbd" | "raw" | "qcow2";
+  /** driver=file: the path; driver=nbd: the export's URI (built from server.* and export). */
   readonly filename?: string;
   /** Format drivers: the file under them, nested or by node name. */
   readonly file?: BlockdevSpec | string;
@@ -278,8 +278,32 @@ export interface ServeConfig {
 
 let anonymous = 0;
 
+/** driver=nbd's `server.*` and `export` as the NBD URI vstor opens. */
+function nbdUri(f: Fields, what: string): string {
+  const server = f.group("server");
+  if (server === undefined) throw new ServeUsageError(`${what}: parameter 'server' is missing`);
+  const type = server.oneOf("type", ["unix", "inet"] as const, "inet");
+  const name = encodeURIComponent(f.string("export") ?? "");
+  let uri: string;
+  if (type === "unix") {
+    uri = `nbd+unix:///${name}?socket=${encodeURIComponent(server.required("path"))}`;
+  } else {
+    const host = server.required("host");
+    const port = server.string("port") ?? "10809";
+    if (!/^[0-9]+$/.test(port) || Number(port) > 65535) {
+      throw new ServeUsageError(`${what}: server.port '${port}' is not a port number`);
+    }
+    uri = `nbd://${host.includes(":") ? `[${host}]` : host}:${port}/${name}`;
+  }
+  server.done();
+  if (f.has("tls-creds")) throw new ServeUsageError(`${what}: TLS is not supported yet`);
+  // QEMU's client options that change nothing here.
+  for (const key of ["reconnect-delay", "open-timeout"]) f.raw(key);
+  return uri;
+}
+
 function blockdev(f: Fields, what: string, nested: boolean): BlockdevSpec {
-  const driver = f.oneOf("driver", ["file", "raw", "qcow2"] as const, "raw");
+  const driver = f.oneOf("driver", ["file", "nbd", "raw", "qcow2"] as const, "raw");
   if (!f.has("driver")) f.required("driver");
   const nodeName = nested
     ? (f.string("node-name") ?? `#node${anonymous++}`)
@@ -315,6 +339,11 @@ function blockdev(f: Fields, what: string, nested: boolean): BlockdevSpec {
   if (driver === "file") {
     spec.filename = f.required("filename");
     f.raw("locking"); // accepted and ignored: vstor always takes QEMU's image locks
+  } else if (driver === "nbd") {
+    if (spec.cacheDirect || aio !== undefined) {
+      throw new ServeUsageError(`${what}: an NBD node has no cache.direct or aio (the server's)`);
+    }
+    spec.filename = nbdUri(f, what);
   } else {
     const file = f.raw("file");
     if (file === undefined) throw new ServeUsageError(`${what}: parameter 'file' is missing`);

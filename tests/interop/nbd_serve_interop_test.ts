@@ -250,3 +250,64 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "vstor serve re-exports another server's NBD export (--blockdev driver=nbd): writes reach the source, qemu-img sees the same bytes through both",
+  ignore,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vstor_nbd_interop_" });
+    try {
+      const image = join(dir, "src.qcow2");
+      await ok("qemu-img", ["create", "-q", "-f", "qcow2", image, "16M"]);
+      await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 6 1M 1M", image]);
+      const srcSock = join(dir, "src.sock");
+      const child = new Deno.Command("qemu-nbd", {
+        // Two clients at once: vstor and qemu-img compare.
+        args: ["-t", "-e", "2", "-f", "qcow2", "-x", "src", "-k", srcSock, image],
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+      try {
+        for (let i = 0; i < 100; i++) {
+          try {
+            if (Deno.statSync(srcSock).isSocket) break;
+          } catch {
+            // Not yet.
+          }
+          await new Promise((resolve) => setTimeout(resolve, 50));
+        }
+        const socket = join(dir, "re.sock");
+        const re = `nbd+unix:///re?socket=${socket}`;
+        const src = `nbd+unix:///src?socket=${srcSock}`;
+        await withDaemon([
+          "--blockdev",
+          `driver=nbd,node-name=n,server.type=unix,server.path=${srcSock},export=src`,
+          "--nbd-server",
+          `addr.type=unix,addr.path=${socket}`,
+          "--export",
+          "type=nbd,id=e0,node-name=n,name=re,writable=on",
+        ], async () => {
+          await ok("qemu-io", [
+            "-f",
+            "raw",
+            "-c",
+            "write -P 9 4M 64k",
+            "-c",
+            "read -P 6 1M 1M",
+            re,
+          ]);
+          await ok("qemu-img", ["compare", "-f", "raw", "-F", "raw", re, src]);
+          await ok("qemu-io", ["-r", "-f", "raw", "-c", "read -P 9 4M 64k", src]);
+        });
+      } finally {
+        child.kill("SIGTERM");
+        await child.status;
+      }
+      await ok("qemu-img", ["check", image]);
+      await ok("qemu-io", ["-r", "-f", "qcow2", "-c", "read -P 9 4M 64k", image]);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});

@@ -154,7 +154,7 @@ Deno.test("qsd users' mistakes are named", () => {
   bad(["--blockdev", "driver=file,filename=/x"], /--blockdev 1: parameter 'node-name' is missing/);
   bad(
     ["--blockdev", "driver=vmdk,node-name=a,file=b"],
-    /parameter 'driver' expects file, raw, qcow2/,
+    /parameter 'driver' expects file, nbd, raw, qcow2/,
   );
   bad([file, "--blockdev", "qcow2,node-name=q"], /--blockdev 2: parameter 'file' is missing/);
   bad([file, "--blockdev", "qcow2,node-name=q,file=nope"], /no node named 'nope' for its file/);
@@ -337,5 +337,41 @@ Deno.test("NBD mistakes are named", () => {
       assert.match(e.message, message);
       return true;
     });
+  }
+});
+
+Deno.test("--blockdev driver=nbd (QEMU's server.* and export) is a protocol node under raw or qcow2", () => {
+  const config = parseServeArgs([
+    "--blockdev",
+    "driver=nbd,node-name=src,server.type=unix,server.path=/run/a b.sock,export=disk",
+    "--blockdev",
+    "driver=nbd,node-name=tcp,server.type=inet,server.host=::1,server.port=10810,reconnect-delay=5",
+    "--blockdev",
+    "qcow2,node-name=q,file=tcp",
+    "--nbd-server",
+    "addr.type=unix,addr.path=/run/re.sock",
+    "--export",
+    "type=nbd,id=e0,node-name=src,name=re",
+    "--export",
+    "type=nbd,id=e1,node-name=q,name=q",
+  ]);
+  assert.equal(config.blockdevs[0]!.filename, "nbd+unix:///disk?socket=%2Frun%2Fa%20b.sock");
+  assert.equal(config.blockdevs[1]!.filename, "nbd://[::1]:10810/");
+  assert.deepEqual(resolveNode(config.blockdevs, "src", false), {
+    path: "nbd+unix:///disk?socket=%2Frun%2Fa%20b.sock",
+    options: { readOnly: true, cache: "writeback", format: "raw" },
+  });
+  assert.equal(resolveNode(config.blockdevs, "q", false).path, "nbd://[::1]:10810/");
+  assert.equal(resolveNode(config.blockdevs, "q", false).options.format, "qcow2");
+  for (
+    const [spec, message] of [
+      ["driver=nbd,node-name=n", /parameter 'server' is missing/],
+      ["driver=nbd,node-name=n,server.type=unix", /'path' is missing|server.path/],
+      ["driver=nbd,node-name=n,server.type=inet,server.host=h,server.port=x", /not a port/],
+      ["driver=nbd,node-name=n,server.type=unix,server.path=/s,tls-creds=t", /TLS/],
+      ["driver=nbd,node-name=n,server.type=unix,server.path=/s,aio=io_uring", /aio/],
+    ] as const
+  ) {
+    assert.throws(() => parseServeArgs(["--blockdev", spec]), message, spec);
   }
 });
