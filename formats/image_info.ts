@@ -9,6 +9,7 @@
  */
 import type { BlockNode } from "../src/block/node.ts";
 import { resolveBacking } from "./open.ts";
+import { canonicalNbdName, isNbdUri, parseNbdUri } from "../src/host/nbd.ts";
 import { Qcow2Node } from "./qcow2/qcow2.ts";
 import {
   COMPAT_LAZY_REFCOUNTS,
@@ -51,7 +52,8 @@ export function imageInfo(node: BlockNode, filename: string): Record<string, unk
   const backing = node.backingName;
   if (backing?.format !== undefined) out["backing-filename-format"] = backing.format;
   out["virtual-size"] = node.size;
-  out["filename"] = filename;
+  // An NBD node's name as QEMU rebuilds it, whatever form was given.
+  out["filename"] = isNbdUri(filename) ? canonicalNbdName(parseNbdUri(filename)) : filename;
   if (q) out["cluster-size"] = q.clusterSize;
   out["format"] = node.format;
   // Unknown for a file on a server (NBD): qemu-img leaves the key out.

@@ -340,11 +340,10 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
 export function resolveBacking(overlay: string, name: string): string {
   if (isAbsolute(name) || isNbdUri(name)) return name;
   if (isNbdUri(overlay)) {
-    throw new BlockError(
-      "unsupported",
-      `Backing file '${name}' is named relative to an NBD export: give an absolute name or a URI`,
-      { path: overlay },
-    );
+    // QEMU's words: an export has no directory to be relative to.
+    throw new BlockError("unsupported", "Cannot generate a base directory for NBD nodes", {
+      path: overlay,
+    });
   }
   const slash = overlay.lastIndexOf("/");
   return slash < 0 ? name : overlay.slice(0, slash + 1) + name;

@@ -200,11 +200,14 @@ export class RawNode implements BlockNode {
     const hostOffset = this.#base + offset;
     const st = this.#file.dataStatus(hostOffset, want);
     const length = Math.max(1, Math.min(want, st.length));
+    // Past the end of a file on a server (an NBD export rounded up to whole sectors) there is no
+    // host offset to give, as QEMU's nbd driver says; a local file's tail keeps its own.
+    const beyond = this.#file.knowsAllocation === false && hostOffset >= this.#file.size();
     return {
       kind: st.data ? "data" : "zero",
       offset,
       length,
-      hostOffset,
+      ...(beyond ? {} : { hostOffset }),
       ...(st.data && st.zero === true ? { readsZero: true } : {}),
     };
   }

@@ -102,6 +102,22 @@ export function parseNbdUri(uri: string): NbdTarget {
   };
 }
 
+/**
+ * The name QEMU gives an NBD node (block/nbd.c's nbd_refresh_filename), which qemu-img info
+ * prints whatever form the user wrote: `nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST:PORT/EXPORT`,
+ * without the `/EXPORT` for the empty name.
+ */
+export function canonicalNbdName(target: NbdTarget): string {
+  const name = target.name === "" ? undefined : target.name;
+  if (target.transport === "unix") {
+    return name === undefined
+      ? `nbd+unix://?socket=${target.path}`
+      : `nbd+unix:///${name}?socket=${target.path}`;
+  }
+  const base = `nbd://${target.host}:${target.port}`;
+  return name === undefined ? base : `${base}/${name}`;
+}
+
 /** Options of {@linkcode NbdFile.open}. */
 export interface NbdOpenOptions {
   readonly readOnly?: boolean;
@@ -185,7 +201,7 @@ export class NbdFile implements HostFile {
     try {
       file.#negotiate(target.name);
     } catch (e) {
-      file.#abort();
+      file.#goodbye();
       socket.close();
       throw e;
     }
@@ -204,14 +220,24 @@ export class NbdFile implements HostFile {
 
   // ---- handshake ----
 
-  /** Ends a handshake politely (ABORT), whatever state it is in. */
-  #abort(): void {
+  /** Where the handshake is: what a polite goodbye is depends on it. */
+  #phase: "greeting" | "options" | "transmission" = "greeting";
+
+  /**
+   * Leaves a connection that will not be used, as the phase wants: nothing before the client
+   * flags went out, ABORT among the options, DISC once transmission began.
+   */
+  #goodbye(): void {
     try {
-      const header = new Uint8Array(P.OPTION_HEADER_SIZE);
-      const h = new DataView(header.buffer);
-      h.setBigUint64(0, P.NBD_OPTS_MAGIC);
-      h.setUint32(8, P.NBD_OPT_ABORT);
-      this.#socket.sendAll([header]);
+      if (this.#phase === "options") {
+        const header = new Uint8Array(P.OPTION_HEADER_SIZE);
+        const h = new DataView(header.buffer);
+        h.setBigUint64(0, P.NBD_OPTS_MAGIC);
+        h.setUint32(8, P.NBD_OPT_ABORT);
+        this.#socket.sendAll([header]);
+      } else if (this.#phase === "transmission") {
+        this.#socket.sendAll([P.encodeRequest(P.NBD_CMD_DISC, 0, this.#cookie++, 0, 0)]);
+      }
     } catch {
       // The server is gone or never was: nothing to be polite to.
     }
@@ -235,10 +261,12 @@ export class NbdFile implements HostFile {
         P.NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? P.NBD_FLAG_C_NO_ZEROES : 0),
       ).done(),
     ]);
+    this.#phase = "options";
     this.#structured = this.#option(P.NBD_OPT_STRUCTURED_REPLY, new Uint8Array(0), () => {})
       .type === P.NBD_REP_ACK;
     if (this.#structured) this.#setMetaContext(name);
     this.#go(name, noZeroes);
+    this.#phase = "transmission";
     if (!this.readOnly && (this.#flags & P.NBD_FLAG_READ_ONLY) !== 0) {
       throw this.#fail(`export '${name}' is read-only`, "read-only");
     }
