@@ -11,6 +11,8 @@
  * @module
  */
 import { openImage } from "../../formats/open.ts";
+import type { DirtyBitmap } from "../../formats/qcow2/dirty_bitmap.ts";
+import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import type { BlockNode } from "../block/node.ts";
 import { setUringIdlePoll } from "../host/uring_queue.ts";
 import type { NodeOpen } from "./blockdev.ts";
@@ -98,6 +100,22 @@ async function accept(l: Deno.Listener, s: NbdServer): Promise<void> {
   }
 }
 
+/**
+ * Persistent bitmap `name` of the export's node or, as QEMU looks, of an image below it in the
+ * chain; one that was found inconsistent (IN_USE at open) cannot be used.
+ */
+function findBitmap(node: BlockNode, name: string, exportId: string): DirtyBitmap {
+  for (let n: BlockNode | undefined = node; n !== undefined; n = n.backing) {
+    const found = n instanceof Qcow2Node ? n.bitmaps?.find(name) : undefined;
+    if (found === undefined) continue;
+    if (found.inconsistent) {
+      throw new Error(`export '${exportId}': Bitmap '${name}' is inconsistent and cannot be used`);
+    }
+    return found;
+  }
+  throw new Error(`export '${exportId}': Bitmap '${name}' is not found`);
+}
+
 async function init(msg: Extract<NbdRequest, { kind: "init" }>): Promise<void> {
   // An io_uring ring's pump waits in the kernel at most 100 µs at a time, then lets the event
   // loop turn: the sockets are served while the disk works.
@@ -116,6 +134,7 @@ async function init(msg: Extract<NbdRequest, { kind: "init" }>): Promise<void> {
         node,
         writable: spec.writable,
         allocationDepth: spec.allocationDepth,
+        bitmaps: (spec.bitmaps ?? []).map((name) => findBitmap(node, name, spec.id)),
       });
     }
     server = new NbdServer(exports, {

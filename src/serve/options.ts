@@ -246,6 +246,8 @@ export interface NbdExportSpec {
   readonly writable: boolean;
   /** Offer the `qemu:allocation-depth` metadata context. */
   readonly allocationDepth: boolean;
+  /** Persistent dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts. */
+  readonly bitmaps?: readonly string[];
 }
 
 /** Where `--nbd-server` listens. */
@@ -395,9 +397,7 @@ function nbdExportSpec(f: Fields, what: string): NbdExportSpec {
   if (description !== undefined && utf8(description) > 4096) {
     throw new ServeUsageError(`${what}: description is longer than 4096 bytes`);
   }
-  if (f.has("bitmaps") || f.has("bitmap")) {
-    throw new ServeUsageError(`${what}: exporting dirty bitmaps over NBD is not supported yet`);
-  }
+  const bitmaps = bitmapList(f.raw("bitmaps"), what);
   const spec: NbdExportSpec = {
     type: "nbd",
     id,
@@ -406,9 +406,39 @@ function nbdExportSpec(f: Fields, what: string): NbdExportSpec {
     ...(description === undefined ? {} : { description }),
     writable: f.bool("writable", false),
     allocationDepth: f.bool("allocation-depth", false),
+    ...(bitmaps.length === 0 ? {} : { bitmaps }),
   };
   f.done();
   return spec;
+}
+
+/**
+ * `bitmaps`: QEMU's list of bitmap names, as keyval (`bitmaps.0=a,bitmaps.1=b`) or JSON
+ * (`"bitmaps": ["a", "b"]`); the `{node, name}` form is not taken (vstor looks down the export's
+ * own chain, as QEMU does for a name).
+ */
+function bitmapList(value: OptionValue | undefined, what: string): string[] {
+  if (value === undefined) return [];
+  const items = Array.isArray(value)
+    ? value
+    : typeof value === "object" && value !== null
+    ? Object.keys(value).sort((a, b) => Number(a) - Number(b)).map((k) => {
+      if (!/^[0-9]+$/.test(k)) {
+        throw new ServeUsageError(`${what}: parameter 'bitmaps.${k}' is not a list index`);
+      }
+      return (value as OptionTree)[k];
+    })
+    : [value];
+  const names = items.map((v) => {
+    if (typeof v !== "string" || v === "") {
+      throw new ServeUsageError(`${what}: parameter 'bitmaps' expects bitmap names`);
+    }
+    return v;
+  });
+  if (new Set(names).size !== names.length) {
+    throw new ServeUsageError(`${what}: a bitmap is named twice in 'bitmaps'`);
+  }
+  return names;
 }
 
 function nbdServerSpec(f: Fields, what: string): NbdServerSpec {

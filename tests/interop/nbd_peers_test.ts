@@ -1237,3 +1237,55 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "nbdinfo --map=qemu:dirty-bitmap:NAME on vstor serve (bitmaps=…) equals qemu-nbd -B NAME's; a missing bitmap stops the start naming it",
+  ignore,
+  async fn() {
+    await withDir(async (dir) => {
+      const image = join(dir, "bm.qcow2");
+      await ok("qemu-img", ["create", "-q", "-f", "qcow2", image, "64M"]);
+      // b0 tracks writes (it sees both), b1 was added between them; b2 is in the backing file.
+      await ok("qemu-img", ["bitmap", "--add", image, "b0"]);
+      await ok("qemu-io", ["-f", "qcow2", "-c", "write -P 1 1M 64k", image]);
+      await ok("qemu-img", ["bitmap", "--add", "-g", "128k", image, "b1"]);
+      await ok("qemu-io", [
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 2 10M 200k",
+        "-c",
+        "write 63M 1M",
+        image,
+      ]);
+      const copy = join(dir, "copy.qcow2");
+      await Deno.copyFile(image, copy);
+      const socket = join(dir, "vstor.sock");
+      const ours: Record<string, string> = {};
+      await withDaemon(
+        serveQcow2(image, socket, false, ",bitmaps.0=b0,bitmaps.1=b1"),
+        async () => {
+          const uri = `nbd+unix:///disk?socket=${socket}`;
+          for (const b of ["b0", "b1"]) {
+            ours[b] = await ok("nbdinfo", [`--map=qemu:dirty-bitmap:${b}`, uri]);
+          }
+          const list = await ok("nbdinfo", ["--list", "--json", uri]);
+          assert.match(list, /qemu:dirty-bitmap:b0/);
+          assert.match(list, /qemu:dirty-bitmap:b1/);
+        },
+      );
+      for (const b of ["b0", "b1"]) {
+        await withQemuNbd(dir, copy, ["-r", "-f", "qcow2", "-B", b], async (uri) => {
+          assert.equal(ours[b], await ok("nbdinfo", [`--map=qemu:dirty-bitmap:${b}`, uri]), b);
+        });
+      }
+      assert.match(ours["b0"]!, /1048576\s+65536\s+1\s+dirty/);
+      assert.doesNotMatch(ours["b1"]!, /^\s*1048576\s+\S+\s+1/m, "b1 came after the first write");
+      await assert.rejects(
+        () => withDaemon(serveQcow2(image, socket, false, ",bitmaps.0=nope"), async () => {}),
+        /Bitmap 'nope' is not found/,
+      );
+    });
+  },
+});

@@ -270,6 +270,18 @@ Deno.test("qsd's NBD command line: --nbd-server (unix, inet) and --export type=n
       allocationDepth: false,
     },
   ]);
+  const withBitmaps = parseServeArgs([
+    "--blockdev",
+    "driver=file,node-name=f0,filename=/images/a.raw",
+    "--nbd-server",
+    "addr.type=unix,addr.path=/run/nbd.sock",
+    "--export",
+    "type=nbd,id=e0,node-name=f0,bitmaps.1=second,bitmaps.0=first",
+    "--export",
+    JSON.stringify({ type: "nbd", id: "e1", "node-name": "f0", name: "j", bitmaps: ["x"] }),
+  ]);
+  assert.deepEqual(withBitmaps.nbdExports[0]!.bitmaps, ["first", "second"]);
+  assert.deepEqual(withBitmaps.nbdExports[1]!.bitmaps, ["x"]);
   const unix = parseServeArgs([
     "--blockdev",
     "driver=file,node-name=f0,filename=/images/a.raw",
@@ -304,7 +316,11 @@ Deno.test("NBD mistakes are named", () => {
   for (
     const [args, message] of [
       [[...file, "--export", "type=nbd,id=e0,node-name=f0"], /the NBD server is not running/],
-      [[...file, ...server, "--export", "type=nbd,id=e0,node-name=f0,bitmaps.0=b"], /bitmaps/],
+      [
+        [...file, ...server, "--export", "type=nbd,id=e0,node-name=f0,bitmaps.0=b,bitmaps.1=b"],
+        /a bitmap is named twice/,
+      ],
+      [[...file, ...server, "--export", "type=nbd,id=e0,node-name=f0,bitmaps.x=b"], /list index/],
       [
         [...file, "--nbd-server", "addr.type=unix,addr.path=/n,tls-creds=t"],
         /TLS is not supported/,

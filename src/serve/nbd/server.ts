@@ -29,6 +29,17 @@ export interface NbdExport {
   readonly writable: boolean;
   /** Offer `qemu:allocation-depth`. */
   readonly allocationDepth: boolean;
+  /** Dirty bitmaps offered as `qemu:dirty-bitmap:NAME`. */
+  readonly bitmaps?: readonly ExportedBitmap[];
+}
+
+/** A dirty bitmap as the server reads it (formats/qcow2/dirty_bitmap.ts's DirtyBitmap fits). */
+export interface ExportedBitmap {
+  readonly name: string;
+  /** Guest bytes one bit covers. */
+  readonly granularity: number;
+  /** Whether bit `k` is set. */
+  get(k: number): boolean;
 }
 
 /** Server options. */
@@ -55,6 +66,11 @@ const CACHE_PIECE = 1024 * 1024;
 
 const META_BASE = 0;
 const META_DEPTH = 1;
+/** Bitmap i of an export is context META_BITMAP + i. */
+const META_BITMAP = 2;
+const BITMAP_PREFIX = "qemu:dirty-bitmap:";
+/** qemu:dirty-bitmap's flag. */
+const NBD_STATE_DIRTY = 1;
 
 /** Why a connection is being closed (a protocol breach, logged once). */
 class Breach extends Error {}
@@ -441,15 +457,18 @@ class Connection {
     }
     const offered: Array<[number, string]> = [[META_BASE, P.CONTEXT_BASE_ALLOCATION]];
     if (e.allocationDepth) offered.push([META_DEPTH, P.CONTEXT_ALLOCATION_DEPTH]);
+    (e.bitmaps ?? []).forEach((b, i) => offered.push([META_BITMAP + i, BITMAP_PREFIX + b.name]));
     const chosen = new Map<number, string>();
     if (count === 0 && !set) {
       for (const [id, ctx] of offered) chosen.set(id, ctx);
     }
     for (const q of queries) {
       for (const [id, ctx] of offered) {
-        // An exact name, or (listing) a namespace's prefix ("base:", "qemu:").
+        // An exact name, or (listing) a namespace ("base:", "qemu:") or every bitmap
+        // ("qemu:dirty-bitmap:").
         const namespace = ctx.slice(0, ctx.indexOf(":") + 1);
-        if (q === ctx || (!set && q === namespace)) chosen.set(id, ctx);
+        const listed = q === namespace || (q === BITMAP_PREFIX && ctx.startsWith(BITMAP_PREFIX));
+        if (q === ctx || (!set && listed)) chosen.set(id, ctx);
       }
     }
     for (const [id, ctx] of chosen) {
@@ -682,30 +701,37 @@ class Connection {
   async #blockStatus(req: P.NbdRequest, e: NbdExport): Promise<void> {
     const one = (req.flags & P.NBD_CMD_FLAG_REQ_ONE) !== 0;
     const end = req.offset + req.length;
-    // Walk the chain once; each context folds the same runs its own way.
-    const runs: MapEntry[] = [];
-    for (let pos = req.offset; pos < end && runs.length < MAX_EXTENTS;) {
-      const run = await entryAt(e.node, pos, Math.min(end - pos, MAX_EXTENT_BYTES));
-      runs.push(run);
-      pos += run.length;
-      if (one) break;
-    }
     const ids = this.#meta!.ids;
+    // Walk the chain once, when a context needs it; each folds the same runs its own way.
+    const runs: MapEntry[] = [];
+    if (ids.some((id) => id < META_BITMAP)) {
+      for (let pos = req.offset; pos < end && runs.length < MAX_EXTENTS;) {
+        const run = await entryAt(e.node, pos, Math.min(end - pos, MAX_EXTENT_BYTES));
+        runs.push(run);
+        pos += run.length;
+        if (one) break;
+      }
+    }
     const parts: Uint8Array[] = [];
     ids.forEach((id, i) => {
-      const value = (r: MapEntry) =>
-        id === META_BASE
-          ? (r.data ? 0 : P.NBD_STATE_HOLE) | (r.zero ? P.NBD_STATE_ZERO : 0)
-          : r.present
-          ? r.depth + 1
-          : 0;
-      const extents: Array<[number, number]> = [];
-      for (const r of runs) {
-        const last = extents[extents.length - 1];
-        const v = value(r);
-        if (last !== undefined && last[1] === v && last[0] + r.length <= MAX_EXTENT_BYTES) {
-          last[0] += r.length;
-        } else extents.push([r.length, v]);
+      let extents: Array<[number, number]>;
+      if (id >= META_BITMAP) {
+        extents = bitmapExtents(e.bitmaps![id - META_BITMAP]!, req.offset, end, one);
+      } else {
+        const value = (r: MapEntry) =>
+          id === META_BASE
+            ? (r.data ? 0 : P.NBD_STATE_HOLE) | (r.zero ? P.NBD_STATE_ZERO : 0)
+            : r.present
+            ? r.depth + 1
+            : 0;
+        extents = [];
+        for (const r of runs) {
+          const last = extents[extents.length - 1];
+          const v = value(r);
+          if (last !== undefined && last[1] === v && last[0] + r.length <= MAX_EXTENT_BYTES) {
+            last[0] += r.length;
+          } else extents.push([r.length, v]);
+        }
       }
       const w = new P.WireWriter().u32(id);
       for (const [length, flags] of one ? extents.slice(0, 1) : extents) w.u32(length).u32(flags);
@@ -722,6 +748,31 @@ class Connection {
     });
     await this.#send(...parts);
   }
+}
+
+/**
+ * A bitmap's runs of dirty and clean granules over `[start, end)`, clipped to it (QEMU's
+ * bitmap_to_extents): at most MAX_EXTENTS, each under 4 GiB, one with `one`.
+ */
+function bitmapExtents(
+  bitmap: ExportedBitmap,
+  start: number,
+  end: number,
+  one: boolean,
+): Array<[number, number]> {
+  const g = bitmap.granularity;
+  const extents: Array<[number, number]> = [];
+  let pos = start;
+  while (pos < end && extents.length < MAX_EXTENTS) {
+    const dirty = bitmap.get(Math.floor(pos / g));
+    let next = (Math.floor(pos / g) + 1) * g;
+    while (next < end && next - pos < MAX_EXTENT_BYTES && bitmap.get(next / g) === dirty) next += g;
+    const stop = Math.min(next, end, pos + MAX_EXTENT_BYTES);
+    extents.push([stop - pos, dirty ? NBD_STATE_DIRTY : 0]);
+    pos = stop;
+    if (one) break;
+  }
+  return extents;
 }
 
 /** The size clients see: QEMU's, whole 512-byte sectors. */
