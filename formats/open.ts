@@ -82,6 +82,12 @@ export interface OpenOptions {
   aio?: "threads" | "io_uring";
   /** Open this image alone, without its backing chain (qemu-img info, rebase -u). */
   noBacking?: boolean;
+  /**
+   * An NBD image's client options, as QEMU's nbd driver takes them: `reconnectDelay` (seconds a
+   * lost connection is tried again while requests wait) and `openTimeout` (seconds the first
+   * connection is tried).
+   */
+  nbd?: { readonly reconnectDelay?: number; readonly openTimeout?: number };
   /** The backing file's format, instead of the one the image records (QEMU's `backing.driver`). */
   backingFormat?: string;
   /** qcow2 only: open for qemu-img check (QEMU's BDRV_O_CHECK; the check reads the snapshot table). */
@@ -245,13 +251,19 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
   if (opts.format !== undefined) driverFor(opts.format, path);
   const flags = cacheFlags(opts.cache ?? "writeback");
   // An NBD export is a file on a server: its cache and aio modes are the server's.
-  const file = isNbdUri(path) ? NbdFile.open(path, { readOnly }) : openHostFile(path, {
-    readOnly,
-    forceShare: opts.forceShare ?? false,
-    direct: flags.direct,
-    dsync: flags.writethrough,
-    ...(opts.aio === undefined ? {} : { aio: opts.aio }),
-  });
+  const file = isNbdUri(path)
+    ? NbdFile.open(path, {
+      readOnly,
+      reconnectDelayMs: (opts.nbd?.reconnectDelay ?? 0) * 1000,
+      openTimeoutMs: (opts.nbd?.openTimeout ?? 0) * 1000,
+    })
+    : openHostFile(path, {
+      readOnly,
+      forceShare: opts.forceShare ?? false,
+      direct: flags.direct,
+      dsync: flags.writethrough,
+      ...(opts.aio === undefined ? {} : { aio: opts.aio }),
+    });
   let node: BlockNode | undefined;
   try {
     let format = opts.format;
@@ -270,6 +282,7 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
       backingFormat: _bf,
       cache: _cache,
       aio: _aio,
+      nbd: _nbd,
       ...rest
     } = opts;
     node = await driver.open(file, {

@@ -15,7 +15,7 @@
  * @module
  */
 import { BlockError } from "../errors.ts";
-import { StreamSocket } from "../sys/inet_socket.ts";
+import { isConnectionLoss, StreamSocket } from "../sys/inet_socket.ts";
 import type { HostExtent, HostFile } from "./host_file.ts";
 import * as P from "./nbd_protocol.ts";
 
@@ -123,7 +123,23 @@ export interface NbdOpenOptions {
   readonly readOnly?: boolean;
   /** The longest wait for the server at any one point (default 60 s). */
   readonly timeoutMs?: number;
+  /**
+   * QEMU's `reconnect-delay` in ms: a connection lost while in use is made again (the export
+   * must be the same size) for up to this long, and the requests it carried are sent again;
+   * callers wait meanwhile. 0 (the default): a lost connection fails its requests.
+   */
+  readonly reconnectDelayMs?: number;
+  /** QEMU's `open-timeout` in ms: the first connection is retried for up to this long. */
+  readonly openTimeoutMs?: number;
 }
+
+/** Waits `ms` on this thread (the client's calls are synchronous). */
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
+/** Time between attempts to connect while a reconnect or open timeout runs. */
+const RETRY_MS = 200;
 
 /** A request sent and not yet answered in full. */
 interface Pending {
@@ -139,6 +155,8 @@ interface Pending {
   done: boolean;
   /** An async request's waiter. */
   settle: (() => void) | undefined;
+  /** What was sent (header and payload), to send again after a reconnect. */
+  readonly parts: Uint8Array[];
 }
 
 /** How long the async reply pump looks at the socket at a time. */
@@ -157,7 +175,10 @@ export class NbdFile implements HostFile {
   readonly readOnly: boolean;
   /** The server's storage is its own business: allocatedSize() cannot say. */
   readonly knowsAllocation = false;
-  readonly #socket: StreamSocket;
+  #socket: StreamSocket;
+  readonly #target: NbdTarget;
+  readonly #timeoutMs: number;
+  readonly #reconnectMs: number;
   #size = 0;
   #flags = 0;
   #structured = false;
@@ -178,10 +199,26 @@ export class NbdFile implements HostFile {
   /** Async writes not yet answered (flushAsync waits for them). */
   readonly #writesInFlight = new Set<Promise<void>>();
 
-  private constructor(path: string, socket: StreamSocket, readOnly: boolean) {
+  private constructor(
+    path: string,
+    target: NbdTarget,
+    socket: StreamSocket,
+    readOnly: boolean,
+    timeoutMs: number,
+    reconnectMs: number,
+  ) {
     this.path = path;
+    this.#target = target;
     this.#socket = socket;
     this.readOnly = readOnly;
+    this.#timeoutMs = timeoutMs;
+    this.#reconnectMs = reconnectMs;
+  }
+
+  static #connect(target: NbdTarget, timeoutMs: number): StreamSocket {
+    return target.transport === "tcp"
+      ? StreamSocket.tcp(target.host, target.port, timeoutMs)
+      : StreamSocket.unix(target.path, timeoutMs);
   }
 
   /**
@@ -194,10 +231,25 @@ export class NbdFile implements HostFile {
   static open(uri: string, opts: NbdOpenOptions = {}): NbdFile {
     const target = parseNbdUri(uri);
     const timeout = opts.timeoutMs ?? 60_000;
-    const socket = target.transport === "tcp"
-      ? StreamSocket.tcp(target.host, target.port, timeout)
-      : StreamSocket.unix(target.path, timeout);
-    const file = new NbdFile(uri, socket, opts.readOnly ?? false);
+    const deadline = performance.now() + (opts.openTimeoutMs ?? 0);
+    let socket: StreamSocket;
+    for (;;) {
+      try {
+        socket = NbdFile.#connect(target, timeout);
+        break;
+      } catch (e) {
+        if (performance.now() >= deadline) throw e;
+        sleepSync(RETRY_MS);
+      }
+    }
+    const file = new NbdFile(
+      uri,
+      target,
+      socket,
+      opts.readOnly ?? false,
+      timeout,
+      opts.reconnectDelayMs ?? 0,
+    );
     try {
       file.#negotiate(target.name);
     } catch (e) {
@@ -416,17 +468,20 @@ export class NbdFile implements HostFile {
       failure: undefined,
       done: false,
       settle: undefined,
+      parts: [],
     };
     this.#pending.set(cookie, p);
     const header = P.encodeRequest(type, flags, cookie, offset, length);
+    p.parts.push(header);
+    if (payload !== undefined) p.parts.push(payload);
     try {
-      this.#socket.sendAll(
-        payload === undefined ? [header] : [header, payload],
-        () => this.#readMessage(),
-      );
+      this.#socket.sendAll(p.parts, () => this.#readMessage());
     } catch (e) {
-      this.#breakAll(e);
-      throw e;
+      // A lost connection made again sends every request in flight, this one included.
+      if (!this.#lost(e)) {
+        this.#breakAll(e);
+        throw e;
+      }
     }
     return p;
   }
@@ -539,9 +594,52 @@ export class NbdFile implements HostFile {
     try {
       this.#dispatch();
     } catch (e) {
+      if (this.#lost(e)) return;
       this.#breakAll(e);
       throw e;
     }
+  }
+
+  /**
+   * With a reconnect delay, a lost connection is made again and every request in flight sent
+   * again: true when that worked (the caller goes on), false when `e` is something else. When
+   * the delay runs out every request fails with the loss.
+   */
+  #lost(e: unknown): boolean {
+    if (this.#reconnectMs <= 0 || !isConnectionLoss(e) || this.#closed) return false;
+    const deadline = performance.now() + this.#reconnectMs;
+    const size = this.#size;
+    this.#socket.close();
+    for (;;) {
+      try {
+        this.#socket = NbdFile.#connect(this.#target, this.#timeoutMs);
+        this.#phase = "greeting";
+        this.#negotiate(this.#target.name);
+        if (this.#size !== size) {
+          throw this.#fail(`the export is ${this.#size} bytes after a reconnect, was ${size}`);
+        }
+        break;
+      } catch (again) {
+        this.#socket.close();
+        if (performance.now() >= deadline) {
+          const error = this.#fail(
+            `the connection was lost and not made again in ${this.#reconnectMs / 1000} s: ${
+              (again as Error).message
+            }`,
+          );
+          this.#breakAll(error);
+          throw error;
+        }
+        sleepSync(RETRY_MS);
+      }
+    }
+    // Everything in flight goes again (a READ refills its buffer from the start).
+    for (const p of this.#pending.values()) {
+      p.covered = 0;
+      p.failure = undefined;
+      this.#socket.sendAll(p.parts, () => this.#readMessage());
+    }
+    return true;
   }
 
   #dispatch(): void {

@@ -75,6 +75,12 @@ export function resolveNode(
       : { format: node.driver === "file" || node.driver === "nbd" ? "raw" : node.driver }),
     ...(file.aio === undefined ? {} : { aio: file.aio === "native" ? "io_uring" : file.aio }),
     ...(node.backing === null ? { noBacking: true } : {}),
+    ...(file.reconnectDelay === undefined && file.openTimeout === undefined ? {} : {
+      nbd: {
+        ...(file.reconnectDelay === undefined ? {} : { reconnectDelay: file.reconnectDelay }),
+        ...(file.openTimeout === undefined ? {} : { openTimeout: file.openTimeout }),
+      },
+    }),
   };
   return { path: file.filename!, options };
 }

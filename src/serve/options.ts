@@ -219,6 +219,9 @@ export interface BlockdevSpec {
   readonly detectZeroes: "off" | "on" | "unmap";
   /** The short form without -f: the image's format is probed (qsd never probes). */
   readonly probe?: boolean;
+  /** driver=nbd: QEMU's reconnect-delay and open-timeout, in seconds. */
+  readonly reconnectDelay?: number;
+  readonly openTimeout?: number;
 }
 
 /** One `--export`. */
@@ -299,8 +302,6 @@ function nbdUri(f: Fields, what: string): string {
   }
   server.done();
   if (f.has("tls-creds")) throw new ServeUsageError(`${what}: TLS is not supported yet`);
-  // QEMU's client options that change nothing here.
-  for (const key of ["reconnect-delay", "open-timeout"]) f.raw(key);
   return uri;
 }
 
@@ -346,6 +347,10 @@ function blockdev(f: Fields, what: string, nested: boolean): BlockdevSpec {
       throw new ServeUsageError(`${what}: an NBD node has no cache.direct or aio (the server's)`);
     }
     spec.filename = nbdUri(f, what);
+    const delay = f.int("reconnect-delay", 0, 0, 3600);
+    const open = f.int("open-timeout", 0, 0, 3600);
+    if (delay > 0) spec.reconnectDelay = delay;
+    if (open > 0) spec.openTimeout = open;
   } else {
     const file = f.raw("file");
     if (file === undefined) throw new ServeUsageError(`${what}: parameter 'file' is missing`);

@@ -21,6 +21,16 @@ const SO_ERROR = 4;
 const IPPROTO_TCP = 6;
 const TCP_NODELAY = 1;
 const EINPROGRESS = 115;
+const ECONNRESET = 104;
+const EPIPE = 32;
+const ENOTCONN = 107;
+
+/** Whether `e` says the connection is gone (reset, closed by the peer, broken pipe). */
+export function isConnectionLoss(e: unknown): boolean {
+  if (!(e instanceof BlockError)) return false;
+  const code = e.context.errno;
+  return code === ECONNRESET || code === EPIPE || code === ENOTCONN;
+}
 const MSG_NOSIGNAL = 0x4000;
 const AI_NUMERICSERV = 0x400;
 const EAI_SYSTEM = -11;
@@ -265,7 +275,10 @@ export class StreamSocket {
         continue;
       }
       if (n === 0) {
-        throw new BlockError("io", `${this.#what}: the server closed the connection`);
+        // As a reset: the connection is gone (errno lets callers tell it from other failures).
+        throw new BlockError("io", `${this.#what}: the server closed the connection`, {
+          errno: ECONNRESET,
+        });
       }
       const code = errno();
       if (code === EAGAIN) this.#wait(POLLIN, "waiting for a reply");

@@ -708,3 +708,84 @@ Deno.test({
     });
   },
 });
+
+Deno.test({
+  name:
+    "NbdFile with a reconnect delay rides out a server restart (requests wait, then go through); without one the loss fails at once",
+  ignore,
+  async fn() {
+    const { NbdFile } = await import("../../src/host/nbd.ts");
+    const dir = await Deno.makeTempDir({ prefix: "vstor_nbd_reconnect_" });
+    const image = join(dir, "disk.raw");
+    const socket = join(dir, "q.sock");
+    const uri = `nbd+unix:///?socket=${socket}`;
+    const serve = (delay: number) =>
+      new Deno.Command("sh", {
+        args: ["-c", `sleep ${delay}; exec qemu-nbd -t -e 2 -f raw -k ${socket} ${image}`],
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+    const waitSocket = async () => {
+      for (let i = 0; i < 100; i++) {
+        try {
+          if (Deno.statSync(socket).isSocket) return;
+        } catch {
+          // Not yet.
+        }
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    };
+    let server = serve(0);
+    const children = [server];
+    try {
+      await Deno.writeFile(image, new Uint8Array(1 << 20));
+      await waitSocket();
+      const f = NbdFile.open(uri, { reconnectDelayMs: 10_000 });
+      const plain = NbdFile.open(uri, { readOnly: true });
+      try {
+        f.writeAt(4096, new Uint8Array(4096).fill(7));
+        f.flush();
+        server.kill("SIGKILL");
+        await server.status;
+        Deno.removeSync(socket);
+        // Back in a second: the synchronous read below waits for it.
+        server = serve(1);
+        children.push(server);
+        const back = new Uint8Array(4096);
+        f.readAt(4096, back);
+        assert.deepEqual(back, new Uint8Array(4096).fill(7));
+        f.writeAt(8192, new Uint8Array(512).fill(8));
+        f.flush();
+        // The connection without a delay was lost with the first server.
+        assert.throws(() => plain.readAt(0, new Uint8Array(512)), /closed the connection|reset|Broken pipe/i);
+      } finally {
+        f.close();
+        plain.close();
+      }
+      const bytes = await Deno.readFile(image);
+      assert.equal(bytes[8192], 8);
+      // The first connection never comes: open-timeout retries it until the server is up.
+      server.kill("SIGKILL");
+      await server.status;
+      Deno.removeSync(socket);
+      server = serve(1);
+      children.push(server);
+      const late = NbdFile.open(uri, { readOnly: true, openTimeoutMs: 10_000 });
+      try {
+        assert.equal(late.size(), 1 << 20);
+      } finally {
+        late.close();
+      }
+    } finally {
+      for (const c of children) {
+        try {
+          c.kill("SIGKILL");
+        } catch {
+          // Gone already.
+        }
+        await c.status;
+      }
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});

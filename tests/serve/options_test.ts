@@ -379,6 +379,7 @@ Deno.test("--blockdev driver=nbd (QEMU's server.* and export) is a protocol node
   });
   assert.equal(resolveNode(config.blockdevs, "q", false).path, "nbd://[::1]:10810/");
   assert.equal(resolveNode(config.blockdevs, "q", false).options.format, "qcow2");
+  assert.deepEqual(resolveNode(config.blockdevs, "q", false).options.nbd, { reconnectDelay: 5 });
   for (
     const [spec, message] of [
       ["driver=nbd,node-name=n", /parameter 'server' is missing/],
