@@ -757,7 +757,10 @@ Deno.test({
         f.writeAt(8192, new Uint8Array(512).fill(8));
         f.flush();
         // The connection without a delay was lost with the first server.
-        assert.throws(() => plain.readAt(0, new Uint8Array(512)), /closed the connection|reset|Broken pipe/i);
+        assert.throws(
+          () => plain.readAt(0, new Uint8Array(512)),
+          /closed the connection|reset|Broken pipe/i,
+        );
       } finally {
         f.close();
         plain.close();
