@@ -121,59 +121,56 @@ export class Daemon {
   }
 }
 
-function startExport(init: ExportRequest, io: DaemonIo): Promise<Running> {
-  const worker = new Worker(EXPORT_WORKER, { type: "module", name: `export ${init.spec.id}` });
+/** What a serve Worker tells the VMM thread (the export and NBD Workers share these). */
+type WorkerReply =
+  | { readonly kind: "failed"; readonly message: string }
+  | { readonly kind: "log"; readonly line: string }
+  | { readonly kind: "closed"; readonly error?: string };
+
+/**
+ * Starts a serve Worker: `init` goes to it; it answers `ready` (resolving with what `ready`
+ * returns for it) or `failed`, logs, and `closed` when it ends.
+ */
+function startWorker<R extends { readonly kind: string }, T>(
+  url: URL,
+  name: string,
+  init: unknown,
+  io: DaemonIo,
+  ready: (msg: R, worker: Worker, closed: Promise<string | undefined>) => T,
+): Promise<T> {
+  const worker = new Worker(url, { type: "module", name });
   let closedResolve!: (error: string | undefined) => void;
   const closed = new Promise<string | undefined>((resolve) => closedResolve = resolve);
-  return new Promise<Running>((resolve, reject) => {
+  return new Promise<T>((resolve, reject) => {
     const timer = setTimeout(() => {
       worker.terminate();
-      reject(new Error(`export ${init.spec.id} did not start in ${START_TIMEOUT_MS / 1000} s`));
+      reject(new Error(`${name} did not start in ${START_TIMEOUT_MS / 1000} s`));
     }, START_TIMEOUT_MS);
-    const stop = new Int32Array(init.stop);
-    let controlFd = -1;
-    const running: Running = {
-      id: init.spec.id,
-      worker,
-      signalStop: () => {
-        Atomics.store(stop, 0, 1);
-        // The Worker may be asleep in epoll_wait: its control eventfd wakes it (unless the export
-        // ended on its own and closed it).
-        if (controlFd < 0) return;
-        try {
-          eventfdWrite(controlFd, 1);
-        } catch {
-          // Closed already: the export is over.
-        }
-      },
-      closed,
-    };
-    worker.onmessage = (event: MessageEvent<ExportReply>) => {
+    worker.onmessage = (event: MessageEvent<R | WorkerReply>) => {
       const msg = event.data;
       switch (msg.kind) {
         case "ready":
           clearTimeout(timer);
-          controlFd = msg.controlFd;
-          resolve(running);
+          resolve(ready(msg as R, worker, closed));
           break;
         case "failed":
           clearTimeout(timer);
           worker.terminate();
-          closedResolve(msg.message);
-          reject(new Error(msg.message));
+          closedResolve((msg as WorkerReply & { kind: "failed" }).message);
+          reject(new Error((msg as WorkerReply & { kind: "failed" }).message));
           break;
         case "log":
-          io.log(msg.line);
+          io.log((msg as WorkerReply & { kind: "log" }).line);
           break;
         case "closed":
-          closedResolve(msg.error);
+          closedResolve((msg as WorkerReply & { kind: "closed" }).error);
           break;
       }
     };
     worker.onerror = (event) => {
       event.preventDefault();
       clearTimeout(timer);
-      const message = `export ${init.spec.id}: ${event.message}`;
+      const message = `${name}: ${event.message}`;
       closedResolve(message);
       reject(new Error(message));
     };
@@ -181,52 +178,52 @@ function startExport(init: ExportRequest, io: DaemonIo): Promise<Running> {
   });
 }
 
+function startExport(init: ExportRequest, io: DaemonIo): Promise<Running> {
+  const stop = new Int32Array(init.stop);
+  return startWorker<ExportReply, Running>(
+    EXPORT_WORKER,
+    `export ${init.spec.id}`,
+    init,
+    io,
+    (msg, worker, closed) => {
+      const controlFd = msg.kind === "ready" ? msg.controlFd : -1;
+      return {
+        id: init.spec.id,
+        worker,
+        signalStop: () => {
+          Atomics.store(stop, 0, 1);
+          // The Worker may be asleep in epoll_wait: its control eventfd wakes it (unless the
+          // export ended on its own and closed it).
+          if (controlFd < 0) return;
+          try {
+            eventfdWrite(controlFd, 1);
+          } catch {
+            // Closed already: the export is over.
+          }
+        },
+        closed,
+      };
+    },
+  );
+}
+
 function startNbd(
   init: Extract<NbdRequest, { kind: "init" }>,
   io: DaemonIo,
 ): Promise<{ running: Running; address: string }> {
-  const worker = new Worker(NBD_WORKER, { type: "module", name: "nbd server" });
-  let closedResolve!: (error: string | undefined) => void;
-  const closed = new Promise<string | undefined>((resolve) => closedResolve = resolve);
-  const running: Running = {
-    id: "nbd server",
-    worker,
-    signalStop: () => worker.postMessage({ kind: "stop" } satisfies NbdRequest),
-    closed,
-  };
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      worker.terminate();
-      reject(new Error(`the NBD server did not start in ${START_TIMEOUT_MS / 1000} s`));
-    }, START_TIMEOUT_MS);
-    worker.onmessage = (event: MessageEvent<NbdReply>) => {
-      const msg = event.data;
-      switch (msg.kind) {
-        case "ready":
-          clearTimeout(timer);
-          resolve({ running, address: msg.address });
-          break;
-        case "failed":
-          clearTimeout(timer);
-          worker.terminate();
-          closedResolve(msg.message);
-          reject(new Error(msg.message));
-          break;
-        case "log":
-          io.log(msg.line);
-          break;
-        case "closed":
-          closedResolve(msg.error);
-          break;
-      }
-    };
-    worker.onerror = (event) => {
-      event.preventDefault();
-      clearTimeout(timer);
-      const message = `nbd server: ${event.message}`;
-      closedResolve(message);
-      reject(new Error(message));
-    };
-    worker.postMessage(init);
-  });
+  return startWorker<NbdReply, { running: Running; address: string }>(
+    NBD_WORKER,
+    "nbd server",
+    init,
+    io,
+    (msg, worker, closed) => ({
+      running: {
+        id: "nbd server",
+        worker,
+        signalStop: () => worker.postMessage({ kind: "stop" } satisfies NbdRequest),
+        closed,
+      },
+      address: msg.kind === "ready" ? msg.address : "",
+    }),
+  );
 }

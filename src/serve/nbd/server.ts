@@ -381,17 +381,8 @@ class Connection {
     const count = r.u16("the number of information requests");
     const asked = new Set<number>();
     for (let i = 0; i < count; i++) asked.add(r.u16("an information request"));
-    if (r.left !== 0) {
-      return await this.#refuse(
-        option,
-        P.NBD_REP_ERR_INVALID,
-        `${r.left} bytes past the option's data`,
-      );
-    }
-    const e = this.#exports.get(name);
-    if (e === undefined) {
-      return await this.#refuse(option, P.NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
-    }
+    const e = await this.#exportFor(option, r, name);
+    if (e === null) return null;
     const info = (type: number, body: Uint8Array) =>
       this.#send(
         P.optionReply(option, P.NBD_REP_INFO, new P.WireWriter().u16(type).bytes(body).done()),
@@ -413,6 +404,23 @@ class Connection {
     if (option === P.NBD_OPT_INFO) return null;
     this.#choose(e);
     return true;
+  }
+
+  /**
+   * The export an option names, once its data was read to the end; null after refusing the
+   * option (trailing bytes: INVALID; no such export: UNKNOWN).
+   */
+  async #exportFor(option: number, r: P.WireReader, name: string): Promise<NbdExport | null> {
+    if (r.left !== 0) {
+      await this.#refuse(option, P.NBD_REP_ERR_INVALID, `${r.left} bytes past the option's data`);
+      return null;
+    }
+    const e = this.#exports.get(name);
+    if (e === undefined) {
+      await this.#refuse(option, P.NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
+      return null;
+    }
+    return e;
   }
 
   #choose(e: NbdExport): void {
@@ -444,17 +452,8 @@ class Connection {
     const count = r.u32("the number of queries");
     const queries: string[] = [];
     for (let i = 0; i < count; i++) queries.push(r.string32("a query"));
-    if (r.left !== 0) {
-      return await this.#refuse(
-        option,
-        P.NBD_REP_ERR_INVALID,
-        `${r.left} bytes past the option's data`,
-      );
-    }
-    const e = this.#exports.get(name);
-    if (e === undefined) {
-      return await this.#refuse(option, P.NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
-    }
+    const e = await this.#exportFor(option, r, name);
+    if (e === null) return null;
     const offered: Array<[number, string]> = [[META_BASE, P.CONTEXT_BASE_ALLOCATION]];
     if (e.allocationDepth) offered.push([META_DEPTH, P.CONTEXT_ALLOCATION_DEPTH]);
     (e.bitmaps ?? []).forEach((b, i) => offered.push([META_BITMAP + i, BITMAP_PREFIX + b.name]));
