@@ -8,51 +8,15 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { main } from "../../src/cli/main.ts";
 import { ignoreWithout, runTool } from "./qemu.ts";
+import { cmds, dataBytes, type MapEntry, show, vstor } from "./nbd_peers.ts";
 
 const ignore = ignoreWithout("qemu-img") || ignoreWithout("qemu-io");
-
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
-
-/** The vstor CLI in-process. */
-async function vstor(...args: string[]): Promise<Result> {
-  let stdout = "", stderr = "";
-  const code = await main(args, {
-    stdout: (t) => stdout += t,
-    stderr: (t) => stderr += t,
-  });
-  return { code, stdout, stderr };
-}
 
 async function ok(tool: string, args: string[]): Promise<string> {
   const r = await runTool(tool, args);
   assert.equal(r.code, 0, `${tool} ${args.join(" ")}: ${r.stderr}${r.stdout}`);
   return r.stdout;
-}
-
-function show(r: Result): string {
-  return `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
-}
-
-/** `-c CMD` for each command. */
-function cmds(list: string[]): string[] {
-  return list.flatMap((c) => ["-c", c]);
-}
-
-interface MapEntry {
-  start: number;
-  length: number;
-  data: boolean;
-  zero: boolean;
-}
-
-function dataBytes(map: MapEntry[]): number {
-  return map.filter((e) => e.data).reduce((n, e) => n + e.length, 0);
 }
 
 let sockets = 0;

@@ -8,21 +8,22 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { main } from "../../src/cli/main.ts";
 import { Daemon } from "../../src/serve/daemon.ts";
 import { parseServeArgs } from "../../src/serve/options.ts";
-import { ignoreWithoutNbd } from "./nbd_peers.ts";
+import {
+  cmds,
+  dataBytes,
+  ignoreWithoutNbd,
+  type MapEntry,
+  type Result,
+  show,
+  vstor,
+} from "./nbd_peers.ts";
 import { ignoreWithout } from "./qemu.ts";
 
 const ignore = ignoreWithout("qemu-img") || ignoreWithout("qemu-io") ||
   ignoreWithoutNbd("qemu-nbd");
 const ignoreFio = ignore || ignoreWithoutNbd("fio");
-
-interface Result {
-  code: number;
-  stdout: string;
-  stderr: string;
-}
 
 /** Runs a tool to completion (in `cwd`, for the files fio leaves). */
 async function run(tool: string, args: string[], cwd?: string): Promise<Result> {
@@ -41,37 +42,6 @@ async function ok(tool: string, args: string[], cwd?: string): Promise<string> {
   const r = await run(tool, args, cwd);
   assert.equal(r.code, 0, `${tool} ${args.join(" ")}: ${r.stderr}${r.stdout}`);
   return r.stdout;
-}
-
-/** The vstor CLI in-process. */
-async function vstor(...args: string[]): Promise<Result> {
-  let stdout = "", stderr = "";
-  const code = await main(args, {
-    stdout: (t) => stdout += t,
-    stderr: (t) => stderr += t,
-  });
-  return { code, stdout, stderr };
-}
-
-function show(r: Result): string {
-  return `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`;
-}
-
-/** `-c CMD` for each command. */
-function cmds(list: string[]): string[] {
-  return list.flatMap((c) => ["-c", c]);
-}
-
-interface MapEntry {
-  start: number;
-  length: number;
-  data: boolean;
-  zero: boolean;
-  offset?: number;
-}
-
-function dataBytes(map: MapEntry[]): number {
-  return map.filter((e) => e.data).reduce((n, e) => n + e.length, 0);
 }
 
 async function withDir(fn: (dir: string) => Promise<void>): Promise<void> {
