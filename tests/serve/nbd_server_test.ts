@@ -1485,3 +1485,34 @@ Deno.test("shutdown() ends when a request completes just as a new one arrives (e
   }
   assert.deepEqual(hung, [], "shutdown() never resolved");
 });
+
+Deno.test("nbd hostile: a client that sends 256 READs of 1 MiB and never reads a reply holds at most its budget; others are served", async () => {
+  const node = await rawNode(8 * MiB, pattern(8 * MiB, 5));
+  await withServer([exportOf("disk", node)], async (h) => {
+    const greedy = await h.open("disk");
+    const before = Deno.memoryUsage().rss;
+    // Sent as fast as the socket takes them (headers: they all fit in its buffer); the server
+    // stops reading them once its budget is full.
+    const flood = (async () => {
+      for (let i = 0; i < 256; i++) {
+        if (!await greedy.trySend(P.encodeRequest(P.NBD_CMD_READ, 0, BigInt(i + 1), 0, MiB))) {
+          return;
+        }
+      }
+    })();
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    // Another client is served meanwhile.
+    const other = await h.open("disk");
+    ok(await other.simple(P.NBD_CMD_WRITE, 0, 0, 4096, pattern(4096, 9)));
+    const r = await other.simple(P.NBD_CMD_READ, 0, 0, 4096);
+    ok(r);
+    assert.deepEqual(r.data, pattern(4096, 9));
+    const grown = Deno.memoryUsage().rss - before;
+    // Unbounded, the server would hold 256 MiB of replies (measured: 242 MiB); within its
+    // 16 requests and 64 MiB per connection it grows by about 16 MiB here.
+    assert.ok(grown < 128 * MiB, `memory grew by ${Math.round(grown / MiB)} MiB`);
+    // The greedy client leaves; its requests in flight end with it and nothing is left behind.
+    greedy.close();
+    await flood;
+  });
+});
