@@ -143,6 +143,20 @@ export class RawNode implements BlockNode {
   async writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void> {
     this.#live();
     checkRequest(this, "write-zeroes", offset, length);
+    if (opts?.noFallback) {
+      // Zeroes that cost no data writes, or nothing at all.
+      const file = this.#file;
+      const inside = this.#base + offset + length <= file.size();
+      if (!inside || !file.zeroWithoutData?.(this.#base + offset, length, opts.unmap === true)) {
+        throw new BlockError("unsupported", "Zeroing this range would write data", {
+          path: this.filename,
+          offset,
+        });
+      }
+      this.#unflushed = true;
+      if (opts.fua) this.#flushFile();
+      return;
+    }
     this.#unflushed = true;
     if (opts?.unmap && this.#base + offset + length <= this.#file.size()) {
       this.#file.punchHole(this.#base + offset, length);

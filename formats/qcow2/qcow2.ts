@@ -672,6 +672,18 @@ export class Qcow2Node implements BlockNode {
     checkRequest(this, "write-zeroes", offset, length);
     this.#writable();
     if (length === 0) return;
+    if (opts?.noFallback) {
+      // Only cluster flags surely cost no data writes: v3 and whole clusters (the image's end
+      // counts as a boundary), as QEMU's qcow2 answers BDRV_REQ_NO_FALLBACK for them.
+      const sub = this.clusterSize;
+      const end = offset + length;
+      if (!this.#s.v3 || offset % sub !== 0 || (end % sub !== 0 && end !== this.size)) {
+        throw new BlockError("unsupported", "Zeroing this range would write data", {
+          path: this.filename,
+          offset,
+        });
+      }
+    }
     this.#bitmaps?.mark(offset, length);
     // v2 takes no flags (QEMU's supported_zero_flags): zeroes never unmap there.
     const unmap = (opts?.unmap ?? false) && this.#s.v3;

@@ -43,6 +43,11 @@ export interface WriteZeroesOptions {
   unmap?: boolean;
   /** Force unit access: the zeroes are on stable storage when the write resolves. */
   fua?: boolean;
+  /**
+   * Fail with BlockError `unsupported` rather than write zero bytes: the zeroes must cost no data
+   * writes (QEMU's BDRV_REQ_NO_FALLBACK, NBD's FAST_ZERO). Nothing is changed when it fails.
+   */
+  noFallback?: boolean;
 }
 
 /** Options of a resize. */

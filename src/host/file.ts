@@ -13,6 +13,7 @@ import {
   errno,
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
+  FALLOC_FL_ZERO_RANGE,
   libc,
   MAX_IO_CHUNK,
   O_CLOEXEC,
@@ -350,6 +351,18 @@ class FileHost implements HostFile {
     // Through the ring: the thread serves other requests while the disk flushes.
     if (engine instanceof UringQueue) return await engine.datasync();
     this.flush();
+  }
+
+  zeroWithoutData(offset: number, length: number, unmap: boolean): boolean {
+    const fd = this.#checkOpen();
+    if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });
+    if (length === 0) return true;
+    this.#engine?.drainSync();
+    const mode = (unmap ? FALLOC_FL_PUNCH_HOLE : FALLOC_FL_ZERO_RANGE) | FALLOC_FL_KEEP_SIZE;
+    if (libc().fallocate(fd, mode, BigInt(offset), BigInt(length)) === 0) return true;
+    const code = errno();
+    if (code === EOPNOTSUPP || code === 25 /* ENOTTY */ || code === 19 /* ENODEV */) return false;
+    throw this.#fail(unmap ? "Punch hole" : "Zero range", offset, code);
   }
 
   punchHole(offset: number, length: number): void {

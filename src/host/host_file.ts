@@ -65,6 +65,12 @@ export interface HostFile {
    * host's choice. Optional: callers punch a hole when it is absent.
    */
   discard?(offset: number, length: number): void;
+  /**
+   * Make `[offset, offset+length)` (inside the file) read as zeroes without writing data — a
+   * hole punched (`unmap`) or a zeroed range kept allocated; false, with nothing changed, when the
+   * host cannot. Optional: absent means it never can.
+   */
+  zeroWithoutData?(offset: number, length: number, unmap: boolean): boolean;
   /** False when the host cannot say how much storage the file takes (see allocatedSize). */
   readonly knowsAllocation?: boolean;
   /** Reserve host storage for `[offset, offset+length)` (fallocate), extending the file; falls back to writing zeroes. */
@@ -102,6 +108,10 @@ export function borrowFile(file: HostFile): HostFile {
       ? {}
       : { discard: (offset: number, length: number) => file.discard!(offset, length) }),
     ...(file.knowsAllocation === undefined ? {} : { knowsAllocation: file.knowsAllocation }),
+    ...(file.zeroWithoutData === undefined ? {} : {
+      zeroWithoutData: (offset: number, length: number, unmap: boolean) =>
+        file.zeroWithoutData!(offset, length, unmap),
+    }),
     preallocate: (offset, length) => file.preallocate(offset, length),
     dataStatus: (offset, max) => file.dataStatus(offset, max),
     allocatedSize: () => file.allocatedSize(),

@@ -108,6 +108,12 @@ export class MemoryFile implements HostFile {
     this.#check(false);
   }
 
+  /** Memory has no data writes to save: zeroing it is what a punch is. */
+  zeroWithoutData(offset: number, length: number, _unmap: boolean): boolean {
+    this.punchHole(offset, length);
+    return true;
+  }
+
   punchHole(offset: number, length: number): void {
     this.#check(true);
     const end = Math.min(this.#size, offset + length);

@@ -878,6 +878,31 @@ export class NbdFile implements HostFile {
     this.#zeroes(offset, length, P.NBD_CMD_FLAG_NO_HOLE);
   }
 
+  /**
+   * WRITE_ZEROES with FAST_ZERO where the server offers it: false (nothing changed) when it
+   * does not, when the range is not whole blocks, or when the server says it cannot be fast.
+   */
+  zeroWithoutData(offset: number, length: number, unmap: boolean): boolean {
+    this.#writable(offset, length);
+    const fast = P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO;
+    const min = this.#minBlock;
+    if ((this.#flags & fast) !== fast || offset % min !== 0) return false;
+    if (length % min !== 0 && offset + length !== this.#size) return false;
+    const flags = P.NBD_CMD_FLAG_FAST_ZERO | (unmap ? 0 : P.NBD_CMD_FLAG_NO_HOLE);
+    for (let pos = 0; pos < length;) {
+      const n = Math.min(length - pos, 2 ** 31);
+      try {
+        this.#request(P.NBD_CMD_WRITE_ZEROES, flags, offset + pos, n);
+      } catch (e) {
+        // Only the first piece can say so before anything changed.
+        if (pos === 0 && e instanceof BlockError && e.context.errno === P.NBD_ENOTSUP) return false;
+        throw e;
+      }
+      pos += n;
+    }
+    return true;
+  }
+
   discard(offset: number, length: number): void {
     this.#writable(offset, length);
     // Without TRIM nothing needs doing: a discard is only a hint.

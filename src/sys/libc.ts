@@ -203,6 +203,8 @@ export const SEEK_DATA = 3;
 export const SEEK_HOLE = 4;
 export const FALLOC_FL_KEEP_SIZE = 1;
 export const FALLOC_FL_PUNCH_HOLE = 2;
+/** fallocate(2): the range reads as zeroes and stays allocated (no data written). */
+export const FALLOC_FL_ZERO_RANGE = 0x10;
 export const F_OFD_GETLK = 36;
 export const F_OFD_SETLK = 37;
 export const F_RDLCK = 0;

@@ -18,6 +18,7 @@ import { type NbdExport, NbdServer } from "../../src/serve/nbd/server.ts";
 import type { NbdStream } from "../../src/serve/nbd/stream.ts";
 import type { BlockNode } from "../../src/block/node.ts";
 import { BlockError } from "../../src/errors.ts";
+import { openHostFile } from "../../src/host/file.ts";
 import { MemoryFile } from "../../src/host/memory.ts";
 import { RawNode } from "../../formats/raw.ts";
 import { createQcow2 } from "../../formats/qcow2/create.ts";
@@ -360,7 +361,8 @@ Deno.test("nbd handshake: INFO gives EXPORT (size, flags), BLOCK_SIZE, NAME, DES
     assert.ok(disk.replies.slice(0, -1).every((r) => r.type === P.NBD_REP_INFO));
     assert.deepEqual(disk.export, {
       size: MiB,
-      flags: common | P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES,
+      flags: common | P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES |
+        P.NBD_FLAG_SEND_FAST_ZERO,
     });
     assert.deepEqual(disk.blockSize, { min: 1, preferred: 4096, max: 32 * MiB });
     assert.equal(disk.name, "disk");
@@ -1070,7 +1072,6 @@ Deno.test("nbd hostile: flags a command does not take → EINVAL (a WRITE's payl
       ["WRITE+unknown bit", P.NBD_CMD_WRITE, 1 << 12, pattern(4096, 8)],
       ["FLUSH+NO_HOLE", P.NBD_CMD_FLUSH, P.NBD_CMD_FLAG_NO_HOLE],
       ["TRIM+DF", P.NBD_CMD_TRIM, P.NBD_CMD_FLAG_DF],
-      ["WRITE_ZEROES+FAST_ZERO (not advertised)", P.NBD_CMD_WRITE_ZEROES, P.NBD_CMD_FLAG_FAST_ZERO],
       ["WRITE_ZEROES+bit 15", P.NBD_CMD_WRITE_ZEROES, 1 << 15],
       ["CACHE+DF", P.NBD_CMD_CACHE, P.NBD_CMD_FLAG_DF],
     ];
@@ -1515,4 +1516,56 @@ Deno.test("nbd hostile: a client that sends 256 READs of 1 MiB and never reads a
     greedy.close();
     await flood;
   });
+});
+
+Deno.test("WRITE_ZEROES with FAST_ZERO: whole qcow2 clusters are zeroed by flag, anything that would write data gets ENOTSUP at once and is left alone", async () => {
+  const node = await qcow2Node();
+  await withServer([exportOf("disk", node)], async (h) => {
+    const c = await h.open("disk", { structured: true });
+    assert.equal(c.flags & P.NBD_FLAG_SEND_FAST_ZERO, P.NBD_FLAG_SEND_FAST_ZERO);
+    const cs = 65536;
+    structuredOk(
+      await c.structuredCall(P.NBD_CMD_WRITE, 0, 0, 2 * cs, pattern(2 * cs, 3)),
+    );
+    // Half a cluster: zeroing it means writing zero data, so it is refused and nothing changes.
+    structuredError(
+      await c.structuredCall(P.NBD_CMD_WRITE_ZEROES, P.NBD_CMD_FLAG_FAST_ZERO, 0, cs / 2),
+      P.NBD_ENOTSUP,
+    );
+    const kept = new Uint8Array(cs / 2);
+    await node.read(0, kept);
+    assert.deepEqual(kept, pattern(2 * cs, 3).subarray(0, cs / 2));
+    // A whole cluster, with and without NO_HOLE: a zero flag.
+    for (
+      const flags of [P.NBD_CMD_FLAG_FAST_ZERO, P.NBD_CMD_FLAG_FAST_ZERO | P.NBD_CMD_FLAG_NO_HOLE]
+    ) {
+      structuredOk(await c.structuredCall(P.NBD_CMD_WRITE_ZEROES, flags, cs, cs));
+      const z = new Uint8Array(cs).fill(1);
+      await node.read(cs, z);
+      assert.deepEqual(z, new Uint8Array(cs));
+    }
+  });
+});
+
+Deno.test("WRITE_ZEROES with FAST_ZERO on a raw file: a punched or zeroed range (fallocate), no data written", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "vstor_fastzero_", dir: "/var/tmp" });
+  try {
+    const path = `${dir}/disk.raw`;
+    await Deno.writeFile(path, pattern(MiB, 4));
+    const node = await RawNode.open(openHostFile(path, {}));
+    await withServer([exportOf("disk", node)], async (h) => {
+      const c = await h.open("disk");
+      for (
+        const flags of [P.NBD_CMD_FLAG_FAST_ZERO, P.NBD_CMD_FLAG_FAST_ZERO | P.NBD_CMD_FLAG_NO_HOLE]
+      ) {
+        ok(await c.simple(P.NBD_CMD_WRITE_ZEROES, flags, 65536, 65536));
+      }
+      const r = await c.simple(P.NBD_CMD_READ, 0, 0, 3 * 65536);
+      ok(r);
+      assert.deepEqual(r.data.subarray(65536, 2 * 65536), new Uint8Array(65536));
+      assert.deepEqual(r.data.subarray(0, 65536), pattern(MiB, 4).subarray(0, 65536));
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

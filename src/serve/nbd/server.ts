@@ -435,8 +435,9 @@ class Connection {
       P.NBD_FLAG_SEND_CACHE;
     if (this.#multiConn) f |= P.NBD_FLAG_CAN_MULTI_CONN;
     if (this.#structured) f |= P.NBD_FLAG_SEND_DF;
-    if (e.writable) f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES;
-    else f |= P.NBD_FLAG_READ_ONLY;
+    if (e.writable) {
+      f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO;
+    } else f |= P.NBD_FLAG_READ_ONLY;
     return f;
   }
 
@@ -555,9 +556,12 @@ class Connection {
           if (fua) await e.node.flush();
           break;
         case P.NBD_CMD_WRITE_ZEROES:
+          // FAST_ZERO: zeroes that cost no data writes, or ENOTSUP at once (the node's
+          // `unsupported`), so the client can choose to skip them.
           await e.node.writeZeroes(req.offset, req.length, {
             unmap: (req.flags & P.NBD_CMD_FLAG_NO_HOLE) === 0,
             ...(fua ? { fua } : {}),
+            ...((req.flags & P.NBD_CMD_FLAG_FAST_ZERO) !== 0 ? { noFallback: true } : {}),
           });
           break;
         case P.NBD_CMD_CACHE:
@@ -584,7 +588,7 @@ class Connection {
       [P.NBD_CMD_WRITE]: 0,
       [P.NBD_CMD_FLUSH]: 0,
       [P.NBD_CMD_TRIM]: 0,
-      [P.NBD_CMD_WRITE_ZEROES]: P.NBD_CMD_FLAG_NO_HOLE,
+      [P.NBD_CMD_WRITE_ZEROES]: P.NBD_CMD_FLAG_NO_HOLE | P.NBD_CMD_FLAG_FAST_ZERO,
       [P.NBD_CMD_CACHE]: 0,
       [P.NBD_CMD_BLOCK_STATUS]: P.NBD_CMD_FLAG_REQ_ONE,
     } as Record<number, number>)[req.type];
