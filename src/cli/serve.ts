@@ -34,12 +34,17 @@ as JSON objects:
                       an export (read-only unless writable=on; for SCSI the node is LUN 0 of
                       target 0, and QEMU picks the request queues, up to 16)
   --export type=nbd,id=ID,node-name=N[,name=NAME][,description=TEXT][,writable=on|off]
-           [,allocation-depth=on|off]
+           [,allocation-depth=on|off][,bitmaps.0=BITMAP]...
                       an NBD export named NAME (default: the node name) on the NBD server
-  --nbd-server addr.type=inet,addr.host=HOST,addr.port=PORT[,max-connections=N]
-  --nbd-server addr.type=unix,addr.path=SOCK[,max-connections=N]
+  --nbd-server addr.type=inet,addr.host=HOST,addr.port=PORT[,max-connections=N][,tls-creds=T]
+  --nbd-server addr.type=unix,addr.path=SOCK[,max-connections=N][,tls-creds=T]
                       the NBD server every NBD export is on (at most N clients at once,
-                      default 100, 0 for no limit; 1 also withdraws multi-conn)
+                      default 100, 0 for no limit; 1 also withdraws multi-conn); with
+                      tls-creds every client must STARTTLS
+  --object tls-creds-x509,id=T,dir=DIR,endpoint=server[,verify-peer=on|off]
+                      x509 credentials: DIR holds ca-cert.pem, server-cert.pem and
+                      server-key.pem; verify-peer (default on) asks clients for a certificate
+                      the CA signed
   --pidfile PATH      written once every export listens, removed at the end
   --daemonize         run in the background, detached (setsid); the command returns once every
                       export listens (exit 0), or with the daemon's error (exit 1)
@@ -67,6 +72,7 @@ Example: vstor serve disk.qcow2 --vhost-user-blk /tmp/vhost.sock --writable
     "--vhost-user-blk",
     "--vhost-user-scsi",
     "--nbd-server",
+    "--object",
     "--nbd",
     "--export-name",
     "--writable",

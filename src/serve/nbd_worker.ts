@@ -17,7 +17,12 @@ import type { BlockNode } from "../block/node.ts";
 import { setUringIdlePoll } from "../host/uring_queue.ts";
 import type { NodeOpen } from "./blockdev.ts";
 import { type NbdExport, NbdServer } from "./nbd/server.ts";
-import type { NbdExportSpec, NbdServerSpec } from "./options.ts";
+import type { NbdExportSpec, NbdServerSpec, TlsCredsSpec } from "./options.ts";
+import net from "node:net";
+import tls from "node:tls";
+import { join } from "node:path";
+import { NodeStream } from "./nbd/node_stream.ts";
+import { concat } from "../host/nbd_protocol.ts";
 
 /** From the VMM thread. */
 export type NbdRequest =
@@ -44,6 +49,8 @@ function describe(e: unknown): string {
 }
 
 let listener: Deno.Listener | null = null;
+/** With tls-creds: node's listener (only node:tls can start TLS on an accepted connection). */
+let nodeServer: net.Server | null = null;
 let server: NbdServer | null = null;
 const nodes = new Map<string, BlockNode>();
 let socketPath: string | undefined;
@@ -116,6 +123,83 @@ function findBitmap(node: BlockNode, name: string, exportId: string): DirtyBitma
   throw new Error(`export '${exportId}': Bitmap '${name}' is not found`);
 }
 
+/** The credentials' files, as QEMU names them in its `dir`. */
+function readCreds(t: TlsCredsSpec): { key: string; cert: string; ca?: string } {
+  const read = (name: string, required: boolean): string | undefined => {
+    try {
+      return Deno.readTextFileSync(join(t.dir, name));
+    } catch (e) {
+      if (!required && e instanceof Deno.errors.NotFound) return undefined;
+      throw new Error(`tls-creds '${t.id}': cannot read ${join(t.dir, name)}: ${describe(e)}`);
+    }
+  };
+  const ca = read("ca-cert.pem", t.verifyPeer);
+  return {
+    key: read("server-key.pem", true)!,
+    cert: read("server-cert.pem", true)!,
+    ...(ca === undefined ? {} : { ca }),
+  };
+}
+
+/** How long a client's TLS handshake may take. */
+const TLS_HANDSHAKE_MS = 10_000;
+
+/** Listens through node:net and serves each client with STARTTLS required. */
+function listenTls(spec: NbdServerSpec, s: NbdServer): Promise<string> {
+  const t = spec.tls!;
+  const creds = readCreds(t);
+  const context = tls.createSecureContext(creds);
+  let n = 0;
+  const srv = net.createServer((socket) => {
+    socket.setNoDelay?.(true);
+    const plain = new NodeStream(socket);
+    const peer = `nbd client ${++n}`;
+    const startTls = () =>
+      new Promise<NodeStream>((resolve, reject) => {
+        const left = plain.detach();
+        if (left.length > 0) socket.unshift(concat(left));
+        const secure = new tls.TLSSocket(socket, {
+          isServer: true,
+          secureContext: context,
+          requestCert: t.verifyPeer,
+          rejectUnauthorized: t.verifyPeer,
+        });
+        const timer = setTimeout(() => {
+          secure.destroy();
+          reject(new Error(`no TLS handshake in ${TLS_HANDSHAKE_MS / 1000} s`));
+        }, TLS_HANDSHAKE_MS);
+        secure.once("secure", () => {
+          clearTimeout(timer);
+          resolve(new NodeStream(secure));
+        });
+        secure.once("error", (e: Error) => {
+          clearTimeout(timer);
+          reject(e);
+        });
+      });
+    s.serve(plain, peer, startTls);
+  });
+  nodeServer = srv;
+  const a = spec.addr;
+  return new Promise((resolve, reject) => {
+    srv.once("error", reject);
+    if (a.type === "unix") {
+      try {
+        if (Deno.lstatSync(a.path).isSocket) Deno.removeSync(a.path);
+      } catch {
+        // Not there.
+      }
+      socketPath = a.path;
+      srv.listen(a.path, () => resolve(`unix:${a.path} (TLS)`));
+    } else {
+      srv.listen(a.port, a.host, () => {
+        const bound = srv.address() as net.AddressInfo;
+        resolve(`tcp:${bound.address}:${bound.port} (TLS)`);
+      });
+    }
+  });
+}
+
 async function init(msg: Extract<NbdRequest, { kind: "init" }>): Promise<void> {
   // An io_uring ring's pump waits in the kernel at most 100 µs at a time, then lets the event
   // loop turn: the sockets are served while the disk works.
@@ -141,6 +225,10 @@ async function init(msg: Extract<NbdRequest, { kind: "init" }>): Promise<void> {
       maxConnections: msg.server.maxConnections,
       log: (line) => post({ kind: "log", line }),
     });
+    if (msg.server.tls !== undefined) {
+      post({ kind: "ready", address: await listenTls(msg.server, server) });
+      return;
+    }
     const bound = listen(msg.server);
     listener = bound.listener;
     accepting = accept(listener, server);
@@ -157,6 +245,7 @@ async function stop(): Promise<void> {
   } catch {
     // Closed already.
   }
+  nodeServer?.close();
   await accepting;
   await server?.shutdown();
   const error = await closeNodes();

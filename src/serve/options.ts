@@ -263,6 +263,17 @@ export interface NbdServerSpec {
   readonly addr: NbdAddress;
   /** Clients at once; 0 for no limit (QEMU's default: 100). */
   readonly maxConnections: number;
+  /** tls-creds: every client must STARTTLS with these x509 credentials. */
+  readonly tls?: TlsCredsSpec;
+}
+
+/** `--object tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]`. */
+export interface TlsCredsSpec {
+  readonly id: string;
+  /** Holds ca-cert.pem, server-cert.pem and server-key.pem (QEMU's names). */
+  readonly dir: string;
+  /** Clients must show a certificate the CA signed (QEMU's default: on). */
+  readonly verifyPeer: boolean;
 }
 
 /** One `--object iothread,id=ID,…`: an export's thread and how it polls. */
@@ -370,13 +381,26 @@ function blockdev(f: Fields, what: string, nested: boolean): BlockdevSpec {
   return spec;
 }
 
+function tlsCredsSpec(f: Fields, what: string): TlsCredsSpec {
+  const id = f.required("id");
+  const dir = f.required("dir");
+  const endpoint = f.oneOf("endpoint", ["server", "client"] as const, "client");
+  if (endpoint !== "server") {
+    throw new ServeUsageError(`${what}: tls-creds '${id}' must have endpoint=server for a server`);
+  }
+  const spec = { id, dir, verifyPeer: f.bool("verify-peer", true) };
+  f.raw("priority"); // GnuTLS's priority string: node's defaults apply
+  f.done();
+  return spec;
+}
+
 function iothreadSpec(f: Fields, what: string): IothreadSpec {
   const type = f.string("qom-type");
   if (type !== "iothread") {
     throw new ServeUsageError(
       type === undefined
         ? `${what}: parameter 'qom-type' is missing`
-        : `${what}: object type '${type}' is not supported (iothread)`,
+        : `${what}: object type '${type}' is not supported (iothread, tls-creds-x509)`,
     );
   }
   const id = f.required("id");
@@ -446,7 +470,11 @@ function bitmapList(value: OptionValue | undefined, what: string): string[] {
   return names;
 }
 
-function nbdServerSpec(f: Fields, what: string): NbdServerSpec {
+function nbdServerSpec(
+  f: Fields,
+  what: string,
+  creds: ReadonlyMap<string, TlsCredsSpec>,
+): NbdServerSpec {
   const addr = f.group("addr");
   if (addr === undefined) throw new ServeUsageError(`${what}: parameter 'addr' is missing`);
   const type = addr.oneOf("type", ["unix", "inet", "fd"] as const, "inet");
@@ -467,10 +495,19 @@ function nbdServerSpec(f: Fields, what: string): NbdServerSpec {
     throw new ServeUsageError(`${what}: addr.type=fd is not supported (use unix or inet)`);
   }
   addr.done();
-  if (f.has("tls-creds") || f.has("tls-authz")) {
-    throw new ServeUsageError(`${what}: TLS is not supported yet`);
+  if (f.has("tls-authz")) throw new ServeUsageError(`${what}: tls-authz is not supported`);
+  const credsId = f.string("tls-creds");
+  const tls = credsId === undefined ? undefined : creds.get(credsId);
+  if (credsId !== undefined && tls === undefined) {
+    throw new ServeUsageError(
+      `${what}: no tls-creds object named '${credsId}' (give --object first)`,
+    );
   }
-  const spec = { addr: address, maxConnections: f.int("max-connections", 100, 0, 2 ** 32 - 1) };
+  const spec: NbdServerSpec = {
+    addr: address,
+    maxConnections: f.int("max-connections", 100, 0, 2 ** 32 - 1),
+    ...(tls === undefined ? {} : { tls }),
+  };
   f.done();
   return spec;
 }
@@ -532,6 +569,7 @@ export function parseServeArgs(args: readonly string[]): ServeConfig {
   const nbdExports: NbdExportSpec[] = [];
   let nbdServer: NbdServerSpec | undefined;
   const iothreads = new Map<string, IothreadSpec>();
+  const creds = new Map<string, TlsCredsSpec>();
   let pidfile: string | undefined;
   let daemonize = false;
   const positional: string[] = [];
@@ -572,6 +610,7 @@ export function parseServeArgs(args: readonly string[]): ServeConfig {
         nbdServer = nbdServerSpec(
           new Fields(parseOptionArg(value(), null, "--nbd-server"), "--nbd-server"),
           "--nbd-server",
+          creds,
         );
         break;
       }
@@ -582,15 +621,16 @@ export function parseServeArgs(args: readonly string[]): ServeConfig {
         short.exportName = value();
         break;
       case "--object": {
-        const what = `--object ${iothreads.size + 1}`;
-        const thread = iothreadSpec(
-          new Fields(parseOptionArg(value(), "qom-type", what), what),
-          what,
-        );
-        if (iothreads.has(thread.id)) {
-          throw new ServeUsageError(`${what}: duplicate object id '${thread.id}'`);
+        const what = `--object ${iothreads.size + creds.size + 1}`;
+        const fields = new Fields(parseOptionArg(value(), "qom-type", what), what);
+        const object = fields.string("qom-type") === "tls-creds-x509"
+          ? tlsCredsSpec(fields, what)
+          : iothreadSpec(fields, what);
+        if (iothreads.has(object.id) || creds.has(object.id)) {
+          throw new ServeUsageError(`${what}: duplicate object id '${object.id}'`);
         }
-        iothreads.set(thread.id, thread);
+        if ("dir" in object) creds.set(object.id, object);
+        else iothreads.set(object.id, object);
         break;
       }
       case "--pidfile":

@@ -311,3 +311,144 @@ Deno.test({
     }
   },
 });
+
+/** A CA, a server certificate for localhost/127.0.0.1 and a client certificate, in QEMU's names. */
+async function makeCerts(dir: string): Promise<{ server: string; client: string; bare: string }> {
+  const openssl = async (...args: string[]) => {
+    const r = await runTool("openssl", args);
+    assert.equal(r.code, 0, `openssl ${args.join(" ")}: ${r.stderr}`);
+  };
+  const p = (name: string) => join(dir, name);
+  await openssl(
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-keyout",
+    p("ca-key.pem"),
+    "-out",
+    p("ca-cert.pem"),
+    "-days",
+    "2",
+    "-subj",
+    "/CN=vstor test CA",
+  );
+  await Deno.writeTextFile(p("server.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n");
+  for (const who of ["server", "client"]) {
+    await openssl(
+      "req",
+      "-newkey",
+      "rsa:2048",
+      "-nodes",
+      "-keyout",
+      p(`${who}-key.pem`),
+      "-out",
+      p(`${who}.csr`),
+      "-subj",
+      `/CN=${who === "server" ? "localhost" : "vstor client"}`,
+    );
+    await openssl(
+      "x509",
+      "-req",
+      "-in",
+      p(`${who}.csr`),
+      "-CA",
+      p("ca-cert.pem"),
+      "-CAkey",
+      p("ca-key.pem"),
+      "-CAcreateserial",
+      "-out",
+      p(`${who}-cert.pem`),
+      "-days",
+      "2",
+      ...(who === "server" ? ["-extfile", p("server.ext")] : []),
+    );
+  }
+  const server = p("srv"), client = p("cli"), bare = p("bare");
+  for (const d of [server, client, bare]) await Deno.mkdir(d);
+  for (const f of ["ca-cert.pem", "server-cert.pem", "server-key.pem"]) {
+    await Deno.copyFile(p(f), join(server, f));
+  }
+  for (const f of ["ca-cert.pem", "client-cert.pem", "client-key.pem"]) {
+    await Deno.copyFile(p(f), join(client, f));
+  }
+  await Deno.copyFile(p("ca-cert.pem"), join(bare, "ca-cert.pem"));
+  return { server, client, bare };
+}
+
+const noOpenssl = (() => {
+  try {
+    return !new Deno.Command("openssl", { args: ["version"], stdout: "null", stderr: "null" })
+      .outputSync().success;
+  } catch {
+    return true;
+  }
+})();
+
+Deno.test({
+  name:
+    "an NBD server with tls-creds (x509, verify-peer): qemu-io and qemu-img over TLS with a client certificate; without TLS, or without a certificate, refused",
+  ignore: ignore || noOpenssl,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vstor_nbd_tls_" });
+    try {
+      const certs = await makeCerts(dir);
+      const image = join(dir, "disk.qcow2");
+      await ok("qemu-img", ["create", "-q", "-f", "qcow2", image, "16M"]);
+      const logs = await withDaemon([
+        "--object",
+        `tls-creds-x509,id=t0,dir=${certs.server},endpoint=server,verify-peer=on`,
+        "--blockdev",
+        `driver=file,node-name=f,filename=${image}`,
+        "--blockdev",
+        "driver=qcow2,node-name=n,file=f",
+        "--nbd-server",
+        "addr.type=inet,addr.host=127.0.0.1,addr.port=0,tls-creds=t0",
+        "--export",
+        "type=nbd,id=e0,node-name=n,name=disk,writable=on",
+      ], async (logs) => {
+        const port = Number(/tcp:127\.0\.0\.1:([0-9]+) \(TLS\)/.exec(logs.join("\n"))?.[1]);
+        assert.ok(port > 0, logs.join("\n"));
+        const opts = (creds: string) => [
+          "--object",
+          `tls-creds-x509,id=tls0,dir=${creds},endpoint=client`,
+          "--image-opts",
+          `driver=nbd,server.type=inet,server.host=localhost,server.port=${port},export=disk,tls-creds=tls0`,
+        ];
+        await ok("qemu-io", [
+          ...opts(certs.client),
+          "-c",
+          "write -P 0x5c 1M 256k",
+          "-c",
+          "read -P 0x5c 1M 256k",
+          "-c",
+          "write -z 2M 64k",
+        ]);
+        const info = await ok("qemu-img", ["info", ...opts(certs.client)]);
+        assert.match(info, /virtual size: 16 MiB/);
+        // In the clear: QEMU's client is told TLS is required.
+        const plain = await runTool("qemu-img", ["info", `nbd://127.0.0.1:${port}/disk`]);
+        assert.notEqual(plain.code, 0);
+        assert.match(plain.stderr, /TLS negotiation required/);
+        // TLS without a client certificate: verify-peer refuses it.
+        const bare = await runTool("qemu-img", ["info", ...opts(certs.bare)]);
+        assert.notEqual(bare.code, 0, bare.stdout);
+      });
+      assert.ok(logs.some((l) => /TLS handshake failed/.test(l)), logs.join("\n"));
+      await ok("qemu-img", ["check", image]);
+      await ok("qemu-io", [
+        "-r",
+        "-f",
+        "qcow2",
+        "-c",
+        "read -P 0x5c 1M 256k",
+        "-c",
+        "read -P 0 2M 64k",
+        image,
+      ]);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});

@@ -323,7 +323,7 @@ Deno.test("NBD mistakes are named", () => {
       [[...file, ...server, "--export", "type=nbd,id=e0,node-name=f0,bitmaps.x=b"], /list index/],
       [
         [...file, "--nbd-server", "addr.type=unix,addr.path=/n,tls-creds=t"],
-        /TLS is not supported/,
+        /no tls-creds object named 't'/,
       ],
       [[...file, "--nbd-server", "addr.type=inet,addr.host=h,addr.port=http"], /not a port number/],
       [[...file, "--nbd-server", "addr.type=inet,addr.host=h,addr.port=70000"], /not a port/],
@@ -390,5 +390,48 @@ Deno.test("--blockdev driver=nbd (QEMU's server.* and export) is a protocol node
     ] as const
   ) {
     assert.throws(() => parseServeArgs(["--blockdev", spec]), message, spec);
+  }
+});
+
+Deno.test("--object tls-creds-x509 and --nbd-server tls-creds, as qsd takes them", () => {
+  const config = parseServeArgs([
+    "--object",
+    "tls-creds-x509,id=t0,dir=/etc/pki/vstor,endpoint=server",
+    "--blockdev",
+    "driver=file,node-name=f0,filename=/a.raw",
+    "--nbd-server",
+    "addr.type=inet,addr.host=::,addr.port=10809,tls-creds=t0",
+    "--export",
+    "type=nbd,id=e0,node-name=f0",
+  ]);
+  assert.deepEqual(config.nbdServer!.tls, { id: "t0", dir: "/etc/pki/vstor", verifyPeer: true });
+  const off = parseServeArgs([
+    "--object",
+    "tls-creds-x509,id=t0,dir=/d,endpoint=server,verify-peer=off",
+    "--blockdev",
+    "driver=file,node-name=f0,filename=/a.raw",
+    "--nbd-server",
+    "addr.type=unix,addr.path=/s,tls-creds=t0",
+    "--export",
+    "type=nbd,id=e0,node-name=f0",
+  ]);
+  assert.equal(off.nbdServer!.tls!.verifyPeer, false);
+  const file = ["--blockdev", "driver=file,node-name=f0,filename=/a.raw"];
+  for (
+    const [args, message] of [
+      [
+        ["--nbd-server", "addr.type=unix,addr.path=/s,tls-creds=nope"],
+        /no tls-creds object named 'nope'/,
+      ],
+      [["--object", "tls-creds-x509,id=t0,dir=/d,endpoint=client"], /endpoint=server/],
+      [["--object", "tls-creds-x509,id=t0,endpoint=server"], /'dir' is missing/],
+      [["--nbd-server", "addr.type=unix,addr.path=/s,tls-authz=a"], /tls-authz is not supported/],
+      [
+        ["--object", "tls-creds-x509,id=x,dir=/d,endpoint=server", "--object", "iothread,id=x"],
+        /duplicate object id 'x'/,
+      ],
+    ] as const
+  ) {
+    assert.throws(() => parseServeArgs([...file, ...args]), message);
   }
 });

@@ -92,8 +92,16 @@ export class NbdServer {
     return this.#connections.size;
   }
 
-  /** Serves one client until it leaves or breaks the protocol; never throws. */
-  async serve(stream: NbdStream, peer: string): Promise<void> {
+  /**
+   * Serves one client until it leaves or breaks the protocol; never throws. With `startTls` (the
+   * server has TLS credentials) the client must STARTTLS before anything but ABORT, and
+   * `startTls` turns the connection into its TLS stream.
+   */
+  async serve(
+    stream: NbdStream,
+    peer: string,
+    startTls?: () => Promise<NbdStream>,
+  ): Promise<void> {
     const limit = this.#opts.maxConnections;
     if (this.#stopping || (limit > 0 && this.#connections.size >= limit)) {
       this.#opts.log(
@@ -106,7 +114,7 @@ export class NbdServer {
       }
       return;
     }
-    const c = new Connection(stream, peer, this.#exports, this.#opts, limit !== 1);
+    const c = new Connection(stream, peer, this.#exports, this.#opts, limit !== 1, startTls);
     this.#connections.add(c);
     try {
       await c.run();
@@ -132,13 +140,16 @@ interface MetaSelection {
 }
 
 class Connection {
-  readonly #stream: NbdStream;
+  #stream: NbdStream;
+  /** The TLS upgrade when the server requires TLS, until it happened. */
+  #startTls: (() => Promise<NbdStream>) | undefined;
+  readonly #tlsRequired: boolean;
   readonly #peer: string;
   readonly #exports: Map<string, NbdExport>;
   readonly #opts: NbdServerOptions;
   readonly #multiConn: boolean;
-  readonly #reader: StreamReader;
-  readonly #writer: StreamWriter;
+  #reader: StreamReader;
+  #writer: StreamWriter;
   #structured = false;
   #noZeroes = false;
   #meta: MetaSelection | null = null;
@@ -159,8 +170,11 @@ class Connection {
     exports: Map<string, NbdExport>,
     opts: NbdServerOptions,
     multiConn: boolean,
+    startTls: (() => Promise<NbdStream>) | undefined,
   ) {
     this.#stream = stream;
+    this.#startTls = startTls;
+    this.#tlsRequired = startTls !== undefined;
     this.#peer = peer;
     this.#exports = exports;
     this.#opts = opts;
@@ -292,6 +306,13 @@ class Connection {
       if (!fixed && option !== P.NBD_OPT_EXPORT_NAME) {
         throw new Breach(`option ${option} from a client without fixed newstyle`);
       }
+      // With TLS required, nothing but STARTTLS and ABORT before it (QEMU: TLS_REQD).
+      if (this.#startTls !== undefined && option !== P.NBD_OPT_STARTTLS) {
+        if (option === P.NBD_OPT_ABORT) return await this.#option(option, data) ?? false;
+        if (option === P.NBD_OPT_EXPORT_NAME) throw new Breach("EXPORT_NAME before STARTTLS");
+        await this.#refuse(option, P.NBD_REP_ERR_TLS_REQD, "TLS is required: STARTTLS first");
+        continue;
+      }
       const done = await this.#option(option, data);
       if (done !== null) return done;
     }
@@ -318,7 +339,7 @@ class Connection {
           await this.#send(P.optionReply(option, P.NBD_REP_ACK));
           return null;
         case P.NBD_OPT_STARTTLS:
-          return await this.#refuse(option, P.NBD_REP_ERR_POLICY, "TLS is not configured");
+          return await this.#starttls(option, data);
         case P.NBD_OPT_INFO:
         case P.NBD_OPT_GO:
           return await this.#infoOrGo(option, data);
@@ -356,6 +377,39 @@ class Connection {
       }
       throw e;
     }
+  }
+
+  /**
+   * STARTTLS: ACK, then the TLS handshake on the same connection, then the options start over
+   * (nothing negotiated in the clear carries over, as the spec says).
+   */
+  async #starttls(option: number, data: Uint8Array): Promise<null> {
+    if (!this.#tlsRequired) {
+      return await this.#refuse(option, P.NBD_REP_ERR_POLICY, "TLS is not configured");
+    }
+    const startTls = this.#startTls;
+    if (startTls === undefined) {
+      return await this.#refuse(option, P.NBD_REP_ERR_INVALID, "TLS is already on");
+    }
+    if (data.length !== 0) {
+      return await this.#refuse(option, P.NBD_REP_ERR_INVALID, "STARTTLS takes no data");
+    }
+    await this.#send(P.optionReply(option, P.NBD_REP_ACK));
+    await this.#writer.flushed();
+    if (this.#reader.buffered > 0) throw new Breach("data after STARTTLS before the TLS handshake");
+    this.#startTls = undefined;
+    let secure: NbdStream;
+    try {
+      secure = await startTls();
+    } catch (e) {
+      throw new Breach(`TLS handshake failed: ${e instanceof Error ? e.message : e}`);
+    }
+    this.#stream = secure;
+    this.#reader = new StreamReader(secure);
+    this.#writer = new StreamWriter(secure);
+    this.#structured = false;
+    this.#meta = null;
+    return null;
   }
 
   async #refuse(option: number, type: number, message: string): Promise<null> {
