@@ -756,3 +756,60 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "an NBD export as a qcow2's backing file and as a simulated guest's disk (vstor run): reads come through, writes land in the overlay",
+  ignore,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vstor_nbd_backing_" });
+    try {
+      const base = join(dir, "base.raw");
+      await ok("qemu-img", ["create", "-q", "-f", "raw", base, "16M"]);
+      await ok("qemu-io", ["-f", "raw", "-c", "write -P 0x31 0 16M", base]);
+      await withQemuNbd(dir, base, ["-r", "-e", "4", "-f", "raw"], async (uri) => {
+        const overlay = join(dir, "overlay.qcow2");
+        await ok("qemu-img", ["create", "-q", "-f", "qcow2", "-b", uri, "-F", "raw", overlay]);
+        const w = await vstor("io", "-c", "write -P 0x32 1M 64k", overlay);
+        assert.equal(w.code, 0, show(w));
+        const r = await vstor(
+          "io",
+          "-r",
+          "-c",
+          "read -P 0x31 0 1M",
+          "-c",
+          "read -P 0x32 1M 64k",
+          overlay,
+        );
+        assert.equal(r.code, 0, show(r));
+        assert.doesNotMatch(r.stdout, /Pattern verification failed/);
+        await ok("qemu-img", ["check", overlay]);
+        // QEMU reads the same through the same chain.
+        await ok("qemu-io", [
+          "-r",
+          "-c",
+          "read -P 0x31 0 1M",
+          "-c",
+          "read -P 0x32 1M 64k",
+          overlay,
+        ]);
+        // The export as a guest's disk: a random-read job through virtio-blk.
+        const run = await vstor(
+          "run",
+          "--drive",
+          `file=${uri},format=raw,id=d0,readonly=on`,
+          "--device",
+          "virtio-blk,drive=d0",
+          "--rw=randread",
+          "--bs=4k",
+          "--size=4M",
+          "--runtime=1",
+        );
+        assert.equal(run.code, 0, show(run));
+        assert.match(run.stdout, /read: IOPS=/);
+      });
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
