@@ -10,6 +10,7 @@ import { checkSize } from "../src/block/request.ts";
 import type { HostFile } from "../src/host/host_file.ts";
 import { openHostFile } from "../src/host/file.ts";
 import { isNbdUri, NbdFile } from "../src/host/nbd.ts";
+import { isRbdName, RbdFile } from "../src/host/rbd.ts";
 import { PROBE_BYTES, probeFormat } from "./probe.ts";
 import { RawNode } from "./raw.ts";
 import { Qcow2Node } from "./qcow2/qcow2.ts";
@@ -251,7 +252,9 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
   if (opts.format !== undefined) driverFor(opts.format, path);
   const flags = cacheFlags(opts.cache ?? "writeback");
   // An NBD export is a file on a server: its cache and aio modes are the server's.
-  const file = isNbdUri(path)
+  const file = isRbdName(path)
+    ? await RbdFile.open(path, { readOnly })
+    : isNbdUri(path)
     ? NbdFile.open(path, {
       readOnly,
       reconnectDelayMs: (opts.nbd?.reconnectDelay ?? 0) * 1000,
@@ -351,8 +354,8 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
  * directory, joined as QEMU's path_combine does (no normalisation: `sub/../b.raw`).
  */
 export function resolveBacking(overlay: string, name: string): string {
-  if (isAbsolute(name) || isNbdUri(name)) return name;
-  if (isNbdUri(overlay)) {
+  if (isAbsolute(name) || isNbdUri(name) || isRbdName(name)) return name;
+  if (isNbdUri(overlay) || isRbdName(overlay)) {
     // QEMU's words: an export has no directory to be relative to.
     throw new BlockError("unsupported", "Cannot generate a base directory for NBD nodes", {
       path: overlay,
@@ -363,7 +366,7 @@ export function resolveBacking(overlay: string, name: string): string {
 }
 
 function realPath(path: string): string {
-  if (isNbdUri(path)) return path;
+  if (isNbdUri(path) || isRbdName(path)) return path;
   try {
     return Deno.realPathSync(path);
   } catch {
@@ -422,6 +425,18 @@ export async function createImage(
   checkSize(size);
   const driver = driverFor(format, path);
   if (isNbdUri(path)) return createOnNbd(path, format, size);
+  if (isRbdName(path)) {
+    // The image is made on the cluster, then the format lays itself out in it (raw: nothing).
+    await RbdFile.create(path, format === "raw" ? size : 0);
+    if (format === "raw") return;
+    const rbdFile = await RbdFile.open(path);
+    try {
+      await driver.create(rbdFile, size, opts);
+    } finally {
+      rbdFile.close();
+    }
+    return;
+  }
   const file = openHostFile(path, { create: true });
   try {
     await driver.create(file, size, opts);

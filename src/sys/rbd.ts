@@ -1,0 +1,333 @@
+/**
+ * Ceph's librados and librbd through FFI (`librados.so.2`, `librbd.so.1`, Debian's librados2 and
+ * librbd1): a cluster handle, a pool's I/O context, images opened read-write or read-only (a
+ * snapshot), synchronous reads, writes, discards, zero writes, flushes and resizes, image create
+ * and remove, and asynchronous reads, writes and flushes whose completions are waited for on
+ * Deno's blocking pool (`rbd_aio_wait_for_complete`, nonblocking) — never a JS callback from
+ * librbd's threads, which blocks them (measured: writes hang).
+ *
+ * Signatures from librados.h and librbd.h (Ceph 16.2): handles are pointers, sizes and offsets
+ * u64, ssize_t results i64.
+ *
+ * @module
+ */
+import { BlockError } from "../errors.ts";
+import { strerror } from "./libc.ts";
+
+const RADOS_SYMBOLS = {
+  rados_create: { parameters: ["buffer", "buffer"], result: "i32" },
+  rados_conf_read_file: { parameters: ["pointer", "buffer"], result: "i32" },
+  rados_conf_set: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
+  rados_connect: { parameters: ["pointer"], result: "i32", nonblocking: true },
+  rados_shutdown: { parameters: ["pointer"], result: "void" },
+  rados_ioctx_create: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
+  rados_ioctx_destroy: { parameters: ["pointer"], result: "void" },
+} as const;
+
+const RBD_SYMBOLS = {
+  rbd_open: { parameters: ["pointer", "buffer", "buffer", "buffer"], result: "i32" },
+  rbd_open_read_only: { parameters: ["pointer", "buffer", "buffer", "buffer"], result: "i32" },
+  rbd_close: { parameters: ["pointer"], result: "i32" },
+  rbd_get_size: { parameters: ["pointer", "buffer"], result: "i32" },
+  rbd_read: { parameters: ["pointer", "u64", "usize", "buffer"], result: "i64" },
+  rbd_write: { parameters: ["pointer", "u64", "usize", "buffer"], result: "i64" },
+  rbd_discard: { parameters: ["pointer", "u64", "u64"], result: "i32" },
+  rbd_write_zeroes: { parameters: ["pointer", "u64", "usize", "i32", "i32"], result: "i64" },
+  rbd_flush: { parameters: ["pointer"], result: "i32" },
+  rbd_resize: { parameters: ["pointer", "u64"], result: "i32" },
+  rbd_create2: { parameters: ["pointer", "buffer", "u64", "u64", "buffer"], result: "i32" },
+  rbd_remove: { parameters: ["pointer", "buffer"], result: "i32" },
+  rbd_aio_create_completion: { parameters: ["pointer", "pointer", "buffer"], result: "i32" },
+  rbd_aio_read: {
+    parameters: ["pointer", "u64", "usize", "pointer", "pointer"],
+    result: "i32",
+  },
+  rbd_aio_write: {
+    parameters: ["pointer", "u64", "usize", "pointer", "pointer"],
+    result: "i32",
+  },
+  rbd_aio_flush: { parameters: ["pointer", "pointer"], result: "i32" },
+  rbd_aio_wait_for_complete: { parameters: ["pointer"], result: "i32", nonblocking: true },
+  rbd_aio_get_return_value: { parameters: ["pointer"], result: "i64" },
+  rbd_aio_release: { parameters: ["pointer"], result: "void" },
+} as const;
+
+type Rados = Deno.DynamicLibrary<typeof RADOS_SYMBOLS>["symbols"];
+type Rbd = Deno.DynamicLibrary<typeof RBD_SYMBOLS>["symbols"];
+
+let libs: { rados: Rados; rbd: Rbd } | undefined;
+
+/**
+ * librados and librbd, loaded on first use.
+ *
+ * @throws {BlockError} `unsupported` naming the package when they cannot be loaded
+ */
+function lib(): { rados: Rados; rbd: Rbd } {
+  if (libs !== undefined) return libs;
+  try {
+    const rados = Deno.dlopen("librados.so.2", RADOS_SYMBOLS).symbols;
+    const rbd = Deno.dlopen("librbd.so.1", RBD_SYMBOLS).symbols;
+    libs = { rados, rbd };
+    return libs;
+  } catch (e) {
+    throw new BlockError(
+      "unsupported",
+      `Ceph RBD needs librbd and librados: install librbd1 (${e instanceof Error ? e.message : e})`,
+    );
+  }
+}
+
+function cstr(s: string): Uint8Array<ArrayBuffer> {
+  return new TextEncoder().encode(s + "\0");
+}
+
+/** The pointer an out-parameter received. */
+function outPointer(out: BigUint64Array): Deno.PointerValue {
+  return Deno.UnsafePointer.create(out[0]!);
+}
+
+function failed(call: string, rc: number | bigint, what: string): BlockError {
+  const code = -Number(rc);
+  const kind = code === 2 ? "not-found" : code === 13 || code === 1 ? "read-only" : "io";
+  return new BlockError(kind, `${what}: ${call} failed: ${strerror(code)}`, { errno: code });
+}
+
+/** How to reach a cluster (QEMU's rbd options). */
+export interface RadosOptions {
+  /** A ceph.conf to read (default: librados's own search, /etc/ceph/ceph.conf). */
+  readonly conf?: string;
+  /** The client id (`admin` when absent). */
+  readonly id?: string;
+  /** Any other config options (`key`, `mon_host`, `keyring`, timeouts, …), set by name. */
+  readonly settings?: Readonly<Record<string, string>>;
+  /** Seconds a connect or an operation may take before it fails (never a hang). */
+  readonly timeoutSeconds?: number;
+}
+
+/** A connected cluster and one pool's I/O context. */
+export class RadosPool {
+  readonly #cluster: Deno.PointerValue;
+  readonly #ioctx: Deno.PointerValue;
+  readonly pool: string;
+  #closed = false;
+
+  private constructor(cluster: Deno.PointerValue, ioctx: Deno.PointerValue, pool: string) {
+    this.#cluster = cluster;
+    this.#ioctx = ioctx;
+    this.pool = pool;
+  }
+
+  /**
+   * Connects to the cluster and opens `pool`.
+   *
+   * @throws {BlockError} `unsupported` without librbd, `not-found` for a missing conf or pool,
+   *   `io` for a cluster that does not answer within the timeout (errno 110)
+   */
+  static async connect(pool: string, opts: RadosOptions = {}): Promise<RadosPool> {
+    const { rados } = lib();
+    const out = new BigUint64Array(1);
+    const what = `rbd pool '${pool}'`;
+    let rc = rados.rados_create(
+      new Uint8Array(out.buffer),
+      opts.id === undefined ? null : cstr(opts.id),
+    );
+    if (rc < 0) throw failed("rados_create", rc, what);
+    const cluster = outPointer(out);
+    try {
+      rc = rados.rados_conf_read_file(cluster, opts.conf === undefined ? null : cstr(opts.conf));
+      if (rc < 0 && opts.conf !== undefined) {
+        throw failed(`reading ${opts.conf} (rados_conf_read_file)`, rc, what);
+      }
+      const timeout = String(opts.timeoutSeconds ?? 30);
+      const settings: Record<string, string> = {
+        client_mount_timeout: timeout,
+        rados_osd_op_timeout: timeout,
+        rados_mon_op_timeout: timeout,
+        ...opts.settings,
+      };
+      for (const [key, value] of Object.entries(settings)) {
+        rc = rados.rados_conf_set(cluster, cstr(key), cstr(value));
+        if (rc < 0) throw failed(`setting ${key} (rados_conf_set)`, rc, what);
+      }
+      rc = await rados.rados_connect(cluster);
+      if (rc < 0) {
+        throw -rc === 110
+          ? new BlockError(
+            "io",
+            `${what}: the cluster did not answer within ${settings.client_mount_timeout} s`,
+            {
+              errno: 110,
+            },
+          )
+          : failed("rados_connect", rc, what);
+      }
+      rc = rados.rados_ioctx_create(cluster, cstr(pool), new Uint8Array(out.buffer));
+      if (rc < 0) throw failed("rados_ioctx_create", rc, what);
+      return new RadosPool(cluster, outPointer(out), pool);
+    } catch (e) {
+      rados.rados_shutdown(cluster);
+      throw e;
+    }
+  }
+
+  get ioctx(): Deno.PointerValue {
+    if (this.#closed) throw new BlockError("io", `rbd pool '${this.pool}' is closed`);
+    return this.#ioctx;
+  }
+
+  /** Creates image `name` of `size` bytes with the layering feature only (no exclusive lock). */
+  createImage(name: string, size: number): void {
+    const order = new Int32Array(1);
+    const LAYERING = 1n;
+    const rc = lib().rbd.rbd_create2(
+      this.ioctx,
+      cstr(name),
+      BigInt(size),
+      LAYERING,
+      new Uint8Array(order.buffer),
+    );
+    if (rc < 0) throw failed("rbd_create2", rc, `rbd image '${this.pool}/${name}'`);
+  }
+
+  /** Removes image `name`. */
+  removeImage(name: string): void {
+    const rc = lib().rbd.rbd_remove(this.ioctx, cstr(name));
+    if (rc < 0) throw failed("rbd_remove", rc, `rbd image '${this.pool}/${name}'`);
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    const { rados } = lib();
+    rados.rados_ioctx_destroy(this.#ioctx);
+    rados.rados_shutdown(this.#cluster);
+  }
+}
+
+/** An open RBD image. */
+export class RbdImage {
+  readonly #image: Deno.PointerValue;
+  readonly what: string;
+  #closed = false;
+
+  private constructor(image: Deno.PointerValue, what: string) {
+    this.#image = image;
+    this.what = what;
+  }
+
+  /** Opens image `name` (at snapshot `snap`, read-only). */
+  static open(pool: RadosPool, name: string, opts: { readOnly: boolean; snap?: string }): RbdImage {
+    const { rbd } = lib();
+    const out = new BigUint64Array(1);
+    const what = `rbd image '${pool.pool}/${name}${
+      opts.snap === undefined ? "" : `@${opts.snap}`
+    }'`;
+    const open = opts.readOnly || opts.snap !== undefined ? rbd.rbd_open_read_only : rbd.rbd_open;
+    const rc = open(
+      pool.ioctx,
+      cstr(name),
+      new Uint8Array(out.buffer),
+      opts.snap === undefined ? null : cstr(opts.snap),
+    );
+    if (rc < 0) throw failed("rbd_open", rc, what);
+    return new RbdImage(outPointer(out), what);
+  }
+
+  #live(): Deno.PointerValue {
+    if (this.#closed) throw new BlockError("io", `${this.what} is closed`);
+    return this.#image;
+  }
+
+  size(): number {
+    const out = new BigUint64Array(1);
+    const rc = lib().rbd.rbd_get_size(this.#live(), new Uint8Array(out.buffer));
+    if (rc < 0) throw failed("rbd_get_size", rc, this.what);
+    return Number(out[0]!);
+  }
+
+  /** Reads into `dst` at `offset`; returns the bytes read (short at the end of the image). */
+  read(offset: number, dst: Uint8Array): number {
+    const n = lib().rbd.rbd_read(
+      this.#live(),
+      BigInt(offset),
+      BigInt(dst.length),
+      dst as Uint8Array<ArrayBuffer>,
+    );
+    if (n < 0n) throw failed("rbd_read", n, this.what);
+    return Number(n);
+  }
+
+  write(offset: number, src: Uint8Array): void {
+    const n = lib().rbd.rbd_write(
+      this.#live(),
+      BigInt(offset),
+      BigInt(src.length),
+      src as Uint8Array<ArrayBuffer>,
+    );
+    if (n < 0n) throw failed("rbd_write", n, this.what);
+    if (Number(n) !== src.length) {
+      throw new BlockError("io", `${this.what}: rbd_write wrote ${n} of ${src.length} bytes`);
+    }
+  }
+
+  discard(offset: number, length: number): void {
+    const rc = lib().rbd.rbd_discard(this.#live(), BigInt(offset), BigInt(length));
+    if (rc < 0) throw failed("rbd_discard", rc, this.what);
+  }
+
+  writeZeroes(offset: number, length: number): void {
+    const n = lib().rbd.rbd_write_zeroes(this.#live(), BigInt(offset), BigInt(length), 0, 0);
+    if (n < 0n) throw failed("rbd_write_zeroes", n, this.what);
+  }
+
+  flush(): void {
+    const rc = lib().rbd.rbd_flush(this.#live());
+    if (rc < 0) throw failed("rbd_flush", rc, this.what);
+  }
+
+  resize(size: number): void {
+    const rc = lib().rbd.rbd_resize(this.#live(), BigInt(size));
+    if (rc < 0) throw failed("rbd_resize", rc, this.what);
+  }
+
+  /**
+   * One asynchronous read, write (`src`) or flush: submitted at once, its completion waited for
+   * on Deno's blocking pool. `buffer` must stay untouched until it settles.
+   */
+  async aio(
+    kind: "read" | "write" | "flush",
+    offset: number,
+    buffer?: Uint8Array,
+  ): Promise<number> {
+    const { rbd } = lib();
+    const image = this.#live();
+    const out = new BigUint64Array(1);
+    let rc = rbd.rbd_aio_create_completion(null, null, new Uint8Array(out.buffer));
+    if (rc < 0) throw failed("rbd_aio_create_completion", rc, this.what);
+    const c = outPointer(out);
+    try {
+      const p = buffer === undefined || buffer.length === 0
+        ? null
+        : Deno.UnsafePointer.of(buffer as Uint8Array<ArrayBuffer>);
+      const len = BigInt(buffer?.length ?? 0);
+      rc = kind === "read"
+        ? rbd.rbd_aio_read(image, BigInt(offset), len, p, c)
+        : kind === "write"
+        ? rbd.rbd_aio_write(image, BigInt(offset), len, p, c)
+        : rbd.rbd_aio_flush(image, c);
+      if (rc < 0) throw failed(`rbd_aio_${kind}`, rc, this.what);
+      await rbd.rbd_aio_wait_for_complete(c);
+      const n = rbd.rbd_aio_get_return_value(c);
+      if (n < 0n) throw failed(`rbd_aio_${kind}`, n, this.what);
+      return Number(n);
+    } finally {
+      rbd.rbd_aio_release(c);
+    }
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    lib().rbd.rbd_close(this.#image);
+  }
+}

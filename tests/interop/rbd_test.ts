@@ -1,0 +1,168 @@
+/**
+ * Images on a real (one-node, throwaway) Ceph cluster through librbd, checked from both sides:
+ * what qemu-img and qemu-io make on RBD, vstor reads; what vstor makes and writes, qemu-img checks
+ * and compares — raw on RBD, qcow2 on RBD, RBD as a local qcow2's backing file, convert both
+ * ways; and the errors a user can act on (a missing image or pool, a bad name, a cluster that
+ * does not answer) each as one line. One cluster serves the whole file (tests/ceph/cluster.ts).
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { cephCluster, ignoreWithoutCeph, rbd } from "../ceph/cluster.ts";
+import { cmds, show, vstor } from "./nbd_peers.ts";
+import { ignoreWithout, runTool } from "./qemu.ts";
+
+const ignore = ignoreWithoutCeph || ignoreWithout("qemu-img") || ignoreWithout("qemu-io");
+
+async function ok(tool: string, args: string[]): Promise<string> {
+  const r = await runTool(tool, args);
+  assert.equal(r.code, 0, `${tool} ${args.join(" ")}: ${r.stderr}${r.stdout}`);
+  return r.stdout;
+}
+
+let images = 0;
+
+/** A fresh image name on the cluster, as QEMU names it, and the conf it needs. */
+async function name(): Promise<{ uri: string; image: string; conf: string }> {
+  const c = await cephCluster();
+  assert.ok(c !== null, "the cluster is up");
+  const image = `vstor-test-${Deno.pid}-${images++}`;
+  return {
+    uri: `rbd:${c.pool}/${image}:conf=${c.conf}`,
+    image: `${c.pool}/${image}`,
+    conf: c.conf,
+  };
+}
+
+Deno.test({
+  name:
+    "raw on RBD: what qemu-img and qemu-io make, vstor reads; what vstor writes, qemu-io reads (sync and in flight)",
+  ignore,
+  async fn() {
+    const { uri, image } = await name();
+    await ok("qemu-img", ["create", "-f", "raw", uri, "64M"]);
+    await ok("qemu-io", ["-f", "raw", ...cmds(["write -P 7 1M 64k", "write -P 8 63M 1M"]), uri]);
+    const info = await vstor("info", "--output=json", uri);
+    assert.equal(info.code, 0, show(info));
+    assert.equal(JSON.parse(info.stdout)["virtual-size"], 64 << 20);
+    const io = await vstor(
+      "io",
+      "-f",
+      "raw",
+      ...cmds([
+        "read -P 7 1M 64k",
+        "read -P 8 63M 1M",
+        "write -P 9 2M 4k",
+        "write -P 10 5000 3000",
+        "aio_write -P 11 8M 1M",
+        "aio_flush",
+      ]),
+      uri,
+    );
+    assert.equal(io.code, 0, show(io));
+    assert.doesNotMatch(io.stdout, /verification failed|failed/i, show(io));
+    await ok("qemu-io", [
+      "-r",
+      "-f",
+      "raw",
+      ...cmds(["read -P 9 2M 4k", "read -P 10 5000 3000", "read -P 11 8M 1M"]),
+      uri,
+    ]);
+    const human = await vstor("info", uri);
+    assert.match(human.stdout, /disk size: unavailable/);
+    assert.equal((await rbd("rm", image)).code, 0);
+  },
+});
+
+Deno.test({
+  name:
+    "qcow2 on RBD made and written by vstor is clean for qemu-img check and equals what qemu-io writes locally; convert both ways",
+  ignore,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vstor_rbd_" });
+    const { uri, image } = await name();
+    try {
+      const writes = [
+        "write -P 3 0 1M",
+        "write -z 4M 1M",
+        "write -P 4 10M 100k",
+        "discard 10M 64k",
+      ];
+      const c = await vstor("create", "-f", "qcow2", uri, "32M");
+      assert.equal(c.code, 0, show(c));
+      const w = await vstor("io", ...cmds(writes), uri);
+      assert.equal(w.code, 0, show(w));
+      await ok("qemu-img", ["check", uri]);
+      const local = join(dir, "local.qcow2");
+      await ok("qemu-img", ["create", "-q", "-f", "qcow2", local, "32M"]);
+      await ok("qemu-io", ["-d", "unmap", ...cmds(writes), local]);
+      await ok("qemu-img", ["compare", uri, local]);
+      // Out of RBD and back in, through vstor; QEMU compares.
+      const out = join(dir, "out.qcow2");
+      const c1 = await vstor("convert", "-O", "qcow2", uri, out);
+      assert.equal(c1.code, 0, show(c1));
+      await ok("qemu-img", ["compare", out, local]);
+      const { uri: back, image: backImage } = await name();
+      const c2 = await vstor("convert", "-O", "raw", local, back);
+      assert.equal(c2.code, 0, show(c2));
+      await ok("qemu-img", ["compare", "-f", "raw", "-F", "qcow2", back, local]);
+      assert.equal((await rbd("rm", backImage)).code, 0);
+    } finally {
+      await rbd("rm", image);
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "an RBD image as a local qcow2's backing file: vstor reads through it, writes stay local",
+  ignore,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vstor_rbd_" });
+    const { uri, image } = await name();
+    try {
+      await ok("qemu-img", ["create", "-f", "raw", uri, "16M"]);
+      await ok("qemu-io", ["-f", "raw", "-c", "write -P 0x42 0 16M", uri]);
+      const overlay = join(dir, "overlay.qcow2");
+      await ok("qemu-img", ["create", "-q", "-f", "qcow2", "-b", uri, "-F", "raw", overlay]);
+      const io = await vstor("io", ...cmds(["read -P 0x42 0 1M", "write -P 0x43 1M 64k"]), overlay);
+      assert.equal(io.code, 0, show(io));
+      assert.doesNotMatch(io.stdout, /verification failed/);
+      await ok("qemu-img", ["check", overlay]);
+      await ok("qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x42 1M 64k", uri]);
+      await ok("qemu-io", ["-r", "-c", "read -P 0x43 1M 64k", overlay]);
+    } finally {
+      await rbd("rm", image);
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "RBD errors a user can act on: a missing image or pool, a bad name, a cluster that does not answer",
+  ignore,
+  async fn() {
+    const c = await cephCluster();
+    assert.ok(c !== null);
+    const missing = await vstor("info", `rbd:${c.pool}/no-such-image:conf=${c.conf}`);
+    assert.equal(missing.code, 1, show(missing));
+    assert.match(missing.stderr, /no-such-image/);
+    assert.match(missing.stderr, /No such file or directory/);
+    assert.equal(missing.stderr.trim().split("\n").length, 1, show(missing));
+    const pool = await vstor("info", `rbd:no-such-pool/x:conf=${c.conf}`);
+    assert.equal(pool.code, 1, show(pool));
+    assert.match(pool.stderr, /no-such-pool/);
+    const bad = await vstor("info", "rbd:justaname");
+    assert.equal(bad.code, 1, show(bad));
+    assert.match(bad.stderr, /expected POOL\/IMAGE/);
+    // A monitor address nobody answers on: an error within the timeout, not a hang.
+    const start = performance.now();
+    const down = await vstor(
+      "info",
+      `rbd:${c.pool}/x:mon_host=127.0.0.1\\:1:client_mount_timeout=3:key=AQBwz5xlAAAAABAAmZuM9y0nY5n7nqY0n3Y3Zw==`,
+    );
+    assert.equal(down.code, 1, show(down));
+    assert.ok(performance.now() - start < 30_000, "it gave up in time");
+    assert.match(down.stderr, /did not answer|timed out|Connection/i, show(down));
+  },
+});
