@@ -258,10 +258,39 @@ export class RbdFile implements HostFile {
     this.#grow(offset + length);
   }
 
+  /**
+   * As QEMU's rbd driver answers block status: with fast-diff (and a valid object map),
+   * rbd_diff_iterate2 over whole objects tells data from never-written ranges (which read as
+   * zeroes); otherwise, or for clones and non-default striping (librbd before 1.17 reports
+   * offsets wrongly there, Ceph issue 53784), every byte is data.
+   */
   dataStatus(offset: number, max: number): HostExtent {
     this.#live();
-    // Every byte may hold data (rbd_diff_iterate2 would tell; not used yet).
-    return offset >= this.#size ? { data: false, length: max } : { data: true, length: max };
+    if (offset >= this.#size) return { data: false, length: max };
+    const want = Math.min(max, this.#size - offset);
+    if (!this.#diffUsable()) return { data: true, length: want };
+    // From the start of the object, as QEMU does for librbd < 1.17.
+    const head = offset % this.#objectSize!;
+    const found = this.#image.firstAllocated(offset - head, want + head);
+    if (found === null) return { data: false, length: want };
+    const start = Math.max(found.offset, offset);
+    const end = found.offset + found.length;
+    if (start > offset) return { data: false, length: Math.min(want, start - offset) };
+    return { data: true, length: Math.max(1, Math.min(want, end - offset)) };
+  }
+
+  #objectSize: number | undefined;
+  #diff: boolean | undefined;
+
+  #diffUsable(): boolean {
+    if (this.#diff === undefined) {
+      const FAST_DIFF = 1n << 4n, STRIPINGV2 = 1n << 1n, FAST_DIFF_INVALID = 1n << 1n;
+      const features = this.#image.features();
+      this.#diff = (features & FAST_DIFF) !== 0n && (features & STRIPINGV2) === 0n &&
+        (this.#image.flags() & FAST_DIFF_INVALID) === 0n && !this.#image.hasParent();
+      if (this.#diff) this.#objectSize = this.#image.objectSize();
+    }
+    return this.#diff;
   }
 
   /** Not known without walking the image (qemu-img says "unavailable"): -1. */

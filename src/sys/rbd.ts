@@ -35,6 +35,28 @@ const RBD_SYMBOLS = {
   rbd_write_zeroes: { parameters: ["pointer", "u64", "usize", "i32", "i32"], result: "i64" },
   rbd_flush: { parameters: ["pointer"], result: "i32" },
   rbd_resize: { parameters: ["pointer", "u64"], result: "i32" },
+  rbd_get_features: { parameters: ["pointer", "buffer"], result: "i32" },
+  rbd_get_flags: { parameters: ["pointer", "buffer"], result: "i32" },
+  rbd_stat: { parameters: ["pointer", "buffer", "usize"], result: "i32" },
+  rbd_get_parent_info2: {
+    parameters: [
+      "pointer",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+      "buffer",
+      "usize",
+    ],
+    result: "i32",
+  },
+  // Its callback runs on the calling thread, during the call (measured): a plain UnsafeCallback.
+  rbd_diff_iterate2: {
+    parameters: ["pointer", "buffer", "u64", "u64", "u8", "u8", "function", "pointer"],
+    result: "i32",
+  },
   rbd_create2: { parameters: ["pointer", "buffer", "u64", "u64", "buffer"], result: "i32" },
   rbd_remove: { parameters: ["pointer", "buffer"], result: "i32" },
   rbd_aio_create_completion: { parameters: ["pointer", "pointer", "buffer"], result: "i32" },
@@ -288,6 +310,87 @@ export class RbdImage {
   resize(size: number): void {
     const rc = lib().rbd.rbd_resize(this.#live(), BigInt(size));
     if (rc < 0) throw failed("rbd_resize", rc, this.what);
+  }
+
+  /** The image's feature bits (RBD_FEATURE_*). */
+  features(): bigint {
+    const out = new BigUint64Array(1);
+    const rc = lib().rbd.rbd_get_features(this.#live(), new Uint8Array(out.buffer));
+    if (rc < 0) throw failed("rbd_get_features", rc, this.what);
+    return out[0]!;
+  }
+
+  /** The image's flags (RBD_FLAG_*). */
+  flags(): bigint {
+    const out = new BigUint64Array(1);
+    const rc = lib().rbd.rbd_get_flags(this.#live(), new Uint8Array(out.buffer));
+    if (rc < 0) throw failed("rbd_get_flags", rc, this.what);
+    return out[0]!;
+  }
+
+  /** Bytes per RADOS object (rbd_stat's obj_size). */
+  objectSize(): number {
+    // rbd_image_info_t: size u64, obj_size u64, num_objs u64, order i32, then name strings.
+    const info = new BigUint64Array(64);
+    const rc = lib().rbd.rbd_stat(
+      this.#live(),
+      new Uint8Array(info.buffer),
+      BigInt(info.byteLength),
+    );
+    if (rc < 0) throw failed("rbd_stat", rc, this.what);
+    return Number(info[1]!);
+  }
+
+  /** Whether the image is a clone (has a parent). */
+  hasParent(): boolean {
+    const b = () => new Uint8Array(256);
+    const rc = lib().rbd.rbd_get_parent_info2(
+      this.#live(),
+      b(),
+      256n,
+      b(),
+      256n,
+      b(),
+      256n,
+      b(),
+      256n,
+    );
+    if (rc === -2) return false; // ENOENT: no parent
+    if (rc < 0) throw failed("rbd_get_parent_info2", rc, this.what);
+    return true;
+  }
+
+  /**
+   * The first allocated extent in `[offset, offset+length)` (whole objects, the parent included),
+   * or null when there is none: rbd_diff_iterate2 stopped at its first extent.
+   */
+  firstAllocated(offset: number, length: number): { offset: number; length: number } | null {
+    let found: { offset: number; length: number } | null = null;
+    const STOP = -9000;
+    const cb = new Deno.UnsafeCallback(
+      { parameters: ["u64", "usize", "i32", "pointer"], result: "i32" } as const,
+      (off: number | bigint, len: number | bigint, exists: number) => {
+        if (exists === 0) return 0;
+        found = { offset: Number(off), length: Number(len) };
+        return STOP;
+      },
+    );
+    try {
+      const rc = lib().rbd.rbd_diff_iterate2(
+        this.#live(),
+        null,
+        BigInt(offset),
+        BigInt(length),
+        1,
+        1,
+        cb.pointer,
+        null,
+      );
+      if (rc < 0 && rc !== STOP) throw failed("rbd_diff_iterate2", rc, this.what);
+    } finally {
+      cb.close();
+    }
+    return found;
   }
 
   /**

@@ -166,3 +166,35 @@ Deno.test({
     assert.match(down.stderr, /did not answer|timed out|Connection/i, show(down));
   },
 });
+
+Deno.test({
+  name:
+    "vstor map of an RBD image equals qemu-img map: fast-diff images by rbd_diff_iterate2 (whole objects), others all data",
+  ignore,
+  async fn() {
+    for (const features of ["layering,exclusive-lock,object-map,fast-diff", "layering"]) {
+      const { uri, image } = await name();
+      try {
+        assert.equal(
+          (await rbd("create", "--size", "64M", "--image-feature", features, image)).code,
+          0,
+        );
+        await ok("qemu-io", [
+          "-f",
+          "raw",
+          ...cmds(["write -P 1 1M 64k", "write -P 2 40M 5M"]),
+          uri,
+        ]);
+        const theirs = JSON.parse(await ok("qemu-img", ["map", "--output=json", uri]));
+        const ours = await vstor("map", "--output=json", uri);
+        assert.equal(ours.code, 0, show(ours));
+        assert.deepEqual(JSON.parse(ours.stdout), theirs, features);
+        if (features.includes("fast-diff")) {
+          assert.ok(theirs.length > 1, "fast-diff finds the unwritten objects");
+        }
+      } finally {
+        await rbd("rm", image);
+      }
+    }
+  },
+});
