@@ -12,7 +12,7 @@ import type {
   WriteZeroesOptions,
 } from "../src/block/node.ts";
 import { checkRequest, checkSize } from "../src/block/request.ts";
-import type { HostFile } from "../src/host/host_file.ts";
+import type { HostFile, HostSnapshots } from "../src/host/host_file.ts";
 import { PROBE_BYTES, probeFormat } from "./probe.ts";
 
 /** Options of {@linkcode RawNode.open}. */
@@ -90,6 +90,11 @@ export class RawNode implements BlockNode {
       size = opts.size;
     }
     return new RawNode(file, opts, size);
+  }
+
+  /** The host's own snapshots, when it keeps some (an RBD image's), passed through. */
+  get hostSnapshots(): HostSnapshots | undefined {
+    return this.#file.snapshots;
   }
 
   get filename(): string {

@@ -5,6 +5,8 @@
  */
 import { BlockError } from "../errors.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
+import { RawNode } from "../../formats/raw.ts";
+import type { HostSnapshots } from "../host/host_file.ts";
 import { applySnapshot, createSnapshot, deleteSnapshot } from "../../formats/qcow2/snapshot_ops.ts";
 import { listedNames, type SnapshotEntry } from "../../formats/qcow2/snapshot.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
@@ -96,6 +98,11 @@ export async function snapshotMain(args: string[], io: CliIo): Promise<number> {
     forceShare: values["force-share"],
   });
   try {
+    const host = node instanceof RawNode ? node.hostSnapshots : undefined;
+    if (host !== undefined) {
+      hostSnapshotVerb(host, values, listing, io);
+      return EXIT_OK;
+    }
     if (!(node instanceof Qcow2Node)) {
       throw new BlockError(
         "unsupported",
@@ -126,6 +133,58 @@ export async function snapshotMain(args: string[], io: CliIo): Promise<number> {
     await node.close();
   }
   return EXIT_OK;
+}
+
+/**
+ * `snapshot` on a raw image whose host keeps snapshots (RBD), as QEMU's raw driver passes the
+ * calls down: listed with the name as ID and TAG, the image's size then as VM SIZE and no date,
+ * clock or instruction count (QEMU's rbd driver fills them with zeroes).
+ */
+function hostSnapshotVerb(
+  host: HostSnapshots,
+  values: { create?: string | undefined; apply?: string | undefined; delete?: string | undefined },
+  listing: boolean,
+  io: CliIo,
+): void {
+  // QEMU's words for what goes wrong (block/rbd.c and block/snapshot.c).
+  const guard = (what: string, fn: () => void, words: Record<number, string>) => {
+    try {
+      fn();
+    } catch (e) {
+      const said = e instanceof BlockError ? words[e.context.errno ?? 0] : undefined;
+      if (said === undefined) throw rephrase(e, what);
+      throw new BlockError((e as BlockError).kind, `${what}: ${said}`, { cause: e });
+    }
+  };
+  if (listing) {
+    const list = host.list();
+    if (list.length === 0) return;
+    const lines = [
+      "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT",
+    ];
+    for (const s of list) {
+      lines.push(
+        `${s.name.padEnd(9)} ${s.name.padEnd(16)} ${sizeToStr(s.size).padStart(8)}` +
+          `${localDate(0).padStart(20)}${vmClock(0n).padStart(13)}${"0".padStart(11)}`,
+      );
+    }
+    io.stdout("Snapshot list:\n" + lines.join("\n") + "\n");
+  } else if (values.create !== undefined) {
+    const name = values.create;
+    guard(`Could not create snapshot '${name}'`, () => host.create(name), {
+      17: "-17 (File exists)",
+    });
+  } else if (values.apply !== undefined) {
+    const name = values.apply;
+    guard(`Could not apply snapshot '${name}'`, () => host.rollback(name), {
+      2: "Failed to load snapshot: No such file or directory",
+    });
+  } else if (values.delete !== undefined) {
+    const name = values.delete;
+    guard(`Could not delete snapshot '${name}'`, () => host.remove(name), {
+      2: "snapshot not found",
+    });
+  }
 }
 
 function rephrase(e: unknown, what: string): unknown {

@@ -71,6 +71,11 @@ export interface HostFile {
    * host cannot. Optional: absent means it never can.
    */
   zeroWithoutData?(offset: number, length: number, unmap: boolean): boolean;
+  /**
+   * Snapshots the host itself keeps (a Ceph RBD image's), which a raw image on it offers as its
+   * own, as QEMU's raw driver passes snapshot calls down. Optional.
+   */
+  readonly snapshots?: HostSnapshots;
   /** False when the host cannot say how much storage the file takes (see allocatedSize). */
   readonly knowsAllocation?: boolean;
   /** Reserve host storage for `[offset, offset+length)` (fallocate), extending the file; falls back to writing zeroes. */
@@ -81,6 +86,16 @@ export interface HostFile {
   allocatedSize(): number;
   /** Release the file (and its locks). Idempotent. */
   close(): void;
+}
+
+/** A host's own snapshots (see {@linkcode HostFile.snapshots}). */
+export interface HostSnapshots {
+  /** Oldest first: each one's name and the file's size when it was taken. */
+  list(): { readonly name: string; readonly size: number }[];
+  create(name: string): void;
+  remove(name: string): void;
+  /** The file's contents become the snapshot's. */
+  rollback(name: string): void;
 }
 
 /** A view of `file` whose `close` does nothing: lend a file to a node without giving it away. */

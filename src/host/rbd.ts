@@ -11,7 +11,7 @@
  */
 import { BlockError } from "../errors.ts";
 import { RadosPool, RbdImage } from "../sys/rbd.ts";
-import type { HostExtent, HostFile } from "./host_file.ts";
+import type { HostExtent, HostFile, HostSnapshots } from "./host_file.ts";
 
 /** What an `rbd:` name says. */
 export interface RbdTarget {
@@ -103,6 +103,27 @@ export class RbdFile implements HostFile {
    * covers them by itself: librbd flushes what was submitted before it).
    */
   readonly #writes = new Set<Promise<unknown>>();
+
+  /** RBD's own snapshots, as QEMU's rbd driver offers them. */
+  readonly snapshots: HostSnapshots = {
+    list: () => {
+      this.#live();
+      return this.#image.snapshots();
+    },
+    create: (name) => {
+      this.#writable();
+      this.#image.snapshot("create", name);
+    },
+    remove: (name) => {
+      this.#writable();
+      this.#image.snapshot("remove", name);
+    },
+    rollback: (name) => {
+      this.#writable();
+      this.#image.snapshot("rollback", name);
+      this.#size = this.#image.size();
+    },
+  };
 
   private constructor(path: string, pool: RadosPool, image: RbdImage, readOnly: boolean) {
     this.path = path;

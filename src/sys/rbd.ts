@@ -57,6 +57,11 @@ const RBD_SYMBOLS = {
     parameters: ["pointer", "buffer", "u64", "u64", "u8", "u8", "function", "pointer"],
     result: "i32",
   },
+  rbd_snap_create: { parameters: ["pointer", "buffer"], result: "i32" },
+  rbd_snap_remove: { parameters: ["pointer", "buffer"], result: "i32" },
+  rbd_snap_rollback: { parameters: ["pointer", "buffer"], result: "i32" },
+  rbd_snap_list: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
+  rbd_snap_list_end: { parameters: ["buffer"], result: "void" },
   rbd_create2: { parameters: ["pointer", "buffer", "u64", "u64", "buffer"], result: "i32" },
   rbd_remove: { parameters: ["pointer", "buffer"], result: "i32" },
   rbd_aio_create_completion: { parameters: ["pointer", "pointer", "buffer"], result: "i32" },
@@ -391,6 +396,50 @@ export class RbdImage {
       cb.close();
     }
     return found;
+  }
+
+  /** The image's snapshots, oldest first: name, id and the image's size when it was taken. */
+  snapshots(): { name: string; id: number; size: number }[] {
+    const { rbd } = lib();
+    // rbd_snap_info_t: id u64, size u64, name char* — 24 bytes; -ERANGE says how many.
+    for (let max = 16; max <= 1 << 16; max *= 4) {
+      const table = new BigUint64Array(3 * max);
+      const count = new Int32Array([max]);
+      const rc = rbd.rbd_snap_list(
+        this.#live(),
+        new Uint8Array(table.buffer),
+        new Uint8Array(count.buffer),
+      );
+      if (rc === -34) continue; // ERANGE: more than max
+      if (rc < 0) throw failed("rbd_snap_list", rc, this.what);
+      const out: { name: string; id: number; size: number }[] = [];
+      try {
+        for (let i = 0; i < rc; i++) {
+          const name = Deno.UnsafePointer.create(table[3 * i + 2]!);
+          out.push({
+            id: Number(table[3 * i]!),
+            size: Number(table[3 * i + 1]!),
+            name: name === null ? "" : Deno.UnsafePointerView.getCString(name),
+          });
+        }
+      } finally {
+        rbd.rbd_snap_list_end(new Uint8Array(table.buffer));
+      }
+      return out.sort((a, b) => a.id - b.id);
+    }
+    throw new BlockError("io", `${this.what}: too many snapshots`);
+  }
+
+  /** Takes, removes or rolls back to snapshot `name`. */
+  snapshot(op: "create" | "remove" | "rollback", name: string): void {
+    const { rbd } = lib();
+    const call = op === "create"
+      ? rbd.rbd_snap_create
+      : op === "remove"
+      ? rbd.rbd_snap_remove
+      : rbd.rbd_snap_rollback;
+    const rc = call(this.#live(), cstr(name));
+    if (rc < 0) throw failed(`rbd_snap_${op}`, rc, this.what);
   }
 
   /**

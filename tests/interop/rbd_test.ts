@@ -198,3 +198,52 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "raw on RBD takes RBD's own snapshots: vstor snapshot -c/-l/-a/-d as qemu-img snapshot does, each seeing the other's",
+  ignore,
+  async fn() {
+    const { uri, image } = await name();
+    try {
+      await ok("qemu-img", ["create", "-f", "raw", uri, "16M"]);
+      await ok("qemu-io", ["-f", "raw", "-c", "write -P 1 0 64k", uri]);
+      const c1 = await vstor("snapshot", "-c", "before", uri);
+      assert.equal(c1.code, 0, show(c1));
+      await ok("qemu-io", ["-f", "raw", "-c", "write -P 2 0 64k", uri]);
+      await ok("qemu-img", ["snapshot", "-c", "after", uri]);
+      const ours = await vstor("snapshot", "-l", uri);
+      assert.equal(ours.code, 0, show(ours));
+      assert.equal(ours.stdout, await ok("qemu-img", ["snapshot", "-l", uri]));
+      assert.match(ours.stdout, /^before\s+before\s+16 MiB/m);
+      // Back to the first: the data written after it is gone.
+      const a = await vstor("snapshot", "-a", "before", uri);
+      assert.equal(a.code, 0, show(a));
+      await ok("qemu-io", ["-r", "-f", "raw", "-c", "read -P 1 0 64k", uri]);
+      const d = await vstor("snapshot", "-d", "after", uri);
+      assert.equal(d.code, 0, show(d));
+      assert.doesNotMatch(await ok("qemu-img", ["snapshot", "-l", uri]), /after/);
+      // QEMU's words for the mistakes.
+      const again = await vstor("snapshot", "-c", "before", uri);
+      assert.equal(again.code, 1);
+      assert.match(again.stderr, /Could not create snapshot 'before': -17 \(File exists\)/);
+      const missing = await vstor("snapshot", "-d", "nope", uri);
+      assert.match(missing.stderr, /Could not delete snapshot 'nope': snapshot not found/);
+      // A snapshot opens read-only, as rbd:POOL/IMAGE@SNAP.
+      const at = await vstor(
+        "io",
+        "-r",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 1 0 64k",
+        `${uri.replace(/:conf=/, "@before:conf=")}`,
+      );
+      assert.equal(at.code, 0, show(at));
+      assert.doesNotMatch(at.stdout, /verification failed/);
+      await ok("qemu-img", ["snapshot", "-d", "before", uri]);
+    } finally {
+      await rbd("rm", image);
+    }
+  },
+});
