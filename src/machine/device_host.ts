@@ -81,6 +81,9 @@ interface Expecting {
  * Life: {@linkcode DeviceHost.start} (Worker up, drives open, back-end built) →
  * {@linkcode DeviceHost.plug} (model, PCI function, attach) → control messages → {@linkcode close}.
  */
+/** The longest a device's shutdown (its images flushed and closed) may take. */
+const SHUTDOWN_TIMEOUT_MS = 60_000;
+
 export class DeviceHost {
   readonly spec: DeviceConfig;
   readonly type: DeviceType;
@@ -278,7 +281,11 @@ export class DeviceHost {
       return Promise.reject(new MachineError(this.spec.id, "iothread is shut down"));
     }
     const seq = ++this.#seq;
-    const ms = this.#opts.controlTimeoutMs;
+    // A shutdown closes the device's images, which for a remote one (an RBD image whose cluster
+    // went away) takes the client's own timeouts: bounded, but longer than a control message.
+    const ms = control.kind === "shutdown"
+      ? Math.max(this.#opts.controlTimeoutMs, SHUTDOWN_TIMEOUT_MS)
+      : this.#opts.controlTimeoutMs;
     const done = new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#die(

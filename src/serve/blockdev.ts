@@ -43,13 +43,13 @@ export function resolveNode(
   const node = byName.get(name);
   if (node === undefined) throw new ServeUsageError(`no node named '${name}'`);
   let file: BlockdevSpec;
-  if (node.driver === "file" || node.driver === "nbd") {
+  if (node.driver === "file" || node.driver === "nbd" || node.driver === "rbd") {
     file = node;
   } else {
     const ref = node.file!;
     const found = typeof ref === "string" ? byName.get(ref) : ref;
     if (found === undefined) throw new ServeUsageError(`node '${name}': no file node '${ref}'`);
-    if (found.driver !== "file" && found.driver !== "nbd") {
+    if (found.driver !== "file" && found.driver !== "nbd" && found.driver !== "rbd") {
       throw new ServeUsageError(
         `node '${name}': its file '${found.nodeName}' is a ${found.driver} node (a format over a ` +
           "format is not supported; give a driver=file node)",
@@ -70,9 +70,11 @@ export function resolveNode(
   const options: OpenOptions = {
     readOnly: !writable,
     cache: cacheMode(file),
-    ...(node.probe === true
-      ? {}
-      : { format: node.driver === "file" || node.driver === "nbd" ? "raw" : node.driver }),
+    ...(node.probe === true ? {} : {
+      format: node.driver === "file" || node.driver === "nbd" || node.driver === "rbd"
+        ? "raw"
+        : node.driver,
+    }),
     ...(file.aio === undefined ? {} : { aio: file.aio === "native" ? "io_uring" : file.aio }),
     ...(node.backing === null ? { noBacking: true } : {}),
     ...(file.reconnectDelay === undefined && file.openTimeout === undefined ? {} : {

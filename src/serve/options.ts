@@ -202,7 +202,7 @@ class Fields {
 /** One `--blockdev`: a format node over a file, or a file node. */
 export interface BlockdevSpec {
   readonly nodeName: string;
-  readonly driver: "file" | "nbd" | "raw" | "qcow2";
+  readonly driver: "file" | "nbd" | "rbd" | "raw" | "qcow2";
   /** driver=file: the path; driver=nbd: the export's URI (built from server.* and export). */
   readonly filename?: string;
   /** Format drivers: the file under them, nested or by node name. */
@@ -294,6 +294,31 @@ export interface ServeConfig {
 
 let anonymous = 0;
 
+/**
+ * driver=rbd's `pool`, `image`, `snapshot`, `conf`, `user` and `key-secret`-free options as the
+ * `rbd:` name vstor opens (QEMU's own two spellings of one image).
+ */
+function rbdName(f: Fields, what: string): string {
+  const esc = (v: string) => v.replace(/[\\:@/]/g, (c) => `\\${c}`);
+  const escValue = (v: string) => v.replace(/[\\:]/g, (c) => `\\${c}`);
+  let name = `rbd:${esc(f.required("pool"))}/${esc(f.required("image"))}`;
+  const snap = f.string("snapshot");
+  if (snap !== undefined) name += `@${esc(snap)}`;
+  const conf = f.string("conf");
+  if (conf !== undefined) name += `:conf=${escValue(conf)}`;
+  const user = f.string("user");
+  if (user !== undefined) name += `:id=${escValue(user)}`;
+  if (f.has("key-secret") || f.has("encrypt") || f.has("auth-client-required")) {
+    throw new ServeUsageError(
+      `${what}: key-secret, encrypt and auth-client-required are not supported`,
+    );
+  }
+  if (f.raw("namespace") !== undefined) {
+    throw new ServeUsageError(`${what}: RBD namespaces are not supported`);
+  }
+  return name;
+}
+
 /** driver=nbd's `server.*` and `export` as the NBD URI vstor opens. */
 function nbdUri(f: Fields, what: string): string {
   const server = f.group("server");
@@ -317,7 +342,7 @@ function nbdUri(f: Fields, what: string): string {
 }
 
 function blockdev(f: Fields, what: string, nested: boolean): BlockdevSpec {
-  const driver = f.oneOf("driver", ["file", "nbd", "raw", "qcow2"] as const, "raw");
+  const driver = f.oneOf("driver", ["file", "nbd", "rbd", "raw", "qcow2"] as const, "raw");
   if (!f.has("driver")) f.required("driver");
   const nodeName = nested
     ? (f.string("node-name") ?? `#node${anonymous++}`)
@@ -353,6 +378,11 @@ function blockdev(f: Fields, what: string, nested: boolean): BlockdevSpec {
   if (driver === "file") {
     spec.filename = f.required("filename");
     f.raw("locking"); // accepted and ignored: vstor always takes QEMU's image locks
+  } else if (driver === "rbd") {
+    if (spec.cacheDirect || aio !== undefined) {
+      throw new ServeUsageError(`${what}: an RBD node has no cache.direct or aio (librbd's)`);
+    }
+    spec.filename = rbdName(f, what);
   } else if (driver === "nbd") {
     if (spec.cacheDirect || aio !== undefined) {
       throw new ServeUsageError(`${what}: an NBD node has no cache.direct or aio (the server's)`);

@@ -247,3 +247,126 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "a simulated guest's verified job on an RBD disk (vstor run), and vstor serve exporting an RBD image (--blockdev driver=rbd) over NBD to qemu-io",
+  ignore,
+  async fn() {
+    const c = await cephCluster();
+    assert.ok(c !== null);
+    const { uri, image } = await name();
+    const dir = await Deno.makeTempDir({ prefix: "vstor_rbd_" });
+    try {
+      await ok("qemu-img", ["create", "-f", "raw", uri, "16M"]);
+      const run = await vstor(
+        "run",
+        "--drive",
+        `file=${uri},format=raw,id=d0`,
+        "--device",
+        "virtio-blk,drive=d0",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=8M",
+        "--verify=crc32c",
+      );
+      assert.equal(run.code, 0, show(run));
+      assert.match(run.stdout, /write: IOPS=/);
+      assert.match(run.stdout, /verify: \d+ blocks checked, 0 failed/);
+      // The same image through vstor serve's NBD export.
+      const { Daemon } = await import("../../src/serve/daemon.ts");
+      const { parseServeArgs } = await import("../../src/serve/options.ts");
+      const socket = join(dir, "nbd.sock");
+      const pool = c.pool, img = image.slice(pool.length + 1);
+      const daemon = await Daemon.start(
+        parseServeArgs([
+          "--blockdev",
+          `driver=rbd,node-name=r,pool=${pool},image=${img},conf=${c.conf}`,
+          "--nbd-server",
+          `addr.type=unix,addr.path=${socket}`,
+          "--export",
+          "type=nbd,id=e0,node-name=r,name=disk,writable=on",
+        ]),
+        { log: () => {} },
+      );
+      try {
+        const nbd = `nbd+unix:///disk?socket=${socket}`;
+        await ok("qemu-io", [
+          "-f",
+          "raw",
+          "-c",
+          "write -P 0x77 12M 1M",
+          "-c",
+          "read -P 0x77 12M 1M",
+          nbd,
+        ]);
+      } finally {
+        assert.deepEqual(await daemon.stop(), []);
+      }
+      await ok("qemu-io", ["-r", "-f", "raw", "-c", "read -P 0x77 12M 1M", uri]);
+    } finally {
+      await rbd("rm", image);
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name:
+    "a cluster stopped under a guest's writes: werror=report fails the job with its errors counted, werror=stop stops the VM saying why — no hang",
+  ignore,
+  async fn() {
+    const script = new URL("../ceph/one_node.sh", import.meta.url).pathname;
+    for (const policy of ["report", "stop"]) {
+      // A cluster of its own: this test kills it.
+      const dir = await Deno.makeTempDir({ dir: "/tmp", prefix: "vstor-ceph-stop-" });
+      const start = await new Deno.Command(script, { args: ["start", dir], stderr: "piped" })
+        .output();
+      assert.equal(start.code, 0, new TextDecoder().decode(start.stderr));
+      const conf = new TextDecoder().decode(start.stdout).trim();
+      try {
+        // Operations give up after 3 s here, so the test does not wait the default 30.
+        const uri = `rbd:rbd/victim:conf=${conf}:rados_osd_op_timeout=3:rados_mon_op_timeout=3`;
+        await ok("qemu-img", ["create", "-f", "raw", uri, "16M"]);
+        const job = vstor(
+          "run",
+          "--drive",
+          `file=${uri},format=raw,id=d0,werror=${policy}`,
+          "--device",
+          "virtio-blk,drive=d0",
+          "--rw=randwrite",
+          "--bs=4k",
+          "--iodepth=4",
+          "--size=16M",
+          "--runtime=20",
+          "--time_based",
+        );
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+        const t0 = performance.now();
+        for (const daemon of ["osd.0", "mon.a"]) {
+          try {
+            Deno.kill(Number(Deno.readTextFileSync(join(dir, `${daemon}.pid`)).trim()), "SIGKILL");
+          } catch {
+            // Gone already.
+          }
+        }
+        const r = await job;
+        assert.ok(performance.now() - t0 < 60_000, "the job ended in time");
+        assert.equal(r.code, 1, show(r));
+        if (policy === "report") {
+          assert.match(r.stdout, /write: IOPS=.*errors=[1-9]/, show(r));
+        } else {
+          assert.match(
+            r.stderr,
+            /the VM stopped: io error on drive d0 \(write\): .*Connection timed out/,
+            show(r),
+          );
+        }
+      } finally {
+        new Deno.Command(script, { args: ["stop", dir], stderr: "null" }).outputSync();
+        await Deno.remove(dir, { recursive: true }).catch(() => {});
+      }
+    }
+  },
+});

@@ -154,7 +154,7 @@ Deno.test("qsd users' mistakes are named", () => {
   bad(["--blockdev", "driver=file,filename=/x"], /--blockdev 1: parameter 'node-name' is missing/);
   bad(
     ["--blockdev", "driver=vmdk,node-name=a,file=b"],
-    /parameter 'driver' expects file, nbd, raw, qcow2/,
+    /parameter 'driver' expects file, nbd, rbd, raw, qcow2/,
   );
   bad([file, "--blockdev", "qcow2,node-name=q"], /--blockdev 2: parameter 'file' is missing/);
   bad([file, "--blockdev", "qcow2,node-name=q,file=nope"], /no node named 'nope' for its file/);
@@ -434,4 +434,34 @@ Deno.test("--object tls-creds-x509 and --nbd-server tls-creds, as qsd takes them
   ) {
     assert.throws(() => parseServeArgs([...file, ...args]), message);
   }
+});
+
+Deno.test("--blockdev driver=rbd (QEMU's pool, image, snapshot, conf, user) is an rbd: name under raw or qcow2", () => {
+  const config = parseServeArgs([
+    "--blockdev",
+    "driver=rbd,node-name=r,pool=rbd,image=disk,conf=/etc/ceph/ceph.conf,user=admin",
+    "--blockdev",
+    "driver=rbd,node-name=s,pool=rbd,image=a:b,snapshot=s1",
+    "--blockdev",
+    "qcow2,node-name=q,file=r",
+    "--nbd-server",
+    "addr.type=unix,addr.path=/s",
+    "--export",
+    "type=nbd,id=e0,node-name=q",
+  ]);
+  assert.equal(
+    config.blockdevs[0]!.filename,
+    "rbd:rbd/disk:conf=/etc/ceph/ceph.conf:id=admin",
+  );
+  assert.equal(config.blockdevs[1]!.filename, "rbd:rbd/a\\:b@s1");
+  assert.deepEqual(resolveNode(config.blockdevs, "q", false).options.format, "qcow2");
+  assert.equal(resolveNode(config.blockdevs, "r", false).options.format, "raw");
+  assert.throws(
+    () => parseServeArgs(["--blockdev", "driver=rbd,node-name=r,pool=p"]),
+    /'image' is missing/,
+  );
+  assert.throws(
+    () => parseServeArgs(["--blockdev", "driver=rbd,node-name=r,pool=p,image=i,key-secret=k"]),
+    /key-secret/,
+  );
 });
