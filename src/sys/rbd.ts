@@ -13,6 +13,8 @@
  */
 import { BlockError } from "../errors.ts";
 import { strerror } from "./libc.ts";
+import { EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfdRead } from "./eventfd.ts";
+import { close, waitReadableAsync } from "./unix_socket.ts";
 
 const RADOS_SYMBOLS = {
   rados_create: { parameters: ["buffer", "buffer"], result: "i32" },
@@ -75,6 +77,10 @@ const RBD_SYMBOLS = {
   },
   rbd_aio_flush: { parameters: ["pointer", "pointer"], result: "i32" },
   rbd_aio_wait_for_complete: { parameters: ["pointer"], result: "i32", nonblocking: true },
+  rbd_aio_is_complete: { parameters: ["pointer"], result: "i32" },
+  // Completions announced on an eventfd, then collected without a thread per request.
+  rbd_set_image_notification: { parameters: ["pointer", "i32", "i32"], result: "i32" },
+  rbd_poll_io_events: { parameters: ["pointer", "buffer", "i32"], result: "i32" },
   rbd_aio_get_return_value: { parameters: ["pointer"], result: "i64" },
   rbd_aio_release: { parameters: ["pointer"], result: "void" },
 } as const;
@@ -442,9 +448,65 @@ export class RbdImage {
     if (rc < 0) throw failed(`rbd_snap_${op}`, rc, this.what);
   }
 
+  /** The eventfd librbd signals completions on (-1: not set up, -2: refused). */
+  #events = -1;
+  /** Requests in flight by completion address, in event mode. */
+  readonly #inflight = new Map<bigint, { settle: () => void }>();
+  #pumping = false;
+
+  /** Sets up completion events once: an eventfd librbd writes when a request completes. */
+  #eventMode(): boolean {
+    if (this.#events === -1) {
+      const fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+      const EVENT_TYPE_EVENTFD = 2; // librbd.h: EVENT_TYPE_PIPE = 1, EVENT_TYPE_EVENTFD = 2
+      if (lib().rbd.rbd_set_image_notification(this.#live(), fd, EVENT_TYPE_EVENTFD) < 0) {
+        close(fd);
+        this.#events = -2;
+      } else this.#events = fd;
+    }
+    return this.#events >= 0;
+  }
+
   /**
-   * One asynchronous read, write (`src`) or flush: submitted at once, its completion waited for
-   * on Deno's blocking pool. `buffer` must stay untouched until it settles.
+   * Collects completed requests while any are in flight: waits for the eventfd on Deno's blocking
+   * pool (one wait for all of them), then takes what rbd_poll_io_events has. Every second without
+   * an event it also asks each request directly, so a completion that is never announced cannot
+   * leave its caller waiting.
+   */
+  #pump(): void {
+    if (this.#pumping) return;
+    this.#pumping = true;
+    (async () => {
+      const { rbd } = lib();
+      const done = new BigUint64Array(64);
+      try {
+        while (this.#inflight.size > 0 && !this.#closed) {
+          const ready = await waitReadableAsync([this.#events], 1000);
+          if (this.#closed) break;
+          if (ready.length > 0) eventfdRead(this.#events);
+          for (;;) {
+            const n = rbd.rbd_poll_io_events(this.#image, new Uint8Array(done.buffer), done.length);
+            if (n <= 0) break;
+            for (let i = 0; i < n; i++) this.#inflight.get(done[i]!)?.settle();
+            if (n < done.length) break;
+          }
+          if (ready.length === 0) {
+            for (const [address, req] of [...this.#inflight]) {
+              const c = Deno.UnsafePointer.create(address);
+              if (rbd.rbd_aio_is_complete(c) !== 0) req.settle();
+            }
+          }
+        }
+      } finally {
+        this.#pumping = false;
+      }
+    })();
+  }
+
+  /**
+   * One asynchronous read, write (`src`) or flush: submitted at once; its completion collected by
+   * the image's event pump (or, where librbd refuses events, waited for on Deno's blocking pool).
+   * `buffer` must stay untouched until it settles.
    */
   async aio(
     kind: "read" | "write" | "flush",
@@ -453,10 +515,23 @@ export class RbdImage {
   ): Promise<number> {
     const { rbd } = lib();
     const image = this.#live();
+    const events = this.#eventMode();
     const out = new BigUint64Array(1);
     let rc = rbd.rbd_aio_create_completion(null, null, new Uint8Array(out.buffer));
     if (rc < 0) throw failed("rbd_aio_create_completion", rc, this.what);
+    const address = out[0]!;
     const c = outPointer(out);
+    let settled: Promise<void> | undefined;
+    if (events) {
+      settled = new Promise<void>((resolve) => {
+        this.#inflight.set(address, {
+          settle: () => {
+            this.#inflight.delete(address);
+            resolve();
+          },
+        });
+      });
+    }
     try {
       const p = buffer === undefined || buffer.length === 0
         ? null
@@ -467,8 +542,16 @@ export class RbdImage {
         : kind === "write"
         ? rbd.rbd_aio_write(image, BigInt(offset), len, p, c)
         : rbd.rbd_aio_flush(image, c);
-      if (rc < 0) throw failed(`rbd_aio_${kind}`, rc, this.what);
-      await rbd.rbd_aio_wait_for_complete(c);
+      if (rc < 0) {
+        this.#inflight.delete(address);
+        throw failed(`rbd_aio_${kind}`, rc, this.what);
+      }
+      if (settled !== undefined) {
+        this.#pump();
+        await settled;
+      } else {
+        await rbd.rbd_aio_wait_for_complete(c);
+      }
       const n = rbd.rbd_aio_get_return_value(c);
       if (n < 0n) throw failed(`rbd_aio_${kind}`, n, this.what);
       return Number(n);
@@ -481,5 +564,6 @@ export class RbdImage {
     if (this.#closed) return;
     this.#closed = true;
     lib().rbd.rbd_close(this.#image);
+    if (this.#events >= 0) close(this.#events);
   }
 }
