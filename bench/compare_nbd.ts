@@ -30,6 +30,7 @@
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
+import { BenchFailure, cpuSeconds, fmt, median, sleep, tail } from "./compare_common.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -87,20 +88,6 @@ interface CopyRun {
   run: number;
   seconds: number;
 }
-
-/** The last lines of a log, each cut at 200 characters (fio's JSON has long lines). */
-const cut = (line: string) => line.length > 200 ? line.slice(0, 200) + "…" : line;
-const tail = (text: string, n = 15) => text.trimEnd().split(/\r?\n/).slice(-n).map(cut).join("\n");
-/** A failure to report in one line, with the tail of the log that explains it. */
-class BenchFailure extends Error {
-  /** The last lines of the log, as printed under the message. */
-  readonly log: string;
-  constructor(message: string, log = "", lines = 15) {
-    super(message);
-    this.log = tail(log, lines);
-  }
-}
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Children still running: the cleanup stops them on every path, Ctrl-C included. */
 const live = new Set<Deno.ChildProcess>();
@@ -247,19 +234,6 @@ async function runTool(
   } finally {
     clearTimeout(timer);
   }
-}
-
-const CLK_TCK = 100; // sysconf(_SC_CLK_TCK) on Linux x86-64
-
-/**
- * User + system seconds of a process, fields 14 and 15 of /proc/PID/stat: the kernel sums them
- * over all the process's threads there, the exited ones included (which /proc/PID/task/* lacks).
- */
-async function cpuSeconds(pid: number): Promise<number> {
-  const stat = await Deno.readTextFile(`/proc/${pid}/stat`);
-  // Fields after the command name, which may hold spaces: the first is field 3 (state).
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(fields[14 - 3]) + Number(fields[15 - 3])) / CLK_TCK;
 }
 
 /** What we read of fio's JSON. */
@@ -422,13 +396,6 @@ async function nbdcopyRun(
   return { what: "nbdcopy", side: server === "vstor" ? "vstor" : "peer", run, seconds: t.seconds };
 }
 
-const median = (xs: number[]) => {
-  const s = xs.filter(Number.isFinite).sort((a, b) => a - b);
-  if (s.length === 0) return NaN;
-  const mid = s.length >> 1;
-  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-};
-const fmt = (n: number) => Number.isFinite(n) ? Math.round(n).toLocaleString("en-US") : "n/a";
 const fixed = (n: number, digits: number) => Number.isFinite(n) ? n.toFixed(digits) : "n/a";
 
 function printTable(rows: string[][]): void {

@@ -39,6 +39,7 @@
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
+import { BenchFailure, fmt, median, sleep, tail } from "./compare_common.ts";
 
 let parsed;
 try {
@@ -137,20 +138,6 @@ interface JobRun {
   /** Wall time from spawn to exit: start-up, connecting, closing included. */
   wallSeconds: number;
 }
-
-/** The last lines of a log, each cut at 200 characters (fio's JSON has long lines). */
-const cut = (line: string) => line.length > 200 ? line.slice(0, 200) + "…" : line;
-const tail = (text: string, n = 15) => text.trimEnd().split(/\r?\n/).slice(-n).map(cut).join("\n");
-/** A failure to report in one line, with the tail of the log that explains it. */
-class BenchFailure extends Error {
-  /** The last lines of the log, as printed under the message. */
-  readonly log: string;
-  constructor(message: string, log = "", lines = 15) {
-    super(message);
-    this.log = tail(log, lines);
-  }
-}
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Children still running: the cleanup stops them on every path, Ctrl-C included. */
 const live = new Set<Deno.ChildProcess>();
@@ -340,13 +327,6 @@ async function checkReads(conf: string, dir: string): Promise<void> {
   await Deno.remove(copy);
 }
 
-const median = (xs: number[]) => {
-  const s = xs.filter(Number.isFinite).sort((a, b) => a - b);
-  if (s.length === 0) return NaN;
-  const mid = s.length >> 1;
-  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-};
-const fmt = (n: number) => Number.isFinite(n) ? Math.round(n).toLocaleString("en-US") : "n/a";
 const fixed = (n: number, digits: number) => Number.isFinite(n) ? n.toFixed(digits) : "n/a";
 
 function printTable(rows: string[][]): void {

@@ -21,6 +21,7 @@
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
+import { BenchFailure, cpuSeconds, fmt, median, sleep, tail } from "./compare_common.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -81,20 +82,6 @@ interface RunResult {
   kicks: number;
   interrupts: number;
 }
-
-/** The last lines of a log, each cut at 200 characters (fio's JSON is one long line). */
-const cut = (line: string) => line.length > 200 ? line.slice(0, 200) + "…" : line;
-const tail = (text: string, n = 15) => text.trimEnd().split(/\r?\n/).slice(-n).map(cut).join("\n");
-/** A failure to report in one line, with the tail of the log that explains it. */
-class BenchFailure extends Error {
-  /** The last lines of the log, as printed under the message. */
-  readonly log: string;
-  constructor(message: string, log = "", lines = 15) {
-    super(message);
-    this.log = tail(log, lines);
-  }
-}
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** The guest's script (busybox sh): per job `IRQ <job> <delta>` and `FIO <job> <one-line JSON>`. */
 const GUEST_SCRIPT = `
@@ -177,19 +164,6 @@ async function startDaemon(daemon: Daemon, image: string, dir: string): Promise<
     if (listening && pid > 0) return { daemon, child, pid, log: text };
   }
   throw new BenchFailure(`${daemon} did not listen on ${sock} within 30 s`, text());
-}
-
-const CLK_TCK = 100; // sysconf(_SC_CLK_TCK) on Linux x86-64
-
-/**
- * User + system seconds of a process, fields 14 and 15 of /proc/PID/stat: the kernel sums them
- * over all the process's threads there, the exited ones included (which /proc/PID/task/* lacks).
- */
-async function cpuSeconds(pid: number): Promise<number> {
-  const stat = await Deno.readTextFile(`/proc/${pid}/stat`);
-  // Fields after the command name, which may hold spaces: the first is field 3 (state).
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(fields[14 - 3]) + Number(fields[15 - 3])) / CLK_TCK;
 }
 
 /** What we read of fio's JSON. */
@@ -304,13 +278,6 @@ async function oneRun(daemon: Daemon, run: number, image: string, dir: string, n
   }
 }
 
-const median = (xs: number[]) => {
-  const s = xs.filter(Number.isFinite).sort((a, b) => a - b);
-  if (s.length === 0) return NaN;
-  const mid = s.length >> 1;
-  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-};
-const fmt = (n: number) => Number.isFinite(n) ? Math.round(n).toLocaleString("en-US") : "n/a";
 const fixed = (n: number, digits: number) => Number.isFinite(n) ? n.toFixed(digits) : "n/a";
 
 function printTable(rows: string[][]): void {
