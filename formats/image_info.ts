@@ -10,6 +10,8 @@
 import type { BlockNode } from "../src/block/node.ts";
 import { resolveBacking } from "./open.ts";
 import { canonicalNbdName, isNbdUri, parseNbdUri } from "../src/host/nbd.ts";
+import { isRbdName, qemuRbdFilename } from "../src/host/rbd.ts";
+import { RawNode } from "./raw.ts";
 import { Qcow2Node } from "./qcow2/qcow2.ts";
 import {
   COMPAT_LAZY_REFCOUNTS,
@@ -49,12 +51,33 @@ export function imageInfo(node: BlockNode, filename: string): Record<string, unk
   const out: Record<string, unknown> = {};
   const q = node instanceof Qcow2Node ? node : undefined;
   if (q && q.snapshots.entries.length > 0) out["snapshots"] = q.snapshots.entries.map(snapshotJson);
+  // A raw image on a host with its own snapshots (RBD) lists them as QEMU's rbd driver does.
+  const hostSnaps = node instanceof RawNode ? node.hostSnapshots?.list() ?? [] : [];
+  if (hostSnaps.length > 0) {
+    out["snapshots"] = hostSnaps.map((s) => ({
+      "icount": 0,
+      "vm-clock-nsec": 0,
+      "name": s.name,
+      "date-sec": 0,
+      "date-nsec": 0,
+      "vm-clock-sec": 0,
+      "id": s.name,
+      "vm-state-size": s.size,
+    }));
+  }
   const backing = node.backingName;
   if (backing?.format !== undefined) out["backing-filename-format"] = backing.format;
   out["virtual-size"] = node.size;
   // An NBD node's name as QEMU rebuilds it, whatever form was given.
-  out["filename"] = isNbdUri(filename) ? canonicalNbdName(parseNbdUri(filename)) : filename;
+  out["filename"] = isNbdUri(filename)
+    ? canonicalNbdName(parseNbdUri(filename))
+    : isRbdName(filename)
+    ? qemuRbdFilename(filename)
+    : filename;
   if (q) out["cluster-size"] = q.clusterSize;
+  else if (node instanceof RawNode && node.hostClusterSize !== undefined) {
+    out["cluster-size"] = node.hostClusterSize;
+  }
   out["format"] = node.format;
   // Unknown for a file on a server (NBD): qemu-img leaves the key out.
   const actual = node.allocatedSize?.() ?? 0;
@@ -86,7 +109,7 @@ export function imageInfo(node: BlockNode, filename: string): Record<string, unk
     out["backing-filename"] = backing.file;
   }
   // Raw over a host without its own info (NBD): qemu-img has no dirty flag to show.
-  if (q || actual >= 0) {
+  if (q || !isNbdUri(filename)) {
     out["dirty-flag"] = q ? hasFeature(q.header.incompatibleFeatures, INCOMPAT_DIRTY) : false;
   }
   return out;

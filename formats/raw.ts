@@ -92,6 +92,11 @@ export class RawNode implements BlockNode {
     return new RawNode(file, opts, size);
   }
 
+  /** The host's allocation unit, when it has one (an RBD image's object size). */
+  get hostClusterSize(): number | undefined {
+    return this.#file.clusterSize;
+  }
+
   /** The host's own snapshots, when it keeps some (an RBD image's), passed through. */
   get hostSnapshots(): HostSnapshots | undefined {
     return this.#file.snapshots;

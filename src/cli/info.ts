@@ -9,7 +9,8 @@ import { MAX_CHAIN_DEPTH, resolveBacking } from "../../formats/open.ts";
 import { Qcow2Node } from "../../formats/qcow2/qcow2.ts";
 import { type CliIo, EXIT_OK, UsageError } from "./cli_io.ts";
 import { sizeToStr } from "./text/human.ts";
-import { snapshotTable } from "./snapshot.ts";
+import { hostSnapshotTable, snapshotTable } from "./snapshot.ts";
+import { RawNode } from "../../formats/raw.ts";
 import { oneFile, openVerbImage, parseVerbArgs } from "./args.ts";
 import type { ParseArgsOptionsConfig } from "node:util";
 import { optionFlags, type VerbHelp } from "./help.ts";
@@ -39,6 +40,9 @@ export function infoHuman(info: Record<string, unknown>, node: BlockNode): strin
   if (node instanceof Qcow2Node && node.snapshots.entries.length > 0) {
     // Only the final newline: a last snapshot without icount keeps its blank column.
     lines.push("Snapshot list:", snapshotTable(node.snapshots.entries).replace(/\n$/, ""));
+  } else if (node instanceof RawNode && node.hostSnapshots !== undefined) {
+    const table = hostSnapshotTable(node.hostSnapshots.list());
+    if (table !== "") lines.push("Snapshot list:", table.replace(/\n$/, ""));
   }
   if (info["dirty-flag"] === true) lines.push("cleanly shut down: no");
   const specific = info["format-specific"] as { data: Record<string, unknown> } | undefined;

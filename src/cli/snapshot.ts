@@ -136,6 +136,23 @@ export async function snapshotMain(args: string[], io: CliIo): Promise<number> {
 }
 
 /**
+ * qemu-img's snapshot table for a host's own snapshots (RBD): the name as ID and TAG, the image's
+ * size then as VM SIZE, and zeroes for date, clock and instruction count, as QEMU's rbd driver
+ * fills them. Empty for none.
+ */
+export function hostSnapshotTable(list: readonly { name: string; size: number }[]): string {
+  if (list.length === 0) return "";
+  const lines = ["ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT"];
+  for (const s of list) {
+    lines.push(
+      `${s.name.padEnd(9)} ${s.name.padEnd(16)} ${sizeToStr(s.size).padStart(8)}` +
+        `${localDate(0).padStart(20)}${vmClock(0n).padStart(13)}${"0".padStart(11)}`,
+    );
+  }
+  return lines.join("\n") + "\n";
+}
+
+/**
  * `snapshot` on a raw image whose host keeps snapshots (RBD), as QEMU's raw driver passes the
  * calls down: listed with the name as ID and TAG, the image's size then as VM SIZE and no date,
  * clock or instruction count (QEMU's rbd driver fills them with zeroes).
@@ -157,18 +174,8 @@ function hostSnapshotVerb(
     }
   };
   if (listing) {
-    const list = host.list();
-    if (list.length === 0) return;
-    const lines = [
-      "ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT",
-    ];
-    for (const s of list) {
-      lines.push(
-        `${s.name.padEnd(9)} ${s.name.padEnd(16)} ${sizeToStr(s.size).padStart(8)}` +
-          `${localDate(0).padStart(20)}${vmClock(0n).padStart(13)}${"0".padStart(11)}`,
-      );
-    }
-    io.stdout("Snapshot list:\n" + lines.join("\n") + "\n");
+    const table = hostSnapshotTable(host.list());
+    if (table !== "") io.stdout("Snapshot list:\n" + table);
   } else if (values.create !== undefined) {
     const name = values.create;
     guard(`Could not create snapshot '${name}'`, () => host.create(name), {

@@ -76,6 +76,8 @@ export interface HostFile {
    * own, as QEMU's raw driver passes snapshot calls down. Optional.
    */
   readonly snapshots?: HostSnapshots;
+  /** The host's own allocation unit, which qemu-img info shows as a raw image's cluster_size. */
+  readonly clusterSize?: number;
   /** False when the host cannot say how much storage the file takes (see allocatedSize). */
   readonly knowsAllocation?: boolean;
   /** Reserve host storage for `[offset, offset+length)` (fallocate), extending the file; falls back to writing zeroes. */
@@ -123,6 +125,8 @@ export function borrowFile(file: HostFile): HostFile {
       ? {}
       : { discard: (offset: number, length: number) => file.discard!(offset, length) }),
     ...(file.knowsAllocation === undefined ? {} : { knowsAllocation: file.knowsAllocation }),
+    ...(file.clusterSize === undefined ? {} : { clusterSize: file.clusterSize }),
+    ...(file.snapshots === undefined ? {} : { snapshots: file.snapshots }),
     ...(file.zeroWithoutData === undefined ? {} : {
       zeroWithoutData: (offset: number, length: number, unmap: boolean) =>
         file.zeroWithoutData!(offset, length, unmap),

@@ -24,6 +24,27 @@ export interface RbdTarget {
   readonly settings: Readonly<Record<string, string>>;
 }
 
+/**
+ * The name QEMU gives an RBD node in qemu-img info (its json: filename), for the names it was
+ * seen to print here: pool, image and conf; other names are shown as given.
+ */
+export function qemuRbdFilename(name: string): string {
+  const t = parseRbdName(name);
+  if (t.snap !== undefined || t.id !== undefined || Object.keys(t.settings).length > 0) {
+    return name;
+  }
+  const file: Record<string, string> = { pool: t.pool, image: t.image };
+  if (t.conf !== undefined) file["conf"] = t.conf;
+  file["driver"] = "rbd";
+  file["namespace"] = "";
+  // QEMU's own JSON spacing: `"key": value` separated by ", ".
+  const obj = (o: Record<string, string | Record<string, string>>): string =>
+    "{" + Object.entries(o).map(([k, v]) =>
+      `${JSON.stringify(k)}: ${typeof v === "string" ? JSON.stringify(v) : obj(v)}`
+    ).join(", ") + "}";
+  return `json:${obj({ driver: "raw", file })}`;
+}
+
 /** True for QEMU's `rbd:` names. */
 export function isRbdName(text: string): boolean {
   return text.startsWith("rbd:");
@@ -125,12 +146,16 @@ export class RbdFile implements HostFile {
     },
   };
 
+  /** RBD's object size (QEMU shows it as the cluster_size of a raw image on RBD). */
+  readonly clusterSize: number;
+
   private constructor(path: string, pool: RadosPool, image: RbdImage, readOnly: boolean) {
     this.path = path;
     this.#pool = pool;
     this.#image = image;
     this.readOnly = readOnly;
     this.#size = image.size();
+    this.clusterSize = image.objectSize();
   }
 
   /**

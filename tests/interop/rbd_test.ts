@@ -370,3 +370,26 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "vstor info of a raw image on RBD (with a snapshot) says what qemu-img info says, human and JSON",
+  ignore,
+  async fn() {
+    const { uri, image } = await name();
+    try {
+      await ok("qemu-img", ["create", "-f", "raw", uri, "16M"]);
+      await ok("qemu-img", ["snapshot", "-c", "s1", uri]);
+      for (const output of ["human", "json"]) {
+        const ours = await vstor("info", "-f", "raw", `--output=${output}`, uri);
+        assert.equal(ours.code, 0, show(ours));
+        const theirs = await ok("qemu-img", ["info", "-f", "raw", `--output=${output}`, uri]);
+        if (output === "json") assert.deepEqual(JSON.parse(ours.stdout), JSON.parse(theirs));
+        else assert.equal(ours.stdout, theirs);
+      }
+    } finally {
+      await rbd("snap", "purge", image);
+      await rbd("rm", image);
+    }
+  },
+});
