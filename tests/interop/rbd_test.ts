@@ -393,3 +393,29 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name:
+    "a qcow2 on RBD over a backing file (vstor create -b): reads fall through, writes land on RBD",
+  ignore,
+  async fn() {
+    const dir = await Deno.makeTempDir({ prefix: "vstor_rbd_" });
+    const { uri, image } = await name();
+    try {
+      const base = join(dir, "base.raw");
+      await ok("qemu-img", ["create", "-q", "-f", "raw", base, "16M"]);
+      await ok("qemu-io", ["-f", "raw", "-c", "write -P 0x21 0 16M", base]);
+      const c = await vstor("create", "-f", "qcow2", "-b", base, "-F", "raw", uri);
+      assert.equal(c.code, 0, show(c));
+      const io = await vstor("io", ...cmds(["write -P 0x22 1M 64k", "read -P 0x21 0 1M"]), uri);
+      assert.equal(io.code, 0, show(io));
+      assert.doesNotMatch(io.stdout, /verification failed/);
+      await ok("qemu-img", ["check", uri]);
+      await ok("qemu-io", ["-r", ...cmds(["read -P 0x22 1M 64k", "read -P 0x21 2M 1M"]), uri]);
+      assert.match(await ok("qemu-img", ["info", uri]), new RegExp(`backing file: ${base}`));
+    } finally {
+      await rbd("rm", image);
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
