@@ -265,10 +265,20 @@ Deno.test({
         stderr: "piped",
       }).spawn();
       // The image is in use once vstor holds its lock: qemu-img cannot take the write lock.
+      let exited: Deno.CommandStatus | undefined;
+      child.status.then((s) => exited = s);
       const deadline = Date.now() + 60_000;
       for (;;) {
         const probe = await runTool("qemu-img", ["info", image]);
         if (probe.code !== 0 && /lock/.test(probe.stderr)) break;
+        if (exited !== undefined) {
+          const out = await child.output();
+          const dec = new TextDecoder();
+          assert.fail(
+            `vstor exited (${exited.code}) before it held the image: ` +
+              dec.decode(out.stderr) + dec.decode(out.stdout),
+          );
+        }
         assert.ok(Date.now() < deadline, "vstor never opened the image");
         await new Promise((r) => setTimeout(r, 100));
       }
