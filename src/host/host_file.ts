@@ -90,6 +90,16 @@ export interface HostFile {
   close(): void;
 }
 
+/**
+ * For a read of `dst.length` bytes at `offset` from a file of `size` bytes: zeroes the part of
+ * `dst` past the end (it reads as zeroes, as a file's does) and returns how many bytes are inside.
+ */
+export function zeroPastEnd(dst: Uint8Array, offset: number, size: number): number {
+  const inside = Math.max(0, Math.min(dst.length, size - offset));
+  if (inside < dst.length) dst.fill(0, inside);
+  return inside;
+}
+
 /** A host's own snapshots (see {@linkcode HostFile.snapshots}). */
 export interface HostSnapshots {
   /** Oldest first: each one's name and the file's size when it was taken. */

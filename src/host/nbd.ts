@@ -16,7 +16,7 @@
  */
 import { BlockError } from "../errors.ts";
 import { isConnectionLoss, StreamSocket } from "../sys/inet_socket.ts";
-import type { HostExtent, HostFile } from "./host_file.ts";
+import { type HostExtent, type HostFile, zeroPastEnd } from "./host_file.ts";
 import * as P from "./nbd_protocol.ts";
 
 /** Where an NBD URI points. */
@@ -734,9 +734,7 @@ export class NbdFile implements HostFile {
 
   readAt(offset: number, dst: Uint8Array): void {
     this.#live();
-    // Past the end reads as zeroes, as a file's.
-    const inside = Math.max(0, Math.min(dst.length, this.#size - offset));
-    if (inside < dst.length) dst.fill(0, inside);
+    const inside = zeroPastEnd(dst, offset, this.#size);
     if (inside === 0) return;
     const min = this.#minBlock;
     const start = offset - (offset % min);
@@ -752,14 +750,13 @@ export class NbdFile implements HostFile {
   /** As readAt, with the request's pieces in flight at once and the thread free meanwhile. */
   async readAtAsync(offset: number, dst: Uint8Array): Promise<void> {
     this.#live();
-    const inside = Math.max(0, Math.min(dst.length, this.#size - offset));
+    const inside = zeroPastEnd(dst, offset, this.#size);
     const min = this.#minBlock;
     if (
       inside > 0 && (offset % min !== 0 || (inside % min !== 0 && offset + inside < this.#size))
     ) {
       return this.readAt(offset, dst);
     }
-    if (inside < dst.length) dst.fill(0, inside);
     const parts: Promise<void>[] = [];
     for (let pos = 0; pos < inside;) {
       const n = Math.min(this.#maxBlock, inside - pos);

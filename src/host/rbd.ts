@@ -11,7 +11,7 @@
  */
 import { BlockError } from "../errors.ts";
 import { RadosPool, RbdImage } from "../sys/rbd.ts";
-import type { HostExtent, HostFile, HostSnapshots } from "./host_file.ts";
+import { type HostExtent, type HostFile, type HostSnapshots, zeroPastEnd } from "./host_file.ts";
 
 /** What an `rbd:` name says. */
 export interface RbdTarget {
@@ -220,8 +220,7 @@ export class RbdFile implements HostFile {
 
   readAt(offset: number, dst: Uint8Array): void {
     this.#live();
-    const inside = Math.max(0, Math.min(dst.length, this.#size - offset));
-    if (inside < dst.length) dst.fill(0, inside);
+    const inside = zeroPastEnd(dst, offset, this.#size);
     if (inside === 0) return;
     const n = this.#image.read(offset, dst.subarray(0, inside));
     if (n < inside) dst.fill(0, n, inside);
@@ -243,8 +242,7 @@ export class RbdFile implements HostFile {
 
   async readAtAsync(offset: number, dst: Uint8Array): Promise<void> {
     this.#live();
-    const inside = Math.max(0, Math.min(dst.length, this.#size - offset));
-    if (inside < dst.length) dst.fill(0, inside);
+    const inside = zeroPastEnd(dst, offset, this.#size);
     if (inside === 0) return;
     const n = await this.#image.aio("read", offset, dst.subarray(0, inside));
     if (n < inside) dst.fill(0, n, inside);

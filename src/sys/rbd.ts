@@ -110,6 +110,10 @@ function lib(): { rados: Rados; rbd: Rbd } {
   }
 }
 
+/** A scratch out-parameter for calls whose result is read at once (the aio hot path). */
+const OUT = new BigUint64Array(1);
+const OUT_BYTES = new Uint8Array(OUT.buffer);
+
 function cstr(s: string): Uint8Array<ArrayBuffer> {
   return new TextEncoder().encode(s + "\0");
 }
@@ -516,11 +520,11 @@ export class RbdImage {
     const { rbd } = lib();
     const image = this.#live();
     const events = this.#eventMode();
-    const out = new BigUint64Array(1);
-    let rc = rbd.rbd_aio_create_completion(null, null, new Uint8Array(out.buffer));
+    // The out-parameter is read right after the call: one scratch word serves every request.
+    let rc = rbd.rbd_aio_create_completion(null, null, OUT_BYTES);
     if (rc < 0) throw failed("rbd_aio_create_completion", rc, this.what);
-    const address = out[0]!;
-    const c = outPointer(out);
+    const address = OUT[0]!;
+    const c = outPointer(OUT);
     let settled: Promise<void> | undefined;
     if (events) {
       settled = new Promise<void>((resolve) => {
