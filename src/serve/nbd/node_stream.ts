@@ -3,7 +3,7 @@
  * server's TLS path, since only node:tls can turn an accepted plain connection into a TLS server
  * connection mid-stream (NBD's STARTTLS). Incoming data is queued as it arrives (the socket is
  * paused while the queue holds more than a bound, so a client cannot make it grow), and writes
- * resolve once node has taken them, waiting for `drain` when its buffer is full.
+ * resolve once node has handed the bytes on.
  *
  * @module
  */
@@ -69,13 +69,10 @@ export class NodeStream implements NbdStream {
 
   write(p: Uint8Array): Promise<number> {
     if (this.#error !== undefined) return Promise.reject(this.#error);
+    // Settled once node has handed the bytes on: the caller's buffer is node's until then (no
+    // copy), and a slow reader holds the writer back as the socket's buffer fills.
     return new Promise((resolve, reject) => {
-      // node keeps the buffer until it is written: give it a copy the caller cannot change.
-      const more = this.#socket.write(p.slice(), (e) => {
-        if (e) reject(e);
-      });
-      if (more) resolve(p.length);
-      else this.#socket.once("drain", () => resolve(p.length));
+      this.#socket.write(p, (e) => e ? reject(e) : resolve(p.length));
     });
   }
 
