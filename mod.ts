@@ -110,7 +110,7 @@ export {
 export { isZeroBuffer } from "./src/block/zero.ts";
 
 // ── Host adapters: bytes on the host ───────────────────────────────────────────────────────────
-export type { HostExtent, HostFile } from "./src/host/host_file.ts";
+export type { HostExtent, HostFile, HostSnapshots } from "./src/host/host_file.ts";
 export { type HostFileOptions, openHostFile } from "./src/host/file.ts";
 export { MemoryFile } from "./src/host/memory.ts";
 

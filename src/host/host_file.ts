@@ -104,7 +104,9 @@ export function zeroPastEnd(dst: Uint8Array, offset: number, size: number): numb
 export interface HostSnapshots {
   /** Oldest first: each one's name and the file's size when it was taken. */
   list(): { readonly name: string; readonly size: number }[];
+  /** Takes a snapshot of the file as it is now; throws if `name` is taken. */
   create(name: string): void;
+  /** Deletes the snapshot `name`; throws if there is none. */
   remove(name: string): void;
   /** The file's contents become the snapshot's. */
   rollback(name: string): void;
