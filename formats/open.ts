@@ -253,7 +253,7 @@ async function openChain(path: string, opts: OpenOptions, chain: string[]): Prom
   const flags = cacheFlags(opts.cache ?? "writeback");
   // An NBD export is a file on a server: its cache and aio modes are the server's.
   const file = isRbdName(path)
-    ? await RbdFile.open(path, { readOnly })
+    ? await RbdFile.open(path, { readOnly, cache: !flags.direct })
     : isNbdUri(path)
     ? NbdFile.open(path, {
       readOnly,

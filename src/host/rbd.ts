@@ -159,17 +159,24 @@ export class RbdFile implements HostFile {
   }
 
   /**
-   * Connects and opens the image `name` says; a snapshot opens read-only.
+   * Connects and opens the image `name` says; a snapshot opens read-only. `cache` sets librbd's
+   * `rbd_cache` as QEMU does for its cache modes (false for `none` and `directsync`), over what
+   * the name or the conf file say; left out, librbd's own setting stands.
    *
    * @throws {BlockError} naming the image: `not-found` for a missing pool or image, `unsupported`
    *   without librbd, `io` for a cluster that does not answer
    */
-  static async open(name: string, opts: { readOnly?: boolean } = {}): Promise<RbdFile> {
+  static async open(
+    name: string,
+    opts: { readOnly?: boolean; cache?: boolean } = {},
+  ): Promise<RbdFile> {
     const t = parseRbdName(name);
     const pool = await RadosPool.connect(t.pool, {
       ...(t.conf === undefined ? {} : { conf: t.conf }),
       ...(t.id === undefined ? {} : { id: t.id }),
-      settings: t.settings,
+      settings: opts.cache === undefined
+        ? t.settings
+        : { ...t.settings, rbd_cache: opts.cache ? "true" : "false" },
     });
     try {
       const readOnly = (opts.readOnly ?? false) || t.snap !== undefined;

@@ -2,9 +2,10 @@
  * Ceph's librados and librbd through FFI (`librados.so.2`, `librbd.so.1`, Debian's librados2 and
  * librbd1): a cluster handle, a pool's I/O context, images opened read-write or read-only (a
  * snapshot), synchronous reads, writes, discards, zero writes, flushes and resizes, image create
- * and remove, and asynchronous reads, writes and flushes whose completions are waited for on
- * Deno's blocking pool (`rbd_aio_wait_for_complete`, nonblocking) — never a JS callback from
- * librbd's threads, which blocks them (measured: writes hang).
+ * and remove, and asynchronous reads, writes and flushes whose completions librbd announces on a
+ * doorbell in this thread's event loop ({@linkcode LoopDoorbell}; where librbd refuses, each is
+ * waited for on Deno's blocking pool) — never a JS callback from librbd's threads, which blocks
+ * them (measured: writes hang).
  *
  * Signatures from librados.h and librbd.h (Ceph 16.2): handles are pointers, sizes and offsets
  * u64, ssize_t results i64.
@@ -13,8 +14,7 @@
  */
 import { BlockError } from "../errors.ts";
 import { strerror } from "./libc.ts";
-import { EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfdRead } from "./eventfd.ts";
-import { close, waitReadableAsync } from "./unix_socket.ts";
+import { LoopDoorbell } from "./unix_socket.ts";
 
 const RADOS_SYMBOLS = {
   rados_create: { parameters: ["buffer", "buffer"], result: "i32" },
@@ -452,59 +452,69 @@ export class RbdImage {
     if (rc < 0) throw failed(`rbd_snap_${op}`, rc, this.what);
   }
 
-  /** The eventfd librbd signals completions on (-1: not set up, -2: refused). */
-  #events = -1;
+  /** Where librbd announces completions: undefined before the first request, null if refused. */
+  #doorbell: LoopDoorbell | null | undefined;
   /** Requests in flight by completion address, in event mode. */
-  readonly #inflight = new Map<bigint, { settle: () => void }>();
-  #pumping = false;
+  readonly #inflight = new Map<bigint, () => void>();
+  /** While requests are in flight: asks each one directly every second (see #sweep). */
+  #sweepTimer: ReturnType<typeof setInterval> | undefined;
+  readonly #done = new BigUint64Array(64);
+  readonly #doneBytes = new Uint8Array(this.#done.buffer);
 
-  /** Sets up completion events once: an eventfd librbd writes when a request completes. */
+  /**
+   * Sets up completion events once: librbd writes a byte to a doorbell in this thread's event loop
+   * when a request completes (EVENT_TYPE_PIPE on a socketpair), and {@linkcode #reap} collects.
+   */
   #eventMode(): boolean {
-    if (this.#events === -1) {
-      const fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-      const EVENT_TYPE_EVENTFD = 2; // librbd.h: EVENT_TYPE_PIPE = 1, EVENT_TYPE_EVENTFD = 2
-      if (lib().rbd.rbd_set_image_notification(this.#live(), fd, EVENT_TYPE_EVENTFD) < 0) {
-        close(fd);
-        this.#events = -2;
-      } else this.#events = fd;
+    if (this.#doorbell === undefined) {
+      const EVENT_TYPE_PIPE = 1; // librbd.h: EVENT_TYPE_PIPE = 1, EVENT_TYPE_EVENTFD = 2
+      const bell = new LoopDoorbell(() => this.#reap());
+      if (lib().rbd.rbd_set_image_notification(this.#live(), bell.writeFd, EVENT_TYPE_PIPE) < 0) {
+        bell.close();
+        this.#doorbell = null;
+      } else this.#doorbell = bell;
     }
-    return this.#events >= 0;
+    return this.#doorbell !== null;
+  }
+
+  /** Settles every request rbd_poll_io_events reports complete. */
+  #reap(): void {
+    if (this.#closed) return;
+    const { rbd } = lib();
+    const done = this.#done;
+    for (;;) {
+      const n = rbd.rbd_poll_io_events(this.#image, this.#doneBytes, done.length);
+      if (n <= 0) break;
+      for (let i = 0; i < n; i++) this.#inflight.get(done[i]!)?.();
+      if (n < done.length) break;
+    }
   }
 
   /**
-   * Collects completed requests while any are in flight: waits for the eventfd on Deno's blocking
-   * pool (one wait for all of them), then takes what rbd_poll_io_events has. Every second without
-   * an event it also asks each request directly, so a completion that is never announced cannot
-   * leave its caller waiting.
+   * A safety net under the doorbell, every second while requests are in flight: a request that
+   * completed without an announcement cannot leave its caller waiting.
    */
-  #pump(): void {
-    if (this.#pumping) return;
-    this.#pumping = true;
-    (async () => {
-      const { rbd } = lib();
-      const done = new BigUint64Array(64);
-      try {
-        while (this.#inflight.size > 0 && !this.#closed) {
-          const ready = await waitReadableAsync([this.#events], 1000);
-          if (this.#closed) break;
-          if (ready.length > 0) eventfdRead(this.#events);
-          for (;;) {
-            const n = rbd.rbd_poll_io_events(this.#image, new Uint8Array(done.buffer), done.length);
-            if (n <= 0) break;
-            for (let i = 0; i < n; i++) this.#inflight.get(done[i]!)?.settle();
-            if (n < done.length) break;
-          }
-          if (ready.length === 0) {
-            for (const [address, req] of [...this.#inflight]) {
-              const c = Deno.UnsafePointer.create(address);
-              if (rbd.rbd_aio_is_complete(c) !== 0) req.settle();
-            }
-          }
-        }
-      } finally {
-        this.#pumping = false;
-      }
-    })();
+  #sweep(): void {
+    const { rbd } = lib();
+    this.#reap();
+    for (const [address, settle] of [...this.#inflight]) {
+      if (rbd.rbd_aio_is_complete(Deno.UnsafePointer.create(address)) !== 0) settle();
+    }
+  }
+
+  #track(address: bigint, settle: () => void): void {
+    if (this.#inflight.size === 0) {
+      this.#doorbell!.ref();
+      this.#sweepTimer = setInterval(() => this.#sweep(), 1000);
+    }
+    this.#inflight.set(address, settle);
+  }
+
+  #untrack(address: bigint): void {
+    if (!this.#inflight.delete(address) || this.#inflight.size > 0) return;
+    this.#doorbell?.unref();
+    clearInterval(this.#sweepTimer);
+    this.#sweepTimer = undefined;
   }
 
   /**
@@ -528,11 +538,9 @@ export class RbdImage {
     let settled: Promise<void> | undefined;
     if (events) {
       settled = new Promise<void>((resolve) => {
-        this.#inflight.set(address, {
-          settle: () => {
-            this.#inflight.delete(address);
-            resolve();
-          },
+        this.#track(address, () => {
+          this.#untrack(address);
+          resolve();
         });
       });
     }
@@ -547,11 +555,10 @@ export class RbdImage {
         ? rbd.rbd_aio_write(image, BigInt(offset), len, p, c)
         : rbd.rbd_aio_flush(image, c);
       if (rc < 0) {
-        this.#inflight.delete(address);
+        this.#untrack(address);
         throw failed(`rbd_aio_${kind}`, rc, this.what);
       }
       if (settled !== undefined) {
-        this.#pump();
         await settled;
       } else {
         await rbd.rbd_aio_wait_for_complete(c);
@@ -568,6 +575,8 @@ export class RbdImage {
     if (this.#closed) return;
     this.#closed = true;
     lib().rbd.rbd_close(this.#image);
-    if (this.#events >= 0) close(this.#events);
+    // librbd's threads are gone with the image: nothing rings the doorbell any more.
+    this.#doorbell?.close();
+    clearInterval(this.#sweepTimer);
   }
 }

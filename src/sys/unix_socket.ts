@@ -11,6 +11,7 @@
  *
  * @module
  */
+import net from "node:net";
 import { BlockError } from "../errors.ts";
 import { EAGAIN, EINTR, errno, libc } from "./libc.ts";
 import { errnoText } from "./uring.ts";
@@ -233,6 +234,56 @@ export function socketPair(options: { nonBlocking?: boolean } = {}): [number, nu
   if (libc().socketpair(AF_UNIX, type, 0, sv) < 0) throw failed("socketpair", errno());
   const view = new DataView(sv.buffer);
   return [view.getInt32(0, true), view.getInt32(4, true)];
+}
+
+/**
+ * A doorbell this thread's own event loop hears, for a C library's threads to ring: the write end
+ * of a nonblocking socketpair ({@linkcode writeFd}) goes to the library, which writes a byte per
+ * event; the read end sits in Deno's reactor (node:net over the fd), and `onRing` runs on this
+ * thread once per batch of bytes read. No thread of Deno's blocking pool waits for it: a wake costs
+ * a few microseconds instead of a blocking-pool round trip (about 40 µs of CPU measured here).
+ * While unreferenced ({@linkcode unref}) it does not keep the process alive.
+ */
+export class LoopDoorbell {
+  /** The end to ring: write(2) any byte. Owned by the doorbell; closed by {@linkcode close}. */
+  readonly writeFd: number;
+  readonly #socket: net.Socket;
+  #closed = false;
+
+  constructor(onRing: () => void) {
+    const [readFd, writeFd] = socketPair({ nonBlocking: true });
+    this.writeFd = writeFd;
+    try {
+      this.#socket = new net.Socket({ fd: readFd, readable: true, writable: false });
+    } catch (e) {
+      close(readFd);
+      close(writeFd);
+      throw e;
+    }
+    this.#socket.on("data", () => onRing());
+    // A read error on a private socketpair cannot happen short of a bug; ringing once more lets
+    // the owner look at its state rather than wait for an event that will not come.
+    this.#socket.on("error", () => onRing());
+    this.#socket.unref();
+  }
+
+  /** Keeps the process alive while events are expected. */
+  ref(): void {
+    if (!this.#closed) this.#socket.ref();
+  }
+
+  /** Lets the process end although the doorbell is open. */
+  unref(): void {
+    if (!this.#closed) this.#socket.unref();
+  }
+
+  /** Closes both ends. Whoever rings {@linkcode writeFd} must have stopped. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#socket.destroy();
+    close(this.writeFd);
+  }
 }
 
 /** shutdown(2): stop reading, writing or both on a connected socket. */
