@@ -21,6 +21,7 @@ import type { ExitNumbers } from "./report.ts";
 interface Tally {
   config: number;
   mmio: number;
+  pio: number;
   doorbell: number;
   ioeventfd: number;
 }
@@ -31,6 +32,8 @@ interface Watched {
   readonly tally: Tally;
   /** [start, end) of each memory BAR. */
   readonly ranges: readonly (readonly [number, number])[];
+  /** [start, end) of each I/O range (I/O BARs and fixed legacy ports). */
+  readonly ports: readonly (readonly [number, number])[];
   readonly notifyStart: number;
   readonly notifyEnd: number;
 }
@@ -42,7 +45,14 @@ interface Watched {
  * @example
  * ```ts
  * import { DeviceExitBus } from "./device_exits.ts";
- * const inner = { configRead: () => 0, configWrite() {}, mmioRead: () => 0, mmioWrite() {} };
+ * const inner = {
+ *   configRead: () => 0,
+ *   configWrite() {},
+ *   mmioRead: () => 0,
+ *   mmioWrite() {},
+ *   ioRead: () => 0,
+ *   ioWrite() {},
+ * };
  * let exits = 0;
  * const bus = new DeviceExitBus(inner, () => ({ config: exits, mmio: 0, doorbell: 0 }));
  * bus.configRead(3, 0, 4);
@@ -75,12 +85,35 @@ export class DeviceExitBus implements GuestBus {
     }
     const watched: Watched = {
       slot: fn.slot,
-      tally: { config: 0, mmio: 0, doorbell: 0, ioeventfd: 0 },
+      tally: { config: 0, mmio: 0, pio: 0, doorbell: 0, ioeventfd: 0 },
       ranges,
+      ports: [],
       notifyStart: structures.notifyAddress,
       notifyEnd: structures.notifyAddress + structures.notify.length,
     };
     this.#bySlot.set(fn.slot, watched);
+    this.#watched = [...this.#bySlot.values()];
+  }
+
+  /**
+   * Starts attributing accesses to an emulated controller in `fn`'s slot: its memory BARs, its
+   * I/O BARs and the fixed `ports` ranges ([start, end)) it decodes besides them.
+   */
+  watchEmulated(fn: PciFunctionInfo, ports: readonly (readonly [number, number])[] = []): void {
+    const ranges: (readonly [number, number])[] = [];
+    const io: (readonly [number, number])[] = [...ports];
+    for (const bar of fn.bars) {
+      if (bar === null || bar.address === 0) continue;
+      (bar.kind === "io" ? io : ranges).push([bar.address, bar.address + bar.size]);
+    }
+    this.#bySlot.set(fn.slot, {
+      slot: fn.slot,
+      tally: { config: 0, mmio: 0, pio: 0, doorbell: 0, ioeventfd: 0 },
+      ranges,
+      ports: io,
+      notifyStart: 0,
+      notifyEnd: 0,
+    });
     this.#watched = [...this.#bySlot.values()];
   }
 
@@ -92,6 +125,29 @@ export class DeviceExitBus implements GuestBus {
     const w = this.#bySlot.get(slot);
     if (w === undefined || this.#counters === null) return null;
     return { ...w.tally };
+  }
+
+  #atPort(port: number): Watched | undefined {
+    for (const w of this.#watched) {
+      for (const [start, end] of w.ports) if (port >= start && port < end) return w;
+    }
+    return undefined;
+  }
+
+  ioRead(port: number, size: AccessSize): number {
+    if (this.#counters !== null) {
+      const w = this.#atPort(port);
+      if (w !== undefined) w.tally.pio++;
+    }
+    return this.#inner.ioRead(port, size);
+  }
+
+  ioWrite(port: number, size: AccessSize, value: number): void {
+    if (this.#counters !== null) {
+      const w = this.#atPort(port);
+      if (w !== undefined) w.tally.pio++;
+    }
+    this.#inner.ioWrite(port, size, value);
   }
 
   #at(gpa: number): Watched | undefined {
@@ -155,6 +211,7 @@ export function exitDelta(a: ExitNumbers, b: ExitNumbers): ExitNumbers {
   return {
     config: d(a.config, b.config),
     mmio: d(a.mmio, b.mmio),
+    ...(a.pio !== undefined && b.pio !== undefined ? { pio: d(a.pio, b.pio) } : {}),
     doorbell: d(a.doorbell, b.doorbell),
     ...(a.ioeventfd !== undefined && b.ioeventfd !== undefined
       ? { ioeventfd: d(a.ioeventfd, b.ioeventfd) }

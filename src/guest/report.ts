@@ -39,6 +39,8 @@ export interface ExitNumbers {
   readonly config: number;
   /** MMIO exits (doorbells that trapped included). */
   readonly mmio: number;
+  /** Port I/O exits (emulated IDE registers and data port); absent where nobody counted them. */
+  readonly pio?: number;
   /** Doorbell writes that exited to the VMM (trap mode). */
   readonly doorbell: number;
   /** Doorbell writes that rang an ioeventfd without an exit. */

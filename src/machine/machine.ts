@@ -421,6 +421,16 @@ export class Machine implements ExitHandler {
     return this.bus.mmioRead(gpa, size);
   }
 
+  /** A port read exit (IN): an emulated controller's registers or data port. */
+  ioRead(port: number, size: AccessSize): number {
+    return this.bus.ioRead(port, size);
+  }
+
+  /** A port write exit (OUT). */
+  ioWrite(port: number, size: AccessSize, value: number): void {
+    this.bus.ioWrite(port, size, value);
+  }
+
   /** An MMIO write exit: a trapped doorbell is counted; a reset waits for the iothread. */
   mmioWrite(gpa: number, size: AccessSize, value: number): void | Promise<void> {
     const hit = this.bus.route(gpa);

@@ -40,8 +40,12 @@ export const EXIT_CONFIG_WRITE = 2;
 export const EXIT_MMIO_READ = 3;
 /** Exit kind: MMIO write. */
 export const EXIT_MMIO_WRITE = 4;
+/** Exit kind: port I/O read (IN). */
+export const EXIT_IO_READ = 5;
+/** Exit kind: port I/O write (OUT). */
+export const EXIT_IO_WRITE = 6;
 /** What an exit asks for. */
-export type ExitKind = 1 | 2 | 3 | 4;
+export type ExitKind = 1 | 2 | 3 | 4 | 5 | 6;
 
 const W_STATE = 0;
 const W_KIND = 1;
@@ -59,7 +63,8 @@ const W_IOEVENTFD = 12;
 const W_TABLE_GEN = 13; // seqlock: odd while the VMM rewrites the table
 const W_TABLE_COUNT = 14;
 const W_ERROR_LENGTH = 15;
-const HEADER_WORDS = 16;
+const W_IO_EXITS = 16;
+const HEADER_WORDS = 17;
 
 /** Most ioeventfd windows (one per device) the table holds: one per PCI slot. */
 export const MAX_DOORBELL_WINDOWS = 32;
@@ -86,6 +91,8 @@ export interface ExitCounters {
   config: number;
   /** MMIO exits (reads and writes, doorbells included). */
   mmio: number;
+  /** Port I/O exits (IN and OUT): an emulated IDE controller's registers and data port. */
+  pio: number;
   /** MMIO writes to a doorbell (notify region) that reached the VMM: trapped kicks. */
   doorbell: number;
   /** Doorbell writes the vCPU delivered itself through the ioeventfd table: no exit. */
@@ -172,6 +179,7 @@ export class ExitChannel {
     return {
       config: Atomics.load(w, W_CONFIG_EXITS) >>> 0,
       mmio: Atomics.load(w, W_MMIO_EXITS) >>> 0,
+      pio: Atomics.load(w, W_IO_EXITS) >>> 0,
       doorbell: Atomics.load(w, W_DOORBELL_EXITS) >>> 0,
       ioeventfd: Atomics.load(w, W_IOEVENTFD) >>> 0,
     };
@@ -411,6 +419,18 @@ export class ExitBus implements GuestBus {
     this.#exit(EXIT_MMIO_WRITE, 0, gpa % TWO_32, Math.floor(gpa / TWO_32), size, value);
   }
 
+  ioRead(port: number, size: AccessSize): number {
+    checkSize(size);
+    checkPort(port);
+    return this.#exit(EXIT_IO_READ, 0, port, 0, size, 0);
+  }
+
+  ioWrite(port: number, size: AccessSize, value: number): void {
+    checkSize(size);
+    checkPort(port);
+    this.#exit(EXIT_IO_WRITE, 0, port, 0, size, value);
+  }
+
   /** An 8-byte register read as two 4-byte exits, low half first. */
   mmioRead64(gpa: number): bigint {
     const lo = this.mmioRead(gpa, 4);
@@ -542,6 +562,12 @@ function checkSize(size: number): void {
   }
 }
 
+function checkPort(port: number): void {
+  if (!Number.isInteger(port) || port < 0 || port > 0xffff) {
+    throw new RangeError(`Bad I/O port ${port}`);
+  }
+}
+
 function checkGpa(gpa: number): void {
   if (!Number.isSafeInteger(gpa) || gpa < 0) throw new RangeError(`Bad guest address ${gpa}`);
 }
@@ -555,6 +581,10 @@ function describeExit(kind: number, slot: number, lo: number, hi: number, size: 
       return `Config write of slot ${slot} offset 0x${lo.toString(16)} size ${size}`;
     case EXIT_MMIO_READ:
       return `MMIO read at 0x${gpa.toString(16)} size ${size}`;
+    case EXIT_IO_READ:
+      return `Port read at 0x${lo.toString(16)} size ${size}`;
+    case EXIT_IO_WRITE:
+      return `Port write at 0x${lo.toString(16)} size ${size}`;
     default:
       return `MMIO write at 0x${gpa.toString(16)} size ${size}`;
   }
@@ -593,6 +623,10 @@ export interface ExitHandler {
   mmioRead(gpa: number, size: AccessSize): number | Promise<number>;
   /** An MMIO write at guest-physical `gpa`. */
   mmioWrite(gpa: number, size: AccessSize, value: number): void | Promise<void>;
+  /** A port read (IN) of `port`; without it, ports read all-ones. */
+  ioRead?(port: number, size: AccessSize): number | Promise<number>;
+  /** A port write (OUT) to `port`; without it, port writes are dropped. */
+  ioWrite?(port: number, size: AccessSize, value: number): void | Promise<void>;
 }
 
 /** The exit loop returns to the event loop at least this often, however busy the vCPU. */
@@ -724,6 +758,12 @@ export class ExitServer {
         result = kind === EXIT_MMIO_READ
           ? handler.mmioRead(gpa, size)
           : handler.mmioWrite(gpa, size, w[W_VALUE]! >>> 0);
+      } else if (kind === EXIT_IO_READ || kind === EXIT_IO_WRITE) {
+        Atomics.add(w, W_IO_EXITS, 1);
+        const port = w[W_ADDR_LO]! & 0xffff;
+        result = kind === EXIT_IO_READ
+          ? (handler.ioRead?.(port, size) ?? (size === 4 ? 0xffffffff : (1 << (8 * size)) - 1))
+          : handler.ioWrite?.(port, size, w[W_VALUE]! >>> 0);
       } else {
         throw new Error(`Unknown exit kind ${kind}`);
       }

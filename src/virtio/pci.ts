@@ -39,6 +39,7 @@ import {
   VIRTIO_F_VERSION_1,
   VIRTQ_MAX_SIZE,
 } from "./features.ts";
+import type { BarHit, PciFunction } from "./bus.ts";
 import type { VirtioDeviceModel } from "./device.ts";
 import { type DoorbellMode, Doorbells } from "./doorbell.ts";
 import {
@@ -112,12 +113,7 @@ export interface BarRegion {
 }
 
 /** A guest address inside one of the function's BARs. */
-export interface BarHit {
-  /** BAR index (1 or 4). */
-  readonly bar: number;
-  /** Byte offset inside the BAR. */
-  readonly offset: number;
-}
+export type { BarHit } from "./bus.ts";
 
 function pow2ceil(n: number): number {
   let p = 1;
@@ -146,7 +142,7 @@ function pow2ceil(n: number): number {
  * if (fn.configRead(PCI_DEVICE_ID, 2) !== 0x1042) throw new Error("not virtio-blk");
  * ```
  */
-export class VirtioPciFunction {
+export class VirtioPciFunction implements PciFunction {
   /** The device behind the transport. */
   readonly model: VirtioDeviceModel;
   /** MSI-X, ISR/INTx, device status and vectors, shared with the iothread. */

@@ -20,6 +20,8 @@ function countingBus(
       if (g >= notifyBase && g < notifyBase + 0x1000) counters.doorbell++;
       inner.mmioWrite(g, n, v);
     },
+    ioRead: (port, n) => inner.ioRead(port, n),
+    ioWrite: (port, n, v) => inner.ioWrite(port, n, v),
   };
   return { bus, counters };
 }

@@ -23,6 +23,8 @@ function countingBus(inner: GuestBus): { bus: GuestBus; counters: ExitNumbers } 
       counters.mmio++;
       inner.mmioWrite(g, n, v);
     },
+    ioRead: (port, n) => inner.ioRead(port, n),
+    ioWrite: (port, n, v) => inner.ioWrite(port, n, v),
   };
   return { bus, counters };
 }

@@ -161,6 +161,10 @@ class RawConfigBus implements GuestBus {
     return size === 4 ? 0xffffffff : size === 2 ? 0xffff : 0xff;
   }
   mmioWrite(): void {}
+  ioRead(): number {
+    return 0xffffffff;
+  }
+  ioWrite(): void {}
 
   /** A 64-bit memory BAR at `index` of `size` bytes placed at `address`. */
   bar64(index: number, address: number, size: number): void {
@@ -370,6 +374,8 @@ Deno.test("values a bus returns out of width are masked, and an all-ones id is a
     configWrite: () => {},
     mmioRead: () => NaN,
     mmioWrite: () => {},
+    ioRead: () => NaN,
+    ioWrite: () => {},
   };
   assert.equal(probeSlot(junk, 1), null);
   const scan = scanBus(junk);

@@ -341,6 +341,8 @@ Deno.test("a bus that always reads all-ones (a vanished device) never hangs the 
     configWrite: () => {},
     mmioRead: (_g, size) => size === 4 ? 0xffffffff : size === 2 ? 0xffff : 0xff,
     mmioWrite: () => {},
+    ioRead: (_p, size) => size === 4 ? 0xffffffff : size === 2 ? 0xffff : 0xff,
+    ioWrite: () => {},
   };
   const driver = new VirtioPciDriver({ ...m.platform, bus: dead }, m.driver.fn);
   assert.throws(() => driver.begin(20), /reset-timeout|device_status reads 0xff/);

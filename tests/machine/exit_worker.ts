@@ -15,7 +15,9 @@ export type Access =
   | { op: "mmioRead"; gpa: number; size: 1 | 2 | 4 }
   | { op: "mmioWrite"; gpa: number; size: 1 | 2 | 4; value: number }
   | { op: "mmioRead64"; gpa: number }
-  | { op: "mmioWrite64"; gpa: number; value: bigint };
+  | { op: "mmioWrite64"; gpa: number; value: bigint }
+  | { op: "ioRead"; port: number; size: 1 | 2 | 4 }
+  | { op: "ioWrite"; port: number; size: 1 | 2 | 4; value: number };
 
 /** What each access gave: a number (reads), null (writes), or `{ error }`. */
 export type Outcome = number | bigint | null | { error: string };
@@ -45,6 +47,13 @@ runVcpu(self, {
             break;
           case "mmioWrite64":
             ctx.bus.mmioWrite64(a.gpa, a.value);
+            out.push(null);
+            break;
+          case "ioRead":
+            out.push(ctx.bus.ioRead(a.port, a.size));
+            break;
+          case "ioWrite":
+            ctx.bus.ioWrite(a.port, a.size, a.value);
             out.push(null);
             break;
         }

@@ -82,7 +82,7 @@ Deno.test("A doorbell write in the ioeventfd table rings the device's word witho
   vcpu.mmioWrite(base, 2, 0);
   vcpu.mmioWrite(base + 4, 4, 1);
   assert.deepEqual(doorbells[1]!.stats, { kicks: [1, 2], exits: [0, 0] });
-  assert.deepEqual(channel.counters, { config: 0, mmio: 0, doorbell: 0, ioeventfd: 3 });
+  assert.deepEqual(channel.counters, { config: 0, mmio: 0, pio: 0, doorbell: 0, ioeventfd: 3 });
 
   // Moved (BAR reprogrammed): the old address is no longer an ioeventfd, so it exits (and times
   // out here, with no VMM), while the new one rings.
@@ -135,7 +135,7 @@ function bootExitVcpu(channel: ExitChannel, accesses: Access[], timeoutMs: numbe
   return new VcpuHandle(WORKER, boot, { timeoutMs: 20_000 }, () => {});
 }
 
-Deno.test("ExitServer answers a vCPU Worker's exits, waits for async handlers, fails the exit a handler throws for, and splits 8-byte accesses", async () => {
+Deno.test("ExitServer answers a vCPU Worker's exits (config, MMIO, port I/O), waits for async handlers, fails the exit a handler throws for, and splits 8-byte accesses", async () => {
   const writes: Array<[number, number, number]> = [];
   const handler: ExitHandler = {
     configRead: (slot, offset, size) => slot === 1 && offset === 0 && size === 4 ? 0x1042_1af4 : 0,
@@ -148,6 +148,10 @@ Deno.test("ExitServer answers a vCPU Worker's exits, waits for async handlers, f
     mmioWrite: (gpa, size, value) => {
       writes.push([gpa, size, value]);
     },
+    ioRead: (port, size) => port === 0x1f7 && size === 1 ? 0x50 : 0xffff,
+    ioWrite: (port, size, value) => {
+      writes.push([port, size, value]);
+    },
   };
   const channel = new ExitChannel();
   const errors: unknown[] = [];
@@ -159,6 +163,9 @@ Deno.test("ExitServer answers a vCPU Worker's exits, waits for async handlers, f
       { op: "mmioRead", gpa: 0xdead_0000, size: 4 },
       { op: "mmioRead", gpa: 0x2000, size: 4 },
       { op: "mmioRead64", gpa: 0x3000 },
+      { op: "ioRead", port: 0x1f7, size: 1 },
+      { op: "ioWrite", port: 0x1f0, size: 2, value: 0xbeef },
+      { op: "ioRead", port: 0x10000, size: 1 },
     ], 5000);
     const out = await vcpu.result as Outcome[];
     assert.deepEqual(out, [
@@ -167,10 +174,23 @@ Deno.test("ExitServer answers a vCPU Worker's exits, waits for async handlers, f
       { error: "ExitError: MMIO read at 0xdead0000 size 4 failed: nothing decodes 0xdead0000" },
       7,
       0x01234567_89abcdefn,
+      0x50,
+      null,
+      { error: "RangeError: Bad I/O port 65536" },
     ]);
-    assert.deepEqual(writes, [[0x1000, 4, 2], [0x1004, 4, 5]], "low half first");
+    assert.deepEqual(
+      writes,
+      [[0x1000, 4, 2], [0x1004, 4, 5], [0x1f0, 2, 0xbeef]],
+      "low half first",
+    );
     assert.equal(errors.length, 1);
-    assert.deepEqual(channel.counters, { config: 1, mmio: 6, doorbell: 0, ioeventfd: 0 });
+    assert.deepEqual(channel.counters, {
+      config: 1,
+      mmio: 6,
+      pio: 2,
+      doorbell: 0,
+      ioeventfd: 0,
+    });
   } finally {
     await server.close();
   }
