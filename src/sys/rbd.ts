@@ -67,22 +67,23 @@ const RBD_SYMBOLS = {
   rbd_create2: { parameters: ["pointer", "buffer", "u64", "u64", "buffer"], result: "i32" },
   rbd_remove: { parameters: ["pointer", "buffer"], result: "i32" },
   rbd_aio_create_completion: { parameters: ["pointer", "pointer", "buffer"], result: "i32" },
+  // Completions travel as their address (usize): no pointer object per request on the hot path.
   rbd_aio_read: {
-    parameters: ["pointer", "u64", "usize", "pointer", "pointer"],
+    parameters: ["pointer", "u64", "usize", "buffer", "usize"],
     result: "i32",
   },
   rbd_aio_write: {
-    parameters: ["pointer", "u64", "usize", "pointer", "pointer"],
+    parameters: ["pointer", "u64", "usize", "buffer", "usize"],
     result: "i32",
   },
-  rbd_aio_flush: { parameters: ["pointer", "pointer"], result: "i32" },
-  rbd_aio_wait_for_complete: { parameters: ["pointer"], result: "i32", nonblocking: true },
-  rbd_aio_is_complete: { parameters: ["pointer"], result: "i32" },
+  rbd_aio_flush: { parameters: ["pointer", "usize"], result: "i32" },
+  rbd_aio_wait_for_complete: { parameters: ["usize"], result: "i32", nonblocking: true },
+  rbd_aio_is_complete: { parameters: ["usize"], result: "i32" },
   // Completions announced on an eventfd, then collected without a thread per request.
   rbd_set_image_notification: { parameters: ["pointer", "i32", "i32"], result: "i32" },
   rbd_poll_io_events: { parameters: ["pointer", "buffer", "i32"], result: "i32" },
-  rbd_aio_get_return_value: { parameters: ["pointer"], result: "i64" },
-  rbd_aio_release: { parameters: ["pointer"], result: "void" },
+  rbd_aio_get_return_value: { parameters: ["usize"], result: "i64" },
+  rbd_aio_release: { parameters: ["usize"], result: "void" },
 } as const;
 
 type Rados = Deno.DynamicLibrary<typeof RADOS_SYMBOLS>["symbols"];
@@ -485,7 +486,7 @@ export class RbdImage {
     for (;;) {
       const n = rbd.rbd_poll_io_events(this.#image, this.#doneBytes, done.length);
       if (n <= 0) break;
-      for (let i = 0; i < n; i++) this.#inflight.get(done[i]!)?.();
+      for (let i = 0; i < n; i++) this.#settle(done[i]!);
       if (n < done.length) break;
     }
   }
@@ -497,9 +498,17 @@ export class RbdImage {
   #sweep(): void {
     const { rbd } = lib();
     this.#reap();
-    for (const [address, settle] of [...this.#inflight]) {
-      if (rbd.rbd_aio_is_complete(Deno.UnsafePointer.create(address)) !== 0) settle();
+    for (const address of [...this.#inflight.keys()]) {
+      if (rbd.rbd_aio_is_complete(address) !== 0) this.#settle(address);
     }
+  }
+
+  /** Resolves the request whose completion is at `address`, if it is still in flight. */
+  #settle(address: bigint): void {
+    const resolve = this.#inflight.get(address);
+    if (resolve === undefined) return;
+    this.#untrack(address);
+    resolve();
   }
 
   #track(address: bigint, settle: () => void): void {
@@ -533,29 +542,25 @@ export class RbdImage {
     // The out-parameter is read right after the call: one scratch word serves every request.
     let rc = rbd.rbd_aio_create_completion(null, null, OUT_BYTES);
     if (rc < 0) throw failed("rbd_aio_create_completion", rc, this.what);
-    const address = OUT[0]!;
-    const c = outPointer(OUT);
+    const c = OUT[0]!;
     let settled: Promise<void> | undefined;
     if (events) {
-      settled = new Promise<void>((resolve) => {
-        this.#track(address, () => {
-          this.#untrack(address);
-          resolve();
-        });
-      });
+      const waiter = Promise.withResolvers<void>();
+      this.#track(c, waiter.resolve);
+      settled = waiter.promise;
     }
     try {
-      const p = buffer === undefined || buffer.length === 0
-        ? null
-        : Deno.UnsafePointer.of(buffer as Uint8Array<ArrayBuffer>);
       const len = BigInt(buffer?.length ?? 0);
+      const data = buffer === undefined || buffer.length === 0
+        ? null
+        : buffer as Uint8Array<ArrayBuffer>;
       rc = kind === "read"
-        ? rbd.rbd_aio_read(image, BigInt(offset), len, p, c)
+        ? rbd.rbd_aio_read(image, BigInt(offset), len, data, c)
         : kind === "write"
-        ? rbd.rbd_aio_write(image, BigInt(offset), len, p, c)
+        ? rbd.rbd_aio_write(image, BigInt(offset), len, data, c)
         : rbd.rbd_aio_flush(image, c);
       if (rc < 0) {
-        this.#untrack(address);
+        this.#untrack(c);
         throw failed(`rbd_aio_${kind}`, rc, this.what);
       }
       if (settled !== undefined) {
@@ -564,7 +569,7 @@ export class RbdImage {
         await rbd.rbd_aio_wait_for_complete(c);
       }
       const n = rbd.rbd_aio_get_return_value(c);
-      if (n < 0n) throw failed(`rbd_aio_${kind}`, n, this.what);
+      if (n < 0) throw failed(`rbd_aio_${kind}`, n, this.what);
       return Number(n);
     } finally {
       rbd.rbd_aio_release(c);
