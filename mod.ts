@@ -250,7 +250,14 @@ export {
   VirtioPciFunction,
   type VirtioPciOptions,
 } from "./src/virtio/pci.ts";
-export { type AccessSize, type GuestBus, type MmioWindow, PciBus } from "./src/virtio/bus.ts";
+export {
+  type AccessSize,
+  type GuestBus,
+  IO_WINDOW,
+  type MmioWindow,
+  PciBus,
+  type PciFunction,
+} from "./src/virtio/bus.ts";
 export type { DriverQueueReport, ExitCounters, ExitHandler } from "./src/virtio/exits.ts";
 export { type DoorbellMode, Doorbells, type DoorbellStats } from "./src/virtio/doorbell.ts";
 export {
@@ -290,6 +297,15 @@ export {
   type VirtioBlkStats,
 } from "./src/devices/virtio_blk.ts";
 export {
+  type EmulatedController,
+  type EmulatedDeviceType,
+  type EmulatedInit,
+  type EmulatedMember,
+  isEmulatedType,
+} from "./src/devices/emulated.ts";
+export { deviceType as ideHdDeviceType } from "./src/devices/ide_type.ts";
+export { ahciDeviceType } from "./src/devices/ahci_type.ts";
+export {
   deviceType as virtioScsiDeviceType,
   VirtioScsiBackend,
   type VirtioScsiBackendOptions,
@@ -325,6 +341,7 @@ export { ScsiBuffer } from "./src/scsi/buffer.ts";
 export {
   type DeviceFault,
   type DeviceStats,
+  type EmulatedStats,
   GuestProgramError,
   Machine,
   MachineError,
@@ -353,6 +370,7 @@ export {
 export {
   type GuestDevice,
   type GuestDeviceInfo,
+  type GuestDeviceKind,
   type GuestDeviceSection,
   type GuestDriverOptions,
   type GuestEnv,

@@ -59,6 +59,7 @@ const VALUES: Record<string, readonly string[]> = {
     "GuestMemoryError",
     "hasFeature",
     "InterruptState",
+    "IO_WINDOW",
     "isPackedRing",
     "PackedDeviceQueue",
     "PackedDriverQueue",
@@ -98,6 +99,9 @@ const VALUES: Record<string, readonly string[]> = {
     "VirtqueueError",
   ],
   devices: [
+    "ahciDeviceType",
+    "ideHdDeviceType",
+    "isEmulatedType",
     "openDrive",
     "resolveVirtioBlkOptions",
     "VirtioBlkBackend",

@@ -43,7 +43,7 @@ import { assignJobs, targetsOf } from "./run_targets.ts";
 export const RUN_USAGE =
   "vstor run [--drive SPEC]... [--device SPEC]... [--machine FILE.json] [--memory MIB] " +
   "[--job FILE | --rw=… --bs=… --iodepth=… …] [--output-format=normal|json|json+] " +
-  "[--html FILE] [--compare-notifications] [--schema] [-q]";
+  "[--html FILE] [--compare-notifications | --compare-devices] [--schema] [-q]";
 
 const HELP = `usage: ${RUN_USAGE}
 
@@ -67,6 +67,11 @@ Attaching images:
                      [,serial=S][,discard=on|off]
   --device virtio-scsi,id=DEV[,num_queues=N][,event-idx=…][,ioeventfd=…]
   --device scsi-hd,bus=DEV,drive=ID[,lun=N][,scsi-id=N]
+  --device ide-hd,drive=ID[,id=DEV][,mode=pio|dma]
+                      a fully emulated IDE disk on the PIIX3 controller (up to two); the guest
+                      moves data through the 16-bit data port (pio) or bus-master DMA (default)
+  --device ahci,drive=ID[,id=DEV][,ncq=on|off]
+                      a SATA disk on an emulated AHCI controller (ICH9), NCQ on by default
   --machine FILE      the whole machine as JSON ({ memoryMiB, devices: [...] })
   --memory MIB        guest RAM (default 256)
 
@@ -87,6 +92,10 @@ Report:
                       IOPS over time, notifications per queue)
   --compare-notifications
                       the same job with event-idx on/off and ioeventfd on/off, side by side
+  --compare-devices   the same job on the one attached image through IDE (PIO), IDE (DMA),
+                      AHCI (NCQ), virtio-blk with trapped doorbells, virtio-blk with ioeventfd
+                      and event-idx, and virtio-scsi: one table of IOPS, exits, interrupts and
+                      CPU per request
   --schema            print the JSON Schema of job files and exit
   -q                  no live progress line
 
@@ -109,6 +118,7 @@ interface RunArgs {
   html?: string;
   schema: boolean;
   compare: boolean;
+  compareDevices: boolean;
   quiet: boolean;
   help: boolean;
   jobArgs: string[];
@@ -127,6 +137,7 @@ function splitArgs(args: readonly string[]): RunArgs {
     output: "normal",
     schema: false,
     compare: false,
+    compareDevices: false,
     quiet: false,
     help: false,
     jobArgs: [],
@@ -183,6 +194,9 @@ function splitArgs(args: readonly string[]): RunArgs {
         break;
       case "--compare-notifications":
         out.compare = true;
+        break;
+      case "--compare-devices":
+        out.compareDevices = true;
         break;
       case "-q":
       case "--quiet":
@@ -358,11 +372,16 @@ export async function runMain(args: string[], io: CliIo): Promise<number> {
   if (!attached) {
     // A misspelt option is named as such before the missing attachment is.
     if (opts.jobArgs.length > 0) parseJobArgs(opts.jobArgs);
-    if (opts.jobArgs.length > 0 || opts.jobFile !== undefined || opts.compare) {
+    if (
+      opts.jobArgs.length > 0 || opts.jobFile !== undefined || opts.compare || opts.compareDevices
+    ) {
       throw new UsageError("Attach an image (--drive and --device, or --machine) to run a job");
     }
     const { mainJob } = await import("./main_job.ts");
     return await mainJob(io, { output: opts.output, quiet: opts.quiet, html: opts.html });
+  }
+  if (opts.compare && opts.compareDevices) {
+    throw new UsageError("Give either --compare-notifications or --compare-devices, not both");
   }
   let config: MachineConfigInput;
   if (opts.machine !== undefined) {
@@ -387,6 +406,19 @@ export async function runMain(args: string[], io: CliIo): Promise<number> {
     where = () => "--filename";
   }
   const request: GuestRequest = { runs: assignJobs(jobs, targetsOf(config), where) };
+  if (opts.compareDevices) {
+    const live = progressLine(
+      io,
+      !opts.quiet && opts.output === "normal" && Deno.stderr.isTerminal(),
+    );
+    const control = new RunControl();
+    const signals = catchSignals(control);
+    try {
+      return await compareDevices(io, opts, config, jobs, control, live, signals);
+    } finally {
+      signals.release();
+    }
+  }
   const live = progressLine(
     io,
     !opts.quiet && opts.output === "normal" && Deno.stderr.isTerminal(),
@@ -413,6 +445,175 @@ export async function runMain(args: string[], io: CliIo): Promise<number> {
   } finally {
     signals.release();
   }
+}
+
+/** One device of --compare-devices: how it attaches the image, and what the table calls it. */
+interface DeviceRow {
+  readonly label: string;
+  readonly device: Record<string, unknown>;
+}
+
+/** The devices --compare-devices runs the job on, from trap-everything to virtio at its best. */
+export function compareDeviceRows(drive: Record<string, unknown>): DeviceRow[] {
+  return [
+    { label: "IDE (PIO)", device: { type: "ide-hd", drive, options: { mode: "pio" } } },
+    { label: "IDE (DMA)", device: { type: "ide-hd", drive, options: { mode: "dma" } } },
+    { label: "AHCI (NCQ)", device: { type: "ahci", drive, options: { ncq: true } } },
+    {
+      label: "virtio-blk, trapped doorbells",
+      device: { type: "virtio-blk", drive, eventIdx: false, ioeventfd: false },
+    },
+    {
+      label: "virtio-blk, ioeventfd + event-idx",
+      device: { type: "virtio-blk", drive, eventIdx: true, ioeventfd: true },
+    },
+    {
+      label: "virtio-scsi",
+      device: {
+        type: "virtio-scsi",
+        drives: [drive],
+        eventIdx: true,
+        ioeventfd: true,
+        options: { luns: [{ target: 0, lun: 0 }] },
+      },
+    },
+  ];
+}
+
+/** The one drive of a machine configuration, or a usage error saying what --compare-devices needs. */
+function onlyDrive(config: MachineConfigInput): Record<string, unknown> {
+  const drives = (config.devices ?? []).flatMap((d) =>
+    d.drive !== undefined ? [d.drive] : (d.drives ?? [])
+  );
+  if (drives.length !== 1) {
+    throw new UsageError(
+      `--compare-devices runs the job on one image: attach exactly one drive (got ${drives.length})`,
+    );
+  }
+  const { id: _id, ...drive } = drives[0] as Record<string, unknown>;
+  return drive;
+}
+
+/** One row of the device comparison: its figures from one run. */
+export interface DeviceFigures {
+  readonly label: string;
+  readonly iops: number;
+  readonly requests: number;
+  readonly exitsPerRequest: number | null;
+  readonly interruptsPerRequest: number;
+  /** Requests per notification (doorbell write or command issue). */
+  readonly requestsPerNotification: number;
+  /** Process CPU µs per request (every thread). */
+  readonly cpuPerRequest: number | null;
+}
+
+/** A run's figures for the device table. */
+export function deviceFigures(label: string, run: MachineRun): DeviceFigures {
+  const device = run.run.devices[0];
+  const summary = device === undefined ? summarizeVirtio(run.run.virtio) : device.summary;
+  const t = run.run.result.total;
+  const iops = t.read.iops + t.write.iops + t.trim.iops;
+  const requests = summary.requests;
+  // Exits over the whole run (the guest's own probe and setup excluded: they precede the jobs).
+  const exits = run.run.virtio.exits;
+  const exitsPerRequest = exits === undefined || requests === 0
+    ? null
+    : (exits.config + exits.mmio + (exits.pio ?? 0)) / requests;
+  return {
+    label,
+    iops,
+    requests,
+    exitsPerRequest,
+    interruptsPerRequest: summary.interruptsPerRequest,
+    requestsPerNotification: summary.averageBatch,
+    cpuPerRequest: requests > 0 ? run.cpuMicros / requests : null,
+  };
+}
+
+/** The device comparison table. */
+export function deviceTable(rows: readonly DeviceFigures[]): string {
+  const header = [
+    "device",
+    "IOPS",
+    "requests",
+    "exits/req",
+    "interrupts/req",
+    "req/notify",
+    "CPU µs/req",
+  ];
+  const table = [header];
+  for (const r of rows) {
+    table.push([
+      r.label,
+      Math.round(r.iops).toLocaleString("en-US"),
+      String(r.requests),
+      r.exitsPerRequest === null ? "-" : r.exitsPerRequest.toFixed(r.exitsPerRequest < 10 ? 3 : 0),
+      r.interruptsPerRequest.toFixed(3),
+      r.requestsPerNotification.toFixed(1),
+      r.cpuPerRequest === null ? "-" : r.cpuPerRequest.toFixed(0),
+    ]);
+  }
+  const widths = header.map((_, c) => Math.max(...table.map((r) => r[c]!.length)));
+  return table.map((r) =>
+    r.map((cell, c) => c === 0 ? cell.padEnd(widths[c]!) : cell.padStart(widths[c]!)).join("  ")
+  ).join("\n") + "\n";
+}
+
+async function compareDevices(
+  io: CliIo,
+  opts: RunArgs,
+  config: MachineConfigInput,
+  jobs: readonly JobSpec[],
+  control: RunControl,
+  live: ReturnType<typeof progressLine>,
+  signals: { readonly interrupted: boolean },
+): Promise<number> {
+  const drive = onlyDrive(config);
+  // One disk: every job runs on it, whatever filename= named.
+  const mine = jobs.map((j) => ({ ...j, filename: null }));
+  const rows: Array<{ label: string; run: MachineRun }> = [];
+  for (const row of compareDeviceRows(drive)) {
+    if (signals.interrupted) break;
+    const machine: MachineConfigInput = {
+      ...(config.memoryMiB === undefined ? {} : { memoryMiB: config.memoryMiB }),
+      devices: [
+        { id: "disk", ...row.device } as NonNullable<MachineConfigInput["devices"]>[number],
+      ],
+    };
+    const request: GuestRequest = {
+      runs: assignJobs(mine, targetsOf(machine), () => "--filename"),
+    };
+    try {
+      const run = await runMachine(machine, request, { control, onProgress: live.update });
+      rows.push({ label: row.label, run });
+    } catch (e) {
+      throw guestFailure(e);
+    } finally {
+      live.end();
+    }
+  }
+  const figures = rows.map((r) => deviceFigures(r.label, r.run));
+  if (opts.output === "normal") {
+    io.stdout(deviceTable(figures));
+  } else {
+    io.stdout(fioJsonText(rows.map((r, i) => ({
+      device: r.label,
+      vstor_compare: figures[i],
+      ...runFioJson(r.run, opts.output === "json+"),
+    }))));
+  }
+  if (opts.html !== undefined) {
+    writePage(
+      opts.html,
+      runPage({
+        title: "vstor run --compare-devices",
+        subtitle: "IDE, AHCI, virtio-blk and virtio-scsi on one image",
+        sections: rows.map((r) => ({ label: r.label, run: r.run })),
+      }),
+    );
+  }
+  if (signals.interrupted) return EXIT_INTERRUPTED;
+  return rows.every((r) => runSucceeded(r.run.run)) ? EXIT_OK : EXIT_ERROR;
 }
 
 async function compareModes(

@@ -3,7 +3,8 @@
  * configuration: `--drive file=disk.qcow2,format=qcow2,id=d0,readonly=off,cache=writeback`
  * (and QEMU's `werror=`/`rerror=` `report|ignore|stop|enospc`),
  * `--device virtio-blk,drive=d0,num-queues=2,event-idx=on,indirect=on,packed=off,ioeventfd=on`,
- * `--device virtio-scsi,id=s0` with `--device scsi-hd,bus=s0,drive=d1,lun=0`.
+ * `--device virtio-scsi,id=s0` with `--device scsi-hd,bus=s0,drive=d1,lun=0`, and the fully
+ * emulated disks `--device ide-hd,drive=d2,mode=pio|dma` and `--device ahci,drive=d3,ncq=on`.
  *
  * @module
  */
@@ -235,9 +236,31 @@ export function machineFromArgs(
       p.done();
       (bus.drives as unknown[]).push(drive);
       (bus.options as { luns: unknown[] }).luns.push(entry);
+    } else if (driver === "ide-hd" || driver === "ahci") {
+      const id = p.get("id") ?? `${driver === "ide-hd" ? "ide" : "ahci"}${i}`;
+      const options: Record<string, unknown> = {};
+      const serial = p.get("serial");
+      if (serial !== undefined) options.serial = serial;
+      if (driver === "ide-hd") {
+        const mode = p.get("mode");
+        if (mode !== undefined) {
+          if (mode !== "pio" && mode !== "dma") {
+            throw new UsageError(`${what} mode: '${mode}' is not pio or dma`);
+          }
+          options.mode = mode;
+        }
+      } else {
+        const ncq = p.get("ncq");
+        if (ncq !== undefined) options.ncq = onOff(ncq, `${what} ncq`);
+      }
+      const dev: Dev = { type: driver, id, drive: useDrive(p.get("drive"), what), options };
+      p.done();
+      out.push(dev);
     } else {
       throw new UsageError(
-        `${what}: unknown device '${driver ?? ""}' (virtio-blk, virtio-scsi, scsi-hd)`,
+        `${what}: unknown device '${
+          driver ?? ""
+        }' (virtio-blk, virtio-scsi, scsi-hd, ide-hd, ahci)`,
       );
     }
   }

@@ -5,6 +5,7 @@
  *
  * @module
  */
+import { cpuUsage } from "node:process";
 import type { GuestRequest, GuestRunResult } from "../guest/guest.ts";
 import { RunControl } from "../guest/run_control.ts";
 import { Machine, type MachineStats } from "../machine/machine.ts";
@@ -42,6 +43,11 @@ export interface MachineRun {
   readonly timeline: HostTimeline;
   /** When the vCPU started, ms since the epoch. */
   readonly startedAt: number;
+  /**
+   * CPU time the whole process spent (every thread: VMM, vCPU, iothreads; user and system) from
+   * the vCPU's start to the guest's result, µs.
+   */
+  readonly cpuMicros: number;
 }
 
 /** How a run is watched and steered. */
@@ -89,6 +95,7 @@ export async function runMachine(
   try {
     const startedAt = Date.now();
     const started = performance.now();
+    const cpuBefore = cpuUsage();
     const vcpu = await machine.startVcpu(VCPU, { ...request, control: control.buffer }, {
       timeoutMs: RUN_LIMIT_MS,
     });
@@ -146,9 +153,10 @@ export async function runMachine(
     const stopped = machine.stopped.then((reason) => Promise.reject(new VmStoppedError(reason)));
     stopped.catch(() => {});
     const run = await Promise.race([vcpu.result, stopped]) as GuestRunResult;
+    const cpu = cpuUsage(cpuBefore);
     sample(true);
     await machine.sync();
-    return { run, stats: machine.stats(), timeline, startedAt };
+    return { run, stats: machine.stats(), timeline, startedAt, cpuMicros: cpu.user + cpu.system };
   } finally {
     for (const t of timers) clearInterval(t);
     await machine.shutdown();

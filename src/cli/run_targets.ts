@@ -2,7 +2,8 @@
  * The disks of a `vstor run` machine and which jobs run on which: every virtio-blk device's disk
  * and every LUN of every virtio-scsi device is a target, named by its drive id (`--drive id=…`,
  * or `id` in a machine file's drive), by its device id (virtio-blk), and as `DEVICE/LUN` or
- * `DEVICE/TARGET/LUN` (virtio-scsi). A job's `filename=` names its targets, `:`-separated as in
+ * `DEVICE/TARGET/LUN` (virtio-scsi); an emulated disk (`ide-hd`, `ahci`) by its drive or device
+ * id. A job's `filename=` names its targets, `:`-separated as in
  * fio; a job without one runs on every target. All of them run at once, one guest run per target.
  *
  * @module
@@ -19,7 +20,7 @@ export interface RunTarget {
   readonly names: readonly string[];
   /** The device id. */
   readonly device: string;
-  readonly kind: "virtio-blk" | "virtio-scsi";
+  readonly kind: "virtio-blk" | "virtio-scsi" | "ide-hd" | "ahci";
   /** virtio-scsi: where the disk sits. */
   readonly lun?: { readonly target: number; readonly lun: number };
 }
@@ -44,10 +45,12 @@ export function targetsOf(config: MachineConfigInput): RunTarget[] {
   const out: RunTarget[] = [];
   for (const device of config.devices ?? []) {
     if (typeof device !== "object" || device === null || typeof device.id !== "string") continue;
-    if (device.type === "virtio-blk") {
+    if (
+      device.type === "virtio-blk" || device.type === "ide-hd" || device.type === "ahci"
+    ) {
       const driveId = device.drive?.id;
       const names = [...new Set([driveId, device.id].filter((n) => n !== undefined))];
-      out.push({ name: names[0]!, names, device: device.id, kind: "virtio-blk" });
+      out.push({ name: names[0]!, names, device: device.id, kind: device.type });
     } else if (device.type === "virtio-scsi") {
       const drives = device.drives ?? (device.drive === undefined ? [] : [device.drive]);
       const places = lunPlaces(device, drives.length);

@@ -29,12 +29,7 @@ import type { VcpuInterrupts } from "../virtio/interrupts.ts";
 import type { GuestMemory } from "../virtio/memory.ts";
 import type { QueueStats } from "../virtio/queue.ts";
 import { GuestAllocator } from "./alloc.ts";
-import {
-  BlkDriver,
-  type BlkDriverOptions,
-  type BlkQueueStats,
-  type BlkTarget,
-} from "./blk_driver.ts";
+import { BlkDriver, type BlkDriverOptions, type BlkQueueStats } from "./blk_driver.ts";
 import type { BlockTarget } from "./block_target.ts";
 import { DeviceExitBus, exitDelta } from "./device_exits.ts";
 import { GuestInterrupts } from "./irq.ts";
@@ -62,10 +57,10 @@ import {
   type ScsiDriverOptions,
   type ScsiEventStats,
   type ScsiLun,
-  type ScsiTarget,
 } from "./scsi_driver.ts";
 import { type GuestPlatform, haltIdle, type IdleFn } from "./virtio_driver.ts";
 import { runWorkload, type WorkloadResult, type WorkloadTotal } from "./workload.ts";
+import { type EmulatedDisk, type EmulatedDiskCounters, openEmulatedDisk } from "./emulated_disk.ts";
 
 /** A device as the firmware describes it (the machine's `BootDevice`). */
 export interface GuestDevice {
@@ -75,7 +70,14 @@ export interface GuestDevice {
   readonly type: string;
   /** Its PCI slot on bus 0. */
   readonly slot: number;
+  /** An emulated disk's place on its controller (IDE: its channel); absent for virtio devices. */
+  readonly unit?: number;
+  /** An emulated disk's device options (IDE: `mode`); absent for virtio devices. */
+  readonly options?: Readonly<Record<string, unknown>>;
 }
+
+/** Device types the guest drives through a fully emulated controller. */
+const EMULATED_KINDS = new Set(["ide-hd", "ahci"]);
 
 /** Where the guest runs. */
 export interface GuestEnv {
@@ -171,7 +173,7 @@ export interface GuestDeviceInfo {
   /** The firmware device id, or `slot N`. */
   readonly label: string;
   /** Which driver brought it up. */
-  readonly kind: "virtio-blk" | "virtio-scsi";
+  readonly kind: GuestDeviceKind;
   /** Negotiated features, hex. */
   readonly features: string;
   /** Request queues set up. */
@@ -230,7 +232,9 @@ export class GuestSetupError extends Error {
   override readonly name = "GuestSetupError";
 }
 
-type Kind = "virtio-blk" | "virtio-scsi";
+/** The driver that brings a device up: virtio's, or an emulated controller's (IDE, AHCI). */
+export type GuestDeviceKind = "virtio-blk" | "virtio-scsi" | "ide-hd" | "ahci";
+type Kind = GuestDeviceKind;
 
 /** A device brought up for the request. */
 interface Device {
@@ -239,19 +243,27 @@ interface Device {
   readonly label: string;
   readonly blk: BlkDriver | null;
   readonly scsi: ScsiDriver | null;
+  readonly emu: EmulatedDisk | null;
   /** Clones opened on it so far, to spread them over its queues. */
   clones: number;
 }
 
-/** A run resolved: its jobs, its device, its LUN. */
+/** A run resolved: its jobs, its device (slot and, for an emulated disk, unit), its LUN. */
 interface Plan {
   readonly index: number;
   readonly jobs: JobSpec[];
   readonly fn: PciFunctionInfo;
   readonly kind: Kind;
+  /** The emulated disk's firmware entry (IDE unit, options); null for virtio. */
+  readonly disk: GuestDevice | null;
   readonly run: GuestRun;
   device: Device | null;
   lun: ScsiLun | null;
+}
+
+/** Which device a plan brings up: virtio devices by slot, emulated disks by slot and unit. */
+function deviceKey(p: Plan): string {
+  return p.disk === null ? `${p.fn.slot}` : `${p.fn.slot}/${p.disk.unit ?? 0}`;
 }
 
 const INLINE_FIELDS = ["args", "jobFile", "jobs", "name", "device", "driver", "lun"] as const;
@@ -272,14 +284,21 @@ export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<Gu
   const scan = scanBus(env.bus, env.mmioWindow === undefined ? {} : { mmioWindow: env.mmioWindow });
   for (const [index, run] of runs.entries()) {
     const jobs = prefixed(multi, index, () => jobsOf(run));
-    const fn = findDevice(env, scan.functions, scan.errors, run.device, multi ? index : null);
-    const kind: Kind = virtioDeviceId(fn) === VIRTIO_ID_SCSI ? "virtio-scsi" : "virtio-blk";
+    const disk = findEmulated(env, run.device);
+    const fn = disk === null
+      ? findDevice(env, scan.functions, scan.errors, run.device, multi ? index : null)
+      : findEmulatedFunction(scan.functions, scan.errors, disk, multi ? index : null);
+    const kind: Kind = disk !== null
+      ? disk.type as Kind
+      : virtioDeviceId(fn) === VIRTIO_ID_SCSI
+      ? "virtio-scsi"
+      : "virtio-blk";
     if (run.lun !== undefined && kind !== "virtio-scsi") {
       throw new GuestSetupError(
         `${where(multi, index)}lun is for virtio-scsi; slot ${fn.slot} is ${kind}`,
       );
     }
-    plans.push({ index, jobs, fn, kind, run, device: null, lun: null });
+    plans.push({ index, jobs, fn, kind, disk, run, device: null, lun: null });
   }
 
   const exitBus = new DeviceExitBus(env.bus, env.exitCounters);
@@ -293,25 +312,41 @@ export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<Gu
   const devices: Device[] = [];
   try {
     // One bring-up per device, in slot order, with a queue per clone of all its runs.
-    const slots = [...new Set(plans.map((p) => p.fn.slot))].sort((a, b) => a - b);
-    for (const slot of slots) {
-      const mine = plans.filter((p) => p.fn.slot === slot);
+    const keys = [...new Set(plans.map(deviceKey))].sort((a, b) =>
+      a.localeCompare(b, "en", { numeric: true })
+    );
+    for (const key of keys) {
+      const mine = plans.filter((p) => deviceKey(p) === key);
       const first = mine[0]!;
+      const slot = first.fn.slot;
       const clones = mine.reduce((n, p) => n + p.jobs.reduce((c, j) => c + j.numjobs, 0), 0);
       const options: GuestDriverOptions = {
         queues: clones,
         ...mine.find((p) => p.run.driver !== undefined)?.run.driver,
       };
-      const label = env.devices?.find((d) => d.slot === slot)?.id ?? `slot ${slot}`;
+      const label = first.disk?.id ?? env.devices?.find((d) => d.slot === slot)?.id ??
+        `slot ${slot}`;
       const device: Device = {
         fn: first.fn,
         kind: first.kind,
         label,
         blk: null,
         scsi: null,
+        emu: null,
         clones: 0,
       };
-      if (first.kind === "virtio-scsi") {
+      if (first.disk !== null) {
+        if (clones > 1) {
+          throw new GuestSetupError(
+            `${label} (${first.kind}) takes one job clone: its controller runs one queue ` +
+              `(got ${clones})`,
+          );
+        }
+        const depth = Math.max(...mine.flatMap((p) => p.jobs.map((j) => j.iodepth)));
+        const emu = await openEmulatedDisk(platform, first.fn, first.disk, { depth });
+        devices.push({ ...device, emu });
+        exitBus.watchEmulated(first.fn, emu.ports);
+      } else if (first.kind === "virtio-scsi") {
         const scsi = await ScsiDriver.init(platform, first.fn, options);
         devices.push({ ...device, scsi });
         exitBus.watch(first.fn, scsi.virtio.structures);
@@ -338,6 +373,7 @@ export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<Gu
     const statsBefore = devices.map(queueStatsOf);
     const exitsBefore = env.exitCounters?.();
     const deviceExitsBefore = devices.map((d) => exitBus.exitsOf(d.fn.slot));
+    const emuBefore = devices.map((d) => d.emu?.counters() ?? null);
     let result: WorkloadResult;
     try {
       result = await runWorkload(jobs, {
@@ -366,7 +402,9 @@ export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<Gu
     const exitsAfter = env.exitCounters?.();
 
     const sections: GuestDeviceSection[] = devices.map((d, i) => {
-      const queues = queueNumbers(d, statsBefore[i]!, queueStatsOf(d));
+      const queues = d.emu !== null
+        ? [emulatedQueueNumbers(d, emuBefore[i]!, d.emu.counters())]
+        : queueNumbers(d, statsBefore[i]!, queueStatsOf(d));
       const before = deviceExitsBefore[i];
       const after = exitBus.exitsOf(d.fn.slot);
       let exits: ExitNumbers | undefined;
@@ -374,15 +412,22 @@ export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<Gu
         const delta = exitDelta(before, after);
         // ioeventfd rings only where the global counters know them (the exit bus's).
         exits = exitsAfter?.ioeventfd === undefined
-          ? { config: delta.config, mmio: delta.mmio, doorbell: delta.doorbell }
+          ? {
+            config: delta.config,
+            mmio: delta.mmio,
+            ...(delta.pio === undefined ? {} : { pio: delta.pio }),
+            doorbell: delta.doorbell,
+          }
           : delta;
       }
       const virtio: VirtioNumbers = exits === undefined ? { queues } : { queues, exits };
       return { ...deviceInfo(d, plans), virtio, summary: summarizeVirtio(virtio) };
     });
     for (const d of devices) {
-      const virtio = d.blk?.virtio ?? d.scsi!.virtio;
-      for (const q of virtio.queues) env.reportQueueStats?.(d.fn.slot, q.index, q.ring.stats);
+      const virtio = d.blk?.virtio ?? d.scsi?.virtio;
+      for (const q of virtio?.queues ?? []) {
+        env.reportQueueStats?.(d.fn.slot, q.index, q.ring.stats);
+      }
     }
     const allQueues = sections.flatMap((s) => s.virtio.queues);
     const virtio: VirtioNumbers = exitsBefore !== undefined && exitsAfter !== undefined
@@ -398,8 +443,10 @@ export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<Gu
         kind: p.kind,
         slot: p.fn.slot,
         lun,
-        capacity: p.lun?.capacity ?? p.device!.blk?.capacityBytes ?? 0,
-        blockSize: p.lun?.blockSize ?? p.device!.blk?.blockSize ?? 512,
+        capacity: p.lun?.capacity ?? p.device!.blk?.capacityBytes ??
+          p.device!.emu?.target.capacity ?? 0,
+        blockSize: p.lun?.blockSize ?? p.device!.blk?.blockSize ??
+          p.device!.emu?.target.blockSize ?? 512,
         jobs: group?.jobs ?? [],
         total: group?.total ?? emptyTotal(),
       };
@@ -424,6 +471,7 @@ export async function runGuest(env: GuestEnv, request: GuestRequest): Promise<Gu
     for (const d of devices) {
       d.blk?.shutdown();
       d.scsi?.shutdown();
+      d.emu?.shutdown();
     }
   }
 }
@@ -498,6 +546,33 @@ function findDevice(
   return fn;
 }
 
+/** The emulated disk a run names by id, or null (virtio devices, or no device named). */
+function findEmulated(env: GuestEnv, device: string | number | undefined): GuestDevice | null {
+  if (typeof device !== "string") return null;
+  const d = env.devices?.find((x) => x.id === device);
+  return d !== undefined && EMULATED_KINDS.has(d.type) ? d : null;
+}
+
+/** The PCI function of an emulated disk's controller, checked to be what its type says. */
+function findEmulatedFunction(
+  functions: readonly PciFunctionInfo[],
+  errors: readonly Error[],
+  disk: GuestDevice,
+  runIndex: number | null,
+): PciFunctionInfo {
+  const prefix = runIndex === null ? "" : `runs[${runIndex}]: `;
+  const fn = functions.find((f) => f.slot === disk.slot);
+  // IDE: mass storage (0x01), IDE (0x01); AHCI: mass storage, SATA (0x06).
+  const subclass = disk.type === "ide-hd" ? 0x01 : 0x06;
+  if (fn === undefined || fn.classCode >> 8 !== 0x01 || (fn.classCode & 0xff) !== subclass) {
+    const broken = errors.map((e) => e.message).join("; ");
+    throw new GuestSetupError(
+      `${prefix}No ${disk.type} controller in slot ${disk.slot}${broken ? ` (${broken})` : ""}`,
+    );
+  }
+  return fn;
+}
+
 function pickLun(plan: Plan, multi: boolean): ScsiLun {
   const scsi = plan.device!.scsi!;
   const want = plan.run.lun;
@@ -515,8 +590,12 @@ function pickLun(plan: Plan, multi: boolean): ScsiLun {
 }
 
 /** The target clone of `job` runs on: the next queue of its device (round robin over clones). */
-function openFor(plan: Plan, job: JobSpec): BlkTarget | ScsiTarget {
+function openFor(plan: Plan, job: JobSpec): BlockTarget & { close(): void } {
   const d = plan.device!;
+  if (d.emu !== null) {
+    d.clones++;
+    return d.emu.target;
+  }
   const trims = job.rw === "trim" || job.rw === "randtrim";
   const queue = d.clones++;
   if (d.blk !== null) {
@@ -542,7 +621,24 @@ function openFor(plan: Plan, job: JobSpec): BlkTarget | ScsiTarget {
 }
 
 function queueStatsOf(d: Device): BlkQueueStats[] {
-  return d.blk?.stats() ?? d.scsi!.stats();
+  return d.blk?.stats() ?? d.scsi?.stats() ?? [];
+}
+
+/** An emulated disk's one queue over the run, in the terms of a virtqueue's numbers. */
+function emulatedQueueNumbers(
+  d: Device,
+  before: EmulatedDiskCounters,
+  after: EmulatedDiskCounters,
+): QueueNumbers {
+  return {
+    device: d.label,
+    queue: 0,
+    requests: after.completions - before.completions,
+    kicks: after.notifications - before.notifications,
+    suppressedKicks: 0,
+    interrupts: after.interrupts - before.interrupts,
+    largestBatch: after.largestBatch,
+  };
 }
 
 /** Request queue counters over the run (largest batch: since setup, it is a maximum). */
@@ -562,6 +658,18 @@ function queueNumbers(d: Device, before: BlkQueueStats[], after: BlkQueueStats[]
 }
 
 function deviceInfo(d: Device, plans: readonly Plan[]): GuestDeviceInfo {
+  if (d.emu !== null) {
+    return {
+      slot: d.fn.slot,
+      label: d.label,
+      kind: d.kind,
+      features: "0x0",
+      interruptMode: d.emu.interruptMode,
+      queues: 1,
+      capacity: d.emu.target.capacity,
+      blockSize: d.emu.target.blockSize,
+    };
+  }
   const virtio = d.blk?.virtio ?? d.scsi!.virtio;
   const base = {
     slot: d.fn.slot,

@@ -172,7 +172,7 @@ export function summarizeVirtio(v: VirtioNumbers): VirtioSummary {
     requestsPerInterrupt: interrupts > 0 ? requests / interrupts : 0,
     kicksPerRequest: per(kicks),
     interruptsPerRequest: per(interrupts),
-    exitsPerRequest: exits === null ? null : per(exits.config + exits.mmio),
+    exitsPerRequest: exits === null ? null : per(exits.config + exits.mmio + (exits.pio ?? 0)),
     exits,
   };
 }
@@ -296,7 +296,8 @@ function queueLine(q: QueueNumbers): string {
 
 function exitsText(e: ExitNumbers): string {
   const ioeventfd = e.ioeventfd === undefined ? "" : `, ioeventfd rings=${e.ioeventfd}`;
-  return `config=${e.config}, mmio=${e.mmio} (doorbells ${e.doorbell})${ioeventfd}`;
+  const pio = e.pio === undefined || e.pio === 0 ? "" : `, pio=${e.pio}`;
+  return `config=${e.config}, mmio=${e.mmio} (doorbells ${e.doorbell})${pio}${ioeventfd}`;
 }
 
 /** A device's one-line summary: its ratios, and its exits when attributed. */

@@ -13,7 +13,14 @@
  * @module
  */
 
+import type { BlockNode } from "../block/node.ts";
 import type { DeviceSpec, DeviceType } from "../devices/device_type.ts";
+import { openDrive } from "../devices/drive.ts";
+import {
+  type EmulatedController,
+  type EmulatedDeviceType,
+  isEmulatedType,
+} from "../devices/emulated.ts";
 import type { DeviceQueueCounters, DeviceThreadCounters } from "../devices/iothread_protocol.ts";
 import { PciBus } from "../virtio/bus.ts";
 import type { AccessSize } from "../virtio/bus.ts";
@@ -34,7 +41,7 @@ import {
   VIRTIO_PCI_NOTIFY_CFG_OFFSET,
   VIRTIO_PCI_NOTIFY_OFF_MULTIPLIER,
   VIRTIO_PCI_REGION_SIZE,
-  type VirtioPciFunction,
+  VirtioPciFunction,
 } from "../virtio/pci.ts";
 import {
   type ConfigIssue,
@@ -103,15 +110,37 @@ export interface DeviceStats {
   readonly stopReason: string | null;
 }
 
+/** Counters of one fully emulated controller (IDE, AHCI). */
+export interface EmulatedStats {
+  /** The ids of the configured devices it serves (every `ide-hd` shares one IDE controller). */
+  readonly ids: readonly string[];
+  /** The device type (`ide-hd`, `ahci`). */
+  readonly type: string;
+  /** Its PCI slot on bus 0. */
+  readonly slot: number;
+  /** The controller's own counters (commands, sectors, interrupts, errors …). */
+  readonly counters: Readonly<Record<string, number>>;
+}
+
 /** Everything {@linkcode Machine.stats} gathers. */
 export interface MachineStats {
   /** The vCPU's exits by kind. */
   readonly exits: ExitCounters & {
-    /** MMIO exits no BAR claimed. */
+    /** MMIO and port accesses nothing decoded. */
     readonly unclaimed: number;
   };
-  /** Every device, in configuration order. */
+  /** Every virtio device, in configuration order. */
   readonly devices: readonly DeviceStats[];
+  /** Every emulated controller (IDE, AHCI), in configuration order of their first device. */
+  readonly emulated: readonly EmulatedStats[];
+}
+
+/** An emulated controller the machine runs on its own thread, with the drives it opened. */
+interface EmulatedHost {
+  readonly type: EmulatedDeviceType;
+  readonly specs: readonly DeviceSpec[];
+  readonly drives: readonly BlockNode[];
+  readonly controller: EmulatedController;
 }
 
 /** What a machine is doing: see {@linkcode Machine.state}. */
@@ -160,6 +189,7 @@ export class Machine implements ExitHandler {
    */
   readonly exits: ExitChannel = new ExitChannel();
   readonly #devices: DeviceHost[] = [];
+  readonly #emulated: EmulatedHost[] = [];
   readonly #options: MachineOptions;
   #server: ExitServer | null = null;
   #vcpuHandle: VcpuHandle | null = null;
@@ -199,30 +229,45 @@ export class Machine implements ExitHandler {
     return machine;
   }
 
-  async #startDevices(types: readonly DeviceType[]): Promise<void> {
+  async #startDevices(types: readonly (DeviceType | EmulatedDeviceType)[]): Promise<void> {
     const config = this.config;
-    const started = await Promise.allSettled(config.devices.map((spec, index) =>
-      DeviceHost.start({
-        spec,
-        type: types[index]!,
-        index,
-        ram: this.memory,
-        startTimeoutMs: this.#options.startTimeoutMs ?? 30_000,
-        controlTimeoutMs: config.controlTimeoutMs,
-        onFatal: (error) => this.#fatal(error),
-        onBarrier: (done) => this.#barriers.push(done),
-        onStop: (reason) => this.#ioErrorStop(reason),
-      })
-    ));
+    const virtio = config.devices.flatMap((spec, index) => {
+      const type = types[index]!;
+      return isEmulatedType(type) ? [] : [{ spec, type }];
+    });
+    const started = await Promise.allSettled(
+      virtio.map(({ spec, type }, index) =>
+        DeviceHost.start({
+          spec,
+          type,
+          // The doorbell buffers and INTx sources are numbered among the virtio devices.
+          index,
+          ram: this.memory,
+          startTimeoutMs: this.#options.startTimeoutMs ?? 30_000,
+          controlTimeoutMs: config.controlTimeoutMs,
+          onFatal: (error) => this.#fatal(error),
+          onBarrier: (done) => this.#barriers.push(done),
+          onStop: (reason) => this.#ioErrorStop(reason),
+        })
+      ),
+    );
     for (const s of started) if (s.status === "fulfilled") this.#devices.push(s.value);
     const failed = started.find((s) => s.status === "rejected");
     if (failed !== undefined) throw failed.reason;
+    await this.#startEmulated(types);
     // Explicit slots first, then the rest in order from slot 1 (slot 0 is a PC's host bridge).
     const explicit = new Set(config.devices.flatMap((d) => d.slot === undefined ? [] : [d.slot]));
-    let next = 1;
+    const functions: { fn: VirtioPciFunction | EmulatedController; spec: DeviceSpec }[] = [];
     for (const host of this.#devices) {
-      const fn = await host.plug(this.vcpu);
-      let slot = host.spec.slot;
+      functions.push({ fn: await host.plug(this.vcpu), spec: host.spec });
+    }
+    for (const e of this.#emulated) functions.push({ fn: e.controller, spec: e.specs[0]! });
+    const order = new Map(config.devices.map((d, i) => [d.id, i]));
+    functions.sort((a, b) => order.get(a.spec.id)! - order.get(b.spec.id)!);
+    let next = 1;
+    const slots = new Map(config.devices.map((d) => [d.id, d.slot]));
+    for (const { fn, spec } of functions) {
+      let slot = slots.get(spec.id);
       if (slot === undefined) {
         while (explicit.has(next) || this.bus.function(next) !== undefined) next++;
         slot = next;
@@ -231,6 +276,61 @@ export class Machine implements ExitHandler {
     }
     this.bus.assignBars(MMIO_WINDOW);
     this.#refreshDoorbells();
+  }
+
+  /**
+   * Opens the drives of the emulated devices here, on the VMM thread, and builds their
+   * controllers: devices of one type share a controller up to its `perController`.
+   */
+  async #startEmulated(types: readonly (DeviceType | EmulatedDeviceType)[]): Promise<void> {
+    const groups: { type: EmulatedDeviceType; specs: DeviceSpec[] }[] = [];
+    for (const [index, spec] of this.config.devices.entries()) {
+      const type = types[index]!;
+      if (!isEmulatedType(type)) continue;
+      const open = groups.findLast((g) => g.type === type);
+      if (open !== undefined && open.specs.length < type.perController) open.specs.push(spec);
+      else groups.push({ type, specs: [spec] });
+    }
+    // INTx sources from 31 down, away from the virtio devices' (numbered from 0).
+    let source = 31;
+    for (const { type, specs } of groups) {
+      const drives: BlockNode[] = [];
+      try {
+        const members = [];
+        for (const spec of specs) {
+          const mine: BlockNode[] = [];
+          for (const drive of spec.drives) {
+            try {
+              const node = await openDrive(drive);
+              mine.push(node);
+              drives.push(node);
+            } catch (error) {
+              throw new MachineError(
+                spec.id,
+                `drive ${drive.id ?? drive.file}: ${
+                  error instanceof Error ? error.message : String(error)
+                }`,
+              );
+            }
+          }
+          members.push({ spec, drives: mine });
+        }
+        const intxSources = Array.from({ length: type.intxLines }, () => source--);
+        if (source < 0) throw new MachineError(specs[0]!.id, "Too many emulated controllers");
+        const controller = type.create({
+          members,
+          memory: this.memory,
+          vcpu: this.vcpu,
+          intxSources,
+        });
+        this.#emulated.push({ type, specs, drives, controller });
+      } catch (error) {
+        await Promise.allSettled(drives.map((d) => d.close()));
+        throw error instanceof MachineError
+          ? error
+          : new MachineError(specs[0]!.id, error instanceof Error ? error.message : String(error));
+      }
+    }
   }
 
   /**
@@ -260,12 +360,29 @@ export class Machine implements ExitHandler {
 
   /** The devices, in configuration order: id, type, slot and PCI function. */
   get devices(): readonly { id: string; type: string; slot: number; spec: DeviceSpec }[] {
-    return this.#devices.map((d) => ({
-      id: d.spec.id,
-      type: d.spec.type,
-      slot: this.#slotOf(d),
-      spec: d.spec,
-    }));
+    return this.#bootDevices().map((b) => ({ ...b.device, spec: b.spec }));
+  }
+
+  /** Every configured device with its slot (emulated ones with their place on the controller). */
+  #bootDevices(): { device: BootDevice; spec: DeviceSpec }[] {
+    const out: { device: BootDevice; spec: DeviceSpec }[] = [];
+    for (const d of this.#devices) {
+      out.push({
+        device: { id: d.spec.id, type: d.spec.type, slot: this.#slotOf(d) },
+        spec: d.spec,
+      });
+    }
+    for (const e of this.#emulated) {
+      const slot = this.bus.slots().find((s) => this.bus.function(s) === e.controller) ?? -1;
+      for (const [unit, spec] of e.specs.entries()) {
+        out.push({
+          device: { id: spec.id, type: spec.type, slot, unit, options: { ...spec.options } },
+          spec,
+        });
+      }
+    }
+    const order = new Map(this.config.devices.map((d, i) => [d.id, i]));
+    return out.sort((a, b) => order.get(a.spec.id)! - order.get(b.spec.id)!);
   }
 
   /**
@@ -315,11 +432,7 @@ export class Machine implements ExitHandler {
         doorbells: this.#devices.map((d) => d.fn.doorbells.buffer),
         timeoutMs: this.config.exitTimeoutMs,
       },
-      devices: this.#devices.map((d): BootDevice => ({
-        id: d.spec.id,
-        type: d.spec.type,
-        slot: this.#slotOf(d),
-      })),
+      devices: this.#bootDevices().map((b) => b.device),
       payload,
     };
     const handle = new VcpuHandle(entry, boot, options, () => {});
@@ -349,6 +462,7 @@ export class Machine implements ExitHandler {
   async reset(): Promise<void> {
     this.#checkAlive();
     for (const d of this.#devices) d.fn.reset();
+    for (const e of this.#emulated) e.controller.reset();
     this.bus.assignBars(MMIO_WINDOW);
     this.#refreshDoorbells();
     this.exits.clearReports();
@@ -372,7 +486,10 @@ export class Machine implements ExitHandler {
     this.#vcpuHandle?.terminate(new MachineError(undefined, "The machine shut down"));
     this.exits.close();
     await this.#server?.close();
-    const closed = await Promise.allSettled(this.#devices.map((d) => d.close()));
+    const closed = await Promise.allSettled([
+      ...this.#devices.map((d) => d.close()),
+      ...this.#emulated.map((e) => this.#closeEmulated(e)),
+    ]);
     this.#barriers = [];
     const failed = closed.find((c) => c.status === "rejected");
     if (failed !== undefined) throw failed.reason;
@@ -384,7 +501,10 @@ export class Machine implements ExitHandler {
    */
   async sync(): Promise<void> {
     this.#checkAlive();
-    await Promise.all(this.#devices.map((d) => d.sync()));
+    await Promise.all([
+      ...this.#devices.map((d) => d.sync()),
+      ...this.#emulated.map((e) => e.controller.idle()),
+    ]);
   }
 
   /**
@@ -396,6 +516,12 @@ export class Machine implements ExitHandler {
     return {
       exits: { ...this.exits.counters, unclaimed: this.bus.unclaimed },
       devices: this.#devices.map((d) => this.#deviceStats(d)),
+      emulated: this.#emulated.map((e) => ({
+        ids: e.specs.map((spec) => spec.id),
+        type: e.type.name,
+        slot: this.bus.slots().find((s) => this.bus.function(s) === e.controller) ?? -1,
+        counters: { ...e.controller.stats },
+      })),
     };
   }
 
@@ -439,7 +565,8 @@ export class Machine implements ExitHandler {
       return;
     }
     if (
-      hit.bar === VIRTIO_PCI_MODERN_BAR && hit.offset >= VIRTIO_PCI_NOTIFY_CFG_OFFSET &&
+      hit.fn instanceof VirtioPciFunction && hit.bar === VIRTIO_PCI_MODERN_BAR &&
+      hit.offset >= VIRTIO_PCI_NOTIFY_CFG_OFFSET &&
       hit.offset < VIRTIO_PCI_NOTIFY_CFG_OFFSET + VIRTIO_PCI_REGION_SIZE
     ) {
       this.exits.countDoorbellExit();
@@ -505,6 +632,36 @@ export class Machine implements ExitHandler {
     };
   }
 
+  /** Waits for the controller's I/O, then flushes and closes its drives (all of them, always). */
+  async #closeEmulated(e: EmulatedHost): Promise<void> {
+    let failure: unknown = null;
+    try {
+      await e.controller.close();
+    } catch (error) {
+      failure = error;
+    }
+    for (const node of e.drives) {
+      try {
+        if (!node.readOnly) await node.flush();
+      } catch (error) {
+        failure ??= error;
+      }
+      try {
+        await node.close();
+      } catch (error) {
+        failure ??= error;
+      }
+    }
+    if (failure !== null) {
+      throw new MachineError(
+        e.specs[0]!.id,
+        `closing its drives failed: ${
+          failure instanceof Error ? failure.message : String(failure)
+        }`,
+      );
+    }
+  }
+
   #slotOf(d: DeviceHost): number {
     return this.bus.slots().find((s) => this.bus.function(s) === d.fn) ?? -1;
   }
@@ -536,12 +693,12 @@ export class Machine implements ExitHandler {
 /** Loads each device's type and checks its drives and options; all problems in one error. */
 async function resolveDevices(
   config: MachineConfig,
-): Promise<{ devices: DeviceConfig[]; types: DeviceType[] }> {
+): Promise<{ devices: DeviceConfig[]; types: (DeviceType | EmulatedDeviceType)[] }> {
   const issues: ConfigIssue[] = [];
   const devices: DeviceConfig[] = [];
-  const types: DeviceType[] = [];
+  const types: (DeviceType | EmulatedDeviceType)[] = [];
   for (const [i, d] of config.devices.entries()) {
-    let type: DeviceType;
+    let type: DeviceType | EmulatedDeviceType;
     try {
       type = await loadDeviceType(d.type);
     } catch (error) {
@@ -571,6 +728,17 @@ async function resolveDevices(
             ["devices", i, "options"],
           ),
         );
+      }
+    }
+    if (isEmulatedType(type) && type.maxControllers !== undefined) {
+      const most = type.perController * type.maxControllers;
+      const before = types.filter((t) => t === type).length;
+      if (before >= most) {
+        issues.push({
+          path: `devices[${i}].type`,
+          message: `a machine holds at most ${most} ${type.name} device${most === 1 ? "" : "s"}` +
+            (type.name === "ide-hd" ? " (two IDE channels, one master each)" : ""),
+        });
       }
     }
     devices.push({ ...d, options });

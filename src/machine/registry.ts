@@ -12,11 +12,14 @@
  */
 
 import type { DeviceType } from "../devices/device_type.ts";
+import { type EmulatedDeviceType, isEmulatedType } from "../devices/emulated.ts";
 
-const types = new Map<string, DeviceType>();
+const types = new Map<string, DeviceType | EmulatedDeviceType>();
 const modules = new Map<string, string>([
   ["virtio-blk", new URL("../devices/virtio_blk.ts", import.meta.url).href],
   ["virtio-scsi", new URL("../devices/virtio_scsi.ts", import.meta.url).href],
+  ["ide-hd", new URL("../devices/ide_type.ts", import.meta.url).href],
+  ["ahci", new URL("../devices/ahci_type.ts", import.meta.url).href],
 ]);
 
 /**
@@ -31,7 +34,7 @@ const modules = new Map<string, string>([
  * registerDeviceType(deviceType);
  * ```
  */
-export function registerDeviceType(type: DeviceType): void {
+export function registerDeviceType(type: DeviceType | EmulatedDeviceType): void {
   const existing = types.get(type.name);
   if (existing === type) return;
   if (existing !== undefined) {
@@ -60,7 +63,7 @@ export function deviceTypeNames(): string[] {
  * @throws {Error} for an unknown name, a module that does not load, or one without a matching
  *   `deviceType` export
  */
-export async function loadDeviceType(name: string): Promise<DeviceType> {
+export async function loadDeviceType(name: string): Promise<DeviceType | EmulatedDeviceType> {
   const loaded = types.get(name);
   if (loaded !== undefined) return loaded;
   const module = modules.get(name);
@@ -78,10 +81,10 @@ export async function loadDeviceType(name: string): Promise<DeviceType> {
       { cause: error },
     );
   }
-  const type = exports.deviceType as DeviceType | undefined;
+  const type = exports.deviceType as DeviceType | EmulatedDeviceType | undefined;
   if (
     type === undefined || typeof type !== "object" || type.name !== name ||
-    typeof type.createModel !== "function"
+    !(isEmulatedType(type) || typeof (type as DeviceType).createModel === "function")
   ) {
     throw new Error(`${module} does not export deviceType, a DeviceType named "${name}"`);
   }

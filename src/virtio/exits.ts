@@ -806,6 +806,13 @@ export interface BootDevice {
   readonly type: string;
   /** PCI slot on bus 0. */
   readonly slot: number;
+  /**
+   * An emulated disk's place on its controller (IDE: 0 the primary channel's master, 1 the
+   * secondary's); absent for virtio devices.
+   */
+  readonly unit?: number;
+  /** An emulated disk's device options (IDE: `mode` pio or dma); absent for virtio devices. */
+  readonly options?: Readonly<Record<string, unknown>>;
 }
 
 /** The first message a vCPU Worker receives. */
