@@ -5,7 +5,9 @@
  * through virtio-blk and the base, read-only, through virtio-scsi: the guest runs a verified mixed
  * workload on the clone while it re-verifies the base's blocks through SCSI. Both images are then
  * checked; the report shows the fio figures and what virtio's batching and notification
- * suppression did.
+ * suppression did. Last, the same short read job on the base through every kind of disk — IDE
+ * (PIO, DMA), AHCI, virtio-blk trapped and with ioeventfd + EVENT_IDX, virtio-scsi — ends in the
+ * table of what each costs per request (`vstor run --compare-devices`).
  *
  * @module
  */
@@ -17,6 +19,8 @@ import { checkMain } from "./check.ts";
 import { snapshotMain } from "./snapshot.ts";
 import { RunControl } from "../guest/run_control.ts";
 import { type MachineRun, progressLine, runMachine, runSucceeded } from "./run_machine.ts";
+import { compareDeviceRuns, deviceFigures, deviceTable } from "./run_compare.ts";
+import { parseJobArgs } from "../guest/job.ts";
 import {
   catchSignals,
   EXIT_INTERRUPTED,
@@ -52,6 +56,23 @@ export const CLONE_JOB: readonly string[] = [
   "--offset_increment=8m",
   "--verify=crc32c",
   `--seed=${SEED + 1}`,
+];
+
+/**
+ * The device comparison's job: random 4 KiB reads of the base's filled blocks for a fixed short
+ * time, submitted in batches as Linux's block layer plugs them, so that AHCI's doorbell and
+ * virtio's kick can carry several requests.
+ */
+export const COMPARE_JOB: readonly string[] = [
+  "--name=compare",
+  "--rw=randread",
+  "--bs=4k",
+  "--iodepth=32",
+  "--iodepth_batch_submit=8",
+  "--size=16m",
+  "--runtime=0.4",
+  "--time_based",
+  `--seed=${SEED + 2}`,
 ];
 
 /** Options of {@linkcode mainJob}. */
@@ -153,13 +174,29 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
       checks.push(`${image.slice(dir.length + 1)}: ${code === EXIT_OK ? "clean" : text.trim()}`);
     }
     const subtitle = "vstor main job: the clone on virtio-blk (2 queues), the base on virtio-scsi";
+    if (human) reportRun(io, run, { output, html: opts.html, subtitle });
+    // 4. The same read job on the base through every kind of disk, read-only, one after another.
+    say("\n4. the base, read-only, through every kind of disk in turn: the same random-read job\n");
+    const compared = signals.interrupted ? [] : await compareDeviceRuns(
+      { file: base, format: "qcow2", readOnly: true },
+      parseJobArgs([...COMPARE_JOB]),
+      {
+        memoryMiB: 128,
+        control,
+        onProgress: live.update,
+        onEnd: live.end,
+        interrupted: () => signals.interrupted,
+      },
+    );
+    const figures = compared.map((r) => deviceFigures(r.label, r.run));
+    const comparedOk = compared.every((r) => runSucceeded(r.run.run));
     if (human) {
-      reportRun(io, run, { output, html: opts.html, subtitle });
+      if (figures.length > 0) io.stdout(`\n${deviceTable(figures)}`);
       io.stdout(`\nimages after shutdown (vstor check): ${checks.join("; ")}\n`);
       io.stdout(
         signals.interrupted
           ? "main job stopped early (Ctrl-C)\n"
-          : ok && clean
+          : ok && comparedOk && clean
           ? "main job passed: every block verified, both images clean\n"
           : "main job FAILED\n",
       );
@@ -173,12 +210,13 @@ export async function mainJob(io: CliIo, opts: MainJobOptions): Promise<number> 
           seed: SEED,
           prepare: prep.run.json.total,
           checks,
-          ok: ok && clean && !signals.interrupted,
+          devices: figures,
+          ok: ok && comparedOk && clean && !signals.interrupted,
         },
       });
     }
     if (signals.interrupted) return EXIT_INTERRUPTED;
-    return ok && clean ? EXIT_OK : EXIT_ERROR;
+    return ok && comparedOk && clean ? EXIT_OK : EXIT_ERROR;
   } finally {
     live.end();
     signals.release();

@@ -39,6 +39,7 @@ import { writePage } from "./html/page.ts";
 import { type MachineRun, progressLine, runMachine, runSucceeded } from "./run_machine.ts";
 import { machineFromArgs } from "./run_args.ts";
 import { assignJobs, targetsOf } from "./run_targets.ts";
+import { compareDeviceRuns, deviceFigures, deviceTable } from "./run_compare.ts";
 
 export const RUN_USAGE =
   "vstor run [--drive SPEC]... [--device SPEC]... [--machine FILE.json] [--memory MIB] " +
@@ -447,39 +448,6 @@ export async function runMain(args: string[], io: CliIo): Promise<number> {
   }
 }
 
-/** One device of --compare-devices: how it attaches the image, and what the table calls it. */
-interface DeviceRow {
-  readonly label: string;
-  readonly device: Record<string, unknown>;
-}
-
-/** The devices --compare-devices runs the job on, from trap-everything to virtio at its best. */
-export function compareDeviceRows(drive: Record<string, unknown>): DeviceRow[] {
-  return [
-    { label: "IDE (PIO)", device: { type: "ide-hd", drive, options: { mode: "pio" } } },
-    { label: "IDE (DMA)", device: { type: "ide-hd", drive, options: { mode: "dma" } } },
-    { label: "AHCI (NCQ)", device: { type: "ahci", drive, options: { ncq: true } } },
-    {
-      label: "virtio-blk, trapped doorbells",
-      device: { type: "virtio-blk", drive, eventIdx: false, ioeventfd: false },
-    },
-    {
-      label: "virtio-blk, ioeventfd + event-idx",
-      device: { type: "virtio-blk", drive, eventIdx: true, ioeventfd: true },
-    },
-    {
-      label: "virtio-scsi",
-      device: {
-        type: "virtio-scsi",
-        drives: [drive],
-        eventIdx: true,
-        ioeventfd: true,
-        options: { luns: [{ target: 0, lun: 0 }] },
-      },
-    },
-  ];
-}
-
 /** The one drive of a machine configuration, or a usage error saying what --compare-devices needs. */
 function onlyDrive(config: MachineConfigInput): Record<string, unknown> {
   const drives = (config.devices ?? []).flatMap((d) =>
@@ -494,71 +462,6 @@ function onlyDrive(config: MachineConfigInput): Record<string, unknown> {
   return drive;
 }
 
-/** One row of the device comparison: its figures from one run. */
-export interface DeviceFigures {
-  readonly label: string;
-  readonly iops: number;
-  readonly requests: number;
-  readonly exitsPerRequest: number | null;
-  readonly interruptsPerRequest: number;
-  /** Requests per notification (doorbell write or command issue). */
-  readonly requestsPerNotification: number;
-  /** Process CPU µs per request (every thread). */
-  readonly cpuPerRequest: number | null;
-}
-
-/** A run's figures for the device table. */
-export function deviceFigures(label: string, run: MachineRun): DeviceFigures {
-  const device = run.run.devices[0];
-  const summary = device === undefined ? summarizeVirtio(run.run.virtio) : device.summary;
-  const t = run.run.result.total;
-  const iops = t.read.iops + t.write.iops + t.trim.iops;
-  const requests = summary.requests;
-  // Exits over the whole run (the guest's own probe and setup excluded: they precede the jobs).
-  const exits = run.run.virtio.exits;
-  const exitsPerRequest = exits === undefined || requests === 0
-    ? null
-    : (exits.config + exits.mmio + (exits.pio ?? 0)) / requests;
-  return {
-    label,
-    iops,
-    requests,
-    exitsPerRequest,
-    interruptsPerRequest: summary.interruptsPerRequest,
-    requestsPerNotification: summary.averageBatch,
-    cpuPerRequest: requests > 0 ? run.cpuMicros / requests : null,
-  };
-}
-
-/** The device comparison table. */
-export function deviceTable(rows: readonly DeviceFigures[]): string {
-  const header = [
-    "device",
-    "IOPS",
-    "requests",
-    "exits/req",
-    "interrupts/req",
-    "req/notify",
-    "CPU µs/req",
-  ];
-  const table = [header];
-  for (const r of rows) {
-    table.push([
-      r.label,
-      Math.round(r.iops).toLocaleString("en-US"),
-      String(r.requests),
-      r.exitsPerRequest === null ? "-" : r.exitsPerRequest.toFixed(r.exitsPerRequest < 10 ? 3 : 0),
-      r.interruptsPerRequest.toFixed(3),
-      r.requestsPerNotification.toFixed(1),
-      r.cpuPerRequest === null ? "-" : r.cpuPerRequest.toFixed(0),
-    ]);
-  }
-  const widths = header.map((_, c) => Math.max(...table.map((r) => r[c]!.length)));
-  return table.map((r) =>
-    r.map((cell, c) => c === 0 ? cell.padEnd(widths[c]!) : cell.padStart(widths[c]!)).join("  ")
-  ).join("\n") + "\n";
-}
-
 async function compareDevices(
   io: CliIo,
   opts: RunArgs,
@@ -569,29 +472,13 @@ async function compareDevices(
   signals: { readonly interrupted: boolean },
 ): Promise<number> {
   const drive = onlyDrive(config);
-  // One disk: every job runs on it, whatever filename= named.
-  const mine = jobs.map((j) => ({ ...j, filename: null }));
-  const rows: Array<{ label: string; run: MachineRun }> = [];
-  for (const row of compareDeviceRows(drive)) {
-    if (signals.interrupted) break;
-    const machine: MachineConfigInput = {
-      ...(config.memoryMiB === undefined ? {} : { memoryMiB: config.memoryMiB }),
-      devices: [
-        { id: "disk", ...row.device } as NonNullable<MachineConfigInput["devices"]>[number],
-      ],
-    };
-    const request: GuestRequest = {
-      runs: assignJobs(mine, targetsOf(machine), () => "--filename"),
-    };
-    try {
-      const run = await runMachine(machine, request, { control, onProgress: live.update });
-      rows.push({ label: row.label, run });
-    } catch (e) {
-      throw guestFailure(e);
-    } finally {
-      live.end();
-    }
-  }
+  const rows = await compareDeviceRuns(drive, jobs, {
+    ...(config.memoryMiB === undefined ? {} : { memoryMiB: config.memoryMiB }),
+    control,
+    onProgress: live.update,
+    onEnd: live.end,
+    interrupted: () => signals.interrupted,
+  });
   const figures = rows.map((r) => deviceFigures(r.label, r.run));
   if (opts.output === "normal") {
     io.stdout(deviceTable(figures));
