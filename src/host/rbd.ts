@@ -215,6 +215,12 @@ export class RbdFile implements HostFile {
     if (this.#closed) throw new BlockError("io", "File is closed", { path: this.path });
   }
 
+  /** The value the client's librados holds for option `key` (e.g. `rbd_cache`), as text. */
+  setting(key: string): string {
+    this.#live();
+    return this.#pool.setting(key);
+  }
+
   #writable(): void {
     this.#live();
     if (this.readOnly) throw new BlockError("read-only", "File is read-only", { path: this.path });

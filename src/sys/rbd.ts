@@ -20,6 +20,7 @@ const RADOS_SYMBOLS = {
   rados_create: { parameters: ["buffer", "buffer"], result: "i32" },
   rados_conf_read_file: { parameters: ["pointer", "buffer"], result: "i32" },
   rados_conf_set: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
+  rados_conf_get: { parameters: ["pointer", "buffer", "buffer", "usize"], result: "i32" },
   rados_connect: { parameters: ["pointer"], result: "i32", nonblocking: true },
   rados_shutdown: { parameters: ["pointer"], result: "void" },
   rados_ioctx_create: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
@@ -211,6 +212,20 @@ export class RadosPool {
   get ioctx(): Deno.PointerValue {
     if (this.#closed) throw new BlockError("io", `rbd pool '${this.pool}' is closed`);
     return this.#ioctx;
+  }
+
+  /**
+   * The value librados holds for option `key` (rados_conf_get), as text.
+   *
+   * @throws {BlockError} for an option librados does not know
+   */
+  setting(key: string): string {
+    if (this.#closed) throw new BlockError("io", `rbd pool '${this.pool}' is closed`);
+    const buffer = new Uint8Array(4096);
+    const rc = lib().rados.rados_conf_get(this.#cluster, cstr(key), buffer, BigInt(buffer.length));
+    if (rc < 0) throw failed(`reading ${key} (rados_conf_get)`, rc, `rbd pool '${this.pool}'`);
+    const end = buffer.indexOf(0);
+    return new TextDecoder().decode(buffer.subarray(0, end < 0 ? buffer.length : end));
   }
 
   /** Creates image `name` of `size` bytes with the layering feature only (no exclusive lock). */

@@ -419,3 +419,35 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "cache=none and directsync turn librbd's cache off, as QEMU's do; writeback leaves it on",
+  ignore,
+  async fn() {
+    const { uri, image } = await name();
+    try {
+      await ok("qemu-img", ["create", "-f", "raw", uri, "1M"]);
+      const { RbdFile } = await import("../../src/host/rbd.ts");
+      const { cacheFlags } = await import("../../formats/open.ts");
+      for (
+        const [mode, want] of [["none", "false"], ["directsync", "false"], ["writeback", "true"]]
+      ) {
+        const file = await RbdFile.open(uri, { cache: !cacheFlags(mode as "none").direct });
+        try {
+          assert.equal(file.setting("rbd_cache"), want, mode);
+        } finally {
+          file.close();
+        }
+      }
+      // A name's own rbd_cache loses to the cache mode, as in QEMU.
+      const file = await RbdFile.open(`${uri}:rbd_cache=true`, { cache: false });
+      try {
+        assert.equal(file.setting("rbd_cache"), "false");
+      } finally {
+        file.close();
+      }
+    } finally {
+      await rbd("rm", image);
+    }
+  },
+});
