@@ -39,7 +39,7 @@ import { writePage } from "./html/page.ts";
 import { type MachineRun, progressLine, runMachine, runSucceeded } from "./run_machine.ts";
 import { machineFromArgs } from "./run_args.ts";
 import { assignJobs, targetsOf } from "./run_targets.ts";
-import { compareDeviceRuns, deviceFigures, deviceTable } from "./run_compare.ts";
+import { compareDeviceRuns, deviceFigures, deviceSummary, deviceTable } from "./run_compare.ts";
 
 export const RUN_USAGE =
   "vstor run [--drive SPEC]... [--device SPEC]... [--machine FILE.json] [--memory MIB] " +
@@ -495,6 +495,7 @@ async function compareDevices(
       runPage({
         title: "vstor run --compare-devices",
         subtitle: "IDE, AHCI, virtio-blk and virtio-scsi on one image",
+        summary: deviceSummary(figures),
         sections: rows.map((r) => ({ label: r.label, run: r.run })),
       }),
     );

@@ -84,6 +84,32 @@ export function deviceFigures(label: string, run: MachineRun): DeviceFigures {
   };
 }
 
+/** The device comparison as a page's summary table: headers and rows. */
+export function deviceSummary(
+  rows: readonly DeviceFigures[],
+): { headers: string[]; rows: Array<Array<string | number>> } {
+  return {
+    headers: [
+      "device",
+      "IOPS",
+      "requests",
+      "exits/req",
+      "interrupts/req",
+      "req/notify",
+      "CPU µs/req",
+    ],
+    rows: rows.map((r) => [
+      r.label,
+      Math.round(r.iops),
+      r.requests,
+      r.exitsPerRequest === null ? "-" : Number(r.exitsPerRequest.toFixed(3)),
+      Number(r.interruptsPerRequest.toFixed(3)),
+      Number(r.requestsPerNotification.toFixed(1)),
+      r.cpuPerRequest === null ? "-" : Math.round(r.cpuPerRequest),
+    ]),
+  };
+}
+
 /** The device comparison table. */
 export function deviceTable(rows: readonly DeviceFigures[]): string {
   const header = [

@@ -152,9 +152,16 @@ Deno.test("vstor run --compare-devices prints one row per device; exits per requ
       "--size=512k",
       "--iodepth=16",
       "--compare-devices",
+      "--html",
+      join(dir, "compare.html"),
       "-q",
     );
     assert.equal(r.code, EXIT_OK, r.stderr);
+    // The page opens with the same table, then one section per device.
+    const html = await Deno.readTextFile(join(dir, "compare.html"));
+    const summary = html.slice(html.indexOf("<table"), html.indexOf("</table>"));
+    assert.equal(summary.match(/<tr>/g)?.length, 7, "a header and six devices");
+    assert.match(summary, /IDE \(PIO\)[\s\S]*virtio-scsi/);
     const lines = r.stdout.trimEnd().split("\n");
     assert.match(lines[0]!, /^device\s+IOPS\s+requests\s+exits\/req\s+interrupts\/req/);
     const labels = lines.slice(1).map((l) => l.split(/\s{2,}/)[0]);

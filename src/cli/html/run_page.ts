@@ -11,6 +11,7 @@ import type { DirectionResult, JobResult } from "../../guest/workload.ts";
 import { formatBytesIEC, formatCount, summarizeVirtio } from "../../guest/report.ts";
 import type { GuestRunResult } from "../../guest/guest.ts";
 import {
+  type Cell,
   el,
   escapeHtml,
   figures,
@@ -51,6 +52,8 @@ export interface RunPageInput {
   /** One line saying what ran (the machine, the command). */
   readonly subtitle: string;
   readonly sections: readonly RunPageSection[];
+  /** A table shown before the sections (e.g. the device comparison): headers and rows. */
+  readonly summary?: { readonly headers: readonly string[]; readonly rows: readonly Cell[][] };
 }
 
 const PALETTE = [
@@ -461,6 +464,9 @@ export function runPage(input: RunPageInput): string {
   const body = [
     el("h1", {}, text(input.title)),
     el("p", { class: "note" }, text(input.subtitle)),
+    ...(input.summary === undefined
+      ? []
+      : [table([...input.summary.headers], input.summary.rows.map((r) => [...r]))]),
     ...input.sections.map(section),
   ].join("\n");
   return page({ title: input.title, body, css: CSS });
