@@ -59,7 +59,6 @@ import {
   AHCI_MSI_CAP_OFFSET,
   AHCI_PCI_DEVICE_ID_ICH9,
   AHCI_PCI_REVISION,
-  AHCI_PCI_VENDOR_ID,
   AHCI_PORT_BASE,
   AHCI_PORT_SIZE,
   AHCI_VERSION_1_0,
@@ -87,7 +86,8 @@ import {
   PCI_MSI_FLAGS,
   PCI_MSI_FLAGS_64BIT,
   PCI_MSI_FLAGS_ENABLE,
-} from "./ahci_constants.ts";
+} from "../ata/ahci_constants.ts";
+import { PCI_VENDOR_ID_INTEL } from "../ata/constants.ts";
 import { AhciPort, type AhciPortHost, type AhciStats, emptyAhciStats } from "./ahci_port.ts";
 
 export type { AhciStats } from "./ahci_port.ts";
@@ -250,7 +250,7 @@ export class AhciController implements PciFunction {
     const cfg = this.#cfgView;
     this.#cfg.fill(0);
     this.#wmask.fill(0);
-    cfg.setUint16(PCI_VENDOR_ID, AHCI_PCI_VENDOR_ID, true);
+    cfg.setUint16(PCI_VENDOR_ID, PCI_VENDOR_ID_INTEL, true);
     cfg.setUint16(PCI_DEVICE_ID, AHCI_PCI_DEVICE_ID_ICH9, true);
     cfg.setUint16(PCI_STATUS, PCI_STATUS_CAP_LIST, true);
     cfg.setUint8(PCI_REVISION_ID, AHCI_PCI_REVISION);

@@ -21,9 +21,6 @@ import {
   AHCI_CMD_TBL_PRDT,
   AHCI_PRDT_DBC_MASK,
   AHCI_PRDT_ENTRY_SIZE,
-  ATA_DSM_RANGE_SIZE,
-  ATA_LOG_NCQ_NQ,
-  ATA_SECT_SIZE,
   H2D_COMMAND,
   H2D_CONTROL,
   H2D_COUNT,
@@ -48,7 +45,8 @@ import {
   SATA_FIS_TYPE_PIO_SETUP,
   SATA_FIS_TYPE_REGISTER_D2H,
   SATA_FIS_TYPE_SDB,
-} from "./ahci_constants.ts";
+} from "../ata/ahci_constants.ts";
+import { ATA_DSM_RANGE_BYTES, ATA_LOG_NCQ_NQ, ATA_SECT_SIZE } from "../ata/constants.ts";
 
 /** Largest byte count of one BlockNode call a command's DMA makes. */
 export const AHCI_DMA_CHUNK = 1024 * 1024;
@@ -326,7 +324,7 @@ export class DsmRanges {
   load(mem: GuestMemory, s: CommandSlot, blocks: number): void {
     const bytes = Math.min(blocks, AHCI_MAX_DSM_BLOCKS) * ATA_SECT_SIZE;
     s.gather(mem, this.#bytes.subarray(0, bytes));
-    this.#ranges = bytes / ATA_DSM_RANGE_SIZE;
+    this.#ranges = bytes / ATA_DSM_RANGE_BYTES;
   }
 
   /** Every used entry ends within `sectors`. */
@@ -353,12 +351,12 @@ export class DsmRanges {
   }
 
   #lba(r: number): number {
-    const at = r * ATA_DSM_RANGE_SIZE;
+    const at = r * ATA_DSM_RANGE_BYTES;
     return (this.#view.getUint32(at + 4, true) & 0xffff) * TWO_32 +
       this.#view.getUint32(at, true);
   }
 
   #count(r: number): number {
-    return this.#view.getUint32(r * ATA_DSM_RANGE_SIZE + 4, true) >>> 16;
+    return this.#view.getUint32(r * ATA_DSM_RANGE_BYTES + 4, true) >>> 16;
   }
 }

@@ -37,36 +37,6 @@ import {
   AHCI_CMD_HEADER_SIZE,
   AHCI_MAX_CMDS,
   AHCI_RX_FIS_SIZE,
-  ATA_ABORTED,
-  ATA_BUSY,
-  ATA_CMD_CHK_POWER,
-  ATA_CMD_DSM,
-  ATA_CMD_FLUSH,
-  ATA_CMD_FLUSH_EXT,
-  ATA_CMD_FPDMA_READ,
-  ATA_CMD_FPDMA_WRITE,
-  ATA_CMD_ID_ATA,
-  ATA_CMD_READ,
-  ATA_CMD_READ_EXT,
-  ATA_CMD_READ_LOG_DMA_EXT,
-  ATA_CMD_READ_LOG_EXT,
-  ATA_CMD_SET_FEATURES,
-  ATA_CMD_WRITE,
-  ATA_CMD_WRITE_EXT,
-  ATA_CMD_WRITE_FUA_EXT,
-  ATA_DRDY,
-  ATA_DRQ,
-  ATA_DSC,
-  ATA_DSM_TRIM,
-  ATA_ERR,
-  ATA_FPDMA_FUA,
-  ATA_IDNF,
-  ATA_LOG_SATA_NCQ,
-  ATA_MAX_SECTORS_LBA28,
-  ATA_MAX_SECTORS_LBA48,
-  ATA_SECT_SIZE,
-  ATA_SRST,
-  ATA_UNC,
   PORT_CMD,
   PORT_CMD_ALPE,
   PORT_CMD_APSTE,
@@ -113,12 +83,45 @@ import {
   SATA_SSTS_DET_PHY_UP,
   SATA_SSTS_IPM_ACTIVE,
   SATA_SSTS_SPD_GEN1,
+} from "../ata/ahci_constants.ts";
+import {
+  ATA_ABORTED,
+  ATA_BUSY,
+  ATA_CMD_CHECK_POWER_MODE,
+  ATA_CMD_DATA_SET_MANAGEMENT,
+  ATA_CMD_FLUSH_CACHE,
+  ATA_CMD_FLUSH_CACHE_EXT,
+  ATA_CMD_IDENTIFY_DEVICE,
+  ATA_CMD_READ_DMA,
+  ATA_CMD_READ_DMA_EXT,
+  ATA_CMD_READ_FPDMA_QUEUED,
+  ATA_CMD_READ_LOG_DMA_EXT,
+  ATA_CMD_READ_LOG_EXT,
+  ATA_CMD_SET_FEATURES,
+  ATA_CMD_WRITE_DMA,
+  ATA_CMD_WRITE_DMA_EXT,
+  ATA_CMD_WRITE_DMA_FUA_EXT,
+  ATA_CMD_WRITE_FPDMA_QUEUED,
+  ATA_DRDY,
+  ATA_DRQ,
+  ATA_DSC,
+  ATA_DSM_TRIM,
+  ATA_ERR,
+  ATA_FPDMA_FUA,
+  ATA_ID_BYTES,
+  ATA_IDNF,
+  ATA_LOG_SATA_NCQ,
+  ATA_MAX_SECTORS,
+  ATA_MAX_SECTORS_LBA48,
+  ATA_SECT_SIZE,
+  ATA_SRST,
+  ATA_UNC,
   SETFEATURES_RA_OFF,
   SETFEATURES_RA_ON,
   SETFEATURES_WC_OFF,
   SETFEATURES_WC_ON,
   SETFEATURES_XFER,
-} from "./ahci_constants.ts";
+} from "../ata/constants.ts";
 import {
   AHCI_DMA_CHUNK,
   AHCI_MAX_DSM_BLOCKS,
@@ -129,7 +132,7 @@ import {
   writePioSetupFis,
   writeSdbFis,
 } from "./ahci_command.ts";
-import { ATA_ID_BYTES, buildIdentify } from "./sata_identify.ts";
+import { buildIdentify } from "./sata_identify.ts";
 
 /** Microtask turns a batch of NCQ completions waits for companions before its SDB FIS goes out. */
 const SDB_COALESCE_TURNS = 16;
@@ -554,7 +557,7 @@ export class AhciPort {
     }
     this.#host.stats.commands++;
     const command = s.command;
-    const queued = command === ATA_CMD_FPDMA_READ || command === ATA_CMD_FPDMA_WRITE;
+    const queued = command === ATA_CMD_READ_FPDMA_QUEUED || command === ATA_CMD_WRITE_FPDMA_QUEUED;
     s.ncq = queued;
     if (s.cfl < 5 || s.fisType !== SATA_FIS_TYPE_REGISTER_H2D || s.atapi) {
       return this.#fail(s, Fail.Abort, false);
@@ -575,23 +578,23 @@ export class AhciPort {
       }
       s.sectors = features === 0 ? ATA_MAX_SECTORS_LBA48 : features;
       s.fua = (device & ATA_FPDMA_FUA) !== 0;
-      return this.#startData(s, command === ATA_CMD_FPDMA_WRITE);
+      return this.#startData(s, command === ATA_CMD_WRITE_FPDMA_QUEUED);
     }
     // A non-queued command while queued ones are outstanding: the drive aborts it (ATA8-ACS).
     if (this.#ncqActive !== 0 || this.#sdbPending !== 0) return this.#fail(s, Fail.Abort, false);
     switch (command) {
-      case ATA_CMD_READ_EXT:
-      case ATA_CMD_WRITE_EXT:
-      case ATA_CMD_WRITE_FUA_EXT:
+      case ATA_CMD_READ_DMA_EXT:
+      case ATA_CMD_WRITE_DMA_EXT:
+      case ATA_CMD_WRITE_DMA_FUA_EXT:
         s.sectors = count === 0 ? ATA_MAX_SECTORS_LBA48 : count;
-        s.fua = command === ATA_CMD_WRITE_FUA_EXT;
-        return this.#startData(s, command !== ATA_CMD_READ_EXT);
-      case ATA_CMD_READ:
-      case ATA_CMD_WRITE:
+        s.fua = command === ATA_CMD_WRITE_DMA_FUA_EXT;
+        return this.#startData(s, command !== ATA_CMD_READ_DMA_EXT);
+      case ATA_CMD_READ_DMA:
+      case ATA_CMD_WRITE_DMA:
         s.lba = lba48 % 0x100_0000 + (device & 0xf) * 0x100_0000;
-        s.sectors = (count & 0xff) === 0 ? ATA_MAX_SECTORS_LBA28 : count & 0xff;
-        return this.#startData(s, command === ATA_CMD_WRITE);
-      case ATA_CMD_ID_ATA:
+        s.sectors = (count & 0xff) === 0 ? ATA_MAX_SECTORS : count & 0xff;
+        return this.#startData(s, command === ATA_CMD_WRITE_DMA);
+      case ATA_CMD_IDENTIFY_DEVICE:
         buildIdentify(this.#pio, {
           sectors: this.#sectors,
           model: this.#options.model,
@@ -612,12 +615,12 @@ export class AhciPort {
         this.#ncqLog.fill(0); // reading the log ends the error condition
         return this.#dataIn(s, command === ATA_CMD_READ_LOG_EXT);
       }
-      case ATA_CMD_FLUSH:
-      case ATA_CMD_FLUSH_EXT:
+      case ATA_CMD_FLUSH_CACHE:
+      case ATA_CMD_FLUSH_CACHE_EXT:
         this.#begin(s);
         void this.#flushCache(s, this.#epoch);
         return;
-      case ATA_CMD_DSM:
+      case ATA_CMD_DATA_SET_MANAGEMENT:
         if (!this.#trimOn || (features & ATA_DSM_TRIM) === 0 || this.drive!.readOnly) {
           return this.#fail(s, Fail.Abort, false);
         }
@@ -627,7 +630,7 @@ export class AhciPort {
         return this.#startTrim(s, count);
       case ATA_CMD_SET_FEATURES:
         return this.#setFeatures(s, features & 0xff);
-      case ATA_CMD_CHK_POWER:
+      case ATA_CMD_CHECK_POWER_MODE:
         // Count FFh: active or idle.
         return this.#completeNonData(s, 0xff);
       default:

@@ -112,7 +112,7 @@ import {
   SETFEATURES_WC_OFF,
   SETFEATURES_WC_ON,
   SETFEATURES_XFER,
-} from "./ata_constants.ts";
+} from "../ata/constants.ts";
 
 /** Bytes of a disk's PIO buffer: the read-ahead of PIO reads, and the largest DRQ block. */
 export const ATA_PIO_BUFFER_BYTES = 64 * 1024;

@@ -58,10 +58,10 @@ import {
   ATA_ID_PROD_LEN,
   ATA_ID_SERNO_LEN,
   ATA_NIEN,
+  ATA_PRD_BOUNDARY,
   ATA_PRD_EOT,
   ATA_PRD_MAX_ENTRIES,
   ATA_PRD_SZ,
-  ATA_PRD_TABLE_BOUNDARY,
   ATA_PRIMARY_CMD,
   ATA_PRIMARY_CTL,
   ATA_REG_CMD,
@@ -71,7 +71,6 @@ import {
   ATA_SECONDARY_CMD,
   ATA_SECONDARY_CTL,
   ATA_SRST,
-  PCI_BASE_CLASS_STORAGE,
   PCI_CLASS_STORAGE_IDE,
   PCI_DEVICE_ID_INTEL_82371SB_1,
   PCI_PROG_IF_IDE_COMPAT_BM,
@@ -79,7 +78,7 @@ import {
   PIIX_BMDMA_BAR,
   PIIX_IDETIM,
   PIIX_TIMING_END,
-} from "./ata_constants.ts";
+} from "../ata/constants.ts";
 
 /** {@linkcode BarHit.bar} of the primary channel's command block (0x1F0-0x1F7). */
 export const IDE_PRIMARY_CMD_RANGE: number = -1;
@@ -448,7 +447,7 @@ class IdeChannel implements AtaChannelPort {
   #walk(bytes: number): Uint8Array[] | string {
     const memory = this.#host.memory;
     const table = this.bmTable;
-    const boundary = (Math.floor(table / ATA_PRD_TABLE_BOUNDARY) + 1) * ATA_PRD_TABLE_BOUNDARY;
+    const boundary = (Math.floor(table / ATA_PRD_BOUNDARY) + 1) * ATA_PRD_BOUNDARY;
     // (address, length) pairs: at most one per descriptor, so bounded by ATA_PRD_MAX_ENTRIES.
     const regions: number[] = [];
     let start = 0;
@@ -615,7 +614,7 @@ export class IdeController implements PciFunction {
     c.setUint16(PCI_COMMAND, 0, true);
     c.setUint16(PCI_STATUS, 0x0280, true); // fast back-to-back, medium DEVSEL
     c.setUint8(PCI_CLASS_PROG, PCI_PROG_IF_IDE_COMPAT_BM);
-    c.setUint16(PCI_CLASS_DEVICE, (PCI_BASE_CLASS_STORAGE << 8) | PCI_CLASS_STORAGE_IDE, true);
+    c.setUint16(PCI_CLASS_DEVICE, PCI_CLASS_STORAGE_IDE, true);
     c.setUint32(PCI_BASE_ADDRESS_0 + 4 * PIIX_BMDMA_BAR, 0x1, true); // an I/O BAR
     c.setUint16(PCI_SUBSYSTEM_VENDOR_ID, 0x1af4, true); // QEMU's default subsystem ids
     c.setUint16(PCI_SUBSYSTEM_ID, 0x1100, true);

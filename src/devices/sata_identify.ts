@@ -7,32 +7,25 @@
  * @module
  */
 
-import { ATA_LBA28_LIMIT, ATA_SECT_SIZE } from "./ahci_constants.ts";
-
-/** Bytes of IDENTIFY data. */
-export const ATA_ID_BYTES = 512;
-/** Word holding the queue depth minus one (bits 0..4). */
-export const ATA_ID_QUEUE_DEPTH = 75;
-/** Word of SATA capabilities; bit 8: NCQ. */
-export const ATA_ID_SATA_CAPABILITY = 76;
-/** Word 83 (command sets supported): bit 10 LBA48, 12 FLUSH CACHE, 13 FLUSH CACHE EXT. */
-export const ATA_ID_COMMAND_SET_2 = 83;
-/** Word 85 (command sets enabled): bit 5 the write cache is on. */
-export const ATA_ID_CFS_ENABLE_1 = 85;
-/** Words 100..103: LBA48 capacity in sectors. */
-export const ATA_ID_LBA_CAPACITY_2 = 100;
-/** Words 60..61: LBA28 capacity in sectors. */
-export const ATA_ID_LBA_CAPACITY = 60;
-/** Word 105: most 512-byte blocks of DSM range entries per command. */
-export const ATA_ID_MAX_DSM_BLOCKS = 105;
-/** Word 169, bit 0: DATA SET MANAGEMENT TRIM supported. */
-export const ATA_ID_DATA_SET_MGMT = 169;
-/** Words 10..19: serial number, 20 characters. */
-export const ATA_ID_SERNO = 10;
-/** Words 23..26: firmware revision, 8 characters. */
-export const ATA_ID_FW_REV = 23;
-/** Words 27..46: model number, 40 characters. */
-export const ATA_ID_PROD = 27;
+import {
+  ATA_ID_BYTES,
+  ATA_ID_CFS_ENABLE_1,
+  ATA_ID_COMMAND_SET_2,
+  ATA_ID_DATA_SET_MGMT,
+  ATA_ID_DSM_MAX_BLOCKS,
+  ATA_ID_FW_REV,
+  ATA_ID_FW_REV_LEN,
+  ATA_ID_LBA_CAPACITY,
+  ATA_ID_LBA_CAPACITY_2,
+  ATA_ID_PROD,
+  ATA_ID_PROD_LEN,
+  ATA_ID_QUEUE_DEPTH,
+  ATA_ID_SATA_CAPABILITY,
+  ATA_ID_SERNO,
+  ATA_ID_SERNO_LEN,
+  ATA_LBA28_LIMIT,
+  ATA_SECT_SIZE,
+} from "../ata/constants.ts";
 
 /** What the disk says about itself. */
 export interface SataIdentity {
@@ -88,12 +81,12 @@ export function buildIdentify(dst: Uint8Array, id: SataIdentity): void {
   put(4, ATA_SECT_SIZE * perTrack);
   put(5, ATA_SECT_SIZE);
   put(6, perTrack);
-  putString(view, ATA_ID_SERNO, id.serial, 20);
+  putString(view, ATA_ID_SERNO, id.serial, ATA_ID_SERNO_LEN);
   put(20, 3);
   put(21, 512); // cache size in sectors
   put(22, 4);
-  putString(view, ATA_ID_FW_REV, id.firmware, 8);
-  putString(view, ATA_ID_PROD, id.model, 40);
+  putString(view, ATA_ID_FW_REV, id.firmware, ATA_ID_FW_REV_LEN);
+  putString(view, ATA_ID_PROD, id.model, ATA_ID_PROD_LEN);
   put(47, 0x8000 | 16); // READ/WRITE MULTIPLE: 16 sectors
   put(48, 1); // dword I/O
   put(49, (1 << 11) | (1 << 9) | (1 << 8)); // IORDY, LBA, DMA
@@ -107,7 +100,7 @@ export function buildIdentify(dst: Uint8Array, id: SataIdentity): void {
   put(57, chs);
   put(58, chs >>> 16);
   put(59, 0x100 | 16); // multiple sector setting valid: 16
-  const lba28 = Math.min(sectors, ATA_LBA28_LIMIT);
+  const lba28 = Math.min(sectors, ATA_LBA28_LIMIT - 1);
   put(ATA_ID_LBA_CAPACITY, lba28);
   put(ATA_ID_LBA_CAPACITY + 1, lba28 >>> 16);
   put(62, 0x07);
@@ -136,7 +129,7 @@ export function buildIdentify(dst: Uint8Array, id: SataIdentity): void {
   put(ATA_ID_LBA_CAPACITY_2 + 2, Math.floor(sectors / 0x1_0000_0000) % 0x10000);
   put(ATA_ID_LBA_CAPACITY_2 + 3, Math.floor(sectors / 0x1_0000_0000_0000) % 0x10000);
   if (id.trim) {
-    put(ATA_ID_MAX_DSM_BLOCKS, 1);
+    put(ATA_ID_DSM_MAX_BLOCKS, 1);
     put(ATA_ID_DATA_SET_MGMT, 1);
   }
   put(217, 0); // rotation rate not reported
@@ -156,13 +149,14 @@ function putString(view: DataView, word: number, text: string, length: number): 
  *
  * @example
  * ```ts
- * import { buildIdentify, ATA_ID_PROD, readIdentifyString } from "./sata_identify.ts";
+ * import { ATA_ID_PROD, ATA_ID_PROD_LEN } from "../ata/constants.ts";
+ * import { buildIdentify, readIdentifyString } from "./sata_identify.ts";
  * const data = new Uint8Array(512);
  * buildIdentify(data, {
  *   sectors: 8, model: "QEMU HARDDISK", serial: "QM00001", firmware: "2.5+",
  *   writeCache: true, trim: false, queueDepth: 32,
  * });
- * if (readIdentifyString(data, ATA_ID_PROD, 40) !== "QEMU HARDDISK") throw new Error("model");
+ * if (readIdentifyString(data, ATA_ID_PROD, ATA_ID_PROD_LEN) !== "QEMU HARDDISK") throw new Error("model");
  * ```
  */
 export function readIdentifyString(data: Uint8Array, word: number, length: number): string {

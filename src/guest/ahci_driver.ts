@@ -31,41 +31,14 @@
  * other outstanding request is issued again.
  *
  * The driver talks to the HBA only through registers (the platform's bus), guest RAM and its
- * interrupt vector: it never imports the device. The register map as the driver knows it, the
- * register access and the bring-up steps are in `ahci_hba.ts`.
+ * interrupt vector: it never imports the device. The register map and the ATA numbers are the
+ * shared vocabulary of `src/ata/`; the register access and the bring-up steps are in `ahci_hba.ts`.
  *
  * @module
  */
 
 import type { GuestMemory } from "../virtio/memory.ts";
 import {
-  abarOf,
-  AhciDriverError,
-  type AhciIdentity,
-  ATA_BUSY,
-  ATA_CMD_DSM,
-  ATA_CMD_FLUSH_EXT,
-  ATA_CMD_FPDMA_READ,
-  ATA_CMD_FPDMA_WRITE,
-  ATA_CMD_ID_ATA,
-  ATA_CMD_READ_EXT,
-  ATA_CMD_READ_LOG_EXT,
-  ATA_CMD_WRITE_EXT,
-  ATA_DRQ,
-  ATA_DSM_TRIM,
-  ATA_ERR,
-  ATA_LBA,
-  ATA_LOG_NCQ_NQ,
-  ATA_LOG_SATA_NCQ,
-  choosePort,
-  clearFis,
-  comReset,
-  describeError,
-  DSM_RANGE_SECTORS,
-  DSM_RANGES,
-  FIS_C,
-  FIS_TYPE_REG_H2D,
-  hex,
   HOST_AHCI_EN,
   HOST_CAP,
   HOST_CAP_NCQ,
@@ -73,9 +46,6 @@ import {
   HOST_IRQ_EN,
   HOST_IRQ_STAT,
   HOST_PORTS_IMPL,
-  HostRegisters,
-  MAX_SECTORS,
-  parseIdentify,
   PCI_CAP_ID_MSI,
   PORT_CMD,
   PORT_CMD_FIS_ON,
@@ -93,11 +63,45 @@ import {
   PORT_SCR_ACT,
   PORT_SCR_ERR,
   PORT_TFDATA,
+  RX_FIS_D2H_REG,
+  SATA_FIS_REG_H2D_UPDATE_COMMAND,
+  SATA_FIS_TYPE_REGISTER_H2D,
+} from "../ata/ahci_constants.ts";
+import {
+  ATA_BUSY,
+  ATA_CMD_DATA_SET_MANAGEMENT,
+  ATA_CMD_FLUSH_CACHE_EXT,
+  ATA_CMD_IDENTIFY_DEVICE,
+  ATA_CMD_READ_DMA_EXT,
+  ATA_CMD_READ_FPDMA_QUEUED,
+  ATA_CMD_READ_LOG_EXT,
+  ATA_CMD_WRITE_DMA_EXT,
+  ATA_CMD_WRITE_FPDMA_QUEUED,
+  ATA_DRQ,
+  ATA_DSM_RANGE_MAX,
+  ATA_DSM_TRIM,
+  ATA_ERR,
+  ATA_LBA,
+  ATA_LOG_NCQ_NQ,
+  ATA_LOG_SATA_NCQ,
+  ATA_MAX_SECTORS_LBA48,
+  ATA_MAX_TRIM_RNUM,
+  ATA_SECT_SIZE,
+} from "../ata/constants.ts";
+import {
+  abarOf,
+  AhciDriverError,
+  type AhciIdentity,
+  choosePort,
+  clearFis,
+  comReset,
+  describeError,
+  hex,
+  HostRegisters,
+  parseIdentify,
   PortMemory,
   PortRegisters,
   resetHba,
-  RX_FIS_D2H_REG,
-  SECTOR,
   setLba,
   settle,
   setupInterrupts,
@@ -189,7 +193,7 @@ export class AhciDriver implements BlockTarget {
   /** Capacity in bytes. */
   readonly capacity: number;
   /** Always 512. */
-  readonly blockSize: number = SECTOR;
+  readonly blockSize: number = ATA_SECT_SIZE;
   /** ATA disks have no write protection the driver can see: a refused write fails with ioerr. */
   readonly readOnly: boolean = false;
   /** Requests, 1..32: request `i` owns command slot (and NCQ tag) `i`. */
@@ -276,11 +280,13 @@ export class AhciDriver implements BlockTarget {
     this.identity = setup.identity;
     this.model = setup.identity.model;
     this.serial = setup.identity.serial;
-    this.capacity = setup.identity.sectors * SECTOR;
+    this.capacity = setup.identity.sectors * ATA_SECT_SIZE;
     this.ncq = setup.ncq;
     this.depth = setup.depth;
     this.maxTransfer = setup.maxTransfer;
-    this.maxDiscard = setup.identity.trim ? DSM_RANGES * DSM_RANGE_SECTORS * SECTOR : 0;
+    this.maxDiscard = setup.identity.trim
+      ? ATA_MAX_TRIM_RNUM * ATA_DSM_RANGE_MAX * ATA_SECT_SIZE
+      : 0;
     this.#timeoutMs = setup.timeoutMs;
     this.interruptMode = setup.interruptMode;
     const depth = setup.depth;
@@ -319,8 +325,9 @@ export class AhciDriver implements BlockTarget {
       throw new RangeError(`AHCI depth ${depthWanted} is not 1..32`);
     }
     if (
-      !Number.isInteger(maxTransfer) || maxTransfer < SECTOR || maxTransfer % SECTOR !== 0 ||
-      maxTransfer > MAX_SECTORS * SECTOR
+      !Number.isInteger(maxTransfer) || maxTransfer < ATA_SECT_SIZE ||
+      maxTransfer % ATA_SECT_SIZE !== 0 ||
+      maxTransfer > ATA_MAX_SECTORS_LBA48 * ATA_SECT_SIZE
     ) {
       throw new RangeError(
         `AHCI transfer size ${maxTransfer} is not a multiple of 512 up to 32 MiB`,
@@ -577,8 +584,8 @@ export class AhciDriver implements BlockTarget {
   #checkLength(r: IoRequest, limit: number): void {
     const { offset, length } = r;
     if (
-      !Number.isSafeInteger(offset) || offset < 0 || offset % SECTOR !== 0 ||
-      !Number.isSafeInteger(length) || length <= 0 || length % SECTOR !== 0 || length > limit
+      !Number.isSafeInteger(offset) || offset < 0 || offset % ATA_SECT_SIZE !== 0 ||
+      !Number.isSafeInteger(length) || length <= 0 || length % ATA_SECT_SIZE !== 0 || length > limit
     ) {
       throw new RangeError(
         `${r.op} at ${offset}+${length}: offset and length must be multiples of 512, length 1..${limit}`,
@@ -630,14 +637,14 @@ export class AhciDriver implements BlockTarget {
     const ram = this.#ram;
     const m = this.#memory;
     const table = m.tableAt[index]!;
-    const sectors = r.length / SECTOR;
-    const lba = r.offset / SECTOR;
+    const sectors = r.length / ATA_SECT_SIZE;
+    const lba = r.offset / ATA_SECT_SIZE;
     let write = false;
     let prdBytes = 0;
     let prdAddress = m.data(index);
     clearFis(ram, table);
-    ram.setUint8(table, FIS_TYPE_REG_H2D);
-    ram.setUint8(table + 1, FIS_C);
+    ram.setUint8(table, SATA_FIS_TYPE_REGISTER_H2D);
+    ram.setUint8(table + 1, SATA_FIS_REG_H2D_UPDATE_COMMAND);
     ram.setUint8(table + 7, ATA_LBA);
     switch (r.op) {
       case "read":
@@ -645,38 +652,38 @@ export class AhciDriver implements BlockTarget {
         write = r.op === "write";
         prdBytes = r.length;
         setLba(ram, table, lba);
-        const count = sectors === MAX_SECTORS ? 0 : sectors;
+        const count = sectors === ATA_MAX_SECTORS_LBA48 ? 0 : sectors;
         if (queued) {
-          ram.setUint8(table + 2, write ? ATA_CMD_FPDMA_WRITE : ATA_CMD_FPDMA_READ);
+          ram.setUint8(table + 2, write ? ATA_CMD_WRITE_FPDMA_QUEUED : ATA_CMD_READ_FPDMA_QUEUED);
           ram.setUint8(table + 3, count & 0xff); // FPDMA: sector count in the features field
           ram.setUint8(table + 11, count >>> 8);
           ram.setUint8(table + 12, index << 3); // the tag, in count bits 7:3
         } else {
-          ram.setUint8(table + 2, write ? ATA_CMD_WRITE_EXT : ATA_CMD_READ_EXT);
+          ram.setUint8(table + 2, write ? ATA_CMD_WRITE_DMA_EXT : ATA_CMD_READ_DMA_EXT);
           ram.setUint8(table + 12, count & 0xff);
           ram.setUint8(table + 13, count >>> 8);
         }
         break;
       }
       case "flush":
-        ram.setUint8(table + 2, ATA_CMD_FLUSH_EXT);
+        ram.setUint8(table + 2, ATA_CMD_FLUSH_CACHE_EXT);
         break;
       case "discard": {
         write = true;
-        prdBytes = SECTOR;
+        prdBytes = ATA_SECT_SIZE;
         prdAddress = m.dsm(index);
         const dsmAt = m.dsmAt[index]!;
-        for (let i = 0; i < DSM_RANGES * 2; i++) ram.setUint32(dsmAt + i * 4, 0, true);
+        for (let i = 0; i < ATA_MAX_TRIM_RNUM * 2; i++) ram.setUint32(dsmAt + i * 4, 0, true);
         let first = lba;
         let left = sectors;
         for (let i = 0; left > 0; i++) {
-          const n = Math.min(left, DSM_RANGE_SECTORS);
+          const n = Math.min(left, ATA_DSM_RANGE_MAX);
           ram.setUint32(dsmAt + i * 8, first % TWO_32, true);
           ram.setUint32(dsmAt + i * 8 + 4, (Math.floor(first / TWO_32) & 0xffff) | (n << 16), true);
           first += n;
           left -= n;
         }
-        ram.setUint8(table + 2, ATA_CMD_DSM);
+        ram.setUint8(table + 2, ATA_CMD_DATA_SET_MANAGEMENT);
         ram.setUint8(table + 3, ATA_DSM_TRIM);
         ram.setUint8(table + 12, 1); // one 512-byte block of ranges
         break;
@@ -769,7 +776,7 @@ export class AhciDriver implements BlockTarget {
 
   /** IDENTIFY DEVICE into the internal buffer. */
   async #identify(): Promise<Uint8Array> {
-    const ok = await this.#internal(ATA_CMD_ID_ATA, 0, 0);
+    const ok = await this.#internal(ATA_CMD_IDENTIFY_DEVICE, 0, 0);
     if (!ok) {
       throw new AhciDriverError(
         "identify-failed",
@@ -777,7 +784,7 @@ export class AhciDriver implements BlockTarget {
         `IDENTIFY DEVICE failed on port ${this.port} (PxTFD 0x${hex(this.#hw.read(PORT_TFDATA))})`,
       );
     }
-    return this.#mem.slice(this.#memory.internal, SECTOR).slice();
+    return this.#mem.slice(this.#memory.internal, ATA_SECT_SIZE).slice();
   }
 
   /**
@@ -789,13 +796,13 @@ export class AhciDriver implements BlockTarget {
     const ram = this.#ram;
     const table = this.#memory.tableAt[0]!;
     clearFis(ram, table);
-    ram.setUint8(table, FIS_TYPE_REG_H2D);
-    ram.setUint8(table + 1, FIS_C);
+    ram.setUint8(table, SATA_FIS_TYPE_REGISTER_H2D);
+    ram.setUint8(table + 1, SATA_FIS_REG_H2D_UPDATE_COMMAND);
     ram.setUint8(table + 2, command);
     ram.setUint8(table + 7, ATA_LBA);
     setLba(ram, table, lba);
     ram.setUint8(table + 12, count);
-    this.#memory.writeHeader(0, false, this.#memory.internal, SECTOR);
+    this.#memory.writeHeader(0, false, this.#memory.internal, ATA_SECT_SIZE);
     const quiet = this.#quiet;
     this.#quiet = true;
     try {
@@ -854,7 +861,7 @@ export class AhciDriver implements BlockTarget {
       if ((cause & PORT_IRQ_TF_ERR) !== 0 && queued !== 0) {
         // ata_eh_read_log_10h: which queued command failed, and how.
         if (await this.#internal(ATA_CMD_READ_LOG_EXT, ATA_LOG_SATA_NCQ, 1)) {
-          const log = this.#mem.slice(this.#memory.internal, SECTOR);
+          const log = this.#mem.slice(this.#memory.internal, ATA_SECT_SIZE);
           if ((log[0]! & ATA_LOG_NCQ_NQ) === 0) culprit = log[0]! & 0x1f;
           status = log[2]!;
           error = log[3]!;

@@ -1,201 +1,114 @@
 /**
- * The AHCI HBA as the guest's driver knows it (AHCI 1.3.1, with the names of Linux's `ahci.h`): the
- * register map, register access (every access a VM exit, counted), the port's structures in guest
- * RAM, and the bring-up steps of libahci — HBA reset, port start, COMRESET, MSI — plus what
- * IDENTIFY DEVICE data says. The driver never imports the device, so it keeps its own copy of the
- * numbers.
+ * The AHCI HBA as the guest's driver knows it (AHCI 1.3.1, with the names of Linux's `ahci.h`):
+ * register access (every access a VM exit, counted), the port's structures in guest RAM, and the
+ * bring-up steps of libahci — HBA reset, port start, COMRESET, MSI — plus what IDENTIFY DEVICE data
+ * says. The driver never imports the device: the register map and the ATA numbers come from the
+ * vocabulary both ends share, `src/ata/ahci_constants.ts` and `src/ata/constants.ts`.
  *
  * @module
  */
 
+import {
+  AHCI_ABAR,
+  AHCI_CMD_HEADER_SIZE,
+  AHCI_CMD_LIST_ALIGN,
+  AHCI_CMD_LIST_SIZE,
+  AHCI_CMD_PRDTL_SHIFT,
+  AHCI_CMD_TABLE_ALIGN,
+  AHCI_CMD_TBL_PRDT,
+  AHCI_CMD_WRITE,
+  AHCI_PORT_BASE,
+  AHCI_PORT_SIZE,
+  AHCI_PRDT_ENTRY_SIZE,
+  AHCI_PRDT_MAX_BYTES,
+  AHCI_RX_FIS_SIZE,
+  H2D_LBA0,
+  H2D_LBA1,
+  H2D_LBA2,
+  H2D_LBA3,
+  H2D_LBA4,
+  H2D_LBA5,
+  HOST_AHCI_EN,
+  HOST_CTL,
+  HOST_IRQ_STAT,
+  HOST_RESET,
+  MSI_ADDRESS_X86_BASE,
+  PCI_CAP_ID_MSI,
+  PCI_CLASS_PROG_AHCI,
+  PCI_CLASS_STORAGE_SATA,
+  PCI_MSI_ADDRESS_HI,
+  PCI_MSI_ADDRESS_LO,
+  PCI_MSI_DATA_32,
+  PCI_MSI_DATA_64,
+  PCI_MSI_FLAGS,
+  PCI_MSI_FLAGS_64BIT,
+  PCI_MSI_FLAGS_ENABLE,
+  PCI_MSI_FLAGS_QSIZE,
+  PORT_CMD,
+  PORT_CMD_FIS_ON,
+  PORT_CMD_FIS_RX,
+  PORT_CMD_ICC_ACTIVE,
+  PORT_CMD_LIST_ON,
+  PORT_CMD_POWER_ON,
+  PORT_CMD_SPIN_UP,
+  PORT_CMD_START,
+  PORT_FIS_ADDR,
+  PORT_FIS_ADDR_HI,
+  PORT_IRQ_D2H_REG_FIS,
+  PORT_IRQ_FATAL,
+  PORT_IRQ_HBUS_DATA_ERR,
+  PORT_IRQ_HBUS_ERR,
+  PORT_IRQ_IF_ERR,
+  PORT_IRQ_MASK,
+  PORT_IRQ_OVERFLOW,
+  PORT_IRQ_PIOS_FIS,
+  PORT_IRQ_SDB_FIS,
+  PORT_IRQ_STAT,
+  PORT_IRQ_TF_ERR,
+  PORT_LST_ADDR,
+  PORT_LST_ADDR_HI,
+  PORT_SCR_CTL,
+  PORT_SCR_ERR,
+  PORT_SCR_STAT,
+  PORT_SIG,
+  PORT_TFDATA,
+  SATA_FIS_REG_H2D_SIZE,
+  SATA_SCTL_DET_COMRESET,
+  SATA_SIGNATURE_DISK,
+  SATA_SSTS_DET_MASK,
+  SATA_SSTS_DET_PHY_UP,
+} from "../ata/ahci_constants.ts";
+import {
+  ATA_ABORTED,
+  ATA_BUSY,
+  ATA_DRQ,
+  ATA_ICRC,
+  ATA_ID_BYTES,
+  ATA_ID_CFS_ENABLE_1,
+  ATA_ID_COMMAND_SET_2,
+  ATA_ID_DATA_SET_MGMT,
+  ATA_ID_FW_REV,
+  ATA_ID_FW_REV_LEN,
+  ATA_ID_LBA_CAPACITY,
+  ATA_ID_LBA_CAPACITY_2,
+  ATA_ID_PROD,
+  ATA_ID_PROD_LEN,
+  ATA_ID_QUEUE_DEPTH,
+  ATA_ID_SATA_CAPABILITY,
+  ATA_ID_SERNO,
+  ATA_ID_SERNO_LEN,
+  ATA_IDNF,
+  ATA_SECT_SIZE,
+  ATA_UNC,
+} from "../ata/constants.ts";
 import type { GuestBus } from "../virtio/bus.ts";
 import { PCI_COMMAND, PCI_COMMAND_MASTER } from "../virtio/pci_regs.ts";
 import { type PciFunctionInfo, setIntxDisabled } from "./pci_probe.ts";
 import type { GuestPlatform } from "./virtio_driver.ts";
 
-/** PCI class of a SATA controller (base 0x01, subclass 0x06). */
-export const PCI_CLASS_STORAGE_SATA = 0x0106;
-/** Programming interface of an AHCI 1.0 HBA. */
-export const PCI_CLASS_PROG_AHCI = 0x01;
-/** The BAR holding the HBA's registers (ABAR). */
-export const AHCI_ABAR = 5;
-/** Capability id of MSI. */
-export const PCI_CAP_ID_MSI = 0x05;
-/** MSI message control, at +2. */
-export const PCI_MSI_FLAGS = 2;
-/** Message control: MSI enable. */
-export const PCI_MSI_FLAGS_ENABLE = 0x0001;
-/** Message control: Multiple Message Enable (bits 4..6). */
-export const PCI_MSI_FLAGS_QSIZE = 0x0070;
-/** Message control: 64-bit address capable. */
-export const PCI_MSI_FLAGS_64BIT = 0x0080;
-/** MSI message address, low dword. */
-export const PCI_MSI_ADDRESS_LO = 4;
-/** MSI message address, high dword (64-bit capability). */
-export const PCI_MSI_ADDRESS_HI = 8;
-/** MSI message data of a 32-bit capability. */
-export const PCI_MSI_DATA_32 = 8;
-/** MSI message data of a 64-bit capability. */
-export const PCI_MSI_DATA_64 = 12;
-/** Local APIC 0, fixed delivery: where an x86 MSI goes. */
-export const MSI_ADDRESS = 0xfee0_0000;
-
-/** CAP: HBA capabilities. */
-export const HOST_CAP = 0x00;
-/** GHC: global HBA control. */
-export const HOST_CTL = 0x04;
-/** IS: interrupt status, a bit per port (write 1 to clear). */
-export const HOST_IRQ_STAT = 0x08;
-/** PI: ports implemented. */
-export const HOST_PORTS_IMPL = 0x0c;
-/** CAP.SNCQ: native command queuing. */
-export const HOST_CAP_NCQ = 1 << 30;
-/** GHC.HR: HBA reset. */
-export const HOST_RESET = 1 << 0;
-/** GHC.IE: interrupt enable. */
-export const HOST_IRQ_EN = 1 << 1;
-/** GHC.AE: AHCI enable. */
-export const HOST_AHCI_EN = 0x8000_0000;
-
-/** Offset of port 0's registers. */
-export const PORT_BASE = 0x100;
-/** Bytes between two ports' registers. */
-export const PORT_SIZE = 0x80;
-/** PxCLB: command list base. */
-export const PORT_LST_ADDR = 0x00;
-/** PxCLBU. */
-export const PORT_LST_ADDR_HI = 0x04;
-/** PxFB: FIS receive area base. */
-export const PORT_FIS_ADDR = 0x08;
-/** PxFBU. */
-export const PORT_FIS_ADDR_HI = 0x0c;
-/** PxIS: port interrupt status (write 1 to clear). */
-export const PORT_IRQ_STAT = 0x10;
-/** PxIE: port interrupt enable. */
-export const PORT_IRQ_MASK = 0x14;
-/** PxCMD: command and status. */
-export const PORT_CMD = 0x18;
-/** PxTFD: task file data (status 7:0, error 15:8). */
-export const PORT_TFDATA = 0x20;
-/** PxSIG: device signature. */
-export const PORT_SIG = 0x24;
-/** PxSSTS: SStatus. */
-export const PORT_SCR_STAT = 0x28;
-/** PxSCTL: SControl. */
-export const PORT_SCR_CTL = 0x2c;
-/** PxSERR: SError (write 1 to clear). */
-export const PORT_SCR_ERR = 0x30;
-/** PxSACT: NCQ tags outstanding (write 1 to set). */
-export const PORT_SCR_ACT = 0x34;
-/** PxCI: command issue, the doorbell (write 1 to set). */
-export const PORT_CMD_ISSUE = 0x38;
-
-/** PxCMD.ST. */
-export const PORT_CMD_START = 1 << 0;
-/** PxCMD.SUD. */
-export const PORT_CMD_SPIN_UP = 1 << 1;
-/** PxCMD.POD. */
-export const PORT_CMD_POWER_ON = 1 << 2;
-/** PxCMD.FRE. */
-export const PORT_CMD_FIS_RX = 1 << 4;
-/** PxCMD.FR. */
-export const PORT_CMD_FIS_ON = 1 << 14;
-/** PxCMD.CR. */
-export const PORT_CMD_LIST_ON = 1 << 15;
-/** PxCMD.ICC = active. */
-export const PORT_CMD_ICC_ACTIVE = 1 << 28;
-
-/** PxIS.DHRS. */
-export const PORT_IRQ_D2H_REG_FIS = 1 << 0;
-/** PxIS.PSS. */
-export const PORT_IRQ_PIOS_FIS = 1 << 1;
-/** PxIS.SDBS. */
-export const PORT_IRQ_SDB_FIS = 1 << 3;
-/** PxIS.OFS. */
-export const PORT_IRQ_OVERFLOW = 1 << 24;
-/** PxIS.IFS. */
-export const PORT_IRQ_IF_ERR = 1 << 27;
-/** PxIS.HBDS. */
-export const PORT_IRQ_HBUS_DATA_ERR = 1 << 28;
-/** PxIS.HBFS. */
-export const PORT_IRQ_HBUS_ERR = 1 << 29;
-/** PxIS.TFES. */
-export const PORT_IRQ_TF_ERR = 1 << 30;
-/** Causes that stop the port (libahci's PORT_IRQ_FREEZE | PORT_IRQ_ERROR, as far as we enable). */
-export const PORT_IRQ_FATAL = PORT_IRQ_TF_ERR | PORT_IRQ_HBUS_ERR | PORT_IRQ_HBUS_DATA_ERR |
-  PORT_IRQ_IF_ERR;
 /** What the driver enables in PxIE (libahci's DEF_PORT_IRQ, less hot-plug). */
 export const PORT_IRQ_ENABLED = PORT_IRQ_D2H_REG_FIS | PORT_IRQ_PIOS_FIS | PORT_IRQ_SDB_FIS |
   PORT_IRQ_OVERFLOW | PORT_IRQ_FATAL;
-
-/** SStatus.DET. */
-export const SATA_SSTS_DET_MASK = 0xf;
-/** SStatus.DET: device present, Phy communication established. */
-export const SATA_SSTS_DET_PHY_UP = 0x3;
-/** SControl.DET = 1: COMRESET. */
-export const SATA_SCTL_DET_COMRESET = 0x1;
-/** PxSIG of an ATA disk. */
-export const SATA_SIGNATURE_DISK = 0x0000_0101;
-
-/** Bytes of a command header. */
-export const CMD_HEADER_SIZE = 32;
-/** Bytes of a command list (32 headers). */
-export const CMD_LIST_SIZE = 32 * CMD_HEADER_SIZE;
-/** Bytes of a FIS receive area. */
-export const RX_FIS_SIZE = 256;
-/** Offset of the D2H Register FIS in the FIS receive area. */
-export const RX_FIS_D2H_REG = 0x40;
-/** Offset of the PRDT in a command table. */
-export const CMD_TBL_PRDT = 0x80;
-/** Bytes of a PRDT entry. */
-export const PRDT_ENTRY_SIZE = 16;
-/** Largest byte count of one PRDT entry. */
-export const PRDT_MAX_BYTES = 4 * 1024 * 1024;
-/** Command header W bit. */
-export const CMD_WRITE = 1 << 6;
-/** Register FIS, host to device. */
-export const FIS_TYPE_REG_H2D = 0x27;
-/** Register H2D byte 1, C bit: a command. */
-export const FIS_C = 0x80;
-
-/** ATA status BSY. */
-export const ATA_BUSY = 0x80;
-/** ATA status DRQ. */
-export const ATA_DRQ = 0x08;
-/** ATA status ERR. */
-export const ATA_ERR = 0x01;
-/** Device register: LBA mode. */
-export const ATA_LBA = 0x40;
-/** DATA SET MANAGEMENT. */
-export const ATA_CMD_DSM = 0x06;
-/** READ DMA EXT. */
-export const ATA_CMD_READ_EXT = 0x25;
-/** READ LOG EXT. */
-export const ATA_CMD_READ_LOG_EXT = 0x2f;
-/** WRITE DMA EXT. */
-export const ATA_CMD_WRITE_EXT = 0x35;
-/** READ FPDMA QUEUED. */
-export const ATA_CMD_FPDMA_READ = 0x60;
-/** WRITE FPDMA QUEUED. */
-export const ATA_CMD_FPDMA_WRITE = 0x61;
-/** FLUSH CACHE EXT. */
-export const ATA_CMD_FLUSH_EXT = 0xea;
-/** IDENTIFY DEVICE. */
-export const ATA_CMD_ID_ATA = 0xec;
-/** DATA SET MANAGEMENT features bit 0: TRIM. */
-export const ATA_DSM_TRIM = 0x01;
-/** Log address of the NCQ Command Error log. */
-export const ATA_LOG_SATA_NCQ = 0x10;
-/** NCQ error log byte 0 bit 7: the failed command was not queued. */
-export const ATA_LOG_NCQ_NQ = 0x80;
-/** Bytes of a sector. */
-export const SECTOR = 512;
-/** Largest sector count of READ/WRITE (FPDMA or DMA EXT): 16 bits, 0 meaning 65536. */
-export const MAX_SECTORS = 65536;
-/** TRIM: one 512-byte block of 64 range entries, each up to 65535 sectors. */
-export const DSM_RANGES = 64;
-/** Largest sector count of one TRIM range entry. */
-export const DSM_RANGE_SECTORS = 0xffff;
 
 /** How long bring-up and recovery wait for a register to settle (libahci: 500 ms to 1 s). */
 export const SETTLE_MS = 1000;
@@ -306,7 +219,7 @@ export class PortRegisters {
     this.host = host;
     this.port = port;
     this.slot = host.slot;
-    this.#base = PORT_BASE + port * PORT_SIZE;
+    this.#base = AHCI_PORT_BASE + port * AHCI_PORT_SIZE;
   }
 
   /** Reads port register `reg` (an exit). */
@@ -371,7 +284,7 @@ export class PortMemory {
     this.#ram = new DataView(mem.buffer);
     this.commandList = layout.commandList;
     this.fis = layout.fis;
-    this.fisAt = mem.translate(layout.fis, RX_FIS_SIZE);
+    this.fisAt = mem.translate(layout.fis, AHCI_RX_FIS_SIZE);
     this.internal = layout.internal;
     this.#tables = layout.tables;
     this.#tableStride = layout.tableStride;
@@ -389,19 +302,22 @@ export class PortMemory {
     this.tableAt = [];
     this.dsmAt = [];
     for (let i = 0; i < layout.slots; i++) {
-      this.headerAt.push(mem.translate(layout.commandList + i * CMD_HEADER_SIZE, CMD_HEADER_SIZE));
+      this.headerAt.push(
+        mem.translate(layout.commandList + i * AHCI_CMD_HEADER_SIZE, AHCI_CMD_HEADER_SIZE),
+      );
       this.tableAt.push(mem.translate(this.table(i), layout.tableStride));
-      this.dsmAt.push(mem.translate(this.dsm(i), SECTOR));
+      this.dsmAt.push(mem.translate(this.dsm(i), ATA_SECT_SIZE));
     }
   }
 
   /** Allocates everything for `slots` slots of `maxTransfer` bytes each. */
   static allocate(platform: GuestPlatform, slots: number, maxTransfer: number): PortMemory {
     const alloc = platform.alloc;
-    const entries = Math.ceil(maxTransfer / PRDT_MAX_BYTES);
-    const dsmOffset = CMD_TBL_PRDT + entries * PRDT_ENTRY_SIZE;
-    const tableStride = Math.ceil((dsmOffset + SECTOR) / 128) * 128;
-    const dataAlign = maxTransfer >= 4096 ? 4096 : SECTOR;
+    const entries = Math.ceil(maxTransfer / AHCI_PRDT_MAX_BYTES);
+    const dsmOffset = AHCI_CMD_TBL_PRDT + entries * AHCI_PRDT_ENTRY_SIZE;
+    const tableStride = Math.ceil((dsmOffset + ATA_SECT_SIZE) / AHCI_CMD_TABLE_ALIGN) *
+      AHCI_CMD_TABLE_ALIGN;
+    const dataAlign = maxTransfer >= 4096 ? 4096 : ATA_SECT_SIZE;
     const dataStride = Math.ceil(maxTransfer / dataAlign) * dataAlign;
     const done: number[] = [];
     try {
@@ -411,10 +327,10 @@ export class PortMemory {
         return gpa;
       };
       return new PortMemory(platform, {
-        commandList: take(CMD_LIST_SIZE, 1024),
-        fis: take(RX_FIS_SIZE, 256),
-        internal: take(SECTOR, SECTOR),
-        tables: take(tableStride * slots, 128),
+        commandList: take(AHCI_CMD_LIST_SIZE, AHCI_CMD_LIST_ALIGN),
+        fis: take(AHCI_RX_FIS_SIZE, AHCI_RX_FIS_SIZE),
+        internal: take(ATA_SECT_SIZE, ATA_SECT_SIZE),
+        tables: take(tableStride * slots, AHCI_CMD_TABLE_ALIGN),
         tableStride,
         dsmOffset,
         data: take(dataStride * slots, dataAlign),
@@ -435,9 +351,9 @@ export class PortMemory {
     const ram = this.#ram;
     const table = this.tableAt[index]!;
     let entries = 0;
-    for (let done = 0; done < bytes; done += PRDT_MAX_BYTES, entries++) {
-      const n = Math.min(PRDT_MAX_BYTES, bytes - done);
-      const at = table + CMD_TBL_PRDT + entries * PRDT_ENTRY_SIZE;
+    for (let done = 0; done < bytes; done += AHCI_PRDT_MAX_BYTES, entries++) {
+      const n = Math.min(AHCI_PRDT_MAX_BYTES, bytes - done);
+      const at = table + AHCI_CMD_TBL_PRDT + entries * AHCI_PRDT_ENTRY_SIZE;
       const gpa = address + done;
       ram.setUint32(at, gpa % TWO_32, true);
       ram.setUint32(at + 4, Math.floor(gpa / TWO_32), true);
@@ -445,7 +361,9 @@ export class PortMemory {
       ram.setUint32(at + 12, n - 1, true); // DBC: bytes minus one
     }
     const header = this.headerAt[index]!;
-    ram.setUint32(header, 5 | (write ? CMD_WRITE : 0) | (entries << 16), true);
+    const cfl = SATA_FIS_REG_H2D_SIZE / 4;
+    const prdtl = entries << AHCI_CMD_PRDTL_SHIFT;
+    ram.setUint32(header, cfl | (write ? AHCI_CMD_WRITE : 0) | prdtl, true);
     ram.setUint32(header + 4, 0, true); // PRDBC
     const tableGpa = this.table(index);
     ram.setUint32(header + 8, tableGpa % TWO_32, true);
@@ -478,13 +396,13 @@ export class PortMemory {
 
 /** Zeroes the 20 bytes of a Register H2D FIS at buffer offset `at`. */
 export function clearFis(ram: DataView, at: number): void {
-  for (let i = 0; i < 20; i += 4) ram.setUint32(at + i, 0, true);
+  for (let i = 0; i < SATA_FIS_REG_H2D_SIZE; i += 4) ram.setUint32(at + i, 0, true);
 }
 
 /** LBA bytes 7:0, 15:8, 23:16 at FIS +4..6 and 31:24, 39:32, 47:40 at +8..10. */
 export function setLba(ram: DataView, fis: number, lba: number): void {
   let rest = lba;
-  for (const at of [4, 5, 6, 8, 9, 10]) {
+  for (const at of [H2D_LBA0, H2D_LBA1, H2D_LBA2, H2D_LBA3, H2D_LBA4, H2D_LBA5]) {
     ram.setUint8(fis + at, rest % 256);
     rest = Math.floor(rest / 256);
   }
@@ -677,7 +595,7 @@ export function enableMsi(bus: GuestBus, slot: number, fn: PciFunctionInfo, vect
   const cap = fn.capabilities.find((c) => c.id === PCI_CAP_ID_MSI)!.offset;
   const flags = bus.configRead(slot, cap + PCI_MSI_FLAGS, 2) & 0xffff;
   const is64 = (flags & PCI_MSI_FLAGS_64BIT) !== 0;
-  bus.configWrite(slot, cap + PCI_MSI_ADDRESS_LO, 4, MSI_ADDRESS);
+  bus.configWrite(slot, cap + PCI_MSI_ADDRESS_LO, 4, MSI_ADDRESS_X86_BASE);
   if (is64) bus.configWrite(slot, cap + PCI_MSI_ADDRESS_HI, 4, 0);
   bus.configWrite(slot, cap + (is64 ? PCI_MSI_DATA_64 : PCI_MSI_DATA_32), 2, vector);
   bus.configWrite(
@@ -703,27 +621,30 @@ export function disableMsi(bus: GuestBus, slot: number, fn: PciFunctionInfo): vo
 
 /** What IDENTIFY DEVICE data says (ATA8-ACS table 22). */
 export function parseIdentify(data: Uint8Array): AhciIdentity {
-  const view = new DataView(data.buffer, data.byteOffset, 512);
+  const view = new DataView(data.buffer, data.byteOffset, ATA_ID_BYTES);
   const word = (w: number) => view.getUint16(w * 2, true);
   const text = (w: number, length: number) => {
     let s = "";
     for (let i = 0; i < length; i++) s += String.fromCharCode(data[w * 2 + (i ^ 1)]!);
     return s.trim();
   };
-  const lba48 = (word(83) & (1 << 10)) !== 0;
+  const lba48 = (word(ATA_ID_COMMAND_SET_2) & (1 << 10)) !== 0;
+  const lba = lba48 ? ATA_ID_LBA_CAPACITY_2 : ATA_ID_LBA_CAPACITY;
   const sectors = lba48
-    ? word(100) + word(101) * 0x1_0000 + word(102) * TWO_32 + word(103) * 0x1_0000_0000_0000
-    : word(60) + word(61) * 0x1_0000;
-  const ncq = (word(76) & (1 << 8)) !== 0 && word(76) !== 0xffff;
+    ? word(lba) + word(lba + 1) * 0x1_0000 + word(lba + 2) * TWO_32 +
+      word(lba + 3) * 0x1_0000_0000_0000
+    : word(lba) + word(lba + 1) * 0x1_0000;
+  const sata = word(ATA_ID_SATA_CAPABILITY);
+  const ncq = (sata & (1 << 8)) !== 0 && sata !== 0xffff;
   return {
-    sectors: Number.isSafeInteger(sectors * SECTOR) ? sectors : 0,
-    model: text(27, 40),
-    serial: text(10, 20),
-    firmware: text(23, 8),
+    sectors: Number.isSafeInteger(sectors * ATA_SECT_SIZE) ? sectors : 0,
+    model: text(ATA_ID_PROD, ATA_ID_PROD_LEN),
+    serial: text(ATA_ID_SERNO, ATA_ID_SERNO_LEN),
+    firmware: text(ATA_ID_FW_REV, ATA_ID_FW_REV_LEN),
     ncq,
-    queueDepth: ncq ? (word(75) & 0x1f) + 1 : 1,
-    trim: (word(169) & 1) !== 0,
-    writeCache: (word(85) & (1 << 5)) !== 0,
+    queueDepth: ncq ? (word(ATA_ID_QUEUE_DEPTH) & 0x1f) + 1 : 1,
+    trim: (word(ATA_ID_DATA_SET_MGMT) & 1) !== 0,
+    writeCache: (word(ATA_ID_CFS_ENABLE_1) & (1 << 5)) !== 0,
   };
 }
 
@@ -735,10 +656,10 @@ export function describeError(cause: number, status: number, error: number): str
   if ((cause & PORT_IRQ_HBUS_DATA_ERR) !== 0) causes.push("HBDS");
   if ((cause & PORT_IRQ_IF_ERR) !== 0) causes.push("IFS");
   const bits: string[] = [];
-  if ((error & 0x80) !== 0) bits.push("ICRC");
-  if ((error & 0x40) !== 0) bits.push("UNC");
-  if ((error & 0x10) !== 0) bits.push("IDNF");
-  if ((error & 0x04) !== 0) bits.push("ABRT");
+  if ((error & ATA_ICRC) !== 0) bits.push("ICRC");
+  if ((error & ATA_UNC) !== 0) bits.push("UNC");
+  if ((error & ATA_IDNF) !== 0) bits.push("IDNF");
+  if ((error & ATA_ABORTED) !== 0) bits.push("ABRT");
   return `AHCI ${causes.join("|") || "error"}: ATA status 0x${hex(status)} error 0x${hex(error)}` +
     (bits.length > 0 ? ` (${bits.join("|")})` : "");
 }

@@ -26,12 +26,81 @@
  * with `ioerr` and a `detail` naming the ATA status and error bits; a disk that stops answering
  * makes `wait()` throw an {@linkcode IdeDriverError} naming the channel and disk.
  *
- * The guest cannot import the device layer: the ATA numbers it needs are repeated here, with the
- * names of `src/devices/ata_constants.ts` (Linux's `include/linux/ata.h`).
+ * The guest cannot import the device layer; the ATA numbers come from the vocabulary both ends
+ * share, `src/ata/constants.ts` (with the names of Linux's `include/linux/ata.h`).
  *
  * @module
  */
 
+import {
+  ATA_BUSY,
+  ATA_CMD_DATA_SET_MANAGEMENT,
+  ATA_CMD_FLUSH_CACHE,
+  ATA_CMD_FLUSH_CACHE_EXT,
+  ATA_CMD_IDENTIFY_DEVICE,
+  ATA_CMD_READ_DMA,
+  ATA_CMD_READ_DMA_EXT,
+  ATA_CMD_READ_SECTORS,
+  ATA_CMD_READ_SECTORS_EXT,
+  ATA_CMD_SET_FEATURES,
+  ATA_CMD_WRITE_DMA,
+  ATA_CMD_WRITE_DMA_EXT,
+  ATA_CMD_WRITE_SECTORS,
+  ATA_CMD_WRITE_SECTORS_EXT,
+  ATA_DEV1,
+  ATA_DEVICE_OBS,
+  ATA_DF,
+  ATA_DMA_CMD,
+  ATA_DMA_DRV0_CAPABLE,
+  ATA_DMA_ERR,
+  ATA_DMA_INTR,
+  ATA_DMA_START,
+  ATA_DMA_STATUS,
+  ATA_DMA_TABLE_OFS,
+  ATA_DMA_WR,
+  ATA_DRDY,
+  ATA_DRQ,
+  ATA_DSM_RANGE_MAX,
+  ATA_DSM_TRIM,
+  ATA_ERR,
+  ATA_ID_CFS_ENABLE_1,
+  ATA_ID_COMMAND_SET_2,
+  ATA_ID_DATA_SET_MGMT,
+  ATA_ID_FW_REV,
+  ATA_ID_FW_REV_LEN,
+  ATA_ID_LBA_CAPACITY,
+  ATA_ID_LBA_CAPACITY_2,
+  ATA_ID_PROD,
+  ATA_ID_PROD_LEN,
+  ATA_ID_SERNO,
+  ATA_ID_SERNO_LEN,
+  ATA_ID_UDMA_MODES,
+  ATA_LBA,
+  ATA_MAX_TRIM_RNUM,
+  ATA_NIEN,
+  ATA_PRD_BOUNDARY,
+  ATA_PRD_EOT,
+  ATA_PRD_SZ,
+  ATA_PRIMARY_CMD,
+  ATA_PRIMARY_CTL,
+  ATA_REG_CMD,
+  ATA_REG_DATA,
+  ATA_REG_DEVICE,
+  ATA_REG_ERR,
+  ATA_REG_FEATURE,
+  ATA_REG_LBAH,
+  ATA_REG_LBAL,
+  ATA_REG_LBAM,
+  ATA_REG_NSECT,
+  ATA_REG_STATUS,
+  ATA_SECONDARY_CMD,
+  ATA_SECONDARY_CTL,
+  ATA_SECT_SIZE,
+  ATA_SRST,
+  PCI_CLASS_STORAGE_IDE,
+  SETFEATURES_XFER,
+  XFER_UDMA_0,
+} from "../ata/constants.ts";
 import type { AccessSize, GuestBus } from "../virtio/bus.ts";
 import { PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MASTER } from "../virtio/pci_regs.ts";
 import type { BlockTarget, IoRequest, IoStatus } from "./block_target.ts";
@@ -39,72 +108,11 @@ import type { PciFunctionInfo } from "./pci_probe.ts";
 import { ACQUIRED, COMPLETED, FREE, localStatus, QUEUED, SlotRequest } from "./queue_target.ts";
 import type { GuestPlatform } from "./virtio_driver.ts";
 
-// ---- ATA numbers (see src/devices/ata_constants.ts) ------------------------------------------------
-
-const ATA_SECT_SIZE = 512;
-const ATA_REG_DATA = 0;
-const ATA_REG_ERR = 1;
-const ATA_REG_FEATURE = 1;
-const ATA_REG_NSECT = 2;
-const ATA_REG_LBAL = 3;
-const ATA_REG_LBAM = 4;
-const ATA_REG_LBAH = 5;
-const ATA_REG_DEVICE = 6;
-const ATA_REG_STATUS = 7;
-const ATA_REG_CMD = 7;
-const ATA_BUSY = 0x80;
-const ATA_DRDY = 0x40;
-const ATA_DF = 0x20;
-const ATA_DRQ = 0x08;
-const ATA_ERR = 0x01;
-const ATA_NIEN = 0x02;
-const ATA_SRST = 0x04;
-const ATA_LBA = 0x40;
-const ATA_DEVICE_OBS = 0xa0;
-const ATA_DEV1 = 0x10;
-const ATA_CMD_DATA_SET_MANAGEMENT = 0x06;
-const ATA_CMD_READ_SECTORS = 0x20;
-const ATA_CMD_READ_SECTORS_EXT = 0x24;
-const ATA_CMD_READ_DMA_EXT = 0x25;
-const ATA_CMD_WRITE_SECTORS = 0x30;
-const ATA_CMD_WRITE_SECTORS_EXT = 0x34;
-const ATA_CMD_WRITE_DMA_EXT = 0x35;
-const ATA_CMD_READ_DMA = 0xc8;
-const ATA_CMD_WRITE_DMA = 0xca;
-const ATA_CMD_FLUSH_CACHE = 0xe7;
-const ATA_CMD_FLUSH_CACHE_EXT = 0xea;
-const ATA_CMD_IDENTIFY_DEVICE = 0xec;
-const ATA_CMD_SET_FEATURES = 0xef;
-const SETFEATURES_XFER = 0x03;
-const XFER_UDMA_0 = 0x40;
-const ATA_DSM_TRIM = 0x01;
-const ATA_ID_SERNO = 10;
-const ATA_ID_FW_REV = 23;
-const ATA_ID_PROD = 27;
-const ATA_ID_LBA_CAPACITY = 60;
-const ATA_ID_UDMA_MODES = 88;
-const ATA_ID_COMMAND_SET_2 = 83;
-const ATA_ID_CFS_ENABLE_1 = 85;
-const ATA_ID_LBA_CAPACITY_2 = 100;
-const ATA_ID_DATA_SET_MGMT = 169;
-const ATA_DMA_CMD = 0;
-const ATA_DMA_STATUS = 2;
-const ATA_DMA_TABLE_OFS = 4;
-const ATA_DMA_START = 0x01;
-const ATA_DMA_WR = 0x08;
-const ATA_DMA_ERR = 0x02;
-const ATA_DMA_INTR = 0x04;
-const ATA_DMA_DRV0_CAPABLE = 0x20;
-const ATA_PRD_SZ = 8;
-const ATA_PRD_EOT = 0x8000;
-const ATA_PRD_BOUNDARY = 0x10000;
-/** Sectors a DSM range entry covers at most. */
-const DSM_RANGE_SECTORS = 0xffff;
-/** Entries of one 512-byte DSM block (Linux sends one block per TRIM). */
-const DSM_RANGES = ATA_SECT_SIZE / 8;
 /** Compatibility-mode ports of the two channels. */
-const COMPAT_PORTS = [{ cmd: 0x1f0, ctl: 0x3f6 }, { cmd: 0x170, ctl: 0x376 }] as const;
-const PCI_CLASS_STORAGE_IDE = 0x0101;
+const COMPAT_PORTS = [
+  { cmd: ATA_PRIMARY_CMD, ctl: ATA_PRIMARY_CTL },
+  { cmd: ATA_SECONDARY_CMD, ctl: ATA_SECONDARY_CTL },
+] as const;
 /** Alternate-status reads before a PIO write's first DRQ is waited for by halting instead. */
 const DRQ_POLLS = 64;
 
@@ -450,9 +458,9 @@ export class IdeDriver implements BlockTarget {
       throw new IdeDriverError("identify", name, `IDENTIFY reports ${sectors} sectors`);
     }
     this.capacity = sectors * ATA_SECT_SIZE;
-    this.model = ataString(id, ATA_ID_PROD, 40);
-    this.serial = ataString(id, ATA_ID_SERNO, 20);
-    this.firmware = ataString(id, ATA_ID_FW_REV, 8);
+    this.model = ataString(id, ATA_ID_PROD, ATA_ID_PROD_LEN);
+    this.serial = ataString(id, ATA_ID_SERNO, ATA_ID_SERNO_LEN);
+    this.firmware = ataString(id, ATA_ID_FW_REV, ATA_ID_FW_REV_LEN);
     this.writeCache = (id[ATA_ID_CFS_ENABLE_1]! & (1 << 5)) !== 0;
     const depth = Math.floor(options.depth ?? 32);
     if (!(depth >= 1 && depth <= 1024)) {
@@ -471,7 +479,7 @@ export class IdeDriver implements BlockTarget {
     }
     this.maxTransfer = maxTransfer;
     const trim = (id[ATA_ID_DATA_SET_MGMT]! & 1) !== 0 && this.mode === "dma";
-    this.maxDiscard = trim ? DSM_RANGES * DSM_RANGE_SECTORS * ATA_SECT_SIZE : 0;
+    this.maxDiscard = trim ? ATA_MAX_TRIM_RNUM * ATA_DSM_RANGE_MAX * ATA_SECT_SIZE : 0;
     this.#states = new Uint8Array(depth);
     this.#queue = new Array<SlotRequest | undefined>(depth).fill(undefined);
     this.#done = new Array<SlotRequest | undefined>(depth).fill(undefined);
@@ -860,8 +868,8 @@ export class IdeDriver implements BlockTarget {
     words.fill(0);
     let at = lba;
     let left = count;
-    for (let i = 0; left > 0 && i < DSM_RANGES; i++) {
-      const n = Math.min(left, DSM_RANGE_SECTORS);
+    for (let i = 0; left > 0 && i < ATA_MAX_TRIM_RNUM; i++) {
+      const n = Math.min(left, ATA_DSM_RANGE_MAX);
       words[4 * i] = at & 0xffff;
       words[4 * i + 1] = Math.floor(at / 0x10000) & 0xffff;
       words[4 * i + 2] = Math.floor(at / 0x1_0000_0000) & 0xffff;

@@ -28,7 +28,7 @@ import {
   PORT_LST_ADDR_HI,
   PORT_SCR_ACT,
   SATA_FIS_TYPE_REGISTER_H2D,
-} from "../../src/devices/ahci_constants.ts";
+} from "../../src/ata/ahci_constants.ts";
 import type { BlockNode } from "../../src/block/node.ts";
 import { MemoryFile } from "../../src/host/memory.ts";
 import { RawNode } from "../../formats/raw.ts";

@@ -11,9 +11,6 @@ import { createImage, openImage } from "../../formats/open.ts";
 import { AhciController } from "../../src/devices/ahci.ts";
 import {
   AHCI_VERSION_1_0,
-  ATA_ABORTED,
-  ATA_IDNF,
-  ATA_UNC,
   HOST_AHCI_EN,
   HOST_CAP,
   HOST_CAP_64,
@@ -44,8 +41,15 @@ import {
   PORT_SCR_STAT,
   PORT_SIG,
   PORT_TFDATA,
-} from "../../src/devices/ahci_constants.ts";
-import { ATA_ID_PROD, ATA_ID_SERNO, readIdentifyString } from "../../src/devices/sata_identify.ts";
+} from "../../src/ata/ahci_constants.ts";
+import {
+  ATA_ABORTED,
+  ATA_ID_PROD,
+  ATA_ID_SERNO,
+  ATA_IDNF,
+  ATA_UNC,
+} from "../../src/ata/constants.ts";
+import { readIdentifyString } from "../../src/devices/sata_identify.ts";
 import type { BlockNode } from "../../src/block/node.ts";
 import { BlockError } from "../../src/errors.ts";
 import { MemoryFile } from "../../src/host/memory.ts";

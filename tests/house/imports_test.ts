@@ -60,6 +60,12 @@ const LAYERS: readonly Layer[] = [
     rule: "src/scsi/ (the SCSI target) imports only src/errors.ts, src/sys/, src/block/ and itself",
   },
   {
+    prefix: "src/ata/",
+    may: [...GROUND, "src/ata/"],
+    rule: "src/ata/ (the ATA/AHCI vocabulary: numbers only) imports only src/errors.ts, src/sys/ " +
+      "and itself",
+  },
+  {
     prefix: "src/virtio/",
     may: [...GROUND, "src/virtio/"],
     rule: "src/virtio/ imports only src/errors.ts, src/sys/ and itself: never guest, devices, " +
@@ -73,11 +79,12 @@ const LAYERS: readonly Layer[] = [
       "src/block/",
       "formats/",
       "src/scsi/",
+      "src/ata/",
       "src/virtio/",
       "src/devices/",
     ],
     rule: "src/devices/ imports the layers below it (errors, sys, host, block, formats, scsi, " +
-      "virtio) and itself: never guest, machine or cli",
+      "ata, virtio) and itself: never guest, machine or cli",
   },
   {
     prefix: "src/machine/",
@@ -87,6 +94,7 @@ const LAYERS: readonly Layer[] = [
       "src/block/",
       "formats/",
       "src/scsi/",
+      "src/ata/",
       "src/virtio/",
       "src/devices/",
       "src/machine/",
@@ -102,11 +110,13 @@ const LAYERS: readonly Layer[] = [
       "src/scsi/constants.ts",
       "src/scsi/sense.ts",
       "src/scsi/cdb.ts",
+      "src/ata/",
       "src/guest/",
     ],
-    rule: "src/guest/ talks to devices through rings only: it imports src/errors.ts, src/sys/, " +
-      "src/virtio/, the SCSI vocabulary (src/scsi/constants.ts, sense.ts, cdb.ts) and itself; " +
-      "never devices, machine, formats, block, host or cli",
+    rule: "src/guest/ talks to devices through rings and registers only: it imports " +
+      "src/errors.ts, src/sys/, src/virtio/, the SCSI vocabulary (src/scsi/constants.ts, " +
+      "sense.ts, cdb.ts), the ATA/AHCI vocabulary (src/ata/) and itself; never devices, " +
+      "machine, formats, block, host or cli",
   },
   {
     prefix: "src/serve/",
@@ -116,6 +126,7 @@ const LAYERS: readonly Layer[] = [
       "src/block/",
       "formats/",
       "src/scsi/",
+      "src/ata/",
       "src/virtio/",
       "src/devices/",
       "src/serve/",

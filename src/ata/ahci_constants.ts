@@ -1,17 +1,19 @@
 /**
- * The AHCI register map and the SATA/ATA vocabulary the HBA speaks (Serial ATA AHCI 1.3.1, SATA
- * 3.x FIS layouts, ATA8-ACS commands), with the names Linux's `drivers/ata/ahci.h` and QEMU's
- * `hw/ide/ahci_internal.h` use (the spec's own names in each comment: `PxIS` is
- * {@linkcode PORT_IRQ_STAT}), plus QEMU's ich9-ahci PCI identity. Numbers only: the HBA
- * (`ahci.ts`, `ahci_port.ts`) and the IDENTIFY builder read the same map.
+ * The AHCI register map and the SATA frames the HBA carries (Serial ATA AHCI 1.3.1, SATA 3.x FIS
+ * layouts), with the names Linux's `drivers/ata/ahci.h` and QEMU's `hw/ide/ahci_internal.h` use
+ * (the spec's own names in each comment: `PxIS` is {@linkcode PORT_IRQ_STAT}), plus QEMU's
+ * ich9-ahci PCI identity and the MSI capability. Numbers only, spoken by both ends: the emulated HBA
+ * (`src/devices/ahci.ts`, `ahci_port.ts`, `ahci_command.ts`) and the guest's driver
+ * (`src/guest/ahci_hba.ts`, `ahci_driver.ts`) read the same map. The ATA inside the FISes (status
+ * and error bits, commands, IDENTIFY words, the NCQ log) is in `constants.ts`.
  *
  * @module
  */
 
 // ---- PCI identity of QEMU's ich9-ahci (hw/ide/ich.c) ---------------------------------------------
 
-/** Intel. */
-export const AHCI_PCI_VENDOR_ID = 0x8086;
+// The vendor is Intel: `PCI_VENDOR_ID_INTEL` of `constants.ts`.
+
 /** 82801IR/IO/IH (ICH9R/DO/DH) 6-port SATA controller [AHCI mode]. */
 export const AHCI_PCI_DEVICE_ID_ICH9 = 0x2922;
 /** Revision QEMU gives the function. */
@@ -392,101 +394,3 @@ export const H2D_COUNT_EXP = 13;
 export const H2D_ICC = 14;
 /** Device Control register. */
 export const H2D_CONTROL = 15;
-
-// ---- ATA (ATA8-ACS) ---------------------------------------------------------------------------------
-
-/** Status: busy. */
-export const ATA_BUSY = 0x80;
-/** Status: device ready. */
-export const ATA_DRDY = 0x40;
-/** Status: device fault. */
-export const ATA_DF = 0x20;
-/** Status: seek complete (obsolete; QEMU still sets it). */
-export const ATA_DSC = 0x10;
-/** Status: data request. */
-export const ATA_DRQ = 0x08;
-/** Status: error. */
-export const ATA_ERR = 0x01;
-/** Error: command aborted. */
-export const ATA_ABORTED = 0x04;
-/** Error: ID not found (LBA out of range). */
-export const ATA_IDNF = 0x10;
-/** Error: uncorrectable data. */
-export const ATA_UNC = 0x40;
-/** Error: interface CRC error. */
-export const ATA_ICRC = 0x80;
-/** Device register: LBA mode. */
-export const ATA_LBA = 0x40;
-/** Device register, FPDMA commands: force unit access. */
-export const ATA_FPDMA_FUA = 0x80;
-/** Device Control: software reset. */
-export const ATA_SRST = 0x04;
-
-/** NOP (always aborts). */
-export const ATA_CMD_NOP = 0x00;
-/** DATA SET MANAGEMENT (TRIM with features bit 0). */
-export const ATA_CMD_DSM = 0x06;
-/** READ SECTORS EXT (PIO). */
-export const ATA_CMD_PIO_READ_EXT = 0x24;
-/** READ DMA EXT. */
-export const ATA_CMD_READ_EXT = 0x25;
-/** READ LOG EXT (PIO data-in). */
-export const ATA_CMD_READ_LOG_EXT = 0x2f;
-/** WRITE DMA EXT. */
-export const ATA_CMD_WRITE_EXT = 0x35;
-/** WRITE DMA FUA EXT. */
-export const ATA_CMD_WRITE_FUA_EXT = 0x3d;
-/** READ LOG DMA EXT. */
-export const ATA_CMD_READ_LOG_DMA_EXT = 0x47;
-/** READ FPDMA QUEUED. */
-export const ATA_CMD_FPDMA_READ = 0x60;
-/** WRITE FPDMA QUEUED. */
-export const ATA_CMD_FPDMA_WRITE = 0x61;
-/** READ DMA (LBA28). */
-export const ATA_CMD_READ = 0xc8;
-/** WRITE DMA (LBA28). */
-export const ATA_CMD_WRITE = 0xca;
-/** CHECK POWER MODE. */
-export const ATA_CMD_CHK_POWER = 0xe5;
-/** FLUSH CACHE. */
-export const ATA_CMD_FLUSH = 0xe7;
-/** FLUSH CACHE EXT. */
-export const ATA_CMD_FLUSH_EXT = 0xea;
-/** IDENTIFY DEVICE. */
-export const ATA_CMD_ID_ATA = 0xec;
-/** IDENTIFY PACKET DEVICE. */
-export const ATA_CMD_ID_ATAPI = 0xa1;
-/** SET FEATURES. */
-export const ATA_CMD_SET_FEATURES = 0xef;
-
-/** SET FEATURES subcommand: enable the volatile write cache. */
-export const SETFEATURES_WC_ON = 0x02;
-/** SET FEATURES subcommand: set transfer mode. */
-export const SETFEATURES_XFER = 0x03;
-/** SET FEATURES subcommand: disable read look-ahead. */
-export const SETFEATURES_RA_OFF = 0x55;
-/** SET FEATURES subcommand: disable the volatile write cache. */
-export const SETFEATURES_WC_OFF = 0x82;
-/** SET FEATURES subcommand: enable read look-ahead. */
-export const SETFEATURES_RA_ON = 0xaa;
-
-/** DATA SET MANAGEMENT features bit 0: TRIM. */
-export const ATA_DSM_TRIM = 0x01;
-/** Bytes of a DSM LBA range entry: LBA in bits 0..47, sector count in 48..63. */
-export const ATA_DSM_RANGE_SIZE = 8;
-/** Largest sector count of one DSM range entry. */
-export const ATA_DSM_RANGE_MAX = 0xffff;
-
-/** Log address of the NCQ Command Error log (READ LOG EXT page 10h). */
-export const ATA_LOG_SATA_NCQ = 0x10;
-/** NCQ error log byte 0, bit 7 (NQ): the failed command was not queued. */
-export const ATA_LOG_NCQ_NQ = 0x80;
-
-/** Bytes of a logical sector. */
-export const ATA_SECT_SIZE = 512;
-/** Largest LBA48 sector count + 1 (count 0 means 65536). */
-export const ATA_MAX_SECTORS_LBA48 = 65536;
-/** Largest LBA28 sector count + 1 (count 0 means 256). */
-export const ATA_MAX_SECTORS_LBA28 = 256;
-/** Sectors an LBA28 command can address. */
-export const ATA_LBA28_LIMIT = 0x0fff_ffff;

@@ -1,9 +1,12 @@
 /**
  * ATA numbers, named as the specifications do: the task-file registers and their bits (ATA/ATAPI-6
- * §7), the commands an `ide-hd` answers (ACS-2 names, e.g. READ DMA EXT → `ATA_CMD_READ_DMA_EXT`),
- * IDENTIFY DEVICE word numbers (Linux's `ATA_ID_*`), and the PIIX bus-master IDE registers and
+ * §7), the commands an `ide-hd` or a SATA disk answers (ACS-2 names, e.g. READ DMA EXT →
+ * `ATA_CMD_READ_DMA_EXT`, with Linux's name in the comment where it differs), IDENTIFY DEVICE word
+ * numbers (Linux's `ATA_ID_*`), the NCQ error log, and the PIIX bus-master IDE registers and
  * physical region descriptors (Intel 82371SB datasheet §2.7; Linux's `ATA_DMA_*`, `ATA_PRD_*`).
- * Numbers only: the controller (`ide.ts`) and the disk (`ata.ts`) read the same map.
+ * Numbers only, spoken by both ends: the emulated controllers and disks (`src/devices/ide.ts`,
+ * `ata.ts`, the AHCI port) and the guest's drivers (`src/guest/ide_driver.ts`, `ahci_hba.ts`) read
+ * the same map. The AHCI register map and the FIS layouts are in `ahci_constants.ts`.
  *
  * @module
  */
@@ -14,6 +17,8 @@
 export const ATA_SECT_SIZE = 512;
 /** 16-bit words of IDENTIFY DEVICE data. */
 export const ATA_ID_WORDS = 256;
+/** Bytes of IDENTIFY DEVICE data. */
+export const ATA_ID_BYTES = ATA_ID_WORDS * 2;
 /** Most sectors an LBA28 command moves (a sector count of 0). */
 export const ATA_MAX_SECTORS = 256;
 /** Most sectors an LBA48 command moves (a sector count of 0). */
@@ -26,6 +31,10 @@ export const ATA_MAX_MULT_SECTORS = 16;
 export const ATA_MAX_DSM_BLOCKS = 8;
 /** Bytes of one DSM LBA range entry: 48-bit LBA and 16-bit sector count. */
 export const ATA_DSM_RANGE_BYTES = 8;
+/** Largest sector count of one DSM LBA range entry. */
+export const ATA_DSM_RANGE_MAX = 0xffff;
+/** LBA range entries one 512-byte block of DSM data holds. */
+export const ATA_MAX_TRIM_RNUM = ATA_SECT_SIZE / ATA_DSM_RANGE_BYTES;
 
 // ---- Legacy ports (compatibility mode) ---------------------------------------------------------------
 
@@ -111,6 +120,8 @@ export const ATA_DEVICE_OBS = 0xa0;
 export const ATA_DEV1 = 0x10;
 /** LBA addressing (else CHS). */
 export const ATA_LBA = 0x40;
+/** FPDMA QUEUED commands: bit 7, force unit access. */
+export const ATA_FPDMA_FUA = 0x80;
 
 // ---- Device control register ---------------------------------------------------------------------------
 
@@ -141,10 +152,22 @@ export const ATA_CMD_WRITE_SECTORS = 0x30;
 export const ATA_CMD_WRITE_SECTORS_EXT = 0x34;
 /** WRITE DMA EXT: DMA data-out, LBA48. */
 export const ATA_CMD_WRITE_DMA_EXT = 0x35;
+/** READ LOG EXT: a log page, PIO data-in. */
+export const ATA_CMD_READ_LOG_EXT = 0x2f;
 /** WRITE MULTIPLE EXT: PIO data-out in multi-sector blocks, LBA48. */
 export const ATA_CMD_WRITE_MULTIPLE_EXT = 0x39;
+/** WRITE DMA FUA EXT: DMA data-out, LBA48, forced unit access (Linux: `ATA_CMD_WRITE_FUA_EXT`). */
+export const ATA_CMD_WRITE_DMA_FUA_EXT = 0x3d;
+/** READ LOG DMA EXT: a log page, DMA data-in. */
+export const ATA_CMD_READ_LOG_DMA_EXT = 0x47;
+/** READ FPDMA QUEUED: an NCQ read, tag in the count field (Linux: `ATA_CMD_FPDMA_READ`). */
+export const ATA_CMD_READ_FPDMA_QUEUED = 0x60;
+/** WRITE FPDMA QUEUED: an NCQ write, tag in the count field (Linux: `ATA_CMD_FPDMA_WRITE`). */
+export const ATA_CMD_WRITE_FPDMA_QUEUED = 0x61;
 /** EXECUTE DEVICE DIAGNOSTIC: the signature and a diagnostic code. */
 export const ATA_CMD_EXECUTE_DEVICE_DIAGNOSTIC = 0x90;
+/** IDENTIFY PACKET DEVICE: an ATAPI device's IDENTIFY (Linux: `ATA_CMD_ID_ATAPI`). */
+export const ATA_CMD_IDENTIFY_PACKET_DEVICE = 0xa1;
 /** READ MULTIPLE: PIO data-in in multi-sector blocks, LBA28. */
 export const ATA_CMD_READ_MULTIPLE = 0xc4;
 /** WRITE MULTIPLE: PIO data-out in multi-sector blocks, LBA28. */
@@ -155,6 +178,8 @@ export const ATA_CMD_SET_MULTIPLE_MODE = 0xc6;
 export const ATA_CMD_READ_DMA = 0xc8;
 /** WRITE DMA: DMA data-out, LBA28. */
 export const ATA_CMD_WRITE_DMA = 0xca;
+/** CHECK POWER MODE: the power state in the count register (Linux: `ATA_CMD_CHK_POWER`). */
+export const ATA_CMD_CHECK_POWER_MODE = 0xe5;
 /** FLUSH CACHE: the write cache to the medium. */
 export const ATA_CMD_FLUSH_CACHE = 0xe7;
 /** IDENTIFY DEVICE: 256 words of PIO data-in. */
@@ -171,8 +196,12 @@ export const ATA_DSM_TRIM = 0x01;
 export const SETFEATURES_WC_ON = 0x02;
 /** SET FEATURES: set the transfer mode (sector count register). */
 export const SETFEATURES_XFER = 0x03;
+/** SET FEATURES: disable read look-ahead. */
+export const SETFEATURES_RA_OFF = 0x55;
 /** SET FEATURES: disable the write cache. */
 export const SETFEATURES_WC_OFF = 0x82;
+/** SET FEATURES: enable read look-ahead. */
+export const SETFEATURES_RA_ON = 0xaa;
 /** Transfer mode: PIO default mode. */
 export const XFER_PIO_DEFAULT = 0x00;
 /** Transfer mode: PIO mode 0 (+ n for mode n). */
@@ -183,6 +212,11 @@ export const XFER_SW_DMA_0 = 0x10;
 export const XFER_MW_DMA_0 = 0x20;
 /** Transfer mode: Ultra DMA mode 0 (+ n). */
 export const XFER_UDMA_0 = 0x40;
+
+/** Log address of the NCQ Command Error log (READ LOG EXT page 10h). */
+export const ATA_LOG_SATA_NCQ = 0x10;
+/** NCQ error log byte 0, bit 7 (NQ): the failed command was not queued. */
+export const ATA_LOG_NCQ_NQ = 0x80;
 
 // ---- IDENTIFY DEVICE words -----------------------------------------------------------------------------
 
@@ -246,6 +280,10 @@ export const ATA_ID_EIDE_PIO = 67;
 export const ATA_ID_EIDE_PIO_IORDY = 68;
 /** Bit 14: deterministic read after TRIM. */
 export const ATA_ID_ADDITIONAL_SUPP = 69;
+/** Bits 0..4: NCQ queue depth minus one. */
+export const ATA_ID_QUEUE_DEPTH = 75;
+/** SATA capabilities; bit 8: NCQ supported. */
+export const ATA_ID_SATA_CAPABILITY = 76;
 /** IDENTIFY word: major version (one bit per ATA standard). */
 export const ATA_ID_MAJOR_VER = 80;
 /** IDENTIFY word: minor version. */
@@ -305,8 +343,8 @@ export const ATA_PRD_SZ = 8;
 export const ATA_PRD_EOT = 0x8000;
 /** Most descriptors the controller walks before it calls a table endless. */
 export const ATA_PRD_MAX_ENTRIES = 4096;
-/** A PRD table may not cross this boundary (PIIX). */
-export const ATA_PRD_TABLE_BOUNDARY = 0x10000;
+/** Neither a PRD table nor the region one descriptor covers may cross this boundary (PIIX). */
+export const ATA_PRD_BOUNDARY = 0x10000;
 
 // ---- PCI identity (QEMU's piix3-ide) ---------------------------------------------------------------
 
@@ -314,10 +352,8 @@ export const ATA_PRD_TABLE_BOUNDARY = 0x10000;
 export const PCI_VENDOR_ID_INTEL = 0x8086;
 /** The PIIX3 IDE function's device id. */
 export const PCI_DEVICE_ID_INTEL_82371SB_1 = 0x7010;
-/** Mass storage controller. */
-export const PCI_BASE_CLASS_STORAGE = 0x01;
-/** IDE interface. */
-export const PCI_CLASS_STORAGE_IDE = 0x01;
+/** Base class 0x01 (mass storage) << 8 | subclass 0x01 (IDE interface), as Linux's pci_ids.h. */
+export const PCI_CLASS_STORAGE_IDE = 0x0101;
 /** Programming interface: both channels in compatibility mode, bus-master capable. */
 export const PCI_PROG_IF_IDE_COMPAT_BM = 0x80;
 /** The bus-master BAR. */
