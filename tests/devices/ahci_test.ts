@@ -5,6 +5,7 @@
  * unharmed).
  */
 
+import { WrappedNode } from "../block/wrapped_node.ts";
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { createImage, openImage } from "../../formats/open.ts";
@@ -336,48 +337,26 @@ Deno.test("32 NCQ tags on one doorbell complete with PxSACT clear, one SDB FIS a
 });
 
 /** A node that finishes each I/O after a random number of event-loop turns (fixed seed). */
-class ShuffledNode implements BlockNode {
-  readonly format = "raw";
-  readonly filename = "shuffled";
-  readonly readOnly = false;
-  readonly requestAlignment = 1;
-  readonly size: number;
+class ShuffledNode extends WrappedNode {
   readonly order: number[] = [];
-  readonly #inner: BlockNode;
   readonly #random: () => number;
   constructor(inner: BlockNode, seed: number) {
-    this.#inner = inner;
-    this.size = inner.size;
+    super(inner, "shuffled");
     this.#random = mulberry32(seed);
   }
   async #delay(): Promise<void> {
     const turns = Math.floor(this.#random() * 4);
     for (let i = 0; i < turns; i++) await new Promise((r) => setTimeout(r, 0));
   }
-  async read(offset: number, dst: Uint8Array): Promise<void> {
+  override async read(offset: number, dst: Uint8Array): Promise<void> {
     await this.#delay();
-    await this.#inner.read(offset, dst);
+    await this.inner.read(offset, dst);
     this.order.push(offset);
   }
-  async write(offset: number, src: Uint8Array): Promise<void> {
+  override async write(offset: number, src: Uint8Array): Promise<void> {
     await this.#delay();
-    await this.#inner.write(offset, src);
+    await this.inner.write(offset, src);
     this.order.push(offset);
-  }
-  writeZeroes(offset: number, length: number) {
-    return this.#inner.writeZeroes(offset, length);
-  }
-  discard(offset: number, length: number) {
-    return this.#inner.discard(offset, length);
-  }
-  flush() {
-    return this.#inner.flush();
-  }
-  blockStatus(offset: number, max: number) {
-    return this.#inner.blockStatus(offset, max);
-  }
-  close() {
-    return this.#inner.close();
   }
 }
 
@@ -690,43 +669,18 @@ Deno.test("PxCI written with ST clear is ignored; so is a doorbell on an empty p
 });
 
 /** A node whose reads fail in one sector range. */
-class FailingNode implements BlockNode {
-  readonly format = "raw";
-  readonly filename = "failing";
-  readonly readOnly = false;
-  readonly requestAlignment = 1;
-  readonly size: number;
-  readonly #inner: BlockNode;
+class FailingNode extends WrappedNode {
   readonly #bad: number;
   constructor(inner: BlockNode, badOffset: number) {
-    this.#inner = inner;
-    this.size = inner.size;
+    super(inner, "failing");
     this.#bad = badOffset;
   }
-  async read(offset: number, dst: Uint8Array): Promise<void> {
+  override async read(offset: number, dst: Uint8Array): Promise<void> {
     await Promise.resolve();
     if (offset <= this.#bad && this.#bad < offset + dst.length) {
       throw new BlockError("io", "Injected read error", { offset });
     }
-    await this.#inner.read(offset, dst);
-  }
-  write(offset: number, src: Uint8Array) {
-    return this.#inner.write(offset, src);
-  }
-  writeZeroes(offset: number, length: number) {
-    return this.#inner.writeZeroes(offset, length);
-  }
-  discard(offset: number, length: number) {
-    return this.#inner.discard(offset, length);
-  }
-  flush() {
-    return this.#inner.flush();
-  }
-  blockStatus(offset: number, max: number) {
-    return this.#inner.blockStatus(offset, max);
-  }
-  close() {
-    return this.#inner.close();
+    await this.inner.read(offset, dst);
   }
 }
 

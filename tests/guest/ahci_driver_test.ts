@@ -3,6 +3,8 @@
  * NCQ at depth 32 with its exit count, errors and recovery, and the guest's own answers.
  */
 
+import { CountingBus } from "./counting_bus.ts";
+import { WrappedNode } from "../block/wrapped_node.ts";
 import assert from "node:assert/strict";
 import { AhciDriver, type AhciDriverOptions } from "../../src/guest/ahci_driver.ts";
 import { AhciController } from "../../src/devices/ahci.ts";
@@ -17,7 +19,7 @@ import { parseJobArgs } from "../../src/guest/job.ts";
 import { type PciFunctionInfo, scanBus } from "../../src/guest/pci_probe.ts";
 import type { GuestPlatform } from "../../src/guest/virtio_driver.ts";
 import { runWorkload } from "../../src/guest/workload.ts";
-import { type AccessSize, type GuestBus, PciBus } from "../../src/virtio/bus.ts";
+import { PciBus } from "../../src/virtio/bus.ts";
 import { VcpuInterrupts } from "../../src/virtio/interrupts.ts";
 import { GuestMemory } from "../../src/virtio/memory.ts";
 import { mulberry32 } from "../prng.ts";
@@ -25,42 +27,6 @@ import { mulberry32 } from "../prng.ts";
 const RAM_BYTES = 64 * 1024 * 1024;
 const ALLOC_BASE = 0x10_0000;
 const MMIO_WINDOW = { base: 0xc000_0000, size: 0x1000_0000 };
-
-/** A bus that counts what the guest does on it: every access is a VM exit. */
-class CountingBus implements GuestBus {
-  readonly #inner: GuestBus;
-  mmioReads = 0;
-  mmioWrites = 0;
-  config = 0;
-  constructor(inner: GuestBus) {
-    this.#inner = inner;
-  }
-  get exits(): number {
-    return this.mmioReads + this.mmioWrites + this.config;
-  }
-  configRead(slot: number, offset: number, size: AccessSize): number {
-    this.config++;
-    return this.#inner.configRead(slot, offset, size);
-  }
-  configWrite(slot: number, offset: number, size: AccessSize, value: number): void {
-    this.config++;
-    this.#inner.configWrite(slot, offset, size, value);
-  }
-  mmioRead(gpa: number, size: AccessSize): number {
-    this.mmioReads++;
-    return this.#inner.mmioRead(gpa, size);
-  }
-  mmioWrite(gpa: number, size: AccessSize, value: number): void {
-    this.mmioWrites++;
-    this.#inner.mmioWrite(gpa, size, value);
-  }
-  ioRead(port: number, size: AccessSize): number {
-    return this.#inner.ioRead(port, size);
-  }
-  ioWrite(port: number, size: AccessSize, value: number): void {
-    this.#inner.ioWrite(port, size, value);
-  }
-}
 
 interface Machine {
   readonly mem: GuestMemory;
@@ -283,45 +249,23 @@ async function randomWorkload(
 }
 
 /** Each I/O finishes after 0..3 timer turns (fixed seed): completions spread out and reorder. */
-class DelayedNode implements BlockNode {
-  readonly format = "raw";
-  readonly filename = "delayed";
-  readonly readOnly = false;
-  readonly requestAlignment = 1;
-  readonly size: number;
-  readonly #inner: BlockNode;
+class DelayedNode extends WrappedNode {
   readonly #random: () => number;
   constructor(inner: BlockNode, seed: number) {
-    this.#inner = inner;
-    this.size = inner.size;
+    super(inner, "delayed");
     this.#random = mulberry32(seed);
   }
   async #delay(): Promise<void> {
     const turns = Math.floor(this.#random() * 4);
     for (let i = 0; i < turns; i++) await new Promise((r) => setTimeout(r, 0));
   }
-  async read(offset: number, dst: Uint8Array): Promise<void> {
+  override async read(offset: number, dst: Uint8Array): Promise<void> {
     await this.#delay();
-    await this.#inner.read(offset, dst);
+    await this.inner.read(offset, dst);
   }
-  async write(offset: number, src: Uint8Array): Promise<void> {
+  override async write(offset: number, src: Uint8Array): Promise<void> {
     await this.#delay();
-    await this.#inner.write(offset, src);
-  }
-  writeZeroes(offset: number, length: number) {
-    return this.#inner.writeZeroes(offset, length);
-  }
-  discard(offset: number, length: number) {
-    return this.#inner.discard(offset, length);
-  }
-  flush() {
-    return this.#inner.flush();
-  }
-  blockStatus(offset: number, max: number) {
-    return this.#inner.blockStatus(offset, max);
-  }
-  close() {
-    return this.#inner.close();
+    await this.inner.write(offset, src);
   }
 }
 
@@ -380,43 +324,18 @@ Deno.test("with INTx instead of MSI the driver works the same", async () => {
 });
 
 /** A node whose reads of one byte offset fail. */
-class FailingNode implements BlockNode {
-  readonly format = "raw";
-  readonly filename = "failing";
-  readonly readOnly = false;
-  readonly requestAlignment = 1;
-  readonly size: number;
+class FailingNode extends WrappedNode {
   bad: number;
-  readonly #inner: BlockNode;
   constructor(inner: BlockNode, bad: number) {
-    this.#inner = inner;
-    this.size = inner.size;
+    super(inner, "failing");
     this.bad = bad;
   }
-  async read(offset: number, dst: Uint8Array): Promise<void> {
+  override async read(offset: number, dst: Uint8Array): Promise<void> {
     await new Promise((r) => setTimeout(r, 0));
     if (offset <= this.bad && this.bad < offset + dst.length) {
       throw new BlockError("io", "Injected read error", { offset });
     }
-    await this.#inner.read(offset, dst);
-  }
-  write(offset: number, src: Uint8Array) {
-    return this.#inner.write(offset, src);
-  }
-  writeZeroes(offset: number, length: number) {
-    return this.#inner.writeZeroes(offset, length);
-  }
-  discard(offset: number, length: number) {
-    return this.#inner.discard(offset, length);
-  }
-  flush() {
-    return this.#inner.flush();
-  }
-  blockStatus(offset: number, max: number) {
-    return this.#inner.blockStatus(offset, max);
-  }
-  close() {
-    return this.#inner.close();
+    await this.inner.read(offset, dst);
   }
 }
 

@@ -8,6 +8,7 @@
  * @module
  */
 
+import { CountingBus } from "./counting_bus.ts";
 import assert from "node:assert/strict";
 import { IdeController } from "../../src/devices/ide.ts";
 import type { BlockNode } from "../../src/block/node.ts";
@@ -17,7 +18,7 @@ import { IdeDriver, IdeDriverError, type IdeDriverOptions } from "../../src/gues
 import { GuestInterrupts } from "../../src/guest/irq.ts";
 import { type PciFunctionInfo, probeSlot } from "../../src/guest/pci_probe.ts";
 import type { GuestPlatform, IdleFn } from "../../src/guest/virtio_driver.ts";
-import { type AccessSize, type GuestBus, PciBus } from "../../src/virtio/bus.ts";
+import { PciBus } from "../../src/virtio/bus.ts";
 import { VcpuInterrupts } from "../../src/virtio/interrupts.ts";
 import { GuestMemory } from "../../src/virtio/memory.ts";
 import { CountingNode, memoryDisk, NullNode } from "../devices/blk_harness.ts";
@@ -26,50 +27,6 @@ import { mulberry32 } from "../prng.ts";
 const MiB = 1024 * 1024;
 const RAM = 32 * MiB;
 const SLOT = 1;
-
-/** Counts every access the guest makes, by kind and by port. */
-class CountingBus implements GuestBus {
-  readonly inner: GuestBus;
-  config = 0;
-  pio = 0;
-  mmio = 0;
-  readonly ports = new Map<number, number>();
-  constructor(inner: GuestBus) {
-    this.inner = inner;
-  }
-  #port(port: number): void {
-    this.pio++;
-    this.ports.set(port, (this.ports.get(port) ?? 0) + 1);
-  }
-  reset(): void {
-    this.config = this.pio = this.mmio = 0;
-    this.ports.clear();
-  }
-  configRead(slot: number, offset: number, size: AccessSize): number {
-    this.config++;
-    return this.inner.configRead(slot, offset, size);
-  }
-  configWrite(slot: number, offset: number, size: AccessSize, value: number): void {
-    this.config++;
-    this.inner.configWrite(slot, offset, size, value);
-  }
-  mmioRead(gpa: number, size: AccessSize): number {
-    this.mmio++;
-    return this.inner.mmioRead(gpa, size);
-  }
-  mmioWrite(gpa: number, size: AccessSize, value: number): void {
-    this.mmio++;
-    this.inner.mmioWrite(gpa, size, value);
-  }
-  ioRead(port: number, size: AccessSize): number {
-    this.#port(port);
-    return this.inner.ioRead(port, size);
-  }
-  ioWrite(port: number, size: AccessSize, value: number): void {
-    this.#port(port);
-    this.inner.ioWrite(port, size, value);
-  }
-}
 
 /** A single-thread machine: RAM, a vCPU, the controller in slot 1, a counting bus. */
 interface Machine {
