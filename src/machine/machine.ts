@@ -315,8 +315,11 @@ export class Machine implements ExitHandler {
           }
           members.push({ spec, drives: mine });
         }
+        // Sources 0..31: the lines this controller drives must all be left.
+        if (source - type.intxLines + 1 < 0) {
+          throw new MachineError(specs[0]!.id, "Too many emulated controllers (INTx sources)");
+        }
         const intxSources = Array.from({ length: type.intxLines }, () => source--);
-        if (source < 0) throw new MachineError(specs[0]!.id, "Too many emulated controllers");
         const controller = type.create({
           members,
           memory: this.memory,
