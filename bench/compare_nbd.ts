@@ -30,7 +30,17 @@
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
-import { BenchFailure, cpuSeconds, fmt, median, sleep, tail } from "./compare_common.ts";
+import {
+  BenchFailure,
+  Children,
+  cpuSeconds,
+  fmt,
+  median,
+  sleep,
+  tail,
+  type ToolRun,
+  type Watched,
+} from "./compare_common.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -90,23 +100,10 @@ interface CopyRun {
 }
 
 /** Children still running: the cleanup stops them on every path, Ctrl-C included. */
-const live = new Set<Deno.ChildProcess>();
+const children = new Children(root);
 
-function spawn(cmd: string, args: string[]): Deno.ChildProcess {
-  const io = { stdin: "null", stdout: "piped", stderr: "piped" } as const;
-  const child = new Deno.Command(cmd, { args, cwd: root, ...io }).spawn();
-  live.add(child);
-  child.status.finally(() => live.delete(child));
-  return child;
-}
-
-/** Send a signal to a child unless it has exited (Deno throws for those). */
-function kill(child: Deno.ChildProcess, signal: Deno.Signal): void {
-  if (!live.has(child)) return;
-  try {
-    child.kill(signal);
-  } catch { /* exited meanwhile */ }
-}
+/** The server a tool talks to, watched while the tool runs. */
+const watched = (s: Running): Watched => ({ name: s.server, child: s.child, log: s.log });
 
 /** Read stdout and stderr of a child as they come (a full pipe would stall it). */
 function capture(child: Deno.ChildProcess): () => string {
@@ -148,12 +145,20 @@ async function startServer(
 ): Promise<Running> {
   await Deno.remove(sock).catch(() => {});
   const child = server === "vstor"
-    ? spawn(Deno.execPath(), [
+    ? children.spawn(Deno.execPath(), [
       ...["run", "-A", modTs, "serve", image, "--nbd", `unix:${sock}`],
       ...(writable ? ["--writable"] : []),
       ...["-f", "qcow2"],
     ])
-    : spawn("qemu-nbd", ["-t", "-f", "qcow2", ...(writable ? [] : ["-r"]), "-k", sock, image]);
+    : children.spawn("qemu-nbd", [
+      "-t",
+      "-f",
+      "qcow2",
+      ...(writable ? [] : ["-r"]),
+      "-k",
+      sock,
+      image,
+    ]);
   const log = capture(child);
   let exit: number | null = null;
   child.status.then((s) => exit = s.code);
@@ -168,10 +173,10 @@ async function startServer(
 
 /** SIGTERM, then the exit; a server that does not stop in 20 s is killed and reported. */
 async function stopServer(s: Running, notes: string[], run: number): Promise<void> {
-  kill(s.child, "SIGTERM");
+  children.kill(s.child, "SIGTERM");
   const code = await Promise.race([s.child.status.then((st) => st.code), sleep(20_000)]);
   if (code === undefined) {
-    kill(s.child, "SIGKILL");
+    children.kill(s.child, "SIGKILL");
     await s.child.status;
     notes.push(`run ${run}: ${s.server} did not stop within 20 s of SIGTERM; killed`);
   } else if (code !== 0) {
@@ -181,58 +186,6 @@ async function stopServer(s: Running, notes: string[], run: number): Promise<voi
     for (const l of s.log().split("\n").filter((l) => /error|fail|warn|panic/i.test(l))) {
       notes.push(`run ${run}, vstor's log: ${l.trim()}`);
     }
-  }
-}
-
-/** What a tool printed, and its wall time from spawn to exit. */
-interface ToolRun {
-  stdout: string;
-  stderr: string;
-  seconds: number;
-}
-
-/**
- * Run a tool to its end, timed by wall clock from spawn to exit: a failure when it exits non-zero,
- * outlives `timeoutMs`, or when `server` (the one it talks to) exits first.
- */
-async function runTool(
-  label: string,
-  cmd: string,
-  args: string[],
-  timeoutMs: number,
-  server?: Running,
-): Promise<ToolRun> {
-  const start = performance.now();
-  const child = spawn(cmd, args);
-  const ended = child.status.then(() => performance.now());
-  const output = child.output();
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<"timeout">((r) => timer = setTimeout(() => r("timeout"), timeoutMs));
-  const died = server === undefined
-    ? new Promise<never>(() => {})
-    : server.child.status.then((s) => ({ died: s.code }));
-  try {
-    const first = await Promise.race([output, timeout, died]);
-    if (first === "timeout" || "died" in first) {
-      kill(child, "SIGKILL");
-      const out = await output;
-      const log = dec.decode(out.stdout) + dec.decode(out.stderr);
-      if (first === "timeout") {
-        throw new BenchFailure(`${label} did not finish within ${timeoutMs / 1000} s`, log);
-      }
-      const why = `${server!.server} exited (${first.died}) during ${label}`;
-      throw new BenchFailure(why, `${log}\n--- ${server!.server}'s log ---\n${server!.log()}`);
-    }
-    const stdout = dec.decode(first.stdout), stderr = dec.decode(first.stderr);
-    if (!first.success) {
-      const log = server === undefined
-        ? stdout + stderr
-        : `${stdout}${stderr}\n--- ${server.server}'s log ---\n${tail(server.log(), 8)}`;
-      throw new BenchFailure(`${label} failed (exit ${first.code})`, log);
-    }
-    return { stdout, stderr, seconds: (await ended - start) / 1000 };
-  } finally {
-    clearTimeout(timer);
   }
 }
 
@@ -248,7 +201,9 @@ async function fioJob(s: Running, job: typeof JOBS[number]): Promise<JobResult> 
   ];
   const label = `fio ${job.id} against ${s.server}`;
   const before = await cpuSeconds(s.child.pid);
-  const out = await runTool(label, "fio", args, seconds * 1000 + FIO_SLACK_MS, s);
+  const out = await children.run(label, "fio", args, seconds * 1000 + FIO_SLACK_MS, {
+    watch: watched(s),
+  });
   const cpu = await cpuSeconds(s.child.pid) - before;
   // fio's nbd engine says "fio: connected to NBD server" on stdout before the JSON.
   const at = out.stdout.search(/^\{/m);
@@ -324,7 +279,7 @@ async function serveRun(
 /** Deno's start-up, then both conversions from one qemu-nbd -r export, checked against the image. */
 async function convertRun(run: number, base: string, dir: string, notes: string[]) {
   const results: CopyRun[] = [];
-  const startup = await runTool("deno run -A mod.ts --version", Deno.execPath(), [
+  const startup = await children.run("deno run -A mod.ts --version", Deno.execPath(), [
     ...["run", "-A", modTs, "--version"],
   ], 60_000);
   results.push({ what: "startup", side: "vstor", run, seconds: startup.seconds });
@@ -336,14 +291,16 @@ async function convertRun(run: number, base: string, dir: string, notes: string[
       await Deno.remove(out).catch(() => {});
       const args = ["convert", "-f", "raw", "-O", "qcow2", uriOf(s.sock), out];
       const t = side === "vstor"
-        ? await runTool(
+        ? await children.run(
           "vstor convert",
           Deno.execPath(),
           ["run", "-A", modTs, ...args],
           COPY_TIMEOUT_MS,
-          s,
+          { watch: watched(s) },
         )
-        : await runTool("qemu-img convert", "qemu-img", args, COPY_TIMEOUT_MS, s);
+        : await children.run("qemu-img convert", "qemu-img", args, COPY_TIMEOUT_MS, {
+          watch: watched(s),
+        });
       results.push({ what: "convert", side, run, seconds: t.seconds });
     }
   } finally {
@@ -381,12 +338,12 @@ async function nbdcopyRun(
       multiConn[server] = can.code === 0 ? "yes" : can.code === 2 ? "no" : "unknown";
     }
     await Deno.remove(out).catch(() => {});
-    t = await runTool(
+    t = await children.run(
       `nbdcopy from ${server}`,
       "nbdcopy",
       [uriOf(s.sock), out],
       COPY_TIMEOUT_MS,
-      s,
+      { watch: watched(s) },
     );
   } finally {
     await stopServer(s, notes, run);
@@ -498,9 +455,7 @@ const versionOf = (cmd: string) =>
 
 const dir = await Deno.makeTempDir({ prefix: "vstor_nbd_cmp_" });
 async function cleanup(): Promise<void> {
-  for (const child of live) kill(child, "SIGTERM");
-  await Promise.race([Promise.allSettled([...live].map((c) => c.status)), sleep(10_000)]);
-  for (const child of live) kill(child, "SIGKILL");
+  await children.stopAll();
   await Deno.remove(dir, { recursive: true }).catch(() => {});
 }
 let interrupted = false;

@@ -39,7 +39,7 @@
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
-import { BenchFailure, fmt, median, sleep, tail } from "./compare_common.ts";
+import { BenchFailure, Children, fmt, median, tail } from "./compare_common.ts";
 
 let parsed;
 try {
@@ -140,71 +140,7 @@ interface JobRun {
 }
 
 /** Children still running: the cleanup stops them on every path, Ctrl-C included. */
-const live = new Set<Deno.ChildProcess>();
-
-function spawn(cmd: string, args: string[], env: Record<string, string> = {}): Deno.ChildProcess {
-  const io = { stdin: "null", stdout: "piped", stderr: "piped" } as const;
-  let child: Deno.ChildProcess;
-  try {
-    child = new Deno.Command(cmd, { args, env, cwd: root, ...io }).spawn();
-  } catch (e) {
-    throw new BenchFailure(`cannot run ${cmd}: ${e instanceof Error ? e.message : String(e)}`);
-  }
-  live.add(child);
-  child.status.finally(() => live.delete(child));
-  return child;
-}
-
-/** Send a signal to a child unless it has exited (Deno throws for those). */
-function kill(child: Deno.ChildProcess, signal: Deno.Signal): void {
-  if (!live.has(child)) return;
-  try {
-    child.kill(signal);
-  } catch { /* exited meanwhile */ }
-}
-
-/** What a tool printed, and its wall time from spawn to exit. */
-interface ToolRun {
-  stdout: string;
-  stderr: string;
-  seconds: number;
-}
-
-/**
- * Run a tool to its end, timed by wall clock from spawn to exit: a failure when it exits non-zero
- * (unless `anyExit`) or outlives `timeoutMs` (then it is killed).
- */
-async function runTool(
-  label: string,
-  cmd: string,
-  args: string[],
-  timeoutMs: number,
-  opts: { env?: Record<string, string>; anyExit?: boolean } = {},
-): Promise<ToolRun & { code: number }> {
-  const start = performance.now();
-  const child = spawn(cmd, args, opts.env);
-  const ended = child.status.then(() => performance.now());
-  const output = child.output();
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<"timeout">((r) => timer = setTimeout(() => r("timeout"), timeoutMs));
-  try {
-    const first = await Promise.race([output, timeout]);
-    if (first === "timeout") {
-      kill(child, "SIGKILL");
-      const out = await output;
-      const log = dec.decode(out.stdout) + dec.decode(out.stderr);
-      throw new BenchFailure(`${label} did not finish within ${timeoutMs / 1000} s (killed)`, log);
-    }
-    const stdout = dec.decode(first.stdout), stderr = dec.decode(first.stderr);
-    if (!first.success && !opts.anyExit) {
-      const how = first.signal === null ? `exit ${first.code}` : `signal ${first.signal}`;
-      throw new BenchFailure(`${label} failed (${how})`, stdout + stderr);
-    }
-    return { stdout, stderr, seconds: (await ended - start) / 1000, code: first.code };
-  } finally {
-    clearTimeout(timer);
-  }
-}
+const children = new Children(root);
 
 /** A request count's time limit: a minute, plus a millisecond per request (1 MiB: 10 ms). */
 const limitMs = (job: Job) => 60_000 + job.count * (job.bufferSize > 4096 ? 10 : 1);
@@ -226,8 +162,8 @@ async function benchJob(
   ];
   const label = `${tool} bench (${job.id})`;
   const out = tool === "vstor"
-    ? await runTool(label, Deno.execPath(), ["run", "-A", modTs, ...args], limitMs(job))
-    : await runTool(label, "qemu-img", args, limitMs(job));
+    ? await children.run(label, Deno.execPath(), ["run", "-A", modTs, ...args], limitMs(job))
+    : await children.run(label, "qemu-img", args, limitMs(job));
   const done = /^Run completed in ([\d.]+) seconds\.$/m.exec(out.stdout);
   const seconds = Number(done?.[1] ?? NaN);
   const sending = new RegExp(`^Sending ${job.count} ${job.write ? "write" : "read"} requests`, "m");
@@ -251,7 +187,7 @@ async function fioJob(job: Job, run: number, conf: string): Promise<JobRun> {
     ...[...job.fio, `--io_size=${job.count * job.bufferSize}`, "--output-format=json"],
   ];
   const label = `fio (${job.id})`;
-  const out = await runTool(label, "fio", args, limitMs(job), { env: { CEPH_CONF: conf } });
+  const out = await children.run(label, "fio", args, limitMs(job), { env: { CEPH_CONF: conf } });
   const at = out.stdout.search(/^\{/m);
   let fio: NonNullable<FioJson["jobs"]>[number] | undefined;
   try {
@@ -281,7 +217,7 @@ async function checkWrites(job: Job, conf: string): Promise<number> {
   const offsets = writtenOffsets(job);
   const hex = `0x${PATTERN.vstor.toString(16)}`;
   const cmds = offsets.flatMap((o) => ["-c", `read -P ${hex} ${o} ${job.bufferSize}`]);
-  const out = await runTool(
+  const out = await children.run(
     "qemu-io read-back",
     "qemu-io",
     [
@@ -305,10 +241,10 @@ async function checkWrites(job: Job, conf: string): Promise<number> {
 async function checkReads(conf: string, dir: string): Promise<void> {
   const copy = join(dir, "copy.raw");
   const limit = 60_000 + imageMb * 200;
-  await runTool("qemu-img convert (the reference copy)", "qemu-img", [
+  await children.run("qemu-img convert (the reference copy)", "qemu-img", [
     ...["convert", "-f", "raw", "-O", "raw", rbdName(conf), copy],
   ], limit);
-  const out = await runTool(
+  const out = await children.run(
     "vstor compare",
     Deno.execPath(),
     [
@@ -385,7 +321,7 @@ function report(results: JobRun[], notes: string[], checked: string[]): void {
 
 /** First line of `cmd ARGS`, or "CMD ?" when it fails. */
 const versionOf = (cmd: string, args = ["--version"]) =>
-  runTool(`${cmd} --version`, cmd, args, 30_000).then(
+  children.run(`${cmd} --version`, cmd, args, 30_000).then(
     (v) => (v.stdout + v.stderr).split("\n")[0]!.trim().replace(/^\/\S*\//, ""),
     () => `${cmd} ?`,
   );
@@ -411,9 +347,7 @@ let cleaning: Promise<boolean> | undefined;
 /** Stops tools and the cluster and removes the directory; false when the cluster did not stop. */
 function cleanup(): Promise<boolean> {
   cleaning ??= (async () => {
-    for (const child of live) kill(child, "SIGTERM");
-    await Promise.race([Promise.allSettled([...live].map((c) => c.status)), sleep(10_000)]);
-    for (const child of live) kill(child, "SIGKILL");
+    await children.stopAll();
     let ok = true;
     if (clusterTried) {
       const why = await stopCluster();
@@ -440,7 +374,7 @@ for (const signal of ["SIGINT", "SIGTERM"] as const) {
 /** The cluster, up: the path of its ceph.conf. */
 async function startCluster(): Promise<string> {
   clusterTried = true;
-  const out = await runTool(
+  const out = await children.run(
     "one_node.sh start",
     "timeout",
     [
@@ -462,7 +396,7 @@ try {
   console.error(`compare_rbd: starting a one-node cluster in ${cephDir}…`);
   const conf = await startCluster();
   const limit = 60_000 + imageMb * 200;
-  await runTool("rbd create", "rbd", [
+  await children.run("rbd create", "rbd", [
     ...["-c", conf, "create", "--size", `${imageMb}M`, "--image-feature", "layering"],
     `rbd/${IMAGE}`,
   ], 60_000);
@@ -472,7 +406,7 @@ try {
     const hex = `0x${PATTERN.fill.toString(16)}`;
     fill.push("-c", `write -P ${hex} ${mb}M ${Math.min(64, imageMb - mb)}M`);
   }
-  await runTool("qemu-io (fill)", "qemu-io", ["-f", "raw", ...fill, rbdName(conf)], limit);
+  await children.run("qemu-io (fill)", "qemu-io", ["-f", "raw", ...fill, rbdName(conf)], limit);
 
   const kernel = (await Deno.readTextFile("/proc/sys/kernel/osrelease")).trim();
   const load = (await Deno.readTextFile("/proc/loadavg")).split(" ")[0];

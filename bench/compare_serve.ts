@@ -21,7 +21,7 @@
  */
 import { parseArgs } from "node:util";
 import { join } from "node:path";
-import { BenchFailure, cpuSeconds, fmt, median, sleep, tail } from "./compare_common.ts";
+import { BenchFailure, Children, cpuSeconds, fmt, median, sleep, tail } from "./compare_common.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -99,15 +99,7 @@ ${JOBS.map((j) => `job ${j.id} ${j.fio}`).join("\n")}
 `;
 
 /** Children still running: the cleanup stops them on every path, Ctrl-C included. */
-const live = new Set<Deno.ChildProcess>();
-
-function spawn(cmd: string, args: string[], env: Record<string, string> = {}): Deno.ChildProcess {
-  const io = { stdin: "null", stdout: "piped", stderr: "piped" } as const;
-  const child = new Deno.Command(cmd, { args, env, cwd: root, ...io }).spawn();
-  live.add(child);
-  child.status.finally(() => live.delete(child));
-  return child;
-}
+const children = new Children(root);
 
 /** Read stdout and stderr of a child as they come (a full pipe would stall it). */
 function capture(child: Deno.ChildProcess): { text: () => string; done: Promise<unknown> } {
@@ -150,8 +142,8 @@ async function startDaemon(daemon: Daemon, image: string, dir: string): Promise<
   const sock = join(dir, `${daemon}.sock`), pidfile = join(dir, `${daemon}.pid`);
   const args = daemonArgs(image, sock, pidfile);
   const child = daemon === "vstor"
-    ? spawn(Deno.execPath(), ["run", "-A", modTs, "serve", ...args])
-    : spawn("qemu-storage-daemon", args);
+    ? children.spawn(Deno.execPath(), ["run", "-A", modTs, "serve", ...args])
+    : children.spawn("qemu-storage-daemon", args);
   const { text } = capture(child);
   let exit: number | null = null;
   child.status.then((s) => exit = s.code);
@@ -195,7 +187,7 @@ async function guestRun(d: Running, sock: string, script: string): Promise<strin
   const boot = [String(GUEST_TIMEOUT_S), "bash", RECIPE, "boot", script];
   const qemu = ["-chardev", `socket,id=c0,path=${sock}`, "-device"];
   const device = `vhost-user-blk-pci,chardev=c0,num-queues=${queues}`;
-  const child = spawn("timeout", [...boot, ...qemu, device], GUEST_ENV);
+  const child = children.spawn("timeout", [...boot, ...qemu, device], GUEST_ENV);
   const output = capture(child);
   const first = await Promise.race([
     child.status.then((s) => ({ who: "guest", code: s.code })),
@@ -270,7 +262,7 @@ async function oneRun(daemon: Daemon, run: number, image: string, dir: string, n
       interrupts: Number(line?.[3] ?? NaN),
     } satisfies RunResult;
   } catch (e) {
-    if (live.has(d.child)) d.child.kill("SIGKILL");
+    if (children.live.has(d.child)) d.child.kill("SIGKILL");
     if (!(e instanceof BenchFailure)) throw e;
     // The guest's console says what the guest saw; the daemon's log ends the story.
     const log = e.log === "" ? d.log() : `${e.log}\n--- ${daemon}'s log ---\n${tail(d.log(), 8)}`;
@@ -341,9 +333,7 @@ async function prepare(dir: string): Promise<string> {
 
 const dir = await Deno.makeTempDir({ prefix: "vstor_serve_cmp_" });
 async function cleanup(): Promise<void> {
-  for (const child of live) child.kill("SIGTERM");
-  await Promise.race([Promise.allSettled([...live].map((c) => c.status)), sleep(10_000)]);
-  for (const child of live) child.kill("SIGKILL");
+  await children.stopAll();
   await Deno.remove(dir, { recursive: true }).catch(() => {});
 }
 let interrupted = false;
